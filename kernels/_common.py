@@ -1,0 +1,130 @@
+"""Argument checks and sequence packing shared by every rule's ops (PyTorch and Triton alike)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+# rule -> (layout of g: None, "channel" [B, T, H, K] or "head" [B, T, H]; whether it takes beta)
+RULE_INPUTS = {
+    "linear_attention": (None, False),
+    "gla": ("channel", False),
+    "deltanet": (None, True),
+    "gated_deltanet": ("head", True),
+}
+
+
+@dataclass(frozen=True)
+class Dims:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int  # number of sequences: B, or len(cu_seqlens) - 1 when sequences are packed
+    scale: float
+
+
+def _shape(x: torch.Tensor) -> list[int]:
+    return list(x.shape)
+
+
+def _expect(name: str, x: torch.Tensor, shape: list[int], letters: str) -> None:
+    if _shape(x) != shape:
+        raise ValueError(f"{name} must have shape [{letters}] = {shape}, got {_shape(x)}")
+
+
+def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Dims:
+    """Validate the uniform op signature for `rule`; returns the problem's sizes and the resolved scale."""
+    g_layout, takes_beta = RULE_INPUTS[rule]
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape [B, T, H, K], got {_shape(q)}")
+    B, T, H, K = q.shape
+    _expect("k", k, [B, T, H, K], "B, T, H, K")
+    if v.dim() != 4 or _shape(v)[:3] != [B, T, H]:
+        raise ValueError(f"v must have shape [B, T, H, V] with [B, T, H] = {[B, T, H]}, got {_shape(v)}")
+    V = v.shape[3]
+    if g_layout is None and g is not None:
+        raise ValueError(f"{rule} takes no g (log decays); got g of shape {_shape(g)}")
+    if g_layout is not None:
+        g_shape, letters = ([B, T, H, K], "B, T, H, K") if g_layout == "channel" else ([B, T, H], "B, T, H")
+        if g is None:
+            raise ValueError(f"{rule} needs g (log decays) of shape [{letters}] = {g_shape}")
+        _expect("g", g, g_shape, letters)
+    if not takes_beta and beta is not None:
+        raise ValueError(f"{rule} takes no beta (write strength); got beta of shape {_shape(beta)}")
+    if takes_beta:
+        if beta is None:
+            raise ValueError(f"{rule} needs beta (write strength) of shape [B, T, H] = {[B, T, H]}")
+        _expect("beta", beta, [B, T, H], "B, T, H")
+    N = B
+    if cu_seqlens is not None:
+        if (
+            cu_seqlens.dim() != 1
+            or cu_seqlens.numel() < 2
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)
+        ):
+            raise ValueError(
+                f"cu_seqlens must be an int32/int64 tensor of shape [N + 1] with N >= 1, got "
+                f"{cu_seqlens.dtype} of shape {_shape(cu_seqlens)}"
+            )
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T and needs batch size B = 1, got B = {B}")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        _expect("initial_state", initial_state, [N, H, K, V], "N, H, K, V")
+    return Dims(B, T, H, K, V, N, K**-0.5 if scale is None else float(scale))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 inputs are computed (and their states kept) in float64, everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every sequence, in state order (syncs with the host: references only)."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in itertools.pairwise(cu)):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {cu}")
+    return [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
+
+
+def pad_sequences(xs: list[torch.Tensor | None], cu_seqlens, B: int, T: int, multiple: int):
+    """Lay the sequences out as a zero-padded batch [N, T_pad, ...] with T_pad a multiple of `multiple`.
+
+    Zero padding at the end is harmless for every rule: k = 0, beta = 0 and g = 0 leave the state alone.
+    Returns the padded tensors and `unpad(o_padded) -> o` restoring the input layout.
+    """
+    bounds = sequence_bounds(cu_seqlens, B, T)
+    longest = max((end - start for _, start, end in bounds), default=0)
+    T_pad = max(multiple, -(-longest // multiple) * multiple)
+
+    if cu_seqlens is None:
+
+        def pad(x):
+            return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, T_pad - T])
+
+        return [None if x is None else pad(x) for x in xs], lambda o: o[:, :T]
+
+    def pad(x):
+        out = x.new_zeros(len(bounds), T_pad, *x.shape[2:])
+        for n, (_, start, end) in enumerate(bounds):
+            out[n, : end - start] = x[0, start:end]
+        return out
+
+    def unpad(o):
+        return torch.cat([o[n, : end - start] for n, (_, start, end) in enumerate(bounds)], dim=0)[None]
+
+    return [None if x is None else pad(x) for x in xs], unpad
+
+
+def assemble(
+    seq_outputs: list[torch.Tensor], finals: list[torch.Tensor], cu_seqlens, dtype, output_final_state
+):
+    """Per-sequence outputs [L, H, V] back to [B, T, H, V] (or [1, T, H, V] packed), plus the stacked states."""
+    o = torch.cat(seq_outputs, 0)[None] if cu_seqlens is not None else torch.stack(seq_outputs, 0)
+    return o.to(dtype), (torch.stack(finals, 0) if output_final_state else None)

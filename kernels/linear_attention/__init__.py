@@ -1,0 +1,1 @@
+"""The linear_attention memory rule: naive.py (PyTorch reference), chunk.py and fused_recurrent.py (Triton)."""

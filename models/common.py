@@ -1,0 +1,127 @@
+"""Small pieces the mixers share: argument checks, the short causal convolution, the gated per-head RMSNorm,
+the L2 feature map, and the call into `kernels` through the configured backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+
+# --- argument checks (raise at construction, naming the setting and what it may be) -------------------------
+
+
+def check_choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {tuple(valid)}")
+
+
+def check_positive(key: str, value, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not valid; it must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def head_layout(d_model: int, num_heads: int, head_dim: int | None) -> int:
+    """Validate the head settings and return the key/query head dimension.
+
+    `head_dim=None` splits the width evenly: d_model must then be divisible by num_heads.
+    """
+    check_positive("d_model", d_model)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads={num_heads!r} is not valid; it must be a positive integer")
+    if head_dim is None:
+        if d_model % num_heads:
+            divisors = [h for h in range(1, d_model + 1) if d_model % h == 0]
+            raise ValueError(
+                f"num_heads={num_heads} does not divide d_model={d_model}; choose num_heads among {divisors} "
+                f"or set head_dim explicitly"
+            )
+        return d_model // num_heads
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim={head_dim!r} is not valid; it must be a positive integer or None")
+    return head_dim
+
+
+def value_dim(head_dim: int, expand_v: float) -> int:
+    check_positive("expand_v", expand_v)
+    dv = head_dim * expand_v
+    if dv != int(dv) or dv < 1:
+        raise ValueError(f"expand_v={expand_v!r} is not valid: head_dim * expand_v = {dv} must be a positive integer")
+    return int(dv)
+
+
+# --- the kernels, through the configured backend ---------------------------------------------------------------
+
+
+def check_backend(backend: str) -> None:
+    check_choice("backend", backend, kernels.BACKENDS)
+
+
+def kernel_op(rule: str, backend: str, device: torch.device, mode: str = "chunk"):
+    """The op for `rule` on the backend the setting resolves to on `device` (never chosen by sequence length)."""
+    return kernels.get_op(rule, kernels.resolve_backend(backend, device), mode=mode)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Gates, router and recurrent states: float64 stays float64, everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ||x|| over the last dimension: the feature map of the delta rules (and of our linear attention)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# --- modules ---------------------------------------------------------------------------------------------------
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time followed by SiLU: y_t = silu(sum_i w_i * x_{t-size+1+i}).
+
+    `size = 0` switches it off (identity, no activation). In `step` the state holds the last size-1 inputs.
+    """
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.weight = nn.Parameter(torch.empty(channels, size)) if size else None
+        if size:
+            bound = size**-0.5  # nn.Conv1d's default for a depthwise kernel
+            nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., T, C] -> [..., T, C]."""
+        if not self.size:
+            return x
+        lead, (T, C) = x.shape[:-2], x.shape[-2:]
+        y = F.conv1d(x.reshape(-1, T, C).transpose(1, 2), self.weight[:, None, :], padding=self.size - 1, groups=C)
+        return F.silu(y[..., :T]).transpose(1, 2).reshape(*lead, T, C)
+
+    def init_state(self, *lead: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(*lead, self.channels, max(self.size - 1, 0), device=device, dtype=dtype)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., C], state [..., C, size-1] -> (y [..., C], new state)."""
+        if not self.size:
+            return x, state
+        window = torch.cat([state, x[..., None]], -1)  # [..., C, size]
+        return F.silu((window * self.weight).sum(-1)), window[..., 1:]
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head output normalisation: y = rmsnorm(o) * weight * silu(gate), over the last dimension (fp32 inside)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dt = compute_dtype(o)
+        x = o.to(dt)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dt)
+        return (x * F.silu(gate.to(dt))).to(o.dtype)

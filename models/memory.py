@@ -1,0 +1,195 @@
+"""What the four linear-memory mixers share (linear attention, GLA, DeltaNet, gated DeltaNet).
+
+A memory is a matrix state S in R^{K x V} per head, written once per token and read with the query:
+
+    S_t = update(S_{t-1}; k_t, v_t, g_t, b_t)          (the rule: a subclass's `update`)
+    o_t = K^{-1/2} S_t^T q_t                              (read after the write)
+    y_t = W_o [ rmsnorm(o_t) * silu(W_gate x_t) ]        (per-head RMSNorm gated by the input, then projected)
+
+with q_t, k_t, v_t = silu(short causal conv(W_q x, W_k x, W_v x)) and the rule's feature map on q, k.
+
+The class holds `num_slots` memories side by side so that MoM can drive it with a routing (`models/mom.py`):
+every slot has its own key, value and gate (beta, decay-input) projections; the query projection, the
+short-conv weights, the decay constants, the output gate, norm and projection are shared. Given a routing
+(mask [B, T, n] of the slots each token writes to, weights [B, T, n] of their outputs in the mix), slot m
+sees only its own subsequence, in token order:
+
+- its short conv runs over that subsequence (the routed tokens are moved to the front with a stable sort,
+  convolved, and put back), in the parallel form and in `step` alike;
+- on the tokens not routed to it, its write is switched off (k = 0, and g = 0, beta = 0 where the rule has
+  them), so its state at time t is its state after exactly its own tokens up to t.
+
+All slots then run as extra heads of one kernel call (no per-memory loop, no padding, no host sync).
+Without a routing (`mask=None`, the single-memory mixers) every slot sees every token with weight 1.
+
+Shapes: x [B, T, d_model]; H heads, K = head_dim, V = head_dim * expand_v. State per sequence:
+num_slots * H * K * V values (what `state_size` counts; the conv buffers, (conv_size - 1) * (2K + V) * H per
+slot, are not counted, as in the paper).
+
+A subclass sets `rule` (the kernels' name), builds its gate parameters in `build_gates`, computes them in
+`gates`, may change the feature map in `features` (default: L2 normalisation of q and k per head) and gives
+the one-token `update` used by `step`. The parallel form calls `kernels.<rule>` through the backend setting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.common import (
+    GatedRMSNorm,
+    ShortConv,
+    check_backend,
+    compute_dtype,
+    head_layout,
+    kernel_op,
+    l2norm,
+    value_dim,
+)
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, n, T, C], index [B, n, T] -> x[b, m, index[b, m, t], :]."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+class MemoryMixer(nn.Module):
+    rule: str = ""
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 1,
+        head_dim: int | None = None,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        backend: str = "auto",
+        num_slots: int = 1,
+    ):
+        super().__init__()
+        K = head_layout(d_model, num_heads, head_dim)
+        V = value_dim(K, expand_v)
+        if not isinstance(conv_size, int) or isinstance(conv_size, bool) or conv_size < 0:
+            raise ValueError(f"conv_size={conv_size!r} is not valid; it must be an integer >= 0 (0 = no short conv)")
+        check_backend(backend)
+        if not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots={num_slots!r} is not valid; it must be a positive integer")
+        self.d_model, self.num_heads, self.key_dim, self.value_dim = d_model, num_heads, K, V
+        self.conv_size, self.backend, self.num_slots = conv_size, backend, num_slots
+        self.scale = K**-0.5
+        H, n = num_heads, num_slots
+
+        self.q_proj = nn.Linear(d_model, H * K, bias=False)  # shared by all slots
+        self.k_proj = nn.Linear(d_model, n * H * K, bias=False)  # one block of H * K per slot
+        self.v_proj = nn.Linear(d_model, n * H * V, bias=False)
+        self.q_conv = ShortConv(H * K, conv_size)  # conv weights shared by all slots
+        self.k_conv = ShortConv(H * K, conv_size)
+        self.v_conv = ShortConv(H * V, conv_size)
+        self.build_gates()
+        self.gate_proj = nn.Linear(d_model, H * V, bias=False)
+        self.o_norm = GatedRMSNorm(V)
+        self.o_proj = nn.Linear(H * V, d_model, bias=False)
+
+    # --- the rule-specific parts (subclasses) --------------------------------------------------------------
+
+    def build_gates(self) -> None:
+        """Create the rule's per-slot gate projections and shared constants (none by default)."""
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """x [..., d_model] -> (g, beta): log decays [..., n, H] or [..., n, H, K], write strengths [..., n, H]."""
+        return None, None
+
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature map on q, k [..., H, K] (default: L2 normalisation per head)."""
+        return l2norm(q), l2norm(k)
+
+    @staticmethod
+    def update(S, k, v, g, beta):
+        """One token's write: S [..., K, V], k [..., K], v [..., V], g and beta as from `gates` -> new S."""
+        raise NotImplementedError
+
+    # --- parallel form -------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model] -> y [B, T, d_model]."""
+        return self.mix(x)
+
+    def mix(self, x: torch.Tensor, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+        """The parallel form for all slots. mask [B, T, n] bool and weight [B, T, n]: the routing (None: all)."""
+        B, T, _ = x.shape
+        H, K, V, n = self.num_heads, self.key_dim, self.value_dim, self.num_slots
+        q = self.q_proj(x)[:, None].expand(B, n, T, H * K)  # [B, n, T, C]: one copy per slot
+        k = self.k_proj(x).view(B, T, n, H * K).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, n, H * V).transpose(1, 2)
+        if mask is None:
+            q, k, v = self.q_conv(q[:, :1]).expand(B, n, T, H * K), self.k_conv(k), self.v_conv(v)
+        else:
+            # Each slot's routed tokens first, in token order (stable sort); the conv runs over them, and
+            # whatever follows them (the other tokens) cannot reach back into them: the conv is causal.
+            order = torch.sort((~mask).transpose(1, 2).to(torch.uint8), dim=-1, stable=True).indices  # [B, n, T]
+            back = order.argsort(-1)
+            q, k, v = (
+                _gather_time(conv(_gather_time(z, order)), back)
+                for conv, z in ((self.q_conv, q), (self.k_conv, k), (self.v_conv, v))
+            )
+        q, k = self.features(q.transpose(1, 2).reshape(B, T, n, H, K), k.transpose(1, 2).reshape(B, T, n, H, K))
+        v = v.transpose(1, 2).reshape(B, T, n, H, V)
+        g, beta = self.gates(x)
+        if mask is not None:  # a slot's non-routed tokens do not write to it
+            keep = mask[..., None]  # [B, T, n, 1]
+            k = k * keep[..., None].to(k.dtype)
+            g = None if g is None else g * (keep if g.dim() == 4 else keep[..., None]).to(g.dtype)
+            beta = None if beta is None else beta * keep.to(beta.dtype)
+        extra = {name: z.flatten(2, 3) for name, z in (("g", g), ("beta", beta)) if z is not None}
+        op = kernel_op(self.rule, self.backend, x.device)
+        o, _ = op(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=self.scale, **extra)
+        return self._output(x, o.view(B, T, n, H, V), weight)
+
+    def _output(self, x, o, weight):
+        """o [..., n, H, V] -> mix over slots (weights, or 1 each) -> gated per-head norm -> projection."""
+        o = o.sum(-3) if weight is None else (o * weight[..., None, None].to(o.dtype)).sum(-3)
+        gate = self.gate_proj(x).view(*x.shape[:-1], self.num_heads, self.value_dim)
+        o = self.o_norm(o.to(x.dtype), gate)
+        return self.o_proj(o.flatten(-2))
+
+    # --- recurrent form ------------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
+        p = self.q_proj.weight
+        n, H, K, V = self.num_slots, self.num_heads, self.key_dim, self.value_dim
+        return {
+            "q_conv": self.q_conv.init_state(batch_size, n, device=p.device, dtype=p.dtype),
+            "k_conv": self.k_conv.init_state(batch_size, n, device=p.device, dtype=p.dtype),
+            "v_conv": self.v_conv.init_state(batch_size, n, device=p.device, dtype=p.dtype),
+            "S": torch.zeros(batch_size, n, H, K, V, device=p.device, dtype=compute_dtype(p)),
+        }
+
+    def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """x [B, d_model] -> (y [B, d_model], new state)."""
+        return self.mix_step(x, state)
+
+    def mix_step(self, x, state, mask=None, weight=None):
+        """One token for all slots; mask [B, n] bool and weight [B, n]: the routing (None: all slots)."""
+        B = x.shape[0]
+        H, K, V, n = self.num_heads, self.key_dim, self.value_dim, self.num_slots
+        q = self.q_proj(x)[:, None].expand(B, n, H * K)
+        k = self.k_proj(x).view(B, n, H * K)
+        v = self.v_proj(x).view(B, n, H * V)
+        new, out = {}, []
+        for name, conv, z in (("q_conv", self.q_conv, q), ("k_conv", self.k_conv, k), ("v_conv", self.v_conv, v)):
+            y, buf = conv.step(z, state[name])  # a slot's conv buffer advances only on its own tokens
+            new[name] = buf if mask is None else torch.where(mask[..., None, None], buf, state[name])
+            out.append(y)
+        q, k, v = out
+        q, k = self.features(q.view(B, n, H, K), k.view(B, n, H, K))
+        g, beta = self.gates(x)
+        S = state["S"]
+        dt = S.dtype
+        S_new = self.update(S, k.to(dt), v.view(B, n, H, V).to(dt), g, beta)
+        new["S"] = S_new if mask is None else torch.where(mask[..., None, None, None], S_new, S)
+        o = self.scale * torch.einsum("bnhk,bnhkv->bnhv", q.to(dt), new["S"])
+        return self._output(x, o.to(x.dtype), weight), new
+
+    def state_size(self, seq_len: int) -> int:
+        return self.num_slots * self.num_heads * self.key_dim * self.value_dim

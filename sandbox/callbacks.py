@@ -1,0 +1,34 @@
+"""Lightning callbacks of the sandbox: throughput and plain progress lines."""
+
+import sys
+import time
+
+import lightning as L
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs `train/tokens_per_s` once per training epoch (all tokens of the batch, labelled or not)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._tokens, self._start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens += batch[0].numel()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        elapsed = time.perf_counter() - self._start
+        if elapsed > 0 and self._tokens:
+            pl_module.log("train/tokens_per_s", self._tokens * trainer.world_size / elapsed)
+
+
+class EpochLines(L.Callback):
+    """One plain line per training epoch (after its validation), for logs that are not a terminal."""
+
+    KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "train/tokens_per_s")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = "  ".join(f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics)
+        print(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}", file=sys.stdout, flush=True)

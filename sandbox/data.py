@@ -1,0 +1,121 @@
+"""The DataModule: train, validation and test sets of a synthetic task, from disjoint seed ranges.
+
+Each split is a mixture of segments (seq_len, num_kv_pairs, ...), generated once by `tasks.make_mixture`
+on the CPU. Every example carries the index of its value in each slice (e.g. `num_kv_pairs=8`) so the
+evaluation can count accuracy per slice on the device without looking values up per batch.
+"""
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import tasks
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SliceTable:
+    """The slice values of a split: `names[i]` takes values `values[i]`; examples hold indices into them."""
+
+    names: list[str]
+    values: list[list[int]]
+
+    def labels(self) -> list[str]:
+        return [f"{name}={value}" for name, vals in zip(self.names, self.values) for value in vals]
+
+
+class RecallDataset(Dataset):
+    def __init__(self, data: "tasks.TaskData"):
+        self.inputs = data.inputs
+        self.labels = data.labels
+        names = sorted(data.slices)
+        values = [sorted(torch.unique(data.slices[n]).tolist()) for n in names]
+        self.slice_table = SliceTable(names, values)
+        # Flat bin per (slice, value) so that one scatter_add counts every slice at once.
+        offsets, bins = 0, []
+        for name, vals in zip(names, values):
+            lookup = {v: i for i, v in enumerate(vals)}
+            bins.append(torch.tensor([offsets + lookup[v] for v in data.slices[name].tolist()]))
+            offsets += len(vals)
+        self.slice_bins = torch.stack(bins, dim=1) if bins else torch.zeros(len(self.inputs), 0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return self.inputs[i], self.labels[i], self.slice_bins[i]
+
+
+class EpochShuffle(Sampler):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    Lightning calls `set_epoch` before every training epoch.
+    """
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples, self.seed, self.epoch = num_examples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+
+class RecallDataModule(L.LightningDataModule):
+    def __init__(self, name: str, params: dict, segments: dict, seed: int, batch_size: int,
+                 eval_batch_size: int | None = None, limit_examples: int | None = None):
+        super().__init__()
+        missing = [s for s in SPLITS if not segments.get(s)]
+        if missing:
+            raise ValueError(f"task.segments: no segments for split(s) {missing}; give each of {list(SPLITS)}")
+        self.name, self.params, self.segments, self.seed = name, dict(params), segments, seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        if limit_examples is not None and limit_examples < 1:
+            raise ValueError(f"task.limit_examples={limit_examples} is invalid: must be >= 1 or null")
+        # A cap on each segment's size, for fast debug runs.
+        self.limit_examples = limit_examples
+        self.datasets: dict[str, RecallDataset] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.params["vocab_size"])
+
+    @property
+    def max_seq_len(self) -> int:
+        lengths = [s.get("seq_len", self.params.get("seq_len")) for split in SPLITS for s in self.segments[split]]
+        return int(max(lengths))
+
+    def generate(self) -> None:
+        """Build all three splits (idempotent). Raises ValueError on impossible task settings."""
+        if self.datasets:
+            return
+        for split in SPLITS:
+            segments = [dict(s) for s in self.segments[split]]
+            if self.limit_examples is not None:
+                for segment in segments:
+                    segment["num_examples"] = min(segment["num_examples"], self.limit_examples)
+            data = tasks.make_mixture(self.name, segments, seed=tasks.split_seed(self.seed, split), **self.params)
+            self.datasets[split] = RecallDataset(data)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.generate()
+
+    def train_dataloader(self):
+        train = self.datasets["train"]
+        return DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.seed),
+                          drop_last=len(train) >= self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.datasets["val"], batch_size=self.eval_batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.datasets["test"], batch_size=self.eval_batch_size)

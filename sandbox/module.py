@@ -1,0 +1,123 @@
+"""The LightningModule: any model of the zoo on a recall task.
+
+Loss: next-token cross-entropy at labelled positions (labels != -100), plus the mixers' auxiliary
+losses (MoM's load balancing, already scaled by its coefficient). Accuracy is counted at labelled
+positions; in evaluation also per slice (e.g. per num_kv_pairs), with device-side sums that are
+reduced over processes once per epoch.
+"""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+
+IGNORE_INDEX = -100
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up, then cosine decay to `min_ratio`. Plain attributes only, so
+    the scheduler's state loads with `weights_only=True`."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, max(total_steps, 1), min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class RecallModule(L.LightningModule):
+    def __init__(self, model: dict, vocab_size: int, max_seq_len: int, optim: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(vocab_size=vocab_size, max_seq_len=max_seq_len, **model)
+        self.optim = optim
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
+        mask = labels != IGNORE_INDEX
+        out = self.model(inputs, label_mask=mask)
+        targets = labels[mask]
+        loss = F.cross_entropy(out.logits.float(), targets)
+        correct = out.logits.argmax(-1) == targets
+        return loss, out.aux_loss, correct, mask
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels, _ = batch
+        loss, aux_loss, correct, _ = self(inputs, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", correct.float().mean(), prog_bar=True)
+        self.log("train/aux_loss", aux_loss)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            stats = self.model.router_stats()
+            if stats:
+                self.log_dict({f"router/{k}": v for k, v in stats.items()})
+        return loss + aux_loss
+
+    # ---- evaluation: sums over the epoch, per slice too ----
+    def _eval_step(self, batch):
+        inputs, labels, bins = batch
+        loss, _, correct, mask = self(inputs, labels)
+        hits = torch.zeros_like(mask).masked_scatter_(mask, correct)
+        per_example_hits, per_example_count = hits.sum(1), mask.sum(1)
+        sums = self._sums
+        if not sums:
+            num_bins = len(self._slice_labels())
+            for name, size in (("loss", 1), ("hits", 1), ("count", 1),
+                               ("slice_hits", num_bins), ("slice_count", num_bins)):
+                sums[name] = torch.zeros(size, device=self.device, dtype=torch.float64)
+        sums["loss"] += loss.detach().double() * mask.sum()
+        sums["hits"] += per_example_hits.sum()
+        sums["count"] += per_example_count.sum()
+        for column in range(bins.shape[1]):
+            sums["slice_hits"].index_add_(0, bins[:, column], per_example_hits.double())
+            sums["slice_count"].index_add_(0, bins[:, column], per_example_count.double())
+
+    def _slice_labels(self) -> list[str]:
+        split = "test" if self.trainer.testing else "val"
+        return self.trainer.datamodule.datasets[split].slice_table.labels()
+
+    def _eval_epoch_end(self, prefix: str):
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}
+        self._sums = {}
+        if not sums:
+            return
+        count = sums["count"].clamp(min=1)
+        metrics = {f"{prefix}/loss": sums["loss"] / count, f"{prefix}/acc": sums["hits"] / count}
+        for i, label in enumerate(self._slice_labels()):
+            metrics[f"{prefix}/acc/{label}"] = sums["slice_hits"][i] / sums["slice_count"][i].clamp(min=1)
+        self.log_dict({k: v.float().squeeze() for k, v in metrics.items()}, sync_dist=False)
+        stats = self.model.router_stats()
+        if stats and prefix == "val":
+            self.log_dict({f"router/{k}": v for k, v in stats.items()})
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim["weight_decay"]},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(self.optim["warmup_ratio"] * total)
+        schedule = WarmupCosine(warmup, total, self.optim["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

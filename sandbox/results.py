@@ -1,0 +1,69 @@
+"""Run results on disk: atomic JSON writes, the provenance recorded with every result, and collection."""
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+RESULT_FILE = "result.json"
+FAILURE_FILE = "failed.json"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def versions() -> dict:
+    import lightning
+    import torch
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        found["triton"] = None
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, with '+dirty' when it has local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def collect_results(folder: Path) -> list[dict]:
+    """Every finished run's result below `folder`, each with its `run_dir`, in a stable order."""
+    results = []
+    for path in sorted(Path(folder).rglob(RESULT_FILE)):
+        result = read_json(path)
+        result["run_dir"] = str(path.parent)
+        results.append(result)
+    return results

@@ -1,0 +1,212 @@
+"""`sandbox-train`: train one model of the zoo on one synthetic task (a Hydra app).
+
+    sandbox-train experiment=quickstart model=mom              # one run
+    sandbox-train -m experiment=quickstart                     # the experiment's grid (Hydra multirun)
+
+The run directory is `${output_root}/${name}/<overrides>`, derived from the command line, so the same
+command finds the same directory: a finished run is not repeated, and a crashed one resumes from its
+last checkpoint. `train(cfg, run_dir)` does the work and returns the result that it writes to
+`result.json`; the Hydra entry point returns the objective (validation accuracy) for sweepers.
+"""
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import kernels
+from sandbox.callbacks import EpochLines, ThroughputMonitor
+from sandbox.data import RecallDataModule
+from sandbox.module import RecallModule
+from sandbox.results import FAILURE_FILE, RESULT_FILE, git_commit, read_json, versions, write_json_atomic
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+OBJECTIVE = "best_val_acc"
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; reported as one line with exit code 2."""
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_id"):
+        # The run folder of a command without overrides.
+        OmegaConf.register_new_resolver("run_id", lambda overrides: overrides or "default")
+
+
+register_resolvers()
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Training settings that the libraries below would only reject late, or not at all."""
+    checks = [
+        ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "a positive number"),
+        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
+        ("optim.warmup_ratio", cfg.optim.warmup_ratio, 0 <= cfg.optim.warmup_ratio < 1, "in [0, 1)"),
+        ("trainer.max_epochs", cfg.trainer.max_epochs, cfg.trainer.max_epochs >= 1, ">= 1"),
+        ("task.batch_size", cfg.task.batch_size, cfg.task.batch_size >= 1, ">= 1"),
+        ("callbacks.early_stopping.threshold", cfg.callbacks.early_stopping.threshold,
+         0 < cfg.callbacks.early_stopping.threshold <= 1, "in (0, 1]"),
+        ("callbacks.progress", cfg.callbacks.progress, cfg.callbacks.progress in ("auto", "rich", "lines", "none"),
+         "one of auto, rich, lines, none"),
+        ("logger.kind", cfg.logger.kind, cfg.logger.kind in ("csv", "tensorboard"), "csv or tensorboard"),
+    ]
+    for key, value, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} is invalid: must be {valid}")
+
+
+def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
+    """Data and model from the config; impossible settings become ConfigError before any training."""
+    check_settings(cfg)
+    try:
+        datamodule = RecallDataModule(
+            name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params),
+            segments=OmegaConf.to_container(cfg.task.segments), seed=cfg.seed,
+            batch_size=cfg.task.batch_size, eval_batch_size=cfg.task.eval_batch_size,
+            limit_examples=cfg.task.limit_examples)
+        datamodule.generate()
+        module = RecallModule(model=OmegaConf.to_container(cfg.model), vocab_size=datamodule.vocab_size,
+                              max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return datamodule, module
+
+
+def _progress_callbacks(mode: str) -> tuple[list, bool]:
+    if mode == "auto":
+        mode = "rich" if sys.stdout.isatty() else "lines"
+    if mode == "rich":
+        return [RichProgressBar()], True
+    if mode == "lines":
+        return [EpochLines()], False
+    return [], False
+
+
+def _precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return setting
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Trainer:
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
+                                  mode="max", save_top_k=1, save_last=True)
+    stopping = EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=cfg.callbacks.early_stopping.threshold,
+                             patience=cfg.callbacks.early_stopping.patience)
+    progress, show_bar = _progress_callbacks(cfg.callbacks.progress)
+    if cfg.logger.kind == "tensorboard":
+        logger = TensorBoardLogger(save_dir=run_dir, name="logs", version="")
+    else:
+        logger = CSVLogger(save_dir=run_dir, name="logs", version="")
+    trainer_cfg = OmegaConf.to_container(cfg.trainer)
+    trainer_cfg["precision"] = _precision(trainer_cfg["precision"])
+    return L.Trainer(
+        **trainer_cfg,
+        default_root_dir=run_dir,
+        logger=logger,
+        callbacks=[checkpoints, stopping, ThroughputMonitor(), *progress, *extra_callbacks],
+        enable_progress_bar=show_bar,
+        enable_model_summary=False,
+    )
+
+
+def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
+    """Train, test the best checkpoint, write `result.json`; return the result.
+
+    A finished run (its result.json exists) is not repeated; a run with a last checkpoint resumes from it.
+    """
+    run_dir = Path(run_dir)
+    result_path = run_dir / RESULT_FILE
+    if result_path.exists():
+        print(f"sandbox-train: {run_dir} already finished; delete its {RESULT_FILE} to run it again")
+        return read_json(result_path)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        datamodule, module = build(cfg)
+    except ConfigError:
+        _remove_if_empty(run_dir)
+        raise
+    trainer = make_trainer(cfg, run_dir, extra_callbacks)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if last.exists() else None
+    if resume_from:
+        print(f"sandbox-train: resuming from {last}")
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        best = trainer.checkpoint_callback.best_model_path or None
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
+    except Exception as err:
+        write_json_atomic(run_dir / FAILURE_FILE, {"error": f"{type(err).__name__}: {err}"})
+        raise
+    result = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+        "test_acc": float(tested["test/acc"]),
+        "test_acc_per_slice": {k.removeprefix("test/acc/"): float(v) for k, v in tested.items()
+                               if k.startswith("test/acc/")},
+        "test_loss": float(tested["test/loss"]),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "state_size": module.model.state_size(datamodule.max_seq_len),
+        "num_parameters": module.model.num_parameters(),
+        "router": module.model.router_stats(),
+        "backend": kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),
+        "device": str(trainer.strategy.root_device),
+        "wall_time_s": time.perf_counter() - start,
+        "resumed": resume_from is not None,
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    write_json_atomic(result_path, result)
+    return result
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
+    result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    print(f"sandbox-train: {HydraConfig.get().runtime.output_dir}: best val acc {result['best_val_acc']:.4f}, "
+          f"test acc {result['test_acc']:.4f}")
+    return result[OBJECTIVE]
+
+
+def one_line(err: BaseException) -> str:
+    """An exception and its cause as one line, without Hydra's search-path listing."""
+    parts = [str(err)]
+    if err.__cause__ is not None and str(err.__cause__) not in parts[0]:
+        parts.append(str(err.__cause__))
+    text = " ".join(parts).split("Config search path")[0]
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def main() -> int:
+    # Let errors reach us instead of Hydra's own multi-line report, so that a bad setting is one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        print(f"sandbox-train: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

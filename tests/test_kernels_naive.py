@@ -1,0 +1,129 @@
+"""The chunked PyTorch form of every rule against its token-by-token recurrence; the dispatch contract."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.testing import make_inputs, rel_err
+
+# (B, T, H, K, V, cu_seqlens or None, chunk_size): lengths off the chunk grid, packed sequences, an empty one
+SHAPES = [
+    (2, 37, 2, 16, 24, None, 16),
+    (1, 80, 1, 32, 16, None, 64),
+    (1, 70, 2, 16, 16, [0, 21, 21, 70], 16),
+    (1, 45, 1, 24, 32, [0, 0, 45], 32),
+]
+
+
+def _grads(out, inputs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    o, ht = out
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    if ht is not None:
+        loss = loss + (ht * torch.randn(ht.shape, generator=gen, dtype=ht.dtype)).sum()
+    return torch.autograd.grad(loss, list(inputs.values()))
+
+
+@pytest.mark.parametrize("rule", kernels.RULES)
+@pytest.mark.parametrize("B,T,H,K,V,cu,chunk", SHAPES)
+def test_chunk_matches_recurrence_float64(rule, B, T, H, K, V, cu, chunk):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    N = B if cu is None else len(cu) - 1
+    inputs = make_inputs(rule, B, T, H, K, V, dtype=torch.float64, generator=gen, initial_state=True, N=N)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    ref = kernels.get_op(rule, "torch", "recurrent")(**inputs, output_final_state=True, cu_seqlens=cu_seqlens)
+    out = kernels.get_op(rule, "torch", "chunk")(
+        **inputs, output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk
+    )
+    assert out[0].shape == (B, T, H, V) and out[0].dtype == torch.float64
+    assert out[1].shape == (N, H, K, V) and out[1].dtype == torch.float64
+    assert rel_err(out[0], ref[0]) < 1e-10
+    assert rel_err(out[1], ref[1]) < 1e-10
+    seed = int(torch.randint(2**31, (), generator=gen))
+    for name, got, want in zip(inputs, _grads(out, inputs, seed), _grads(ref, inputs, seed)):
+        assert rel_err(got, want) < 1e-10, name
+
+
+@pytest.mark.parametrize("rule", kernels.RULES)
+def test_chunk_float32_close_to_float64_recurrence(rule):
+    inputs = make_inputs(rule, 2, 100, 2, 32, 32, dtype=torch.float64, initial_state=True)
+    ref = kernels.get_op(rule, "torch", "recurrent")(**inputs, output_final_state=True)
+    inputs32 = {name: x.detach().float() for name, x in inputs.items()}
+    o, ht = kernels.get_op(rule, "torch", "chunk")(**inputs32, output_final_state=True)
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32
+    assert rel_err(o, ref[0]) < 1e-5 and rel_err(ht, ref[1]) < 1e-5
+
+
+def test_gla_chunk_survives_strong_decays():
+    """Cumulative decays far below exp's float32 range inside one chunk must not overflow."""
+    inputs = make_inputs("gla", 1, 128, 1, 16, 16, dtype=torch.float64)
+    inputs["g"] = (inputs["g"].detach() * 40).requires_grad_()
+    ref = kernels.get_op("gla", "torch", "recurrent")(**inputs)
+    o, _ = kernels.get_op("gla", "torch", "chunk")(**{n: x.detach().float() for n, x in inputs.items()})
+    assert torch.isfinite(o).all() and rel_err(o, ref[0]) < 1e-5
+
+
+@pytest.mark.parametrize("mode", kernels.MODES)
+@pytest.mark.parametrize("rule", kernels.RULES)
+def test_masked_tokens_leave_the_state_alone(rule, mode):
+    """k = 0 / beta = 0 (and g = 0) on a token: the state is unchanged, as if the token were absent."""
+    inputs = {n: x.detach() for n, x in make_inputs(rule, 1, 20, 2, 16, 16, dtype=torch.float64).items()}
+    keep = torch.rand(20) < 0.5
+    masked = dict(inputs)
+    masked["k"] = inputs["k"] * keep[None, :, None, None]
+    if "beta" in inputs:
+        masked["beta"] = inputs["beta"] * keep[None, :, None]
+    if "g" in inputs:
+        masked["g"] = inputs["g"] * keep.view(1, 20, *[1] * (inputs["g"].dim() - 2))
+    op = kernels.get_op(rule, "torch", mode)
+    _, ht = op(**masked, output_final_state=True)
+    _, ref = op(**{n: x[:, keep] for n, x in inputs.items()}, output_final_state=True)
+    assert rel_err(ht, ref) < 1e-12
+
+
+def test_bad_arguments_name_the_setting():
+    x = make_inputs("gated_deltanet", 1, 8, 2, 16, 16)
+    q, k, v, g, beta = (x[n].detach() for n in ("q", "k", "v", "g", "beta"))
+    op = kernels.get_op("gated_deltanet", "torch")
+    with pytest.raises(ValueError, match="needs g"):
+        op(q, k, v, beta=beta)
+    with pytest.raises(ValueError, match=r"beta must have shape \[B, T, H\]"):
+        op(q, k, v, g=g, beta=beta[..., :1])
+    with pytest.raises(ValueError, match="takes no beta"):
+        kernels.get_op("gla", "torch")(q, k, v, g=k, beta=beta)
+    with pytest.raises(ValueError, match="takes no g"):
+        kernels.get_op("linear_attention", "torch")(q, k, v, g=k)
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\]"):
+        op(q, k, v, g=g, beta=beta, initial_state=torch.zeros(2, 2, 16, 16))
+    with pytest.raises(ValueError, match="batch size B = 1"):
+        op(
+            q.expand(2, -1, -1, -1),
+            k.expand(2, -1, -1, -1),
+            v.expand(2, -1, -1, -1),
+            g=g.expand(2, -1, -1),
+            beta=beta.expand(2, -1, -1),
+            cu_seqlens=torch.tensor([0, 8]),
+        )
+
+
+def test_dispatch_contract():
+    cpu = torch.device("cpu")
+    assert kernels.resolve_backend("torch", cpu) == "torch"
+    assert kernels.resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(ValueError, match="'cuda_graphs'.*torch"):
+        kernels.resolve_backend("cuda_graphs", cpu)
+    with pytest.raises(ValueError, match="rule 'lstm'.*gated_deltanet"):
+        kernels.get_op("lstm", "torch")
+    with pytest.raises(ValueError, match="mode 'parallel'.*recurrent"):
+        kernels.get_op("gla", "torch", "parallel")
+    from kernels.gla.naive import naive_chunk, naive_recurrent
+
+    assert kernels.get_op("gla", "torch") is naive_chunk
+    assert kernels.get_op("gla", "torch", "recurrent") is naive_recurrent
+
+
+def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.resolve_backend("triton", torch.device("cpu"))
