@@ -1,1 +1,17 @@
-"""tasks package."""
+"""Synthetic recall tasks: generators (pure functions of parameters and a numpy Generator) and a registry.
+
+    tasks.available()                                   -> ['ar', 'mqar', 'noisy_ar', 'overwrite_mqar']
+    tasks.make(name, *, num_examples, seed, **params)   -> TaskData(inputs, labels, slices)
+    tasks.make_mixture(name, segments, *, seed, **common_params)
+    tasks.split_seed(seed, split); tasks.make_split(name, split, *, num_examples | segments, seed, **params)
+    tasks.overlap(a, b)                                 -> indices of b's examples whose inputs occur in a
+
+Each task's definition is in its module's docstring (tasks/mqar.py, ar.py, noisy_ar.py, overwrite_mqar.py).
+"""
+
+from tasks.common import IGNORE
+from tasks.registry import TaskData, available, defaults, make, make_mixture
+from tasks.splits import SPLITS, make_split, overlap, split_seed
+
+__all__ = ["IGNORE", "SPLITS", "TaskData", "available", "defaults", "make", "make_mixture", "make_split",
+           "overlap", "split_seed"]
