@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -46,6 +47,9 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+# Library noise that says nothing about the run.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -136,7 +140,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     try:
         datamodule, module = build(cfg)
     except ConfigError:
-        _remove_if_empty(run_dir)
+        _remove_empty_folders(run_dir, stop_at=Path(cfg.output_root))
         raise
     trainer = make_trainer(cfg, run_dir, extra_callbacks)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -151,9 +155,10 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     except Exception as err:
         write_json_atomic(run_dir / FAILURE_FILE, {"error": f"{type(err).__name__}: {err}"})
         raise
+    best_score = trainer.checkpoint_callback.best_model_score
     result = {
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+        "best_val_acc": float("nan") if best_score is None else float(best_score),
         "test_acc": float(tested["test/acc"]),
         "test_acc_per_slice": {k.removeprefix("test/acc/"): float(v) for k, v in tested.items()
                                if k.startswith("test/acc/")},
@@ -175,16 +180,31 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     return result
 
 
-def _remove_if_empty(folder: Path) -> None:
-    if folder.is_dir() and not any(folder.iterdir()):
+def _remove_empty_folders(folder: Path, stop_at: Path) -> None:
+    """Remove the run folder Hydra made for a run that never started, and its empty parents up to
+    `stop_at` (included). Folders with anything in them are left alone."""
+    stop_at, folder = stop_at.resolve(), folder.resolve()
+    while folder.is_dir() and not any(folder.iterdir()) and folder.is_relative_to(stop_at):
         folder.rmdir()
+        if folder == stop_at:
+            break
+        folder = folder.parent
+
+
+# Config errors of the runs of this process: reported by `main` as one line each, exit code 2. They are
+# collected rather than raised so that one bad run of a multirun does not stop the others.
+_config_errors: list[str] = []
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    print(f"sandbox-train: {HydraConfig.get().runtime.output_dir}: best val acc {result['best_val_acc']:.4f}, "
-          f"test acc {result['test_acc']:.4f}")
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = train(cfg, Path(run_dir))
+    except ConfigError as err:
+        _config_errors.append(str(err))
+        return float("nan")
+    print(f"sandbox-train: {run_dir}: best val acc {result['best_val_acc']:.4f}, test acc {result['test_acc']:.4f}")
     return result[OBJECTIVE]
 
 
@@ -202,10 +222,11 @@ def main() -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
-    except (ConfigError, HydraException, OmegaConfBaseException) as err:
-        print(f"sandbox-train: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    except (HydraException, OmegaConfBaseException) as err:
+        _config_errors.append(one_line(err))
+    for message in _config_errors:
+        print(f"sandbox-train: error: {message}", file=sys.stderr)
+    return 2 if _config_errors else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""Training end to end: every experiment config as a fast run, the result file, resume, bad overrides."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from sandbox.train import CONF_DIR, ConfigError, train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[*overrides, "callbacks.progress=none"])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_fast(experiment, tmp_path):
+    cfg = make_cfg(f"experiment={experiment}", "debug=fast")
+    result = train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "result.json").exists()
+    assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_result_file_contents(tmp_path):
+    cfg = make_cfg("model=mom", "debug=fast", "task.segments.test=[{seq_len: 64, num_kv_pairs: 4, num_examples: 64},"
+                   "{seq_len: 32, num_kv_pairs: 2, num_examples: 64}]")
+    run_dir = tmp_path / "run"
+    result = train(cfg, run_dir)
+    stored = json.loads((run_dir / "result.json").read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert stored["config"]["model"]["mixer"] == "mom"
+    assert set(stored["test_acc_per_slice"]) == {"num_kv_pairs=2", "num_kv_pairs=4", "seq_len=32", "seq_len=64"}
+    for key in ("best_val_acc", "test_acc", "state_size", "num_parameters", "wall_time_s", "backend", "versions",
+                "git_commit", "router"):
+        assert key in stored, key
+    assert stored["backend"] == "torch"
+    assert stored["num_parameters"] == sum(p.numel() for p in torch.load(
+        run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].values())
+    assert any(k.endswith("/load_m0") for k in stored["router"])
+    metrics = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("train/loss", "val/acc", "val/acc/num_kv_pairs=4", "train/tokens_per_s", "train/aux_loss"):
+        assert column in metrics, column
+
+
+def test_finished_run_is_not_repeated(tmp_path, capsys):
+    cfg = make_cfg("model=deltanet", "debug=fast")
+    first = train(cfg, tmp_path)
+    again = train(cfg, tmp_path)
+    assert again["wall_time_s"] == first["wall_time_s"]
+    assert "already finished" in capsys.readouterr().out
+
+
+class CrashAtEpoch(L.Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("injected crash")
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
+    overrides = ["model=gated_deltanet", "task.limit_examples=256", "trainer.max_epochs=3",
+                 "trainer.limit_train_batches=3", "callbacks.early_stopping.threshold=1.0"]
+    reference = train(make_cfg(*overrides), tmp_path / "reference")
+    crashed_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(make_cfg(*overrides), crashed_dir, extra_callbacks=[CrashAtEpoch(2)])
+    assert (crashed_dir / "checkpoints" / "last.ckpt").exists()
+    assert not (crashed_dir / "result.json").exists()
+    assert (crashed_dir / "failed.json").exists()
+    resumed = train(make_cfg(*overrides), crashed_dir)
+    assert resumed["resumed"] and not reference["resumed"]
+    assert not (crashed_dir / "failed.json").exists()
+    for key in ("best_val_acc", "test_acc", "test_loss", "test_acc_per_slice", "steps", "epochs"):
+        assert resumed[key] == reference[key], key
+
+
+def test_impossible_setting_is_a_config_error_and_leaves_no_folder(tmp_path):
+    cfg = make_cfg("model=mom")
+    with open_dict(cfg):
+        cfg.model.mixer_options.top_k = 7
+    with pytest.raises(ConfigError, match="top_k"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sandbox.train", *args, f"output_root={cwd}/outputs"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.d_model=63", "model.mixer_options.num_heads=2"], "num_heads"),  # width not divisible by heads
+    (["model.mixer_options.top_k=5"], "top_k"),             # top_k above num_memories
+    (["model.nope=1"], "nope"),                             # unknown key (struct mode)
+    (["model=mamba9"], "mamba9"),                           # misspelt group option
+    (["optim.lr=0"], "optim.lr"),                           # non-positive learning rate
+    (["task.segments.train=[{seq_len: 16, num_kv_pairs: 9, num_examples: 8}]"], "num_kv_pairs"),
+])
+def test_bad_override_is_one_line_exit_2(overrides, named, tmp_path):
+    proc = run_cli(*overrides, "debug=fast", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "outputs").rglob("*.json"))
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_dir() and not any(p.iterdir())]
