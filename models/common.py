@@ -10,8 +10,7 @@ from torch import nn
 
 import kernels
 
-
-# --- argument checks (raise at construction, naming the setting and what it may be) -------------------------
+# --- argument checks (raised at construction, naming the setting and what it may be) ----------------------
 
 
 def check_choice(key: str, value, valid) -> None:
@@ -19,10 +18,31 @@ def check_choice(key: str, value, valid) -> None:
         raise ValueError(f"{key}={value!r} is not valid; choose one of {tuple(valid)}")
 
 
-def check_positive(key: str, value, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{key}={value!r} is not valid; it must be a {'non-negative' if allow_zero else 'positive'} number")
+def check_int(key: str, value, low: int = 1, high: int | None = None, high_name: str = "") -> None:
+    """An integer in low..high (high: None for no upper bound; high_name: the setting it comes from)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bound = f">= {low}" if high is None else f"in {low}..{high_name}{'=' if high_name else ''}{high}"
+        raise ValueError(f"{key}={value!r} is not valid; it must be an integer {bound}")
+
+
+def check_number(key: str, value, *, positive: bool) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < 0
+        or (positive and value == 0)
+    ):
+        raise ValueError(f"{key}={value!r} is not valid; it must be a number {'> 0' if positive else '>= 0'}")
+
+
+def check_flag(key: str, value) -> None:
+    if not isinstance(value, bool):  # a config error: ValueError, like every other one
+        raise ValueError(f"{key}={value!r} is not valid; it must be true or false")  # noqa: TRY004
 
 
 def head_layout(d_model: int, num_heads: int, head_dim: int | None) -> int:
@@ -30,9 +50,8 @@ def head_layout(d_model: int, num_heads: int, head_dim: int | None) -> int:
 
     `head_dim=None` splits the width evenly: d_model must then be divisible by num_heads.
     """
-    check_positive("d_model", d_model)
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads={num_heads!r} is not valid; it must be a positive integer")
+    check_int("d_model", d_model)
+    check_int("num_heads", num_heads)
     if head_dim is None:
         if d_model % num_heads:
             divisors = [h for h in range(1, d_model + 1) if d_model % h == 0]
@@ -41,20 +60,21 @@ def head_layout(d_model: int, num_heads: int, head_dim: int | None) -> int:
                 f"or set head_dim explicitly"
             )
         return d_model // num_heads
-    if not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(f"head_dim={head_dim!r} is not valid; it must be a positive integer or None")
+    check_int("head_dim", head_dim)
     return head_dim
 
 
 def value_dim(head_dim: int, expand_v: float) -> int:
-    check_positive("expand_v", expand_v)
+    check_number("expand_v", expand_v, positive=True)
     dv = head_dim * expand_v
     if dv != int(dv) or dv < 1:
-        raise ValueError(f"expand_v={expand_v!r} is not valid: head_dim * expand_v = {dv} must be a positive integer")
+        raise ValueError(
+            f"expand_v={expand_v!r} is not valid: head_dim * expand_v = {dv} must be a positive integer"
+        )
     return int(dv)
 
 
-# --- the kernels, through the configured backend ---------------------------------------------------------------
+# --- the kernels, through the configured backend -------------------------------------------------------
 
 
 def check_backend(backend: str) -> None:
@@ -62,7 +82,7 @@ def check_backend(backend: str) -> None:
 
 
 def kernel_op(rule: str, backend: str, device: torch.device, mode: str = "chunk"):
-    """The op for `rule` on the backend the setting resolves to on `device` (never chosen by sequence length)."""
+    """The op for `rule` on the backend the setting resolves to on `device` (never by sequence length)."""
     return kernels.get_op(rule, kernels.resolve_backend(backend, device), mode=mode)
 
 
@@ -76,7 +96,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-# --- modules ---------------------------------------------------------------------------------------------------
+# --- modules -----------------------------------------------------------------------------------------
 
 
 class ShortConv(nn.Module):
@@ -98,7 +118,9 @@ class ShortConv(nn.Module):
         if not self.size:
             return x
         lead, (T, C) = x.shape[:-2], x.shape[-2:]
-        y = F.conv1d(x.reshape(-1, T, C).transpose(1, 2), self.weight[:, None, :], padding=self.size - 1, groups=C)
+        y = F.conv1d(
+            x.reshape(-1, T, C).transpose(1, 2), self.weight[:, None, :], padding=self.size - 1, groups=C
+        )
         return F.silu(y[..., :T]).transpose(1, 2).reshape(*lead, T, C)
 
     def init_state(self, *lead: int, device=None, dtype=None) -> torch.Tensor:
@@ -113,7 +135,7 @@ class ShortConv(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """Per-head output normalisation: y = rmsnorm(o) * weight * silu(gate), over the last dimension (fp32 inside)."""
+    """Per-head output norm: y = rmsnorm(o) * weight * silu(gate) over the last dimension (fp32 inside)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()

@@ -40,6 +40,7 @@ from models.common import (
     GatedRMSNorm,
     ShortConv,
     check_backend,
+    check_int,
     compute_dtype,
     head_layout,
     kernel_op,
@@ -70,11 +71,9 @@ class MemoryMixer(nn.Module):
         super().__init__()
         K = head_layout(d_model, num_heads, head_dim)
         V = value_dim(K, expand_v)
-        if not isinstance(conv_size, int) or isinstance(conv_size, bool) or conv_size < 0:
-            raise ValueError(f"conv_size={conv_size!r} is not valid; it must be an integer >= 0 (0 = no short conv)")
+        check_int("conv_size", conv_size, low=0)  # 0: no short conv
         check_backend(backend)
-        if not isinstance(num_slots, int) or num_slots < 1:
-            raise ValueError(f"num_slots={num_slots!r} is not valid; it must be a positive integer")
+        check_int("num_slots", num_slots)
         self.d_model, self.num_heads, self.key_dim, self.value_dim = d_model, num_heads, K, V
         self.conv_size, self.backend, self.num_slots = conv_size, backend, num_slots
         self.scale = K**-0.5
@@ -97,7 +96,7 @@ class MemoryMixer(nn.Module):
         """Create the rule's per-slot gate projections and shared constants (none by default)."""
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """x [..., d_model] -> (g, beta): log decays [..., n, H] or [..., n, H, K], write strengths [..., n, H]."""
+        """x [..., d_model] -> (g, beta): log decays [..., n, H] or [..., n, H, K], strengths [..., n, H]."""
         return None, None
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,24 +115,27 @@ class MemoryMixer(nn.Module):
         return self.mix(x)
 
     def mix(self, x: torch.Tensor, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None):
-        """The parallel form for all slots. mask [B, T, n] bool and weight [B, T, n]: the routing (None: all)."""
+        """The parallel form of all slots; mask [B, T, n] bool, weight [B, T, n]: the routing (None: all)."""
         B, T, _ = x.shape
         H, K, V, n = self.num_heads, self.key_dim, self.value_dim, self.num_slots
         q = self.q_proj(x)[:, None].expand(B, n, T, H * K)  # [B, n, T, C]: one copy per slot
         k = self.k_proj(x).view(B, T, n, H * K).transpose(1, 2)
         v = self.v_proj(x).view(B, T, n, H * V).transpose(1, 2)
-        if mask is None:
+        if mask is None or not self.conv_size:
             q, k, v = self.q_conv(q[:, :1]).expand(B, n, T, H * K), self.k_conv(k), self.v_conv(v)
         else:
             # Each slot's routed tokens first, in token order (stable sort); the conv runs over them, and
             # whatever follows them (the other tokens) cannot reach back into them: the conv is causal.
-            order = torch.sort((~mask).transpose(1, 2).to(torch.uint8), dim=-1, stable=True).indices  # [B, n, T]
+            not_routed = (~mask).transpose(1, 2).to(torch.uint8)  # [B, n, T]
+            order = torch.sort(not_routed, dim=-1, stable=True).indices
             back = order.argsort(-1)
             q, k, v = (
                 _gather_time(conv(_gather_time(z, order)), back)
                 for conv, z in ((self.q_conv, q), (self.k_conv, k), (self.v_conv, v))
             )
-        q, k = self.features(q.transpose(1, 2).reshape(B, T, n, H, K), k.transpose(1, 2).reshape(B, T, n, H, K))
+        q, k = self.features(
+            q.transpose(1, 2).reshape(B, T, n, H, K), k.transpose(1, 2).reshape(B, T, n, H, K)
+        )
         v = v.transpose(1, 2).reshape(B, T, n, H, V)
         g, beta = self.gates(x)
         if mask is not None:  # a slot's non-routed tokens do not write to it
@@ -177,7 +179,11 @@ class MemoryMixer(nn.Module):
         k = self.k_proj(x).view(B, n, H * K)
         v = self.v_proj(x).view(B, n, H * V)
         new, out = {}, []
-        for name, conv, z in (("q_conv", self.q_conv, q), ("k_conv", self.k_conv, k), ("v_conv", self.v_conv, v)):
+        for name, conv, z in (
+            ("q_conv", self.q_conv, q),
+            ("k_conv", self.k_conv, k),
+            ("v_conv", self.v_conv, v),
+        ):
             y, buf = conv.step(z, state[name])  # a slot's conv buffer advances only on its own tokens
             new[name] = buf if mask is None else torch.where(mask[..., None, None], buf, state[name])
             out.append(y)

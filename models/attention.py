@@ -1,0 +1,55 @@
+"""Softmax attention, causal and multi-head: the exact-recall baseline.
+
+    o_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(K)) v_s,      y_t = W_o [o_t^1; ...; o_t^H]
+
+per head, with q, k, v = W_q x, W_k x, W_v x (no bias, no positional encoding here: the backbone's learned
+positions supply order when wanted). The recurrent form keeps the KV cache: `init_state` is an empty cache,
+`step` appends the token's key and value and attends over the cache (O(t) per token).
+
+Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H).
+`state_size(L)` = 2 * H * K * L values (keys and values of L tokens; 2 * d_model * L by default).
+`backend` is validated and recorded for a uniform interface; the op is torch's scaled_dot_product_attention
+(which picks its own fused kernel on CUDA), not a `kernels` op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import check_backend, head_layout
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, d_model: int, *, num_heads: int = 1, head_dim: int | None = None, backend: str = "auto"
+    ):
+        super().__init__()
+        K = head_layout(d_model, num_heads, head_dim)
+        check_backend(backend)
+        self.d_model, self.num_heads, self.head_dim, self.backend = d_model, num_heads, K, backend
+        self.qkv_proj = nn.Linear(d_model, 3 * num_heads * K, bias=False)
+        self.o_proj = nn.Linear(num_heads * K, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, K]
+        return self.o_proj(o.transpose(1, 2).flatten(2))
+
+    def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
+        p = self.qkv_proj.weight
+        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=p.device, dtype=p.dtype)
+        return {"k": empty, "v": empty}
+
+    def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """x [B, d_model] -> (y [B, d_model], cache with this token appended)."""
+        B = x.shape[0]
+        q, k, v = self.qkv_proj(x).view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # [B, H, 1, K]
+        k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # the newest token sees the whole cache
+        return self.o_proj(o.flatten(1)), {"k": k, "v": v}
+
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.num_heads * self.head_dim * seq_len

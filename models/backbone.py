@@ -1,0 +1,219 @@
+"""The language-model backbone around a sequence mixer.
+
+    h_0 = E[x] (+ P[0:T] with learned positions)
+    h_l = h'_l + MLP(norm(h'_l)),   h'_l = h_{l-1} + Mixer(norm(h_{l-1}))      (pre-norm; the MLP is optional)
+    logits = W_out norm(h_N), only at labelled positions when a label mask is given
+
+Norms are RMSNorm, the MLP is SwiGLU. `build_model` validates the settings (unknown mixer or mixer option:
+ValueError naming the key and the valid values) and records the resolved arguments in `model.config`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import Attention
+from models.common import check_backend, check_choice, check_flag, check_int
+from models.deltanet import DeltaNet
+from models.gated_deltanet import GatedDeltaNet
+from models.gla import GLA
+from models.linear_attention import LinearAttention
+from models.mom import MoM
+
+MIXERS: dict[str, type[nn.Module]] = {
+    "attention": Attention,
+    "linear_attention": LinearAttention,
+    "gla": GLA,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+    "mom": MoM,
+}
+
+_NOT_OPTIONS = ("self", "d_model", "backend", "num_slots")  # given by the backbone, or internal to MoM
+
+
+def mixer_option_defaults(mixer: str) -> dict:
+    """The options a mixer takes (its constructor's keyword arguments) with their defaults."""
+    check_choice("mixer", mixer, tuple(MIXERS))
+    params = inspect.signature(MIXERS[mixer].__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in _NOT_OPTIONS and p.kind is p.KEYWORD_ONLY}
+
+
+RMSNorm = nn.RMSNorm
+
+
+class SwiGLU(nn.Module):
+    """y = W_2 (silu(W_1 x) * W_3 x), hidden width 8/3 d rounded up to a multiple of 8."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        hidden = -(-8 * d_model // 3 // 8) * 8
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w_in(x).chunk(2, -1)
+        return self.w_out(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, mixer: nn.Module, mlp: bool):
+        super().__init__()
+        self.mixer_norm, self.mixer = RMSNorm(d_model, eps=1e-5), mixer
+        self.mlp_norm = RMSNorm(d_model, eps=1e-5) if mlp else None
+        self.mlp = SwiGLU(d_model) if mlp else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.mixer(self.mixer_norm(h))
+        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
+
+    def step(self, h: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        y, state = self.mixer.step(self.mixer_norm(h), state)
+        h = h + y
+        return (h if self.mlp is None else h + self.mlp(self.mlp_norm(h))), state
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [n_labelled, V] at label_mask (row-major order), or [B, T, V] without a mask
+    aux_loss: torch.Tensor  # scalar: sum over layers of aux_loss_coef * auxiliary loss (0 without MoM)
+
+
+class LanguageModel(nn.Module):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_seq_len: int,
+        mixer: str,
+        d_model: int = 64,
+        n_layers: int = 2,
+        mlp: bool = False,
+        learned_positions: bool = False,
+        backend: str = "auto",
+        mixer_options: dict | None = None,
+    ):
+        super().__init__()
+        for key, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("n_layers", n_layers)):
+            check_int(key, value)
+        check_int("d_model", d_model)
+        check_choice("mixer", mixer, tuple(MIXERS))
+        check_backend(backend)
+        check_flag("mlp", mlp)
+        check_flag("learned_positions", learned_positions)
+        options = dict(mixer_options or {})
+        valid = mixer_option_defaults(mixer)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"mixer_options: unknown keys {unknown} for mixer={mixer!r}; valid keys: {sorted(valid)}"
+            )
+        options = {**valid, **options}
+        self.config = {
+            "vocab_size": vocab_size,
+            "max_seq_len": max_seq_len,
+            "mixer": mixer,
+            "d_model": d_model,
+            "n_layers": n_layers,
+            "mlp": mlp,
+            "learned_positions": learned_positions,
+            "backend": backend,
+            "mixer_options": options,
+        }
+
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(max_seq_len, d_model) if learned_positions else None
+        self.blocks = nn.ModuleList(
+            Block(d_model, MIXERS[mixer](d_model, backend=backend, **options), mlp) for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(d_model, eps=1e-5)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        for emb in (self.embed, self.positions):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+
+    def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        h = self.embed(input_ids)
+        if self.positions is not None:
+            end = start + (input_ids.shape[1] if input_ids.dim() == 2 else 1)
+            if end > self.config["max_seq_len"]:
+                raise ValueError(f"sequence length {end} exceeds max_seq_len={self.config['max_seq_len']}")
+            pos = self.positions.weight[start:end]
+            h = h + (pos if input_ids.dim() == 2 else pos[0])
+        return h
+
+    def forward(self, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] int64; label_mask [B, T] bool or None."""
+        h = self._embed(input_ids, 0)
+        for block in self.blocks:
+            h = block(h)
+        if label_mask is not None:
+            if label_mask.shape != input_ids.shape or label_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"label_mask must be a bool tensor of shape {list(input_ids.shape)}, "
+                    f"got {label_mask.dtype} of shape {list(label_mask.shape)}"
+                )
+            h = h[label_mask]
+        logits = self.head(self.norm(h))
+        aux = torch.zeros((), device=logits.device)
+        for block in self.blocks:
+            mixer_aux = getattr(block.mixer, "aux_loss", None)
+            if mixer_aux is not None:
+                aux = aux + mixer_aux
+        return ModelOutput(logits=logits, aux_loss=aux)
+
+    def router_stats(self) -> dict[str, float]:
+        """Router statistics of the MoM layers from the last forward (empty for other mixers)."""
+        stats = {}
+        for i, block in enumerate(self.blocks):
+            if hasattr(block.mixer, "router_stats"):
+                stats.update({f"layer{i}/{k}": v for k, v in block.mixer.router_stats().items()})
+        return stats
+
+    def init_state(self, batch_size: int) -> dict:
+        return {"position": 0, "layers": [block.mixer.init_state(batch_size) for block in self.blocks]}
+
+    def step(self, input_ids: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One token per sequence: input_ids [B] -> (logits [B, V], new state)."""
+        h = self._embed(input_ids, state["position"])
+        layers = []
+        for block, layer_state in zip(self.blocks, state["layers"]):
+            h, layer_state = block.step(h, layer_state)
+            layers.append(layer_state)
+        return self.head(self.norm(h)), {"position": state["position"] + 1, "layers": layers}
+
+    def state_size(self, seq_len: int) -> int:
+        return sum(block.mixer.state_size(seq_len) for block in self.blocks)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(
+    *,
+    vocab_size: int,
+    max_seq_len: int,
+    mixer: str,
+    d_model: int = 64,
+    n_layers: int = 2,
+    mlp: bool = False,
+    learned_positions: bool = False,
+    backend: str = "auto",
+    mixer_options: dict | None = None,
+) -> LanguageModel:
+    return LanguageModel(
+        vocab_size=vocab_size,
+        max_seq_len=max_seq_len,
+        mixer=mixer,
+        d_model=d_model,
+        n_layers=n_layers,
+        mlp=mlp,
+        learned_positions=learned_positions,
+        backend=backend,
+        mixer_options=mixer_options,
+    )

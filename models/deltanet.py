@@ -1,0 +1,38 @@
+"""DeltaNet (Schlag et al. 2021; Yang et al. 2024): the delta rule, which overwrites what a key stored.
+
+    S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T  =  S_{t-1} + b_t k_t (v_t - S_{t-1}^T k_t)^T
+    o_t = K^{-1/2} S_t^T q_t,        b_t = sigmoid(W_b x_t)  (one write strength per head)
+
+q and k are L2-normalised per head (after the short conv and SiLU), which keeps I - b k k^T a contraction.
+
+Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H),
+V = K * expand_v; beta [B, T, H]. `state_size` = H * K * V values per sequence.
+Parallel form: `kernels.deltanet`.
+"""
+
+import torch
+from torch import nn
+
+from models.common import compute_dtype
+from models.memory import MemoryMixer
+
+
+def delta_write(S, k, v, beta):
+    """S + beta k (v - S^T k)^T for one token: S [..., K, V], k [..., K], v [..., V], beta [...]."""
+    error = v - torch.einsum("...kv,...k->...v", S, k)
+    return S + (beta[..., None] * k)[..., :, None] * error[..., None, :]
+
+
+class DeltaNet(MemoryMixer):
+    rule = "deltanet"
+
+    def build_gates(self):
+        self.b_proj = nn.Linear(self.d_model, self.num_slots * self.num_heads, bias=False)
+
+    def gates(self, x):
+        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x)))
+        return None, beta.view(*x.shape[:-1], self.num_slots, self.num_heads)
+
+    @staticmethod
+    def update(S, k, v, g, beta):
+        return delta_write(S, k, v, beta)

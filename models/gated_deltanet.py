@@ -1,0 +1,47 @@
+"""Gated DeltaNet (Yang et al. 2024): the delta rule with a data-dependent forgetting of the whole state.
+
+    S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,        o_t = K^{-1/2} S_t^T q_t
+    a_t = exp(g_t),   g_t = -exp(A_log) * softplus(W_a x_t + dt_bias),   b_t = sigmoid(W_b x_t)
+
+one a_t and b_t per head; q and k L2-normalised per head (after the short conv and SiLU). A_log and dt_bias
+(per head) are the decay constants, shared by all memory slots; W_a and W_b are per slot. Initialisation as
+in Mamba-2: exp(A_log) ~ U(1, 16), softplus(dt_bias) log-uniform in [1e-3, 1e-1].
+
+Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H),
+V = K * expand_v; g, beta [B, T, H]. `state_size` = H * K * V values per sequence.
+Parallel form: `kernels.gated_deltanet`. This is MoM's default memory rule.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import compute_dtype
+from models.deltanet import delta_write
+from models.memory import MemoryMixer
+
+
+class GatedDeltaNet(MemoryMixer):
+    rule = "gated_deltanet"
+
+    def build_gates(self):
+        n, H = self.num_slots, self.num_heads
+        self.a_proj = nn.Linear(self.d_model, n * H, bias=False)
+        self.b_proj = nn.Linear(self.d_model, n * H, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+
+    def gates(self, x):
+        dt = compute_dtype(x)
+        shape = (*x.shape[:-1], self.num_slots, self.num_heads)
+        a = self.a_proj(x).to(dt).view(shape) + self.dt_bias.to(dt)
+        g = -self.A_log.to(dt).exp() * F.softplus(a)
+        beta = torch.sigmoid(self.b_proj(x).to(dt)).view(shape)
+        return g, beta
+
+    @staticmethod
+    def update(S, k, v, g, beta):
+        return delta_write(g.exp()[..., None, None] * S, k, v, beta)

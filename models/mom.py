@@ -1,0 +1,135 @@
+"""Mixture-of-Memories (MoM, Du et al. 2025, arXiv 2502.13685): M linear memories and a router.
+
+Router (no noise):  p_t = softmax(W_r x_t) in fp32 (W_r: d_model -> M, no bias);  the top-k memories of p_t,
+                    their weights w_{t,m} = p_{t,m} / sum over the top-k of p_t (they sum to 1).
+Memories:           memory m has its own key, value and gate projections and advances only on the tokens
+                    routed to it: it sees its own subsequence, in token order, and its short conv runs within
+                    that subsequence (in training and in `step` alike). Its update rule is one of
+                    linear_attention, gla, deltanet, gated_deltanet (default: gated DeltaNet):
+                        S^m_t = update(S^m_{t-1}; k^m_t, v^m_t, ...)  if t is routed to m,  else S^m_{t-1}
+                        o^m_t = K^{-1/2} (S^m_t)^T q^m_t
+Mixing:             o_t = sum over the top-k m of w_{t,m} o^m_t  (+ o^s_t, the shared memory, weight 1:
+                    an (M+1)-th memory every token writes to, when `shared_memory`)
+Output:             y_t = W_o [ rmsnorm(o_t) * silu(W_gate x_t) ]   (per head)
+Auxiliary loss:     aux = M * sum_m c_m P_m (Switch/Mixtral form, as in HF's load_balancing_loss_func), c_m =
+                    fraction of tokens routed to m (sum_m c_m = k), P_m = mean router probability of m; it is
+                    k at perfect balance and grows with imbalance. `aux_loss` holds aux_loss_coef * aux after
+                    each forward, with its gradient (through P). The logged load f_m = c_m / k is the fraction
+                    of routed token slots sent to m (sums to 1).
+
+The query projection, the short-conv weights, the decay constants, the output gate, norm and projection are
+shared by the memories; all of that lives in the rule's mixer class (`models/memory.py`), built here with
+M (+1) slots and driven with the routing. With M = 1, top_k = 1 and no shared memory, MoM computes exactly
+what that single-memory mixer computes. The paper's "single expanded memory" control (one memory, equal
+state size) is the single-memory mixer with expand_v multiplied by M + shared, e.g.
+`mixer="gated_deltanet", mixer_options={"expand_v": 5}` against `mixer="mom"` with 4 memories + shared.
+
+Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
+Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import check_choice, check_flag, check_int, check_number, compute_dtype
+from models.deltanet import DeltaNet
+from models.gated_deltanet import GatedDeltaNet
+from models.gla import GLA
+from models.linear_attention import LinearAttention
+
+RULE_MIXERS = {
+    "linear_attention": LinearAttention,
+    "gla": GLA,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+}
+
+
+class MoM(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        rule: str = "gated_deltanet",
+        num_memories: int = 4,
+        top_k: int = 2,
+        shared_memory: bool = True,
+        aux_loss_coef: float = 1e-3,
+        num_heads: int = 1,
+        head_dim: int | None = None,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_choice("rule", rule, tuple(RULE_MIXERS))
+        check_int("num_memories", num_memories)
+        check_int("top_k", top_k, 1, num_memories, "num_memories")
+        check_flag("shared_memory", shared_memory)
+        check_number("aux_loss_coef", aux_loss_coef, positive=False)
+        self.rule, self.num_memories, self.top_k = rule, num_memories, top_k
+        self.shared_memory, self.aux_loss_coef = shared_memory, float(aux_loss_coef)
+
+        self.router = nn.Linear(d_model, num_memories, bias=False)
+        self.memory = RULE_MIXERS[rule](
+            d_model,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            expand_v=expand_v,
+            conv_size=conv_size,
+            backend=backend,
+            num_slots=num_memories + int(shared_memory),
+        )
+        self.backend = backend
+        self.aux_loss: torch.Tensor | None = None
+        self._stats: dict[str, torch.Tensor] = {}
+
+    def route(self, x: torch.Tensor):
+        """x [..., d_model] -> probs [..., M] (fp32), mask [..., n] bool, weight [..., n]; n = M (+1)."""
+        dt = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):  # the router stays in fp32 under mixed precision
+            probs = F.linear(x.to(dt), self.router.weight.to(dt)).softmax(-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        weight = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, True)
+        if self.shared_memory:
+            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], -1)
+            weight = torch.cat([weight, weight.new_ones(*weight.shape[:-1], 1)], -1)
+        return probs, mask, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs, mask, weight = self.route(x)
+        y = self.memory.mix(x, mask, weight)
+        # load balance and statistics, kept on the device (no host sync)
+        M = self.num_memories
+        routed = mask[..., :M].flatten(0, -2).to(probs.dtype).mean(0)  # c_m, sums to k
+        mean_prob = probs.flatten(0, -2).mean(0)  # P_m
+        aux = M * (routed * mean_prob).sum()
+        load = routed / self.top_k  # f_m, sums to 1
+        self.aux_loss = self.aux_loss_coef * aux
+        entropy = -torch.special.xlogy(probs, probs).sum(-1).mean()
+        self._stats = {"load": load.detach(), "router_entropy": entropy.detach(), "aux_loss": aux.detach()}
+        return y
+
+    def router_stats(self) -> dict[str, float]:
+        """From the last forward: load_m{j} (fraction of routed slots), router_entropy, aux_loss (no coef)."""
+        if not self._stats:
+            return {}
+        stats = {f"load_m{j}": f for j, f in enumerate(self._stats["load"].tolist())}
+        stats["router_entropy"] = self._stats["router_entropy"].item()
+        stats["aux_loss"] = self._stats["aux_loss"].item()
+        return stats
+
+    def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return self.memory.init_state(batch_size)
+
+    def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """x [B, d_model] -> (y [B, d_model], new state); each memory advances only if x is routed to it."""
+        _, mask, weight = self.route(x)
+        return self.memory.mix_step(x, state, mask, weight)
+
+    def state_size(self, seq_len: int) -> int:
+        return self.memory.state_size(seq_len)

@@ -1,0 +1,338 @@
+"""Model zoo tests: parallel form = recurrent form, MoM routing semantics, gradients, configs, backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+import models
+from models.mom import RULE_MIXERS, MoM
+
+RULES = tuple(RULE_MIXERS)
+D, H = 8, 2  # tiny mixers: d_model 8, 2 heads of dim 4
+
+
+def make(mixer: str, seed: int = 0, **options) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    options.setdefault("num_heads", H)
+    return models.MIXERS[mixer](D, backend="torch", **options).double()
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run_steps(mixer, x):
+    state, ys = mixer.init_state(x.shape[0]), []
+    for t in range(x.shape[1]):
+        y, state = mixer.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+MIXER_CASES = [
+    ("attention", {}),
+    ("linear_attention", {}),
+    ("gla", {}),
+    ("deltanet", {}),
+    ("gated_deltanet", {}),
+    ("gated_deltanet", {"conv_size": 0, "expand_v": 2}),
+    *[("mom", {"rule": r, "num_memories": 3, "top_k": 2, "shared_memory": True}) for r in RULES],
+    (
+        "mom",
+        {"rule": "gated_deltanet", "num_memories": 4, "top_k": 1, "shared_memory": False, "conv_size": 2},
+    ),
+]
+
+
+@pytest.mark.parametrize("mixer,options", MIXER_CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("T", [1, 13])
+def test_parallel_equals_recurrent(mixer, options, T):
+    m = make(mixer, **options)
+    x = randn(2, T, D)
+    y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y_rec, _ = run_steps(m, x)
+    torch.testing.assert_close(y, y_rec, rtol=1e-10, atol=1e-10)
+
+
+def forced_router(mom: MoM, x: torch.Tensor, gains: list[float]) -> torch.Tensor:
+    """Make channel 0 of x a constant 1 and give memory m the router logit gains[m] from it; the memories
+    with gain 0 compete through the other channels. Returns the modified x."""
+    x = x.clone()
+    x[..., 0] = 1.0
+    with torch.no_grad():
+        w = mom.router.weight
+        w[:, 0] = torch.tensor(gains, dtype=w.dtype)
+        for m, gain in enumerate(gains):
+            if gain:
+                w[m, 1:] = 0
+            else:
+                w[m, 1:] *= 4
+    return x
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_mom_ragged_routing(rule):
+    """Memory 0 gets every token, memory 3 none, memories 1 and 2 share the rest unevenly."""
+    mom = make("mom", rule=rule, num_memories=4, top_k=2, shared_memory=True)
+    x = forced_router(mom, randn(2, 11, D), [20.0, 0.0, 0.0, -20.0])
+    _, mask, _ = mom.route(x)
+    assert mask[..., 0].all() and not mask[..., 3].any() and mask[..., 4].all()
+    assert 0 < mask[..., 1].sum() < mask[..., 1].numel()  # ragged
+
+    y = mom(x)
+    stats = mom.router_stats()
+    assert stats["load_m0"] == pytest.approx(0.5) and stats["load_m3"] == 0.0
+    assert sum(stats[f"load_m{j}"] for j in range(4)) == pytest.approx(1.0)
+    y_rec, state = run_steps(mom, x)
+    torch.testing.assert_close(y, y_rec, rtol=1e-10, atol=1e-10)
+    assert (state["S"][:, 3] == 0).all() and (state["S"][:, 0] != 0).any()
+
+    # the memory that gets no token learns nothing: its key and value rows get no gradient
+    y.square().sum().backward()
+    HK, HV = mom.memory.num_heads * mom.memory.key_dim, mom.memory.num_heads * mom.memory.value_dim
+    assert (mom.memory.k_proj.weight.grad[3 * HK : 4 * HK] == 0).all()
+    assert (mom.memory.v_proj.weight.grad[3 * HV : 4 * HV] == 0).all()
+    assert (mom.memory.k_proj.weight.grad[:HK] != 0).any()
+
+
+def test_router_weights_and_aux_loss():
+    mom = make("mom", num_memories=4, top_k=2, shared_memory=True)
+    x = randn(2, 6, D)
+    probs, mask, weight = mom.route(x.float())
+    assert probs.dtype == torch.float32 and mask.shape == weight.shape == (2, 6, 5)
+    assert (mask.sum(-1) == 3).all() and (weight[..., 4] == 1).all() and (weight[~mask] == 0).all()
+    top = probs.topk(2, -1).values
+    torch.testing.assert_close(
+        weight[..., :4].sort(-1, descending=True).values[..., :2], top / top.sum(-1, keepdim=True)
+    )
+    # aux = M * sum_m c_m P_m is exactly k when the router is uniform, more when it is not
+    with torch.no_grad():
+        mom.router.weight.zero_()
+    mom(x)
+    torch.testing.assert_close(mom.aux_loss, torch.tensor(2 * 1e-3, dtype=torch.float64))
+    assert mom.router_stats()["router_entropy"] == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    mom(forced_router(mom, x, [20.0, 0.0, 0.0, -20.0]))
+    assert mom.router_stats()["aux_loss"] > 2.5
+
+
+def slot_weights(mom: MoM, single: torch.nn.Module, slot: int) -> dict:
+    """The single-memory mixer's parameters for memory `slot` of `mom`: slot blocks sliced, shared copied."""
+    out = {}
+    for name, p in mom.memory.state_dict().items():
+        rows = single.state_dict()[name].shape[0]
+        out[name] = p if p.shape == single.state_dict()[name].shape else p[slot * rows : (slot + 1) * rows]
+    return out
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_mom_memory_sees_its_own_subsequence(rule):
+    """Top-1, no shared memory: at the tokens routed to memory m, MoM's output is the single-memory mixer with
+    memory m's weights run on that subsequence alone (short conv and state within the subsequence)."""
+    mom = make("mom", rule=rule, num_memories=2, top_k=1, shared_memory=False)
+    x = randn(2, 17, D)
+    with torch.no_grad():
+        mom.router.weight.zero_()
+        mom.router.weight[:, 0] = torch.tensor([10.0, -10.0], dtype=torch.float64)
+    y = mom(x)
+    for slot, side in ((0, x[..., 0] > 0), (1, x[..., 0] <= 0)):
+        single = make(rule)
+        single.load_state_dict(slot_weights(mom, single, slot))
+        for b in range(x.shape[0]):
+            idx = side[b].nonzero()[:, 0]
+            assert 0 < len(idx) < x.shape[1]
+            torch.testing.assert_close(y[b, idx], single(x[b : b + 1, idx])[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_one_memory_mom_is_the_single_mixer(rule):
+    single = make(rule, seed=3)
+    mom = make("mom", seed=4, rule=rule, num_memories=1, top_k=1, shared_memory=False)
+    mom.memory.load_state_dict(single.state_dict())
+    x = randn(2, 9, D)
+    torch.testing.assert_close(mom(x), single(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run_steps(mom, x)[0], run_steps(single, x)[0], rtol=1e-12, atol=1e-12)
+    assert mom.state_size(9) == single.state_size(9)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_mom_gradcheck(rule):
+    mom = make(
+        "mom", rule=rule, num_memories=3, top_k=2, shared_memory=True, num_heads=1, head_dim=3, conv_size=2
+    )
+    x = randn(1, 5, D, seed=2).requires_grad_()
+    w = mom.router.weight.detach().clone().requires_grad_()
+
+    def f(x, w):
+        y = torch.func.functional_call(mom, {"router.weight": w}, (x,))
+        return y, mom.aux_loss
+
+    assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_state_sizes():
+    L = 100
+    assert make("attention").state_size(L) == 2 * D * L
+    for rule in RULES:
+        assert make(rule).state_size(L) == H * (D // H) ** 2
+    mom = make("mom", num_memories=4, top_k=2, shared_memory=True)
+    assert mom.state_size(L) == 5 * H * (D // H) ** 2
+    # the "single expanded memory" control: one memory, value dim x (M + shared), the same state size
+    assert make("gated_deltanet", expand_v=5).state_size(L) == mom.state_size(L)
+    assert make("mom", num_memories=1, top_k=1, shared_memory=False, expand_v=5).state_size(
+        L
+    ) == mom.state_size(L)
+    lm = models.build_model(
+        vocab_size=16, max_seq_len=L, mixer="mom", d_model=D, n_layers=3, mixer_options={"num_heads": H}
+    )
+    assert lm.state_size(L) == 3 * mom.state_size(L)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key,valid",
+    [
+        ({"mixer": "transformer"}, "mixer", "gated_deltanet"),
+        ({"mixer": "gla", "d_model": 10, "mixer_options": {"num_heads": 3}}, "num_heads", "[1, 2, 5, 10]"),
+        (
+            {"mixer": "attention", "d_model": 10, "mixer_options": {"num_heads": 4}},
+            "num_heads",
+            "[1, 2, 5, 10]",
+        ),
+        ({"mixer": "mom", "mixer_options": {"num_memories": 4, "top_k": 0}}, "top_k", "1..num_memories=4"),
+        ({"mixer": "mom", "mixer_options": {"num_memories": 4, "top_k": 5}}, "top_k", "1..num_memories=4"),
+        ({"mixer": "mom", "mixer_options": {"rule": "mamba"}}, "rule", "gated_deltanet"),
+        ({"mixer": "gla", "mixer_options": {"num_memories": 2}}, "num_memories", "conv_size"),
+        ({"mixer": "gla", "mixer_options": {"num_slots": 2}}, "num_slots", "expand_v"),
+        ({"mixer": "gla", "backend": "cuda"}, "backend", "triton"),
+        ({"mixer": "deltanet", "mixer_options": {"conv_size": -1}}, "conv_size", ">= 0"),
+        ({"mixer": "deltanet", "mixer_options": {"expand_v": 0.3}}, "expand_v", "integer"),
+        ({"mixer": "mom", "mixer_options": {"shared_memory": "yes"}}, "shared_memory", "true or false"),
+        ({"mixer": "mom", "mixer_options": {"aux_loss_coef": -1.0}}, "aux_loss_coef", ">= 0"),
+        ({"mixer": "attention", "d_model": 0}, "d_model", ">= 1"),
+    ],
+)
+def test_bad_config(kwargs, key, valid):
+    with pytest.raises(ValueError) as err:
+        models.build_model(vocab_size=16, max_seq_len=8, **kwargs)
+    assert key in str(err.value) and valid in str(err.value)
+
+
+def test_backbone_outputs_and_config():
+    torch.manual_seed(0)
+    lm = models.build_model(
+        vocab_size=20,
+        max_seq_len=16,
+        mixer="mom",
+        d_model=D,
+        mlp=True,
+        learned_positions=True,
+        mixer_options={"num_heads": H, "aux_loss_coef": 0.01},
+    )
+    assert lm.config["backend"] == "auto" and lm.config["mixer_options"]["rule"] == "gated_deltanet"
+    assert lm.config["mixer_options"]["num_memories"] == 4  # the resolved defaults are recorded
+    ids = torch.randint(0, 20, (3, 10))
+    mask = torch.rand(3, 10) < 0.4
+    full, part = lm(ids), lm(ids, label_mask=mask)
+    assert full.logits.shape == (3, 10, 20) and part.logits.shape == (int(mask.sum()), 20)
+    torch.testing.assert_close(part.logits, full.logits[mask])
+    layer_aux = [b.mixer.aux_loss for b in lm.blocks]
+    torch.testing.assert_close(part.aux_loss, sum(layer_aux))
+    assert part.aux_loss.requires_grad and part.aux_loss > 0
+    stats = lm.router_stats()
+    assert set(stats) == {
+        f"layer{i}/{k}"
+        for i in range(2)
+        for k in ["load_m0", "load_m1", "load_m2", "load_m3", "router_entropy", "aux_loss"]
+    }
+    assert all(isinstance(v, float) for v in stats.values())
+    assert stats["layer0/aux_loss"] == pytest.approx(layer_aux[0].item() / 0.01)
+    (part.logits.logsumexp(-1).mean() + part.aux_loss).backward()
+    assert all(p.grad is not None for p in lm.parameters())
+    assert lm.num_parameters() == sum(p.numel() for p in lm.parameters())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        lm(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mixer", ["attention", "gla", "mom"])
+def test_backbone_step_equals_forward(mixer):
+    torch.manual_seed(0)
+    lm = models.build_model(
+        vocab_size=20,
+        max_seq_len=16,
+        mixer=mixer,
+        d_model=D,
+        mlp=True,
+        learned_positions=True,
+        backend="torch",
+        mixer_options={"num_heads": H},
+    ).double()
+    ids = torch.randint(0, 20, (2, 7))
+    out = lm(ids)
+    if mixer != "mom":
+        assert out.aux_loss.item() == 0.0 and lm.router_stats() == {}
+    state, logits = lm.init_state(2), []
+    for t in range(7):
+        step_logits, state = lm.step(ids[:, t], state)
+        logits.append(step_logits)
+    torch.testing.assert_close(out.logits, torch.stack(logits, 1), rtol=1e-10, atol=1e-10)
+
+
+def test_backend_is_the_setting_not_the_length(monkeypatch):
+    """The op is chosen from the backend setting and the device only, whatever the sequence length."""
+    calls = []
+    get_op = kernels.get_op
+
+    def spy(rule, backend, mode="chunk"):
+        calls.append((rule, backend, mode))
+        return get_op(rule, backend, mode)
+
+    monkeypatch.setattr(kernels, "get_op", spy)
+    mom = make("mom", rule="gla", num_memories=2, top_k=1)
+    for T in (2, 130):
+        mom(randn(1, T, D))
+    assert calls == [("gla", "torch", "chunk")] * 2
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_float32_forward_close_to_float64():
+    mom = make("mom", rule="gated_deltanet")
+    x = randn(2, 9, D)
+    y64 = mom(x)
+    y32 = mom.float()(x.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_precision_keeps_the_router_in_fp32():
+    mom = make("mom", rule="gla").float()
+    x = randn(2, 9, D).float()
+    probs, _, _ = mom.route(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs_amp, _, weight_amp = mom.route(x)
+        y = mom(x)
+    assert probs_amp.dtype == weight_amp.dtype == torch.float32
+    torch.testing.assert_close(probs_amp, probs)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_mom_forward_backward_on_gpu_without_host_sync(backend):
+    if backend == "auto":  # Triton on CUDA
+        pytest.importorskip("kernels.gated_deltanet.chunk", reason="the Triton chunk kernel is not there yet")
+    torch.manual_seed(0)
+    mom = MoM(64, num_heads=2, backend=backend).cuda()
+    ref = MoM(64, num_heads=2, backend="torch").cuda().double()
+    ref.load_state_dict(mom.state_dict())
+    x = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
+    y_ref = ref(x.detach().double())  # float64 torch reference on the same device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = mom(x)
+        (y.square().sum() + mom.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-3, atol=1e-3)
