@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -28,6 +29,9 @@ from optuna.trial import TrialState
 
 from sandbox.train import CONF_DIR, ConfigError, one_line, train
 
+# Heartbeats and retries are marked experimental in Optuna 4/5; they are what keeps a dead worker's trial
+# from staying RUNNING for ever.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Objectives a trial can report, each with the direction Optuna should push it.
 OBJECTIVES = {"best_val_acc": "maximize", "test_acc": "maximize", "state_size": "minimize",
@@ -101,10 +105,11 @@ def suggest(trial: optuna.Trial, params: dict) -> dict:
 
 
 def load_space(name: str, extra_params: list[str]) -> dict:
-    path = CONF_DIR / "sweep" / f"{name}.yaml"
+    """A space by name (conf/sweep/<name>.yaml) or by the path of a YAML file, plus --param entries."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "sweep" / f"{name}.yaml"
     if not path.exists():
-        valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"--space {name!r} is unknown; valid: {valid}")
+        valid = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
+        raise ConfigError(f"--space {name!r} is unknown; valid: {valid} or the path of a .yaml file")
     space = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     space["params"] = dict(space.get("params") or {})
     for text in extra_params:
@@ -115,13 +120,14 @@ def load_space(name: str, extra_params: list[str]) -> dict:
 
 
 # ---- storage and study ----
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats: a trial whose worker died is failed after the grace period and
-    retried once, instead of staying RUNNING for ever."""
+def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: a trial whose worker died is failed once its heartbeat is older
+    than the grace period, and retried once, instead of staying RUNNING for ever."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=20, grace_period=60,
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat["interval_s"],
+            grace_period=heartbeat["grace_s"],
             heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
     except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
         raise ConfigError(f"--storage {url!r} cannot be opened: {one_line(err)}") from err
@@ -187,12 +193,24 @@ def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
     return objective
 
 
+def trial_count(study: optuna.Study) -> int:
+    """Trials that count towards the study's total: finished, running or waiting, where a trial failed for
+    a dead worker and then retried counts once."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
+    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    return len(trials) - len(retried)
+
+
 def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: Path, worker: int) -> None:
-    """Run trials one at a time until the study holds `n_trials` finished or running trials."""
-    study = open_study(space, open_storage(storage_url), worker)
+    """Run trials one at a time until the study's trial count reaches `n_trials` and no retry waits."""
+    study = open_study(space, open_storage(storage_url, space["heartbeat"]), worker)
     objective = make_objective(space, overrides, sweep_dir)
-    target = space["n_trials"]
-    while len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) < target:
+    while True:
+        # Fail (and queue a retry of) trials whose worker died, before counting them as running.
+        optuna.storages.fail_stale_trials(study)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if trial_count(study) >= space["n_trials"] and not waiting:
+            break
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
 
 
@@ -213,7 +231,7 @@ def summarise(study: optuna.Study, objectives: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox-sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default="routing", help="search space: conf/sweep/<space>.yaml")
+    parser.add_argument("--space", default="routing", help="search space: conf/sweep/<space>.yaml, or a .yaml path")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
                         help="search another config key: choice:A,B | int:LOW:HIGH[:log] | float:LOW:HIGH[:log]")
     parser.add_argument("--n-trials", type=int, default=None, help="the study's total trial count")
@@ -223,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-root", default="outputs")
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial, e.g. experiment=quickstart")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         if args.workers < 1:
@@ -240,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             compose(config_name="train", overrides=[*space.get("overrides", []), *args.overrides])
         sweep_dir.mkdir(parents=True, exist_ok=True)
         storage_url = args.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-        study = open_study(space, open_storage(storage_url))
+        study = open_study(space, open_storage(storage_url, space["heartbeat"]))
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -1,0 +1,200 @@
+"""`sandbox-bench kernels`: forward+backward time of the memory rules' Triton chunk kernels (needs a GPU).
+
+For each rule and shape (B, T, H, K, V), in bf16: our Triton `chunk` op, the PyTorch reference (`naive_chunk`,
+the `torch` backend) and, when the `fla` package is importable (the `bench` extra), fla's chunk op of the same
+rule, all timed in the same run and printed as ratios (x > 1: ours is faster). Each rule is first checked
+against the float64 reference at the timed shape; a rule that fails prints no speedup. The achieved bandwidth
+counts the bytes of the op's inputs and outputs (forward and backward) against the measured copy ceiling.
+`--first-call` times the first forward+backward in fresh processes: cold (empty Triton cache) and warm (the
+cache the cold process filled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = [(8, 2048, 4, 256, 256), (8, 2048, 8, 128, 128), (64, 512, 4, 64, 64)]
+RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")
+FLA_GUARD_NOTE = (
+    "fla refuses its gated backward on Hopper with Triton >= 3.4, < 3.7.1 (fla issue #640: wrong dk/dg); "
+    "this benchmark lifts that guard to time fla only, its gradients there may be wrong"
+)
+
+
+def _fla_op(rule):
+    """fla's chunk op for `rule` with our signature, or None when fla is not importable."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.gla import chunk_gla
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: see FLA_GUARD_NOTE
+    ops = {
+        "linear_attention": lambda q, k, v, **kw: chunk_linear_attn(q, k, v, normalize=False),
+        "gla": lambda q, k, v, g, **kw: chunk_gla(q, k, v, g),
+        "deltanet": lambda q, k, v, beta, **kw: chunk_delta_rule(q, k, v, beta),
+        "gated_deltanet": lambda q, k, v, g, beta, **kw: chunk_gated_delta_rule(q, k, v, g, beta),
+    }
+    return ops[rule]
+
+
+def _fwd_bwd(op, inputs, do):
+    import torch
+
+    o, _ = op(**inputs)
+    return torch.autograd.grad(o, list(inputs.values()), do)
+
+
+def _inputs(rule, shape, seed=0):
+    import torch
+
+    from kernels.testing import make_inputs
+
+    B, T, H, K, V = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = make_inputs(rule, B, T, H, K, V, dtype=torch.bfloat16, device="cuda", generator=gen)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return x, do
+
+
+def _check(rule, x, do) -> dict[str, float]:
+    """Relative errors of our op's output and gradients against the float64 reference."""
+    import torch
+
+    import kernels
+    from kernels.testing import rel_err
+
+    o, _ = kernels.get_op(rule, "triton")(**x)
+    grads = torch.autograd.grad(o, list(x.values()), do)
+    x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    ref, _ = kernels.get_op(rule, "torch")(**x64)
+    ref_grads = torch.autograd.grad(ref, list(x64.values()), do.double())
+    errs = {"o": rel_err(o, ref)}
+    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(x, grads, ref_grads)})
+    return errs
+
+
+def _copy_ceiling_gbs() -> float:
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(512 * 2**20, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    return 2 * src.numel() / ms / 1e6
+
+
+def run_timings(shapes, rules, use_fla: bool) -> list[dict]:
+    import torch
+    from triton.testing import do_bench
+
+    import kernels
+
+    ceiling = _copy_ceiling_gbs()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s")
+    fla_available = use_fla and _fla_op("gla") is not None
+    print("fla:", f"importable; {FLA_GUARD_NOTE}" if fla_available else "not importable (or --no-fla): no comparison")
+    rows = []
+    for shape in shapes:
+        for rule in rules:
+            x, do = _inputs(rule, shape)
+            row = {"rule": rule, "shape": list(shape)}
+            errs = _check(rule, x, do)
+            row["max_rel_err"] = max(errs.values())
+            row["correct"] = all(e < 1e-2 for e in errs.values())
+            ours = kernels.get_op(rule, "triton")
+            row["ms_ours"] = do_bench(lambda: _fwd_bwd(ours, x, do), warmup=5, rep=50)
+            ref = kernels.get_op(rule, "torch")
+            row["ms_torch"] = do_bench(lambda: _fwd_bwd(ref, x, do), warmup=1, rep=5)
+            if fla_available:
+                fla = _fla_op(rule)
+                _fwd_bwd(fla, x, do)  # fla autotunes on its first calls
+                row["ms_fla"] = do_bench(lambda: _fwd_bwd(fla, x, do), warmup=5, rep=50)
+            nbytes = 2 * sum(t.numel() * t.element_size() for t in x.values()) + 3 * do.numel() * 2
+            row["gbs"] = nbytes / row["ms_ours"] / 1e6
+            row["pct_copy"] = 100 * row["gbs"] / ceiling
+            rows.append(row)
+            _print_row(row)
+            del x, do
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _print_row(row):
+    shape = "x".join(map(str, row["shape"]))
+    if not row["correct"]:
+        print(f"{row['rule']:16s} {shape:22s} WRONG (max rel err {row['max_rel_err']:.2e}): no speedup reported")
+        return
+    fla = f" fla {row['ms_fla']:8.2f} ms (fla/ours {row['ms_fla'] / row['ms_ours']:5.2f}x)" if "ms_fla" in row else ""
+    print(
+        f"{row['rule']:16s} {shape:22s} ours {row['ms_ours']:8.2f} ms  torch {row['ms_torch']:8.2f} ms "
+        f"(torch/ours {row['ms_torch'] / row['ms_ours']:6.1f}x){fla}  {row['gbs']:6.0f} GB/s "
+        f"({row['pct_copy']:4.1f}% of copy)  max rel err {row['max_rel_err']:.1e}"
+    )
+
+
+def _first_call(shape, rules) -> dict[str, float]:
+    """Seconds of the first forward+backward of each rule in this process (compilation included)."""
+    import torch
+
+    import kernels
+
+    out = {}
+    for rule in rules:
+        x, do = _inputs(rule, shape)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _fwd_bwd(kernels.get_op(rule, "triton"), x, do)
+        torch.cuda.synchronize()
+        out[rule] = time.perf_counter() - t0
+    return out
+
+
+def first_call_times(shape, rules) -> None:
+    """Cold (fresh Triton cache) and warm (the cache the cold process filled) first-call times."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TRITON_CACHE_DIR": cache}
+        cmd = [sys.executable, "-m", "sandbox.bench", "kernels", "--_first-call-child", json.dumps([shape, rules])]
+        for label in ("cold", "warm"):
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            times = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"first forward+backward, {label} cache, shape {shape}: " + ", ".join(f"{r} {t:.1f} s" for r, t in times.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--shape", action="append", type=lambda s: tuple(int(x) for x in s.split(",")),
+                        help="B,T,H,K,V (repeatable); default: the three issue shapes")  # fmt: skip
+    parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
+    parser.add_argument("--first-call", action="store_true", help="also time cold and warm first calls")
+    parser.add_argument("--json", help="write the timings to this file")
+    parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sandbox-bench kernels: needs a CUDA GPU (the Triton kernels do not run on the CPU)", file=sys.stderr)
+        return 2
+    if args.child:
+        shape, rules = json.loads(args.child)
+        print(json.dumps(_first_call(tuple(shape), rules)))
+        return 0
+    shapes = args.shape or SHAPES
+    if args.first_call:
+        first_call_times(shapes[0], args.rules)
+    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["correct"] for r in rows) else 1
