@@ -2,7 +2,8 @@
 
 Writes into FOLDER (or --out): `results.csv` (one row per run: config flattened, metrics), `report.md`
 (summary tables grouped by the keys that vary, mean and 95% interval over seeds) and PNG plots:
-accuracy against state size, accuracy against the number of key-value pairs, and MoM memory load.
+accuracy against state size, accuracy against the number of key-value pairs, MoM memory load, and for
+each Optuna study (a `study.db` below the folder) its optimisation history and parameter importances.
 """
 
 import argparse
@@ -16,11 +17,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
+from rich.console import Console
+from rich.table import Table
 
-from sandbox.results import collect_results  # noqa: E402
+from sandbox.results import collect_results
 
 # Config keys that never define what a run is (where it is written, how it is shown).
 IGNORED_KEYS = {"output_root", "name", "callbacks.progress"}
@@ -214,6 +216,90 @@ def plot_memory_load(results: list[dict], path: Path) -> bool:
     return True
 
 
+def find_studies(folder: Path) -> list[optuna.Study]:
+    studies = []
+    for db in sorted(Path(folder).rglob("study.db")):
+        url = f"sqlite:///{db.resolve()}"
+        for summary in optuna.get_all_study_summaries(url, include_best_trial=False):
+            studies.append(optuna.load_study(study_name=summary.study_name, storage=url))
+    return studies
+
+
+def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
+    """Markdown for one study (trial counts, best trial or Pareto front, failures) and its plots."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in optuna.trial.TrialState
+                       if any(t.state == s for t in trials))
+    lines = [f"## Study `{study.study_name}`", f"{len(trials)} trials: {counts}."]
+    multi = len(study.directions) > 1
+    best = study.best_trials if multi else ([study.best_trial] if complete else [])
+    if best:
+        names = sorted({p for t in best for p in t.params})
+        header = ["trial", *(["value"] if not multi else [f"value {i}" for i in range(len(study.directions))]), *names]
+        body = [[str(t.number), *(f"{v:.4g}" for v in t.values), *(_show(t.params.get(n)) for n in names)]
+                for t in best]
+        lines += ["Pareto front:" if multi else "Best trial:", markdown_table(header, body)]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    lines += [f"- trial {t.number} failed: {t.user_attrs.get('fail_reason', 'no reason recorded')}" for t in failed]
+    plots = []
+    if complete and not multi:
+        path = out / f"study_{study.study_name}_history.png"
+        plot_history(study, complete, path)
+        plots.append(path)
+        importances = param_importances(study)
+        if importances:
+            path = out / f"study_{study.study_name}_importance.png"
+            plot_importances(study.study_name, importances, path)
+            plots.append(path)
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n\n".join(lines), plots
+
+
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot_history(study: optuna.Study, complete: list, path: Path) -> None:
+    maximise = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    numbers = [t.number for t in complete]
+    values = [t.value for t in complete]
+    best, best_so_far = None, []
+    for v in values:
+        best = v if best is None else (max(best, v) if maximise else min(best, v))
+        best_so_far.append(best)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.scatter(numbers, values, label="trial", s=18)
+    ax.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Optimisation history: {study.study_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    """fANOVA importances; empty when the study is too small or too uniform to tell."""
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return {}
+
+
+def plot_importances(name: str, importances: dict[str, float], path: Path) -> None:
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(names) + 1.5))
+    ax.barh(names, [importances[n] for n in names])
+    ax.set_xlabel("importance (fANOVA)")
+    ax.set_title(f"Parameter importances: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
     """Write the report files; return their paths. Raises ValueError when there is nothing to report."""
     folder = Path(folder)
@@ -221,15 +307,39 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     if not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r} does not exist")
     results = collect_results(folder)
-    if not results:
-        raise ValueError(f"no result.json below {str(folder)!r}: train something first")
+    studies = find_studies(folder)
+    if not results and not studies:
+        raise ValueError(f"no result.json or study.db below {str(folder)!r}: train something first")
     out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out / "report.md"}
+    sections = [f"# Report: {folder}", f"{len(results)} finished runs, {len(studies)} studies."]
+    for study in studies:
+        text, plots = study_section(study, out)
+        sections.append(text)
+        files.update({p.stem: p for p in plots})
+    if results:
+        header, body = run_sections(results, out, sections, files)
+    files["markdown"].write_text("\n\n".join(sections) + "\n")
+    console = console or Console()
+    if results:
+        table = Table(title=f"Test accuracy: {folder}")
+        for column in header:
+            table.add_column(column)
+        for cells in body:
+            table.add_row(*cells)
+        console.print(table)
+    for kind, path in files.items():
+        console.print(f"{kind}: {path}")
+    return files
+
+
+def run_sections(results: list[dict], out: Path, sections: list[str], files: dict) -> tuple[list, list]:
+    """The runs' CSV, summary table and plots; appends to `sections` and `files`."""
     rows = to_rows(results)
-    files = {"csv": out / "results.csv", "markdown": out / "report.md"}
+    files["csv"] = out / "results.csv"
     write_csv(rows, files["csv"])
     header, body = summary_table(rows)
-    sections = [f"# Report: {folder}", f"{len(rows)} runs.", "## Test accuracy (mean ± 95% interval over seeds)",
-                markdown_table(header, body)]
+    sections += ["## Test accuracy (mean ± 95% interval over seeds)", markdown_table(header, body)]
     files["state_size_png"] = out / "accuracy_vs_state_size.png"
     plot_accuracy_vs_state_size(rows, files["state_size_png"])
     sections.append(f"![accuracy against state size]({files['state_size_png'].name})")
@@ -239,18 +349,7 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     if plot_memory_load(results, out / "memory_load.png"):
         files["load_png"] = out / "memory_load.png"
         sections.append(f"![memory load]({files['load_png'].name})")
-    files["markdown"].write_text("\n\n".join(sections) + "\n")
-
-    console = console or Console()
-    table = Table(title=f"Test accuracy: {folder}")
-    for column in header:
-        table.add_column(column)
-    for cells in body:
-        table.add_row(*cells)
-    console.print(table)
-    for kind, path in files.items():
-        console.print(f"{kind}: {path}")
-    return files
+    return header, body
 
 
 def main(argv: list[str] | None = None) -> int:

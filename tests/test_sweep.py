@@ -84,7 +84,8 @@ def test_empty_search_space_is_rejected(tmp_path, capsys):
 
 
 def test_parse_param():
-    assert parse_param("model.d_model=choice:64,128") == ("model.d_model", {"type": "categorical", "choices": [64, 128]})
+    assert parse_param("model.d_model=choice:64,128") == (
+        "model.d_model", {"type": "categorical", "choices": [64, 128]})
     assert parse_param("optim.lr=float:1e-4:1e-2:log") == (
         "optim.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "log": True})
     with pytest.raises(ConfigError):
