@@ -2,8 +2,10 @@
 
     o_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(K)) v_s,      y_t = W_o [o_t^1; ...; o_t^H]
 
-per head, with q, k, v = W_q x, W_k x, W_v x (no bias, no positional encoding here: the backbone's learned
-positions supply order when wanted). The recurrent form keeps the KV cache: `init_state` is an empty cache,
+per head, with q, k, v = W_q x, W_k x, W_v x (no bias). With `rope` (the default) q and k are rotated by
+their position (rotary embedding, base 10000), so q_t . k_s depends on t - s: "attend to the token after
+the matching key", the induction pattern recall needs, is then easy to learn; without it, order comes only
+from the backbone's learned positions, if any. The recurrent form keeps the KV cache: `init_state` is an empty cache,
 `step` appends the token's key and value and attends over the cache (O(t) per token).
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H).
@@ -18,16 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import check_backend, head_layout
+from models.common import check_backend, check_flag, head_layout
 
 
 class Attention(nn.Module):
     def __init__(
-        self, d_model: int, *, num_heads: int = 1, head_dim: int | None = None, backend: str = "auto"
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 1,
+        head_dim: int | None = None,
+        rope: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         K = head_layout(d_model, num_heads, head_dim)
         check_backend(backend)
+        check_flag("rope", rope)
+        if rope and K % 2:
+            raise ValueError(f"rope=True needs an even head_dim, got head_dim={K}; set rope=false or change it")
+        self.rope = rope
         self.d_model, self.num_heads, self.head_dim, self.backend = d_model, num_heads, K, backend
         self.qkv_proj = nn.Linear(d_model, 3 * num_heads * K, bias=False)
         self.o_proj = nn.Linear(num_heads * K, d_model, bias=False)
@@ -35,6 +47,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            positions = torch.arange(T, device=x.device)
+            q, k = rotate(q, positions), rotate(k, positions)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, K]
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
@@ -47,9 +62,23 @@ class Attention(nn.Module):
         """x [B, d_model] -> (y [B, d_model], cache with this token appended)."""
         B = x.shape[0]
         q, k, v = self.qkv_proj(x).view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # [B, H, 1, K]
+        if self.rope:
+            position = torch.tensor([state["k"].shape[2]], device=x.device)
+            q, k = rotate(q, position), rotate(k, position)
         k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
         o = F.scaled_dot_product_attention(q, k, v)  # the newest token sees the whole cache
         return self.o_proj(o.flatten(1)), {"k": k, "v": v}
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.num_heads * self.head_dim * seq_len
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of x [..., T, K] at integer positions [T]: channel pairs (i, i + K/2)
+    are rotated by the angle position * base^(-2i/K)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # [T, K/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -3,6 +3,10 @@
     h_0 = E[x] (+ P[0:T] with learned positions)
     h_l = h'_l + MLP(norm(h'_l)),   h'_l = h_{l-1} + Mixer(norm(h_{l-1}))      (pre-norm; the MLP is optional)
     logits = W_out norm(h_N), only at labelled positions when a label mask is given
+With `tie_embeddings` (the default) W_out = E. On recall tasks this matters a great deal: a model that has
+moved a value's embedding to the query position scores that value at once, instead of learning an output
+row for each of thousands of rarely seen tokens (on MQAR, V = 8192, untied models took several times as
+many steps to leave the plateau, or did not leave it in our runs).
 
 Norms are RMSNorm, the MLP is SwiGLU. `build_model` validates the settings (unknown mixer or mixer option:
 ValueError naming the key and the valid values) and records the resolved arguments in `model.config`.
@@ -95,6 +99,7 @@ class LanguageModel(nn.Module):
         n_layers: int = 2,
         mlp: bool = False,
         learned_positions: bool = False,
+        tie_embeddings: bool = True,
         backend: str = "auto",
         mixer_options: dict | None = None,
     ):
@@ -106,6 +111,7 @@ class LanguageModel(nn.Module):
         check_backend(backend)
         check_flag("mlp", mlp)
         check_flag("learned_positions", learned_positions)
+        check_flag("tie_embeddings", tie_embeddings)
         options = dict(mixer_options or {})
         valid = mixer_option_defaults(mixer)
         unknown = sorted(set(options) - set(valid))
@@ -122,6 +128,7 @@ class LanguageModel(nn.Module):
             "n_layers": n_layers,
             "mlp": mlp,
             "learned_positions": learned_positions,
+            "tie_embeddings": tie_embeddings,
             "backend": backend,
             "mixer_options": options,
         }
@@ -136,6 +143,8 @@ class LanguageModel(nn.Module):
         for emb in (self.embed, self.positions):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -203,6 +212,7 @@ def build_model(
     n_layers: int = 2,
     mlp: bool = False,
     learned_positions: bool = False,
+    tie_embeddings: bool = True,
     backend: str = "auto",
     mixer_options: dict | None = None,
 ) -> LanguageModel:
@@ -214,6 +224,7 @@ def build_model(
         n_layers=n_layers,
         mlp=mlp,
         learned_positions=learned_positions,
+        tie_embeddings=tie_embeddings,
         backend=backend,
         mixer_options=mixer_options,
     )

@@ -43,8 +43,9 @@ def test_result_file_contents(tmp_path):
                 "git_commit", "router"):
         assert key in stored, key
     assert stored["backend"] == "torch"
-    assert stored["num_parameters"] == sum(p.numel() for p in torch.load(
-        run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].values())
+    weights = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    tied = weights["model.head.weight"].numel()  # the output layer is the embedding (tie_embeddings)
+    assert stored["num_parameters"] == sum(p.numel() for p in weights.values()) - tied
     assert any(k.endswith("/load_m0") for k in stored["router"])
     metrics = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     for column in ("train/loss", "val/acc", "val/acc/num_kv_pairs=4", "train/tokens_per_s", "train/aux_loss"):
