@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,17 @@ RULE_INPUTS = {
     "deltanet": (None, True),
     "gated_deltanet": ("head", True),
 }
+
+
+# Set by the tests: every buffer the Triton ops allocate starts as NaN, so an element a kernel forgets to
+# write shows up in the comparison with the reference instead of passing by luck.
+POISON = False
+
+
+def empty(*shape, device, dtype) -> torch.Tensor:
+    """torch.empty for the Triton ops' outputs and scratch buffers (NaN-filled when POISON is set)."""
+    x = torch.empty(*shape, device=device, dtype=dtype)
+    return x.fill_(float("nan")) if POISON else x
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,7 @@ def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Di
         _expect("beta", beta, [B, T, H], "B, T, H")
     N = B
     if cu_seqlens is not None:
-        if (
-            cu_seqlens.dim() != 1
-            or cu_seqlens.numel() < 2
-            or cu_seqlens.dtype not in (torch.int32, torch.int64)
-        ):
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"cu_seqlens must be an int32/int64 tensor of shape [N + 1] with N >= 1, got "
                 f"{cu_seqlens.dtype} of shape {_shape(cu_seqlens)}"
@@ -76,6 +84,17 @@ def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Di
     if initial_state is not None:
         _expect("initial_state", initial_state, [N, H, K, V], "N, H, K, V")
     return Dims(B, T, H, K, V, N, K**-0.5 if scale is None else float(scale))
+
+
+def check_triton_inputs(q: torch.Tensor) -> None:
+    """The Triton ops compute in float32 on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)."""
+    if q.dtype == torch.float64:
+        raise ValueError("the Triton kernels compute in float32; use the 'torch' backend for float64 inputs")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {q.device.type!r} ones; on the CPU use the 'torch' "
+            "backend (or TRITON_INTERPRET=1, set before triton is imported)"
+        )
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,9 +141,30 @@ def pad_sequences(xs: list[torch.Tensor | None], cu_seqlens, B: int, T: int, mul
     return [None if x is None else pad(x) for x in xs], unpad
 
 
-def assemble(
-    seq_outputs: list[torch.Tensor], finals: list[torch.Tensor], cu_seqlens, dtype, output_final_state
-):
+def assemble(seq_outputs: list[torch.Tensor], finals: list[torch.Tensor], cu_seqlens, dtype, output_final_state):
     """Per-sequence outputs [L, H, V] back to [B, T, H, V] (or [1, T, H, V] packed), plus the stacked states."""
     o = torch.cat(seq_outputs, 0)[None] if cu_seqlens is not None else torch.stack(seq_outputs, 0)
     return o.to(dtype), (torch.stack(finals, 0) if output_final_state else None)
+
+
+def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens) -> torch.Tensor:
+    """Gradient of the log decays g from per-token terms: dg_t = sum over s >= t in t's sequence of local_s,
+    plus <dht, S_T> of the sequence (per channel for [B, T, H, K], summed over K for per-head gates [B, T, H]).
+
+    This holds because dg_t = <dS'_t, S'_t> (S'_t the decayed state before token t's write) and
+    <dS'_t, S'_t> - <dS'_{t+1}, S'_{t+1}> depends on token t alone (the `local` terms the callers pass).
+    Summed in float64: with packed sequences the suffix sums are differences of sums over the whole row.
+    """
+    x = local.double()
+    suffix = x.flip(1).cumsum(1).flip(1)
+    end = None
+    if dht is not None:
+        end = (dht * ht).double().sum(-1)  # [N, H, K]
+        end = end if local.dim() == 4 else end.sum(-1)  # [N, H] for per-head gates
+    if cu_seqlens is None:
+        return suffix if end is None else suffix + end[:, None]
+    T = x.shape[1]
+    cu = cu_seqlens.long()
+    seq = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)  # each token's sequence
+    suffix = suffix - torch.cat([suffix, torch.zeros_like(suffix[:, :1])], 1)[:, cu[1:][seq]]
+    return suffix if end is None else suffix + end[seq][None]

@@ -42,6 +42,4 @@ def naive_chunk(
     cu_seqlens=None,
     chunk_size=64,
 ):
-    return delta_chunk(
-        "deltanet", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size
-    )
+    return delta_chunk("deltanet", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -46,9 +46,7 @@ def _intra(q, k, v, b):
     a_diag = torch.einsum("...ik,...jk,...ijk->...ij", qs, ks, diff.exp())  # [..., S, c, c]
 
     ref = bs[..., 0, :]  # decay at each sub-chunk's start [..., S, K]
-    before = (
-        torch.arange(C, device=q.device)[None, :] < torch.arange(S, device=q.device)[:, None] * c
-    )  # [S, C]
+    before = torch.arange(C, device=q.device)[None, :] < torch.arange(S, device=q.device)[:, None] * c  # [S, C]
     k_to_ref = (ref[..., :, None, :] - b[..., None, :, :]).masked_fill(~before[:, :, None], float("-inf"))
     k_to_ref = k[..., None, :, :] * k_to_ref.exp()  # [..., S, C, K]
     a = (qs * (bs - ref[..., None, :]).exp()) @ k_to_ref.transpose(-1, -2)  # [..., S, c, C]

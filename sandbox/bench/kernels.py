@@ -1,12 +1,12 @@
 """`sandbox-bench kernels`: forward+backward time of the memory rules' Triton chunk kernels (needs a GPU).
 
-For each rule and shape (B, T, H, K, V), in bf16: our Triton `chunk` op, the PyTorch reference (`naive_chunk`,
-the `torch` backend) and, when the `fla` package is importable (the `bench` extra), fla's chunk op of the same
-rule, all timed in the same run and printed as ratios (x > 1: ours is faster). Each rule is first checked
-against the float64 reference at the timed shape; a rule that fails prints no speedup. The achieved bandwidth
-counts the bytes of the op's inputs and outputs (forward and backward) against the measured copy ceiling.
-`--first-call` times the first forward+backward in fresh processes: cold (empty Triton cache) and warm (the
-cache the cold process filled).
+For each rule and shape (B, T, H, K, V), in bf16, timed in the same run and printed as ratios (x > 1: ours is
+faster): our Triton `chunk` op; the PyTorch chunked form (`naive_chunk`, the `torch` backend); the PyTorch
+reference recurrence (`naive_recurrent`, timed once); and, when the `fla` package is importable (the `bench`
+extra), fla's chunk op of the same rule. Each rule is first checked against the float64 reference at the timed
+shape; a rule that fails prints no speedup. The achieved bandwidth counts the bytes of the op's inputs and
+outputs (forward and backward) against the measured copy ceiling. `--first-call` times the first
+forward+backward in fresh processes: cold (empty Triton cache) and warm (the cache the cold process filled).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ FLA_GUARD_NOTE = (
 def _fla_op(rule):
     """fla's chunk op for `rule` with our signature, or None when fla is not importable."""
     try:
-        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.common import chunk_o
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.gla import chunk_gla
@@ -95,38 +95,56 @@ def _copy_ceiling_gbs() -> float:
 
 def run_timings(shapes, rules, use_fla: bool) -> list[dict]:
     import torch
-    from triton.testing import do_bench
-
-    import kernels
 
     ceiling = _copy_ceiling_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s")
     fla_available = use_fla and _fla_op("gla") is not None
-    print("fla:", f"importable; {FLA_GUARD_NOTE}" if fla_available else "not importable (or --no-fla): no comparison")
+    print(
+        "fla:",
+        f"importable; {FLA_GUARD_NOTE}" if fla_available else "not importable (or --no-fla): no comparison",
+    )
     rows = []
     for shape in shapes:
         for rule in rules:
-            x, do = _inputs(rule, shape)
-            row = {"rule": rule, "shape": list(shape)}
-            errs = _check(rule, x, do)
-            row["max_rel_err"] = max(errs.values())
-            row["correct"] = all(e < 1e-2 for e in errs.values())
-            ours = kernels.get_op(rule, "triton")
-            row["ms_ours"] = do_bench(lambda: _fwd_bwd(ours, x, do), warmup=5, rep=50)
-            ref = kernels.get_op(rule, "torch")
-            row["ms_torch"] = do_bench(lambda: _fwd_bwd(ref, x, do), warmup=1, rep=5)
-            if fla_available:
-                fla = _fla_op(rule)
-                _fwd_bwd(fla, x, do)  # fla autotunes on its first calls
-                row["ms_fla"] = do_bench(lambda: _fwd_bwd(fla, x, do), warmup=5, rep=50)
-            nbytes = 2 * sum(t.numel() * t.element_size() for t in x.values()) + 3 * do.numel() * 2
-            row["gbs"] = nbytes / row["ms_ours"] / 1e6
-            row["pct_copy"] = 100 * row["gbs"] / ceiling
-            rows.append(row)
-            _print_row(row)
-            del x, do
+            rows.append(_time_rule(rule, shape, ceiling, fla_available))
+            _print_row(rows[-1])
             torch.cuda.empty_cache()
     return rows
+
+
+def _time_rule(rule, shape, ceiling, with_fla) -> dict:
+    from triton.testing import do_bench
+
+    import kernels
+
+    x, do = _inputs(rule, shape)
+    errs = _check(rule, x, do)
+    row = {"rule": rule, "shape": list(shape), "max_rel_err": max(errs.values())}
+    row["correct"] = all(e < 1e-2 for e in errs.values())
+    ours, ref = kernels.get_op(rule, "triton"), kernels.get_op(rule, "torch")
+    row["ms_ours"] = do_bench(lambda: _fwd_bwd(ours, x, do), warmup=5, rep=50)
+    row["ms_torch"] = do_bench(lambda: _fwd_bwd(ref, x, do), warmup=1, rep=5)
+    row["ms_recurrent"] = _time_once(lambda: _fwd_bwd(kernels.get_op(rule, "torch", "recurrent"), x, do))
+    if with_fla:
+        fla = _fla_op(rule)
+        _fwd_bwd(fla, x, do)  # fla autotunes on its first calls
+        row["ms_fla"] = do_bench(lambda: _fwd_bwd(fla, x, do), warmup=5, rep=50)
+    # inputs read by forward and backward, do read, o written, their gradients written
+    nbytes = 3 * sum(t.numel() * t.element_size() for t in x.values()) + 2 * do.numel() * do.element_size()
+    row["gbs"] = nbytes / row["ms_ours"] / 1e6
+    row["pct_copy"] = 100 * row["gbs"] / ceiling
+    return row
+
+
+def _time_once(fn) -> float:
+    """Milliseconds of one call (for the token-by-token reference, too slow to repeat)."""
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def _print_row(row):
@@ -137,7 +155,8 @@ def _print_row(row):
     fla = f" fla {row['ms_fla']:8.2f} ms (fla/ours {row['ms_fla'] / row['ms_ours']:5.2f}x)" if "ms_fla" in row else ""
     print(
         f"{row['rule']:16s} {shape:22s} ours {row['ms_ours']:8.2f} ms  torch {row['ms_torch']:8.2f} ms "
-        f"(torch/ours {row['ms_torch'] / row['ms_ours']:6.1f}x){fla}  {row['gbs']:6.0f} GB/s "
+        f"(torch/ours {row['ms_torch'] / row['ms_ours']:6.1f}x)  recurrent reference {row['ms_recurrent']:9.1f} ms "
+        f"(/ours {row['ms_recurrent'] / row['ms_ours']:7.0f}x){fla}  {row['gbs']:6.0f} GB/s "
         f"({row['pct_copy']:4.1f}% of copy)  max rel err {row['max_rel_err']:.1e}"
     )
 
@@ -163,11 +182,15 @@ def first_call_times(shape, rules) -> None:
     """Cold (fresh Triton cache) and warm (the cache the cold process filled) first-call times."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TRITON_CACHE_DIR": cache}
-        cmd = [sys.executable, "-m", "sandbox.bench", "kernels", "--_first-call-child", json.dumps([shape, rules])]
+        child = "import sys; from sandbox.bench.kernels import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", child, "--_first-call-child", json.dumps([shape, rules])]
         for label in ("cold", "warm"):
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             times = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"first forward+backward, {label} cache, shape {shape}: " + ", ".join(f"{r} {t:.1f} s" for r, t in times.items()))
+            print(
+                f"first forward+backward, {label} cache, shape {shape}: "
+                + ", ".join(f"{r} {t:.1f} s" for r, t in times.items())
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("sandbox-bench kernels: needs a CUDA GPU (the Triton kernels do not run on the CPU)", file=sys.stderr)
+        print(
+            "sandbox-bench kernels: needs a CUDA GPU (the Triton kernels do not run on the CPU)",
+            file=sys.stderr,
+        )
         return 2
     if args.child:
         shape, rules = json.loads(args.child)

@@ -1,0 +1,717 @@
+"""Chunked Triton kernels for all four rules: one kernel family parameterised by the rule.
+
+GATE: 0 none, 1 per channel (GLA), 2 per head (gated DeltaNet); DELTA: the delta rule. The math is in the
+rules' READMEs. In a chunk of C tokens entered with state h, with b the cumulative log decay, G_ij =
+exp(b_i - b_j) (j <= i; per channel for GLA) and U the values written (V, or for the delta rules the new
+values U = U' - W h from the UT transform Tm = (I + L)^-1):
+
+    O = scale (exp(b) * Q h + Aqk U),   Aqk = causal(Q K^T * G)
+    h' = exp(b_C) h + (K * exp(b_C - b))^T U
+
+Forward kernels: `_local` (per chunk: b, Aqk, and for the delta rules Tm, W, U'), `_gla_intra` (GLA's Aqk,
+computed in sub-chunks so that no positive number is exponentiated), `_state` (chunk after chunk: the state
+entering each chunk, and U), `_output`. Backward kernels: `_dstate` (chunk after chunk backwards: the state
+gradient after each chunk dH, and dU), `_dprep` (per chunk: D = scale causal(dO U^T * G), for the delta rules
+dv, dbeta's value part and P' = strict(-dX_v U^T) * G with dX_v = Tm^T dU), `_gla_dintra` (GLA's intra-chunk
+dq, dk), `_dqk` (per chunk and block of K: dq, dk and dbeta's key part).
+The decays' gradient dg is a reverse cumulative sum of per-token terms (see `_common.decay_grad`).
+
+Every sequence is handled as packed (a batch of B rows of T tokens is B sequences); a device-side chunk
+table maps a program to its chunk, so there is no host-device sync. Transposed tiles are loaded through
+strides instead of `tl.trans` (Triton 3.4-3.6 miscompiles some dots on transposed operands on Hopper).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, decay_grad, empty
+
+GATE_CODES = {None: 0, "channel": 1, "head": 2}
+CHUNK = 64
+SUB = 16  # GLA's sub-chunk
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    """How `_dot` multiplies. 16-bit inputs: tf32 (bf16 operands would round the float32 intermediates -
+    states, the UT transform - too coarsely for 1e-2); float32 inputs: tf32x3 (float32 accuracy on tensor
+    cores; plain float32 dots run on FMA units and compile slowly). The interpreter has neither (and its
+    bf16 dot returns garbage): float32 there, with tf32 emulated by truncating the mantissa."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if dtype == torch.float32:
+        return 0 if interpret else 3
+    return 2 if interpret else 1
+
+
+@triton.jit
+def _tf32(x):
+    return (x.to(tl.float32).to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    a, b = a.to(tl.float32), b.to(tl.float32)
+    if DOT == 0:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    elif DOT == 2:
+        return tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
+def _decay_rows(bcum, start, n, i_h, offs_c, H: tl.constexpr):
+    """Per-head gates: b over the chunk's rows (0 past the end) and b at its last row."""
+    m_c = offs_c < n
+    b = tl.load(bcum + (start + offs_c) * H + i_h, mask=m_c, other=0.0)
+    b_last = tl.load(bcum + (start + n - 1) * H + i_h)
+    return b, b_last
+
+
+@triton.jit
+def _local_kernel(
+    q, k, v, g, beta, bcum, Aqk, Tm, W, Up, table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_c = tl.arange(0, C)
+    m_c = offs_c < n
+    rows = start + offs_c
+    causal = offs_c[:, None] >= offs_c[None, :]
+
+    if GATE == 2:
+        b = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_c, other=0.0).to(tl.float32), 0)
+        tl.store(bcum + rows * H + i_h, b, mask=m_c)
+        G = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    if GATE == 1:
+        for kb in range(0, K, BK):
+            offs_k = kb + tl.arange(0, BK)
+            p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+            m = m_c[:, None] & (offs_k[None, :] < K)
+            tl.store(bcum + p, tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0), mask=m)
+    if GATE != 1:
+        qk = tl.zeros([C, C], dtype=tl.float32)
+        kk = tl.zeros([C, C], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            offs_k = kb + tl.arange(0, BK)
+            m = m_c[:, None] & (offs_k[None, :] < K)
+            k_c = tl.load(k + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m, other=0.0)
+            kT = tl.load(
+                k + (rows[None, :] * H + i_h) * K + offs_k[:, None],
+                mask=m_c[None, :] & (offs_k[:, None] < K), other=0.0,
+            )  # fmt: skip
+            q_c = tl.load(q + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m, other=0.0)
+            qk += _dot(q_c, kT, DOT)
+            if DELTA:
+                kk += _dot(k_c, kT, DOT)
+        A = tl.where(causal, qk, 0.0)
+        if GATE == 2:
+            A = A * G
+        tl.store(Aqk + (rows[:, None] * H + i_h) * C + offs_c[None, :], A, mask=m_c[:, None])
+        if DELTA:
+            beta_c = tl.load(beta + rows * H + i_h, mask=m_c, other=0.0).to(tl.float32)
+            L = beta_c[:, None] * kk
+            if GATE == 2:
+                L = L * G
+            # X = Tm - I by forward substitution: X_i = -L_i - sum_{j < i} L_ij X_j
+            X = tl.where(offs_c[:, None] > offs_c[None, :], -L, 0.0)
+            for i in range(1, C):
+                row = tl.sum(tl.where(offs_c[:, None] == i, X, 0.0), 0)
+                row = row + tl.sum(row[:, None] * X, 0)
+                X = tl.where(offs_c[:, None] == i, row[None, :], X)
+            T_c = X + tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+            tl.store(Tm + (rows[:, None] * H + i_h) * C + offs_c[None, :], T_c, mask=m_c[:, None])
+            bg = beta_c
+            if GATE == 2:
+                bg = beta_c * tl.exp(b)
+            for kb in range(0, K, BK):
+                offs_k = kb + tl.arange(0, BK)
+                p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+                m = m_c[:, None] & (offs_k[None, :] < K)
+                k_c = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+                tl.store(W + p, _dot(T_c, bg[:, None] * k_c, DOT), mask=m)
+            for vb in range(0, V, BV):
+                offs_v = vb + tl.arange(0, BV)
+                p = (rows[:, None] * H + i_h) * V + offs_v[None, :]
+                m = m_c[:, None] & (offs_v[None, :] < V)
+                v_c = tl.load(v + p, mask=m, other=0.0).to(tl.float32)
+                tl.store(Up + p, _dot(T_c, beta_c[:, None] * v_c, DOT), mask=m)
+
+
+@triton.jit
+def _gla_intra_kernel(
+    q, k, bcum, Aqk, table,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr,
+):  # fmt: skip
+    """Rows of sub-chunk i_s of GLA's Aqk[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk), j <= i."""
+    i_cs, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_s = tl.arange(0, S)
+    m_i = i_s * S + offs_s < n
+    rows_i = start + i_s * S + offs_s
+    r = tl.minimum(i_s * S, n - 1)  # reference row: the sub-chunk's first
+    for J in range(C // S):
+        rows_j = start + J * S + offs_s
+        m_j = J * S + offs_s < n
+        acc = tl.zeros([S, S], dtype=tl.float32)
+        if J < i_s:
+            for kb in range(0, K, BK):
+                offs_k = kb + tl.arange(0, BK)
+                mk = offs_k < K
+                b_r = tl.load(bcum + ((start + r) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+                p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
+                m_ik = m_i[:, None] & mk[None, :]
+                q_i = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
+                b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
+                pT_j = (rows_j[None, :] * H + i_h) * K + offs_k[:, None]
+                m_jk = m_j[None, :] & mk[:, None]
+                kT_j = tl.load(k + pT_j, mask=m_jk, other=0.0).to(tl.float32)
+                bT_j = tl.load(bcum + pT_j, mask=m_jk, other=0.0)
+                acc += _dot(q_i * tl.exp(b_i - b_r[None, :]), kT_j * tl.exp(b_r[:, None] - bT_j), DOT)
+        if J == i_s:
+            for kb in range(0, K, BK):
+                offs_k = kb + tl.arange(0, BK)
+                mk = offs_k < K
+                p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
+                m_ik = m_i[:, None] & mk[None, :]
+                q_i = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
+                b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
+                for j in range(S):
+                    p_j = ((start + i_s * S + j) * H + i_h) * K + offs_k
+                    m_jk = mk & (offs_k * 0 + i_s * S + j < n)
+                    k_j = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+                    b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
+                    e = tl.exp(tl.where(offs_s[:, None] >= j, b_i - b_j[None, :], float("-inf")))
+                    col = tl.sum(q_i * k_j[None, :] * e, 1)
+                    acc += tl.where(offs_s[None, :] == j, col[:, None], 0.0)
+        tl.store(
+            Aqk + (rows_i[:, None] * H + i_h) * C + J * S + offs_s[None, :], acc, mask=m_i[:, None]
+        )  # fmt: skip
+
+
+@triton.jit
+def _state_kernel(
+    k, v, bcum, W, Up, U, h, h0, ht, cu, chunk_offsets,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    nc = (tl.load(chunk_offsets + i_n + 1) - c0).to(tl.int32)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < K, offs_v < V
+    p_state = offs_k[:, None] * V + offs_v[None, :]
+    m_state = mk[:, None] & mv[None, :]
+
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_state, mask=m_state, other=0.0)
+    for ic in range(nc):
+        start = bos + ic * C
+        n = tl.minimum(eos - start, C).to(tl.int32)
+        m_c = offs_c < n
+        rows = start + offs_c
+        tl.store(h + ((c0 + ic) * H + i_h) * K * V + p_state, S, mask=m_state)
+        p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
+        m_cv = m_c[:, None] & mv[None, :]
+        if DELTA:
+            w = tl.load(W + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m_c[:, None] & mk[None, :],
+                        other=0.0)  # fmt: skip
+            u = tl.load(Up + p_v, mask=m_cv, other=0.0) - _dot(w, S, DOT)
+            tl.store(U + p_v, u, mask=m_cv)
+        else:
+            u = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
+        m_kc = mk[:, None] & m_c[None, :]
+        kT = tl.load(k + pT, mask=m_kc, other=0.0).to(tl.float32)
+        if GATE == 2:
+            b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
+            S = S * tl.exp(b_last) + _dot(kT * tl.exp(b_last - b)[None, :], u, DOT)
+        elif GATE == 1:
+            bT = tl.load(bcum + pT, mask=m_kc, other=0.0)
+            b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+            S = S * tl.exp(b_last)[:, None] + _dot(kT * tl.exp(b_last[:, None] - bT), u, DOT)
+        else:
+            S += _dot(kT, u, DOT)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_state, S, mask=m_state)
+
+
+@triton.jit
+def _output_kernel(
+    q, v, bcum, Aqk, U, h, o, table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_c = tl.arange(0, C)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    m_c, mv = offs_c < n, offs_v < V
+    rows = start + offs_c
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        offs_k = kb + tl.arange(0, BK)
+        mk = offs_k < K
+        p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+        m = m_c[:, None] & mk[None, :]
+        q_c = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+        if GATE == 1:
+            q_c = q_c * tl.exp(tl.load(bcum + p, mask=m, other=0.0))
+        h_c = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                      mask=mk[:, None] & mv[None, :], other=0.0)  # fmt: skip
+        acc += _dot(q_c, h_c, DOT)
+    if GATE == 2:
+        acc = acc * tl.exp(tl.load(bcum + rows * H + i_h, mask=m_c, other=0.0))[:, None]
+    A = tl.load(Aqk + (rows[:, None] * H + i_h) * C + offs_c[None, :], mask=m_c[:, None], other=0.0)
+    p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
+    m_cv = m_c[:, None] & mv[None, :]
+    if DELTA:
+        u = tl.load(U + p_v, mask=m_cv, other=0.0)
+    else:
+        u = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+    acc = (acc + _dot(A, u, DOT)) * scale
+    tl.store(o + p_v, acc.to(o.dtype.element_ty), mask=m_cv)
+
+
+@triton.jit
+def _dstate_kernel(
+    q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Backwards over the chunks: dU = scale Aqk^T dO + K_dec dH; dH <- exp(b_C) dH + scale (exp(b) Q)^T dO - W^T dU."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    nc = (tl.load(chunk_offsets + i_n + 1) - c0).to(tl.int32)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < K, offs_v < V
+    p_state = offs_k[:, None] * V + offs_v[None, :]
+    m_state = mk[:, None] & mv[None, :]
+
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + p_state, mask=m_state, other=0.0)
+    for i in range(nc):
+        ic = nc - 1 - i
+        start = bos + ic * C
+        n = tl.minimum(eos - start, C).to(tl.int32)
+        m_c = offs_c < n
+        rows = start + offs_c
+        tl.store(dH + ((c0 + ic) * H + i_h) * K * V + p_state, dS, mask=m_state)
+        p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
+        m_cv = m_c[:, None] & mv[None, :]
+        do_c = tl.load(do + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
+        p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+        pT_k = (rows[None, :] * H + i_h) * K + offs_k[:, None]
+        m_ck = m_c[:, None] & mk[None, :]
+        m_kc = mk[:, None] & m_c[None, :]
+        k_c = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32)
+        qT = tl.load(q + pT_k, mask=m_kc, other=0.0).to(tl.float32)
+        if GATE == 2:
+            b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
+            k_c = k_c * tl.exp(b_last - b)[:, None]
+            qT = qT * tl.exp(b)[None, :]
+        if GATE == 1:
+            b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+            k_c = k_c * tl.exp(b_last[None, :] - tl.load(bcum + p_k, mask=m_ck, other=0.0))
+            qT = qT * tl.exp(tl.load(bcum + pT_k, mask=m_kc, other=0.0))
+        du = scale * _dot(AT, do_c, DOT) + _dot(k_c, dS, DOT)
+        tl.store(dU + p_v, du, mask=m_cv)
+        if GATE == 2:
+            dS = dS * tl.exp(b_last)
+        if GATE == 1:
+            dS = dS * tl.exp(b_last)[:, None]
+        dS += scale * _dot(qT, do_c, DOT)
+        if DELTA:
+            wT = tl.load(W + pT_k, mask=m_kc, other=0.0)
+            dS -= _dot(wT, du, DOT)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_state, dS, mask=m_state)
+
+
+@triton.jit
+def _dprep_kernel(
+    q, v, beta, bcum, Aqk, Tm, U, h, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Per chunk, over all value columns: D = scale causal(dO U^T * G); for the delta rules dX_v = Tm^T dU,
+    dv = beta dX_v, dbeta's value part, P' = strict(-dX_v U^T) * G; for per-head gates the do.o - dv.v terms."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_c = tl.arange(0, C)
+    m_c = offs_c < n
+    rows = start + offs_c
+    causal = offs_c[:, None] >= offs_c[None, :]
+    p_cc = (rows[:, None] * H + i_h) * C + offs_c[None, :]
+
+    accD = tl.zeros([C, C], dtype=tl.float32)
+    if DELTA:
+        accM = tl.zeros([C, C], dtype=tl.float32)
+        beta_c = tl.load(beta + rows * H + i_h, mask=m_c, other=0.0).to(tl.float32)
+        TmT = tl.load(Tm + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
+        dbeta = tl.zeros([C], dtype=tl.float32)
+    if GATE == 2:
+        b = tl.load(bcum + rows * H + i_h, mask=m_c, other=0.0)
+        A = tl.load(Aqk + p_cc, mask=m_c[:, None], other=0.0)
+        local = tl.zeros([C], dtype=tl.float32)
+    for vb in range(0, V, BV):
+        offs_v = vb + tl.arange(0, BV)
+        mv = offs_v < V
+        p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
+        m_cv = m_c[:, None] & mv[None, :]
+        pT_v = (rows[None, :] * H + i_h) * V + offs_v[:, None]
+        m_vc = mv[:, None] & m_c[None, :]
+        do_c = tl.load(do + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        if DELTA:
+            uT = tl.load(U + pT_v, mask=m_vc, other=0.0)
+        else:
+            uT = tl.load(v + pT_v, mask=m_vc, other=0.0).to(tl.float32)
+        accD += _dot(do_c, uT, DOT)
+        if DELTA:
+            dxv = _dot(TmT, tl.load(dU + p_v, mask=m_cv, other=0.0), DOT)
+            v_c = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+            tl.store(dv + p_v, beta_c[:, None] * dxv, mask=m_cv)
+            dbeta += tl.sum(dxv * v_c, 1)
+            accM += _dot(dxv, uT, DOT)
+        if GATE == 2:
+            # o recomputed in float32 for do.o; dv.v from the dv just stored (per-head gates are delta rules)
+            o_c = _dot(A, tl.load(U + p_v, mask=m_cv, other=0.0), DOT)
+            for kb in range(0, K, BK):
+                offs_k = kb + tl.arange(0, BK)
+                mk = offs_k < K
+                q_c = tl.load(q + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m_c[:, None] & mk[None, :],
+                              other=0.0).to(tl.float32)  # fmt: skip
+                h_c = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                              mask=mk[:, None] & mv[None, :], other=0.0)  # fmt: skip
+                o_c += _dot(q_c, h_c, DOT) * tl.exp(b)[:, None]
+            local += tl.sum(do_c * o_c, 1) * scale - tl.sum(beta_c[:, None] * dxv * v_c, 1)
+    Dm = tl.where(causal, accD * scale, 0.0)
+    if GATE == 2:
+        G = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        Dm = Dm * G
+    tl.store(D + p_cc, Dm, mask=m_c[:, None])
+    if DELTA:
+        P = tl.where(offs_c[:, None] > offs_c[None, :], -accM, 0.0)
+        if GATE == 2:
+            P = P * G
+        tl.store(Pp + p_cc, P, mask=m_c[:, None])
+        tl.store(dbeta_v + rows * H + i_h, dbeta, mask=m_c)
+    if GATE == 2:
+        tl.store(dgl + rows * H + i_h, local, mask=m_c)
+
+
+@triton.jit
+def _gla_dintra_kernel(
+    q, k, bcum, D, dq_intra, dk_intra, table,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr,
+):  # fmt: skip
+    """For sub-chunk i_s and a block of K: dq_i = sum_{j <= i} D_ij k_j exp(b_i - b_j) over rows i in i_s, and
+    dk_j = sum_{i >= j} D_ij q_i exp(b_i - b_j) over rows j in i_s (exponents split at sub-chunk starts)."""
+    i_k, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_s = tl.arange(0, S)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    mk = offs_k < K
+    m_i = i_s * S + offs_s < n
+    rows_i = start + i_s * S + offs_s
+    p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
+    m_ik = m_i[:, None] & mk[None, :]
+    b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
+    b_ref = tl.load(bcum + ((start + tl.minimum(i_s * S, n - 1)) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+
+    dq = tl.zeros([S, BK], dtype=tl.float32)
+    for J in range(i_s):  # earlier sub-chunks: exp(b_i - b_j) = exp(b_i - b_ref) exp(b_ref - b_j)
+        rows_j = start + J * S + offs_s
+        p_j = (rows_j[:, None] * H + i_h) * K + offs_k[None, :]
+        m_jk = (J * S + offs_s < n)[:, None] & mk[None, :]
+        k_j = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+        b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
+        D_ij = tl.load(D + (rows_i[:, None] * H + i_h) * C + J * S + offs_s[None, :], mask=m_i[:, None], other=0.0)
+        dq += _dot(D_ij, k_j * tl.exp(b_ref[None, :] - b_j), DOT)
+    dq = dq * tl.exp(b_i - b_ref[None, :])
+    dk = tl.zeros([S, BK], dtype=tl.float32)
+    for J in range(i_s + 1, C // S):  # later sub-chunks, each with its own reference row
+        rows_j = start + J * S + offs_s
+        m_j = J * S + offs_s < n
+        p_j = (rows_j[:, None] * H + i_h) * K + offs_k[None, :]
+        m_jk = m_j[:, None] & mk[None, :]
+        q_j = tl.load(q + p_j, mask=m_jk, other=0.0).to(tl.float32)
+        b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
+        b_r = tl.load(bcum + ((start + tl.minimum(J * S, n - 1)) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+        # D^T block: rows j of this sub-chunk, columns i of sub-chunk J
+        DT = tl.load(D + (rows_j[None, :] * H + i_h) * C + i_s * S + offs_s[:, None], mask=m_j[None, :], other=0.0)
+        q_j = tl.where(m_jk, q_j * tl.exp(b_j - b_r[None, :]), 0.0)  # rows past the end: exp(-b_r) may overflow
+        dk += _dot(DT, q_j, DOT) * tl.exp(b_r[None, :] - b_i)
+    for j in range(S):  # the diagonal block, elementwise
+        row_j = start + i_s * S + j
+        m_jk = mk & (offs_k * 0 + i_s * S + j < n)
+        p_j = (row_j * H + i_h) * K + offs_k
+        k_j = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+        q_j = tl.load(q + p_j, mask=m_jk, other=0.0).to(tl.float32)
+        b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
+        # column j of D's diagonal block (D[i, j], i in i_s) and row j (D[j, i'], i' in i_s)
+        D_col = tl.load(D + (rows_i * H + i_h) * C + i_s * S + j, mask=m_i, other=0.0)
+        D_row = tl.load(
+            D + (row_j * H + i_h) * C + i_s * S + offs_s, mask=m_i & (offs_s * 0 + i_s * S + j < n), other=0.0
+        )
+        e_q = tl.exp(tl.where(offs_s[:, None] >= j, b_i - b_j[None, :], float("-inf")))  # rows i >= j
+        dq += D_col[:, None] * k_j[None, :] * e_q
+        valid_j = (offs_s[:, None] <= j) & (offs_s[:, None] * 0 + i_s * S + j < n)
+        e_k = tl.exp(tl.where(valid_j, b_j[None, :] - b_i, float("-inf")))  # rows i' <= j
+        dk += D_row[:, None] * q_j[None, :] * e_k
+    tl.store(dq_intra + p_i, dq, mask=m_ik)
+    tl.store(dk_intra + p_i, dk, mask=m_ik)
+
+
+@triton.jit
+def _dqk_kernel(
+    q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k, table, scale, ROWS,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Per chunk and block of K: dq = scale exp(b) dO h^T + intra, dk = exp(b_C - b) U dH^T + intra, and for
+    the delta rules the terms through W (dX_k = -dX_v h^T) and through L (P' K)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_c = tl.arange(0, C)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    m_c, mk = offs_c < n, offs_k < K
+    rows = start + offs_c
+    p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+    m_ck = m_c[:, None] & mk[None, :]
+    p_state = (i_c.to(tl.int64) * H + i_h) * K * V + offs_k[None, :] * V
+
+    acc_q = tl.zeros([C, BK], dtype=tl.float32)  # dO h^T
+    acc_kh = tl.zeros([C, BK], dtype=tl.float32)  # U dH^T
+    if DELTA:
+        acc_xk = tl.zeros([C, BK], dtype=tl.float32)  # dX_v h^T
+        TmT = tl.load(Tm + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
+    for vb in range(0, V, BV):
+        offs_v = vb + tl.arange(0, BV)
+        mv = offs_v < V
+        p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
+        m_cv = m_c[:, None] & mv[None, :]
+        m_vk = mv[:, None] & mk[None, :]
+        hT = tl.load(h + p_state + offs_v[:, None], mask=m_vk, other=0.0)
+        dHT = tl.load(dH + p_state + offs_v[:, None], mask=m_vk, other=0.0)
+        acc_q += _dot(tl.load(do + p_v, mask=m_cv, other=0.0).to(tl.float32), hT, DOT)
+        if DELTA:
+            u = tl.load(U + p_v, mask=m_cv, other=0.0)
+            acc_xk += _dot(_dot(TmT, tl.load(dU + p_v, mask=m_cv, other=0.0), DOT), hT, DOT)
+        else:
+            u = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        acc_kh += _dot(u, dHT, DOT)
+
+    q_c = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32)
+    k_c = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32)
+    last = (start + n - 1) * H + i_h
+    if GATE == 0:
+        b_q = tl.zeros([C, BK], dtype=tl.float32)
+        b_k = tl.zeros([C, BK], dtype=tl.float32)
+    if GATE == 2:
+        b = tl.load(bcum + rows * H + i_h, mask=m_c, other=0.0)
+        b_q = tl.zeros([C, BK], dtype=tl.float32) + b[:, None]
+        b_k = tl.load(bcum + last) - b_q
+    if GATE == 1:
+        b_q = tl.load(bcum + p_k, mask=m_ck, other=0.0)
+        b_k = tl.load(bcum + last * K + offs_k, mask=mk, other=0.0)[None, :] - b_q
+    dq_c = scale * tl.exp(b_q) * acc_q
+    dk_c = tl.exp(b_k) * acc_kh
+    if GATE == 1:
+        dq_c += tl.load(dq_intra + p_k, mask=m_ck, other=0.0)
+        dk_c += tl.load(dk_intra + p_k, mask=m_ck, other=0.0)
+    else:
+        p_cc = (rows[:, None] * H + i_h) * C + offs_c[None, :]
+        pT_cc = (rows[None, :] * H + i_h) * C + offs_c[:, None]
+        dq_c += _dot(tl.load(D + p_cc, mask=m_c[:, None], other=0.0), k_c, DOT)
+        dk_c += _dot(tl.load(D + pT_cc, mask=m_c[None, :], other=0.0), q_c, DOT)
+    if DELTA:
+        beta_c = tl.load(beta + rows * H + i_h, mask=m_c, other=0.0).to(tl.float32)
+        bg = beta_c[:, None] * tl.exp(b_q)  # beta * gamma, the row scale of X_k = diag(beta gamma) K
+        Pk = _dot(tl.load(Pp + p_cc, mask=m_c[:, None], other=0.0), k_c, DOT)
+        PTk = _dot(tl.load(Pp + pT_cc, mask=m_c[None, :], other=0.0), beta_c[:, None] * k_c, DOT)
+        dk_c += -bg * acc_xk + beta_c[:, None] * Pk + PTk
+        part = tl.sum(-tl.exp(b_q) * acc_xk * k_c + Pk * k_c, 1)
+        tl.store(dbeta_k + i_k.to(tl.int64) * ROWS + rows * H + i_h, part, mask=m_c)
+    tl.store(dq + p_k, dq_c, mask=m_ck)
+    tl.store(dk + p_k, dk_c, mask=m_ck)
+
+
+def _chunk_table(cu_seqlens: torch.Tensor, T_total: int, C: int):
+    """Device-side chunk table: (first token, end token) of every chunk, and each sequence's first chunk.
+
+    The table has an upper bound of cdiv(T_total, C) + N rows (known without a sync); the spare rows are empty
+    chunks (first token = end token = T_total) whose programs write nothing.
+    """
+    N = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    chunk_offsets = torch.cat([cu.new_zeros(1), torch.cumsum((lengths + C - 1) // C, 0)])
+    n_rows = triton.cdiv(T_total, C) + N
+    gid = torch.arange(n_rows, device=cu.device)
+    seq = torch.searchsorted(chunk_offsets[1:], gid, right=True).clamp(max=N - 1)
+    starts = cu[seq] + (gid - chunk_offsets[seq]) * C
+    valid = gid < chunk_offsets[-1]
+    starts = torch.where(valid, starts, T_total)
+    ends = torch.where(valid, torch.minimum(starts + C, cu[seq + 1]), T_total)
+    return torch.stack([starts, ends], 1).to(torch.int32).contiguous(), chunk_offsets.to(torch.int32), n_rows
+
+
+def _blocks(K: int, V: int) -> tuple[int, int, int]:
+    """(BK for the full-K state tiles, BV, BKS for loops over K)."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 128 else 32)
+    return BK, BV, min(BK, 64)
+
+
+def _launch(BK: int) -> dict:
+    """Launch options of the chunk-sequential kernels: their [K, BV] state and [C, K] tiles are large at K = 256."""
+    return {"num_warps": 8, "num_stages": 1} if BK > 128 else {"num_warps": 4, "num_stages": 2}
+
+
+class ChunkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+        gate, delta = GATE_CODES[RULE_INPUTS[rule][0]], RULE_INPUTS[rule][1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = None if g is None else g.contiguous()
+        beta = None if beta is None else beta.contiguous()
+        initial_state = None if initial_state is None else initial_state.contiguous()
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dev = q.device
+        cu = cu_seqlens if cu_seqlens is not None else torch.arange(B + 1, device=dev, dtype=torch.int32) * T
+        N = cu.numel() - 1
+        C = CHUNK
+        table, chunk_offsets, NC = _chunk_table(cu, B * T, C)
+        BK, BV, BKS = _blocks(K, V)
+        dot = _dot_mode(q.dtype)
+        f32 = {"device": dev, "dtype": torch.float32}
+        rows = B * T * H
+
+        bcum = None if gate == 0 else empty(*(g.shape), **f32)
+        Aqk = empty(B, T, H, C, **f32)
+        Tm = empty(B, T, H, C, **f32) if delta else None
+        W = empty(B, T, H, K, **f32) if delta else None
+        Up = empty(B, T, H, V, **f32) if delta else None
+        U = empty(B, T, H, V, **f32) if delta else None
+        h = empty(NC, H, K, V, **f32)
+        ht = empty(N, H, K, V, **f32) if output_final_state else None
+        o = empty(B, T, H, V, device=dev, dtype=v.dtype)
+        common = {"H": H, "K": K, "C": C, "DOT": dot}
+        if rows > 0:
+            _local_kernel[(NC, H)](
+                q, k, v, g, beta, bcum, Aqk, Tm, W, Up, table, scale,
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common,
+            )  # fmt: skip
+            if gate == 1:
+                _gla_intra_kernel[(NC * (C // SUB), H)](q, k, bcum, Aqk, table, S=SUB, BK=BKS, **common)
+        _state_kernel[(triton.cdiv(V, BV), N * H)](
+            k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
+            V=V, BK=BK, BV=BV, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
+            STORE_HT=output_final_state, **common, **_launch(BK),
+        )  # fmt: skip
+        if rows > 0:
+            _output_kernel[(triton.cdiv(V, BV), NC, H)](
+                q, v, bcum, Aqk, U, h, o, table, scale, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common
+            )
+        ctx.save_for_backward(q, k, v, beta, initial_state, cu, table, chunk_offsets, bcum, Aqk, Tm, W, U, h, ht)
+        ctx.meta = (gate, delta, scale, NC, cu_seqlens is not None, None if g is None else g.dtype)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, h0, cu, table, chunk_offsets, bcum, Aqk, Tm, W, U, h, ht = ctx.saved_tensors
+        gate, delta, scale, NC, varlen, g_dtype = ctx.meta
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N = cu.numel() - 1
+        C = CHUNK
+        BK, BV, BKS = _blocks(K, V)
+        dot = _dot_mode(q.dtype)
+        f32 = {"device": q.device, "dtype": torch.float32}
+        rows = B * T * H
+        do = do.contiguous()
+        common = {"H": H, "K": K, "C": C, "DOT": dot}
+
+        dH = empty(NC, H, K, V, **f32)
+        dU = empty(B, T, H, V, **f32)  # dv itself for the rules without the delta rule
+        dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
+        _dstate_kernel[(triton.cdiv(V, BV), N * H)](
+            q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
+            V=V, BK=BK, BV=BV, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+            **common, **_launch(BK),
+        )  # fmt: skip
+        dv = empty(B, T, H, V, **f32) if delta else dU
+        D = empty(B, T, H, C, **f32)
+        Pp = empty(B, T, H, C, **f32) if delta else None
+        dbeta_v = empty(B, T, H, **f32) if delta else None
+        dgl = empty(B, T, H, **f32) if gate == 2 else None
+        NK = triton.cdiv(K, BKS)
+        dq = empty(B, T, H, K, **f32)
+        dk = empty(B, T, H, K, **f32)
+        dbeta_k = empty(NK, B, T, H, **f32) if delta else None
+        dq_intra = dk_intra = None
+        if rows > 0:
+            _dprep_kernel[(NC, H)](
+                q, v, beta, bcum, Aqk, Tm, U, h, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, num_stages=2,
+            )  # fmt: skip
+            if gate == 1:
+                dq_intra, dk_intra = empty(B, T, H, K, **f32), empty(B, T, H, K, **f32)
+                _gla_dintra_kernel[(NK, NC * (C // SUB), H)](
+                    q, k, bcum, D, dq_intra, dk_intra, table, S=SUB, BK=BKS, **common
+                )
+            _dqk_kernel[(NK, NC, H)](
+                q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k,
+                table, scale, rows, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, num_stages=2,
+            )  # fmt: skip
+        dg = None
+        if gate == 1:
+            dg = decay_grad(q * dq - k * dk, dht, ht, cu if varlen else None)
+        elif gate == 2:
+            dg = decay_grad(dgl, dht, ht, cu if varlen else None)
+        dbeta = (dbeta_v + dbeta_k.sum(0)).to(beta.dtype) if delta else None
+        return (
+            None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(g_dtype), dbeta,
+            None, None if h0 is None else dh0.to(h0.dtype), None, None,
+        )  # fmt: skip
+
+
+def chunk_op(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    d = check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    check_triton_inputs(q)
+    return ChunkFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)

@@ -1,0 +1,94 @@
+"""The Triton ops of every rule against the float64 PyTorch reference: outputs, final states and gradients.
+
+On the CPU they run under the Triton interpreter (tests/conftest.py switches it on) at tiny shapes; on a GPU
+the `gpu` tests run larger shapes too. Every buffer the ops allocate starts as NaN (kernels._common.POISON).
+Tolerances (relative error ||x - ref|| / ||ref|| against float64): 1e-3 for float32 inputs, 1e-2 for bf16.
+"""
+
+import pytest
+import torch
+
+import kernels
+import kernels._common
+from kernels.testing import make_inputs, rel_err
+
+pytest.importorskip("triton")
+
+MODES = ["recurrent", "chunk"]
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+
+# (B, T, H, K, V, cu_seqlens or None, dtype): lengths off the chunk grid, packed sequences, empty ones
+CPU_CASES = [
+    (2, 19, 1, 16, 32, None, torch.float32),
+    (1, 90, 1, 32, 16, [0, 13, 13, 90], torch.float32),  # a sequence of more than one chunk (64)
+    (1, 70, 1, 16, 16, [0, 0, 70], torch.bfloat16),
+]
+GPU_CASES = [
+    (2, 300, 4, 64, 128, None, torch.float32),
+    (1, 1000, 2, 64, 128, [0, 0, 130, 577, 577, 1000], torch.float32),
+    (2, 200, 2, 256, 256, None, torch.float32),
+    (3, 150, 2, 48, 80, None, torch.float32),
+    (2, 300, 4, 64, 128, None, torch.bfloat16),
+    (1, 1000, 2, 256, 256, [0, 333, 333, 1000], torch.bfloat16),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(kernels._common, "POISON", True)
+
+
+def check(rule, mode, B, T, H, K, V, cu, dtype, device, ref_mode):
+    N = B if cu is None else len(cu) - 1
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    x64 = make_inputs(rule, B, T, H, K, V, dtype=torch.float64, device=device, initial_state=True, N=N)
+    # the op and the reference see the same (rounded) inputs
+    x = {n: t.detach().to(dtype if n != "initial_state" else torch.float32).requires_grad_() for n, t in x64.items()}
+    ref_in = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    ref = kernels.get_op(rule, "torch", ref_mode)(**ref_in, output_final_state=True, cu_seqlens=cu_seqlens)
+    do, dht = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    ref_grads = torch.autograd.grad((ref[0] * do).sum() + (ref[1] * dht).sum(), list(ref_in.values()))
+
+    o, ht = kernels.get_op(rule, "triton", mode)(**x, output_final_state=True, cu_seqlens=cu_seqlens)
+    assert o.shape == (B, T, H, V) and o.dtype == dtype
+    assert ht.shape == (N, H, K, V) and ht.dtype == torch.float32
+    grads = torch.autograd.grad((o * do.to(dtype)).sum() + (ht * dht.float()).sum(), list(x.values()))
+    errors = {"o": rel_err(o, ref[0]), "ht": rel_err(ht, ref[1])}
+    errors.update({f"d{n}": rel_err(got, want) for n, got, want in zip(x, grads, ref_grads)})
+    bad = {n: e for n, e in errors.items() if not e < TOL[dtype]}  # NaN fails too
+    assert not bad, f"relative errors above {TOL[dtype]}: {bad}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", kernels.RULES)
+@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", CPU_CASES)
+def test_triton_op_matches_reference(rule, mode, B, T, H, K, V, cu, dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check(rule, mode, B, T, H, K, V, cu, dtype, device, ref_mode="recurrent")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", kernels.RULES)
+@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", GPU_CASES)
+def test_triton_op_matches_reference_large(rule, mode, B, T, H, K, V, cu, dtype):
+    # float64 chunked form as the reference: equal to the recurrence (test_kernels_naive) and far faster
+    check(rule, mode, B, T, H, K, V, cu, dtype, "cuda", ref_mode="chunk")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_op_without_initial_or_final_state(mode):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = make_inputs("gated_deltanet", 1, 20, 2, 16, 16, device=device)
+    op = kernels.get_op("gated_deltanet", "triton", mode)
+    o, ht = op(**x)
+    ref, _ = kernels.get_op("gated_deltanet", "torch", "recurrent")(**x)
+    assert ht is None and rel_err(o, ref) < 1e-3
+    o.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in x.values())
+
+
+def test_triton_op_refuses_float64():
+    x = make_inputs("deltanet", 1, 4, 1, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.get_op("deltanet", "triton", "recurrent")(**x)
