@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# Train attention, gated DeltaNet and MoM on MQAR (CPU by default), then print the table and write the plots.
 quickstart: setup
-	$(BIN)/sandbox-tasks summary mqar --num-examples 1000 --seq-len 64 --num-kv-pairs 4
+	$(BIN)/sandbox-train -m experiment=quickstart
+	$(BIN)/sandbox-report outputs/quickstart
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,10 @@
 per head, with q, k, v = W_q x, W_k x, W_v x (no bias). With `rope` (the default) q and k are rotated by
 their position (rotary embedding, base 10000), so q_t . k_s depends on t - s: "attend to the token after
 the matching key", the induction pattern recall needs, is then easy to learn; without it, order comes only
-from the backbone's learned positions, if any. The recurrent form keeps the KV cache: `init_state` is an empty cache,
+from the backbone's learned positions, if any. With `conv_size` > 0, q, k and v first pass through the same
+short causal convolution (with SiLU) as the linear mixers' inputs, so that attention and the memories
+compare on the same token mixing; `conv_size=0` is plain attention.
+The recurrent form keeps the KV cache (and the conv's last inputs): `init_state` is an empty cache,
 `step` appends the token's key and value and attends over the cache (O(t) per token).
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H).
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import check_backend, check_flag, head_layout
+from models.common import ShortConv, check_backend, check_flag, check_int, head_layout
 
 
 class Attention(nn.Module):
@@ -31,6 +34,7 @@ class Attention(nn.Module):
         num_heads: int = 1,
         head_dim: int | None = None,
         rope: bool = True,
+        conv_size: int = 0,
         backend: str = "auto",
     ):
         super().__init__()
@@ -39,14 +43,17 @@ class Attention(nn.Module):
         check_flag("rope", rope)
         if rope and K % 2:
             raise ValueError(f"rope=True needs an even head_dim, got head_dim={K}; set rope=false or change it")
-        self.rope = rope
+        check_int("conv_size", conv_size, low=0)
+        self.rope, self.conv_size = rope, conv_size
         self.d_model, self.num_heads, self.head_dim, self.backend = d_model, num_heads, K, backend
         self.qkv_proj = nn.Linear(d_model, 3 * num_heads * K, bias=False)
         self.o_proj = nn.Linear(num_heads * K, d_model, bias=False)
+        self.qkv_conv = ShortConv(3 * num_heads * K, conv_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv_conv(self.qkv_proj(x))
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope:
             positions = torch.arange(T, device=x.device)
             q, k = rotate(q, positions), rotate(k, positions)
@@ -56,18 +63,20 @@ class Attention(nn.Module):
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
         p = self.qkv_proj.weight
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=p.device, dtype=p.dtype)
-        return {"k": empty, "v": empty}
+        conv = self.qkv_conv.init_state(batch_size, device=p.device, dtype=p.dtype)
+        return {"k": empty, "v": empty, "conv": conv}
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x [B, d_model] -> (y [B, d_model], cache with this token appended)."""
         B = x.shape[0]
-        q, k, v = self.qkv_proj(x).view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # [B, H, 1, K]
+        qkv, conv = self.qkv_conv.step(self.qkv_proj(x), state["conv"])
+        q, k, v = qkv.view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # [B, H, 1, K]
         if self.rope:
             position = torch.tensor([state["k"].shape[2]], device=x.device)
             q, k = rotate(q, position), rotate(k, position)
         k, v = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
         o = F.scaled_dot_product_attention(q, k, v)  # the newest token sees the whole cache
-        return self.o_proj(o.flatten(1)), {"k": k, "v": v}
+        return self.o_proj(o.flatten(1)), {"k": k, "v": v, "conv": conv}
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.num_heads * self.head_dim * seq_len

@@ -22,12 +22,12 @@ class ThroughputMonitor(L.Callback):
 
 
 class EpochLines(L.Callback):
-    """One plain line per training epoch (after its validation), for logs that are not a terminal."""
+    """One plain line per validation, for logs that are not a terminal (no progress-bar redraws)."""
 
     KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "train/tokens_per_s")
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics)
