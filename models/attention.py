@@ -5,9 +5,10 @@
 per head, with q, k, v = W_q x, W_k x, W_v x (no bias). With `rope` (the default) q and k are rotated by
 their position (rotary embedding, base 10000), so q_t . k_s depends on t - s: "attend to the token after
 the matching key", the induction pattern recall needs, is then easy to learn; without it, order comes only
-from the backbone's learned positions, if any. With `conv_size` > 0, q, k and v first pass through the same
-short causal convolution (with SiLU) as the linear mixers' inputs, so that attention and the memories
-compare on the same token mixing; `conv_size=0` is plain attention.
+from the backbone's learned positions, if any. With `conv_size` > 0 (default 4), q, k and v first pass
+through the same short causal convolution (with SiLU) as the linear mixers' inputs, so that attention and
+the memories compare on the same token mixing; `conv_size=0` is plain attention. (On MQAR, V = 8192,
+L = 64, the conv took attention to 0.99 in 750 steps; without it, 4000 steps were not enough.)
 The recurrent form keeps the KV cache (and the conv's last inputs): `init_state` is an empty cache,
 `step` appends the token's key and value and attends over the cache (O(t) per token).
 
@@ -34,7 +35,7 @@ class Attention(nn.Module):
         num_heads: int = 1,
         head_dim: int | None = None,
         rope: bool = True,
-        conv_size: int = 0,
+        conv_size: int = 4,
         backend: str = "auto",
     ):
         super().__init__()

@@ -33,7 +33,7 @@ def run_steps(mixer, x):
 
 MIXER_CASES = [
     ("attention", {}),
-    ("attention", {"conv_size": 4, "rope": False}),
+    ("attention", {"conv_size": 0, "rope": False}),
     ("linear_attention", {}),
     ("gla", {}),
     ("deltanet", {}),
