@@ -36,20 +36,13 @@ CHUNK = 64
 SUB = 16  # GLA's sub-chunk
 
 
-def _dot_mode(dtype: torch.dtype) -> int:
-    """How `_dot` multiplies. 16-bit inputs: tf32 (bf16 operands would round the float32 intermediates -
-    states, the UT transform - too coarsely for 1e-2); float32 inputs: tf32x3 (float32 accuracy on tensor
-    cores; plain float32 dots run on FMA units and compile slowly). The interpreter has neither (and its
-    bf16 dot returns garbage): float32 there, with tf32 emulated by truncating the mantissa."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if dtype == torch.float32:
-        return 0 if interpret else 3
-    return 2 if interpret else 1
-
-
-@triton.jit
-def _tf32(x):
-    return (x.to(tl.float32).to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+def _dot_mode() -> int:
+    """How `_dot` multiplies, for float32 and 16-bit inputs alike: 1, tf32x3 (float32 accuracy on tensor
+    cores; plain float32 dots run on FMA units and compile slowly). Plain tf32 is not enough for 16-bit inputs
+    either: the decays' gradient sums per-token terms that nearly cancel, and in a bf16 MoM layer (length
+    1000, heads of 256) tf32 put its error at 7e-2, against 4e-3 for the zoo's PyTorch MoM in bf16. The
+    interpreter has no tf32: 0, float32 there (its bf16 dot returns garbage: operands are always float32)."""
+    return 0 if os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
 @triton.jit
@@ -57,10 +50,6 @@ def _dot(a, b, DOT: tl.constexpr):
     a, b = a.to(tl.float32), b.to(tl.float32)
     if DOT == 0:
         return tl.dot(a, b, input_precision="ieee")
-    elif DOT == 1:
-        return tl.dot(a, b, input_precision="tf32")
-    elif DOT == 2:
-        return tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32x3")
 
@@ -618,7 +607,7 @@ class ChunkFunction(torch.autograd.Function):
         C = CHUNK
         table, chunk_offsets, NC = _chunk_table(cu, B * T, C)
         BK, BV, BKS = _blocks(K, V)
-        dot = _dot_mode(q.dtype)
+        dot = _dot_mode()
         f32 = {"device": dev, "dtype": torch.float32}
         rows = B * T * H
 
@@ -661,7 +650,7 @@ class ChunkFunction(torch.autograd.Function):
         N = cu.numel() - 1
         C = CHUNK
         BK, BV, BKS = _blocks(K, V)
-        dot = _dot_mode(q.dtype)
+        dot = _dot_mode()
         f32 = {"device": q.device, "dtype": torch.float32}
         rows = B * T * H
         do = do.contiguous()

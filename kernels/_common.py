@@ -156,7 +156,9 @@ def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens) -> torch.Tensor:
     Summed in float64: with packed sequences the suffix sums are differences of sums over the whole row.
     """
     x = local.double()
-    suffix = x.flip(1).cumsum(1).flip(1)
+    # scanned along the last dimension: along dim 1, with only H (or H * K) channels behind it, CUDA's scan
+    # kernel runs one thread per channel over all of T (8 ms of a 30 ms MoM layer at the paper's size)
+    suffix = x.movedim(1, -1).flip(-1).cumsum(-1).flip(-1).movedim(-1, 1)
     end = None
     if dht is not None:
         end = (dht * ht).double().sum(-1)  # [N, H, K]

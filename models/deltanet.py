@@ -25,13 +25,13 @@ def delta_write(S, k, v, beta):
 
 class DeltaNet(MemoryMixer):
     rule = "deltanet"
+    slot_gates = ("b_proj",)
 
     def build_gates(self):
         self.b_proj = nn.Linear(self.d_model, self.num_slots * self.num_heads, bias=False)
 
-    def gates(self, x):
-        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x)))
-        return None, beta.view(*x.shape[:-1], self.num_slots, self.num_heads)
+    def activate_gates(self, b):
+        return None, torch.sigmoid(b.to(compute_dtype(b)))
 
     @staticmethod
     def update(S, k, v, g, beta):

@@ -25,6 +25,7 @@ from models.memory import MemoryMixer
 
 class GatedDeltaNet(MemoryMixer):
     rule = "gated_deltanet"
+    slot_gates = ("a_proj", "b_proj")
 
     def build_gates(self):
         n, H = self.num_slots, self.num_heads
@@ -34,13 +35,10 @@ class GatedDeltaNet(MemoryMixer):
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
-    def gates(self, x):
-        dt = compute_dtype(x)
-        shape = (*x.shape[:-1], self.num_slots, self.num_heads)
-        a = self.a_proj(x).to(dt).view(shape) + self.dt_bias.to(dt)
-        g = -self.A_log.to(dt).exp() * F.softplus(a)
-        beta = torch.sigmoid(self.b_proj(x).to(dt)).view(shape)
-        return g, beta
+    def activate_gates(self, a, b):
+        dt = compute_dtype(a)
+        g = -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
+        return g, torch.sigmoid(b.to(dt))
 
     @staticmethod
     def update(S, k, v, g, beta):

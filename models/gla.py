@@ -20,15 +20,15 @@ from models.memory import MemoryMixer
 
 class GLA(MemoryMixer):
     rule = "gla"
+    slot_gates = ("a_proj",)
     gate_normaliser = 16.0
 
     def build_gates(self):
         self.a_proj = nn.Linear(self.d_model, self.num_slots * self.num_heads * self.key_dim, bias=False)
 
-    def gates(self, x):
-        a = self.a_proj(x).to(compute_dtype(x))
-        g = F.logsigmoid(a) / self.gate_normaliser
-        return g.view(*x.shape[:-1], self.num_slots, self.num_heads, self.key_dim), None
+    def activate_gates(self, a):
+        g = F.logsigmoid(a.to(compute_dtype(a))) / self.gate_normaliser
+        return g.view(*a.shape[:-1], self.num_heads, self.key_dim), None
 
     def features(self, q, k):
         return q, k

@@ -21,14 +21,18 @@ sees only its own subsequence, in token order:
 
 All slots then run as extra heads of one kernel call (no per-memory loop, no padding, no host sync).
 Without a routing (`mask=None`, the single-memory mixers) every slot sees every token with weight 1.
+That form (`mix`, `mix_step`) is the reference. `mix_routed` and `step_routed` compute the same through the
+routed Triton path (`kernels/mom`): each memory runs on its own packed segment of the tokens routed to it, so
+it costs J = k (+ shared) memories' work instead of all of them; decoding touches only the selected states.
 
 Shapes: x [B, T, d_model]; H heads, K = head_dim, V = head_dim * expand_v. State per sequence:
 num_slots * H * K * V values (what `state_size` counts; the conv buffers, (conv_size - 1) * (2K + V) * H per
 slot, are not counted, as in the paper).
 
-A subclass sets `rule` (the kernels' name), builds its gate parameters in `build_gates`, computes them in
-`gates`, may change the feature map in `features` (default: L2 normalisation of q and k per head) and gives
-the one-token `update` used by `step`. The parallel form calls `kernels.<rule>` through the backend setting.
+A subclass sets `rule` (the kernels' name), builds its gate parameters in `build_gates` (the per-slot
+projections named in `slot_gates`), computes them from those projections in `activate_gates`, may change the
+feature map in `features` (default: L2 normalisation of q and k per head) and gives the one-token `update`
+used by `step`. The parallel form calls `kernels.<rule>` through the backend setting.
 """
 
 from __future__ import annotations
@@ -92,12 +96,20 @@ class MemoryMixer(nn.Module):
 
     # --- the rule-specific parts (subclasses) --------------------------------------------------------------
 
+    slot_gates: tuple[str, ...] = ()  # the per-slot gate projections (nn.Linear attributes), in `activate_gates` order
+
     def build_gates(self) -> None:
         """Create the rule's per-slot gate projections and shared constants (none by default)."""
 
+    def activate_gates(self, *pre: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gate projections' outputs for one slot each ([..., width] per name in `slot_gates`) -> (g, beta):
+        log decays [..., H] or [..., H, K], strengths [..., H] (None where the rule has none)."""
+        return None, None
+
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """x [..., d_model] -> (g, beta): log decays [..., n, H] or [..., n, H, K], strengths [..., n, H]."""
-        return None, None
+        lead = (*x.shape[:-1], self.num_slots, -1)
+        return self.activate_gates(*(getattr(self, name)(x).view(lead) for name in self.slot_gates))
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The feature map on q, k [..., H, K] (default: L2 normalisation per head)."""
@@ -148,6 +160,34 @@ class MemoryMixer(nn.Module):
         o, _ = op(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=self.scale, **extra)
         return self._output(x, o.view(B, T, n, H, V), weight)
 
+    def mix_routed(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, shared: bool):
+        """The parallel form through the routed Triton path: index [B, T, k] the memories (slots) each token is
+        routed to, weight [B, T, k] their weights; with `shared`, the last slot is the shared memory."""
+        from kernels import mom  # imports Triton
+
+        B, T, _ = x.shape
+        H, K, V, n = self.num_heads, self.key_dim, self.value_dim, self.num_slots
+        route = mom.routing_table(index, n - shared, shared)
+        P = route.perm.numel()  # B * T * J packed rows, one per (token, selected memory)
+        xf = x.reshape(B * T, -1)
+        # every per-slot projection (key, value, gates) in one weight [n, width, d_model]: one grouped matmul
+        projs = [self.k_proj, self.v_proj, *(getattr(self, name) for name in self.slot_gates)]
+        slot_weight = torch.cat([p.weight.view(n, -1, self.d_model) for p in projs], 1)
+        widths = [p.out_features // n for p in projs]
+        k, v, *pre = mom.routed_linear(xf, slot_weight, route).split(widths, -1)
+        q = mom.segment_conv(self.q_proj(xf), self.q_conv.weight, route, gather=True)
+        k = mom.segment_conv(k, self.k_conv.weight, route)
+        v = mom.segment_conv(v, self.v_conv.weight, route)
+        q, k = self.features(q.view(1, P, H, K), k.view(1, P, H, K))
+        g, beta = self.activate_gates(*(z[None] for z in pre))
+        extra = {name: z for name, z in (("g", g), ("beta", beta)) if z is not None}
+        op = kernel_op(self.rule, "triton", x.device)
+        o, _ = op(q, k, v.view(1, P, H, V), scale=self.scale, cu_seqlens=route.cu_seqlens, **extra)
+        o = mom.unpack(o[0], route).view(B, T, -1, H, V)  # back in token order, a token's J outputs side by side
+        if shared:
+            weight = torch.cat([weight, weight.new_ones(B, T, 1)], -1)
+        return self._output(x, o, weight)
+
     def _output(self, x, o, weight):
         """o [..., n, H, V] -> mix over slots (weights, or 1 each) -> gated per-head norm -> projection."""
         o = o.sum(-3) if weight is None else (o * weight[..., None, None].to(o.dtype)).sum(-3)
@@ -196,6 +236,39 @@ class MemoryMixer(nn.Module):
         new["S"] = S_new if mask is None else torch.where(mask[..., None, None, None], S_new, S)
         o = self.scale * torch.einsum("bnhk,bnhkv->bnhv", q.to(dt), new["S"])
         return self._output(x, o.to(x.dtype), weight), new
+
+    @torch.no_grad()
+    def step_routed(self, x, state, index, weight, shared: bool):
+        """One token for the selected slots only (index [B, k], weight [B, k]; with `shared`, the last slot too),
+        through the decode kernel: their states and conv buffers are updated in place, the others not read.
+        Inference only (no autograd): returns (y, state) with `state` the same, updated, tensors."""
+        from kernels import mom  # imports Triton
+
+        B = x.shape[0]
+        H, K, V, n = self.num_heads, self.key_dim, self.value_dim, self.num_slots
+        if shared:
+            index = torch.cat([index, index.new_full((B, 1), n - 1)], -1)
+            weight = torch.cat([weight, weight.new_ones(B, 1)], -1)
+        J = index.shape[1]
+
+        def pick(z):  # [B, n, ...] -> the selected slots [B, J, ...]
+            return z.gather(1, index.view(B, J, *[1] * (z.dim() - 2)).expand(B, J, *z.shape[2:]))
+
+        projected = (
+            ("q_conv", self.q_conv, self.q_proj(x)[:, None].expand(B, J, H * K)),
+            ("k_conv", self.k_conv, pick(self.k_proj(x).view(B, n, H * K))),
+            ("v_conv", self.v_conv, pick(self.v_proj(x).view(B, n, H * V))),
+        )
+        out = []
+        for name, conv, z in projected:
+            y, buf = conv.step(z, pick(state[name]))
+            if conv.size > 1:  # the selected slots' conv buffers advance
+                state[name].scatter_(1, index.view(B, J, 1, 1).expand(buf.shape), buf)
+            out.append(y)
+        q, k = self.features(out[0].view(B, J, H, K), out[1].view(B, J, H, K))
+        g, beta = (None if z is None else pick(z) for z in self.gates(x))
+        o = mom.decode_step(self.rule, state["S"], index, q, k, out[2].view(B, J, H, V), g, beta, self.scale)
+        return self._output(x, o.to(x.dtype), weight), state
 
     def state_size(self, seq_len: int) -> int:
         return self.num_slots * self.num_heads * self.key_dim * self.value_dim

@@ -24,6 +24,10 @@ what that single-memory mixer computes. The paper's "single expanded memory" con
 state size) is the single-memory mixer with expand_v multiplied by M + shared, e.g.
 `mixer="gated_deltanet", mixer_options={"expand_v": 5}` against `mixer="mom"` with 4 memories + shared.
 
+Backends: `torch` runs every memory on every token as an extra head, the tokens not routed to it masked (the
+reference); `triton` (what `auto` is on CUDA) takes the routed path (`kernels/mom`): each memory runs on the
+tokens routed to it only, packed into segments on the device, and decoding updates only the selected memories.
+
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats.
 """
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from models.common import check_choice, check_flag, check_int, check_number, compute_dtype
 from models.deltanet import DeltaNet
 from models.gated_deltanet import GatedDeltaNet
@@ -87,22 +92,38 @@ class MoM(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self._stats: dict[str, torch.Tensor] = {}
 
-    def route(self, x: torch.Tensor):
-        """x [..., d_model] -> probs [..., M] (fp32), mask [..., n] bool, weight [..., n]; n = M (+1)."""
+    def select(self, x: torch.Tensor):
+        """x [..., d_model] -> probs [..., M] (fp32), index [..., k] of the top-k memories, their weights [..., k]."""
         dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # the router stays in fp32 under mixed precision
             probs = F.linear(x.to(dt), self.router.weight.to(dt)).softmax(-1)
-        top, idx = probs.topk(self.top_k, dim=-1)
-        weight = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, True)
+        top, index = probs.topk(self.top_k, dim=-1)
+        return probs, index, top / top.sum(-1, keepdim=True)
+
+    def route(self, x: torch.Tensor):
+        """x [..., d_model] -> probs [..., M] (fp32), mask [..., n] bool, weight [..., n]; n = M (+1)."""
+        probs, index, top = self.select(x)
+        weight = torch.zeros_like(probs).scatter(-1, index, top)
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
         if self.shared_memory:
             mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], -1)
             weight = torch.cat([weight, weight.new_ones(*weight.shape[:-1], 1)], -1)
         return probs, mask, weight
 
+    def routed(self, x: torch.Tensor) -> bool:
+        """Whether the routed Triton path runs: with the `triton` backend (`auto` on CUDA), each memory works on
+        the tokens routed to it only (`kernels/mom`); the `torch` backend runs every memory on every token, the
+        non-routed ones masked (the reference)."""
+        return kernels.resolve_backend(self.backend, x.device) == "triton"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs, mask, weight = self.route(x)
-        y = self.memory.mix(x, mask, weight)
+        if self.routed(x):
+            probs, index, top = self.select(x)
+            y = self.memory.mix_routed(x, index, top, self.shared_memory)
+            mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
+        else:
+            probs, mask, weight = self.route(x)
+            y = self.memory.mix(x, mask, weight)
         # load balance and statistics, kept on the device (no host sync)
         M = self.num_memories
         routed = mask[..., :M].flatten(0, -2).to(probs.dtype).mean(0)  # c_m, sums to k
@@ -127,7 +148,13 @@ class MoM(nn.Module):
         return self.memory.init_state(batch_size)
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """x [B, d_model] -> (y [B, d_model], new state); each memory advances only if x is routed to it."""
+        """x [B, d_model] -> (y [B, d_model], new state); each memory advances only if x is routed to it.
+
+        On the routed path without autograd (decoding), only the selected memories' states are read and
+        written, in place; with autograd on, the reference step (a new state, all memories computed)."""
+        if self.routed(x) and not torch.is_grad_enabled():
+            _, index, top = self.select(x)
+            return self.memory.step_routed(x, state, index, top, self.shared_memory)
         _, mask, weight = self.route(x)
         return self.memory.mix_step(x, state, mask, weight)
 
