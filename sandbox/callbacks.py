@@ -9,6 +9,10 @@ import lightning as L
 class ThroughputMonitor(L.Callback):
     """Logs `train/tokens_per_s` once per training epoch (all tokens of the batch, labelled or not)."""
 
+    def on_train_start(self, trainer, pl_module):
+        # A run resumed in the middle of an epoch starts counting here (no on_train_epoch_start for that epoch).
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._tokens, self._start = 0, time.perf_counter()
 

@@ -5,6 +5,7 @@ on the CPU. Every example carries the index of its value in each slice (e.g. `nu
 evaluation can count accuracy per slice on the device without looking values up per batch.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import lightning as L
@@ -52,21 +53,48 @@ class RecallDataset(Dataset):
 class EpochShuffle(Sampler):
     """A permutation that depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    Lightning calls `set_epoch` before every training epoch.
+    With several processes, process `rank` of `world_size` takes every world_size-th index of the one
+    permutation (the tail that does not split evenly is left out), so the processes see disjoint shards
+    of equal length. Lightning calls `set_epoch` before every training epoch.
     """
 
-    def __init__(self, num_examples: int, seed: int):
+    def __init__(self, num_examples: int, seed: int, rank: int = 0, world_size: int = 1):
         self.num_examples, self.seed, self.epoch = num_examples, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+        order = torch.randperm(self.num_examples, generator=generator)[:len(self) * self.world_size]
+        return iter(order[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
-        return self.num_examples
+        return self.num_examples // self.world_size
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable in the middle of an epoch (a run that validates, and so checkpoints,
+    every `trainer.val_check_interval` steps). Its `position` is the epoch (read from its EpochShuffle) and
+    the batches served in it; given the position of a checkpoint as `resume`, its next iteration, if of that
+    epoch, skips those batches, so a resumed run trains on the batches an uninterrupted run trains on."""
+
+    def __init__(self, *args, resume: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.served, self.resume = 0, resume
+
+    def position(self) -> dict:
+        return {"epoch": self.sampler.epoch, "served": self.served}
+
+    def __iter__(self):
+        # A generator: this runs at the first batch, after Lightning has set the sampler's epoch.
+        resume, self.resume = self.resume, None
+        skip = resume["served"] if resume and resume["epoch"] == self.sampler.epoch else 0
+        self.served = skip
+        for batch in itertools.islice(super().__iter__(), skip, None):
+            self.served += 1
+            yield batch
 
 
 class RecallDataModule(L.LightningDataModule):
@@ -84,6 +112,8 @@ class RecallDataModule(L.LightningDataModule):
         # A cap on each segment's size, for fast debug runs.
         self.limit_examples = limit_examples
         self.datasets: dict[str, RecallDataset] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._resume: dict | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -109,13 +139,38 @@ class RecallDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.generate()
 
+    # Lightning keeps the datamodule's state in checkpoints and restores it before it asks for the loaders.
+    def state_dict(self) -> dict:
+        return {"train_position": self._train_loader.position()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state.get("train_position")
+
+    def _processes(self) -> tuple[int, int]:
+        """(rank, world size) of this process; (0, 1) outside a multi-process run."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self):
-        train = self.datasets["train"]
-        return DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.seed),
-                          drop_last=len(train) >= self.batch_size)
+        # batch_size is the global batch: with N processes each takes batch_size / N examples per step, so a
+        # run takes the same optimiser steps on the same batches whatever the number of processes.
+        # (`sandbox.train` checks that it divides.)
+        rank, world_size = self._processes()
+        batch_size = self.batch_size // world_size
+        sampler = EpochShuffle(len(self.datasets["train"]), self.seed, rank, world_size)
+        self._train_loader = ResumableLoader(self.datasets["train"], batch_size=batch_size, sampler=sampler,
+                                             drop_last=len(sampler) >= batch_size, resume=self._resume)
+        self._resume = None
+        return self._train_loader
+
+    def _eval_dataloader(self, split: str):
+        # Each process evaluates every world_size-th example; the module sums the counts over processes.
+        rank, world_size = self._processes()
+        shard = range(rank, len(self.datasets[split]), world_size)
+        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, sampler=shard)
 
     def val_dataloader(self):
-        return DataLoader(self.datasets["val"], batch_size=self.eval_batch_size)
+        return self._eval_dataloader("val")
 
     def test_dataloader(self):
-        return DataLoader(self.datasets["test"], batch_size=self.eval_batch_size)
+        return self._eval_dataloader("test")

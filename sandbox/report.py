@@ -22,7 +22,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from sandbox.results import collect_results
+from sandbox.results import atomic_path, collect_results
 
 # Config keys that never define what a run is (where it is written, how it is shown).
 IGNORED_KEYS = {"output_root", "name", "callbacks.progress"}
@@ -113,10 +113,16 @@ def _number(text: str) -> float:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -160,8 +166,7 @@ def plot_accuracy_vs_state_size(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Accuracy against state size")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_accuracy_vs_pairs(rows: list[dict], path: Path) -> bool:
@@ -182,8 +187,7 @@ def plot_accuracy_vs_pairs(rows: list[dict], path: Path) -> bool:
     ax.legend(fontsize=8)
     ax.set_title("Accuracy against number of key-value pairs")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -211,8 +215,7 @@ def plot_memory_load(results: list[dict], path: Path) -> bool:
         ax.legend(fontsize=7)
     fig.suptitle("MoM memory load per layer (dashed: uniform)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -277,8 +280,7 @@ def plot_history(study: optuna.Study, complete: list, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"Optimisation history: {study.study_name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def param_importances(study: optuna.Study) -> dict[str, float]:
@@ -296,8 +298,7 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
     ax.set_xlabel("importance (fANOVA)")
     ax.set_title(f"Parameter importances: {name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
@@ -319,7 +320,8 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
         files.update({p.stem: p for p in plots})
     if results:
         header, body = run_sections(results, out, sections, files)
-    files["markdown"].write_text("\n\n".join(sections) + "\n")
+    with atomic_path(files["markdown"]) as tmp:
+        tmp.write_text("\n\n".join(sections) + "\n")
     console = console or Console()
     if results:
         table = Table(title=f"Test accuracy: {folder}")

@@ -14,8 +14,10 @@ study's total. A trial that raises, runs out of memory or diverges is recorded a
 import argparse
 import math
 import os
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from sandbox.train import CONF_DIR, ConfigError, one_line, train
+from sandbox.train import CONF_DIR, UNWRITABLE, ConfigError, one_line, train
 
 # Heartbeats and retries are marked experimental in Optuna 4/5; they are what keeps a dead worker's trial
 # from staying RUNNING for ever.
@@ -37,6 +39,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 OBJECTIVES = {"best_val_acc": "maximize", "test_acc": "maximize", "state_size": "minimize",
               "wall_time_s": "minimize"}
 DISTRIBUTIONS = ("categorical", "int", "float")
+# A failed trial without a recorded reason is one whose worker stopped sending heartbeats.
+WORKER_LOST = "its worker stopped (killed, interrupted or cut off from the storage) before the trial finished"
 
 
 # ---- the search space ----
@@ -122,15 +126,21 @@ def load_space(name: str, extra_params: list[str]) -> dict:
 # ---- storage and study ----
 def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats: a trial whose worker died is failed once its heartbeat is older
-    than the grace period, and retried once, instead of staying RUNNING for ever."""
+    than the grace period, and retried once, instead of staying RUNNING for ever.
+
+    Workers that open a new database at the same moment race to create its tables; a loser ("already
+    exists") tries again and finds them."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat["interval_s"],
-            grace_period=heartbeat["grace_s"],
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-    except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
-        raise ConfigError(f"--storage {url!r} cannot be opened: {one_line(err)}") from err
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat["interval_s"],
+                grace_period=heartbeat["grace_s"],
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
+            if attempt == 2 or "already exists" not in str(err):
+                raise ConfigError(f"--storage {url!r} cannot be opened: {one_line(err)}") from err
+            time.sleep(1 + attempt)
 
 
 def make_sampler(space: dict, worker: int) -> optuna.samplers.BaseSampler:
@@ -141,7 +151,7 @@ def make_sampler(space: dict, worker: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if len(space["objectives"]) > 1:
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
 def make_pruner(space: dict) -> optuna.pruners.BasePruner:
@@ -169,6 +179,7 @@ def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
         chosen = suggest(trial, space["params"])
         run_dir = sweep_dir / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 cfg = compose(config_name="train", overrides=[
@@ -197,21 +208,26 @@ def trial_count(study: optuna.Study) -> int:
     """Trials that count towards the study's total: finished, running or waiting, where a trial failed for
     a dead worker and then retried counts once."""
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
-    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
     return len(trials) - len(retried)
 
 
 def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: Path, worker: int) -> None:
-    """Run trials one at a time until the study's trial count reaches `n_trials` and no retry waits."""
+    """Run trials one at a time until the study's trial count reaches `n_trials`, then wait for the trials
+    that other workers run: one whose worker died is failed once its heartbeat is stale, and its retry is
+    run here. So while one worker lives, no trial is left RUNNING."""
     study = open_study(space, open_storage(storage_url, space["heartbeat"]), worker)
     objective = make_objective(space, overrides, sweep_dir)
     while True:
         # Fail (and queue a retry of) trials whose worker died, before counting them as running.
         optuna.storages.fail_stale_trials(study)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if trial_count(study) >= space["n_trials"] and not waiting:
+        if trial_count(study) < space["n_trials"] or waiting:
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            time.sleep(min(2, space["heartbeat"]["interval_s"]))
+        else:
             break
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
 
 
 def summarise(study: optuna.Study, objectives: list[str]) -> str:
@@ -220,7 +236,7 @@ def summarise(study: optuna.Study, objectives: list[str]) -> str:
     lines = [f"study {study.study_name}: " + ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n)]
     for trial in trials:
         if trial.state == TrialState.FAIL:
-            lines.append(f"  trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'unknown')}")
+            lines.append(f"  trial {trial.number} failed: {trial.user_attrs.get('fail_reason', WORKER_LOST)}")
     best = study.best_trials if len(objectives) > 1 else ([study.best_trial] if counts["COMPLETE"] else [])
     title = "Pareto front" if len(objectives) > 1 else "best"
     for trial in best:
@@ -239,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study-name", default=None)
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     parser.add_argument("--output-root", default="outputs")
-    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=0,
+                        help="index of this machine's first worker (seeds its sampler): give each machine that "
+                             "shares a study its own, e.g. 0, 4, 8 with --workers 4")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial, e.g. experiment=quickstart")
     args = parser.parse_intermixed_args(argv)
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -256,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         # Compose one trial's config up front, so a bad override fails here, not in every trial.
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name="train", overrides=[*space.get("overrides", []), *args.overrides])
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if err.errno not in UNWRITABLE:
+                raise
+            raise ConfigError(f"--output-root {args.output_root} cannot be written ({err.strerror}: "
+                              f"{err.filename}); it must be a writable folder with free space") from None
         storage_url = args.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
         study = open_study(space, open_storage(storage_url, space["heartbeat"]))
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
@@ -268,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         base = [sys.executable, "-m", "sandbox.sweep", "--space", args.space, "--n-trials", str(space["n_trials"]),
                 "--study-name", space["study_name"], "--storage", storage_url, "--output-root", args.output_root,
                 *(f"--param={p}" for p in args.param)]
-        workers = [subprocess.Popen([*base, "--worker-index", str(i), *args.overrides]) for i in range(args.workers)]
+        workers = [subprocess.Popen([*base, "--worker-index", str(args.worker_index + i), *args.overrides])
+                   for i in range(args.workers)]
         codes = [w.wait() for w in workers]
         if any(codes):
             print(f"sandbox-sweep: worker exit codes {codes}", file=sys.stderr)

@@ -119,8 +119,11 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     deadline = time.time() + 300
     db = tmp_path / "sweeps" / "routing" / "study.db"
     while time.time() < deadline:
-        if db.exists() and load_study(tmp_path).get_trials(states=(TrialState.RUNNING,)):
-            break
+        try:
+            if db.exists() and load_study(tmp_path).get_trials(states=(TrialState.RUNNING,)):
+                break
+        except KeyError:  # the database file exists before the worker has written the study into it
+            pass
         time.sleep(0.5)
     else:
         pytest.fail("the worker never started a trial")
