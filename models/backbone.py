@@ -203,28 +203,7 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(
-    *,
-    vocab_size: int,
-    max_seq_len: int,
-    mixer: str,
-    d_model: int = 64,
-    n_layers: int = 2,
-    mlp: bool = False,
-    learned_positions: bool = False,
-    tie_embeddings: bool = True,
-    backend: str = "auto",
-    mixer_options: dict | None = None,
-) -> LanguageModel:
-    return LanguageModel(
-        vocab_size=vocab_size,
-        max_seq_len=max_seq_len,
-        mixer=mixer,
-        d_model=d_model,
-        n_layers=n_layers,
-        mlp=mlp,
-        learned_positions=learned_positions,
-        tie_embeddings=tie_embeddings,
-        backend=backend,
-        mixer_options=mixer_options,
-    )
+def build_model(**settings) -> LanguageModel:
+    """The language model of `settings` (LanguageModel's keyword arguments: vocab_size, max_seq_len, mixer,
+    d_model, n_layers, mlp, learned_positions, tie_embeddings, backend, mixer_options)."""
+    return LanguageModel(**settings)
