@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sandbox.results import atomic_path, collect_results
@@ -328,7 +329,7 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
         for column in header:
             table.add_column(column)
         for cells in body:
-            table.add_row(*cells)
+            table.add_row(*(escape(c) for c in cells))  # labels like mom[gla] are not markup
         console.print(table)
     for kind, path in files.items():
         console.print(f"{kind}: {path}")
