@@ -21,9 +21,7 @@ if not _has_nvidia_gpu():
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
-    no_gpu = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(no_gpu)
+            item.add_marker(needs_gpu)
