@@ -43,6 +43,7 @@ from torch import nn
 from models.common import (
     GatedRMSNorm,
     ShortConv,
+    causal_conv_silu,
     check_backend,
     check_int,
     compute_dtype,
@@ -54,8 +55,25 @@ from models.common import (
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, n, T, C], index [B, n, T] -> x[b, m, index[b, m, t], :]."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+    """x [B, n, T, C], index [B, n, T] -> x[b, m, index[b, m, t], :] (as whole rows: faster than `gather`)."""
+    B, n, T, C = x.shape
+    rows = index + torch.arange(0, B * n * T, T, device=index.device).view(B, n, 1)
+    return x.reshape(B * n * T, C).index_select(0, rows.flatten()).view(B, n, T, C)
+
+
+class _PermuteTime(torch.autograd.Function):
+    """x [B, n, T, C] -> x[b, m, order[b, m, t], :] for a permutation `order` of the time steps with inverse
+    `back`: the backward is the gather through `back` (autograd's scatter-add is several times slower)."""
+
+    @staticmethod
+    def forward(ctx, x, order, back):
+        ctx.save_for_backward(back)
+        return _gather_time(x, order)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (back,) = ctx.saved_tensors
+        return _gather_time(dy, back), None, None
 
 
 class MemoryMixer(nn.Module):
@@ -138,13 +156,14 @@ class MemoryMixer(nn.Module):
         else:
             # Each slot's routed tokens first, in token order (stable sort); the conv runs over them, and
             # whatever follows them (the other tokens) cannot reach back into them: the conv is causal.
+            # q, k and v go through one permutation and one conv (their weights side by side).
             not_routed = (~mask).transpose(1, 2).to(torch.uint8)  # [B, n, T]
             order = torch.sort(not_routed, dim=-1, stable=True).indices
             back = order.argsort(-1)
-            q, k, v = (
-                _gather_time(conv(_gather_time(z, order)), back)
-                for conv, z in ((self.q_conv, q), (self.k_conv, k), (self.v_conv, v))
-            )
+            conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+            qkv = _PermuteTime.apply(torch.cat([q, k, v], -1), order, back)
+            qkv = _PermuteTime.apply(causal_conv_silu(qkv, conv_weight), back, order)
+            q, k, v = qkv.split([H * K, H * K, H * V], -1)
         q, k = self.features(
             q.transpose(1, 2).reshape(B, T, n, H, K), k.transpose(1, 2).reshape(B, T, n, H, K)
         )

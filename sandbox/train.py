@@ -75,6 +75,8 @@ def check_settings(cfg: DictConfig) -> None:
         ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
         ("optim.warmup_ratio", cfg.optim.warmup_ratio, 0 <= cfg.optim.warmup_ratio < 1, "in [0, 1)"),
         ("trainer.max_epochs", cfg.trainer.max_epochs, cfg.trainer.max_epochs >= 1, ">= 1"),
+        ("trainer.max_steps", cfg.trainer.max_steps, cfg.trainer.max_steps == -1 or cfg.trainer.max_steps >= 1,
+         "-1 (no limit) or >= 1"),
         ("task.batch_size", cfg.task.batch_size, cfg.task.batch_size >= 1, ">= 1"),
         ("callbacks.early_stopping.threshold", cfg.callbacks.early_stopping.threshold,
          0 < cfg.callbacks.early_stopping.threshold <= 1, "in (0, 1]"),

@@ -337,3 +337,21 @@ def test_mom_forward_backward_on_gpu_without_host_sync(backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("T,size", [(1, 4), (7, 4), (13, 2), (5, 1)])
+def test_short_conv_matches_conv1d(T, size):
+    """The short conv's hand-written forward and backward against torch's depthwise conv1d, in float64."""
+    from models.common import causal_conv_silu
+
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs every run; the seed is in the failure message
+    x = randn(3, 2, T, 5, seed=seed).requires_grad_()
+    w = randn(5, size, seed=seed + 1).requires_grad_()
+    conv = torch.nn.functional.conv1d(x.reshape(6, T, 5).transpose(1, 2), w[:, None], padding=size - 1, groups=5)
+    ref = torch.nn.functional.silu(conv[..., :T]).transpose(1, 2).reshape(3, 2, T, 5)
+    y = causal_conv_silu(x, w)
+    dy = randn(*y.shape, seed=seed + 2)
+    assert torch.allclose(y, ref, atol=1e-12), seed
+    grads = torch.autograd.grad(y, (x, w), dy)
+    ref_grads = torch.autograd.grad(ref, (x, w), dy)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads)), seed
