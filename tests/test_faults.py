@@ -95,6 +95,7 @@ BAD_TRAIN = {
     "train-lr-zero": (["optim.lr=0"], "optim.lr"),
     "train-lr-negative": (["optim.lr=-1e-3"], "optim.lr"),
     "train-zero-epochs": (["trainer.max_epochs=0"], "trainer.max_epochs"),
+    "train-zero-steps": (["trainer.max_steps=0"], "trainer.max_steps"),
     "train-unknown-key": (["model.nope=1"], "nope"),
     "train-misspelt-key": (["trainer.max_epoch=3"], "max_epoch"),
     "train-unknown-precision": (["trainer.precision=bf17"], "precision"),
