@@ -132,8 +132,9 @@ class _CausalConvSiLU(torch.autograd.Function):
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The short conv of `ShortConv` as a function: x [..., T, C], weight [C, S] -> silu(causal conv) [..., T, C]."""
     lead, (T, C) = x.shape[:-2], x.shape[-2:]
-    y = _CausalConvSiLU.apply(x.reshape(-1, T, C).contiguous(), weight.to(x.dtype))
-    return y.view(*lead, T, C)
+    dt = compute_dtype(x)  # 16-bit inputs (mixed precision) are summed in float32, as conv1d accumulates
+    y = _CausalConvSiLU.apply(x.reshape(-1, T, C).to(dt).contiguous(), weight.to(dt))
+    return y.view(*lead, T, C).to(x.dtype)
 
 
 class ShortConv(nn.Module):
