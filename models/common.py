@@ -100,32 +100,32 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class _CausalConvSiLU(torch.autograd.Function):
-    """y = silu(a), a_t = sum_i w_i x_{t-S+1+i} over x [N, T, C] (zeros before t = 0), w [C, S].
+    """y = silu(a), a_t = sum_s w_{S-1-s} x_{t-s} over x [N, T, C] (zeros before t = 0), w [C, S].
 
-    Written as S shifted multiply-adds on the contiguous [N, T, C] layout, with the backward by hand: on the
-    CPU, conv1d over the channel-strided layout and autograd's SiLU backward cost several times more."""
+    Written as S shifted multiply-adds on the contiguous [N, T, C] layout, with the backward by hand and no
+    padded copies: on the CPU, conv1d over the channel-strided layout and autograd's SiLU backward cost
+    several times more, and this op's tensors (MoM: every slot's q, k and v) are large."""
 
     @staticmethod
     def forward(ctx, x, weight):
         T, S = x.shape[1], weight.shape[1]
-        xp = F.pad(x, (0, 0, S - 1, 0))
-        a = xp[:, S - 1 :] * weight[:, S - 1]
-        for i in range(S - 1):
-            a.addcmul_(xp[:, i : i + T], weight[:, i])
-        ctx.save_for_backward(xp, weight, a)
+        a = x * weight[:, S - 1]
+        for s in range(1, min(S, T)):  # tap S-1-s reads s steps back
+            a[:, s:].addcmul_(x[:, : T - s], weight[:, S - 1 - s])
+        ctx.save_for_backward(x, weight, a)
         return F.silu(a)
 
     @staticmethod
     def backward(ctx, dy):
-        xp, weight, a = ctx.saved_tensors
-        T, S = a.shape[1], weight.shape[1]
-        s = torch.sigmoid(a)
-        da = dy * s * (1 + a * (1 - s))
-        dap = F.pad(da, (0, 0, 0, S - 1))  # x_t feeds a_{t + S-1-i} through tap i
-        dx = dap[:, :T] * weight[:, S - 1]
-        for i in range(S - 1):
-            dx.addcmul_(dap[:, S - 1 - i : S - 1 - i + T], weight[:, i])
-        dw = torch.stack([(da * xp[:, i : i + T]).sum((0, 1)) for i in range(S)], -1)
+        x, weight, a = ctx.saved_tensors
+        T, S = x.shape[1], weight.shape[1]
+        da = torch.ops.aten.silu_backward(dy, a)  # one fused pass
+        dx = da * weight[:, S - 1]
+        dw = weight.new_zeros(weight.shape)
+        dw[:, S - 1] = (da * x).sum((0, 1))
+        for s in range(1, min(S, T)):
+            dx[:, : T - s].addcmul_(da[:, s:], weight[:, S - 1 - s])
+            dw[:, S - 1 - s] = (da[:, s:] * x[:, : T - s]).sum((0, 1))
         return dx, dw
 
 
