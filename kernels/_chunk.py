@@ -587,8 +587,11 @@ def _blocks(K: int, V: int) -> tuple[int, int, int]:
 
 
 def _launch(BK: int) -> dict:
-    """Launch options of the chunk-sequential kernels: their [K, BV] state and [C, K] tiles are large at K = 256."""
-    return {"num_warps": 8, "num_stages": 1} if BK > 128 else {"num_warps": 4, "num_stages": 2}
+    """Launch options of the chunk-sequential kernels: their [K, BV] state and [C, K] tiles are large at K >= 128,
+    where a second pipeline stage does not fit in shared memory (the backward one took 288 KB at K = 128)."""
+    if BK >= 128:
+        return {"num_warps": 8 if BK > 128 else 4, "num_stages": 1}
+    return {"num_warps": 4, "num_stages": 2}
 
 
 class ChunkFunction(torch.autograd.Function):

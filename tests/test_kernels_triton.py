@@ -31,6 +31,8 @@ GPU_CASES = [
     (2, 300, 4, 64, 128, None, torch.bfloat16),
     (1, 1000, 2, 256, 256, [0, 333, 333, 1000], torch.bfloat16),
 ]
+# every power-of-two head dim with a single head (block sizes and shared memory depend on K and V alone)
+GPU_HEAD_DIM_CASES = [(2, 200, 1, d, d, None, dtype) for d in (16, 32, 64, 128, 256) for dtype in TOL]
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,7 @@ def test_triton_op_matches_reference(rule, mode, B, T, H, K, V, cu, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rule", kernels.RULES)
-@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", GPU_CASES)
+@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", GPU_CASES + GPU_HEAD_DIM_CASES)
 def test_triton_op_matches_reference_large(rule, mode, B, T, H, K, V, cu, dtype):
     # float64 chunked form as the reference: equal to the recurrence (test_kernels_naive) and far faster
     check(rule, mode, B, T, H, K, V, cu, dtype, "cuda", ref_mode="chunk")
