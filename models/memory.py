@@ -14,12 +14,13 @@ short-conv weights, the decay constants, the output gate, norm and projection ar
 (mask [B, T, n] of the slots each token writes to, weights [B, T, n] of their outputs in the mix), slot m
 sees only its own subsequence, in token order:
 
-- its short conv runs over that subsequence (the routed tokens are moved to the front with a stable sort,
-  convolved, and put back), in the parallel form and in `step` alike;
-- on the tokens not routed to it, its write is switched off (k = 0, and g = 0, beta = 0 where the rule has
-  them), so its state at time t is its state after exactly its own tokens up to t.
+- in the parallel form (`mix`), each slot's routed tokens are moved to the front of its row with a stable
+  sort; its conv and its recurrence run over that order, so the tokens not routed to it, which come after all
+  of its own, reach none of its routed outputs (and their outputs get weight 0 in the mix). The slots run
+  as a batch of B * n sequences of one kernel call (no per-memory loop, no padding, no host sync);
+- in `step`, a slot's conv buffer and state advance only on the tokens routed to it (the others keep them),
+  so its state at time t is its state after exactly its own tokens up to t.
 
-All slots then run as extra heads of one kernel call (no per-memory loop, no padding, no host sync).
 Without a routing (`mask=None`, the single-memory mixers) every slot sees every token with weight 1.
 That form (`mix`, `mix_step`) is the reference. `mix_routed` and `step_routed` compute the same through the
 routed Triton path (`kernels/mom`): each memory runs on its own packed segment of the tokens routed to it, so
@@ -145,39 +146,38 @@ class MemoryMixer(nn.Module):
         return self.mix(x)
 
     def mix(self, x: torch.Tensor, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None):
-        """The parallel form of all slots; mask [B, T, n] bool, weight [B, T, n]: the routing (None: all)."""
+        """The parallel form of all slots; mask [B, T, n] bool, weight [B, T, n]: the routing (None: every slot
+        sees every token, with weight 1). The slots run as a batch of B * n sequences of one kernel call."""
         B, T, _ = x.shape
         H, K, V, n = self.num_heads, self.key_dim, self.value_dim, self.num_slots
-        q = self.q_proj(x)[:, None].expand(B, n, T, H * K)  # [B, n, T, C]: one copy per slot
+        q = self.q_proj(x)[:, None].expand(B, n, T, H * K)  # [B, n, T, C]: each slot convolves its own
         k = self.k_proj(x).view(B, T, n, H * K).transpose(1, 2)
         v = self.v_proj(x).view(B, T, n, H * V).transpose(1, 2)
-        if mask is None or not self.conv_size:
-            q, k, v = self.q_conv(q[:, :1]).expand(B, n, T, H * K), self.k_conv(k), self.v_conv(v)
-        else:
-            # Each slot's routed tokens first, in token order (stable sort); the conv runs over them, and
-            # whatever follows them (the other tokens) cannot reach back into them: the conv is causal.
-            # q, k and v go through one permutation and one conv (their weights side by side).
+        qkv = torch.cat([q, k, v], -1)
+        gates = [None if z is None else z.transpose(1, 2) for z in self.gates(x)]  # [B, n, T, H(, K)]
+        if mask is not None:
+            # Each slot runs on its own subsequence: its routed tokens first, in token order (stable sort), then
+            # the others. Those come after every routed token, so neither the causal conv nor the recurrence
+            # carries them into a routed token's output, and their own outputs get weight 0 in the mix.
             not_routed = (~mask).transpose(1, 2).to(torch.uint8)  # [B, n, T]
             order = torch.sort(not_routed, dim=-1, stable=True).indices
             back = order.argsort(-1)
+            qkv = _PermuteTime.apply(qkv, order, back)
+            gates = [None if z is None else _PermuteTime.apply(z.flatten(3), order, back).view(z.shape)
+                     for z in gates]  # fmt: skip
+        if self.conv_size:  # q, k and v through one conv, their weights side by side
             conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
-            qkv = _PermuteTime.apply(torch.cat([q, k, v], -1), order, back)
-            qkv = _PermuteTime.apply(causal_conv_silu(qkv, conv_weight), back, order)
-            q, k, v = qkv.split([H * K, H * K, H * V], -1)
-        q, k = self.features(
-            q.transpose(1, 2).reshape(B, T, n, H, K), k.transpose(1, 2).reshape(B, T, n, H, K)
-        )
-        v = v.transpose(1, 2).reshape(B, T, n, H, V)
-        g, beta = self.gates(x)
-        if mask is not None:  # a slot's non-routed tokens do not write to it
-            keep = mask[..., None]  # [B, T, n, 1]
-            k = k * keep[..., None].to(k.dtype)
-            g = None if g is None else g * (keep if g.dim() == 4 else keep[..., None]).to(g.dtype)
-            beta = None if beta is None else beta * keep.to(beta.dtype)
-        extra = {name: z.flatten(2, 3) for name, z in (("g", g), ("beta", beta)) if z is not None}
+            qkv = causal_conv_silu(qkv, conv_weight)
+        q, k, v = qkv.split([H * K, H * K, H * V], -1)
+        q, k = self.features(q.reshape(B * n, T, H, K), k.reshape(B * n, T, H, K))
+        g, beta = (None if z is None else z.reshape(B * n, T, *z.shape[3:]) for z in gates)
+        extra = {name: z for name, z in (("g", g), ("beta", beta)) if z is not None}
         op = kernel_op(self.rule, self.backend, x.device)
-        o, _ = op(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=self.scale, **extra)
-        return self._output(x, o.view(B, T, n, H, V), weight)
+        o, _ = op(q, k, v.reshape(B * n, T, H, V), scale=self.scale, **extra)
+        o = o.reshape(B, n, T, H * V)
+        if mask is not None:
+            o = _PermuteTime.apply(o, back, order)  # back to token order
+        return self._output(x, o.transpose(1, 2).view(B, T, n, H, V), weight)
 
     def mix_routed(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, shared: bool):
         """The parallel form through the routed Triton path: index [B, T, k] the memories (slots) each token is
