@@ -323,7 +323,8 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
         header, body = run_sections(results, out, sections, files)
     with atomic_path(files["markdown"]) as tmp:
         tmp.write_text("\n\n".join(sections) + "\n")
-    console = console or Console()
+    # a log file or pipe is not 80 columns wide: print the whole table there rather than truncated labels
+    console = console or (Console() if sys.stdout.isatty() else Console(width=200))
     if results:
         table = Table(title=f"Test accuracy: {folder}")
         for column in header:
