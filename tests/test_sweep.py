@@ -113,7 +113,9 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     space["heartbeat"] = {"interval_s": 1, "grace_s": 2}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
-    command = sweep_command(tmp_path, "--space", str(path), "--n-trials", "2")
+    # trials of a few seconds (debug=fast ones take well under one), so that the poll below sees one running
+    command = sweep_command(tmp_path, "--space", str(path), "--n-trials", "2", "task.limit_examples=1024",
+                            "trainer.limit_train_batches=1.0")
     worker = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 300
