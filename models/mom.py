@@ -24,9 +24,10 @@ what that single-memory mixer computes. The paper's "single expanded memory" con
 state size) is the single-memory mixer with expand_v multiplied by M + shared, e.g.
 `mixer="gated_deltanet", mixer_options={"expand_v": 5}` against `mixer="mom"` with 4 memories + shared.
 
-Backends: `torch` runs every memory on every token as an extra head, the tokens not routed to it masked (the
-reference); `triton` (what `auto` is on CUDA) takes the routed path (`kernels/mom`): each memory runs on the
-tokens routed to it only, packed into segments on the device, and decoding updates only the selected memories.
+Backends: `torch` runs every memory over all the tokens, its own first (in token order) and the others after
+them, where they cannot reach its routed outputs (the reference); `triton` (what `auto` is on CUDA) takes the
+routed path (`kernels/mom`): each memory runs on the tokens routed to it only, packed into segments on the
+device, and decoding updates only the selected memories.
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats.
@@ -112,8 +113,8 @@ class MoM(nn.Module):
 
     def routed(self, x: torch.Tensor) -> bool:
         """Whether the routed Triton path runs: with the `triton` backend (`auto` on CUDA), each memory works on
-        the tokens routed to it only (`kernels/mom`); the `torch` backend runs every memory on every token, the
-        non-routed ones masked (the reference)."""
+        the tokens routed to it only (`kernels/mom`); the `torch` backend runs every memory over all the tokens,
+        its routed ones first (the reference)."""
         return kernels.resolve_backend(self.backend, x.device) == "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
