@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -128,8 +129,8 @@ def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats: a trial whose worker died is failed once its heartbeat is older
     than the grace period, and retried once, instead of staying RUNNING for ever.
 
-    Workers that open a new database at the same moment race to create its tables; a loser ("already
-    exists") tries again and finds them."""
+    Workers that open a new database at the same moment race to create its tables and write its schema
+    version; a loser ("already exists", or a UNIQUE constraint on that version) tries again and finds them."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(3):
         try:
@@ -138,7 +139,8 @@ def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
                 grace_period=heartbeat["grace_s"],
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
-            if attempt == 2 or "already exists" not in str(err):
+            lost_race = "already exists" in str(err) or isinstance(err, sqlalchemy.exc.IntegrityError)
+            if attempt == 2 or not lost_race:
                 raise ConfigError(f"--storage {url!r} cannot be opened: {one_line(err)}") from err
             time.sleep(1 + attempt)
 

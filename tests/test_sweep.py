@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -124,8 +125,8 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
         try:
             if db.exists() and load_study(tmp_path).get_trials(states=(TrialState.RUNNING,)):
                 break
-        except KeyError:  # the database file exists before the worker has written the study into it
-            pass
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+            pass  # the database file exists before the worker has written its tables or the study into it
         time.sleep(0.5)
     else:
         pytest.fail("the worker never started a trial")
