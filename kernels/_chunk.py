@@ -11,14 +11,19 @@ values U = U' - W h from the UT transform Tm = (I + L)^-1):
 Forward kernels: `_local` (per chunk: b, Aqk, and for the delta rules Tm, W, U'), `_gla_intra` (GLA's Aqk,
 computed in sub-chunks so that no positive number is exponentiated), `_state` (chunk after chunk: the state
 entering each chunk, and U), `_output`. Backward kernels: `_dstate` (chunk after chunk backwards: the state
-gradient after each chunk dH, and dU), `_dprep` (per chunk: D = scale causal(dO U^T * G), for the delta rules
-dv, dbeta's value part and P' = strict(-dX_v U^T) * G with dX_v = Tm^T dU), `_gla_dintra` (GLA's intra-chunk
+gradient after each chunk dH, and for the delta rules dU), `_dprep` (per chunk: D = scale causal(dO U^T * G),
+for the delta rules dv, dbeta's value part and P' = strict(-dX_v U^T) * G with dX_v = Tm^T dU, for the other
+rules dv = dU), `_gla_dintra` (GLA's intra-chunk
 dq, dk), `_dqk` (per chunk and block of K: dq, dk and dbeta's key part).
 The decays' gradient dg is a reverse cumulative sum of per-token terms (see `_common.decay_grad`).
 
 Every sequence is handled as packed (a batch of B rows of T tokens is B sequences); a device-side chunk
 table maps a program to its chunk, so there is no host-device sync. Transposed tiles are loaded through
-strides instead of `tl.trans` (Triton 3.4-3.6 miscompiles some dots on transposed operands on Hopper).
+strides instead of `tl.trans` (Triton 3.4-3.6 miscompiles some dots on transposed operands on Hopper). The
+two sequential kernels split the state into blocks of V, and of K too for the rules without the delta rule
+(whose state rows evolve independently); the delta rules' UT inverse is blockwise (`_ut_inverse`). With bf16
+inputs the products run as bf16 tensor-core dots (`_dot_mode`), but for two kernels that Triton 3.6 miscompiles
+on Hopper (`_bf16_fix`).
 """
 
 from __future__ import annotations
@@ -36,22 +41,60 @@ CHUNK = 64
 SUB = 16  # GLA's sub-chunk
 
 
-def _dot_mode() -> int:
-    """How `_dot` multiplies, for float32 and 16-bit inputs alike: 1, tf32x3 (float32 accuracy on tensor
-    cores; plain float32 dots run on FMA units and compile slowly). Plain tf32 is not enough for 16-bit inputs
-    either: the decays' gradient sums per-token terms that nearly cancel, and in a bf16 MoM layer (length
-    1000, heads of 256) tf32 put its error at 7e-2, against 4e-3 for the zoo's PyTorch MoM in bf16. The
-    interpreter has no tf32: 0, float32 there (its bf16 dot returns garbage: operands are always float32)."""
-    return 0 if os.environ.get("TRITON_INTERPRET") == "1" else 1
+def _dot_mode(dtype: torch.dtype) -> int:
+    """How `_dot` multiplies. The decays' gradient sums per-token terms that nearly cancel, so the dots need
+    more than tf32's 11 bits: with plain tf32, in a bf16 MoM layer (length 1000, heads of 256) its error was
+    7e-2, against 4e-3 for the zoo's PyTorch MoM in bf16.
+    2, bf16 inputs: bf16 tensor-core dots accumulating in float32. Two bf16 operands (the inputs) multiply
+       exactly in one dot; a float32 operand is split as hi + lo in bf16 (16 bits of mantissa, error about
+       2^-17 of it): 2 dots, or 3 when both operands are float32 (half the tensor-core time of tf32x3).
+    1, other inputs: tf32x3 (float32 accuracy on tensor cores; plain float32 dots run on FMA units and compile
+       slowly), for the 1e-3 of float32 inputs.
+    Under the interpreter (no tf32; its dot multiplies the raw bits of bf16 operands): 0, float32, for float32
+    inputs, and 3 for bf16 ones, mode 2 with each bf16 dot done on the operands converted to float32 (exact, as
+    on the GPU), so that the CPU tests run the bf16 path's splits and conversions."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if dtype == torch.bfloat16:
+        return 3 if interpreted else 2
+    return 0 if interpreted else 1
+
+
+@triton.jit
+def _split(x):
+    """A float32 tile as hi + lo, both bf16."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b for bf16 a, b, accumulating in float32 (converted first under the interpreter)."""
+    if DOT == 3:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
 def _dot(a, b, DOT: tl.constexpr):
-    a, b = a.to(tl.float32), b.to(tl.float32)
-    if DOT == 0:
-        return tl.dot(a, b, input_precision="ieee")
+    """a @ b in float32 (see `_dot_mode`); pass bf16 inputs as loaded, unconverted, for the one-dot case."""
+    if DOT >= 2:
+        if a.dtype == tl.bfloat16 and b.dtype == tl.bfloat16:
+            out = _mma(a, b, None, DOT)
+        elif a.dtype == tl.bfloat16:
+            b_hi, b_lo = _split(b.to(tl.float32))
+            out = _mma(a, b_hi, _mma(a, b_lo, None, DOT), DOT)
+        elif b.dtype == tl.bfloat16:
+            a_hi, a_lo = _split(a.to(tl.float32))
+            out = _mma(a_hi, b, _mma(a_lo, b, None, DOT), DOT)
+        else:
+            a_hi, a_lo = _split(a.to(tl.float32))
+            b_hi, b_lo = _split(b.to(tl.float32))
+            out = _mma(a_hi, b_hi, _mma(a_hi, b_lo, _mma(a_lo, b_hi, None, DOT), DOT), DOT)
+    elif DOT == 1:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
-        return tl.dot(a, b, input_precision="tf32x3")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return out
 
 
 @triton.jit
@@ -61,6 +104,39 @@ def _decay_rows(bcum, start, n, i_h, offs_c, H: tl.constexpr):
     b = tl.load(bcum + (start + offs_c) * H + i_h, mask=m_c, other=0.0)
     b_last = tl.load(bcum + (start + n - 1) * H + i_h)
     return b, b_last
+
+
+@triton.jit
+def _ut_inverse(L, buf, n, stride, C: tl.constexpr, S: tl.constexpr, DOT: tl.constexpr):
+    """Tm = (I + strict(L))^-1 for a [C, C] tile of which the first n rows are real, blockwise with blocks of S.
+    The C // S diagonal blocks are inverted by forward substitution, S steps each on an [S, S] tile, passing
+    through `buf` (rows of `stride` elements: Tm's rows of this chunk, overwritten afterwards by the caller).
+    With D^-1 their inverse (block diagonal) and E the part of L below them, I + L = (I + D)(I + M) with
+    M = D^-1 E, and as M^(C // S) = 0, for 4 blocks (I + M)^-1 = (I - M)(I + M^2): Tm = (I - M)(I + M^2) D^-1."""
+    tl.static_assert(C // S == 4, "the product form below is for 4 blocks")
+    offs_c = tl.arange(0, C)
+    offs_s = tl.arange(0, S)
+    m_c = offs_c < n
+    tl.store(buf + offs_c[:, None] * stride + offs_c[None, :], L, mask=m_c[:, None])
+    tl.debug_barrier()
+    for blk in tl.static_range(C // S):
+        p = buf + (blk * S + offs_s[:, None]) * stride + blk * S + offs_s[None, :]
+        m = (blk * S + offs_s < n)[:, None]
+        X = tl.where(offs_s[:, None] > offs_s[None, :], -tl.load(p, mask=m, other=0.0), 0.0)
+        for i in range(1, S):  # X_i = -L_i - sum_{j < i} L_ij X_j
+            row = tl.sum(tl.where(offs_s[:, None] == i, X, 0.0), 0)
+            row = row + tl.sum(row[:, None] * X, 0)
+            X = tl.where(offs_s[:, None] == i, row[None, :], X)
+        tl.store(p, X, mask=m)
+    tl.debug_barrier()
+    blk_c = offs_c // S
+    same = blk_c[:, None] == blk_c[None, :]
+    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    Dinv = eye + tl.load(buf + offs_c[:, None] * stride + offs_c[None, :], mask=m_c[:, None] & same, other=0.0)
+    E = tl.where(blk_c[:, None] > blk_c[None, :], L, 0.0)
+    M = _dot(Dinv, E, DOT)
+    P = _dot(eye - M, eye + _dot(M, M, DOT), DOT)
+    return _dot(P, Dinv, DOT)
 
 
 @triton.jit
@@ -111,29 +187,23 @@ def _local_kernel(
             L = beta_c[:, None] * kk
             if GATE == 2:
                 L = L * G
-            # X = Tm - I by forward substitution: X_i = -L_i - sum_{j < i} L_ij X_j
-            X = tl.where(offs_c[:, None] > offs_c[None, :], -L, 0.0)
-            for i in range(1, C):
-                row = tl.sum(tl.where(offs_c[:, None] == i, X, 0.0), 0)
-                row = row + tl.sum(row[:, None] * X, 0)
-                X = tl.where(offs_c[:, None] == i, row[None, :], X)
-            T_c = X + tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+            T_c = _ut_inverse(L, Tm + (start * H + i_h) * C, n, H * C, C, 16, DOT)
+            tl.debug_barrier()  # every thread has read the diagonal blocks back before Tm is overwritten
             tl.store(Tm + (rows[:, None] * H + i_h) * C + offs_c[None, :], T_c, mask=m_c[:, None])
             bg = beta_c
             if GATE == 2:
                 bg = beta_c * tl.exp(b)
+            # W = Tm diag(beta gamma) K and U' = Tm diag(beta) V: the row scales go on Tm's columns
             for kb in range(0, K, BK):
                 offs_k = kb + tl.arange(0, BK)
                 p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
                 m = m_c[:, None] & (offs_k[None, :] < K)
-                k_c = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-                tl.store(W + p, _dot(T_c, bg[:, None] * k_c, DOT), mask=m)
+                tl.store(W + p, _dot(T_c * bg[None, :], tl.load(k + p, mask=m, other=0.0), DOT), mask=m)
             for vb in range(0, V, BV):
                 offs_v = vb + tl.arange(0, BV)
                 p = (rows[:, None] * H + i_h) * V + offs_v[None, :]
                 m = m_c[:, None] & (offs_v[None, :] < V)
-                v_c = tl.load(v + p, mask=m, other=0.0).to(tl.float32)
-                tl.store(Up + p, _dot(T_c, beta_c[:, None] * v_c, DOT), mask=m)
+                tl.store(Up + p, _dot(T_c * beta_c[None, :], tl.load(v + p, mask=m, other=0.0), DOT), mask=m)
 
 
 @triton.jit
@@ -197,14 +267,16 @@ def _state_kernel(
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    """Chunk after chunk: the state entering each chunk, [BK, BV] of it per program (the delta rules need all
+    K rows, BK >= K, for U = U' - W h; the other rules split K too), and for the delta rules U."""
+    i_v, i_nh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     nc = (tl.load(chunk_offsets + i_n + 1) - c0).to(tl.int32)
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
+    offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < K, offs_v < V
     p_state = offs_k[:, None] * V + offs_v[None, :]
@@ -227,13 +299,13 @@ def _state_kernel(
             u = tl.load(Up + p_v, mask=m_cv, other=0.0) - _dot(w, S, DOT)
             tl.store(U + p_v, u, mask=m_cv)
         else:
-            u = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+            u = tl.load(v + p_v, mask=m_cv, other=0.0)
         pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
         m_kc = mk[:, None] & m_c[None, :]
-        kT = tl.load(k + pT, mask=m_kc, other=0.0).to(tl.float32)
-        if GATE == 2:
+        kT = tl.load(k + pT, mask=m_kc, other=0.0)
+        if GATE == 2:  # the decays of K's columns go on U's rows
             b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
-            S = S * tl.exp(b_last) + _dot(kT * tl.exp(b_last - b)[None, :], u, DOT)
+            S = S * tl.exp(b_last) + _dot(kT, u * tl.exp(b_last - b)[:, None], DOT)
         elif GATE == 1:
             bT = tl.load(bcum + pT, mask=m_kc, other=0.0)
             b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
@@ -263,7 +335,7 @@ def _output_kernel(
         mk = offs_k < K
         p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
         m = m_c[:, None] & mk[None, :]
-        q_c = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+        q_c = tl.load(q + p, mask=m, other=0.0)
         if GATE == 1:
             q_c = q_c * tl.exp(tl.load(bcum + p, mask=m, other=0.0))
         h_c = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + offs_k[:, None] * V + offs_v[None, :],
@@ -277,7 +349,7 @@ def _output_kernel(
     if DELTA:
         u = tl.load(U + p_v, mask=m_cv, other=0.0)
     else:
-        u = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        u = tl.load(v + p_v, mask=m_cv, other=0.0)
     acc = (acc + _dot(A, u, DOT)) * scale
     tl.store(o + p_v, acc.to(o.dtype.element_ty), mask=m_cv)
 
@@ -289,15 +361,17 @@ def _dstate_kernel(
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Backwards over the chunks: dU = scale Aqk^T dO + K_dec dH; dH <- exp(b_C) dH + scale (exp(b) Q)^T dO - W^T dU."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    """Backwards over the chunks: dH <- exp(b_C) dH + scale (exp(b) Q)^T dO, [BK, BV] of it per program; for the
+    delta rules (all K rows, BK >= K) also dU = scale Aqk^T dO + K_dec dH and dH -= W^T dU. The other rules'
+    dU, which the recursion does not need, is left to `_dprep`."""
+    i_v, i_nh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     nc = (tl.load(chunk_offsets + i_n + 1) - c0).to(tl.int32)
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
+    offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < K, offs_v < V
     p_state = offs_k[:, None] * V + offs_v[None, :]
@@ -315,29 +389,30 @@ def _dstate_kernel(
         tl.store(dH + ((c0 + ic) * H + i_h) * K * V + p_state, dS, mask=m_state)
         p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
         m_cv = m_c[:, None] & mv[None, :]
-        do_c = tl.load(do + p_v, mask=m_cv, other=0.0).to(tl.float32)
-        AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
+        do_c = tl.load(do + p_v, mask=m_cv, other=0.0)
         p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
         pT_k = (rows[None, :] * H + i_h) * K + offs_k[:, None]
         m_ck = m_c[:, None] & mk[None, :]
         m_kc = mk[:, None] & m_c[None, :]
-        k_c = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32)
-        qT = tl.load(q + pT_k, mask=m_kc, other=0.0).to(tl.float32)
+        qT = tl.load(q + pT_k, mask=m_kc, other=0.0)
         if GATE == 2:
             b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
-            k_c = k_c * tl.exp(b_last - b)[:, None]
-            qT = qT * tl.exp(b)[None, :]
         if GATE == 1:
             b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
-            k_c = k_c * tl.exp(b_last[None, :] - tl.load(bcum + p_k, mask=m_ck, other=0.0))
             qT = qT * tl.exp(tl.load(bcum + pT_k, mask=m_kc, other=0.0))
-        du = scale * _dot(AT, do_c, DOT) + _dot(k_c, dS, DOT)
-        tl.store(dU + p_v, du, mask=m_cv)
-        if GATE == 2:
-            dS = dS * tl.exp(b_last)
-        if GATE == 1:
-            dS = dS * tl.exp(b_last)[:, None]
-        dS += scale * _dot(qT, do_c, DOT)
+        if DELTA:
+            AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
+            kdS = _dot(tl.load(k + p_k, mask=m_ck, other=0.0), dS, DOT)
+            if GATE == 2:
+                kdS = kdS * tl.exp(b_last - b)[:, None]
+            du = scale * _dot(AT, do_c, DOT) + kdS
+            tl.store(dU + p_v, du, mask=m_cv)
+        if GATE == 2:  # exp(b) on Q's columns goes on dO's rows
+            dS = dS * tl.exp(b_last) + scale * _dot(qT, do_c * tl.exp(b)[:, None], DOT)
+        elif GATE == 1:
+            dS = dS * tl.exp(b_last)[:, None] + scale * _dot(qT, do_c, DOT)
+        else:
+            dS += scale * _dot(qT, do_c, DOT)
         if DELTA:
             wT = tl.load(W + pT_k, mask=m_kc, other=0.0)
             dS -= _dot(wT, du, DOT)
@@ -347,12 +422,13 @@ def _dstate_kernel(
 
 @triton.jit
 def _dprep_kernel(
-    q, v, beta, bcum, Aqk, Tm, U, h, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
+    q, k, v, beta, bcum, Aqk, Tm, U, h, dH, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, over all value columns: D = scale causal(dO U^T * G); for the delta rules dX_v = Tm^T dU,
-    dv = beta dX_v, dbeta's value part, P' = strict(-dX_v U^T) * G; for per-head gates the do.o - dv.v terms."""
+    dv = beta dX_v, dbeta's value part, P' = strict(-dX_v U^T) * G; for per-head gates the do.o - dv.v terms;
+    for the other rules dv = dU = scale Aqk^T dO + K_dec dH."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     start = tl.load(table + 2 * i_c).to(tl.int64)
     n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
@@ -361,6 +437,7 @@ def _dprep_kernel(
     rows = start + offs_c
     causal = offs_c[:, None] >= offs_c[None, :]
     p_cc = (rows[:, None] * H + i_h) * C + offs_c[None, :]
+    p_h = (i_c.to(tl.int64) * H + i_h) * K * V
 
     accD = tl.zeros([C, C], dtype=tl.float32)
     if DELTA:
@@ -368,6 +445,8 @@ def _dprep_kernel(
         beta_c = tl.load(beta + rows * H + i_h, mask=m_c, other=0.0).to(tl.float32)
         TmT = tl.load(Tm + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
         dbeta = tl.zeros([C], dtype=tl.float32)
+    else:
+        AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
     if GATE == 2:
         b = tl.load(bcum + rows * H + i_h, mask=m_c, other=0.0)
         A = tl.load(Aqk + p_cc, mask=m_c[:, None], other=0.0)
@@ -379,11 +458,11 @@ def _dprep_kernel(
         m_cv = m_c[:, None] & mv[None, :]
         pT_v = (rows[None, :] * H + i_h) * V + offs_v[:, None]
         m_vc = mv[:, None] & m_c[None, :]
-        do_c = tl.load(do + p_v, mask=m_cv, other=0.0).to(tl.float32)
+        do_c = tl.load(do + p_v, mask=m_cv, other=0.0)
         if DELTA:
             uT = tl.load(U + pT_v, mask=m_vc, other=0.0)
         else:
-            uT = tl.load(v + pT_v, mask=m_vc, other=0.0).to(tl.float32)
+            uT = tl.load(v + pT_v, mask=m_vc, other=0.0)
         accD += _dot(do_c, uT, DOT)
         if DELTA:
             dxv = _dot(TmT, tl.load(dU + p_v, mask=m_cv, other=0.0), DOT)
@@ -391,6 +470,21 @@ def _dprep_kernel(
             tl.store(dv + p_v, beta_c[:, None] * dxv, mask=m_cv)
             dbeta += tl.sum(dxv * v_c, 1)
             accM += _dot(dxv, uT, DOT)
+        else:
+            du = scale * _dot(AT, do_c, DOT)
+            for kb in range(0, K, BK):
+                offs_k = kb + tl.arange(0, BK)
+                mk = offs_k < K
+                p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+                m_ck = m_c[:, None] & mk[None, :]
+                k_c = tl.load(k + p_k, mask=m_ck, other=0.0)
+                if GATE == 1:
+                    b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+                    k_c = k_c * tl.exp(b_last[None, :] - tl.load(bcum + p_k, mask=m_ck, other=0.0))
+                dH_c = tl.load(dH + p_h + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :],
+                               other=0.0)  # fmt: skip
+                du += _dot(k_c, dH_c, DOT)
+            tl.store(dU + p_v, du, mask=m_cv)
         if GATE == 2:
             # o recomputed in float32 for do.o; dv.v from the dv just stored (per-head gates are delta rules)
             o_c = _dot(A, tl.load(U + p_v, mask=m_cv, other=0.0), DOT)
@@ -398,9 +492,9 @@ def _dprep_kernel(
                 offs_k = kb + tl.arange(0, BK)
                 mk = offs_k < K
                 q_c = tl.load(q + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m_c[:, None] & mk[None, :],
-                              other=0.0).to(tl.float32)  # fmt: skip
-                h_c = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + offs_k[:, None] * V + offs_v[None, :],
-                              mask=mk[:, None] & mv[None, :], other=0.0)  # fmt: skip
+                              other=0.0)  # fmt: skip
+                h_c = tl.load(h + p_h + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :],
+                              other=0.0)  # fmt: skip
                 o_c += _dot(q_c, h_c, DOT) * tl.exp(b)[:, None]
             local += tl.sum(do_c * o_c, 1) * scale - tl.sum(beta_c[:, None] * dxv * v_c, 1)
     Dm = tl.where(causal, accD * scale, 0.0)
@@ -516,16 +610,16 @@ def _dqk_kernel(
         m_vk = mv[:, None] & mk[None, :]
         hT = tl.load(h + p_state + offs_v[:, None], mask=m_vk, other=0.0)
         dHT = tl.load(dH + p_state + offs_v[:, None], mask=m_vk, other=0.0)
-        acc_q += _dot(tl.load(do + p_v, mask=m_cv, other=0.0).to(tl.float32), hT, DOT)
+        acc_q += _dot(tl.load(do + p_v, mask=m_cv, other=0.0), hT, DOT)
         if DELTA:
             u = tl.load(U + p_v, mask=m_cv, other=0.0)
             acc_xk += _dot(_dot(TmT, tl.load(dU + p_v, mask=m_cv, other=0.0), DOT), hT, DOT)
         else:
-            u = tl.load(v + p_v, mask=m_cv, other=0.0).to(tl.float32)
+            u = tl.load(v + p_v, mask=m_cv, other=0.0)
         acc_kh += _dot(u, dHT, DOT)
 
-    q_c = tl.load(q + p_k, mask=m_ck, other=0.0).to(tl.float32)
-    k_c = tl.load(k + p_k, mask=m_ck, other=0.0).to(tl.float32)
+    q_c = tl.load(q + p_k, mask=m_ck, other=0.0)
+    k_c = tl.load(k + p_k, mask=m_ck, other=0.0)
     last = (start + n - 1) * H + i_h
     if GATE == 0:
         b_q = tl.zeros([C, BK], dtype=tl.float32)
@@ -551,7 +645,7 @@ def _dqk_kernel(
         beta_c = tl.load(beta + rows * H + i_h, mask=m_c, other=0.0).to(tl.float32)
         bg = beta_c[:, None] * tl.exp(b_q)  # beta * gamma, the row scale of X_k = diag(beta gamma) K
         Pk = _dot(tl.load(Pp + p_cc, mask=m_c[:, None], other=0.0), k_c, DOT)
-        PTk = _dot(tl.load(Pp + pT_cc, mask=m_c[None, :], other=0.0), beta_c[:, None] * k_c, DOT)
+        PTk = _dot(tl.load(Pp + pT_cc, mask=m_c[None, :], other=0.0) * beta_c[None, :], k_c, DOT)
         dk_c += -bg * acc_xk + beta_c[:, None] * Pk + PTk
         part = tl.sum(-tl.exp(b_q) * acc_xk * k_c + Pk * k_c, 1)
         tl.store(dbeta_k + i_k.to(tl.int64) * ROWS + rows * H + i_h, part, mask=m_c)
@@ -586,12 +680,31 @@ def _blocks(K: int, V: int) -> tuple[int, int, int]:
     return BK, BV, min(BK, 64)
 
 
+def _state_rows(delta: bool, BK: int, BKS: int) -> int:
+    """Rows of the state per program of the chunk-sequential kernels: all K for the delta rules (U = U' - W h
+    needs every row), blocks of BKS for the others, whose rows evolve independently (more programs)."""
+    return BK if delta else BKS
+
+
 def _launch(BK: int) -> dict:
     """Launch options of the chunk-sequential kernels: their [K, BV] state and [C, K] tiles are large at K >= 128,
     where a second pipeline stage does not fit in shared memory (the backward one took 288 KB at K = 128)."""
     if BK >= 128:
         return {"num_warps": 8 if BK > 128 else 4, "num_stages": 1}
     return {"num_warps": 4, "num_stages": 2}
+
+
+def _bf16_fix(dot: int, kernel: str, delta: bool) -> dict:
+    """Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an
+    H200, kernels/NOTES.md): `_local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right
+    with 2 warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `_dstate`
+    hits an illegal memory access (gated DeltaNet, K = 256, 4 or 8 warps); with 2 warps it is right but spills
+    (17 ms against 3 ms), so it keeps tf32x3 (mode 1)."""
+    if dot == 2 and kernel == "local":
+        return {"num_warps": 2}
+    if dot == 2 and kernel == "dstate" and delta:
+        return {"DOT": 1}
+    return {}
 
 
 class ChunkFunction(torch.autograd.Function):
@@ -610,7 +723,7 @@ class ChunkFunction(torch.autograd.Function):
         C = CHUNK
         table, chunk_offsets, NC = _chunk_table(cu, B * T, C)
         BK, BV, BKS = _blocks(K, V)
-        dot = _dot_mode()
+        dot = _dot_mode(q.dtype)
         f32 = {"device": dev, "dtype": torch.float32}
         rows = B * T * H
 
@@ -627,14 +740,15 @@ class ChunkFunction(torch.autograd.Function):
         if rows > 0:
             _local_kernel[(NC, H)](
                 q, k, v, g, beta, bcum, Aqk, Tm, W, Up, table, scale,
-                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common,
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, **_bf16_fix(dot, "local", delta),
             )  # fmt: skip
             if gate == 1:
                 _gla_intra_kernel[(NC * (C // SUB), H)](q, k, bcum, Aqk, table, S=SUB, BK=BKS, **common)
-        _state_kernel[(triton.cdiv(V, BV), N * H)](
+        BKQ = _state_rows(delta, BK, BKS)
+        _state_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, BKQ))](
             k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
-            V=V, BK=BK, BV=BV, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
-            STORE_HT=output_final_state, **common, **_launch(BK),
+            V=V, BK=BKQ, BV=BV, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
+            STORE_HT=output_final_state, **common, **_launch(BKQ),
         )  # fmt: skip
         if rows > 0:
             _output_kernel[(triton.cdiv(V, BV), NC, H)](
@@ -653,7 +767,7 @@ class ChunkFunction(torch.autograd.Function):
         N = cu.numel() - 1
         C = CHUNK
         BK, BV, BKS = _blocks(K, V)
-        dot = _dot_mode()
+        dot = _dot_mode(q.dtype)
         f32 = {"device": q.device, "dtype": torch.float32}
         rows = B * T * H
         do = do.contiguous()
@@ -662,10 +776,11 @@ class ChunkFunction(torch.autograd.Function):
         dH = empty(NC, H, K, V, **f32)
         dU = empty(B, T, H, V, **f32)  # dv itself for the rules without the delta rule
         dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
-        _dstate_kernel[(triton.cdiv(V, BV), N * H)](
+        BKQ = _state_rows(delta, BK, BKS)
+        _dstate_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, BKQ))](
             q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
-            V=V, BK=BK, BV=BV, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-            **common, **_launch(BK),
+            V=V, BK=BKQ, BV=BV, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+            **(common | _bf16_fix(dot, "dstate", delta)), **_launch(BKQ),
         )  # fmt: skip
         dv = empty(B, T, H, V, **f32) if delta else dU
         D = empty(B, T, H, C, **f32)
@@ -679,7 +794,7 @@ class ChunkFunction(torch.autograd.Function):
         dq_intra = dk_intra = None
         if rows > 0:
             _dprep_kernel[(NC, H)](
-                q, v, beta, bcum, Aqk, Tm, U, h, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
+                q, k, v, beta, bcum, Aqk, Tm, U, h, dH, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
                 V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, num_stages=2,
             )  # fmt: skip
             if gate == 1:
