@@ -54,6 +54,17 @@ def test_chunk_float32_close_to_float64_recurrence(rule):
     assert rel_err(o, ref[0]) < 1e-5 and rel_err(ht, ref[1]) < 1e-5
 
 
+@pytest.mark.parametrize("mode", kernels.MODES)
+@pytest.mark.parametrize("rule", kernels.RULES)
+def test_bf16_inputs_give_bf16_outputs(rule, mode):
+    """o like v, computed in float32: the contract of every op (the Triton ops and the routed MoM mix on it)."""
+    inputs = make_inputs(rule, 1, 70, 2, 16, 16, dtype=torch.bfloat16)
+    o, ht = kernels.get_op(rule, "torch", mode)(**inputs, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    ref, _ = kernels.get_op(rule, "torch", mode)(**{n: x.detach().double() for n, x in inputs.items()})
+    assert rel_err(o, ref) < 1e-2
+
+
 def test_gla_chunk_survives_strong_decays():
     """Cumulative decays far below exp's float32 range inside one chunk must not overflow."""
     inputs = make_inputs("gla", 1, 128, 1, 16, 16, dtype=torch.float64)

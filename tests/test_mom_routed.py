@@ -176,8 +176,10 @@ def test_routed_mom_on_gpu_without_host_sync(rule, dtype, options, shape):
     print(rule, dtype, shape, {n: f"{e:.1e}" for n, e in errors.items()})
     bad = {n: e for n, e in errors.items() if not e < TOL[dtype]}
     if bad and dtype == torch.bfloat16:
-        # The bf16 rounding of the activations alone puts some gradients past 1e-2 (the decay constants', whose
-        # gradients sum over long segments): those must be no worse than the zoo's PyTorch MoM run in bf16.
+        # The bf16 rounding of the activations alone puts some gradients past 1e-2: the decay constants' (their
+        # gradients sum over long segments) and the router's (each memory's output is rounded to bf16 before the
+        # mix, and at (1, 1000, 1024) one token, whose two routing weights' gradients nearly cancel, carries most
+        # of drouter). Those must be no worse than the zoo's PyTorch MoM run in bf16.
         mom.backend = mom.memory.backend = "torch"  # the zoo's PyTorch MoM with the same bf16 weights
         zoo_errors, _ = compare(mom, ref, x, dtype)
         mom.backend = mom.memory.backend = "triton"

@@ -47,6 +47,7 @@ def delta_chunk(rule, q, k, v, g, beta, scale, initial_state, output_final_state
         g = beta.new_zeros(beta.shape)
     (q, k, v, g, beta), unpad = pad_sequences([q, k, v, g, beta], cu_seqlens, d.B, d.T, C)
     N, T = q.shape[:2]
+    out_dtype = v.dtype  # o like v (the computation runs in dt)
     q, k, v = (x.to(dt).transpose(1, 2).reshape(N, d.H, T // C, C, -1) for x in (q, k, v))
     g, beta = (x.to(dt).transpose(1, 2).reshape(N, d.H, T // C, C) for x in (g, beta))
     b = g.cumsum(-1)
@@ -70,7 +71,7 @@ def delta_chunk(rule, q, k, v, g, beta, scale, initial_state, output_final_state
         o.append(q_dec[:, :, n] @ S + qk[:, :, n] @ u)
         S = b_last[:, :, n, None, None].exp() * S + k_dec[:, :, n] @ u
     o = d.scale * torch.stack(o, 2)
-    o = unpad(o.reshape(N, d.H, T, d.V).transpose(1, 2)).to(v.dtype)
+    o = unpad(o.reshape(N, d.H, T, d.V).transpose(1, 2)).to(out_dtype)
     return o, (S if output_final_state else None)
 
 

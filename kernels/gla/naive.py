@@ -80,6 +80,7 @@ def naive_chunk(
         raise ValueError(f"chunk_size must be at most {SUB} or a multiple of {SUB}, got {C}")
     (q, k, v, g), unpad = pad_sequences([q, k, v, g], cu_seqlens, d.B, d.T, C)
     N, T = q.shape[:2]
+    out_dtype = v.dtype  # o like v (the computation runs in dt)
     q, k, v, g = (x.to(dt).transpose(1, 2).reshape(N, d.H, T // C, C, -1) for x in (q, k, v, g))
     b = g.cumsum(-2)
     b_last = b[..., -1, :]  # [N, H, chunks, K]
@@ -91,5 +92,5 @@ def naive_chunk(
         states.append(S)
         S = b_last[:, :, n, :, None].exp() * S + writes[:, :, n]
     o = d.scale * ((q * b.exp()) @ torch.stack(states, 2) + _intra(q, k, v, b))
-    o = unpad(o.reshape(N, d.H, T, d.V).transpose(1, 2)).to(v.dtype)
+    o = unpad(o.reshape(N, d.H, T, d.V).transpose(1, 2)).to(out_dtype)
     return o, (S if output_final_state else None)

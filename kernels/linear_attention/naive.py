@@ -47,6 +47,7 @@ def naive_chunk(
     (q, k, v), unpad = pad_sequences([q, k, v], cu_seqlens, d.B, d.T, C)
     N, T = q.shape[:2]
     # [N, T, H, D] -> [N, H, chunks, C, D]
+    out_dtype = v.dtype  # o like v (the computation runs in dt)
     q, k, v = (x.to(dt).transpose(1, 2).reshape(N, d.H, T // C, C, -1) for x in (q, k, v))
     S0 = q.new_zeros(N, d.H, d.K, d.V) if initial_state is None else initial_state.to(dt)
 
@@ -54,5 +55,5 @@ def naive_chunk(
     states = S0[:, :, None] + kv.cumsum(2) - kv  # the state entering each chunk
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     o = d.scale * (q @ states + ((q @ k.transpose(-1, -2)) * causal) @ v)
-    o = unpad(o.reshape(N, d.H, T, d.V).transpose(1, 2)).to(v.dtype)
+    o = unpad(o.reshape(N, d.H, T, d.V).transpose(1, 2)).to(out_dtype)
     return o, (S0 + kv.sum(2) if output_final_state else None)
