@@ -23,7 +23,7 @@ strides instead of `tl.trans` (Triton 3.4-3.6 miscompiles some dots on transpose
 two sequential kernels split the state into blocks of V, and of K too for the rules without the delta rule
 (whose state rows evolve independently); the delta rules' UT inverse is blockwise (`_ut_inverse`). With bf16
 inputs the products run as bf16 tensor-core dots (`_dot_mode`), but for two kernels that Triton 3.6 miscompiles
-on Hopper (`_bf16_fix`).
+on Hopper (`_launch`).
 """
 
 from __future__ import annotations
@@ -686,25 +686,27 @@ def _state_rows(delta: bool, BK: int, BKS: int) -> int:
     return BK if delta else BKS
 
 
-def _launch(BK: int) -> dict:
-    """Launch options of the chunk-sequential kernels: their [K, BV] state and [C, K] tiles are large at K >= 128,
-    where a second pipeline stage does not fit in shared memory (the backward one took 288 KB at K = 128)."""
-    if BK >= 128:
-        return {"num_warps": 8 if BK > 128 else 4, "num_stages": 1}
-    return {"num_warps": 4, "num_stages": 2}
+def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
+    """Launch options of one kernel (and its dot mode where it differs from the call's), for `common | ...`.
 
-
-def _bf16_fix(dot: int, kernel: str, delta: bool) -> dict:
-    """Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an
-    H200, kernels/NOTES.md): `_local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right
-    with 2 warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `_dstate`
-    hits an illegal memory access (gated DeltaNet, K = 256, 4 or 8 warps); with 2 warps it is right but spills
-    (17 ms against 3 ms), so it keeps tf32x3 (mode 1)."""
+    The chunk-sequential kernels (`state`, `dstate`; BK rows of the state): their [K, BV] state and [C, K] tiles
+    are large at K >= 128, where a second pipeline stage does not fit in shared memory (the backward one took
+    288 KB at K = 128). `dprep` and `dqk` pipeline their loops over V in two stages.
+    Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an H200,
+    kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
+    warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `dstate` hits an
+    illegal memory access (gated DeltaNet, K = 256, 4 or 8 warps); with 2 warps it is right but spills (17 ms
+    against 3 ms), so it keeps tf32x3 (mode 1)."""
+    options = {}
+    if kernel in ("state", "dstate"):
+        options = {"num_warps": 8 if BK > 128 else 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
+    elif kernel in ("dprep", "dqk"):
+        options = {"num_stages": 2}
     if dot == 2 and kernel == "local":
-        return {"num_warps": 2}
+        options["num_warps"] = 2
     if dot == 2 and kernel == "dstate" and delta:
-        return {"DOT": 1}
-    return {}
+        options["DOT"] = 1
+    return options
 
 
 class ChunkFunction(torch.autograd.Function):
@@ -740,7 +742,7 @@ class ChunkFunction(torch.autograd.Function):
         if rows > 0:
             _local_kernel[(NC, H)](
                 q, k, v, g, beta, bcum, Aqk, Tm, W, Up, table, scale,
-                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, **_bf16_fix(dot, "local", delta),
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("local", BKS, dot, delta)),
             )  # fmt: skip
             if gate == 1:
                 _gla_intra_kernel[(NC * (C // SUB), H)](q, k, bcum, Aqk, table, S=SUB, BK=BKS, **common)
@@ -748,7 +750,7 @@ class ChunkFunction(torch.autograd.Function):
         _state_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, BKQ))](
             k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
             V=V, BK=BKQ, BV=BV, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
-            STORE_HT=output_final_state, **common, **_launch(BKQ),
+            STORE_HT=output_final_state, **(common | _launch("state", BKQ, dot, delta)),
         )  # fmt: skip
         if rows > 0:
             _output_kernel[(triton.cdiv(V, BV), NC, H)](
@@ -780,7 +782,7 @@ class ChunkFunction(torch.autograd.Function):
         _dstate_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, BKQ))](
             q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
             V=V, BK=BKQ, BV=BV, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-            **(common | _bf16_fix(dot, "dstate", delta)), **_launch(BKQ),
+            **(common | _launch("dstate", BKQ, dot, delta)),
         )  # fmt: skip
         dv = empty(B, T, H, V, **f32) if delta else dU
         D = empty(B, T, H, C, **f32)
@@ -795,7 +797,7 @@ class ChunkFunction(torch.autograd.Function):
         if rows > 0:
             _dprep_kernel[(NC, H)](
                 q, k, v, beta, bcum, Aqk, Tm, U, h, dH, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
-                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, num_stages=2,
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("dprep", BKS, dot, delta)),
             )  # fmt: skip
             if gate == 1:
                 dq_intra, dk_intra = empty(B, T, H, K, **f32), empty(B, T, H, K, **f32)
@@ -804,7 +806,8 @@ class ChunkFunction(torch.autograd.Function):
                 )
             _dqk_kernel[(NK, NC, H)](
                 q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k,
-                table, scale, rows, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common, num_stages=2,
+                table, scale, rows, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta,
+                **(common | _launch("dqk", BKS, dot, delta)),
             )  # fmt: skip
         dg = None
         if gate == 1:
