@@ -694,9 +694,9 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
     288 KB at K = 128). `dprep` and `dqk` pipeline their loops over V in two stages.
     Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an H200,
     kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
-    warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `dstate` hits an
-    illegal memory access (gated DeltaNet, K = 256, 4 or 8 warps); with 2 warps it is right but spills (17 ms
-    against 3 ms), so it keeps tf32x3 (mode 1)."""
+    warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `dstate` at
+    K > 128 hits an illegal memory access (gated DeltaNet, K = 256, with 4, 8 or 16 warps); with 2 warps it is
+    right but spills (17 ms against 3 ms), so there it keeps tf32x3 (mode 1). At K <= 128 it is right in bf16."""
     options = {}
     if kernel in ("state", "dstate"):
         options = {"num_warps": 8 if BK > 128 else 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
@@ -704,7 +704,7 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
         options = {"num_stages": 2}
     if dot == 2 and kernel == "local":
         options["num_warps"] = 2
-    if dot == 2 and kernel == "dstate" and delta:
+    if dot == 2 and kernel == "dstate" and delta and BK > 128:
         options["DOT"] = 1
     return options
 

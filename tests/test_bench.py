@@ -15,3 +15,23 @@ def test_quickstart_bench_records_its_numbers(tmp_path):
     assert {"attention", "mom"} <= set(record["missed"])  # accuracy below 0.99 after two batches
     assert "exit code" not in record["missed"]
     assert all(run["steps"] == 2 and run["backend"] == "torch" for run in record["runs"].values())
+
+
+def test_kernel_bench_scales_the_recurrent_reference_from_its_prefix(monkeypatch):
+    import torch
+
+    from kernels.testing import make_inputs
+    from sandbox.bench import kernels as bench
+
+    seen = []
+
+    def run_once(fn):  # stands in for the CUDA-timed call: runs it and records the prefix's shape
+        o, *_ = fn()
+        seen.append(tuple(o.shape))
+        return 1.0
+
+    monkeypatch.setattr(bench, "_time_once", run_once)
+    x = make_inputs("gated_deltanet", 3, 300, 2, 16, 16)
+    do = torch.randn(3, 300, 2, 16)
+    assert bench._time_recurrent("gated_deltanet", x, do) == 3 * 300 / (2 * 256)
+    assert seen == [(2, 256, 2, 16)]  # dq of the first 2 sequences' first 256 tokens

@@ -30,6 +30,7 @@ GPU_CASES = [
     (3, 150, 2, 48, 80, None, torch.float32),
     (2, 300, 4, 64, 128, None, torch.bfloat16),
     (1, 1000, 2, 256, 256, [0, 333, 333, 1000], torch.bfloat16),
+    (1, 1000, 2, 128, 128, [0, 333, 333, 1000], torch.bfloat16),
 ]
 # every power-of-two head dim with a single head (block sizes and shared memory depend on K and V alone)
 GPU_HEAD_DIM_CASES = [(2, 200, 1, d, d, None, dtype) for d in (16, 32, 64, 128, 256) for dtype in TOL]
