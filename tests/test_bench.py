@@ -35,3 +35,24 @@ def test_kernel_bench_scales_the_recurrent_reference_from_its_prefix(monkeypatch
     do = torch.randn(3, 300, 2, 16)
     assert bench._time_recurrent("gated_deltanet", x, do) == 3 * 300 / (2 * 256)
     assert seen == [(2, 256, 2, 16)]  # dq of the first 2 sequences' first 256 tokens
+
+
+def test_kernel_bench_compiles_fla_in_children_and_names_the_failures(monkeypatch, capsys):
+    import json
+    import subprocess
+
+    from sandbox.bench import kernels as bench
+
+    asked = []
+
+    def fake_run(cmd, **kwargs):  # a child per (shape, rule); the one for deltanet fails
+        shape, rule = json.loads(cmd[cmd.index("--_fla-warm-child") + 1])
+        asked.append((tuple(shape), rule))
+        return subprocess.CompletedProcess(cmd, 1 if rule == "deltanet" else 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    shapes = [(1, 64, 1, 16, 16), (2, 128, 1, 32, 32)]
+    bench.warm_fla(shapes, ["gla", "deltanet"], jobs=3)
+    assert sorted(asked) == sorted((s, r) for s in shapes for r in ["gla", "deltanet"])
+    out = capsys.readouterr().out
+    assert "failed (timed here anyway): deltanet 1x64x1x16x16, deltanet 2x128x1x32x32" in out

@@ -4,8 +4,11 @@ For each rule and shape (B, T, H, K, V), in bf16, timed in the same run and prin
 faster): our Triton `chunk` op; the PyTorch chunked form (`naive_chunk`, the `torch` backend); the PyTorch
 reference recurrence (`naive_recurrent`, timed once on 2 sequences of 256 tokens, scaled to the whole batch);
 and, when the `fla` package is importable (the `bench` extra), fla's chunk op of the same rule, printed after
-ours with its first call (autotuning included). Each rule is first checked against the float64 reference at
-the timed shape; a rule that fails prints no speedup.
+ours with its first call in this process. fla compiles every config it autotunes over (minutes per op and
+shape), so its first calls run first in child processes, several at once (`--fla-jobs`), to fill the Triton
+cache; the timed process then autotunes on a GPU it has to itself (fla's on-disk cache of autotuning choices,
+made by the children on a shared GPU, is switched off). Each rule is first checked against the float64
+reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
 cache) and warm (the cache the cold process filled).
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 SHAPES = [(8, 2048, 4, 256, 256), (8, 2048, 8, 128, 128), (64, 512, 4, 64, 64)]
 RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")
@@ -32,6 +36,7 @@ FLA_GUARD_NOTE = (
 
 def _fla_op(rule):
     """fla's chunk op for `rule` with our signature, or None when fla is not importable."""
+    os.environ["FLA_CACHE_RESULTS"] = "0"  # autotune here, not reuse choices cached by other processes
     try:
         from fla.ops.common import chunk_o
         from fla.ops.delta_rule import chunk_delta_rule
@@ -96,7 +101,7 @@ def _copy_ceiling_gbs() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def run_timings(shapes, rules, use_fla: bool) -> list[dict]:
+def run_timings(shapes, rules, use_fla: bool, fla_jobs: int) -> list[dict]:
     import torch
 
     ceiling = _copy_ceiling_gbs()
@@ -106,6 +111,8 @@ def run_timings(shapes, rules, use_fla: bool) -> list[dict]:
         "fla:",
         f"importable; {FLA_GUARD_NOTE}" if fla_available else "not importable (or --no-fla): no comparison",
     )
+    if fla_available:
+        warm_fla(shapes, rules, jobs=fla_jobs)
     rows = []
     for shape in shapes:
         for rule in rules:
@@ -136,6 +143,27 @@ def _time_rule(rule, shape, ceiling) -> dict:
     row["gbs"] = nbytes / row["ms_ours"] / 1e6
     row["pct_copy"] = 100 * row["gbs"] / ceiling
     return row
+
+
+def warm_fla(shapes, rules, jobs: int) -> None:
+    """fla's first forward+backward of each (rule, shape) in child processes, `jobs` at a time: they compile
+    fla's kernels into the Triton cache that this process then reads."""
+    child = "import sys; from sandbox.bench.kernels import main; sys.exit(main(sys.argv[1:]))"
+    cmds = [
+        [sys.executable, "-c", child, "--_fla-warm-child", json.dumps([shape, rule])]
+        for shape in shapes
+        for rule in rules
+    ]
+    t0 = time.perf_counter()
+    print(f"fla: compiling in {len(cmds)} child processes, {jobs} at a time ...", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), cmds))
+    failed = [json.loads(cmd[-1]) for cmd, res in zip(cmds, results) if res.returncode != 0]
+    failed = ", ".join(f"{rule} {'x'.join(map(str, shape))}" for shape, rule in failed)
+    print(
+        f"fla: compiled in {time.perf_counter() - t0:.0f} s"
+        + (f"; failed (timed here anyway): {failed}" if failed else "")
+    )
 
 
 def _time_fla(row) -> None:
@@ -233,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", action="append", type=lambda s: tuple(int(x) for x in s.split(",")),
                         help="B,T,H,K,V (repeatable); default: the three issue shapes")  # fmt: skip
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
+    parser.add_argument("--fla-jobs", type=int, default=8, help="child processes compiling fla's kernels at once")
     parser.add_argument("--first-call", action="store_true", help="also time cold and warm first calls")
     parser.add_argument("--json", help="write the timings to this file")
     parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
+    parser.add_argument("--_fla-warm-child", dest="fla_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     import torch
@@ -250,10 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         shape, rules = json.loads(args.child)
         print(json.dumps(_first_call(tuple(shape), rules)))
         return 0
+    if args.fla_child:
+        shape, rule = json.loads(args.fla_child)
+        x, do = _inputs(rule, tuple(shape))
+        _fwd_bwd(_fla_op(rule), x, do)
+        return 0
     shapes = args.shape or SHAPES
     if args.first_call:
         first_call_times(shapes[0], args.rules)
-    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla)
+    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
