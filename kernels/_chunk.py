@@ -107,6 +107,30 @@ def _decay_rows(bcum, start, n, i_h, offs_c, H: tl.constexpr):
 
 
 @triton.jit
+def _rows_times_state(
+    acc, x, bcum, rows, m_c, last, i_h, state, offs_v, mv,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """acc + X S over K in blocks of BK: X the chunk's rows of x [T, H, K], S the [K, V] state at `state` (its
+    columns offs_v). DECAY (per-channel gates, GLA): 1 scales X by exp(b) (Q's decays), 2 by exp(b_C - b) (K's
+    decays to the chunk's end, `last` its last row)."""
+    for kb in range(0, K, BK):
+        offs_k = kb + tl.arange(0, BK)
+        mk = offs_k < K
+        p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+        m = m_c[:, None] & mk[None, :]
+        x_c = tl.load(x + p, mask=m, other=0.0)
+        if DECAY == 1:
+            x_c = x_c * tl.exp(tl.load(bcum + p, mask=m, other=0.0))
+        if DECAY == 2:
+            b_last = tl.load(bcum + (last * H + i_h) * K + offs_k, mask=mk, other=0.0)
+            x_c = x_c * tl.exp(b_last[None, :] - tl.load(bcum + p, mask=m, other=0.0))
+        s_c = tl.load(state + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        acc += _dot(x_c, s_c, DOT)
+    return acc
+
+
+@triton.jit
 def _ut_inverse(L, buf, n, stride, C: tl.constexpr, S: tl.constexpr, DOT: tl.constexpr):
     """Tm = (I + strict(L))^-1 for a [C, C] tile of which the first n rows are real, blockwise with blocks of S.
     The C // S diagonal blocks are inverted by forward substitution, S steps each on an [S, S] tile, passing
@@ -330,17 +354,9 @@ def _output_kernel(
     m_c, mv = offs_c < n, offs_v < V
     rows = start + offs_c
     acc = tl.zeros([C, BV], dtype=tl.float32)
-    for kb in range(0, K, BK):
-        offs_k = kb + tl.arange(0, BK)
-        mk = offs_k < K
-        p = (rows[:, None] * H + i_h) * K + offs_k[None, :]
-        m = m_c[:, None] & mk[None, :]
-        q_c = tl.load(q + p, mask=m, other=0.0)
-        if GATE == 1:
-            q_c = q_c * tl.exp(tl.load(bcum + p, mask=m, other=0.0))
-        h_c = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + offs_k[:, None] * V + offs_v[None, :],
-                      mask=mk[:, None] & mv[None, :], other=0.0)  # fmt: skip
-        acc += _dot(q_c, h_c, DOT)
+    h_chunk = h + (i_c.to(tl.int64) * H + i_h) * K * V
+    acc = _rows_times_state(acc, q, bcum, rows, m_c, start + n - 1, i_h, h_chunk, offs_v, mv, H, K, V, BK,
+                            1 if GATE == 1 else 0, DOT)  # fmt: skip
     if GATE == 2:
         acc = acc * tl.exp(tl.load(bcum + rows * H + i_h, mask=m_c, other=0.0))[:, None]
     A = tl.load(Aqk + (rows[:, None] * H + i_h) * C + offs_c[None, :], mask=m_c[:, None], other=0.0)
@@ -390,9 +406,7 @@ def _dstate_kernel(
         p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
         m_cv = m_c[:, None] & mv[None, :]
         do_c = tl.load(do + p_v, mask=m_cv, other=0.0)
-        p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
         pT_k = (rows[None, :] * H + i_h) * K + offs_k[:, None]
-        m_ck = m_c[:, None] & mk[None, :]
         m_kc = mk[:, None] & m_c[None, :]
         qT = tl.load(q + pT_k, mask=m_kc, other=0.0)
         if GATE == 2:
@@ -402,7 +416,8 @@ def _dstate_kernel(
             qT = qT * tl.exp(tl.load(bcum + pT_k, mask=m_kc, other=0.0))
         if DELTA:
             AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
-            kdS = _dot(tl.load(k + p_k, mask=m_ck, other=0.0), dS, DOT)
+            p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
+            kdS = _dot(tl.load(k + p_k, mask=m_c[:, None] & mk[None, :], other=0.0), dS, DOT)
             if GATE == 2:
                 kdS = kdS * tl.exp(b_last - b)[:, None]
             du = scale * _dot(AT, do_c, DOT) + kdS
@@ -471,19 +486,8 @@ def _dprep_kernel(
             dbeta += tl.sum(dxv * v_c, 1)
             accM += _dot(dxv, uT, DOT)
         else:
-            du = scale * _dot(AT, do_c, DOT)
-            for kb in range(0, K, BK):
-                offs_k = kb + tl.arange(0, BK)
-                mk = offs_k < K
-                p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
-                m_ck = m_c[:, None] & mk[None, :]
-                k_c = tl.load(k + p_k, mask=m_ck, other=0.0)
-                if GATE == 1:
-                    b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
-                    k_c = k_c * tl.exp(b_last[None, :] - tl.load(bcum + p_k, mask=m_ck, other=0.0))
-                dH_c = tl.load(dH + p_h + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :],
-                               other=0.0)  # fmt: skip
-                du += _dot(k_c, dH_c, DOT)
+            du = _rows_times_state(scale * _dot(AT, do_c, DOT), k, bcum, rows, m_c, start + n - 1, i_h, dH + p_h,
+                                   offs_v, mv, H, K, V, BK, 2 if GATE == 1 else 0, DOT)  # fmt: skip
             tl.store(dU + p_v, du, mask=m_cv)
         if GATE == 2:
             # o recomputed in float32 for do.o; dv.v from the dv just stored (per-head gates are delta rules)

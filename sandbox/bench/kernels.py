@@ -36,7 +36,6 @@ FLA_GUARD_NOTE = (
 
 def _fla_op(rule):
     """fla's chunk op for `rule` with our signature, or None when fla is not importable."""
-    os.environ["FLA_CACHE_RESULTS"] = "0"  # autotune here, not reuse choices cached by other processes
     try:
         from fla.ops.common import chunk_o
         from fla.ops.delta_rule import chunk_delta_rule
@@ -106,6 +105,9 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int) -> list[dict]:
 
     ceiling = _copy_ceiling_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s")
+    # before fla is imported, here and in the compiling children: fla autotunes in this process instead of
+    # reusing choices cached on disk by processes that shared the GPU
+    os.environ["FLA_CACHE_RESULTS"] = "0"
     fla_available = use_fla and _fla_op("gla") is not None
     print(
         "fla:",
@@ -116,21 +118,22 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int) -> list[dict]:
     rows = []
     for shape in shapes:
         for rule in rules:
-            rows.append(_time_rule(rule, shape, ceiling))
-            _print_row(rows[-1])  # before fla's minutes of autotuning: a run cut short keeps our rows
+            x, do = _inputs(rule, shape)
+            rows.append(_time_rule(rule, shape, x, do, ceiling))
+            _print_row(rows[-1])  # before fla's autotuning: a run cut short keeps our rows
             if fla_available and rows[-1]["correct"]:
-                _time_fla(rows[-1])
+                _time_fla(rows[-1], x, do)
                 _print_fla(rows[-1])
+            del x, do
             torch.cuda.empty_cache()
     return rows
 
 
-def _time_rule(rule, shape, ceiling) -> dict:
+def _time_rule(rule, shape, x, do, ceiling) -> dict:
     from triton.testing import do_bench
 
     import kernels
 
-    x, do = _inputs(rule, shape)
     errs = _check(rule, x, do)
     row = {"rule": rule, "shape": list(shape), "max_rel_err": max(errs.values())}
     row["correct"] = all(e < 1e-2 for e in errs.values())
@@ -166,11 +169,10 @@ def warm_fla(shapes, rules, jobs: int) -> None:
     )
 
 
-def _time_fla(row) -> None:
-    """fla's op at the row's shape, on the same inputs: its first call (autotuning included) and its time."""
+def _time_fla(row, x, do) -> None:
+    """fla's op on the row's inputs: its first call in this process (autotuning included) and its time."""
     from triton.testing import do_bench
 
-    x, do = _inputs(row["rule"], tuple(row["shape"]))
     fla = _fla_op(row["rule"])
     row["s_fla_first_call"] = _time_once(lambda: _fwd_bwd(fla, x, do)) / 1e3
     row["ms_fla"] = do_bench(lambda: _fwd_bwd(fla, x, do), warmup=5, rep=50)
