@@ -15,7 +15,7 @@ gradient after each chunk dH, and for the delta rules dU), `_dprep` (per chunk: 
 for the delta rules dv, dbeta's value part and P' = strict(-dX_v U^T) * G with dX_v = Tm^T dU, for the other
 rules dv = dU), `_gla_dintra` (GLA's intra-chunk
 dq, dk), `_dqk` (per chunk and block of K: dq, dk and dbeta's key part).
-The decays' gradient dg is a reverse cumulative sum of per-token terms (see `_common.decay_grad`).
+The decays' gradient dg is a reverse cumulative sum of per-token terms (see `_decay_grad`).
 
 Every sequence is handled as packed (a batch of B rows of T tokens is B sequences); a device-side chunk
 table maps a program to its chunk, so there is no host-device sync. Transposed tiles are loaded through
@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, decay_grad, empty
+from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, empty
+from kernels._decay_grad import decay_grad
 
 GATE_CODES = {None: 0, "channel": 1, "head": 2}
 CHUNK = 64
@@ -285,14 +286,60 @@ def _gla_intra_kernel(
 
 
 @triton.jit
+def _pieces_load(states, i_nh, k0, i_v, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                 NP: tl.constexpr, LOAD: tl.constexpr):  # fmt: skip
+    """NP pieces of KP rows (from row k0) and the BV columns of block i_v of state i_nh of `states` ([N, H, K,
+    V]; zeros beyond K and V), or NP pieces of zeros when not LOAD (`states` may be None then)."""
+    offs_v = i_v * BV + tl.arange(0, BV)
+    pieces = ()
+    for j in tl.static_range(NP):
+        offs_k = k0 + j * KP + tl.arange(0, KP)
+        if LOAD:
+            mask = (offs_k[:, None] < K) & (offs_v[None, :] < V)
+            p = states + i_nh.to(tl.int64) * K * V + offs_k[:, None] * V + offs_v[None, :]
+            piece = tl.load(p, mask=mask, other=0.0)
+        else:
+            piece = tl.zeros([KP, BV], dtype=tl.float32)
+        pieces = pieces + (piece,)
+    return pieces
+
+
+@triton.jit
+def _pieces_store(base, k0, i_v, pieces, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
+                  BV: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    offs_v = i_v * BV + tl.arange(0, BV)
+    for j in tl.static_range(NP):
+        offs_k = k0 + j * KP + tl.arange(0, KP)
+        mask = (offs_k[:, None] < K) & (offs_v[None, :] < V)
+        tl.store(base + offs_k[:, None] * V + offs_v[None, :], pieces[j], mask=mask)
+
+
+@triton.jit
+def _rows_times_pieces(x, rows, m_c, i_h, k0, pieces, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                       NP: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    """X S for the chunk's rows of x ([T, H, K]) and the state S given as NP pieces of KP rows."""
+    for j in tl.static_range(NP):
+        offs_k = k0 + j * KP + tl.arange(0, KP)
+        x_c = tl.load(x + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m_c[:, None] & (offs_k[None, :] < K),
+                      other=0.0)  # fmt: skip
+        if j == 0:
+            acc = _dot(x_c, pieces[j], DOT)
+        else:
+            acc += _dot(x_c, pieces[j], DOT)
+    return acc
+
+
+@triton.jit
 def _state_kernel(
     k, v, bcum, W, Up, U, h, h0, ht, cu, chunk_offsets,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Chunk after chunk: the state entering each chunk, [BK, BV] of it per program (the delta rules need all
-    K rows, BK >= K, for U = U' - W h; the other rules split K too), and for the delta rules U."""
+    """Chunk after chunk: the state entering each chunk, and for the delta rules U. A program holds NP pieces of
+    KP rows of the state and BV of its columns: the delta rules need every row for U = U' - W h (NP KP >= K),
+    the other rules take one piece each (their rows evolve independently). The pieces are separate tiles so
+    that each product is [C, KP] x [KP, BV] and the large [C, K] operands never live in registers whole."""
     i_v, i_nh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -300,44 +347,47 @@ def _state_kernel(
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     nc = (tl.load(chunk_offsets + i_n + 1) - c0).to(tl.int32)
     offs_c = tl.arange(0, C)
-    offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    mk, mv = offs_k < K, offs_v < V
-    p_state = offs_k[:, None] * V + offs_v[None, :]
-    m_state = mk[:, None] & mv[None, :]
+    mv = offs_v < V
+    k0 = i_k * NP * KP
 
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_state, mask=m_state, other=0.0)
+    S = _pieces_load(h0, i_nh, k0, i_v, K, V, KP, BV, NP, HAS_H0)
     for ic in range(nc):
         start = bos + ic * C
         n = tl.minimum(eos - start, C).to(tl.int32)
         m_c = offs_c < n
         rows = start + offs_c
-        tl.store(h + ((c0 + ic) * H + i_h) * K * V + p_state, S, mask=m_state)
+        _pieces_store(h + ((c0 + ic) * H + i_h) * K * V, k0, i_v, S, K, V, KP, BV, NP)
         p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
         m_cv = m_c[:, None] & mv[None, :]
         if DELTA:
-            w = tl.load(W + (rows[:, None] * H + i_h) * K + offs_k[None, :], mask=m_c[:, None] & mk[None, :],
-                        other=0.0)  # fmt: skip
-            u = tl.load(Up + p_v, mask=m_cv, other=0.0) - _dot(w, S, DOT)
+            wS = _rows_times_pieces(W, rows, m_c, i_h, k0, S, H, K, KP, NP, DOT)
+            u = tl.load(Up + p_v, mask=m_cv, other=0.0) - wS
             tl.store(U + p_v, u, mask=m_cv)
         else:
             u = tl.load(v + p_v, mask=m_cv, other=0.0)
-        pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
-        m_kc = mk[:, None] & m_c[None, :]
-        kT = tl.load(k + pT, mask=m_kc, other=0.0)
         if GATE == 2:  # the decays of K's columns go on U's rows
             b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
-            S = S * tl.exp(b_last) + _dot(kT, u * tl.exp(b_last - b)[:, None], DOT)
-        elif GATE == 1:
-            bT = tl.load(bcum + pT, mask=m_kc, other=0.0)
-            b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
-            S = S * tl.exp(b_last)[:, None] + _dot(kT * tl.exp(b_last[:, None] - bT), u, DOT)
-        else:
-            S += _dot(kT, u, DOT)
+            u = u * tl.exp(b_last - b)[:, None]
+        new = ()
+        for j in tl.static_range(NP):
+            offs_k = k0 + j * KP + tl.arange(0, KP)
+            mk = offs_k < K
+            pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
+            m_kc = mk[:, None] & m_c[None, :]
+            kT = tl.load(k + pT, mask=m_kc, other=0.0)
+            if GATE == 2:
+                piece = S[j] * tl.exp(b_last) + _dot(kT, u, DOT)
+            elif GATE == 1:
+                bT = tl.load(bcum + pT, mask=m_kc, other=0.0)
+                b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+                piece = S[j] * tl.exp(b_last)[:, None] + _dot(kT * tl.exp(b_last[:, None] - bT), u, DOT)
+            else:
+                piece = S[j] + _dot(kT, u, DOT)
+            new = new + (piece,)
+        S = new
     if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_state, S, mask=m_state)
+        _pieces_store(ht + i_nh.to(tl.int64) * K * V, k0, i_v, S, K, V, KP, BV, NP)
 
 
 @triton.jit
@@ -373,13 +423,13 @@ def _output_kernel(
 @triton.jit
 def _dstate_kernel(
     q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Backwards over the chunks: dH <- exp(b_C) dH + scale (exp(b) Q)^T dO, [BK, BV] of it per program; for the
-    delta rules (all K rows, BK >= K) also dU = scale Aqk^T dO + K_dec dH and dH -= W^T dU. The other rules'
-    dU, which the recursion does not need, is left to `_dprep`."""
+    """Backwards over the chunks: dH <- exp(b_C) dH + scale (exp(b) Q)^T dO, held as in `_state` (NP pieces of
+    KP rows and BV columns per program); for the delta rules (all K rows) also dU = scale Aqk^T dO + K_dec dH
+    and dH -= W^T dU. The other rules' dU, which the recursion does not need, is left to `_dprep`."""
     i_v, i_nh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -387,52 +437,54 @@ def _dstate_kernel(
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     nc = (tl.load(chunk_offsets + i_n + 1) - c0).to(tl.int32)
     offs_c = tl.arange(0, C)
-    offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    mk, mv = offs_k < K, offs_v < V
-    p_state = offs_k[:, None] * V + offs_v[None, :]
-    m_state = mk[:, None] & mv[None, :]
+    mv = offs_v < V
+    k0 = i_k * NP * KP
 
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + p_state, mask=m_state, other=0.0)
+    dS = _pieces_load(dht, i_nh, k0, i_v, K, V, KP, BV, NP, HAS_DHT)
     for i in range(nc):
         ic = nc - 1 - i
         start = bos + ic * C
         n = tl.minimum(eos - start, C).to(tl.int32)
         m_c = offs_c < n
         rows = start + offs_c
-        tl.store(dH + ((c0 + ic) * H + i_h) * K * V + p_state, dS, mask=m_state)
+        _pieces_store(dH + ((c0 + ic) * H + i_h) * K * V, k0, i_v, dS, K, V, KP, BV, NP)
         p_v = (rows[:, None] * H + i_h) * V + offs_v[None, :]
         m_cv = m_c[:, None] & mv[None, :]
         do_c = tl.load(do + p_v, mask=m_cv, other=0.0)
-        pT_k = (rows[None, :] * H + i_h) * K + offs_k[:, None]
-        m_kc = mk[:, None] & m_c[None, :]
-        qT = tl.load(q + pT_k, mask=m_kc, other=0.0)
         if GATE == 2:
             b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
-        if GATE == 1:
-            b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
-            qT = qT * tl.exp(tl.load(bcum + pT_k, mask=m_kc, other=0.0))
         if DELTA:
             AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
-            p_k = (rows[:, None] * H + i_h) * K + offs_k[None, :]
-            kdS = _dot(tl.load(k + p_k, mask=m_c[:, None] & mk[None, :], other=0.0), dS, DOT)
+            kdS = _rows_times_pieces(k, rows, m_c, i_h, k0, dS, H, K, KP, NP, DOT)
             if GATE == 2:
                 kdS = kdS * tl.exp(b_last - b)[:, None]
             du = scale * _dot(AT, do_c, DOT) + kdS
             tl.store(dU + p_v, du, mask=m_cv)
         if GATE == 2:  # exp(b) on Q's columns goes on dO's rows
-            dS = dS * tl.exp(b_last) + scale * _dot(qT, do_c * tl.exp(b)[:, None], DOT)
-        elif GATE == 1:
-            dS = dS * tl.exp(b_last)[:, None] + scale * _dot(qT, do_c, DOT)
-        else:
-            dS += scale * _dot(qT, do_c, DOT)
-        if DELTA:
-            wT = tl.load(W + pT_k, mask=m_kc, other=0.0)
-            dS -= _dot(wT, du, DOT)
+            do_c = do_c * tl.exp(b)[:, None]
+        new = ()
+        for j in tl.static_range(NP):
+            offs_k = k0 + j * KP + tl.arange(0, KP)
+            mk = offs_k < K
+            pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
+            m_kc = mk[:, None] & m_c[None, :]
+            qT = tl.load(q + pT, mask=m_kc, other=0.0)
+            if GATE == 2:
+                piece = dS[j] * tl.exp(b_last)
+            elif GATE == 1:
+                b_last = tl.load(bcum + ((start + n - 1) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+                qT = qT * tl.exp(tl.load(bcum + pT, mask=m_kc, other=0.0))
+                piece = dS[j] * tl.exp(b_last)[:, None]
+            else:
+                piece = dS[j]
+            piece += scale * _dot(qT, do_c, DOT)
+            if DELTA:
+                piece -= _dot(tl.load(W + pT, mask=m_kc, other=0.0), du, DOT)
+            new = new + (piece,)
+        dS = new
     if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_state, dS, mask=m_state)
+        _pieces_store(dh0 + i_nh.to(tl.int64) * K * V, k0, i_v, dS, K, V, KP, BV, NP)
 
 
 @triton.jit
@@ -684,10 +736,18 @@ def _blocks(K: int, V: int) -> tuple[int, int, int]:
     return BK, BV, min(BK, 64)
 
 
-def _state_rows(delta: bool, BK: int, BKS: int) -> int:
-    """Rows of the state per program of the chunk-sequential kernels: all K for the delta rules (U = U' - W h
-    needs every row), blocks of BKS for the others, whose rows evolve independently (more programs)."""
-    return BK if delta else BKS
+def _state_pieces(delta: bool, BK: int, BKS: int) -> tuple[int, int]:
+    """(rows per piece, pieces per program) of the state in the chunk-sequential kernels: all K rows, in pieces
+    of BKS, for the delta rules (U = U' - W h needs every row); one piece of BKS rows for the others, whose
+    rows evolve independently (more programs)."""
+    return BKS, (BK // BKS if delta else 1)
+
+
+def _seq_bv(delta: bool, BK: int, BV: int) -> int:
+    """Columns of the state per program in the chunk-sequential kernels: 16 for the delta rules at K > 128, where
+    four [64, 32] float32 pieces plus the [64, K] tiles of a chunk spilled registers in `dstate` (0 spills at 16
+    on sm_90), BV otherwise."""
+    return 16 if delta and BK > 128 else BV
 
 
 def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
@@ -698,9 +758,10 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
     288 KB at K = 128). `dprep` and `dqk` pipeline their loops over V in two stages.
     Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an H200,
     kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
-    warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `dstate` at
-    K > 128 hits an illegal memory access (gated DeltaNet, K = 256, with 4, 8 or 16 warps); with 2 warps it is
-    right but spills (17 ms against 3 ms), so there it keeps tf32x3 (mode 1). At K <= 128 it is right in bf16."""
+    warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at
+    K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4. The delta rules'
+    `dstate` at K > 128 is right in bf16 with BV = 16 (`_seq_bv`) and 8 warps (with BV = 32, before the state
+    was split in pieces, it hit an illegal memory access)."""
     options = {}
     if kernel in ("state", "dstate"):
         options = {"num_warps": 8 if BK > 128 else 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
@@ -708,8 +769,8 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
         options = {"num_stages": 2}
     if dot == 2 and kernel == "local":
         options["num_warps"] = 2
-    if dot == 2 and kernel == "dstate" and delta and BK > 128:
-        options["DOT"] = 1
+    if dot == 2 and kernel == "state" and delta and BK > 128:
+        options["num_warps"] = 4
     return options
 
 
@@ -750,11 +811,12 @@ class ChunkFunction(torch.autograd.Function):
             )  # fmt: skip
             if gate == 1:
                 _gla_intra_kernel[(NC * (C // SUB), H)](q, k, bcum, Aqk, table, S=SUB, BK=BKS, **common)
-        BKQ = _state_rows(delta, BK, BKS)
-        _state_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, BKQ))](
+        KP, NP = _state_pieces(delta, BK, BKS)
+        BVS = _seq_bv(delta, BK, BV)
+        _state_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
             k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
-            V=V, BK=BKQ, BV=BV, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
-            STORE_HT=output_final_state, **(common | _launch("state", BKQ, dot, delta)),
+            V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
+            STORE_HT=output_final_state, **(common | _launch("state", KP * NP, dot, delta)),
         )  # fmt: skip
         if rows > 0:
             _output_kernel[(triton.cdiv(V, BV), NC, H)](
@@ -782,11 +844,12 @@ class ChunkFunction(torch.autograd.Function):
         dH = empty(NC, H, K, V, **f32)
         dU = empty(B, T, H, V, **f32)  # dv itself for the rules without the delta rule
         dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
-        BKQ = _state_rows(delta, BK, BKS)
-        _dstate_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, BKQ))](
+        KP, NP = _state_pieces(delta, BK, BKS)
+        BVS = _seq_bv(delta, BK, BV)
+        _dstate_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
             q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
-            V=V, BK=BKQ, BV=BV, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-            **(common | _launch("dstate", BKQ, dot, delta)),
+            V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+            **(common | _launch("dstate", KP * NP, dot, delta)),
         )  # fmt: skip
         dv = empty(B, T, H, V, **f32) if delta else dU
         D = empty(B, T, H, C, **f32)

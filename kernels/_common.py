@@ -145,28 +145,3 @@ def assemble(seq_outputs: list[torch.Tensor], finals: list[torch.Tensor], cu_seq
     """Per-sequence outputs [L, H, V] back to [B, T, H, V] (or [1, T, H, V] packed), plus the stacked states."""
     o = torch.cat(seq_outputs, 0)[None] if cu_seqlens is not None else torch.stack(seq_outputs, 0)
     return o.to(dtype), (torch.stack(finals, 0) if output_final_state else None)
-
-
-def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens) -> torch.Tensor:
-    """Gradient of the log decays g from per-token terms: dg_t = sum over s >= t in t's sequence of local_s,
-    plus <dht, S_T> of the sequence (per channel for [B, T, H, K], summed over K for per-head gates [B, T, H]).
-
-    This holds because dg_t = <dS'_t, S'_t> (S'_t the decayed state before token t's write) and
-    <dS'_t, S'_t> - <dS'_{t+1}, S'_{t+1}> depends on token t alone (the `local` terms the callers pass).
-    Summed in float64: with packed sequences the suffix sums are differences of sums over the whole row.
-    """
-    x = local.double()
-    # scanned along the last dimension: along dim 1, with only H (or H * K) channels behind it, CUDA's scan
-    # kernel runs one thread per channel over all of T (8 ms of a 30 ms MoM layer at the paper's size)
-    suffix = x.movedim(1, -1).flip(-1).cumsum(-1).flip(-1).movedim(-1, 1)
-    end = None
-    if dht is not None:
-        end = (dht * ht).double().sum(-1)  # [N, H, K]
-        end = end if local.dim() == 4 else end.sum(-1)  # [N, H] for per-head gates
-    if cu_seqlens is None:
-        return suffix if end is None else suffix + end[:, None]
-    T = x.shape[1]
-    cu = cu_seqlens.long()
-    seq = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)  # each token's sequence
-    suffix = suffix - torch.cat([suffix, torch.zeros_like(suffix[:, :1])], 1)[:, cu[1:][seq]]
-    return suffix if end is None else suffix + end[seq][None]

@@ -10,7 +10,7 @@ Backward, in two sweeps (the state's gradient dS runs backwards in time, the sta
                dS = a_t (dS + k dr^T).  Ends with the initial state's gradient.
   2. forward:  recompute S; dk += S' dr;  dq = scale S do;  for a per-head gate the partial sums of do . o.
 The decays' gradients need no state at all: with P_t = <dS_t, S_t>, dg_t = dg_{t+1} + (local term), so dg
-is a reverse cumulative sum (see `_common.decay_grad`).
+is a reverse cumulative sum (see `_decay_grad`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, decay_grad, empty
+from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, empty
+from kernels._decay_grad import decay_grad
 
 GATE_CODES = {None: 0, "channel": 1, "head": 2}
 
