@@ -355,3 +355,49 @@ def test_short_conv_matches_conv1d(T, size):
     grads = torch.autograd.grad(y, (x, w), dy)
     ref_grads = torch.autograd.grad(ref, (x, w), dy)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads)), seed
+
+
+def _saved_bytes(fn, *inputs) -> int:
+    """Bytes autograd keeps for the backward of fn(*inputs)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(saved.values())
+
+
+def test_gated_rmsnorm_matches_its_formula_and_saves_little():
+    """The output norm's hand-written backward against autograd on its formula (float64, fresh inputs); bf16
+    inputs keep their dtype, within 1e-2; only o and gate (in their dtype) and one float32 number per row are
+    saved for backward (autograd on the formula saved five float32 tensors of o's size)."""
+    from models.common import GatedRMSNorm
+
+    seed = int(torch.randint(0, 2**31, ()))
+    norm = GatedRMSNorm(6).double()
+    with torch.no_grad():
+        norm.weight.copy_(randn(6, seed=seed + 3))
+
+    def formula(o, g):
+        n = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return n * norm.weight * torch.nn.functional.silu(g)
+
+    o, gate = (randn(3, 5, 2, 6, seed=seed + i).requires_grad_() for i in range(2))
+    dy = randn(3, 5, 2, 6, seed=seed + 2)
+    y, ref = norm(o, gate), formula(o, gate)
+    assert torch.allclose(y, ref, atol=1e-12), seed
+    grads = torch.autograd.grad(y, (o, gate, norm.weight), dy)
+    ref_grads = torch.autograd.grad(ref, (o, gate, norm.weight), dy)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads)), seed
+
+    ob, gb = (t.detach().bfloat16().requires_grad_() for t in (o, gate))
+    norm.bfloat16()
+    yb = norm(ob, gb)
+    grads_b = torch.autograd.grad(yb, (ob, gb), dy.bfloat16())
+    assert yb.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads_b)
+    assert (yb.double() - ref).norm() / ref.norm() < 1e-2, seed
+    assert all((a.double() - b).norm() / b.norm() < 1e-2 for a, b in zip(grads_b, ref_grads)), seed
+    assert _saved_bytes(norm, ob, gb) <= 2 * ob.numel() * 2 + 6 * 2 + 3 * 5 * 2 * 4

@@ -123,7 +123,9 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     db = tmp_path / "sweeps" / "routing" / "study.db"
     while time.time() < deadline:
         try:
-            if db.exists() and load_study(tmp_path).get_trials(states=(TrialState.RUNNING,)):
+            # a running trial that has drawn all its parameters (one killed before is retried with new ones)
+            running = load_study(tmp_path).get_trials(states=(TrialState.RUNNING,)) if db.exists() else []
+            if any(len(t.params) == len(space["params"]) for t in running):
                 break
         except (KeyError, sqlalchemy.exc.SQLAlchemyError):
             pass  # the database file exists before the worker has written its tables or the study into it
