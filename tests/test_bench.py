@@ -56,3 +56,15 @@ def test_kernel_bench_compiles_fla_in_children_and_names_the_failures(monkeypatc
     assert sorted(asked) == sorted((s, r) for s in shapes for r in ["gla", "deltanet"])
     out = capsys.readouterr().out
     assert "failed (timed here anyway): deltanet 1x64x1x16x16, deltanet 2x128x1x32x32" in out
+
+
+def test_kernel_times_names_the_longest_ops_per_call():
+    """On this CPU-only machine the profile falls back to CPU ops: a matmul must dominate three calls of fn."""
+    import torch
+
+    from sandbox.bench.kernels import kernel_times
+
+    a = torch.randn(300, 300)
+    times = kernel_times(lambda: (a @ a @ a).sum(), calls=3, top=2)
+    assert len(times) == 2 and list(times)[0] in ("aten::mm", "aten::matmul")
+    assert all(t > 0 for t in times.values()) and list(times.values()) == sorted(times.values(), reverse=True)

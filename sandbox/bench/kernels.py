@@ -11,7 +11,8 @@ made by the children on a shared GPU, is switched off). Each rule is first check
 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
-cache) and warm (the cache the cold process filled).
+cache) and warm (the cache the cold process filled). `--profile` adds each row's longest kernels (torch.profiler,
+milliseconds per forward+backward).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _copy_ceiling_gbs() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def run_timings(shapes, rules, use_fla: bool, fla_jobs: int) -> list[dict]:
+def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool = False) -> list[dict]:
     import torch
 
     ceiling = _copy_ceiling_gbs()
@@ -121,6 +122,8 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int) -> list[dict]:
             x, do = _inputs(rule, shape)
             rows.append(_time_rule(rule, shape, x, do, ceiling))
             _print_row(rows[-1])  # before fla's autotuning: a run cut short keeps our rows
+            if profile:
+                _profile_row(rows[-1], x, do)
             if fla_available and rows[-1]["correct"]:
                 _time_fla(rows[-1], x, do)
                 _print_fla(rows[-1])
@@ -146,6 +149,37 @@ def _time_rule(rule, shape, x, do, ceiling) -> dict:
     row["gbs"] = nbytes / row["ms_ours"] / 1e6
     row["pct_copy"] = 100 * row["gbs"] / ceiling
     return row
+
+
+def _profile_row(row, x, do) -> None:
+    import kernels
+
+    ours = kernels.get_op(row["rule"], "triton")
+    row["kernels_ms"] = kernel_times(lambda: _fwd_bwd(ours, x, do))
+    print("  longest kernels, ms:", ", ".join(f"{name} {ms:.2f}" for name, ms in row["kernels_ms"].items()))
+
+
+def kernel_times(fn, calls: int = 3, top: int = 6) -> dict[str, float]:
+    """Milliseconds per call of fn's `top` longest kernels over `calls` calls (torch.profiler; on a machine
+    without CUDA, its CPU ops), Triton kernel names without their leading _ and trailing _kernel."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    device = DeviceType.CUDA if cuda else DeviceType.CPU
+    times = {}
+    for event in prof.key_averages():
+        if event.device_type == device:
+            name = event.key.removeprefix("_").removesuffix("_kernel")
+            total = event.self_device_time_total if cuda else event.self_cpu_time_total
+            times[name] = times.get(name, 0.0) + total / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda item: -item[1])[:top])
 
 
 def warm_fla(shapes, rules, jobs: int) -> None:
@@ -265,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
     parser.add_argument("--fla-jobs", type=int, default=8, help="child processes compiling fla's kernels at once")
     parser.add_argument("--first-call", action="store_true", help="also time cold and warm first calls")
+    parser.add_argument("--profile", action="store_true", help="also print each row's longest kernels")
     parser.add_argument("--json", help="write the timings to this file")
     parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
     parser.add_argument("--_fla-warm-child", dest="fla_child", help=argparse.SUPPRESS)
@@ -290,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shape or SHAPES
     if args.first_call:
         first_call_times(shapes[0], args.rules)
-    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs)
+    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs, profile=args.profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
