@@ -166,32 +166,6 @@ class ShortConv(nn.Module):
         return F.silu((window * self.weight).sum(-1)), window[..., 1:]
 
 
-class _GatedRMSNorm(torch.autograd.Function):
-    """y = n * weight * silu(gate), n = o / sqrt(mean(o^2) + eps) over the last dimension, in float32 (float64
-    stays float64). It saves o and gate in their own dtype and the inverse norm r, and recomputes the rest in the
-    backward: autograd saved five float32 tensors of o's size (10x a bf16 MoM layer's input)."""
-
-    @staticmethod
-    def forward(ctx, o, gate, weight, eps):
-        dt = compute_dtype(o)
-        x = o.to(dt)
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(o, gate, weight, r)
-        return (x * r * weight.to(dt) * F.silu(gate.to(dt))).to(o.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        o, gate, weight, r = ctx.saved_tensors
-        dt = r.dtype
-        n, g, w, dy = o.to(dt) * r, gate.to(dt), weight.to(dt), dy.to(dt)
-        sig = torch.sigmoid(g)
-        dn = dy * w * g * sig
-        dgate = dy * n * w * sig * (1 + g * (1 - sig))  # silu'(g) = sig (1 + g (1 - sig))
-        dweight = (dy * n * g * sig).reshape(-1, n.shape[-1]).sum(0)
-        do = r * (dn - n * (dn * n).mean(-1, keepdim=True))
-        return do.to(o.dtype), dgate.to(gate.dtype), dweight.to(weight.dtype), None
-
-
 class GatedRMSNorm(nn.Module):
     """Per-head output norm: y = rmsnorm(o) * weight * silu(gate) over the last dimension (fp32 inside)."""
 
@@ -201,4 +175,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return _GatedRMSNorm.apply(o, gate, self.weight, self.eps)
+        dt = compute_dtype(o)
+        x = o.to(dt)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dt)
+        return (x * F.silu(gate.to(dt))).to(o.dtype)
