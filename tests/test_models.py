@@ -355,4 +355,3 @@ def test_short_conv_matches_conv1d(T, size):
     grads = torch.autograd.grad(y, (x, w), dy)
     ref_grads = torch.autograd.grad(ref, (x, w), dy)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads)), seed
-
