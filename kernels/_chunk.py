@@ -21,9 +21,9 @@ Every sequence is handled as packed (a batch of B rows of T tokens is B sequence
 table maps a program to its chunk, so there is no host-device sync. Transposed tiles are loaded through
 strides instead of `tl.trans` (Triton 3.4-3.6 miscompiles some dots on transposed operands on Hopper). The
 two sequential kernels split the state into blocks of V, and of K too for the rules without the delta rule
-(whose state rows evolve independently); the delta rules' UT inverse is blockwise (`_ut_inverse`). With bf16
-inputs the products run as bf16 tensor-core dots (`_dot_mode`), but for two kernels that Triton 3.6 miscompiles
-on Hopper (`_launch`).
+(whose state rows evolve independently), and hold it as separate tiles of 64 rows (`_seq_tiles`); the delta
+rules' UT inverse is blockwise (`_ut_inverse`). With bf16 inputs the products run as bf16 tensor-core dots
+(`_dot_mode`), at warp counts that avoid Triton 3.6's miscompiles on Hopper (`_launch`).
 """
 
 from __future__ import annotations
@@ -315,6 +315,15 @@ def _pieces_store(base, k0, i_v, pieces, K: tl.constexpr, V: tl.constexpr, KP: t
 
 
 @triton.jit
+def _piece_rows(rows, m_c, i_h, k0, j, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    """Piece j's rows of the state (offsets, mask) and, for a [T, H, K] tensor read transposed ([KP, C]), the
+    offsets and mask of the chunk's tokens in those rows."""
+    offs_k = k0 + j * KP + tl.arange(0, KP)
+    mk = offs_k < K
+    return offs_k, mk, (rows[None, :] * H + i_h) * K + offs_k[:, None], mk[:, None] & m_c[None, :]
+
+
+@triton.jit
 def _rows_times_pieces(x, rows, m_c, i_h, k0, pieces, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                        NP: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
     """X S for the chunk's rows of x ([T, H, K]) and the state S given as NP pieces of KP rows."""
@@ -371,10 +380,7 @@ def _state_kernel(
             u = u * tl.exp(b_last - b)[:, None]
         new = ()
         for j in tl.static_range(NP):
-            offs_k = k0 + j * KP + tl.arange(0, KP)
-            mk = offs_k < K
-            pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
-            m_kc = mk[:, None] & m_c[None, :]
+            offs_k, mk, pT, m_kc = _piece_rows(rows, m_c, i_h, k0, j, H, K, KP)
             kT = tl.load(k + pT, mask=m_kc, other=0.0)
             if GATE == 2:
                 piece = S[j] * tl.exp(b_last) + _dot(kT, u, DOT)
@@ -465,10 +471,7 @@ def _dstate_kernel(
             do_c = do_c * tl.exp(b)[:, None]
         new = ()
         for j in tl.static_range(NP):
-            offs_k = k0 + j * KP + tl.arange(0, KP)
-            mk = offs_k < K
-            pT = (rows[None, :] * H + i_h) * K + offs_k[:, None]
-            m_kc = mk[:, None] & m_c[None, :]
+            offs_k, mk, pT, m_kc = _piece_rows(rows, m_c, i_h, k0, j, H, K, KP)
             qT = tl.load(q + pT, mask=m_kc, other=0.0)
             if GATE == 2:
                 piece = dS[j] * tl.exp(b_last)
@@ -736,22 +739,17 @@ def _blocks(K: int, V: int) -> tuple[int, int, int]:
     return BK, BV, min(BK, 64)
 
 
-def _state_pieces(delta: bool, BK: int, BKS: int) -> tuple[int, int]:
-    """(rows per piece, pieces per program) of the state in the chunk-sequential kernels: all K rows, in pieces
-    of BKS, for the delta rules (U = U' - W h needs every row); one piece of BKS rows for the others, whose
-    rows evolve independently (more programs)."""
-    return BKS, (BK // BKS if delta else 1)
-
-
-def _seq_bv(delta: bool, BK: int, BV: int) -> int:
-    """Columns of the state per program in the chunk-sequential kernels: 16 for the delta rules at K > 128, where
-    four [64, 32] float32 pieces plus the [64, K] tiles of a chunk spilled registers in `dstate` (0 spills at 16
-    on sm_90), BV otherwise."""
-    return 16 if delta and BK > 128 else BV
+def _seq_tiles(delta: bool, BK: int, BKS: int, BV: int) -> tuple[int, int, int]:
+    """(KP rows per piece, NP pieces per program, BV columns per program) of the state in the chunk-sequential
+    kernels. Rows: all K, in pieces of BKS, for the delta rules (U = U' - W h needs every row); one piece of BKS
+    rows for the others, whose rows evolve independently (more programs). Columns: 16 for the delta rules at
+    K > 128, where four [64, 32] float32 pieces plus a chunk's [64, K] tiles spilled registers in `dstate` (none
+    at 16 on sm_90), BV otherwise."""
+    return BKS, (BK // BKS if delta else 1), (16 if delta and BK > 128 else BV)
 
 
 def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
-    """Launch options of one kernel (and its dot mode where it differs from the call's), for `common | ...`.
+    """Launch options of one kernel.
 
     The chunk-sequential kernels (`state`, `dstate`; BK rows of the state): their [K, BV] state and [C, K] tiles
     are large at K >= 128, where a second pipeline stage does not fit in shared memory (the backward one took
@@ -760,7 +758,7 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
     kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
     warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at
     K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4. The delta rules'
-    `dstate` at K > 128 is right in bf16 with BV = 16 (`_seq_bv`) and 8 warps (with BV = 32, before the state
+    `dstate` at K > 128 is right in bf16 with BV = 16 (`_seq_tiles`) and 8 warps (with BV = 32, before the state
     was split in pieces, it hit an illegal memory access)."""
     options = {}
     if kernel in ("state", "dstate"):
@@ -811,8 +809,7 @@ class ChunkFunction(torch.autograd.Function):
             )  # fmt: skip
             if gate == 1:
                 _gla_intra_kernel[(NC * (C // SUB), H)](q, k, bcum, Aqk, table, S=SUB, BK=BKS, **common)
-        KP, NP = _state_pieces(delta, BK, BKS)
-        BVS = _seq_bv(delta, BK, BV)
+        KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
         _state_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
             k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
             V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
@@ -844,8 +841,7 @@ class ChunkFunction(torch.autograd.Function):
         dH = empty(NC, H, K, V, **f32)
         dU = empty(B, T, H, V, **f32)  # dv itself for the rules without the delta rule
         dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
-        KP, NP = _state_pieces(delta, BK, BKS)
-        BVS = _seq_bv(delta, BK, BV)
+        KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
         _dstate_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
             q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
             V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
