@@ -234,55 +234,54 @@ def _local_kernel(
 @triton.jit
 def _gla_intra_kernel(
     q, k, bcum, Aqk, table,
-    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     DOT: tl.constexpr,
 ):  # fmt: skip
-    """Rows of sub-chunk i_s of GLA's Aqk[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk), j <= i."""
+    """Rows of sub-chunk i_s of GLA's Aqk[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk), j <= i: the columns of earlier
+    sub-chunks as one product per block of BKS channels (exponents split at the sub-chunk's first row r, both
+    parts <= 0), the diagonal block column by column on the whole [S, BK] tile (b_i - b_j <= 0 in each term)."""
     i_cs, i_h = tl.program_id(0), tl.program_id(1)
     i_c, i_s = i_cs // (C // S), i_cs % (C // S)
     start = tl.load(table + 2 * i_c).to(tl.int64)
     n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
     offs_s = tl.arange(0, S)
+    offs_c = tl.arange(0, C)
     m_i = i_s * S + offs_s < n
     rows_i = start + i_s * S + offs_s
-    r = tl.minimum(i_s * S, n - 1)  # reference row: the sub-chunk's first
-    for J in range(C // S):
-        rows_j = start + J * S + offs_s
-        m_j = J * S + offs_s < n
-        acc = tl.zeros([S, S], dtype=tl.float32)
-        if J < i_s:
-            for kb in range(0, K, BK):
-                offs_k = kb + tl.arange(0, BK)
-                mk = offs_k < K
-                b_r = tl.load(bcum + ((start + r) * H + i_h) * K + offs_k, mask=mk, other=0.0)
-                p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
-                m_ik = m_i[:, None] & mk[None, :]
-                q_i = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
-                b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
-                pT_j = (rows_j[None, :] * H + i_h) * K + offs_k[:, None]
-                m_jk = m_j[None, :] & mk[:, None]
-                kT_j = tl.load(k + pT_j, mask=m_jk, other=0.0).to(tl.float32)
-                bT_j = tl.load(bcum + pT_j, mask=m_jk, other=0.0)
-                acc += _dot(q_i * tl.exp(b_i - b_r[None, :]), kT_j * tl.exp(b_r[:, None] - bT_j), DOT)
-        if J == i_s:
-            for kb in range(0, K, BK):
-                offs_k = kb + tl.arange(0, BK)
-                mk = offs_k < K
-                p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
-                m_ik = m_i[:, None] & mk[None, :]
-                q_i = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
-                b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
-                for j in range(S):
-                    p_j = ((start + i_s * S + j) * H + i_h) * K + offs_k
-                    m_jk = mk & (offs_k * 0 + i_s * S + j < n)
-                    k_j = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
-                    b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
-                    e = tl.exp(tl.where(offs_s[:, None] >= j, b_i - b_j[None, :], float("-inf")))
-                    col = tl.sum(q_i * k_j[None, :] * e, 1)
-                    acc += tl.where(offs_s[None, :] == j, col[:, None], 0.0)
-        tl.store(
-            Aqk + (rows_i[:, None] * H + i_h) * C + J * S + offs_s[None, :], acc, mask=m_i[:, None]
-        )  # fmt: skip
+    r = tl.minimum(i_s * S, n - 1)
+    earlier = offs_c < tl.minimum(i_s * S, n)  # columns of earlier sub-chunks' rows
+    acc = tl.zeros([S, C], dtype=tl.float32)
+    if i_s > 0:
+        for kb in range(0, K, BKS):
+            offs_k = kb + tl.arange(0, BKS)
+            mk = offs_k < K
+            b_r = tl.load(bcum + ((start + r) * H + i_h) * K + offs_k, mask=mk, other=0.0)
+            p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
+            m_ik = m_i[:, None] & mk[None, :]
+            q_i = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
+            q_i = q_i * tl.exp(tl.load(bcum + p_i, mask=m_ik, other=0.0) - b_r[None, :])
+            pT = ((start + offs_c[None, :]) * H + i_h) * K + offs_k[:, None]
+            mT = earlier[None, :] & mk[:, None]
+            kT = tl.load(k + pT, mask=mT, other=0.0).to(tl.float32)
+            kT = kT * tl.exp(tl.where(mT, b_r[:, None] - tl.load(bcum + pT, mask=mT, other=0.0), float("-inf")))
+            acc += _dot(q_i, kT, DOT)
+    p_row = (rows_i * H + i_h) * C
+    diagonal = (offs_c >= i_s * S) & (offs_c < i_s * S + S)
+    tl.store(Aqk + p_row[:, None] + offs_c[None, :], acc, mask=m_i[:, None] & ~diagonal[None, :])  # later: 0
+
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < K
+    p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
+    m_ik = m_i[:, None] & mk[None, :]
+    q_i = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
+    b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
+    for j in range(S):
+        p_j = ((start + i_s * S + j) * H + i_h) * K + offs_k
+        m_jk = mk & (offs_k * 0 + i_s * S + j < n)
+        k_j = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+        b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
+        e = tl.exp(tl.where(offs_s[:, None] >= j, b_i - b_j[None, :], float("-inf")))
+        tl.store(Aqk + p_row + i_s * S + j, tl.sum(q_i * k_j[None, :] * e, 1), mask=m_i)
 
 
 @triton.jit
@@ -639,12 +638,13 @@ def _gla_dintra_kernel(
 
 @triton.jit
 def _dqk_kernel(
-    q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k, table, scale, ROWS,
+    q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k, dgl, table, scale, ROWS,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Per chunk and block of K: dq = scale exp(b) dO h^T + intra, dk = exp(b_C - b) U dH^T + intra, and for
-    the delta rules the terms through W (dX_k = -dX_v h^T) and through L (P' K)."""
+    the delta rules the terms through W (dX_k = -dX_v h^T) and through L (P' K). dq and dk are stored in their
+    buffers' dtype (the inputs'); for per-channel gates also the decays' per-token terms q dq - k dk, in float32."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(table + 2 * i_c).to(tl.int64)
     n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
@@ -708,6 +708,8 @@ def _dqk_kernel(
         dk_c += -bg * acc_xk + beta_c[:, None] * Pk + PTk
         part = tl.sum(-tl.exp(b_q) * acc_xk * k_c + Pk * k_c, 1)
         tl.store(dbeta_k + i_k.to(tl.int64) * ROWS + rows * H + i_h, part, mask=m_c)
+    if GATE == 1:
+        tl.store(dgl + p_k, q_c.to(tl.float32) * dq_c - k_c.to(tl.float32) * dk_c, mask=m_ck)
     tl.store(dq + p_k, dq_c, mask=m_ck)
     tl.store(dk + p_k, dk_c, mask=m_ck)
 
@@ -742,10 +744,10 @@ def _blocks(K: int, V: int) -> tuple[int, int, int]:
 def _seq_tiles(delta: bool, BK: int, BKS: int, BV: int) -> tuple[int, int, int]:
     """(KP rows per piece, NP pieces per program, BV columns per program) of the state in the chunk-sequential
     kernels. Rows: all K, in pieces of BKS, for the delta rules (U = U' - W h needs every row); one piece of BKS
-    rows for the others, whose rows evolve independently (more programs). Columns: 16 for the delta rules at
-    K > 128, where four [64, 32] float32 pieces plus a chunk's [64, K] tiles spilled registers in `dstate` (none
-    at 16 on sm_90), BV otherwise."""
-    return BKS, (BK // BKS if delta else 1), (16 if delta and BK > 128 else BV)
+    rows for the others, whose rows evolve independently (more programs). Columns: BV (32 at K > 128: with 16,
+    the delta rules' fewer spills in `dstate` did not make up for twice the programs, each reading the chunk's
+    [64, K] tiles; 1.3x slower on an H200, kernels/NOTES.md)."""
+    return BKS, (BK // BKS if delta else 1), BV
 
 
 def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
@@ -758,8 +760,8 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
     kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
     warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at
     K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4. The delta rules'
-    `dstate` at K > 128 is right in bf16 with BV = 16 (`_seq_tiles`) and 8 warps (with BV = 32, before the state
-    was split in pieces, it hit an illegal memory access)."""
+    `dstate` at K > 128 is right in bf16 with 8 warps (with BV = 32 it hit an illegal memory access before the
+    state was split in pieces; right since, in 36 GPU cases)."""
     options = {}
     if kernel in ("state", "dstate"):
         options = {"num_warps": 8 if BK > 128 else 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
@@ -808,7 +810,9 @@ class ChunkFunction(torch.autograd.Function):
                 V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("local", BKS, dot, delta)),
             )  # fmt: skip
             if gate == 1:
-                _gla_intra_kernel[(NC * (C // SUB), H)](q, k, bcum, Aqk, table, S=SUB, BK=BKS, **common)
+                _gla_intra_kernel[(NC * (C // SUB), H)](
+                    q, k, bcum, Aqk, table, S=SUB, BK=BK, BKS=BKS, **(common | _launch("gla_intra", BK, dot, delta))
+                )
         KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
         _state_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
             k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
@@ -817,8 +821,9 @@ class ChunkFunction(torch.autograd.Function):
         )  # fmt: skip
         if rows > 0:
             _output_kernel[(triton.cdiv(V, BV), NC, H)](
-                q, v, bcum, Aqk, U, h, o, table, scale, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **common
-            )
+                q, v, bcum, Aqk, U, h, o, table, scale, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta,
+                **(common | _launch("output", BKS, dot, delta)),
+            )  # fmt: skip
         ctx.save_for_backward(q, k, v, beta, initial_state, cu, table, chunk_offsets, bcum, Aqk, Tm, W, U, h, ht)
         ctx.meta = (gate, delta, scale, NC, cu_seqlens is not None, None if g is None else g.dtype)
         return o, ht
@@ -851,10 +856,10 @@ class ChunkFunction(torch.autograd.Function):
         D = empty(B, T, H, C, **f32)
         Pp = empty(B, T, H, C, **f32) if delta else None
         dbeta_v = empty(B, T, H, **f32) if delta else None
-        dgl = empty(B, T, H, **f32) if gate == 2 else None
+        dgl = {0: None, 1: empty(B, T, H, K, **f32), 2: empty(B, T, H, **f32)}[gate]  # the decays' local terms
         NK = triton.cdiv(K, BKS)
-        dq = empty(B, T, H, K, **f32)
-        dk = empty(B, T, H, K, **f32)
+        dq = empty(B, T, H, K, device=q.device, dtype=q.dtype)
+        dk = empty(B, T, H, K, device=q.device, dtype=k.dtype)
         dbeta_k = empty(NK, B, T, H, **f32) if delta else None
         dq_intra = dk_intra = None
         if rows > 0:
@@ -865,21 +870,20 @@ class ChunkFunction(torch.autograd.Function):
             if gate == 1:
                 dq_intra, dk_intra = empty(B, T, H, K, **f32), empty(B, T, H, K, **f32)
                 _gla_dintra_kernel[(NK, NC * (C // SUB), H)](
-                    q, k, bcum, D, dq_intra, dk_intra, table, S=SUB, BK=BKS, **common
-                )
+                    q, k, bcum, D, dq_intra, dk_intra, table, S=SUB, BK=BKS,
+                    **(common | _launch("gla_dintra", BKS, dot, delta)),
+                )  # fmt: skip
             _dqk_kernel[(NK, NC, H)](
-                q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k,
+                q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k, dgl,
                 table, scale, rows, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta,
                 **(common | _launch("dqk", BKS, dot, delta)),
             )  # fmt: skip
-        dg = None
-        if gate == 1:
-            dg = decay_grad(q * dq - k * dk, dht, ht, cu if varlen else None)
-        elif gate == 2:
-            dg = decay_grad(dgl, dht, ht, cu if varlen else None)
+        # the backward's float32 work buffers go before the gradients' conversions below allocate: the layer's peak
+        del dH, dU, D, Pp, dq_intra, dk_intra
+        dg = None if gate == 0 else decay_grad(dgl, dht, ht, cu if varlen else None, g_dtype)
         dbeta = (dbeta_v + dbeta_k.sum(0)).to(beta.dtype) if delta else None
         return (
-            None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(g_dtype), dbeta,
+            None, dq, dk, dv.to(v.dtype), dg, dbeta,
             None, None if h0 is None else dh0.to(h0.dtype), None, None,
         )  # fmt: skip
 

@@ -43,9 +43,9 @@ def _suffix_sum_kernel(
         after += total
 
 
-def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens) -> torch.Tensor:
-    """dg (float32, shaped like `local`: [B, T, H, K] or [B, T, H]) from the per-token terms `local`, the final
-    states' gradient dht and the final states ht ([N, H, K, V], or None)."""
+def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dg (of `dtype`, summed in float32; shaped like `local`: [B, T, H, K] or [B, T, H]) from the per-token terms
+    `local`, the final states' gradient dht and the final states ht ([N, H, K, V], or None)."""
     B, T, H = local.shape[:3]
     D = local.shape[3] if local.dim() == 4 else 1
     cu = cu_seqlens if cu_seqlens is not None else torch.arange(B + 1, device=local.device, dtype=torch.int32) * T
@@ -54,7 +54,7 @@ def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens) -> torch.Tensor:
         end = (dht.float() * ht.float()).sum(-1)  # [N, H, K]
         end = (end if local.dim() == 4 else end.sum(-1)).contiguous()  # [N, H] for per-head gates
     local = local.float().contiguous()
-    dg = empty(*local.shape, device=local.device, dtype=torch.float32)
+    dg = empty(*local.shape, device=local.device, dtype=dtype)
     BD = min(64, max(16, triton.next_power_of_2(D)))
     _suffix_sum_kernel[((cu.numel() - 1) * H, triton.cdiv(D, BD))](
         local, end, dg, cu, H=H, D=D, BT=64, BD=BD, HAS_END=end is not None

@@ -23,7 +23,7 @@ CPU_CASES = [
     (1, 90, 1, 32, 16, [0, 13, 13, 90], torch.float32),  # a sequence of more than one chunk (64)
     (1, 70, 1, 16, 16, [0, 0, 70], torch.bfloat16),
     (1, 80, 1, 100, 16, [0, 0, 80], torch.float32),  # K > 64: the delta rules' state in two pieces
-    (1, 70, 1, 144, 40, None, torch.bfloat16),  # K > 128: four pieces, state columns in blocks of 16 (ragged)
+    (1, 70, 1, 144, 40, None, torch.bfloat16),  # K > 128: four pieces, state columns in blocks of 32 (ragged)
 ]
 GPU_CASES = [
     (2, 300, 4, 64, 128, None, torch.float32),

@@ -11,8 +11,8 @@ made by the children on a shared GPU, is switched off). Each rule is first check
 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
-cache) and warm (the cache the cold process filled). `--profile` adds each row's longest kernels (torch.profiler,
-milliseconds per forward+backward).
+cache) and warm (the cache the cold process filled). `--profile` adds each row's longest kernels, ours and fla's
+(torch.profiler, milliseconds per forward+backward).
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool = Fal
             if fla_available and rows[-1]["correct"]:
                 _time_fla(rows[-1], x, do)
                 _print_fla(rows[-1])
+                if profile:
+                    _profile_row(rows[-1], x, do, fla=True)
             del x, do
             torch.cuda.empty_cache()
     return rows
@@ -152,17 +154,20 @@ def _time_rule(rule, shape, x, do, ceiling) -> dict:
     return row
 
 
-def _profile_row(row, x, do) -> None:
+def _profile_row(row, x, do, fla: bool = False) -> None:
     import kernels
 
-    ours = kernels.get_op(row["rule"], "triton")
-    row["kernels_ms"] = kernel_times(lambda: _fwd_bwd(ours, x, do))
-    print("  longest kernels, ms:", ", ".join(f"{name} {ms:.2f}" for name, ms in row["kernels_ms"].items()))
+    op = _fla_op(row["rule"]) if fla else kernels.get_op(row["rule"], "triton")
+    key = "fla_kernels_ms" if fla else "kernels_ms"
+    row[key] = kernel_times(lambda: _fwd_bwd(op, x, do))
+    listed = ", ".join(f"{name} {ms:.2f}" for name, ms in row[key].items())
+    print(f"  {'fla' if fla else 'our'} longest kernels, ms:", listed)
 
 
 def kernel_times(fn, calls: int = 3, top: int = 6) -> dict[str, float]:
     """Milliseconds per call of fn's `top` longest kernels over `calls` calls (torch.profiler; on a machine
-    without CUDA, its CPU ops), Triton kernel names without their leading _ and trailing _kernel."""
+    without CUDA, its CPU ops), Triton kernel names without their leading _ and trailing _kernel, CUDA C++ ones
+    without their template and call arguments (PyTorch's elementwise kernels summed by kind)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -177,7 +182,8 @@ def kernel_times(fn, calls: int = 3, top: int = 6) -> dict[str, float]:
     times = {}
     for event in prof.key_averages():
         if event.device_type == device:
-            name = event.key.removeprefix("_").removesuffix("_kernel")
+            name = event.key.removeprefix("void ").split("<")[0].split("(")[0]
+            name = name.removeprefix("_").removesuffix("_kernel")
             total = event.self_device_time_total if cuda else event.self_cpu_time_total
             times[name] = times.get(name, 0.0) + total / 1e3 / calls
     return dict(sorted(times.items(), key=lambda item: -item[1])[:top])
