@@ -8,13 +8,13 @@ values U = U' - W h from the UT transform Tm = (I + L)^-1):
     O = scale (exp(b) * Q h + Aqk U),   Aqk = causal(Q K^T * G)
     h' = exp(b_C) h + (K * exp(b_C - b))^T U
 
-Forward kernels: `_local` (per chunk: b, Aqk, and for the delta rules Tm, W, U'), `_gla_intra` (GLA's Aqk,
-computed in sub-chunks so that no positive number is exponentiated), `_state` (chunk after chunk: the state
-entering each chunk, and U), `_output`. Backward kernels: `_dstate` (chunk after chunk backwards: the state
-gradient after each chunk dH, and for the delta rules dU), `_dprep` (per chunk: D = scale causal(dO U^T * G),
-for the delta rules dv, dbeta's value part and P' = strict(-dX_v U^T) * G with dX_v = Tm^T dU, for the other
-rules dv = dU), `_gla_dintra` (GLA's intra-chunk
-dq, dk), `_dqk` (per chunk and block of K: dq, dk and dbeta's key part).
+Forward kernels: `_local` (per chunk: b, Aqk, and for the delta rules Tm, W, U'), `_gla_intra_blocks` and
+`_gla_intra_diag` (GLA's Aqk, computed in sub-chunks so that no positive number is exponentiated), `_state`
+(chunk after chunk: the state entering each chunk, and U), `_output`. Backward kernels: `_dstate` (chunk after
+chunk backwards: the state gradient after each chunk dH, and for the delta rules dU), `_dprep` (per chunk:
+D = scale causal(dO U^T * G), for the delta rules dv, dbeta's value part and P' = strict(-dX_v U^T) * G with
+dX_v = Tm^T dU, for the other rules dv = dU), `_gla_dintra` (GLA's intra-chunk dq, dk), `_dqk` (per chunk and
+block of K: dq, dk and dbeta's key part).
 The decays' gradient dg is a reverse cumulative sum of per-token terms (see `_decay_grad`).
 
 Every sequence is handled as packed (a batch of B rows of T tokens is B sequences); a device-side chunk
@@ -232,14 +232,13 @@ def _local_kernel(
 
 
 @triton.jit
-def _gla_intra_kernel(
+def _gla_intra_blocks_kernel(
     q, k, bcum, Aqk, table,
-    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    DOT: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Rows of sub-chunk i_s of GLA's Aqk[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk), j <= i: the columns of earlier
-    sub-chunks as one product per block of BKS channels (exponents split at the sub-chunk's first row r, both
-    parts <= 0), the diagonal block column by column on the whole [S, BK] tile (b_i - b_j <= 0 in each term)."""
+    """Rows of sub-chunk i_s of GLA's Aqk[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk) outside the diagonal block:
+    the columns of earlier sub-chunks as one product per block of BK channels, the exponents split at the
+    sub-chunk's first row r (both parts <= 0); the later columns 0."""
     i_cs, i_h = tl.program_id(0), tl.program_id(1)
     i_c, i_s = i_cs // (C // S), i_cs % (C // S)
     start = tl.load(table + 2 * i_c).to(tl.int64)
@@ -252,8 +251,8 @@ def _gla_intra_kernel(
     earlier = offs_c < tl.minimum(i_s * S, n)  # columns of earlier sub-chunks' rows
     acc = tl.zeros([S, C], dtype=tl.float32)
     if i_s > 0:
-        for kb in range(0, K, BKS):
-            offs_k = kb + tl.arange(0, BKS)
+        for kb in range(0, K, BK):
+            offs_k = kb + tl.arange(0, BK)
             mk = offs_k < K
             b_r = tl.load(bcum + ((start + r) * H + i_h) * K + offs_k, mask=mk, other=0.0)
             p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
@@ -265,10 +264,25 @@ def _gla_intra_kernel(
             kT = tl.load(k + pT, mask=mT, other=0.0).to(tl.float32)
             kT = kT * tl.exp(tl.where(mT, b_r[:, None] - tl.load(bcum + pT, mask=mT, other=0.0), float("-inf")))
             acc += _dot(q_i, kT, DOT)
-    p_row = (rows_i * H + i_h) * C
     diagonal = (offs_c >= i_s * S) & (offs_c < i_s * S + S)
-    tl.store(Aqk + p_row[:, None] + offs_c[None, :], acc, mask=m_i[:, None] & ~diagonal[None, :])  # later: 0
+    p = (rows_i[:, None] * H + i_h) * C + offs_c[None, :]
+    tl.store(Aqk + p, acc, mask=m_i[:, None] & ~diagonal[None, :])
 
+
+@triton.jit
+def _gla_intra_diag_kernel(
+    q, k, bcum, Aqk, table, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr
+):  # fmt: skip
+    """The diagonal block of sub-chunk i_s of GLA's Aqk, column by column on the whole [S, K] tile (b_i - b_j
+    <= 0 in every term: no positive number is exponentiated). Apart from `_gla_intra_blocks`, whose product
+    tiles would otherwise hold this loop to a few programs per multiprocessor (registers, shared memory)."""
+    i_cs, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_s = tl.arange(0, S)
+    m_i = i_s * S + offs_s < n
+    rows_i = start + i_s * S + offs_s
     offs_k = tl.arange(0, BK)
     mk = offs_k < K
     p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
@@ -281,7 +295,7 @@ def _gla_intra_kernel(
         k_j = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
         b_j = tl.load(bcum + p_j, mask=m_jk, other=0.0)
         e = tl.exp(tl.where(offs_s[:, None] >= j, b_i - b_j[None, :], float("-inf")))
-        tl.store(Aqk + p_row + i_s * S + j, tl.sum(q_i * k_j[None, :] * e, 1), mask=m_i)
+        tl.store(Aqk + (rows_i * H + i_h) * C + i_s * S + j, tl.sum(q_i * k_j[None, :] * e, 1), mask=m_i)
 
 
 @triton.jit
@@ -755,22 +769,26 @@ def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
 
     The chunk-sequential kernels (`state`, `dstate`; BK rows of the state): their [K, BV] state and [C, K] tiles
     are large at K >= 128, where a second pipeline stage does not fit in shared memory (the backward one took
-    288 KB at K = 128). `dprep` and `dqk` pipeline their loops over V in two stages.
+    288 KB at K = 128). `dprep` and `dqk` pipeline their loops over V in two stages. `gla_intra_blocks` runs in
+    one stage (three took 77 KB of shared memory at K >= 128, so two programs per multiprocessor: 0.54 ms for
+    GLA's Aqk at 8x2048x8x128, 0.32 split and in one stage, H200); `gla_intra_diag` with 2 warps at K > 128
+    (0.18 ms against 0.20 with 8 at 8x2048x4x256).
     Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an H200,
     kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
     warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at
-    K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4. The delta rules'
-    `dstate` at K > 128 is right in bf16 with 8 warps (with BV = 32 it hit an illegal memory access before the
-    state was split in pieces; right since, in 36 GPU cases)."""
+    K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4 (as `dstate`, which
+    at BV = 32 hit an illegal memory access before the state was split in pieces)."""
     options = {}
     if kernel in ("state", "dstate"):
-        options = {"num_warps": 8 if BK > 128 else 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
+        options = {"num_stages": 1} if BK >= 128 else {"num_stages": 2}
     elif kernel in ("dprep", "dqk"):
         options = {"num_stages": 2}
+    elif kernel == "gla_intra_blocks":
+        options = {"num_stages": 1}
+    elif kernel == "gla_intra_diag" and BK > 128:
+        options = {"num_warps": 2}
     if dot == 2 and kernel == "local":
         options["num_warps"] = 2
-    if dot == 2 and kernel == "state" and delta and BK > 128:
-        options["num_warps"] = 4
     return options
 
 
@@ -810,8 +828,13 @@ class ChunkFunction(torch.autograd.Function):
                 V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("local", BKS, dot, delta)),
             )  # fmt: skip
             if gate == 1:
-                _gla_intra_kernel[(NC * (C // SUB), H)](
-                    q, k, bcum, Aqk, table, S=SUB, BK=BK, BKS=BKS, **(common | _launch("gla_intra", BK, dot, delta))
+                grid = (NC * (C // SUB), H)
+                _gla_intra_blocks_kernel[grid](
+                    q, k, bcum, Aqk, table, S=SUB, BK=BKS,
+                    **(common | _launch("gla_intra_blocks", BK, dot, delta)),
+                )  # fmt: skip
+                _gla_intra_diag_kernel[grid](
+                    q, k, bcum, Aqk, table, H=H, K=K, C=C, S=SUB, BK=BK, **_launch("gla_intra_diag", BK, dot, delta)
                 )
         KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
         _state_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
@@ -844,7 +867,8 @@ class ChunkFunction(torch.autograd.Function):
         common = {"H": H, "K": K, "C": C, "DOT": dot}
 
         dH = empty(NC, H, K, V, **f32)
-        dU = empty(B, T, H, V, **f32)  # dv itself for the rules without the delta rule
+        # dU is dv itself for the rules without the delta rule: stored in v's dtype, as dv for the delta rules
+        dU = empty(B, T, H, V, **f32) if delta else empty(B, T, H, V, device=q.device, dtype=v.dtype)
         dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
         KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
         _dstate_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
@@ -852,7 +876,7 @@ class ChunkFunction(torch.autograd.Function):
             V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
             **(common | _launch("dstate", KP * NP, dot, delta)),
         )  # fmt: skip
-        dv = empty(B, T, H, V, **f32) if delta else dU
+        dv = empty(B, T, H, V, device=q.device, dtype=v.dtype) if delta else dU
         D = empty(B, T, H, C, **f32)
         Pp = empty(B, T, H, C, **f32) if delta else None
         dbeta_v = empty(B, T, H, **f32) if delta else None
@@ -883,7 +907,7 @@ class ChunkFunction(torch.autograd.Function):
         dg = None if gate == 0 else decay_grad(dgl, dht, ht, cu if varlen else None, g_dtype)
         dbeta = (dbeta_v + dbeta_k.sum(0)).to(beta.dtype) if delta else None
         return (
-            None, dq, dk, dv.to(v.dtype), dg, dbeta,
+            None, dq, dk, dv, dg, dbeta,
             None, None if h0 is None else dh0.to(h0.dtype), None, None,
         )  # fmt: skip
 
