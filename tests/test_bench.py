@@ -68,3 +68,30 @@ def test_kernel_times_names_the_longest_ops_per_call():
     times = kernel_times(lambda: (a @ a @ a).sum(), calls=3, top=2)
     assert len(times) == 2 and list(times)[0] in ("aten::mm", "aten::matmul")
     assert all(t > 0 for t in times.values()) and list(times.values()) == sorted(times.values(), reverse=True)
+    every = kernel_times(lambda: (a @ a @ a).sum(), calls=3, top=None)  # the sum op too
+    assert len(every) > 2 and any("sum" in name for name in every)
+
+
+def test_profile_rows_give_each_ops_kernel_time_and_their_ratio(monkeypatch, capsys):
+    """On the CPU the profile sums CPU ops; fla's op is stood in for by the PyTorch reference, ours by the
+    chunked PyTorch form: both rows get their summed time, the fla row the ratio of the sums."""
+    import torch
+
+    import kernels
+    from kernels.testing import make_inputs
+    from sandbox.bench import kernels as bench
+
+    get_op = kernels.get_op
+    monkeypatch.setattr(kernels, "get_op", lambda rule, backend: get_op(rule, "torch"))
+    monkeypatch.setattr(bench, "_fla_op", lambda rule: get_op(rule, "torch", mode="recurrent"))
+    x = make_inputs("gla", 1, 80, 1, 16, 16)
+    do = torch.randn(1, 80, 1, 16)
+    row = {"rule": "gla"}
+    bench._profile_row(row, x, do)
+    bench._profile_row(row, x, do, fla=True)
+    assert row["kernel_sum_ms_ours"] > 0 and row["kernel_sum_ms_fla"] > 0
+    assert 0 < len(row["kernels_ms_ours"]) <= 6
+    ratio = row["kernel_sum_ms_fla"] / row["kernel_sum_ms_ours"]
+    out = capsys.readouterr().out
+    assert f"ours kernels: {row['kernel_sum_ms_ours']:.2f} ms per call; longest" in out
+    assert f"fla kernels: {row['kernel_sum_ms_fla']:.2f} ms per call (fla/ours {ratio:.2f}x)" in out

@@ -11,8 +11,9 @@ made by the children on a shared GPU, is switched off). Each rule is first check
 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
-cache) and warm (the cache the cold process filled). `--profile` adds each row's longest kernels, ours and fla's
-(torch.profiler, milliseconds per forward+backward).
+cache) and warm (the cache the cold process filled). `--profile` adds, for ours and fla's, the kernels' summed
+time per forward+backward (torch.profiler; the GPU's busy time, not stretched by a loaded CPU as the wall-clock
+times are) and the longest kernels.
 """
 
 from __future__ import annotations
@@ -155,17 +156,22 @@ def _time_rule(rule, shape, x, do, ceiling) -> dict:
 
 
 def _profile_row(row, x, do, fla: bool = False) -> None:
+    """The op's kernels: their summed time per call (the GPU's busy time, which a loaded CPU does not stretch as
+    it does the wall-clock time) and the longest six."""
     import kernels
 
     op = _fla_op(row["rule"]) if fla else kernels.get_op(row["rule"], "triton")
-    key = "fla_kernels_ms" if fla else "kernels_ms"
-    row[key] = kernel_times(lambda: _fwd_bwd(op, x, do))
-    listed = ", ".join(f"{name} {ms:.2f}" for name, ms in row[key].items())
-    print(f"  {'fla' if fla else 'our'} longest kernels, ms:", listed)
+    who = "fla" if fla else "ours"
+    times = kernel_times(lambda: _fwd_bwd(op, x, do), top=None)
+    row[f"kernels_ms_{who}"] = dict(list(times.items())[:6])
+    row[f"kernel_sum_ms_{who}"] = sum(times.values())
+    listed = ", ".join(f"{name} {ms:.2f}" for name, ms in row[f"kernels_ms_{who}"].items())
+    ratio = f" (fla/ours {row['kernel_sum_ms_fla'] / row['kernel_sum_ms_ours']:.2f}x)" if fla else ""
+    print(f"  {who} kernels: {row[f'kernel_sum_ms_{who}']:.2f} ms per call{ratio}; longest, ms: {listed}")
 
 
-def kernel_times(fn, calls: int = 3, top: int = 6) -> dict[str, float]:
-    """Milliseconds per call of fn's `top` longest kernels over `calls` calls (torch.profiler; on a machine
+def kernel_times(fn, calls: int = 3, top: int | None = 6) -> dict[str, float]:
+    """Milliseconds per call of fn's `top` (None: all) longest kernels over `calls` calls (torch.profiler; on a machine
     without CUDA, its CPU ops), Triton kernel names without their leading _ and trailing _kernel, CUDA C++ ones
     without their template and call arguments (PyTorch's elementwise kernels summed by kind)."""
     import torch
