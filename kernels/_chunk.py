@@ -831,7 +831,7 @@ class ChunkFunction(torch.autograd.Function):
                 grid = (NC * (C // SUB), H)
                 _gla_intra_blocks_kernel[grid](
                     q, k, bcum, Aqk, table, S=SUB, BK=BKS,
-                    **(common | _launch("gla_intra_blocks", BK, dot, delta)),
+                    **(common | _launch("gla_intra_blocks", BKS, dot, delta)),
                 )  # fmt: skip
                 _gla_intra_diag_kernel[grid](
                     q, k, bcum, Aqk, table, H=H, K=K, C=C, S=SUB, BK=BK, **_launch("gla_intra_diag", BK, dot, delta)
@@ -880,7 +880,9 @@ class ChunkFunction(torch.autograd.Function):
         D = empty(B, T, H, C, **f32)
         Pp = empty(B, T, H, C, **f32) if delta else None
         dbeta_v = empty(B, T, H, **f32) if delta else None
-        dgl = {0: None, 1: empty(B, T, H, K, **f32), 2: empty(B, T, H, **f32)}[gate]  # the decays' local terms
+        dgl = None  # the decays' per-token terms: per channel (written by `_dqk`) or per head (by `_dprep`)
+        if gate:
+            dgl = empty(B, T, H, K, **f32) if gate == 1 else empty(B, T, H, **f32)
         NK = triton.cdiv(K, BKS)
         dq = empty(B, T, H, K, device=q.device, dtype=q.dtype)
         dk = empty(B, T, H, K, device=q.device, dtype=k.dtype)
@@ -902,7 +904,7 @@ class ChunkFunction(torch.autograd.Function):
                 table, scale, rows, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta,
                 **(common | _launch("dqk", BKS, dot, delta)),
             )  # fmt: skip
-        # the backward's float32 work buffers go before the gradients' conversions below allocate: the layer's peak
+        # the float32 work buffers go before the decays' gradient and dbeta allocate: the layer's peak memory
         del dH, dU, D, Pp, dq_intra, dk_intra
         dg = None if gate == 0 else decay_grad(dgl, dht, ht, cu if varlen else None, g_dtype)
         dbeta = (dbeta_v + dbeta_k.sum(0)).to(beta.dtype) if delta else None
