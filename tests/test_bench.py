@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sandbox.bench import quickstart
 
 
@@ -95,3 +97,24 @@ def test_profile_rows_give_each_ops_kernel_time_and_their_ratio(monkeypatch, cap
     out = capsys.readouterr().out
     assert f"ours kernels: {row['kernel_sum_ms_ours']:.2f} ms per call; longest" in out
     assert f"fla kernels: {row['kernel_sum_ms_fla']:.2f} ms per call (fla/ours {ratio:.2f}x)" in out
+
+
+def test_fla_compile_only_fills_the_cache_and_times_nothing(monkeypatch):
+    import os
+
+    import torch
+
+    from sandbox.bench import kernels as bench
+
+    warmed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "_fla_op", lambda rule: object())
+    monkeypatch.setattr(bench, "warm_fla", lambda shapes, rules, jobs: warmed.append((shapes, rules, jobs)))
+    monkeypatch.setattr(bench, "run_timings", lambda *a, **k: pytest.fail("timed in --fla-compile-only"))
+    monkeypatch.setenv("FLA_CACHE_RESULTS", "1")  # restored after the test
+    argv = ["--fla-compile-only", "--rules", "gla", "--shape", "1,64,1,16,16", "--fla-jobs", "3"]
+    assert bench.main(argv) == 0
+    assert warmed == [([(1, 64, 1, 16, 16)], ["gla"], 3)]
+    assert os.environ["FLA_CACHE_RESULTS"] == "0"  # the compiling children write no autotuning choices
+    monkeypatch.setattr(bench, "_fla_op", lambda rule: None)
+    assert bench.main(argv) == 2

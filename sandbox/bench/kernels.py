@@ -7,8 +7,10 @@ and, when the `fla` package is importable (the `bench` extra), fla's chunk op of
 ours with its first call in this process. fla compiles every config it autotunes over (minutes per op and
 shape), so its first calls run first in child processes, several at once (`--fla-jobs`), to fill the Triton
 cache; the timed process then autotunes on a GPU it has to itself (fla's on-disk cache of autotuning choices,
-made by the children on a shared GPU, is switched off). Each rule is first checked against the float64
-reference at the timed shape; a rule that fails prints no speedup.
+made by the children on a shared GPU, is switched off). `--fla-compile-only` stops after the compiling: fla's
+GLA compiles for 5 to 7 minutes a shape, so where commands have a time limit one command can fill the cache (keep
+`TRITON_CACHE_DIR` between the two) and the next one time on a quiet machine. Each rule is first checked against
+the float64 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
 cache) and warm (the cache the cold process filled). `--profile` adds, for ours and fla's, the kernels' summed
@@ -108,9 +110,6 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool = Fal
 
     ceiling = _copy_ceiling_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s")
-    # before fla is imported, here and in the compiling children: fla autotunes in this process instead of
-    # reusing choices cached on disk by processes that shared the GPU
-    os.environ["FLA_CACHE_RESULTS"] = "0"
     fla_available = use_fla and _fla_op("gla") is not None
     print(
         "fla:",
@@ -309,12 +308,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="B,T,H,K,V (repeatable); default: the three issue shapes")  # fmt: skip
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
     parser.add_argument("--fla-jobs", type=int, default=8, help="child processes compiling fla's kernels at once")
+    parser.add_argument("--fla-compile-only", action="store_true",
+                        help="only compile fla's kernels into the Triton cache (time in a later run)")  # fmt: skip
     parser.add_argument("--first-call", action="store_true", help="also time cold and warm first calls")
-    parser.add_argument("--profile", action="store_true", help="also print each row's longest kernels")
+    parser.add_argument("--profile", action="store_true", help="also print each op's kernel time, longest kernels")
     parser.add_argument("--json", help="write the timings to this file")
     parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
     parser.add_argument("--_fla-warm-child", dest="fla_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # before fla is imported, here and in the compiling children: fla autotunes in the timing process instead of
+    # reusing choices cached on disk by processes that shared the GPU
+    os.environ["FLA_CACHE_RESULTS"] = "0"
 
     import torch
 
@@ -334,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         _fwd_bwd(_fla_op(rule), x, do)
         return 0
     shapes = args.shape or SHAPES
+    if args.fla_compile_only:
+        if _fla_op("gla") is None:
+            print("sandbox-bench kernels: --fla-compile-only needs fla (the bench extra)", file=sys.stderr)
+            return 2
+        warm_fla(shapes, args.rules, jobs=args.fla_jobs)
+        return 0
     if args.first_call:
         first_call_times(shapes[0], args.rules)
     rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs, profile=args.profile)
