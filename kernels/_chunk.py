@@ -21,7 +21,7 @@ Every sequence is handled as packed (a batch of B rows of T tokens is B sequence
 table maps a program to its chunk, so there is no host-device sync. Transposed tiles are loaded through
 strides instead of `tl.trans` (Triton 3.4-3.6 miscompiles some dots on transposed operands on Hopper). The
 two sequential kernels split the state into blocks of V, and of K too for the rules without the delta rule
-(whose state rows evolve independently), and hold it as separate tiles of 64 rows (`_seq_tiles`); the delta
+(whose state rows evolve independently), and hold it as separate tiles of 64 rows (`_state_pieces`); the delta
 rules' UT inverse is blockwise (`_ut_inverse`). With bf16 inputs the products run as bf16 tensor-core dots
 (`_dot_mode`), at warp counts that avoid Triton 3.6's miscompiles on Hopper (`_launch`).
 """
@@ -232,6 +232,17 @@ def _local_kernel(
 
 
 @triton.jit
+def _sub_chunk(table, i_cs, C: tl.constexpr, S: tl.constexpr):
+    """Sub-chunk i_cs of the chunk table (C // S per chunk): its index i_s in its chunk, the chunk's first token
+    and length n, and its S rows (offsets, mask of the real ones, token indices)."""
+    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
+    start = tl.load(table + 2 * i_c).to(tl.int64)
+    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
+    offs_s = tl.arange(0, S)
+    return i_s, start, n, offs_s, i_s * S + offs_s < n, start + i_s * S + offs_s
+
+
+@triton.jit
 def _gla_intra_blocks_kernel(
     q, k, bcum, Aqk, table,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, S: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
@@ -240,13 +251,8 @@ def _gla_intra_blocks_kernel(
     the columns of earlier sub-chunks as one product per block of BK channels, the exponents split at the
     sub-chunk's first row r (both parts <= 0); the later columns 0."""
     i_cs, i_h = tl.program_id(0), tl.program_id(1)
-    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
-    start = tl.load(table + 2 * i_c).to(tl.int64)
-    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
-    offs_s = tl.arange(0, S)
+    i_s, start, n, offs_s, m_i, rows_i = _sub_chunk(table, i_cs, C, S)
     offs_c = tl.arange(0, C)
-    m_i = i_s * S + offs_s < n
-    rows_i = start + i_s * S + offs_s
     r = tl.minimum(i_s * S, n - 1)
     earlier = offs_c < tl.minimum(i_s * S, n)  # columns of earlier sub-chunks' rows
     acc = tl.zeros([S, C], dtype=tl.float32)
@@ -277,12 +283,7 @@ def _gla_intra_diag_kernel(
     <= 0 in every term: no positive number is exponentiated). Apart from `_gla_intra_blocks`, whose product
     tiles would otherwise hold this loop to a few programs per multiprocessor (registers, shared memory)."""
     i_cs, i_h = tl.program_id(0), tl.program_id(1)
-    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
-    start = tl.load(table + 2 * i_c).to(tl.int64)
-    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
-    offs_s = tl.arange(0, S)
-    m_i = i_s * S + offs_s < n
-    rows_i = start + i_s * S + offs_s
+    i_s, start, n, offs_s, m_i, rows_i = _sub_chunk(table, i_cs, C, S)
     offs_k = tl.arange(0, BK)
     mk = offs_k < K
     p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
@@ -593,14 +594,9 @@ def _gla_dintra_kernel(
     """For sub-chunk i_s and a block of K: dq_i = sum_{j <= i} D_ij k_j exp(b_i - b_j) over rows i in i_s, and
     dk_j = sum_{i >= j} D_ij q_i exp(b_i - b_j) over rows j in i_s (exponents split at sub-chunk starts)."""
     i_k, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_c, i_s = i_cs // (C // S), i_cs % (C // S)
-    start = tl.load(table + 2 * i_c).to(tl.int64)
-    n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
-    offs_s = tl.arange(0, S)
+    i_s, start, n, offs_s, m_i, rows_i = _sub_chunk(table, i_cs, C, S)
     offs_k = i_k * BK + tl.arange(0, BK)
     mk = offs_k < K
-    m_i = i_s * S + offs_s < n
-    rows_i = start + i_s * S + offs_s
     p_i = (rows_i[:, None] * H + i_h) * K + offs_k[None, :]
     m_ik = m_i[:, None] & mk[None, :]
     b_i = tl.load(bcum + p_i, mask=m_ik, other=0.0)
@@ -749,22 +745,22 @@ def _chunk_table(cu_seqlens: torch.Tensor, T_total: int, C: int):
 
 
 def _blocks(K: int, V: int) -> tuple[int, int, int]:
-    """(BK for the full-K state tiles, BV, BKS for loops over K)."""
+    """(BK for the full-K state tiles, BV, BKS for loops over K). BV is 32 at K > 128: the delta rules' sequential
+    kernels hold all K rows of a BV-column block; with 16 their fewer spills in `dstate` did not make up for twice
+    the programs, each reading the chunk's [64, K] tiles (1.3x slower on an H200, kernels/NOTES.md)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 128 else 32)
     return BK, BV, min(BK, 64)
 
 
-def _seq_tiles(delta: bool, BK: int, BKS: int, BV: int) -> tuple[int, int, int]:
-    """(KP rows per piece, NP pieces per program, BV columns per program) of the state in the chunk-sequential
-    kernels. Rows: all K, in pieces of BKS, for the delta rules (U = U' - W h needs every row); one piece of BKS
-    rows for the others, whose rows evolve independently (more programs). Columns: BV (32 at K > 128: with 16,
-    the delta rules' fewer spills in `dstate` did not make up for twice the programs, each reading the chunk's
-    [64, K] tiles; 1.3x slower on an H200, kernels/NOTES.md)."""
-    return BKS, (BK // BKS if delta else 1), BV
+def _state_pieces(delta: bool, BK: int, BKS: int) -> tuple[int, int]:
+    """(KP rows per piece, NP pieces per program) of the state in the chunk-sequential kernels, which hold BV of
+    its columns: all K rows, in pieces of BKS, for the delta rules (U = U' - W h needs every row); one piece of
+    BKS rows for the others, whose rows evolve independently (more programs)."""
+    return BKS, (BK // BKS if delta else 1)
 
 
-def _launch(kernel: str, BK: int, dot: int, delta: bool) -> dict:
+def _launch(kernel: str, BK: int, dot: int) -> dict:
     """Launch options of one kernel.
 
     The chunk-sequential kernels (`state`, `dstate`; BK rows of the state): their [K, BV] state and [C, K] tiles
@@ -825,27 +821,26 @@ class ChunkFunction(torch.autograd.Function):
         if rows > 0:
             _local_kernel[(NC, H)](
                 q, k, v, g, beta, bcum, Aqk, Tm, W, Up, table, scale,
-                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("local", BKS, dot, delta)),
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("local", BKS, dot)),
             )  # fmt: skip
             if gate == 1:
                 grid = (NC * (C // SUB), H)
                 _gla_intra_blocks_kernel[grid](
-                    q, k, bcum, Aqk, table, S=SUB, BK=BKS,
-                    **(common | _launch("gla_intra_blocks", BKS, dot, delta)),
-                )  # fmt: skip
-                _gla_intra_diag_kernel[grid](
-                    q, k, bcum, Aqk, table, H=H, K=K, C=C, S=SUB, BK=BK, **_launch("gla_intra_diag", BK, dot, delta)
+                    q, k, bcum, Aqk, table, S=SUB, BK=BKS, **(common | _launch("gla_intra_blocks", BKS, dot))
                 )
-        KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
-        _state_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
+                _gla_intra_diag_kernel[grid](
+                    q, k, bcum, Aqk, table, H=H, K=K, C=C, S=SUB, BK=BK, **_launch("gla_intra_diag", BK, dot)
+                )
+        KP, NP = _state_pieces(delta, BK, BKS)
+        _state_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, KP * NP))](
             k, v, bcum, W, Up, U, h, initial_state, ht, cu, chunk_offsets,
-            V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
-            STORE_HT=output_final_state, **(common | _launch("state", KP * NP, dot, delta)),
+            V=V, KP=KP, NP=NP, BV=BV, GATE=gate, DELTA=delta, HAS_H0=initial_state is not None,
+            STORE_HT=output_final_state, **(common | _launch("state", KP * NP, dot)),
         )  # fmt: skip
         if rows > 0:
             _output_kernel[(triton.cdiv(V, BV), NC, H)](
                 q, v, bcum, Aqk, U, h, o, table, scale, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta,
-                **(common | _launch("output", BKS, dot, delta)),
+                **(common | _launch("output", BKS, dot)),
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, beta, initial_state, cu, table, chunk_offsets, bcum, Aqk, Tm, W, U, h, ht)
         ctx.meta = (gate, delta, scale, NC, cu_seqlens is not None, None if g is None else g.dtype)
@@ -870,11 +865,11 @@ class ChunkFunction(torch.autograd.Function):
         # dU is dv itself for the rules without the delta rule: stored in v's dtype, as dv for the delta rules
         dU = empty(B, T, H, V, **f32) if delta else empty(B, T, H, V, device=q.device, dtype=v.dtype)
         dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
-        KP, NP, BVS = _seq_tiles(delta, BK, BKS, BV)
-        _dstate_kernel[(triton.cdiv(V, BVS), N * H, triton.cdiv(K, KP * NP))](
+        KP, NP = _state_pieces(delta, BK, BKS)
+        _dstate_kernel[(triton.cdiv(V, BV), N * H, triton.cdiv(K, KP * NP))](
             q, k, bcum, Aqk, W, do, dU, dH, dht, dh0, cu, chunk_offsets, scale,
-            V=V, KP=KP, NP=NP, BV=BVS, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-            **(common | _launch("dstate", KP * NP, dot, delta)),
+            V=V, KP=KP, NP=NP, BV=BV, GATE=gate, DELTA=delta, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+            **(common | _launch("dstate", KP * NP, dot)),
         )  # fmt: skip
         dv = empty(B, T, H, V, device=q.device, dtype=v.dtype) if delta else dU
         D = empty(B, T, H, C, **f32)
@@ -891,18 +886,18 @@ class ChunkFunction(torch.autograd.Function):
         if rows > 0:
             _dprep_kernel[(NC, H)](
                 q, k, v, beta, bcum, Aqk, Tm, U, h, dH, do, dU, dv, D, Pp, dbeta_v, dgl, table, scale,
-                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("dprep", BKS, dot, delta)),
+                V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta, **(common | _launch("dprep", BKS, dot)),
             )  # fmt: skip
             if gate == 1:
                 dq_intra, dk_intra = empty(B, T, H, K, **f32), empty(B, T, H, K, **f32)
                 _gla_dintra_kernel[(NK, NC * (C // SUB), H)](
                     q, k, bcum, D, dq_intra, dk_intra, table, S=SUB, BK=BKS,
-                    **(common | _launch("gla_dintra", BKS, dot, delta)),
+                    **(common | _launch("gla_dintra", BKS, dot)),
                 )  # fmt: skip
             _dqk_kernel[(NK, NC, H)](
                 q, k, v, beta, bcum, Tm, U, h, dH, do, dU, D, Pp, dq_intra, dk_intra, dq, dk, dbeta_k, dgl,
                 table, scale, rows, V=V, BK=BKS, BV=BV, GATE=gate, DELTA=delta,
-                **(common | _launch("dqk", BKS, dot, delta)),
+                **(common | _launch("dqk", BKS, dot)),
             )  # fmt: skip
         # the float32 work buffers go before the decays' gradient and dbeta allocate: the layer's peak memory
         del dH, dU, D, Pp, dq_intra, dk_intra

@@ -40,7 +40,6 @@ def test_kernel_bench_scales_the_recurrent_reference_from_its_prefix(monkeypatch
 
 
 def test_kernel_bench_compiles_fla_in_children_and_names_the_failures(monkeypatch, capsys):
-    import json
     import subprocess
 
     from sandbox.bench import kernels as bench
