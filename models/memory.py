@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import kernels
 from models.common import (
     GatedRMSNorm,
     ShortConv,
@@ -132,6 +133,10 @@ class MemoryMixer(nn.Module):
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The feature map on q, k [..., H, K] (default: L2 normalisation per head)."""
+        if self._fused(q):
+            from kernels import norms  # imports Triton
+
+            return norms.l2norm(q), norms.l2norm(k)
         return l2norm(q), l2norm(k)
 
     @staticmethod
@@ -202,16 +207,31 @@ class MemoryMixer(nn.Module):
         extra = {name: z for name, z in (("g", g), ("beta", beta)) if z is not None}
         op = kernel_op(self.rule, "triton", x.device)
         o, _ = op(q, k, v.view(1, P, H, V), scale=self.scale, cu_seqlens=route.cu_seqlens, **extra)
-        o = mom.unpack(o[0], route).view(B, T, -1, H, V)  # back in token order, a token's J outputs side by side
         if shared:
             weight = torch.cat([weight, weight.new_ones(B, T, 1)], -1)
-        return self._output(x, o, weight)
+        return self._output(x, o[0], weight, route.slots)  # the packed rows, read where they are
 
-    def _output(self, x, o, weight):
-        """o [..., n, H, V] -> mix over slots (weights, or 1 each) -> gated per-head norm -> projection."""
-        o = o.sum(-3) if weight is None else (o * weight[..., None, None].to(o.dtype)).sum(-3)
-        gate = self.gate_proj(x).view(*x.shape[:-1], self.num_heads, self.value_dim)
-        o = self.o_norm(o.to(x.dtype), gate)
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the row-wise steps around the rule (the L2 feature map, the output's mix and gated norm) run as
+        Triton kernels (`kernels/norms.py`): on the triton backend, except in float64 (the PyTorch reference's)."""
+        return x.dtype != torch.float64 and kernels.resolve_backend(self.backend, x.device) == "triton"
+
+    def _output(self, x, o, weight, slots=None):
+        """The slots' outputs -> mix (weights, or 1 each) -> gated per-head norm -> projection.
+
+        o [..., n, H, V] in token order; or, from the routed path (Triton only), packed rows [P, H, V] with
+        `slots` [B * T, J] the rows of each token's J outputs. weight [..., n] (or [..., J]) or None."""
+        H, V = self.num_heads, self.value_dim
+        gate = self.gate_proj(x).view(*x.shape[:-1], H, V)
+        if self._fused(x):
+            from kernels import norms  # imports Triton
+
+            mix = None if weight is None else weight.reshape(-1, weight.shape[-1])
+            o = norms.mix_gated_rmsnorm(o.reshape(-1, H, V), gate.reshape(-1, H, V), self.o_norm.weight, mix, slots,
+                                        eps=self.o_norm.eps, out_dtype=x.dtype).view(gate.shape)  # fmt: skip
+        else:
+            o = o.sum(-3) if weight is None else (o * weight[..., None, None].to(o.dtype)).sum(-3)
+            o = self.o_norm(o.to(x.dtype), gate)
         return self.o_proj(o.flatten(-2))
 
     # --- recurrent form ------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The routed MoM path: a routing table built on the device, the per-memory projections as one grouped matmul,
 the short conv within each memory's segment, the update-rule kernels over the packed segments (the shared
-memory as B more segments of the same call), outputs back in token order; and a decoding step that updates only
-the selected memories. See README.md; the layer that drives it is `models.memory.MemoryMixer.mix_routed`."""
+memory as B more segments of the same call), outputs mixed in token order (`kernels.norms`); and a decoding
+step that updates only the selected memories. See README.md; the layer that drives it is
+`models.memory.MemoryMixer.mix_routed`."""
 
 from kernels.mom.conv import segment_conv
 from kernels.mom.decode import decode_step
-from kernels.mom.routing import Routing, pack_tokens, routed_linear, routing_table, take_rows, unpack
+from kernels.mom.routing import Routing, pack_tokens, routed_linear, routing_table, take_rows
 
 __all__ = [
     "Routing",
@@ -15,5 +16,4 @@ __all__ = [
     "routing_table",
     "segment_conv",
     "take_rows",
-    "unpack",
 ]

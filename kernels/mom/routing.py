@@ -81,11 +81,6 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _TakeRows.apply(x, rows)
 
 
-def unpack(o: torch.Tensor, route: Routing) -> torch.Tensor:
-    """Packed rows [P, ...] -> token order [B * T, J, ...] (a token's J selections side by side)."""
-    return take_rows(o, route.slots.flatten()).view(*route.slots.shape, *o.shape[1:])
-
-
 def gather_sum(dx_packed: torch.Tensor, route: Routing) -> torch.Tensor:
     """Per-row gradients [P, C] -> per-token ones [B * T, C]: the sum of a token's J rows (fixed order)."""
     return dx_packed.index_select(0, route.slots.flatten()).view(*route.slots.shape, -1).sum(1)

@@ -1,0 +1,124 @@
+"""The mixers' row-wise Triton kernels (`kernels/norms.py`) against float64 PyTorch: the L2 feature map, and the
+mix of a token's memory outputs followed by the gated per-head RMSNorm. Outputs and every gradient, relative
+error below 1e-3 for float32 inputs and 1e-2 for bf16, fresh random inputs, buffers poisoned with NaN, widths
+that are not powers of two, an empty input, and packed rows read through a random permutation (`slots`).
+On the CPU under the Triton interpreter; the `gpu` tests add larger sizes.
+"""
+
+import pytest
+import torch
+
+import kernels._common
+from kernels.testing import rel_err
+from models.common import GatedRMSNorm, l2norm
+
+pytest.importorskip("triton")
+from kernels import norms  # noqa: E402  (after the skip: imports Triton)
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(kernels._common, "POISON", True)
+
+
+def leaves(*tensors, dtype):
+    """The same values as leaves of `dtype` (for the op) and of float64 (for the reference)."""
+    rounded = [t.to(dtype) for t in tensors]
+    return ([t.clone().requires_grad_() for t in rounded],
+            [t.double().requires_grad_() for t in rounded])  # fmt: skip
+
+
+def assert_close(got: dict, want: dict, dtype):
+    errors = {name: rel_err(got[name], want[name]) for name in got}
+    bad = {n: e for n, e in errors.items() if not e < TOL[dtype]}  # NaN fails too
+    assert not bad, f"relative errors above {TOL[dtype]}: {bad}"
+
+
+def check_l2norm(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    (x,), (x_ref,) = leaves(x, dtype=dtype)
+    y = norms.l2norm(x)
+    y_ref = l2norm(x_ref)
+    assert y.shape == x.shape and y.dtype == dtype
+    (dx,) = torch.autograd.grad((y * dy.to(dtype)).sum(), [x])
+    (dx_ref,) = torch.autograd.grad((y_ref * dy).sum(), [x_ref])
+    assert_close({"y": y, "dx": dx}, {"y": y_ref, "dx": dx_ref}, dtype)
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 19, 3, 16), torch.float32),
+    ((1, 70, 2, 144), torch.float32),  # K not a power of two, over one tile
+    ((5, 40), torch.bfloat16),
+    ((3, 1, 256), torch.float32),
+    ((0, 4, 16), torch.float32),  # no rows
+])  # fmt: skip
+def test_l2norm_matches_torch(shape, dtype):
+    check_l2norm(shape, dtype)
+
+
+def mix_reference(o, gate, norm_weight, weight, slots, eps):
+    """The zoo's PyTorch form (float64): a token's rows gathered, weighted and summed, then `GatedRMSNorm`."""
+    N, H, V = gate.shape
+    rows = o.view(N, -1, H, V) if slots is None else o[slots]
+    mixed = rows.sum(1) if weight is None else (rows * weight[:, :, None, None]).sum(1)
+    norm = GatedRMSNorm(V, eps)
+    return torch.func.functional_call(norm, {"weight": norm_weight}, (mixed, gate))
+
+
+def check_mix(N, J, H, V, dtype, *, weighted, packed):
+    gen = torch.Generator().manual_seed(N * 100 + J * 10 + V)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    o, gate, norm_weight = rand(N * J, H, V), rand(N, H, V), 1 + 0.1 * rand(V)
+    weight = torch.softmax(rand(N, J), -1) if weighted else None
+    # packed: token t's j-th output is a random row (each row one token's), as the routed MoM's packed rows
+    slots = torch.randperm(N * J, generator=gen).view(N, J).to(DEVICE) if packed else None
+    dy = rand(N, H, V)
+    inputs = [o, gate, norm_weight] + ([weight] if weighted else [])
+    ours, ref = leaves(*inputs, dtype=dtype)
+    ours[2] = ours[2].detach().float().requires_grad_()  # the norm weight is a float32 parameter
+    if weighted:  # routing weights are float32 (the router runs in float32)
+        ours[3] = ours[3].detach().float().requires_grad_()
+    y = norms.mix_gated_rmsnorm(ours[0], ours[1], ours[2], ours[3] if weighted else None, slots)
+    y_ref = mix_reference(ref[0], ref[1], ref[2], ref[3] if weighted else None, slots, 1e-5)
+    assert y.shape == (N, H, V) and y.dtype == dtype
+    grads = torch.autograd.grad((y * dy.to(dtype)).sum(), ours)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), ref)
+    names = ["y", "do", "dgate", "dnorm_weight", "dweight"]
+    assert_close(dict(zip(names, [y, *grads])), dict(zip(names, [y_ref, *grads_ref])), dtype)
+
+
+@pytest.mark.parametrize("N,J,H,V,dtype,weighted,packed", [
+    (37, 1, 2, 16, torch.float32, False, False),  # a single memory: no mix
+    (23, 3, 2, 40, torch.float32, True, False),  # V not a power of two
+    (29, 3, 1, 32, torch.float32, True, True),  # routed MoM rows: top-2 + shared, packed
+    (17, 2, 3, 64, torch.bfloat16, True, True),
+    (11, 4, 1, 320, torch.float32, False, True),  # a wide value head (expand_v 5), over several tiles' width
+    (0, 3, 2, 16, torch.float32, True, True),  # no tokens
+])  # fmt: skip
+def test_mix_gated_rmsnorm_matches_torch(N, J, H, V, dtype, weighted, packed):
+    check_mix(N, J, H, V, dtype, weighted=weighted, packed=packed)
+
+
+def test_mix_gated_rmsnorm_names_a_bad_shape():
+    o, gate = torch.zeros(10, 2, 16, device=DEVICE), torch.zeros(4, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of the tokens N = 4"):
+        norms.mix_gated_rmsnorm(o, gate, torch.ones(16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"weight must have shape \[N, J\] = \[4, 2\]"):
+        norms.mix_gated_rmsnorm(o[:8], gate, torch.ones(16, device=DEVICE), weight=torch.ones(4, 3, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_on_gpu_at_paper_size(dtype):
+    """The shapes of the paper-size MoM layer (4 heads of 256, top-2 + shared), fewer tokens."""
+    check_l2norm((3 * 2048, 4, 256), dtype)
+    check_mix(2048, 3, 4, 256, dtype, weighted=True, packed=True)
+    check_mix(1000, 1, 4, 64, dtype, weighted=False, packed=False)
