@@ -117,3 +117,36 @@ def test_fla_compile_only_fills_the_cache_and_times_nothing(monkeypatch):
     assert os.environ["FLA_CACHE_RESULTS"] == "0"  # the compiling children write no autotuning choices
     monkeypatch.setattr(bench, "_fla_op", lambda rule: None)
     assert bench.main(argv) == 2
+
+
+def test_mom_bench_fla_compile_only_compiles_and_times_nothing(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from sandbox.bench import mom as bench
+
+    compiled = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(bench, "compile_fla", lambda names, timeout: compiled.append((names, timeout)))
+    monkeypatch.setattr(bench, "run_ours", lambda *a, **k: pytest.fail("timed in --fla-compile-only"))
+    assert bench.main(["--fla-compile-only", "--shapes", "paper", "--fla-timeout", "30"]) == 0
+    assert compiled == [(["paper"], 30.0)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert bench.main(["--fla-compile-only"]) == 2
+
+
+def test_mom_bench_prints_kernel_times_and_their_ratio(capsys):
+    from sandbox.bench import mom as bench
+
+    def layer(ms, kernel_ms):
+        return {"ms": ms, "peak_mib": 100.0, "kernel_sum_ms": kernel_ms, "kernels_ms": {"chunk": kernel_ms / 2}}
+
+    row = {"shape": "paper", "correct": True, "max_rel_err": 1e-3, "ours": layer(10.0, 8.0), "single": layer(5.0, 4.0)}
+    bench._print_row(row)
+    bench._print_fla(row, layer(30.0, 20.0))
+    out = capsys.readouterr().out
+    assert "kernels 8.00 ms per call; longest, ms: chunk 4.00" in out
+    assert "ours/single 2.00x" in out
+    assert "fla/ours 3.00x  peak ours/fla 1.00  kernel time fla/ours 2.50x" in out

@@ -13,12 +13,15 @@ Triton cache, then one child times fla, autotuning at each timed shape on a GPU 
 cache of autotuning choices is switched off, as the compiling children share the GPU); each step has a time
 limit (`--fla-timeout`), and fla is reported as not measured when the timing cannot finish. fla 0.6.0 refuses
 its gated backward on Hopper with Triton < 3.7.1 (fla issue #640: wrong dk/dg there); this benchmark lifts that
-guard to time fla only.
+guard to time fla only. `--fla-compile-only` runs the compiling children and stops, so that a later command
+(same `TRITON_CACHE_DIR`) times without compiling. `--profile` adds each layer's kernels: their summed time per
+forward+backward (torch.profiler; the GPU's busy time, which a loaded CPU does not stretch) and the longest ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,15 +44,20 @@ def _inputs(shape, seed=0):
     return x, torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16, generator=gen)
 
 
-def _measure(layer, shape, reps: int) -> dict:
-    """Milliseconds of one forward+backward (CUDA events, after warm-up) and its peak memory in MiB."""
+def _fwd_bwd(layer, x, dy) -> None:
+    y = layer(x)
+    (y[0] if isinstance(y, tuple) else y).backward(dy)  # fla's layers return (y, attentions, cache)
+
+
+def _measure(layer, shape, reps: int, profile: bool = False) -> dict:
+    """Milliseconds of one forward+backward (CUDA events, after warm-up) and its peak memory in MiB; with
+    `profile`, also its kernels' summed time and the longest eight (ms per forward+backward)."""
     import torch
 
     x, dy = _inputs(shape)
 
     def fwd_bwd():
-        y = layer(x)
-        (y[0] if isinstance(y, tuple) else y).backward(dy)
+        _fwd_bwd(layer, x, dy)
 
     for _ in range(3):
         fwd_bwd()
@@ -65,7 +73,14 @@ def _measure(layer, shape, reps: int) -> dict:
         fwd_bwd()
     end.record()
     torch.cuda.synchronize()
-    return {"ms": start.elapsed_time(end) / reps, "peak_mib": peak}
+    result = {"ms": start.elapsed_time(end) / reps, "peak_mib": peak}
+    if profile:
+        from sandbox.bench.kernels import kernel_times
+
+        times = kernel_times(fwd_bwd, top=None)
+        result["kernel_sum_ms"] = sum(times.values())
+        result["kernels_ms"] = dict(list(times.items())[:8])
+    return result
 
 
 def _check(mom, shape) -> float:
@@ -90,7 +105,7 @@ def _check(mom, shape) -> float:
     return max(rel_err(a, b) for a, b in zip(*results))
 
 
-def run_ours(name: str, reps: int) -> dict:
+def run_ours(name: str, reps: int, profile: bool = False) -> dict:
     import torch
 
     from models.gated_deltanet import GatedDeltaNet
@@ -102,12 +117,12 @@ def run_ours(name: str, reps: int) -> dict:
     single = GatedDeltaNet(shape[2], num_heads=shape[3], backend="triton").cuda().bfloat16()
     row = {"shape": name, "max_rel_err": _check(mom, shape)}
     row["correct"] = row["max_rel_err"] < 2e-2  # bf16 activations alone give about 7e-3 (tests/test_mom_routed.py)
-    row["ours"] = _measure(mom, shape, reps)
-    row["single"] = _measure(single, shape, reps)
+    row["ours"] = _measure(mom, shape, reps, profile)
+    row["single"] = _measure(single, shape, reps, profile)
     return row
 
 
-def fla_worker(names: list[str], reps: int, compile_only: bool) -> int:
+def fla_worker(names: list[str], reps: int, compile_only: bool, profile: bool) -> int:
     """Child process: time fla's MomAttention at each shape, one JSON line per shape (or, `compile_only`, run
     one forward+backward)."""
     import torch
@@ -127,23 +142,34 @@ def fla_worker(names: list[str], reps: int, compile_only: bool) -> int:
             topk=MOM["top_k"], shared_mem=MOM["shared_memory"],
         ).cuda().bfloat16()  # fmt: skip
         if compile_only:
-            x, dy = _inputs(SHAPES[name])
-            layer(x)[0].backward(dy)
+            _fwd_bwd(layer, *_inputs(SHAPES[name]))
             continue
         t0 = time.time()
-        print(json.dumps({"shape": name, "fla": _measure(layer, SHAPES[name], reps), "s": time.time() - t0}))
+        result = _measure(layer, SHAPES[name], reps, profile)
+        print(json.dumps({"shape": name, "fla": result, "s": time.time() - t0}))
         sys.stdout.flush()
     return 0
 
 
-def run_fla(names: list[str], reps: int, timeout: float) -> dict:
-    """fla's timings from a child process (name -> result), or the reason there are none."""
-    env = {**os.environ, "FLA_CACHE_RESULTS": "0"}
-    cmd = [sys.executable, "-m", "sandbox.bench.mom", "--fla-worker", "--reps", str(reps)]
+FLA_ENV = {"FLA_CACHE_RESULTS": "0"}
+FLA_WORKER = [sys.executable, "-m", "sandbox.bench.mom", "--fla-worker"]
+
+
+def compile_fla(names: list[str], timeout: float) -> None:
+    """fla's first forward+backward at each shape, one child process per shape, all at once: they compile its
+    kernels into the Triton cache. A child that fails or runs out of time leaves its compiling to the timing."""
+    env = {**os.environ, **FLA_ENV}
     print(f"fla MomAttention: compiling in {len(names)} child processes ...", flush=True)
-    # a compiling child that fails or runs out of time leaves its compiling to the timing child
     with ThreadPoolExecutor(len(names)) as pool:
-        list(pool.map(lambda name: _run_quietly(cmd + ["--compile-only", "--shapes", name], env, timeout), names))
+        cmds = [[*FLA_WORKER, "--compile-only", "--shapes", name] for name in names]
+        list(pool.map(lambda cmd: _run_quietly(cmd, env, timeout), cmds))
+
+
+def run_fla(names: list[str], reps: int, timeout: float, profile: bool = False) -> dict:
+    """fla's timings from a child process (name -> result), or the reason there are none."""
+    env = {**os.environ, **FLA_ENV}
+    cmd = [*FLA_WORKER, "--reps", str(reps), *(["--profile"] if profile else [])]
+    compile_fla(names, timeout)
     try:
         done = subprocess.run(cmd + ["--shapes", *names], capture_output=True, text=True, timeout=timeout, env=env)
         out, note = done.stdout, "" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr[-2000:]}"
@@ -168,22 +194,33 @@ def _run_quietly(cmd, env, timeout) -> None:
         pass
 
 
+def _print_layer(who: str, result: dict) -> None:
+    print(f"         {who:6s} {result['ms']:8.2f} ms  peak {result['peak_mib']:8.0f} MiB")
+    if "kernel_sum_ms" in result:
+        listed = ", ".join(f"{name} {ms:.2f}" for name, ms in result["kernels_ms"].items())
+        print(f"           kernels {result['kernel_sum_ms']:.2f} ms per call; longest, ms: {listed}")
+
+
 def _print_row(row: dict) -> None:
     ours, single = row["ours"], row["single"]
     status = "ok" if row["correct"] else "FAILED (no ratios)"
     print(f"{row['shape']:8s} check vs PyTorch MoM: max rel err {row['max_rel_err']:.2e} {status}")
-    print(f"         ours   {ours['ms']:8.2f} ms  peak {ours['peak_mib']:8.0f} MiB")
-    print(f"         single {single['ms']:8.2f} ms  peak {single['peak_mib']:8.0f} MiB")
+    _print_layer("ours", ours)
+    _print_layer("single", single)
     if row["correct"]:
         print(f"         ours/single {ours['ms'] / single['ms']:.2f}x")
 
 
 def _print_fla(row: dict, fla: dict) -> None:
     ours = row["ours"]
-    print(f"{row['shape']:8s} fla    {fla['ms']:8.2f} ms  peak {fla['peak_mib']:8.0f} MiB")
+    print(f"{row['shape']:8s}")
+    _print_layer("fla", fla)
     if row["correct"]:
         ratio, peak = fla["ms"] / ours["ms"], ours["peak_mib"] / fla["peak_mib"]
-        print(f"         fla/ours {ratio:.2f}x  peak ours/fla {peak:.2f}")
+        kernels = ""
+        if "kernel_sum_ms" in fla and "kernel_sum_ms" in ours:
+            kernels = f"  kernel time fla/ours {fla['kernel_sum_ms'] / ours['kernel_sum_ms']:.2f}x"
+        print(f"         fla/ours {ratio:.2f}x  peak ours/fla {peak:.2f}{kernels}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,28 +230,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
     parser.add_argument("--fla-timeout", type=float, default=300.0,
                         help="seconds for fla's compiling, then as many for its timing")  # fmt: skip
+    parser.add_argument("--fla-compile-only", action="store_true",
+                        help="only compile fla's kernels into the Triton cache (time in a later run)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also print each layer's kernel time, longest kernels")
     parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     if args.fla_worker:
-        return fla_worker(args.shapes, args.reps, args.compile_only)
+        return fla_worker(args.shapes, args.reps, args.compile_only, args.profile)
 
     import torch
 
     if not torch.cuda.is_available():
         print("sandbox-bench mom needs a CUDA device", file=sys.stderr)
         return 2
+    if args.fla_compile_only:
+        if importlib.util.find_spec("fla") is None:
+            print("sandbox-bench mom: --fla-compile-only needs fla (the bench extra)", file=sys.stderr)
+            return 2
+        compile_fla(args.shapes, args.fla_timeout)
+        return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, forward+backward")
     print(TARGETS)
     rows = []
     for name in args.shapes:
-        rows.append(run_ours(name, args.reps))
+        rows.append(run_ours(name, args.reps, args.profile))
         _print_row(rows[-1])
         torch.cuda.empty_cache()
     fla = {"results": {}, "note": "--no-fla"}
     if not args.no_fla:
-        fla = run_fla(args.shapes, args.reps, args.fla_timeout)
+        fla = run_fla(args.shapes, args.reps, args.fla_timeout, args.profile)
     print(f"fla MomAttention: {fla['note'] or 'measured (its Hopper guard lifted for timing only)'}")
     for row in rows:
         if row["shape"] in fla["results"]:
