@@ -172,7 +172,12 @@ class MemoryMixer(nn.Module):
                      for z in gates]  # fmt: skip
         if self.conv_size:  # q, k and v through one conv, their weights side by side
             conv_weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
-            qkv = causal_conv_silu(qkv, conv_weight)
+            if self._fused(x):
+                from kernels import mom  # imports Triton
+
+                qkv = mom.batch_conv(qkv.flatten(0, 1), conv_weight).view(qkv.shape)
+            else:
+                qkv = causal_conv_silu(qkv, conv_weight)
         q, k, v = qkv.split([H * K, H * K, H * V], -1)
         q, k = self.features(q.reshape(B * n, T, H, K), k.reshape(B * n, T, H, K))
         g, beta = (None if z is None else z.reshape(B * n, T, *z.shape[3:]) for z in gates)
@@ -212,8 +217,9 @@ class MemoryMixer(nn.Module):
         return self._output(x, o[0], weight, route.slots)  # the packed rows, read where they are
 
     def _fused(self, x: torch.Tensor) -> bool:
-        """Whether the row-wise steps around the rule (the L2 feature map, the output's mix and gated norm) run as
-        Triton kernels (`kernels/norms.py`): on the triton backend, except in float64 (the PyTorch reference's)."""
+        """Whether the steps around the rule (the short conv, the L2 feature map, the output's mix and gated norm)
+        run as Triton kernels (`kernels/mom/conv.py`, `kernels/norms.py`): on the triton backend, except in float64
+        (the PyTorch reference's)."""
         return x.dtype != torch.float64 and kernels.resolve_backend(self.backend, x.device) == "triton"
 
     def _output(self, x, o, weight, slots=None):

@@ -4,12 +4,13 @@ memory as B more segments of the same call), outputs mixed in token order (`kern
 step that updates only the selected memories. See README.md; the layer that drives it is
 `models.memory.MemoryMixer.mix_routed`."""
 
-from kernels.mom.conv import segment_conv
+from kernels.mom.conv import batch_conv, segment_conv
 from kernels.mom.decode import decode_step
 from kernels.mom.routing import Routing, pack_tokens, routed_linear, routing_table, take_rows
 
 __all__ = [
     "Routing",
+    "batch_conv",
     "decode_step",
     "pack_tokens",
     "routed_linear",

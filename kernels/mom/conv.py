@@ -3,10 +3,11 @@ rows before the first row of r's segment count as zero. So a memory's conv sees 
 training as in decoding (the reference code ran it across the segment boundaries).
 
 With `gather`, input row r is read from token perm[r] of a token-ordered input (the shared query projection),
-so no packed copy of it is made. Backward: one kernel recomputes the pre-activation, writes dz = dy * silu'
-and per-block partial sums of the weights' gradient; a second one gives dx_r = sum_i w_i dz_{r + size - 1 - i}
-over the rows of r's segment. With `gather` the packed dx goes back to tokens as the sum of a token's rows.
-Everything is a fixed-size launch (no host sync) and deterministic (no atomics).
+so no packed copy of it is made. Backward: one kernel recomputes the pre-activation, writes dz = dy * silu' and
+per-block partial sums of the weights' gradient; a second one gives dx_r = sum_i w_i dz_{r + size - 1 - i} over
+the rows of r's segment. With `gather` the packed dx goes back to tokens as the sum of a token's rows.
+Everything is a fixed-size launch (no host sync) and deterministic (no atomics). `batch_conv` runs the same
+kernels over a batch of whole sequences, each one segment: the single-memory mixers' conv on the triton backend.
 """
 
 from __future__ import annotations
@@ -106,38 +107,44 @@ def _launch(P: int, C: int):
 
 
 class _SegmentConv(torch.autograd.Function):
+    """Rows [P, C] (or, with `gather`, token rows read through gather.perm) -> [P, C]; row_start [P] int32."""
+
     @staticmethod
-    def forward(ctx, x, weight, route, gather):
+    def forward(ctx, x, weight, row_start, gather: Routing | None):
         if x.stride(1) != 1:
             x = x.contiguous()
-        P, C = route.perm.numel(), x.shape[1]
+        P, C = row_start.numel(), x.shape[1]
         grid, tiles = _launch(P, C)
-        src = route.perm if gather else None
+        src = None if gather is None else gather.perm
         y = empty(P, C, device=x.device, dtype=x.dtype)
-        _fwd_kernel[grid](
-            x, src, route.row_start, weight, y, P, x.stride(0), C=C, SIZE=weight.shape[1], GATHER=gather, **tiles
-        )
-        ctx.save_for_backward(x, weight)
-        ctx.route, ctx.gather = route, gather
+        if P:
+            _fwd_kernel[grid](
+                x, src, row_start, weight, y, P, x.stride(0),
+                C=C, SIZE=weight.shape[1], GATHER=gather is not None, **tiles,
+            )  # fmt: skip
+        ctx.save_for_backward(x, weight, row_start)
+        ctx.gather = gather
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        route, gather = ctx.route, ctx.gather
+        x, weight, row_start = ctx.saved_tensors
+        gather = ctx.gather
         dy = dy.contiguous()
         P, C, size = dy.shape[0], dy.shape[1], weight.shape[1]
         grid, tiles = _launch(P, C)
-        src = route.perm if gather else None
+        src = None if gather is None else gather.perm
         dz = empty(P, C, device=dy.device, dtype=dy.dtype)
         dw_part = empty(grid[0], C, size, device=dy.device, dtype=torch.float32)
-        _dz_kernel[grid](
-            x, src, route.row_start, weight, dy, dz, dw_part, P, x.stride(0), C=C, SIZE=size, GATHER=gather, **tiles
-        )
         dx = empty(P, C, device=dy.device, dtype=dy.dtype)
-        _dx_kernel[grid](dz, route.row_start, weight, dx, P, C=C, SIZE=size, **tiles)
-        if gather:
-            dx = gather_sum(dx, route)
+        if P:
+            _dz_kernel[grid](
+                x, src, row_start, weight, dy, dz, dw_part, P, x.stride(0),
+                C=C, SIZE=size, GATHER=gather is not None, **tiles,
+            )  # fmt: skip
+            _dx_kernel[grid](dz, row_start, weight, dx, P, C=C, SIZE=size, **tiles)
+        if gather is not None:
+            dx = gather_sum(dx, gather)
         return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), None, None
 
 
@@ -149,4 +156,13 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor | None, route: Routing, g
     """
     if weight is None:
         return pack_tokens(x, route) if gather else x
-    return _SegmentConv.apply(x, weight, route, gather)
+    return _SegmentConv.apply(x, weight, route.row_start, route if gather else None)
+
+
+def batch_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The same conv over whole sequences: x [N, T, C] (unit column stride), weight [C, size] -> [N, T, C], as
+    `models.common.causal_conv_silu` (computed in float32, returned in x's dtype)."""
+    N, T, C = x.shape
+    rows = torch.arange(N * T, device=x.device, dtype=torch.int32)
+    row_start = rows - rows % max(T, 1)  # each sequence one segment
+    return _SegmentConv.apply(x.reshape(N * T, C), weight, row_start, None).view(N, T, C)

@@ -1,19 +1,22 @@
-"""The mixers' row-wise Triton kernels (`kernels/norms.py`) against float64 PyTorch: the L2 feature map, and the
-mix of a token's memory outputs followed by the gated per-head RMSNorm. Outputs and every gradient, relative
-error below 1e-3 for float32 inputs and 1e-2 for bf16, fresh random inputs, buffers poisoned with NaN, widths
-that are not powers of two, an empty input, and packed rows read through a random permutation (`slots`).
-On the CPU under the Triton interpreter; the `gpu` tests add larger sizes.
+"""The Triton kernels around the update rules on the `triton` backend, against float64 PyTorch: the L2 feature
+map, the mix of a token's memory outputs followed by the gated per-head RMSNorm (`kernels/norms.py`), the short
+conv over whole sequences (`kernels.mom.batch_conv`), and the single-memory mixers that run them, end to end.
+Outputs and every gradient, relative error below 1e-3 for float32 inputs and 1e-2 for bf16, fresh random inputs,
+buffers poisoned with NaN, widths that are not powers of two, an empty input, and packed rows read through a
+random permutation (`slots`). On the CPU under the Triton interpreter; the `gpu` tests add larger sizes.
 """
 
 import pytest
 import torch
 
 import kernels._common
+import models
 from kernels.testing import rel_err
-from models.common import GatedRMSNorm, l2norm
+from models.common import GatedRMSNorm, causal_conv_silu, l2norm
+from models.mom import RULE_MIXERS
 
 pytest.importorskip("triton")
-from kernels import norms  # noqa: E402  (after the skip: imports Triton)
+from kernels import mom, norms  # noqa: E402  (after the skip: imports Triton)
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,6 +118,49 @@ def test_mix_gated_rmsnorm_names_a_bad_shape():
         norms.mix_gated_rmsnorm(o[:8], gate, torch.ones(16, device=DEVICE), weight=torch.ones(4, 3, device=DEVICE))
 
 
+def check_conv(N, T, C, size, dtype):
+    gen = torch.Generator().manual_seed(N * T + C + size)
+    x, weight, dy = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+                     for shape in ((N, T, C), (C, size), (N, T, C)))  # fmt: skip
+    (x, weight), (x_ref, weight_ref) = leaves(x, weight, dtype=dtype)
+    weight = weight.detach().float().requires_grad_()  # the conv weights are float32 parameters
+    y = mom.batch_conv(x, weight)
+    y_ref = causal_conv_silu(x_ref, weight_ref)
+    assert y.shape == x.shape and y.dtype == dtype
+    grads = torch.autograd.grad((y * dy.to(dtype)).sum(), [x, weight])
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), [x_ref, weight_ref])
+    assert_close(dict(zip(["y", "dx", "dweight"], [y, *grads])), dict(zip(["y", "dx", "dweight"], [y_ref, *grads_ref])),
+                 dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("N,T,C,size,dtype", [
+    (2, 37, 24, 4, torch.float32),  # sequences over one program's 32 rows: a boundary inside a program
+    (3, 2, 16, 4, torch.float32),  # shorter than the conv
+    (1, 50, 200, 2, torch.bfloat16),  # channels over one program's 128
+])  # fmt: skip
+def test_batch_conv_matches_torch(N, T, C, size, dtype):
+    check_conv(N, T, C, size, dtype)
+
+
+@pytest.mark.parametrize("rule", list(RULE_MIXERS))
+def test_single_memory_mixers_on_triton_match_torch(rule):
+    """A whole single-memory layer (conv, feature map, rule, output norm) on the triton backend in float32 against
+    the same layer on the torch backend in float64: output and the gradients of the input and every parameter."""
+    torch.manual_seed(0)
+    ref = models.MIXERS[rule](32, num_heads=2, backend="torch").double().to(DEVICE)
+    layer = models.MIXERS[rule](32, num_heads=2, backend="triton").to(DEVICE)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    dy = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    results = []
+    for module, dtype in ((layer, torch.float32), (ref, torch.float64)):
+        inp = x.to(dtype).requires_grad_()
+        y = module(inp)
+        results.append([y, *torch.autograd.grad((y * dy.to(dtype)).sum(), [inp, *module.parameters()])])
+    names = ["y", "dx"] + [f"d{name}" for name, _ in layer.named_parameters()]
+    assert_close(dict(zip(names, results[0])), dict(zip(names, results[1])), torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norms_on_gpu_at_paper_size(dtype):
@@ -122,3 +168,4 @@ def test_norms_on_gpu_at_paper_size(dtype):
     check_l2norm((3 * 2048, 4, 256), dtype)
     check_mix(2048, 3, 4, 256, dtype, weighted=True, packed=True)
     check_mix(1000, 1, 4, 64, dtype, weighted=False, packed=False)
+    check_conv(4, 2048, 3 * 1024, 4, dtype)
