@@ -34,12 +34,17 @@ def _tile(width: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _l2_fwd_kernel(x, y, rstd, R, eps, K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+def _row_tile(R, K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """This program's [BR, BK] tile of the rows of K: row indices, their mask, the tile's mask and offsets."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BK)
     m_r = rows < R
-    m = m_r[:, None] & (cols < K)[None, :]
-    p = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    return rows, m_r, m_r[:, None] & (cols < K)[None, :], rows.to(tl.int64)[:, None] * K + cols[None, :]
+
+
+@triton.jit
+def _l2_fwd_kernel(x, y, rstd, R, eps, K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    rows, m_r, m, p = _row_tile(R, K, BR, BK)
     xt = tl.load(x + p, mask=m, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(xt * xt, 1) + eps)
     tl.store(y + p, (xt * r[:, None]).to(y.dtype.element_ty), mask=m)
@@ -49,11 +54,7 @@ def _l2_fwd_kernel(x, y, rstd, R, eps, K: tl.constexpr, BR: tl.constexpr, BK: tl
 @triton.jit
 def _l2_bwd_kernel(y, rstd, dy, dx, R, K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     """dx = r (dy - y <dy, y>): the gradient of x r(x) from the output y = x r and r."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.arange(0, BK)
-    m_r = rows < R
-    m = m_r[:, None] & (cols < K)[None, :]
-    p = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    rows, m_r, m, p = _row_tile(R, K, BR, BK)
     yt = tl.load(y + p, mask=m, other=0.0).to(tl.float32)
     d = tl.load(dy + p, mask=m, other=0.0).to(tl.float32)
     r = tl.load(rstd + rows, mask=m_r, other=0.0)

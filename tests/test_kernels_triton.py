@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import kernels
-import kernels._common
 from kernels.testing import make_inputs, rel_err
 
 pytest.importorskip("triton")
@@ -38,9 +37,7 @@ GPU_CASES = [
 GPU_HEAD_DIM_CASES = [(2, 200, 1, d, d, None, dtype) for d in (16, 32, 64, 128, 256) for dtype in TOL]
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(kernels._common, "POISON", True)
+pytestmark = pytest.mark.usefixtures("poison")  # tests/conftest.py
 
 
 def check(rule, mode, B, T, H, K, V, cu, dtype, device, ref_mode):

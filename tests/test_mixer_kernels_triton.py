@@ -9,7 +9,6 @@ random permutation (`slots`). On the CPU under the Triton interpreter; the `gpu`
 import pytest
 import torch
 
-import kernels._common
 import models
 from kernels.testing import rel_err
 from models.common import GatedRMSNorm, causal_conv_silu, l2norm
@@ -22,9 +21,7 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(kernels._common, "POISON", True)
+pytestmark = pytest.mark.usefixtures("poison")  # tests/conftest.py
 
 
 def leaves(*tensors, dtype):

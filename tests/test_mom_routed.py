@@ -9,7 +9,6 @@ absence of host syncs, determinism, CUDA-graph capture and decoding.
 import pytest
 import torch
 
-import kernels._common
 import kernels.mom.routing
 from kernels.mom import routing_table
 from kernels.testing import rel_err
@@ -21,9 +20,7 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(kernels._common, "POISON", True)
+pytestmark = pytest.mark.usefixtures("poison")  # tests/conftest.py
 
 
 def ragged_pair(d_model, dtype, device, seed=0, **options):
