@@ -775,8 +775,8 @@ def _launch(kernel: str, BK: int, dot: int) -> dict:
     K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4 (as `dstate`, which
     at BV = 32 hit an illegal memory access before the state was split in pieces)."""
     options = {}
-    if kernel in ("state", "dstate"):
-        options = {"num_stages": 1} if BK >= 128 else {"num_stages": 2}
+    if kernel in ("state", "dstate"):  # 4 warps, not more: see the miscompile above
+        options = {"num_warps": 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
     elif kernel in ("dprep", "dqk"):
         options = {"num_stages": 2}
     elif kernel == "gla_intra_blocks":

@@ -220,7 +220,8 @@ def mix_gated_rmsnorm(
     """A token's J memory outputs mixed with their weights, then the gated per-head RMSNorm.
 
     o: the outputs as rows [R, H, V], either token-major (row t * J + j: token t's j-th output, R = N * J) or,
-    with `slots` [N, J] (int64), any rows, token t's j-th output being row slots[t, j] (each row one token's);
+    with `slots` [N, J] (int64), token t's j-th output is row slots[t, j], every row exactly one token's output
+    (a permutation: the routed MoM's packed rows);
     gate [N, H, V]; norm_weight [V]; weight [N, J] (None: each output counts 1). -> [N, H, V] in out_dtype
     (default gate's)."""
     check_triton_inputs(o)
@@ -232,6 +233,8 @@ def mix_gated_rmsnorm(
     if slots is not None and (slots.dim() != 2 or slots.shape[0] != N or slots.dtype != torch.int64):
         raise ValueError(f"slots must be an int64 tensor [N, J] with N = {N}, got {slots.dtype} {list(slots.shape)}")
     J = slots.shape[1] if slots is not None else (o.shape[0] // N if N else 1)
+    if slots is not None and o.shape[0] != N * J:  # every row gets its gradient from the token it belongs to
+        raise ValueError(f"with slots [N, J] = {[N, J]}, o must have N * J = {N * J} rows, got {o.shape[0]}")
     if weight is not None and list(weight.shape) != [N, J]:
         raise ValueError(f"weight must have shape [N, J] = {[N, J]}, got {list(weight.shape)}")
     return _MixGatedRMSNorm.apply(o, gate, norm_weight, weight, slots, J, eps, out_dtype or gate.dtype)

@@ -63,13 +63,15 @@ def test_kernel_times_names_the_longest_ops_per_call():
     """On this CPU-only machine the profile falls back to CPU ops: a matmul must dominate three calls of fn."""
     import torch
 
-    from sandbox.bench.kernels import kernel_times
+    from sandbox.bench.kernels import kernel_profile, kernel_times
 
     a = torch.randn(300, 300)
-    times = kernel_times(lambda: (a @ a @ a).sum(), calls=3, top=2)
+    profile = kernel_profile(lambda: (a @ a @ a).sum(), longest=2)
+    times = profile["kernels_ms"]
     assert len(times) == 2 and list(times)[0] in ("aten::mm", "aten::matmul")
     assert all(t > 0 for t in times.values()) and list(times.values()) == sorted(times.values(), reverse=True)
-    every = kernel_times(lambda: (a @ a @ a).sum(), calls=3, top=None)  # the sum op too
+    assert profile["kernel_sum_ms"] > sum(times.values())  # the ops past the longest two count too
+    every = kernel_times(lambda: (a @ a @ a).sum(), calls=3)  # the sum op too
     assert len(every) > 2 and any("sum" in name for name in every)
 
 

@@ -113,6 +113,9 @@ def test_mix_gated_rmsnorm_names_a_bad_shape():
         norms.mix_gated_rmsnorm(o, gate, torch.ones(16, device=DEVICE))
     with pytest.raises(ValueError, match=r"weight must have shape \[N, J\] = \[4, 2\]"):
         norms.mix_gated_rmsnorm(o[:8], gate, torch.ones(16, device=DEVICE), weight=torch.ones(4, 3, device=DEVICE))
+    slots = torch.arange(8, device=DEVICE).view(4, 2)
+    with pytest.raises(ValueError, match="o must have N \\* J = 8 rows, got 10"):
+        norms.mix_gated_rmsnorm(o, gate, torch.ones(16, device=DEVICE), slots=slots)
 
 
 def check_conv(N, T, C, size, dtype):

@@ -161,16 +161,25 @@ def _profile_row(row, x, do, fla: bool = False) -> None:
 
     op = _fla_op(row["rule"]) if fla else kernels.get_op(row["rule"], "triton")
     who = "fla" if fla else "ours"
-    times = kernel_times(lambda: _fwd_bwd(op, x, do), top=None)
-    row[f"kernels_ms_{who}"] = dict(list(times.items())[:6])
-    row[f"kernel_sum_ms_{who}"] = sum(times.values())
-    listed = ", ".join(f"{name} {ms:.2f}" for name, ms in row[f"kernels_ms_{who}"].items())
+    profile = kernel_profile(lambda: _fwd_bwd(op, x, do), longest=6)
+    row[f"kernel_sum_ms_{who}"], row[f"kernels_ms_{who}"] = profile["kernel_sum_ms"], profile["kernels_ms"]
     ratio = f" (fla/ours {row['kernel_sum_ms_fla'] / row['kernel_sum_ms_ours']:.2f}x)" if fla else ""
-    print(f"  {who} kernels: {row[f'kernel_sum_ms_{who}']:.2f} ms per call{ratio}; longest, ms: {listed}")
+    print(f"  {who} kernels: {describe_kernels(profile, ratio)}")
 
 
-def kernel_times(fn, calls: int = 3, top: int | None = 6) -> dict[str, float]:
-    """Milliseconds per call of fn's `top` (None: all) longest kernels over `calls` calls (torch.profiler; on a machine
+def kernel_profile(fn, longest: int) -> dict:
+    """fn's kernels: their summed time per call ("kernel_sum_ms") and the `longest` longest ("kernels_ms")."""
+    times = kernel_times(fn)
+    return {"kernel_sum_ms": sum(times.values()), "kernels_ms": dict(list(times.items())[:longest])}
+
+
+def describe_kernels(profile: dict, note: str = "") -> str:
+    listed = ", ".join(f"{name} {ms:.2f}" for name, ms in profile["kernels_ms"].items())
+    return f"{profile['kernel_sum_ms']:.2f} ms per call{note}; longest, ms: {listed}"
+
+
+def kernel_times(fn, calls: int = 3) -> dict[str, float]:
+    """Milliseconds per call of each of fn's kernels over `calls` calls, longest first (torch.profiler; on a machine
     without CUDA, its CPU ops), Triton kernel names without their leading _ and trailing _kernel, CUDA C++ ones
     without their template and call arguments (PyTorch's elementwise kernels summed by kind)."""
     import torch
@@ -191,7 +200,7 @@ def kernel_times(fn, calls: int = 3, top: int | None = 6) -> dict[str, float]:
             name = name.removeprefix("_").removesuffix("_kernel")
             total = event.self_device_time_total if cuda else event.self_cpu_time_total
             times[name] = times.get(name, 0.0) + total / 1e3 / calls
-    return dict(sorted(times.items(), key=lambda item: -item[1])[:top])
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def warm_fla(shapes, rules, jobs: int) -> None:

@@ -75,11 +75,9 @@ def _measure(layer, shape, reps: int, profile: bool = False) -> dict:
     torch.cuda.synchronize()
     result = {"ms": start.elapsed_time(end) / reps, "peak_mib": peak}
     if profile:
-        from sandbox.bench.kernels import kernel_times
+        from sandbox.bench.kernels import kernel_profile
 
-        times = kernel_times(fwd_bwd, top=None)
-        result["kernel_sum_ms"] = sum(times.values())
-        result["kernels_ms"] = dict(list(times.items())[:8])
+        result.update(kernel_profile(fwd_bwd, longest=8))
     return result
 
 
@@ -197,8 +195,9 @@ def _run_quietly(cmd, env, timeout) -> None:
 def _print_layer(who: str, result: dict) -> None:
     print(f"         {who:6s} {result['ms']:8.2f} ms  peak {result['peak_mib']:8.0f} MiB")
     if "kernel_sum_ms" in result:
-        listed = ", ".join(f"{name} {ms:.2f}" for name, ms in result["kernels_ms"].items())
-        print(f"           kernels {result['kernel_sum_ms']:.2f} ms per call; longest, ms: {listed}")
+        from sandbox.bench.kernels import describe_kernels
+
+        print(f"           kernels {describe_kernels(result)}")
 
 
 def _print_row(row: dict) -> None:
