@@ -36,6 +36,7 @@ class Attention(nn.Module):
         head_dim: int | None = None,
         rope: bool = True,
         conv_size: int = 4,
+        qk_norm: bool = True,
         backend: str = "auto",
     ):
         super().__init__()
@@ -45,16 +46,22 @@ class Attention(nn.Module):
         if rope and K % 2:
             raise ValueError(f"rope=True needs an even head_dim, got head_dim={K}; set rope=false or change it")
         check_int("conv_size", conv_size, low=0)
+        check_flag("qk_norm", qk_norm)
         self.rope, self.conv_size = rope, conv_size
         self.d_model, self.num_heads, self.head_dim, self.backend = d_model, num_heads, K, backend
         self.qkv_proj = nn.Linear(d_model, 3 * num_heads * K, bias=False)
         self.o_proj = nn.Linear(num_heads * K, d_model, bias=False)
         self.qkv_conv = ShortConv(3 * num_heads * K, conv_size)
+        # Per-head RMSNorm of q and k: the score depends on their directions, as in the linear mixers (which
+        # L2-normalise q and k), not on the scale of the token embeddings that the output loss moves.
+        self.q_norm = nn.RMSNorm(K, eps=1e-5) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(K, eps=1e-5) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv_conv(self.qkv_proj(x))
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             positions = torch.arange(T, device=x.device)
             q, k = rotate(q, positions), rotate(k, positions)
@@ -72,6 +79,7 @@ class Attention(nn.Module):
         B = x.shape[0]
         qkv, conv = self.qkv_conv.step(self.qkv_proj(x), state["conv"])
         q, k, v = qkv.view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # [B, H, 1, K]
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             position = torch.tensor([state["k"].shape[2]], device=x.device)
             q, k = rotate(q, position), rotate(k, position)

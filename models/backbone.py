@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import Attention
-from models.common import check_backend, check_choice, check_flag, check_int
+from models.common import check_backend, check_choice, check_flag, check_int, check_number
 from models.deltanet import DeltaNet
 from models.gated_deltanet import GatedDeltaNet
 from models.gla import GLA
@@ -100,6 +100,10 @@ class LanguageModel(nn.Module):
         mlp: bool = False,
         learned_positions: bool = False,
         tie_embeddings: bool = True,
+        init_std: float | None = 0.02,
+        center_embeddings: bool = False,
+        head_init: str = "random",
+        detach_head: bool = False,
         backend: str = "auto",
         mixer_options: dict | None = None,
     ):
@@ -112,6 +116,11 @@ class LanguageModel(nn.Module):
         check_flag("mlp", mlp)
         check_flag("learned_positions", learned_positions)
         check_flag("tie_embeddings", tie_embeddings)
+        if init_std is not None:
+            check_number("init_std", init_std, positive=True)
+        check_flag("center_embeddings", center_embeddings)
+        check_choice("head_init", head_init, ("random", "embedding"))
+        check_flag("detach_head", detach_head)
         options = dict(mixer_options or {})
         valid = mixer_option_defaults(mixer)
         unknown = sorted(set(options) - set(valid))
@@ -129,6 +138,10 @@ class LanguageModel(nn.Module):
             "mlp": mlp,
             "learned_positions": learned_positions,
             "tie_embeddings": tie_embeddings,
+            "init_std": init_std,
+            "center_embeddings": center_embeddings,
+            "head_init": head_init,
+            "detach_head": detach_head,
             "backend": backend,
             "mixer_options": options,
         }
@@ -143,11 +156,33 @@ class LanguageModel(nn.Module):
         for emb in (self.embed, self.positions):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
+        if init_std is not None:
+            self._init_normal(init_std)
         if tie_embeddings:
             self.head.weight = self.embed.weight
+        elif head_init == "embedding":
+            with torch.no_grad():
+                self.head.weight.copy_(self.embed.weight)
+
+    def _init_normal(self, std: float) -> None:
+        """Every linear and embedding weight from N(0, std), the blocks' output projections from
+        N(0, std / sqrt(2 n_layers)) (GPT-2's scheme: the residual stream keeps its scale with depth)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+        residual_std = std / (2 * len(self.blocks)) ** 0.5
+        for name, param in self.blocks.named_parameters():
+            if name.endswith(("o_proj.weight", "mlp.w_out.weight")):
+                nn.init.normal_(param, std=residual_std)
+
+    def embedding_weight(self) -> torch.Tensor:
+        """The token embedding as the model reads it: with `center_embeddings`, minus its mean row (see the
+        module docstring)."""
+        weight = self.embed.weight
+        return weight - weight.mean(0) if self.config["center_embeddings"] else weight
 
     def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        h = self.embed(input_ids)
+        h = F.embedding(input_ids, self.embedding_weight())
         if self.positions is not None:
             end = start + (input_ids.shape[1] if input_ids.dim() == 2 else 1)
             if end > self.config["max_seq_len"]:
@@ -168,7 +203,7 @@ class LanguageModel(nn.Module):
                     f"got {label_mask.dtype} of shape {list(label_mask.shape)}"
                 )
             h = h[label_mask]
-        logits = self.head(self.norm(h))
+        logits = self.logits(self.norm(h))
         aux = torch.zeros((), device=logits.device)
         for block in self.blocks:
             mixer_aux = getattr(block.mixer, "aux_loss", None)
@@ -184,6 +219,26 @@ class LanguageModel(nn.Module):
                 stats.update({f"layer{i}/{k}": v for k, v in block.mixer.router_stats().items()})
         return stats
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.head.weight.detach() if self.config["detach_head"] else self.head.weight
+        return F.linear(h, weight)
+
+    @torch.no_grad()
+    def embedding_stats(self) -> dict[str, torch.Tensor]:
+        """How far the rows of the embedding (and of an untied output layer) share one common vector:
+        |mean row| / rms of the rows about it. Near 0 at initialisation; large when every token's vector
+        has moved the same way, so that tokens look alike to the mixers (the input) or the common part
+        does nothing (the output, where softmax ignores it). Tensors on the device, no host sync."""
+        matrices = {"embed": self.embed.weight}
+        if not self.config["tie_embeddings"]:
+            matrices["head"] = self.head.weight
+        stats = {}
+        for name, weight in matrices.items():
+            mean = weight.float().mean(0)
+            spread = (weight.float() - mean).pow(2).sum(-1).mean().sqrt()
+            stats[f"{name}_common"] = mean.norm() / spread
+        return stats
+
     def init_state(self, batch_size: int) -> dict:
         return {"position": 0, "layers": [block.mixer.init_state(batch_size) for block in self.blocks]}
 
@@ -194,7 +249,7 @@ class LanguageModel(nn.Module):
         for block, layer_state in zip(self.blocks, state["layers"]):
             h, layer_state = block.step(h, layer_state)
             layers.append(layer_state)
-        return self.head(self.norm(h)), {"position": state["position"] + 1, "layers": layers}
+        return self.logits(self.norm(h)), {"position": state["position"] + 1, "layers": layers}
 
     def state_size(self, seq_len: int) -> int:
         return sum(block.mixer.state_size(seq_len) for block in self.blocks)

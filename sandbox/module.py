@@ -92,9 +92,11 @@ class RecallModule(L.LightningModule):
         for i, label in enumerate(self._slice_labels()):
             metrics[f"{prefix}/acc/{label}"] = sums["slice_hits"][i] / sums["slice_count"][i].clamp(min=1)
         self.log_dict({k: v.float().squeeze() for k, v in metrics.items()}, sync_dist=False)
-        stats = self.model.router_stats()
-        if stats and prefix == "val":
-            self.log_dict({f"router/{k}": v for k, v in stats.items()})
+        if prefix == "val":
+            self.log_dict({f"diag/{k}": v for k, v in self.model.embedding_stats().items()})
+            stats = self.model.router_stats()
+            if stats:
+                self.log_dict({f"router/{k}": v for k, v in stats.items()})
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)

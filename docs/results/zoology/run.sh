@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Parts of `sandbox-train -m experiment=zoology` on one H200, runs packed: one process per (model, lr), each
+# a Hydra multirun over its seeds, all writing into one folder that `sandbox-report` merges.
+#   bash docs/results/zoology/run.sh WIDTH SEEDS MODEL:LR ...   e.g.  run.sh 64 0 attention:2.2e-3 mom:2.2e-3
+#   bash docs/results/zoology/run.sh WIDTH SEEDS all            every model of the experiment at its 4 lrs
+# Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
+source docs/results/fidelity/gpu_env.sh
+width=$1 seeds=$2; shift 2
+root=/tmp/zoology
+models=(attention linear_attention gla deltanet gated_deltanet gated_deltanet_equal_state mom)
+lrs=(1.0e-4 4.6e-4 2.2e-3 1.0e-2)
+jobs=("$@")
+if [ "${jobs[0]}" = all ]; then
+  jobs=(); for m in "${models[@]}"; do for lr in "${lrs[@]}"; do jobs+=("$m:$lr"); done; done
+fi
+mkdir -p $root/logs
+start=$(date +%s)
+for job in "${jobs[@]}"; do
+  m=${job%%:*} lr=${job#*:}
+  timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+    model=$m model.d_model=$width optim.lr=$lr seed=$seeds > $root/logs/$m-$lr-d$width-s${seeds//,/_}.log 2>&1 &
+done
+wait
+echo "wall time of the part: $(( $(date +%s) - start )) s for ${#jobs[@]} processes"
+grep -h "best val acc\|error" $root/logs/*.log | sed 's|.*/zoology/||' | cut -c1-200
+pack_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
