@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Parts of `sandbox-train -m experiment=zoology` on one H200, runs packed: one process per (model, lr), each
-# a Hydra multirun over its seeds, all writing into one folder that `sandbox-report` merges.
-#   bash docs/results/zoology/run.sh WIDTH SEEDS MODEL:LR ...   e.g.  run.sh 64 0 attention:2.2e-3 mom:2.2e-3
+# Parts of `sandbox-train -m experiment=zoology` on one H200, runs packed: one process per (model, lr, seed),
+# each a one-job Hydra multirun, all writing into one folder that `sandbox-report` merges.
+#   bash docs/results/zoology/run.sh WIDTH SEEDS MODEL:LR ...   e.g.  run.sh 64 1,2 attention:2.2e-3 mom:2.2e-3
 #   bash docs/results/zoology/run.sh WIDTH SEEDS all            every model of the experiment at its 4 lrs
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
@@ -17,10 +17,12 @@ mkdir -p $root/logs
 start=$(date +%s)
 for job in "${jobs[@]}"; do
   m=${job%%:*} lr=${job#*:}
-  timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-    model=$m model.d_model=$width optim.lr=$lr seed=$seeds > $root/logs/$m-$lr-d$width-s${seeds//,/_}.log 2>&1 &
+  for seed in ${seeds//,/ }; do
+    timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+      model=$m model.d_model=$width optim.lr=$lr seed=$seed > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
+  done
 done
 wait
-echo "wall time of the part: $(( $(date +%s) - start )) s for ${#jobs[@]} processes"
+echo "wall time of the part: $(( $(date +%s) - start )) s"
 grep -h "best val acc\|error" $root/logs/*.log | sed 's|.*/zoology/||' | cut -c1-200
 pack_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
