@@ -160,13 +160,17 @@ def row_keys(runs: list[dict]) -> list[str]:
 
 
 def shown_keys(runs: list[dict], keys: list[str]) -> list[str]:
-    """The row keys worth a column: those that differ between runs of one mixer and are not in the label
-    (a key only one mixer has is implied by the label)."""
+    """The row keys worth a column: not in the label, and with two values among the runs that have the key
+    or between runs of one mixer (a key that only one mixer has, with one value, is implied by the label)."""
     by_mixer = defaultdict(list)
     for run in runs:
         by_mixer[run["config.model.mixer"]].append(run)
+
+    def varies(members, key):
+        return len({repr(comparable(run.get(key, ABSENT))) for run in members}) > 1
+
     return [k for k in keys if k not in LABEL_KEYS and
-            any(len({repr(comparable(r.get(k, ABSENT))) for r in members}) > 1 for members in by_mixer.values())]
+            (varies([run for run in runs if k in run], k) or any(varies(m, k) for m in by_mixer.values()))]
 
 
 def short_names(keys: list[str]) -> list[str]:

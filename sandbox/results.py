@@ -113,7 +113,7 @@ def collect_results(folder: Path, on_skip=None) -> list[dict]:
             on_skip(path, "not a text file")
             continue
         except json.JSONDecodeError as err:
-            truncated = f"not valid JSON, perhaps truncated ({err.msg} at line {err.lineno} column {err.colno})"
+            truncated = f"not valid JSON, perhaps truncated ({err.msg}: line {err.lineno} column {err.colno})"
             on_skip(path, "empty file" if not err.doc.strip() else truncated)
             continue
         problem = _result_problem(result)
