@@ -121,7 +121,7 @@ def to_runs(results: list[dict]) -> list[dict]:
         if run["status"] == FINISHED:
             run["at_chance"] = run["best_val_acc"] < CHANCE_ACC
             rise = val_rise(result["run_dir"], result.get("steps"))
-            threshold = (config.get("callbacks") or {}).get("early_stopping", {}).get("threshold", 1.0)
+            threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold", 1.0)
             run["val_rise_last_quarter"] = rise
             run["still_rising"] = None if rise is None else rise > FLAT_RISE and run["best_val_acc"] < threshold
         runs.append(run)
@@ -296,7 +296,8 @@ def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[li
     rates), runs still rising at the chosen rate, and test accuracy there, overall and per setting."""
     keys = shown_keys(runs, list(rows[0].values))
     slices = setting_columns(runs)
-    header = ["model", *short_names(keys), "lr", "runs", "status", "at chance", "still rising", "test_acc", *(s.removeprefix("test_acc/") for s in slices), "state_size"]
+    header = ["model", *short_names(keys), "lr", "runs", "status", "at chance", "still rising", "test_acc",
+              *(s.removeprefix("test_acc/") for s in slices), "state_size"]
     body = []
     for row in rows:
         rates = len(by_lr(row.runs))
@@ -312,17 +313,24 @@ def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[li
     return header, body
 
 
-def lr_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One line per row and learning rate: its runs and mean best validation accuracy (the chosen one marked)."""
+def lr_records(rows: list[Row], runs: list[dict]) -> list[dict]:
+    """One record per row and learning rate: its runs, statuses, runs at chance and mean best validation
+    accuracy with its 95% interval over finished seeds; `chosen` marks the row's rate."""
     keys = shown_keys(runs, list(rows[0].values))
-    header = ["model", *short_names(keys), "lr", "chosen", "status", "at chance", "best_val_acc"]
-    body = []
+    records = []
     for row in rows:
         for lr, members in by_lr(row.runs).items():
-            val = mean_ci([run["best_val_acc"] for run in finished(members)])
-            body.append([row.label, *(_show(row.values[k]) for k in keys), _show(lr),
-                         "yes" if lr == row.lr else "", _status_cell(members), _chance_cell(members),
-                         _mean_cell(*val)])
+            mean, half = mean_ci([run["best_val_acc"] for run in finished(members)])
+            records.append({"model": row.label, **{name: row.values[k] for k, name in zip(keys, short_names(keys))},
+                            "lr": lr, "chosen": lr == row.lr, "status": _status_cell(members),
+                            "at chance": _chance_cell(members), "best_val_acc": mean, "best_val_acc_ci95": half})
+    return records
+
+
+def lr_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = [k for k in records[0] if k != "best_val_acc_ci95"]
+    body = [[_mean_cell(r["best_val_acc"], r["best_val_acc_ci95"]) if k == "best_val_acc" else
+             ("yes" if r[k] else "") if k == "chosen" else _show(r[k]) for k in header] for r in records]
     return header, body
 
 
@@ -550,15 +558,16 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
 
 
 PROTOCOL = (
-    f"A row is one configuration: runs that agree on every config key but `seed` and `optim.lr`. Its learning "
-    f"rate is chosen on validation: the highest mean best validation accuracy over seeds (a rate whose runs all "
-    f"finished before one with runs that did not); test accuracy is the mean and 95% interval (Student's t) over "
-    f"the seeds at that rate, overall and per setting (every slice of every run is in results.csv). `runs`: finished runs at the chosen rate; `status`: every "
-    f"run of the row, all rates; runs that did not finish are never averaged. `at chance`: finished runs (all "
-    f"rates) whose best validation accuracy stayed below {CHANCE_ACC} (MQAR, V = 8192: a uniform guess scores "
-    f"~2/V, a guess among the K context values 1/K). `still rising`: runs at the chosen rate whose best "
-    f"validation accuracy grew by more than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of their steps without "
-    f"reaching the early-stopping threshold, so longer training may change them (`?`: too few validations to tell).")
+    "A row is one configuration: runs that agree on every config key but `seed` and `optim.lr`. Its learning "
+    "rate is chosen on validation: the highest mean best validation accuracy over seeds (a rate whose runs all "
+    "finished before one with runs that did not); test accuracy is the mean and 95% interval (Student's t) over "
+    "the seeds at that rate, overall and per setting (every slice of every run is in results.csv). `runs`: "
+    "finished runs at the chosen rate; `status`: every run of the row, all rates; runs that did not finish are "
+    f"never averaged. `at chance`: finished runs (all rates) whose best validation accuracy stayed below "
+    f"{CHANCE_ACC} (MQAR, V = 8192: a uniform guess scores ~2/V, a guess among the K context values 1/K). "
+    f"`still rising`: runs at the chosen rate whose best validation accuracy grew by more than {FLAT_RISE} over "
+    f"the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping threshold, so longer training "
+    "may change them (`?`: too few validations to tell).")
 
 
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
@@ -622,12 +631,12 @@ def run_sections(runs: list[dict], out: Path, sections: list[str], files: dict) 
         sections += ["## Runs that did not finish", "\n".join(
             f"- `{run['run_dir']}`: {run['status']}" + (f" ({run['status_reason']})" if run["status_reason"] else "")
             for run in unfinished)]
-    sensitivity = lr_table(rows, runs)
+    sensitivity = lr_records(rows, runs)
     files["lr_csv"] = out / "lr_sensitivity.csv"
-    write_csv([dict(zip(sensitivity[0], cells)) for cells in sensitivity[1]], files["lr_csv"])
+    write_csv(sensitivity, files["lr_csv"])
     if any(len(by_lr(row.runs)) > 1 for row in rows):
         sections += ["## Validation accuracy per learning rate (mean ± 95% interval over finished seeds)",
-                     markdown_table(*sensitivity)]
+                     markdown_table(*lr_table(sensitivity))]
     plots = [("state_size_png", "accuracy_vs_state_size.png", "accuracy against state size",
               lambda p: plot_accuracy_vs_state_size(rows, runs, p)),
              ("pairs_png", "accuracy_vs_kv_pairs.png", "accuracy against key-value pairs",
