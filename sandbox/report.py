@@ -159,7 +159,7 @@ def row_keys(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(comparable(run.get(k, ABSENT))) for run in runs}) > 1]
 
 
-def shown_keys(runs: list[dict], keys: list[str]) -> list[str]:
+def shown_keys(runs: list[dict]) -> list[str]:
     """The row keys worth a column: not in the label, and with two values among the runs that have the key
     or between runs of one mixer (a key that only one mixer has, with one value, is implied by the label)."""
     by_mixer = defaultdict(list)
@@ -169,7 +169,7 @@ def shown_keys(runs: list[dict], keys: list[str]) -> list[str]:
     def varies(members, key):
         return len({repr(comparable(run.get(key, ABSENT))) for run in members}) > 1
 
-    return [k for k in keys if k not in LABEL_KEYS and
+    return [k for k in row_keys(runs) if k not in LABEL_KEYS and
             (varies([run for run in runs if k in run], k) or any(varies(m, k) for m in by_mixer.values()))]
 
 
@@ -294,7 +294,7 @@ def save_figure(fig, path: Path) -> None:
 def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One line per row: the chosen learning rate, its runs, the row's statuses, its runs at chance (all
     rates), runs still rising at the chosen rate, and test accuracy there, overall and per setting."""
-    keys = shown_keys(runs, list(rows[0].values))
+    keys = shown_keys(runs)
     slices = setting_columns(runs)
     header = ["model", *short_names(keys), "lr", "runs", "status", "at chance", "still rising", "test_acc",
               *(s.removeprefix("test_acc/") for s in slices), "state_size"]
@@ -316,7 +316,7 @@ def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[li
 def lr_records(rows: list[Row], runs: list[dict]) -> list[dict]:
     """One record per row and learning rate: its runs, statuses, runs at chance and mean best validation
     accuracy with its 95% interval over finished seeds; `chosen` marks the row's rate."""
-    keys = shown_keys(runs, list(rows[0].values))
+    keys = shown_keys(runs)
     records = []
     for row in rows:
         for lr, members in by_lr(row.runs).items():
@@ -372,7 +372,7 @@ def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -
                 sizes, means, halves = zip(*points)
                 ax.errorbar(sizes, means, yerr=halves, marker="o", capsize=3, color=color, label=family)
         ax.set_xscale("log")
-        ax.set_xlabel("state size (values, all layers; attention: its KV cache at the longest test sequence)",
+        ax.set_xlabel("state size (values, all layers; attention: its KV cache at the longest sequence)",
                       fontsize=7)
         ax.set_title("all test examples" if metric == "test_acc" else metric.removeprefix("test_acc/"))
         ax.set_ylim(-0.02, 1.02)
@@ -397,7 +397,7 @@ def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> boo
     pairs = [int(c.split("=")[-1]) for c in columns]
     width_key = "config.model.d_model"
     widths = sorted({row.chosen[0].get(width_key) for row in plotted}, key=sort_key)
-    keys = [k for k in shown_keys(runs, list(rows[0].values)) if k != width_key]
+    keys = [k for k in shown_keys(runs) if k != width_key]
     fig, axes = plt.subplots(1, len(widths), figsize=(5.2 * len(widths) + 3.2, 4.4), squeeze=False, sharey=True)
     for ax, width in zip(axes[0], widths):
         for row in (r for r in plotted if r.chosen[0].get(width_key) == width):
@@ -435,7 +435,7 @@ def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
     routed = [row for row in rows if any(memory_loads(run) for run in row.chosen)]
     if not routed:
         return False
-    keys = shown_keys(runs, list(rows[0].values))
+    keys = shown_keys(runs)
     cols = min(4, len(routed))
     nrows = math.ceil(len(routed) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols + 0.6, 3.2 * nrows), squeeze=False)
