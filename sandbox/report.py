@@ -1,9 +1,15 @@
 """`sandbox-report FOLDER`: every run and study below a folder, as tables and plots.
 
-Writes into FOLDER (or --out): `results.csv` (one row per run: config flattened, metrics), `report.md`
-(summary tables grouped by the keys that vary, mean and 95% interval over seeds) and PNG plots:
-accuracy against state size, accuracy against the number of key-value pairs, MoM memory load, and for
-each Optuna study (a `study.db` below the folder) its optimisation history and parameter importances.
+A row of the tables is one configuration: runs that agree on every config key but the seed and the learning
+rate. Within a row the learning rate is chosen on validation (Zoology's protocol: the highest mean best
+validation accuracy over seeds), and test accuracy is the mean and 95% interval over the seeds at that rate.
+Runs that did not finish (diverged, not trained, interrupted, failed) are counted, never averaged.
+
+Writes into FOLDER (or --out): `results.csv` (one line per run: status, config flattened, metrics),
+`lr_sensitivity.csv` (mean validation accuracy per row and learning rate), `report.md` and PNG plots:
+accuracy against state size per setting, accuracy against the number of key-value pairs, MoM memory load,
+and for each Optuna study (a `study.db` below the folder) its optimisation history and parameter
+importances. A result.json or study.db that cannot be read is named in a warning and left out.
 """
 
 import argparse
@@ -11,8 +17,10 @@ import csv
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib
 
@@ -25,12 +33,23 @@ from rich.table import Table
 
 from sandbox.results import atomic_path, collect_results
 
+FINISHED = "finished"
 # Config keys that never define what a run is (where it is written, how it is shown).
 IGNORED_KEYS = {"output_root", "name", "callbacks.progress"}
-METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs")
+# A row averages over seeds and selects over learning rates; every other key in which runs differ makes rows.
+SEED_KEY, LR_KEY = "config.seed", "config.optim.lr"
+# A finished run whose best validation accuracy stays below this never left chance: on MQAR with V = 8192 a
+# uniform guess scores about 2/V and a guess among the K values of the context 1/K (0.016 at K = 64); runs
+# stuck on Zoology's settings score 0.000-0.006, runs that learn pass 0.25.
+CHANCE_ACC = 0.05
+# A run is still rising when its best validation accuracy grew by more than FLAT_RISE over the last
+# FLAT_TAIL of its steps without reaching the early-stopping threshold: its training was too short.
+FLAT_RISE, FLAT_TAIL = 0.01, 0.25
+METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs", "steps")
 # Two-sided 95% critical values of Student's t by degrees of freedom; past 30 the normal value is close.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+ABSENT = "—"  # a key a run's config does not have (e.g. one added to other runs with +key=value)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -44,6 +63,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
+
+
+# The config keys that model_label shows, so the tables do not repeat them as columns.
+LABEL_KEYS = {"config.model.mixer", *(f"config.model.mixer_options.{k}"
+                                      for k in ("rule", "num_memories", "top_k", "shared_memory"))}
 
 
 def model_label(config: dict) -> str:
@@ -63,22 +87,138 @@ def model_family(config: dict) -> str:
     return model["mixer"]
 
 
-def to_rows(results: list[dict]) -> list[dict]:
-    rows = []
+def val_rise(run_dir: str, steps: int | None = None) -> float | None:
+    """How much the best validation accuracy grew over the last FLAT_TAIL of the run's steps, from its
+    logs/metrics.csv; None without validations both before and inside that tail."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            curve = sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
+                           if line.get("val/acc") and line.get("step"))
+    except (OSError, ValueError, csv.Error):
+        return None
+    if not curve:
+        return None
+    tail_start = (1 - FLAT_TAIL) * max(steps or 0, curve[-1][0])
+    before = [acc for step, acc in curve if step <= tail_start]
+    if not before or len(before) == len(curve):
+        return None
+    return max(acc for _, acc in curve) - max(before)
+
+
+def to_runs(results: list[dict]) -> list[dict]:
+    """One flat record per run: status, label, config keys (`config.`), metrics, slices, curve check."""
+    runs = []
     for result in results:
-        row = {"run_dir": result["run_dir"], "model": model_label(result["config"]),
-               "family": model_family(result["config"])}
-        row.update({f"config.{k}": v for k, v in flatten(result["config"]).items() if k not in IGNORED_KEYS})
-        row.update({m: result.get(m) for m in METRICS})
-        row.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
-        rows.append(row)
-    return rows
+        config = result["config"]
+        run = {"run_dir": result["run_dir"], "status": result.get("status", FINISHED),
+               "status_reason": result.get("status_reason", ""),
+               "model": model_label(config), "family": model_family(config)}
+        run.update({f"config.{k}": v for k, v in flatten(config).items() if k not in IGNORED_KEYS})
+        run.update({m: result.get(m) for m in METRICS})
+        run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
+        run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
+        if run["status"] == FINISHED:
+            run["at_chance"] = run["best_val_acc"] < CHANCE_ACC
+            rise = val_rise(result["run_dir"], result.get("steps"))
+            threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold", 1.0)
+            run["val_rise_last_quarter"] = rise
+            run["still_rising"] = None if rise is None else rise > FLAT_RISE and run["best_val_acc"] < threshold
+        runs.append(run)
+    return runs
 
 
-def varied_keys(rows: list[dict]) -> list[str]:
-    """Config keys whose value differs between runs, seeds left out (they are averaged over)."""
-    keys = sorted({k for row in rows for k in row if k.startswith("config.")} - {"config.seed"})
-    return [k for k in keys if len({repr(row.get(k)) for row in rows}) > 1]
+def comparable(value):
+    """A value as rows compare it: 1 and 1.0 are one setting."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def sort_key(value) -> tuple:
+    value = comparable(value)
+    return (0, value, "") if isinstance(value, float) else (1, 0.0, str(value))
+
+
+@dataclass
+class Row:
+    """The runs of one configuration, the learning rate chosen for it on validation, and the finished runs
+    at that rate (`chosen`), which the row's accuracies are the mean of."""
+
+    label: str
+    values: dict  # the row's value of each key that separates rows
+    runs: list[dict]
+    lr: float | None
+    chosen: list[dict]
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        return mean_ci([run.get(metric) for run in self.chosen])
+
+
+def row_keys(runs: list[dict]) -> list[str]:
+    """Config keys in which runs differ (a key some runs lack included), seed and learning rate left out."""
+    keys = sorted({k for run in runs for k in run if k.startswith("config.")} - {SEED_KEY, LR_KEY})
+    return [k for k in keys if len({repr(comparable(run.get(k, ABSENT))) for run in runs}) > 1]
+
+
+def shown_keys(runs: list[dict]) -> list[str]:
+    """The row keys worth a column: not in the label, and with two values among the runs that have the key
+    or between runs of one mixer (a key that only one mixer has, with one value, is implied by the label)."""
+    by_mixer = defaultdict(list)
+    for run in runs:
+        by_mixer[run["config.model.mixer"]].append(run)
+
+    def varies(members, key):
+        return len({repr(comparable(run.get(key, ABSENT))) for run in members}) > 1
+
+    return [k for k in row_keys(runs) if k not in LABEL_KEYS and
+            (varies([run for run in runs if k in run], k) or any(varies(m, k) for m in by_mixer.values()))]
+
+
+def short_names(keys: list[str]) -> list[str]:
+    """Each config key by its shortest dotted tail that no other of `keys` shares (model.d_model: d_model)."""
+    tails = [k.removeprefix("config.").split(".") for k in keys]
+    names = []
+    for parts in tails:
+        n = 1
+        while sum(other[-n:] == parts[-n:] for other in tails) > 1:
+            n += 1
+        names.append(".".join(parts[-n:]))
+    return names
+
+
+def finished(runs: list[dict]) -> list[dict]:
+    return [run for run in runs if run["status"] == FINISHED]
+
+
+def by_lr(runs: list[dict]) -> dict:
+    groups = defaultdict(list)
+    for run in runs:
+        groups[comparable(run.get(LR_KEY))].append(run)
+    return dict(sorted(groups.items(), key=lambda item: sort_key(item[0])))
+
+
+def choose_lr(runs: list[dict]):
+    """The learning rate with the highest mean best validation accuracy over its finished runs, never test
+    accuracy; a rate whose runs all finished goes before one with runs that did not. None if nothing finished."""
+    def rank(item):
+        lr, members = item
+        mean, _ = mean_ci([run["best_val_acc"] for run in finished(members)])
+        return len(finished(members)) == len(members), -math.inf if math.isnan(mean) else mean
+
+    candidates = [item for item in by_lr(runs).items() if finished(item[1])]
+    return max(candidates, key=rank)[0] if candidates else None
+
+
+def make_rows(runs: list[dict]) -> list[Row]:
+    keys = row_keys(runs)
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(repr(comparable(run.get(k, ABSENT))) for k in keys)].append(run)
+    rows = []
+    for members in groups.values():
+        lr = choose_lr(members)
+        chosen = [run for run in finished(members) if comparable(run.get(LR_KEY)) == lr]
+        rows.append(Row(members[0]["model"], {k: members[0].get(k, ABSENT) for k in keys}, members, lr, chosen))
+    return sorted(rows, key=lambda row: (row.label, *(sort_key(v) for v in row.values.values())))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -93,16 +233,21 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def group(rows: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
-    groups = defaultdict(list)
-    for row in rows:
-        groups[tuple(row.get(k) for k in keys)].append(row)
-    return dict(sorted(groups.items(), key=lambda item: repr(item[0])))
-
-
-def slice_columns(rows: list[dict]) -> list[str]:
-    return sorted({k for row in rows for k in row if k.startswith("test_acc/")},
+def slice_columns(runs: list[dict]) -> list[str]:
+    return sorted({k for run in runs for k in run if k.startswith("test_acc/")},
                   key=lambda k: (k.split("=")[0], _number(k.split("=")[-1])))
+
+
+def setting_columns(runs: list[dict]) -> list[str]:
+    """The slices that tell the task's settings apart: those of the slice name with the most values
+    (num_kv_pairs on a tie), or none when every name has one value."""
+    by_name = defaultdict(list)
+    for column in slice_columns(runs):
+        by_name[column.removeprefix("test_acc/").split("=")[0]].append(column)
+    if not by_name:
+        return []
+    name = max(sorted(by_name), key=lambda n: (len(by_name[n]), n == "num_kv_pairs"))
+    return by_name[name] if len(by_name[name]) > 1 else []
 
 
 def _number(text: str) -> float:
@@ -112,12 +257,32 @@ def _number(text: str) -> float:
         return math.inf
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _mean_cell(mean: float, half: float) -> str:
+    if math.isnan(mean):
+        return ABSENT
+    return f"{mean:.3f}" + (f" ± {half:.3f}" if half else "")
+
+
+def _status_cell(runs: list[dict]) -> str:
+    counts = Counter(run["status"] for run in runs)
+    return ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (s != FINISHED, s)))
+
+
+def _chance_cell(runs: list[dict]) -> str:
+    done = finished(runs)
+    return f"{sum(run['at_chance'] for run in done)} of {len(done)}"
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    columns = list(dict.fromkeys(k for record in records for k in record))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(records)
 
 
 def save_figure(fig, path: Path) -> None:
@@ -126,20 +291,46 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Rows grouped by model and the varied keys: runs, mean ± 95% interval of test accuracy per slice."""
-    keys = ["model"] + [k for k in varied_keys(rows) if not k.startswith("config.model.")]
-    slices = slice_columns(rows)
-    header = [k.removeprefix("config.") for k in keys] + ["runs", "test_acc"] + \
-        [s.removeprefix("test_acc/") for s in slices] + ["state_size"]
+def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One line per row: the chosen learning rate, its runs, the row's statuses, its runs at chance (all
+    rates), runs still rising at the chosen rate, and test accuracy there, overall and per setting."""
+    keys = shown_keys(runs)
+    slices = setting_columns(runs)
+    header = ["model", *short_names(keys), "lr", "runs", "status", "at chance", "still rising", "test_acc",
+              *(s.removeprefix("test_acc/") for s in slices), "state_size"]
     body = []
-    for values, members in group(rows, keys).items():
-        cells = [str(v) for v in values] + [str(len(members))]
-        for metric in ["test_acc", *slices]:
-            mean, half = mean_ci([m.get(metric) for m in members])
-            cells.append(f"{mean:.3f}" + (f" ± {half:.3f}" if half else ""))
-        cells.append(str(members[0].get("state_size")))
+    for row in rows:
+        rates = len(by_lr(row.runs))
+        lr = ABSENT if row.lr is None else _show(row.lr) + (f" (best of {rates})" if rates > 1 else "")
+        known = [run["still_rising"] for run in row.chosen if run["still_rising"] is not None]
+        rising = f"{sum(known)} of {len(known)}" if known else "?"
+        cells = [row.label, *(_show(row.values[k]) for k in keys), lr, str(len(row.chosen)),
+                 _status_cell(row.runs), _chance_cell(row.runs), rising]
+        cells += [_mean_cell(*row.stat(metric)) for metric in ["test_acc", *slices]]
+        state_size = (row.chosen or row.runs)[0].get("state_size")
+        cells.append(ABSENT if state_size is None else _show(state_size))
         body.append(cells)
+    return header, body
+
+
+def lr_records(rows: list[Row], runs: list[dict]) -> list[dict]:
+    """One record per row and learning rate: its runs, statuses, runs at chance and mean best validation
+    accuracy with its 95% interval over finished seeds; `chosen` marks the row's rate."""
+    keys = shown_keys(runs)
+    records = []
+    for row in rows:
+        for lr, members in by_lr(row.runs).items():
+            mean, half = mean_ci([run["best_val_acc"] for run in finished(members)])
+            records.append({"model": row.label, **{name: row.values[k] for k, name in zip(keys, short_names(keys))},
+                            "lr": lr, "chosen": lr == row.lr, "status": _status_cell(members),
+                            "at chance": _chance_cell(members), "best_val_acc": mean, "best_val_acc_ci95": half})
+    return records
+
+
+def lr_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = [k for k in records[0] if k != "best_val_acc_ci95"]
+    body = [[_mean_cell(r["best_val_acc"], r["best_val_acc_ci95"]) if k == "best_val_acc" else
+             ("yes" if r[k] else "") if k == "chosen" else _show(r[k]) for k in header] for r in records]
     return header, body
 
 
@@ -149,83 +340,151 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_state_size(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for family, members in group(rows, ["family"]).items():
-        points = defaultdict(list)
-        for row in members:
-            points[row["state_size"]].append(row["test_acc"])
-        sizes = sorted(points)
-        means = [mean_ci(points[s]) for s in sizes]
-        ax.errorbar(sizes, [m for m, _ in means], yerr=[h for _, h in means], marker="o", capsize=3,
-                    label=family[0])
-    ax.set_xscale("log")
-    ax.set_xlabel("recurrent state size per sequence (values, all layers)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy against state size")
+def row_name(row: Row, keys: list[str]) -> str:
+    """The row's label and its values of `keys` (those it has), for legends and titles."""
+    return " ".join([row.label, *(f"{name}={_show(row.values[k])}" for k, name in zip(keys, short_names(keys))
+                                  if row.values[k] != ABSENT)])
+
+
+def _family_colors(rows: list[Row]) -> dict[str, tuple]:
+    families = sorted({row.chosen[0]["family"] for row in rows if row.chosen})
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    return {family: cmap(i % cmap.N) for i, family in enumerate(families)}
+
+
+def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -> bool:
+    """One panel for all test examples and one per setting; a point per row (its chosen-lr mean and 95%
+    interval), a line per model family through its rows in order of state size."""
+    plotted = [row for row in rows if row.chosen]
+    if not plotted:
+        return False
+    panels = ["test_acc", *setting_columns(runs)]
+    colors = _family_colors(plotted)
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.4 * cols + 1.6, 4.0 * math.ceil(
+        len(panels) / cols)), squeeze=False, sharey=True)
+    for ax, metric in zip(axes.flat, panels):
+        for family, color in colors.items():
+            points = sorted((row.chosen[0]["state_size"], *row.stat(metric)) for row in plotted
+                            if row.chosen[0]["family"] == family and row.chosen[0]["state_size"] is not None)
+            points = [p for p in points if not math.isnan(p[1])]
+            if points:
+                sizes, means, halves = zip(*points)
+                ax.errorbar(sizes, means, yerr=halves, marker="o", capsize=3, color=color, label=family)
+        ax.set_xscale("log")
+        ax.set_xlabel("state size (values, all layers; attention: its KV cache at the longest sequence)",
+                      fontsize=7)
+        ax.set_title("all test examples" if metric == "test_acc" else metric.removeprefix("test_acc/"))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (chosen lr, mean ± 95%)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Accuracy against state size")
     fig.tight_layout()
     save_figure(fig, path)
+    return True
 
 
-def plot_accuracy_vs_pairs(rows: list[dict], path: Path) -> bool:
-    columns = [c for c in slice_columns(rows) if c.startswith("test_acc/num_kv_pairs=")]
-    if not columns:
+def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> bool:
+    """A line per row across the num_kv_pairs slices (chosen-lr mean and 95% interval), a panel per width."""
+    columns = [c for c in slice_columns(runs) if c.startswith("test_acc/num_kv_pairs=")]
+    plotted = [row for row in rows if row.chosen]
+    if not columns or not plotted:
         return False
     pairs = [int(c.split("=")[-1]) for c in columns]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for (label,), members in group(rows, ["model"]).items():
-        means = [mean_ci([m.get(c) for m in members]) for c in columns]
-        ax.errorbar(pairs, [m for m, _ in means], yerr=[h for _, h in means], marker="o", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(pairs, [str(p) for p in pairs])
-    ax.set_xlabel("key-value pairs in the context")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy against number of key-value pairs")
+    width_key = "config.model.d_model"
+    widths = sorted({row.chosen[0].get(width_key) for row in plotted}, key=sort_key)
+    keys = [k for k in shown_keys(runs) if k != width_key]
+    fig, axes = plt.subplots(1, len(widths), figsize=(5.2 * len(widths) + 3.2, 4.4), squeeze=False, sharey=True)
+    for ax, width in zip(axes[0], widths):
+        for row in (r for r in plotted if r.chosen[0].get(width_key) == width):
+            stats = [row.stat(c) for c in columns]
+            ax.errorbar(pairs, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
+                        label=row_name(row, keys))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(pairs, [str(p) for p in pairs])
+        ax.set_xlabel("key-value pairs in the context")
+        ax.set_title(f"d_model {_show(width)}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("test accuracy (chosen lr, mean ± 95%)")
+    fig.suptitle("Accuracy against number of key-value pairs")
     fig.tight_layout()
     save_figure(fig, path)
     return True
 
 
-def plot_memory_load(results: list[dict], path: Path) -> bool:
-    """Per-memory share of routed token slots per layer, one panel per MoM run."""
-    routed = [r for r in results if any("/load_m" in k for k in r.get("router", {}))]
+def memory_loads(run: dict) -> dict[str, list[float]]:
+    """A MoM run's share of routed token slots per memory, per layer, largest first: memory indices mean
+    nothing across seeds, the ranked shares (one memory taking all: collapse) do."""
+    loads = defaultdict(list)
+    for key, value in run.items():
+        layer, _, name = key.removeprefix("router/").partition("/")
+        if key.startswith("router/") and name.startswith("load_m"):
+            loads[layer].append(value)
+    return {layer: sorted(values, reverse=True) for layer, values in sorted(loads.items())}
+
+
+def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
+    """A panel per MoM row: each layer's ranked memory loads at the chosen lr, mean and 95% interval over
+    seeds (bars) and each seed (dots)."""
+    routed = [row for row in rows if any(memory_loads(run) for run in row.chosen)]
     if not routed:
         return False
-    fig, axes = plt.subplots(1, len(routed), figsize=(3.2 * len(routed) + 1, 3.4), squeeze=False)
-    for ax, result in zip(axes[0], routed):
-        loads = defaultdict(dict)
-        for key, value in result["router"].items():
-            layer, _, name = key.partition("/")
-            if name.startswith("load_m"):
-                loads[layer][int(name.removeprefix("load_m"))] = value
-        layers = sorted(loads)
-        width = 0.8 / max(len(layers), 1)
+    keys = shown_keys(runs)
+    cols = min(4, len(routed))
+    nrows = math.ceil(len(routed) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols + 0.6, 3.2 * nrows), squeeze=False)
+    for ax, row in zip(axes.flat, routed):
+        per_run = [memory_loads(run) for run in row.chosen if memory_loads(run)]
+        layers = list(per_run[0])
+        width = 0.8 / len(layers)
         for i, layer in enumerate(layers):
-            memories = sorted(loads[layer])
-            ax.bar([m + i * width for m in memories], [loads[layer][m] for m in memories], width, label=layer)
-        ax.axhline(1 / len(loads[layers[0]]), color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("memory")
+            ranks = range(len(per_run[0][layer]))
+            stats = [mean_ci([loads[layer][r] for loads in per_run if layer in loads]) for r in ranks]
+            x = [r + i * width for r in ranks]
+            ax.bar(x, [m for m, _ in stats], width, yerr=[h for _, h in stats], capsize=2, label=layer, alpha=0.7,
+                   ecolor="dimgrey")
+            for loads in per_run:
+                ax.plot(x, loads.get(layer, []), ".", color="black", markersize=4)
+        memories = len(per_run[0][layers[0]])
+        ax.axhline(1 / memories, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks([r + 0.4 - width / 2 for r in range(memories)], [str(r + 1) for r in range(memories)])
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{row_name(row, keys)}\nlr {_show(row.lr)}, {len(per_run)} runs", fontsize=7)
+        ax.set_xlabel("memory, ranked by load")
         ax.set_ylabel("share of routed tokens")
-        ax.set_title(Path(result["run_dir"]).name[:40], fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle("MoM memory load per layer (dashed: uniform)")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(routed):]:
+        ax.axis("off")
+    fig.suptitle("MoM memory load per layer at the chosen lr (dashed: uniform; dots: runs)")
     fig.tight_layout()
     save_figure(fig, path)
     return True
 
 
-def find_studies(folder: Path) -> list[optuna.Study]:
+def find_studies(folder: Path, on_skip) -> list[optuna.Study]:
+    """Every study of every study.db below `folder`, opened read-only; a file that is empty or cannot be read
+    as an Optuna database goes to `on_skip(path, why)`."""
     studies = []
     for db in sorted(Path(folder).rglob("study.db")):
-        url = f"sqlite:///{db.resolve()}"
-        for summary in optuna.get_all_study_summaries(url, include_best_trial=False):
-            studies.append(optuna.load_study(study_name=summary.study_name, storage=url))
+        if db.stat().st_size == 0:
+            on_skip(db, "empty file")
+            continue
+        url = f"sqlite:///file:{quote(str(db.resolve()))}?mode=ro&uri=true"
+        try:
+            found = [optuna.load_study(study_name=summary.study_name, storage=url)
+                     for summary in optuna.get_all_study_summaries(url, include_best_trial=False)]
+            for study in found:
+                study.get_trials(deepcopy=False)  # a damaged table surfaces here rather than while writing
+        except Exception as err:  # sqlite, SQLAlchemy and Optuna report damage with many exception types
+            on_skip(db, f"not a readable Optuna database ({str(err).splitlines()[0]})")
+            continue
+        studies += found
     return studies
 
 
@@ -258,10 +517,6 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
             plots.append(path)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n\n".join(lines), plots
-
-
-def _show(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def plot_history(study: optuna.Study, complete: list, path: Path) -> None:
@@ -302,58 +557,96 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
     save_figure(fig, path)
 
 
+PROTOCOL = (
+    "A row is one configuration: runs that agree on every config key but `seed` and `optim.lr`. Its learning "
+    "rate is chosen on validation: the highest mean best validation accuracy over seeds (a rate whose runs all "
+    "finished before one with runs that did not); test accuracy is the mean and 95% interval (Student's t) over "
+    "the seeds at that rate, overall and per setting (every slice of every run is in results.csv). `runs`: "
+    "finished runs at the chosen rate; `status`: every run of the row, all rates; runs that did not finish are "
+    f"never averaged. `at chance`: finished runs (all rates) whose best validation accuracy stayed below "
+    f"{CHANCE_ACC} (MQAR, V = 8192: a uniform guess scores ~2/V, a guess among the K context values 1/K). "
+    f"`still rising`: runs at the chosen rate whose best validation accuracy grew by more than {FLAT_RISE} over "
+    f"the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping threshold, so longer training "
+    "may change them (`?`: too few validations to tell).")
+
+
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
     """Write the report files; return their paths. Raises ValueError when there is nothing to report."""
     folder = Path(folder)
     out = Path(out or folder)
     if not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r} does not exist")
-    results = collect_results(folder)
-    studies = find_studies(folder)
+    skipped = []
+
+    def skip(path: Path, why: str) -> None:
+        skipped.append(f"`{path}`: {why}")
+        print(f"sandbox-report: warning: {path} skipped: {why}", file=sys.stderr)
+
+    results = collect_results(folder, on_skip=skip)
+    studies = find_studies(folder, on_skip=skip)
     if not results and not studies:
-        raise ValueError(f"no result.json or study.db below {str(folder)!r}: train something first")
+        raise ValueError(f"no readable result.json or study.db below {str(folder)!r}"
+                         + (f" ({len(skipped)} skipped, see the warnings)" if skipped else ": train something first"))
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "report.md"}
-    sections = [f"# Report: {folder}", f"{len(results)} finished runs, {len(studies)} studies."]
+    runs = to_runs(results)
+    statuses = f" ({_status_cell(runs)})" if runs else ""
+    sections = [f"# Report: {folder}", f"{len(runs)} runs{statuses}, {len(studies)} studies, "
+                f"{len(skipped)} files skipped."]
+    if skipped:
+        sections.append("Skipped (unreadable):\n\n" + "\n".join(f"- {line}" for line in skipped))
     for study in studies:
         text, plots = study_section(study, out)
         sections.append(text)
         files.update({p.stem: p for p in plots})
-    if results:
-        header, body = run_sections(results, out, sections, files)
+    summary = run_sections(runs, out, sections, files) if runs else None
     with atomic_path(files["markdown"]) as tmp:
         tmp.write_text("\n\n".join(sections) + "\n")
     # a log file or pipe is not 80 columns wide: print the whole table there rather than truncated labels
     console = console or (Console() if sys.stdout.isatty() else Console(width=200))
-    if results:
-        table = Table(title=f"Test accuracy: {folder}")
-        for column in header:
+    if summary:
+        table = Table(title=f"Test accuracy at the lr chosen on validation: {folder}")
+        for column in summary[0]:
             table.add_column(column)
-        for cells in body:
+        for cells in summary[1]:
             table.add_row(*(escape(c) for c in cells))  # labels like mom[gla] are not markup
         console.print(table)
+        console.print(f"at chance: best validation accuracy below {CHANCE_ACC}; still rising: best validation "
+                      f"accuracy up by more than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of the steps")
     for kind, path in files.items():
         console.print(f"{kind}: {path}")
     return files
 
 
-def run_sections(results: list[dict], out: Path, sections: list[str], files: dict) -> tuple[list, list]:
-    """The runs' CSV, summary table and plots; appends to `sections` and `files`."""
-    rows = to_rows(results)
+def run_sections(runs: list[dict], out: Path, sections: list[str], files: dict) -> tuple[list, list]:
+    """The runs' CSVs, tables and plots; appends to `sections` and `files`; returns the summary table."""
+    rows = make_rows(runs)
     files["csv"] = out / "results.csv"
-    write_csv(rows, files["csv"])
-    header, body = summary_table(rows)
-    sections += ["## Test accuracy (mean ± 95% interval over seeds)", markdown_table(header, body)]
-    files["state_size_png"] = out / "accuracy_vs_state_size.png"
-    plot_accuracy_vs_state_size(rows, files["state_size_png"])
-    sections.append(f"![accuracy against state size]({files['state_size_png'].name})")
-    if plot_accuracy_vs_pairs(rows, out / "accuracy_vs_kv_pairs.png"):
-        files["pairs_png"] = out / "accuracy_vs_kv_pairs.png"
-        sections.append(f"![accuracy against key-value pairs]({files['pairs_png'].name})")
-    if plot_memory_load(results, out / "memory_load.png"):
-        files["load_png"] = out / "memory_load.png"
-        sections.append(f"![memory load]({files['load_png'].name})")
-    return header, body
+    write_csv(runs, files["csv"])
+    summary = summary_table(rows, runs)
+    sections += ["## Test accuracy at the learning rate chosen on validation (mean ± 95% interval over seeds)",
+                 PROTOCOL, markdown_table(*summary)]
+    unfinished = [run for run in runs if run["status"] != FINISHED]
+    if unfinished:
+        sections += ["## Runs that did not finish", "\n".join(
+            f"- `{run['run_dir']}`: {run['status']}" + (f" ({run['status_reason']})" if run["status_reason"] else "")
+            for run in unfinished)]
+    sensitivity = lr_records(rows, runs)
+    files["lr_csv"] = out / "lr_sensitivity.csv"
+    write_csv(sensitivity, files["lr_csv"])
+    if any(len(by_lr(row.runs)) > 1 for row in rows):
+        sections += ["## Validation accuracy per learning rate (mean ± 95% interval over finished seeds)",
+                     markdown_table(*lr_table(sensitivity))]
+    plots = [("state_size_png", "accuracy_vs_state_size.png", "accuracy against state size",
+              lambda p: plot_accuracy_vs_state_size(rows, runs, p)),
+             ("pairs_png", "accuracy_vs_kv_pairs.png", "accuracy against key-value pairs",
+              lambda p: plot_accuracy_vs_pairs(rows, runs, p)),
+             ("load_png", "memory_load.png", "memory load", lambda p: plot_memory_load(rows, runs, p))]
+    for key, name, caption, plot in plots:
+        if plot(out / name):
+            files[key] = out / name
+            sections.append(f"![{caption}]({name})")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """Run results on disk: atomic JSON writes, the provenance recorded with every result, and collection."""
 
 import json
+import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,11 +70,56 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def collect_results(folder: Path) -> list[dict]:
-    """Every finished run's result below `folder`, each with its `run_dir`, in a stable order."""
+def _result_problem(result) -> str | None:
+    """Why a parsed result.json cannot be reported (not an object, no model config, metrics not numbers, a
+    finished run without finite accuracies), or None if it can. Other statuses may lack the accuracies."""
+    if not isinstance(result, dict) or not result:
+        return "not a result (an empty or non-object JSON value)"
+    config = result.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
+            or not isinstance(config["model"].get("mixer"), str):
+        return "no config with model.mixer"
+    finished = result.get("status", "finished") == "finished"
+    for key in ("best_val_acc", "test_acc", "state_size"):
+        value = result.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not number:
+            return f"{key}={value!r} is not a number"
+        if finished and key != "state_size" and not (number and math.isfinite(value)):
+            return f"status finished but {key}={value!r}"
+    for key in ("test_acc_per_slice", "router"):
+        values = result.get(key, {})
+        if not isinstance(values, dict) or not all(isinstance(v, (int, float)) for v in values.values()):
+            return f"{key} is not a mapping of numbers"
+    return None
+
+
+def collect_results(folder: Path, on_skip=None) -> list[dict]:
+    """Every run's result below `folder`, each with its `run_dir`, in a stable order.
+
+    A file that cannot be reported (empty, truncated, not JSON, no config, metrics that are not numbers) is
+    left out and passed to `on_skip(path, why)`; by default that prints one warning line on stderr."""
+    if on_skip is None:
+        def on_skip(path: Path, why: str) -> None:
+            print(f"warning: {path} skipped: {why}", file=sys.stderr)
     results = []
     for path in sorted(Path(folder).rglob(RESULT_FILE)):
-        result = read_json(path)
+        try:
+            result = read_json(path)
+        except OSError as err:
+            on_skip(path, f"cannot be read ({err.strerror})")
+            continue
+        except UnicodeDecodeError:
+            on_skip(path, "not a text file")
+            continue
+        except json.JSONDecodeError as err:
+            truncated = f"not valid JSON, perhaps truncated ({err.msg}: line {err.lineno} column {err.colno})"
+            on_skip(path, "empty file" if not err.doc.strip() else truncated)
+            continue
+        problem = _result_problem(result)
+        if problem:
+            on_skip(path, problem)
+            continue
         result["run_dir"] = str(path.parent)
         results.append(result)
     return results

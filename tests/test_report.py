@@ -1,61 +1,95 @@
-"""sandbox-report on a fixture folder: runs (several seeds, a MoM run) and an Optuna study."""
+"""sandbox-report on folders of synthetic result.json files (no training): tables, statuses, rows, Zoology's
+learning-rate protocol, curve checks, unreadable files, plots and an Optuna study."""
 
 import csv
 import json
+import math
+import statistics
 from pathlib import Path
 
 import optuna
 import pytest
 
-from sandbox.report import main, mean_ci, report
+from sandbox.report import CHANCE_ACC, FLAT_RISE, main, mean_ci, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T95_DOF2 = 4.303  # Student's t, two-sided 95%, 2 degrees of freedom (three seeds)
 
 
-def fake_result(mixer: str, seed: int, acc4: float, acc8: float, state_size: int, num_memories: int = 0) -> dict:
-    options = {"num_heads": 1}
+def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int = 0, lr: float = 3e-3,
+              val: float = 0.9, test: float = 0.9, slices: dict | None = None, state_size: int = 8192,
+              status: str | None = None, options: dict | None = None, curve: list | None = None, d_model=64,
+              **extra) -> Path:
+    """A result.json as train() writes it; `status` None leaves the key out (results from before statuses);
+    `curve` [(step, val_acc), ...] becomes logs/metrics.csv."""
+    mixer_options = {"num_heads": 1, **(options or {})}
     if mixer == "mom":
-        options.update(num_memories=num_memories, top_k=2, shared_memory=True, rule="gated_deltanet")
-    router = {f"layer{i}/load_m{m}": 1 / num_memories for i in range(2) for m in range(num_memories)}
-    return {
-        "config": {"name": "grid", "output_root": "x", "seed": seed,
-                   "model": {"mixer": mixer, "d_model": 64, "mixer_options": options}},
-        "best_val_acc": (acc4 + acc8) / 2, "test_acc": (acc4 + acc8) / 2,
-        "test_acc_per_slice": {"num_kv_pairs=4": acc4, "num_kv_pairs=8": acc8},
-        "state_size": state_size, "num_parameters": 1000, "wall_time_s": 1.0, "epochs": 1,
-        "router": router,
+        mixer_options = {"num_memories": 4, "top_k": 2, "shared_memory": True, "rule": "gated_deltanet",
+                         **mixer_options}
+    result = {
+        "config": {"name": "grid", "output_root": "x", "seed": seed, "optim": {"lr": lr, "warmup_ratio": 0.05},
+                   "model": {"mixer": mixer, "d_model": d_model, "mixer_options": mixer_options},
+                   "callbacks": {"early_stopping": {"threshold": 0.99}}},
+        "best_val_acc": val, "test_acc": test, "test_acc_per_slice": slices or {},
+        "state_size": state_size, "num_parameters": 1000, "wall_time_s": 1.0, "epochs": 1, "steps": 1000,
+        "router": {}, **extra,
     }
+    if status is not None:
+        result["status"] = status
+    run_dir = folder / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps(result))
+    if curve:
+        (run_dir / "logs").mkdir()
+        lines = ["epoch,step,train/loss,val/acc", *(f"0,{s},1.0," for s, _ in curve),
+                 *(f"0,{s},,{a}" for s, a in curve)]
+        (run_dir / "logs" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def summary_lines(markdown: str) -> list[list[str]]:
+    """The cells of the summary table's lines (the first table after its heading)."""
+    section = markdown.split("## Test accuracy")[1].split("\n## ")[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]
+
+
+def column(markdown: str, name: str) -> int:
+    section = markdown.split("## Test accuracy")[1]
+    header = next(line for line in section.splitlines() if line.startswith("| model"))
+    return [c.strip() for c in header.strip("|").split("|")].index(name)
 
 
 @pytest.fixture
 def fixture_folder(tmp_path: Path) -> Path:
-    runs = [("attention", 0, 1.0, 0.98, 16384, 0), ("attention", 1, 1.0, 0.96, 16384, 0),
-            ("gated_deltanet", 0, 0.9, 0.5, 8192, 0), ("gated_deltanet", 1, 0.8, 0.4, 8192, 0),
-            ("mom", 0, 1.0, 0.9, 40960, 4)]
-    for i, (mixer, seed, a4, a8, size, m) in enumerate(runs):
-        run_dir = tmp_path / "grid" / f"run{i}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "result.json").write_text(json.dumps(fake_result(mixer, seed, a4, a8, size, m)))
-    study = optuna.create_study(study_name="routing", direction="maximize",
-                                storage=f"sqlite:///{tmp_path / 'grid' / 'study.db'}",
+    folder = tmp_path / "grid"
+    runs = [("attention", 0, 1.0, 0.98, 16384), ("attention", 1, 1.0, 0.96, 16384),
+            ("gated_deltanet", 0, 0.9, 0.5, 8192), ("gated_deltanet", 1, 0.8, 0.4, 8192), ("mom", 0, 1.0, 0.9, 40960)]
+    for i, (mixer, seed, a4, a8, size) in enumerate(runs):
+        router = {f"layer{layer}/load_m{m}": (0.4, 0.3, 0.2, 0.1)[m] for layer in range(2) for m in range(4)}
+        write_run(folder, f"run{i}", mixer, seed, val=(a4 + a8) / 2, test=(a4 + a8) / 2, state_size=size,
+                  slices={"num_kv_pairs=4": a4, "num_kv_pairs=8": a8}, router=router if mixer == "mom" else {})
+    study = optuna.create_study(study_name="routing", direction="maximize", storage=f"sqlite:///{folder / 'study.db'}",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-2, log=True) * 10 + t.suggest_int("m", 1, 8) / 100,
                    n_trials=12)
     failing = study.ask()
     failing.set_user_attr("fail_reason", "RuntimeError: out of memory")
     study.tell(failing, state=optuna.trial.TrialState.FAIL)
-    return tmp_path / "grid"
+    return folder
 
 
 def test_report_files(fixture_folder: Path):
     files = report(fixture_folder)
     rows = list(csv.DictReader(open(files["csv"])))
     assert len(rows) == 5
-    assert {"config.model.mixer", "test_acc", "test_acc/num_kv_pairs=8", "state_size"} <= set(rows[0])
+    assert {"status", "config.model.mixer", "test_acc", "test_acc/num_kv_pairs=8", "state_size"} <= set(rows[0])
     markdown = files["markdown"].read_text()
     # attention over two seeds: test acc 0.99 and 0.98, half-width t(1) * stdev / sqrt(2) = 12.706 * 0.00707 / 1.414;
     # at K = 8: 0.98 and 0.96, half-width 12.706 * 0.01414 / 1.414
-    assert "| attention | 2 | 0.985 ± 0.064 | 1.000 | 0.970 ± 0.127 | 16384 |" in markdown
+    assert "| attention | 0.003 | 2 | 2 finished | 0 of 2 | ? | 0.985 ± 0.064 | 1.000 | 0.970 ± 0.127 | 16384 |" \
+        in markdown
+    assert f"below {CHANCE_ACC}" in markdown and f"more than {FLAT_RISE}" in markdown
     assert "1 fail" in markdown and "out of memory" in markdown
     for key in ("state_size_png", "pairs_png", "load_png", "study_routing_history", "study_routing_importance"):
         assert files[key].read_bytes()[:8] == PNG_MAGIC, key
@@ -64,10 +98,135 @@ def test_report_files(fixture_folder: Path):
 def test_mean_ci():
     assert mean_ci([0.5]) == (0.5, 0.0)
     mean, half = mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3 ** 0.5)
+    assert mean == 2.0 and half == pytest.approx(T95_DOF2 * 1.0 / 3 ** 0.5)
 
 
 def test_report_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert main([str(tmp_path)]) == 2
-    assert "no result.json" in capsys.readouterr().err
+    assert "no readable result.json" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_named_skipped_and_the_rest_reported(tmp_path, capsys):
+    good = write_run(tmp_path, "good", test=0.7)
+    text = (good / "result.json").read_text()
+    bad = {"truncated": text[: len(text) // 2], "empty": "", "empty-object": "{}", "list": "[1, 2]",
+           "no-model": json.dumps({"config": {"seed": 0}, "test_acc": 0.5, "best_val_acc": 0.5}),
+           "text-metric": text.replace('"test_acc": 0.7', '"test_acc": "high"'),
+           "finished-nan": text.replace('"test_acc": 0.7', '"test_acc": NaN'),
+           "not-utf8": b"\xff\xfe\x00garbage"}
+    for name, content in bad.items():
+        path = tmp_path / name / "result.json"
+        path.parent.mkdir()
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "study.db").write_bytes(b"not a database " * 300)
+    (tmp_path / "empty_db").mkdir()
+    (tmp_path / "empty_db" / "study.db").write_bytes(b"")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warnings = err.strip().splitlines()
+    names = [*bad, "corrupt", "empty_db"]
+    assert len(warnings) == len(names)
+    for name in names:
+        assert any(f"/{name}/" in line and "skipped" in line for line in warnings), name
+    assert sum("skipped: empty file" in line for line in warnings) == 2  # the empty result.json and study.db
+    assert all(p.read_bytes() == content for p, content in before.items())  # the study.db files too
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [row["run_dir"] for row in rows] == [str(good)]
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"{len(names)} files skipped" in markdown and "/truncated/result.json" in markdown
+
+
+def test_only_unreadable_files_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text('{"config": ')
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "skipped" in err[0] and err[1].startswith("sandbox-report: error:")
+    assert "1 skipped" in err[1]
+
+
+def test_status_is_shown_and_only_finished_runs_are_averaged(tmp_path):
+    write_run(tmp_path, "s0", seed=0, test=0.8, status="finished")
+    write_run(tmp_path, "s1", seed=1, test=0.6)  # no status: a result from before statuses, finished
+    write_run(tmp_path, "s2", seed=2, test=0.0, val=0.0, status="diverged", status_reason="loss nan at step 40")
+    write_run(tmp_path, "s3", seed=3, test=None, val=None, status="interrupted")
+    for seed in range(2):
+        write_run(tmp_path, f"gla{seed}", mixer="gla", seed=seed, test=0.0, val=0.0, status="diverged")
+    files = report(tmp_path)
+    markdown = files["markdown"].read_text()
+    lines = {cells[0]: cells for cells in summary_lines(markdown)}
+    status, runs, acc = column(markdown, "status"), column(markdown, "runs"), column(markdown, "test_acc")
+    assert lines["gated_deltanet"][status] == "2 finished, 1 diverged, 1 interrupted"
+    assert lines["gated_deltanet"][runs] == "2"
+    assert lines["gated_deltanet"][acc].startswith(f"{statistics.fmean([0.8, 0.6]):.3f} ± ")
+    assert lines["gla"][status] == "2 diverged" and lines["gla"][acc] == "—"
+    assert "loss nan at step 40" in markdown.split("## Runs that did not finish")[1]
+    statuses = {row["run_dir"]: row["status"] for row in csv.DictReader(open(files["csv"]))}
+    assert statuses[str(tmp_path / "s1")] == "finished" and statuses[str(tmp_path / "s3")] == "interrupted"
+
+
+def test_runs_differing_in_an_added_key_are_separate_rows(tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, f"plain{seed}", seed=seed, test=0.5 + seed / 10)
+        write_run(tmp_path, f"expanded{seed}", seed=seed, test=0.9, options={"expand_v": 5}, state_size=40960)
+    write_run(tmp_path, "plain2", seed=2, test=0.7, d_model=64.0)  # 64 and 64.0 are one setting
+    markdown = report(tmp_path)["markdown"].read_text()
+    lines = summary_lines(markdown)
+    expand = column(markdown, "expand_v")
+    by_expand = {cells[expand]: cells for cells in lines}
+    assert len(lines) == 2 and set(by_expand) == {"—", "5"}
+    assert by_expand["5"][column(markdown, "runs")] == "2"
+    assert by_expand["—"][column(markdown, "runs")] == "3"
+
+
+def test_learning_rate_is_chosen_on_validation_not_test(tmp_path):
+    """At 1e-3 validation is best and test is not; 3e-3 would win on test; 1e-2 has the best validation
+    mean over its finished runs but one of its runs diverged; at 3e-4 two runs never left chance."""
+    grid = {3e-4: [(0.002, 0.001), (0.004, 0.002), (0.5, 0.4)],
+            1e-3: [(0.90, 0.50), (0.92, 0.55), (0.88, 0.60)],
+            3e-3: [(0.80, 0.95), (0.82, 0.96), (0.78, 0.97)],
+            1e-2: [(0.97, 0.99), (0.98, 0.99), None]}
+    for lr, seeds in grid.items():
+        for seed, outcome in enumerate(seeds):
+            if outcome is None:
+                write_run(tmp_path, f"lr{lr}-s{seed}", seed=seed, lr=lr, val=0.0, test=0.0, status="diverged")
+            else:
+                val, test = outcome
+                write_run(tmp_path, f"lr{lr}-s{seed}", seed=seed, lr=lr, val=val, test=test,
+                          slices={"num_kv_pairs=16": test, "num_kv_pairs=64": test / 2})
+    files = report(tmp_path)
+    markdown = files["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    chosen = [test for _, test in grid[1e-3]]
+    half = T95_DOF2 * statistics.stdev(chosen) / math.sqrt(len(chosen))
+    assert cells[column(markdown, "lr")] == "0.001 (best of 4)"
+    assert cells[column(markdown, "runs")] == "3"
+    assert cells[column(markdown, "status")] == "11 finished, 1 diverged"
+    assert cells[column(markdown, "at chance")] == "2 of 11"
+    assert cells[column(markdown, "test_acc")] == f"{statistics.fmean(chosen):.3f} ± {half:.3f}"
+    assert cells[column(markdown, "num_kv_pairs=64")] == f"{statistics.fmean(chosen) / 2:.3f} ± {half / 2:.3f}"
+    sensitivity = list(csv.DictReader(open(files["lr_csv"])))
+    assert [(float(row["lr"]), row["chosen"]) for row in sensitivity] == [
+        (3e-4, "False"), (1e-3, "True"), (3e-3, "False"), (1e-2, "False")]
+    assert float(sensitivity[3]["best_val_acc"]) == pytest.approx(statistics.fmean([0.97, 0.98]))
+    assert sensitivity[3]["status"] == "2 finished, 1 diverged"
+    assert "## Validation accuracy per learning rate" in markdown
+
+
+def test_curves_still_rising_at_the_end_are_counted(tmp_path):
+    steps = list(range(100, 1001, 100))
+    write_run(tmp_path, "rising", seed=0, val=0.6, curve=[(s, 0.1 + 0.5 * (s >= 900)) for s in steps])
+    write_run(tmp_path, "flat", seed=1, val=0.6, curve=[(s, 0.6 - 0.5 * (s < 300)) for s in steps])
+    write_run(tmp_path, "reached", seed=2, val=0.995, curve=[(s, 0.2 + 0.795 * (s == 1000)) for s in steps])
+    write_run(tmp_path, "no-curve", seed=3, val=0.6)
+    files = report(tmp_path)
+    rising = {Path(row["run_dir"]).name: row["still_rising"] for row in csv.DictReader(open(files["csv"]))}
+    assert rising == {"rising": "True", "flat": "False", "reached": "False", "no-curve": ""}
+    markdown = files["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "still rising")] == "1 of 3"
