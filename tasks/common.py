@@ -122,7 +122,7 @@ def check_state_tracking(where: str, *, vocab_size, seq_len, num_symbols: int, l
     """The checks shared by the state-tracking tasks, whose tokens are 1 .. num_symbols (0 stays the filler)."""
     check_int(where, "seq_len", seq_len, 1)
     check_int(where, "vocab_size", vocab_size, num_symbols + 1, None,
-              f"tokens 1 .. {num_symbols} for the {num_symbols} inputs and states, 0 for padding")
+              f"tokens 1 .. {num_symbols} for the inputs and states, 0 kept for padding")
     check_choice(where, "labels_at", labels_at, LABELS_AT)
 
 
