@@ -30,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sandbox-tasks", description="Synthetic recall, copying, memorization and state-tracking tasks.")
+    parser = _Parser(prog="sandbox-tasks",
+                     description="Synthetic recall, copying, memorization and state-tracking tasks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.add_parser("list", help="the tasks and their default parameters")
     summary = commands.add_parser("summary", help="generate a dataset and describe it")

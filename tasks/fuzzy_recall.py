@@ -76,13 +76,13 @@ def sample_motifs(rng: np.random.Generator, num_rows: int, k: int, size: int, lo
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_kv_pairs, key_motif_size,
              value_motif_size, power_a):
     n, k, width = num_examples, num_kv_pairs, key_motif_size + value_motif_size
+    context = k * width
     keys = sample_motifs(rng, n, k, key_motif_size, 1, vocab_size // 2)
     values = sample_motifs(rng, n, k, value_motif_size, vocab_size // 2, vocab_size)
     pairs = np.concatenate([keys, values], axis=2)  # [n, k, width]
     inputs, labels = new_sequences(rng, n, seq_len, vocab_size, False)
-    inputs[:, :k * width] = pairs.reshape(n, k * width)
+    inputs[:, :context] = pairs.reshape(n, context)
 
-    context = k * width
     slot_start = context + width * power_law_slots(rng, n, (seq_len - context) // width, k, power_a)
     asked = np.take_along_axis(pairs, random_permutations(rng, n, k)[:, :, None], axis=1)
     shown = slot_start[:, :, None] + np.arange(width - 1)  # the slot but its last token, which stays filler

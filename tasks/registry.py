@@ -4,8 +4,9 @@ A task is a generator `generate(rng, num_examples, **params) -> (inputs, labels,
 a `validate(**params)` that raises ValueError naming a bad setting, and its default params. `make` checks
 everything (task name, unknown params, every value) before it draws a single number, and returns torch
 tensors: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
-`inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task has a `seq_len` slice, so a test segment longer than the
-training ones is reported apart (length extrapolation).
+`inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task
+has a `seq_len` slice, so a test segment longer than the training ones is reported apart (length
+extrapolation).
 
 MAD's compression task is left out: it needs an encoder that pools the whole sequence into one vector and a
 decoder that rebuilds every token from that vector alone. The sandbox's backbone is a causal language model
