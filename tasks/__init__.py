@@ -1,12 +1,14 @@
-"""Synthetic recall tasks: generators (pure functions of parameters and a numpy Generator) and a registry.
+"""Synthetic tasks: generators (pure functions of parameters and a numpy Generator) and a registry.
 
-    tasks.available()                                   -> ['ar', 'mqar', 'noisy_ar', 'overwrite_mqar']
+    tasks.available()                                   -> ['ar', 'fuzzy_recall', 'memorization', ...]
     tasks.make(name, *, num_examples, seed, **params)   -> TaskData(inputs, labels, slices)
     tasks.make_mixture(name, segments, *, seed, **common_params)
     tasks.split_seed(seed, split); tasks.make_split(name, split, *, num_examples | segments, seed, **params)
     tasks.overlap(a, b)                                 -> indices of b's examples whose inputs occur in a
 
-Each task's definition is in its module's docstring (tasks/mqar.py, ar.py, noisy_ar.py, overwrite_mqar.py).
+Each task's definition is in its module's docstring: recall (tasks/mqar.py, ar.py, noisy_ar.py,
+overwrite_mqar.py, fuzzy_recall.py), copying and memorization (selective_copying.py, memorization.py), state
+tracking (parity.py, modular_sum.py, s5.py). Why MAD's compression task is not here: tasks/registry.py.
 """
 
 from tasks.common import IGNORE

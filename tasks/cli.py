@@ -5,8 +5,9 @@
     sandbox-tasks bench [ARGS]        (same as `sandbox-bench tasks [ARGS]`)
 
 `summary` accepts one option per task parameter (`--vocab-size`, `--seq-len`, `--num-kv-pairs`,
-`--power-a`, `--random-filler`/`--no-random-filler`, `--noise-fraction`, `--overwrite-fraction`); only the
-options given are passed on, and one the task does not take is an error. Bad settings print one line to
+`--power-a`, `--random-filler`/`--no-random-filler`, `--noise-fraction`, `--overwrite-fraction`,
+`--key-motif-size`, `--value-motif-size`, `--num-tokens-to-copy`, `--map-seed`, `--modulus`, `--labels-at`);
+only the options given are passed on, and one the task does not take is an error. Bad settings print one line to
 stderr and exit with status 2.
 """
 
@@ -29,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sandbox-tasks", description="Synthetic recall tasks.")
+    parser = _Parser(prog="sandbox-tasks",
+                     description="Synthetic recall, copying, memorization and state-tracking tasks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.add_parser("list", help="the tasks and their default parameters")
     summary = commands.add_parser("summary", help="generate a dataset and describe it")

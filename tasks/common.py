@@ -6,6 +6,7 @@ nothing here touches global random state.
 Token conventions shared by all tasks: token 0 is the filler (also the padding of mixtures), keys come from
 the lower half of the vocabulary `[1, V // 2)` and values from the upper half `[V // 2, V)` (`noisy_ar`
 keeps the top quarter for its noise tokens, see there). Labels hold `IGNORE` wherever nothing is predicted.
+Tasks with their own token sets (copying, state tracking) say so in their docstrings; they too keep 0 free.
 """
 
 import numbers
@@ -42,6 +43,12 @@ def check_bool(where: str, name: str, value) -> None:
     if isinstance(value, (bool, np.bool_)):
         return
     raise ValueError(f"{where}: {name}={value!r} is invalid; valid: true or false")
+
+
+def check_choice(where: str, name: str, value, choices: tuple) -> None:
+    if isinstance(value, str) and value in choices:
+        return
+    raise ValueError(f"{where}: {name}={value!r} is invalid; valid: one of {list(choices)}")
 
 
 def sample_distinct(rng: np.random.Generator, num_rows: int, k: int, low: int, high: int) -> np.ndarray:
@@ -104,3 +111,24 @@ def new_sequences(rng: np.random.Generator, num_rows: int, seq_len: int, vocab_s
 
 def constant_slice(num_rows: int, value: int) -> np.ndarray:
     return np.full(num_rows, value, dtype=np.int64)
+
+
+# ---- state tracking: a state after every input token; labels at every position or only at the last
+
+LABELS_AT = ("every", "last")
+
+
+def check_state_tracking(where: str, *, vocab_size, seq_len, num_symbols: int, labels_at) -> None:
+    """The checks shared by the state-tracking tasks, whose tokens are 1 .. num_symbols (0 stays the filler)."""
+    check_int(where, "seq_len", seq_len, 1)
+    check_int(where, "vocab_size", vocab_size, num_symbols + 1, None,
+              f"tokens 1 .. {num_symbols} for the inputs and states, 0 kept for padding")
+    check_choice(where, "labels_at", labels_at, LABELS_AT)
+
+
+def state_labels(states: np.ndarray, labels_at: str) -> np.ndarray:
+    """int64 [N, L]: the token 1 + state at every position (`every`) or at the last only (`last`)."""
+    labels = 1 + states
+    if labels_at == "last":
+        labels[:, :-1] = IGNORE
+    return labels

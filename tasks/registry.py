@@ -4,7 +4,15 @@ A task is a generator `generate(rng, num_examples, **params) -> (inputs, labels,
 a `validate(**params)` that raises ValueError naming a bad setting, and its default params. `make` checks
 everything (task name, unknown params, every value) before it draws a single number, and returns torch
 tensors: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
-`inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name.
+`inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task
+has a `seq_len` slice, so a test segment longer than the training ones is reported apart (length
+extrapolation).
+
+MAD's compression task is left out: it needs an encoder that pools the whole sequence into one vector and a
+decoder that rebuilds every token from that vector alone. The sandbox's backbone is a causal language model
+that predicts at labelled positions from what it has read; put after the sequence, a reconstruction can read
+the tokens themselves (attention looks back, a recurrence carries its state), so the bottleneck that defines
+the task is not there, and what would remain is a copying task (`selective_copying` covers that).
 """
 
 from collections.abc import Callable
@@ -13,7 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks import ar, mqar, noisy_ar, overwrite_mqar
+from tasks import (
+    ar,
+    fuzzy_recall,
+    memorization,
+    modular_sum,
+    mqar,
+    noisy_ar,
+    overwrite_mqar,
+    parity,
+    s5,
+    selective_copying,
+)
 from tasks.common import IGNORE, check_int
 
 
@@ -34,6 +53,18 @@ TASKS = {
                      "associative recall with noise tokens from a reserved vocabulary between the pairs"),
     "overwrite_mqar": Task(overwrite_mqar.generate, overwrite_mqar.validate, overwrite_mqar.DEFAULTS,
                            "MQAR where some keys get a new value later; the latest value is the answer"),
+    "fuzzy_recall": Task(fuzzy_recall.generate, fuzzy_recall.validate, fuzzy_recall.DEFAULTS,
+                         "MQAR with multi-token key and value motifs (MAD); the labels are the value's motif"),
+    "selective_copying": Task(selective_copying.generate, selective_copying.validate, selective_copying.DEFAULTS,
+                              "data tokens scattered among blanks, produced in order after a separator (MAD)"),
+    "memorization": Task(memorization.generate, memorization.validate, memorization.DEFAULTS,
+                         "a fixed key-to-value map shared by all splits, learnt into the weights (MAD)"),
+    "parity": Task(parity.generate, parity.validate, parity.DEFAULTS,
+                   "state tracking: the parity of the bits read so far"),
+    "modular_sum": Task(modular_sum.generate, modular_sum.validate, modular_sum.DEFAULTS,
+                        "state tracking: the running sum of residues modulo `modulus`"),
+    "s5": Task(s5.generate, s5.validate, s5.DEFAULTS,
+               "state tracking: the running composition of permutations of 5 elements"),
 }
 
 

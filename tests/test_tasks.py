@@ -51,7 +51,8 @@ def slot_weights(num_slots, power_a):
 
 
 def test_available():
-    assert tasks.available() == ["ar", "mqar", "noisy_ar", "overwrite_mqar"]
+    assert tasks.available() == ["ar", "fuzzy_recall", "memorization", "modular_sum", "mqar", "noisy_ar",
+                                 "overwrite_mqar", "parity", "s5", "selective_copying"]
 
 
 def test_mqar_defaults_match_design():
@@ -331,6 +332,26 @@ BAD = [
     ("overwrite_mqar", {"overwrite_fraction": 1.5}, ["overwrite_fraction=1.5", "[0.0, 1.0]"]),
     ("overwrite_mqar", {"num_kv_pairs": 14}, ["num_kv_pairs=14", "<= 13"]),
     ("overwrite_mqar", {"vocab_size": 10}, ["vocab_size=10", "11 <="]),
+    ("fuzzy_recall", {"key_motif_size": 0}, ["key_motif_size=0", "1 <="]),
+    ("fuzzy_recall", {"num_kv_pairs": 11}, ["num_kv_pairs=11", "<= 10", "seq_len=128"]),
+    ("fuzzy_recall", {"vocab_size": 6, "key_motif_size": 1, "value_motif_size": 1, "num_kv_pairs": 3},
+     ["num_kv_pairs=3", "<= 2", "2 ** 1"]),
+    ("fuzzy_recall", {"vocab_size": 8192, "key_motif_size": 6}, ["key_motif_size=6", "<= 5", "2**62"]),
+    ("fuzzy_recall", {"seq_len": 11}, ["seq_len=11", "12 <= seq_len"]),
+    ("fuzzy_recall", {"vocab_size": 3}, ["vocab_size=3", "4 <= vocab_size"]),
+    ("fuzzy_recall", {"power_a": 0.0}, ["power_a=0.0", "(0.0, 1.0]"]),
+    ("selective_copying", {"num_tokens_to_copy": 128}, ["num_tokens_to_copy=128", "<= 127", "seq_len=256"]),
+    ("selective_copying", {"vocab_size": 2}, ["vocab_size=2", "3 <= vocab_size"]),
+    ("memorization", {"map_seed": -1}, ["map_seed=-1", "0 <= map_seed"]),
+    ("memorization", {"seq_len": 1}, ["seq_len=1", "2 <= seq_len"]),
+    ("memorization", {"vocab_size": 3}, ["vocab_size=3", "4 <= vocab_size"]),
+    ("parity", {"labels_at": "end"}, ["labels_at='end'", "['every', 'last']"]),
+    ("parity", {"vocab_size": 2}, ["parity: vocab_size=2", "3 <= vocab_size"]),
+    ("parity", {"modulus": 3}, ["modulus", "labels_at"]),
+    ("modular_sum", {"modulus": 10}, ["vocab_size=6", "11 <= vocab_size"]),
+    ("modular_sum", {"modulus": 1}, ["modulus=1", "2 <= modulus"]),
+    ("s5", {"vocab_size": 120}, ["vocab_size=120", "121 <= vocab_size"]),
+    ("s5", {"seq_len": 0}, ["seq_len=0", "1 <= seq_len"]),
     ("nope", {}, ["task='nope'", "mqar"]),
 ]
 
@@ -347,7 +368,12 @@ def test_bad_params(no_generation, name, params, words):
     ("mqar", {"num_kv_pairs": 16}), ("mqar", {"vocab_size": 10}), ("mqar", {"power_a": 1.0}),
     ("ar", {"num_kv_pairs": 31}), ("ar", {"vocab_size": 34}), ("noisy_ar", {"vocab_size": 31}),
     ("noisy_ar", {"noise_fraction": 0.74}), ("overwrite_mqar", {"num_kv_pairs": 13}),
-    ("overwrite_mqar", {"vocab_size": 11}),
+    ("overwrite_mqar", {"vocab_size": 11}), ("fuzzy_recall", {"num_kv_pairs": 10}),
+    ("fuzzy_recall", {"vocab_size": 8192, "key_motif_size": 5}),
+    ("fuzzy_recall", {"vocab_size": 4, "key_motif_size": 1, "value_motif_size": 1, "num_kv_pairs": 1}),
+    ("selective_copying", {"num_tokens_to_copy": 127}), ("selective_copying", {"vocab_size": 3}),
+    ("memorization", {"vocab_size": 4, "seq_len": 2}), ("parity", {"seq_len": 1}),
+    ("modular_sum", {"modulus": 10, "vocab_size": 11}), ("s5", {"vocab_size": 121, "seq_len": 1}),
 ])
 def test_limits_are_valid(name, params):
     data = tasks.make(name, num_examples=20, seed=0, **params)

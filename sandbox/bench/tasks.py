@@ -12,12 +12,13 @@ import time
 import tasks
 
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
+MQAR_LIKE = ("ar", "mqar", "noisy_ar", "overwrite_mqar")  # the tasks that take all four settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox-bench tasks", description=__doc__.splitlines()[0])
     parser.add_argument("--num-examples", type=int, default=100_000, help="examples per setting")
-    parser.add_argument("--task", default="mqar", choices=tasks.available())
+    parser.add_argument("--task", default="mqar", choices=MQAR_LIKE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for seq_len, num_kv_pairs in SETTINGS:
