@@ -181,7 +181,7 @@ def check_space(space) -> None:
     for key in ("n_startup_trials", "n_warmup_steps"):
         value = pruner.get(key, 0)
         _require(_is_int(value) and value >= 0, f"pruner.{key}", value, "an integer >= 0")
-    overrides = space.get("overrides") or []
+    overrides = space.get("overrides", [])
     _require(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), "overrides", overrides,
              "a list of Hydra overrides such as [experiment=quickstart]")
     heartbeat = space["heartbeat"]
