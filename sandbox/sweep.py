@@ -2,18 +2,23 @@
 
     sandbox-sweep --space routing                              # the search space conf/sweep/routing.yaml
     sandbox-sweep --space routing --workers 4                  # four worker processes on one study
-    sandbox-sweep --space routing --param model.d_model=choice:64,128 optim.lr=1e-3   # + a named key, + overrides
+    sandbox-sweep --space routing --param model.d_model=choice:64,128 trainer.max_steps=500   # + a key, + overrides
 
 A search space (conf/sweep/<space>.yaml) names the study, its objectives, trial count, sampler, pruner,
-the base overrides of every trial and the parameters with their distributions. The study lives in a sqlite
-file in the sweep's folder unless --storage gives another Optuna storage URL (e.g. PostgreSQL), so workers
-on one machine or many can share it, and running the command again continues it: the trial count is the
-study's total. A trial that raises, runs out of memory or diverges is recorded as failed with its reason.
+the base overrides of every trial and the parameters with their distributions. Before any trial, the space
+and one trial's configuration are checked (a bad key or value is one line, exit code 2). The study lives in
+a sqlite file in the sweep's folder unless --storage gives another Optuna storage URL (e.g. PostgreSQL), so
+workers on one machine or many can share it, and running the command again continues it with new trials:
+the trial count is the study's total. The study keeps its definition (objectives, params, overrides); a
+command asking for another one is refused. The pruner sees every validation; a pruned trial is PRUNED, and
+a trial that raises, runs out of memory or diverges is recorded as failed with its reason.
 """
 
 import argparse
+import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,16 +26,21 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import optuna
 import sqlalchemy
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from sandbox.train import CONF_DIR, UNWRITABLE, ConfigError, one_line, train
+from sandbox.data import RecallDataModule
+from sandbox.module import RecallModule
+from sandbox.train import CONF_DIR, UNWRITABLE, ConfigError, check_settings, one_line, train
 
 # Heartbeats and retries are marked experimental in Optuna 4/5; they are what keeps a dead worker's trial
 # from staying RUNNING for ever.
@@ -39,7 +49,16 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Objectives a trial can report, each with the direction Optuna should push it.
 OBJECTIVES = {"best_val_acc": "maximize", "test_acc": "maximize", "state_size": "minimize",
               "wall_time_s": "minimize"}
-DISTRIBUTIONS = ("categorical", "int", "float")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+# The keys of a search space and of each of its params: (required, optional).
+SPACE_KEYS = (("study_name", "objectives", "n_trials", "sampler", "params", "heartbeat"), ("pruner", "overrides"))
+PARAM_KEYS = {"categorical": (("choices",), ("key",)),
+              "int": (("low", "high"), ("key", "log", "at_most")),
+              "float": (("low", "high"), ("key", "log"))}
+PARAM_FIELDS = ("key", "choices", "low", "high", "log", "at_most")
+# A study's name is its folder's name.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # A failed trial without a recorded reason is one whose worker stopped sending heartbeats.
 WORKER_LOST = "its worker stopped (killed, interrupted or cut off from the storage) before the trial finished"
 
@@ -50,7 +69,7 @@ def parse_param(text: str) -> tuple[str, dict]:
     key, sep, spec = text.partition("=")
     kind, _, rest = spec.partition(":")
     fields = rest.split(":")
-    if not sep or kind not in ("choice", "int", "float") or not rest:
+    if not key or not sep or kind not in ("choice", "int", "float") or not rest:
         raise ConfigError(f"--param {text!r} is invalid: use KEY=choice:A,B | KEY=int:LOW:HIGH[:log] | "
                           "KEY=float:LOW:HIGH[:log]")
     if kind == "choice":
@@ -58,7 +77,12 @@ def parse_param(text: str) -> tuple[str, dict]:
     if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] != "log"):
         raise ConfigError(f"--param {text!r} is invalid: {kind} takes LOW:HIGH or LOW:HIGH:log")
     cast = int if kind == "int" else float
-    return key, {"type": kind, "low": cast(fields[0]), "high": cast(fields[1]), "log": len(fields) == 3}
+    try:
+        low, high = cast(fields[0]), cast(fields[1])
+    except ValueError:
+        raise ConfigError(f"--param {text!r} is invalid: LOW and HIGH of {kind} must be "
+                          f"{'integers' if kind == 'int' else 'numbers'}") from None
+    return key, {"type": kind, "low": low, "high": high, "log": len(fields) == 3}
 
 
 def _scalar(text: str):
@@ -66,30 +90,119 @@ def _scalar(text: str):
     return yaml.safe_load(text)
 
 
-def check_space(space: dict) -> None:
-    params = space.get("params") or {}
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, setting: str, value, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"sweep {setting}={value!r} is invalid: must be {valid}")
+
+
+def _check_keys(where: str, value, required: tuple, optional: tuple) -> None:
+    """`value` is a mapping with every required key and no key outside required + optional."""
+    valid = sorted([*required, *optional])
+    _require(isinstance(value, dict), where, value, f"a mapping with keys among {valid}")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise ConfigError(f"sweep {where}: {missing[0]} is missing; {where} needs {list(required)}")
+    unknown = sorted(str(key) for key in set(value) - set(valid))
+    if unknown:
+        raise ConfigError(f"sweep {where}: unknown key(s) {unknown}; valid: {valid}")
+
+
+def int_values(spec: dict) -> list[int] | None:
+    """The values a param can take if they are all integers (what `at_most` can name), else None."""
+    values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+    return values if spec["type"] != "float" and all(_is_int(v) for v in values) else None
+
+
+def check_param(name: str, spec, earlier: dict) -> None:
+    where = f"param {name}"
+    _check_keys(where, spec, ("type",), PARAM_FIELDS)
+    kind = spec["type"]
+    _require(kind in PARAM_KEYS, f"{where}: type", kind, f"one of {list(PARAM_KEYS)}")
+    _check_keys(where, spec, ("type", *PARAM_KEYS[kind][0]), PARAM_KEYS[kind][1])
+    key = spec.get("key", name)
+    _require(isinstance(key, str) and key != "", f"{where}: key", key, "a config key such as optim.lr")
+    if kind == "categorical":
+        choices = spec["choices"]
+        _require(isinstance(choices, list) and len(choices) > 0, f"{where}: choices", choices,
+                 "a non-empty list")
+        for choice in choices:
+            _require(choice is None or isinstance(choice, (bool, int, float, str)), f"{where}: choices", choices,
+                     "a list of numbers, strings, booleans or null")
+        return
+    low, high = spec["low"], spec["high"]
+    number = "an integer" if kind == "int" else "a finite number"
+    for field, value in (("low", low), ("high", high)):
+        _require(_is_int(value) if kind == "int" else _is_number(value), f"{where}: {field}", value, number)
+    if not low < high:
+        raise ConfigError(f"sweep {where}: low={low}, high={high} is invalid: must be low < high "
+                          "(for one value, use an override KEY=VALUE)")
+    _require(isinstance(spec.get("log", False), bool), f"{where}: log", spec.get("log"), "true or false")
+    if spec.get("log") and low <= 0:
+        raise ConfigError(f"sweep {where}: a log scale needs low > 0, got low={low}")
+    bound = spec.get("at_most")
+    if bound is not None:
+        if bound not in earlier:
+            raise ConfigError(f"sweep {where}: at_most={bound!r} names no param above it in the space; "
+                              f"valid: {sorted(map(str, earlier))}")
+        values = int_values(earlier[bound])
+        if values is None or min(values) < low:
+            raise ConfigError(f"sweep {where}: at_most={bound!r} is invalid: {bound}'s values must be integers "
+                              f">= low={low}")
+
+
+def check_space(space) -> None:
+    """Every key of a search space, before anything runs: a ConfigError naming the first bad one."""
+    _check_keys("space", space, *SPACE_KEYS)
+    name = space["study_name"]
+    _require(isinstance(name, str) and STUDY_NAME.fullmatch(name) is not None, "study_name", name,
+             "a folder name (letters, digits, _ . -)")
+    objectives = space["objectives"]
+    _require(isinstance(objectives, list) and len(objectives) > 0 and len(set(map(str, objectives))) == len(objectives)
+             and all(isinstance(o, str) and o in OBJECTIVES for o in objectives), "objectives", objectives,
+             f"a list of distinct names among {list(OBJECTIVES)}")
+    _require(_is_int(space["n_trials"]) and space["n_trials"] >= 1, "n_trials", space["n_trials"],
+             "an integer >= 1 (the space's n_trials or --n-trials)")
+    sampler = space["sampler"]
+    _check_keys("sampler", sampler, ("name",), ("seed",))
+    _require(sampler["name"] in SAMPLERS, "sampler.name", sampler["name"], f"one of {list(SAMPLERS)}")
+    seed = sampler.get("seed")
+    _require(seed is None or (_is_int(seed) and seed >= 0), "sampler.seed", seed, "an integer >= 0 or null")
+    pruner = space.get("pruner") or {"name": "none"}
+    _check_keys("pruner", pruner, ("name",), ("n_startup_trials", "n_warmup_steps"))
+    _require(pruner["name"] in PRUNERS, "pruner.name", pruner["name"], f"one of {list(PRUNERS)}")
+    for key in ("n_startup_trials", "n_warmup_steps"):
+        value = pruner.get(key, 0)
+        _require(_is_int(value) and value >= 0, f"pruner.{key}", value, "an integer >= 0")
+    overrides = space.get("overrides", [])
+    _require(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), "overrides", overrides,
+             "a list of Hydra overrides such as [experiment=quickstart]")
+    heartbeat = space["heartbeat"]
+    _check_keys("heartbeat", heartbeat, ("interval_s", "grace_s"), ())
+    _require(_is_number(heartbeat["interval_s"]) and heartbeat["interval_s"] > 0, "heartbeat.interval_s",
+             heartbeat["interval_s"], "a number of seconds > 0")
+    _require(_is_number(heartbeat["grace_s"]) and heartbeat["grace_s"] > heartbeat["interval_s"], "heartbeat.grace_s",
+             heartbeat["grace_s"], f"a number of seconds > interval_s={heartbeat['interval_s']} (or live trials fail)")
+    params = space["params"]
     if not params:
-        raise ConfigError(f"sweep space {space.get('study_name')!r} has no params: nothing to search "
+        raise ConfigError(f"sweep space {name!r} has no params: nothing to search "
                           "(add some under params: or with --param KEY=SPEC)")
-    for name, spec in params.items():
-        kind = spec.get("type")
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"sweep param {name}: type={kind!r} is invalid; use one of {list(DISTRIBUTIONS)}")
-        if kind == "categorical" and not spec.get("choices"):
-            raise ConfigError(f"sweep param {name}: choices is empty; give at least one value")
-        if kind != "categorical" and not spec["low"] <= spec["high"]:
-            raise ConfigError(f"sweep param {name}: low={spec['low']} > high={spec['high']}")
-        if kind != "categorical" and spec.get("log") and spec["low"] <= 0:
-            raise ConfigError(f"sweep param {name}: a log scale needs low > 0, got low={spec['low']}")
-        bound = spec.get("at_most")
-        if bound is not None and bound not in params:
-            raise ConfigError(f"sweep param {name}: at_most={bound!r} names no param of the space; "
-                              f"valid: {sorted(params)}")
-    for objective in space["objectives"]:
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"sweep objectives: {objective!r} is invalid; use some of {list(OBJECTIVES)}")
-    if space["n_trials"] < 1:
-        raise ConfigError(f"sweep n_trials={space['n_trials']} is invalid: must be >= 1")
+    _require(isinstance(params, dict), "params", params, "a mapping of param names to their specs")
+    earlier, keys = {}, {}
+    for param, spec in params.items():
+        check_param(param, spec, earlier)
+        key = override_key(spec.get("key", param))
+        if key in keys:
+            raise ConfigError(f"sweep param {param}: key {key} is already searched by param {keys[key]}; search "
+                              "each key once (for another range, give --space a copy of the space file with it)")
+        earlier[param], keys[key] = spec, param
 
 
 def suggest(trial: optuna.Trial, params: dict) -> dict:
@@ -109,19 +222,76 @@ def suggest(trial: optuna.Trial, params: dict) -> dict:
     return chosen
 
 
+def first_choices(params: dict) -> dict:
+    """Every param at its first choice or the low end of its range: the trial checked before any runs."""
+    return {spec.get("key", name): spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+            for name, spec in params.items()}
+
+
 def load_space(name: str, extra_params: list[str]) -> dict:
-    """A space by name (conf/sweep/<name>.yaml) or by the path of a YAML file, plus --param entries."""
+    """A space by name (conf/sweep/<name>.yaml) or by the path of a YAML file, plus --param entries; checked
+    by `check_space` once the command line's settings are in."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "sweep" / f"{name}.yaml"
-    if not path.exists():
+    if not path.is_file():
         valid = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
         raise ConfigError(f"--space {name!r} is unknown; valid: {valid} or the path of a .yaml file")
-    space = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    space["params"] = dict(space.get("params") or {})
+    try:
+        space = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--space {name!r} is not valid YAML: {one_line(err)}") from None
+    _require(isinstance(space, dict), "space", space, "a mapping (see conf/sweep/routing.yaml)")
     for text in extra_params:
         key, spec = parse_param(text)
-        space["params"][key] = spec
-    check_space(space)
+        space["params"] = {**(space.get("params") or {}), key: spec}
     return space
+
+
+# ---- one trial's configuration ----
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets: `+a.b=1` -> `a.b`."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def compose_trial(space: dict, overrides: list[str], chosen: dict) -> DictConfig:
+    """A trial's configuration: the space's overrides, the command's, then the trial's params."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            *space.get("overrides", []), *overrides, "callbacks.progress=none",
+            *(f"{key}={value}" for key, value in chosen.items())])
+
+
+def check_trial_config(space: dict, overrides: list[str]) -> None:
+    """Compose and check the first trial's configuration as training would, so that a bad key or value
+    stops the sweep before any trial exists instead of failing every trial."""
+    searched = {override_key(spec.get("key", name)): name for name, spec in space["params"].items()}
+    for override in [*space.get("overrides", []), *overrides]:
+        key = override_key(override)
+        if key in searched:
+            raise ConfigError(f"override {override!r} is invalid: param {searched[key]} searches {key}, so every "
+                              f"trial would replace it; drop the override or search {key} over other values")
+    compose_trial(space, overrides, {})  # the overrides alone first: their errors read as in sandbox-train
+    try:
+        cfg = compose_trial(space, overrides, first_choices(space["params"]))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"sweep params: {one_line(err)}") from err
+    check_settings(cfg)
+    check_model(cfg)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The model's own checks (widths, heads, top-k, options), made as `train.build` makes the model; the
+    data is not generated and the weights live on the meta device, so this costs nothing."""
+    try:
+        datamodule = RecallDataModule(
+            name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params, resolve=True),
+            segments=OmegaConf.to_container(cfg.task.segments, resolve=True), seed=cfg.seed,
+            batch_size=cfg.task.batch_size, eval_batch_size=cfg.task.eval_batch_size,
+            limit_examples=cfg.task.limit_examples)
+        with torch.device("meta"):
+            RecallModule(model=OmegaConf.to_container(cfg.model, resolve=True), vocab_size=datamodule.vocab_size,
+                         max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 # ---- storage and study ----
@@ -145,10 +315,13 @@ def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
             time.sleep(1 + attempt)
 
 
-def make_sampler(space: dict, worker: int) -> optuna.samplers.BaseSampler:
-    # Each worker gets its own seed, or parallel workers would propose the same parameters.
+def make_sampler(space: dict, worker: int, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    # Seeded from (the space's seed, the worker index, the trials already in the study): parallel workers
+    # and each command that continues a study draw new parameters, and the same commands on a new study
+    # (one worker) draw the same ones.
     seed = space["sampler"].get("seed")
-    seed = None if seed is None else seed + worker
+    if seed is not None:
+        seed = int(np.random.SeedSequence([seed, worker, trials_so_far]).generate_state(1)[0])
     if space["sampler"]["name"] == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if len(space["objectives"]) > 1:
@@ -156,38 +329,83 @@ def make_sampler(space: dict, worker: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
+def prunes(space: dict) -> bool:
+    """Median pruning, asked for and possible (Optuna prunes single-objective studies only)."""
+    return (space.get("pruner") or {}).get("name") == "median" and len(space["objectives"]) == 1
+
+
 def make_pruner(space: dict) -> optuna.pruners.BasePruner:
-    spec = space.get("pruner") or {"name": "none"}
-    if spec["name"] == "median" and len(space["objectives"]) == 1:
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.get("n_startup_trials", 4),
-                                           n_warmup_steps=spec.get("n_warmup_steps", 1))
-    return optuna.pruners.NopPruner()
+    if not prunes(space):
+        return optuna.pruners.NopPruner()
+    # Steps are training steps: the trial's global step at each validation.
+    return optuna.pruners.MedianPruner(n_startup_trials=space["pruner"].get("n_startup_trials", 4),
+                                       n_warmup_steps=space["pruner"].get("n_warmup_steps", 0))
 
 
-def open_study(space: dict, storage, worker: int = 0) -> optuna.Study:
-    return optuna.create_study(
-        study_name=space["study_name"], storage=storage, load_if_exists=True,
-        directions=[OBJECTIVES[o] for o in space["objectives"]],
-        sampler=make_sampler(space, worker), pruner=make_pruner(space))
+def definition(space: dict, overrides: list[str]) -> dict:
+    """What a study's trials mean, as stored with it (JSON, as Optuna keeps user attributes)."""
+    return json.loads(json.dumps({"objectives": space["objectives"], "params": space["params"],
+                                  "overrides": [*space.get("overrides", []), *overrides]}))
+
+
+def check_definition(study: optuna.Study, requested: dict) -> None:
+    """A new study stores the requested definition; an existing one must have been made with it."""
+    stored = study.user_attrs.get("definition")
+    if stored is None:  # a new study, or one made before studies kept their definition
+        study.set_user_attr("definition", requested)
+        return
+    differences = [f"{part} {stored[part]} in the study, {requested[part]} now"
+                   for part in ("objectives", "overrides") if stored[part] != requested[part]]
+    for name in sorted(stored["params"].keys() | requested["params"].keys()):
+        old, new = stored["params"].get(name, "absent"), requested["params"].get(name, "absent")
+        if old != new:
+            differences.append(f"param {name} {old} in the study, {new} now")
+    if differences:
+        raise ConfigError(f"study {study.study_name!r} was made with another definition: {'; '.join(differences)}; "
+                          "give --study-name NEW for a new study, or the space and overrides it was made with")
+
+
+def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> optuna.Study:
+    # Without Optuna's "A new study created" or "Using an existing study" lines: the error of a refused study
+    # is one line.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            study_name=space["study_name"], storage=storage, load_if_exists=True,
+            directions=[OBJECTIVES[o] for o in space["objectives"]], pruner=make_pruner(space))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    check_definition(study, definition(space, overrides))
+    study.sampler = make_sampler(space, worker, len(study.get_trials(deepcopy=False)))
+    return study
 
 
 # ---- the trial ----
+class PruneAtValidation(L.Callback):
+    """Reports validation accuracy to the trial at every validation, its step the global step, and stops
+    the trial when the pruner finds it behind the finished trials at that step."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        self.trial.report(float(trainer.callback_metrics["val/acc"]), step=trainer.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {trainer.global_step}")
+
+
 def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
-    pruning = (space.get("pruner") or {}).get("name") == "median" and len(space["objectives"]) == 1
-
     def objective(trial: optuna.Trial):
-        from optuna_integration import PyTorchLightningPruningCallback
-
         chosen = suggest(trial, space["params"])
         run_dir = sweep_dir / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose(config_name="train", overrides=[
-                    *space.get("overrides", []), *overrides, "callbacks.progress=none",
-                    *(f"{key}={value}" for key, value in chosen.items())])
-            callbacks = [PyTorchLightningPruningCallback(trial, monitor="val/acc")] if pruning else []
+            cfg = compose_trial(space, overrides, chosen)
+            callbacks = [PruneAtValidation(trial)] if prunes(space) else []
             result = train(cfg, run_dir, extra_callbacks=callbacks)
         except optuna.TrialPruned:
             raise
@@ -218,7 +436,7 @@ def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: P
     """Run trials one at a time until the study's trial count reaches `n_trials`, then wait for the trials
     that other workers run: one whose worker died is failed once its heartbeat is stale, and its retry is
     run here. So while one worker lives, no trial is left RUNNING."""
-    study = open_study(space, open_storage(storage_url, space["heartbeat"]), worker)
+    study = open_study(space, open_storage(storage_url, space["heartbeat"]), overrides, worker)
     objective = make_objective(space, overrides, sweep_dir)
     while True:
         # Fail (and queue a retry of) trials whose worker died, before counting them as running.
@@ -247,8 +465,14 @@ def summarise(study: optuna.Study, objectives: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-sweep", description=__doc__.splitlines()[0])
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # A bad option is one line like every other bad setting, not argparse's usage text.
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="sandbox-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="routing", help="search space: conf/sweep/<space>.yaml, or a .yaml path")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
                         help="search another config key: choice:A,B | int:LOW:HIGH[:log] | float:LOW:HIGH[:log]")
@@ -262,20 +486,25 @@ def main(argv: list[str] | None = None) -> int:
                              "shares a study its own, e.g. 0, 4, 8 with --workers 4")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial, e.g. experiment=quickstart")
     args = parser.parse_intermixed_args(argv)
+    if args.workers < 1:
+        raise ConfigError(f"--workers={args.workers} is invalid: must be >= 1")
+    if args.worker_index < 0:
+        raise ConfigError(f"--worker-index={args.worker_index} is invalid: must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        if args.workers < 1:
-            raise ConfigError(f"--workers={args.workers} is invalid: must be >= 1")
+        args = parse_args(argv)
         space = load_space(args.space, args.param)
         if args.n_trials is not None:
             space["n_trials"] = args.n_trials
-        if args.study_name:
+        if args.study_name is not None:
             space["study_name"] = args.study_name
         check_space(space)
+        check_trial_config(space, args.overrides)
         sweep_dir = Path(args.output_root) / "sweeps" / space["study_name"]
-        # Compose one trial's config up front, so a bad override fails here, not in every trial.
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="train", overrides=[*space.get("overrides", []), *args.overrides])
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -284,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--output-root {args.output_root} cannot be written ({err.strerror}: "
                               f"{err.filename}); it must be a writable folder with free space") from None
         storage_url = args.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-        study = open_study(space, open_storage(storage_url, space["heartbeat"]))
+        study = open_study(space, open_storage(storage_url, space["heartbeat"]), args.overrides)
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
-"""Optuna searches: a tiny study, continuing it, failing trials, two workers, a killed worker."""
+"""Optuna searches: a tiny study, continuing it, failing trials, pruning, bad input, two workers, a killed worker."""
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from sandbox.sweep import main, parse_param
+from sandbox.sweep import load_space, main, make_sampler, parse_param, suggest
 from sandbox.train import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,30 +26,85 @@ def load_study(root: Path, name: str = "routing") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'sweeps' / name / 'study.db'}")
 
 
-def test_tiny_study_then_continue(tmp_path):
-    assert main(["--space", "routing", "--n-trials", "3", "--output-root", str(tmp_path), *FAST]) == 0
-    study = load_study(tmp_path)
-    first = study.get_trials()
-    assert [t.state for t in first] == [TrialState.COMPLETE] * 3
-    for trial in first:
+def test_continuing_a_study_proposes_new_trials(tmp_path):
+    seen = []
+    for total in (1, 2, 3):
+        assert main(["--space", "routing", "--n-trials", str(total), "--output-root", str(tmp_path), *FAST]) == 0
+        trials = load_study(tmp_path).get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * total
+        # The earlier trials are kept as they were, and the new one has parameters of its own.
+        assert [(t.number, t.params, t.datetime_complete) for t in trials[:-1]] == seen
+        assert trials[-1].params not in [params for _, params, _ in seen]
+        seen.append((trials[-1].number, trials[-1].params, trials[-1].datetime_complete))
+    for trial in trials:
         assert trial.params["top_k"] <= trial.params["num_memories"]
         assert 0 <= trial.value <= 1
         assert (Path(trial.user_attrs["run_dir"]) / "result.json").exists()
-    # Running again with a larger total continues the study: the old trials are kept, not repeated.
-    assert main(["--space", "routing", "--n-trials", "4", "--output-root", str(tmp_path), *FAST]) == 0
-    again = load_study(tmp_path).get_trials()
-    assert len(again) == 4
-    assert [(t.number, t.params, t.datetime_complete) for t in again[:3]] == \
-        [(t.number, t.params, t.datetime_complete) for t in first]
+
+
+def test_samplers_are_seeded_by_worker_and_trials_so_far():
+    space = load_space("routing", [])
+
+    def first_proposal(worker: int, trials_so_far: int) -> dict:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(space, worker, trials_so_far))
+        return suggest(study.ask(), space["params"])
+
+    assert first_proposal(0, 2) == first_proposal(0, 2)
+    proposals = [json.dumps(first_proposal(w, n)) for w, n in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    assert len(set(proposals)) == len(proposals)
 
 
 def test_failing_trials_do_not_stop_the_study(tmp_path):
+    # A study made with Optuna's API holding two queued trials: the first one's max_epochs is invalid.
+    storage = f"sqlite:///{tmp_path / 'sweeps' / 'routing' / 'study.db'}"
+    (tmp_path / "sweeps" / "routing").mkdir(parents=True)
+    study = optuna.create_study(study_name="routing", storage=storage, direction="maximize")
+    for epochs in (0, 1):
+        study.enqueue_trial({"trainer.max_epochs": epochs})
     args = ["--space", "routing", "--n-trials", "2", "--output-root", str(tmp_path),
-            "--param", "optim.lr=choice:-1.0", *FAST]
+            "--param", "trainer.max_epochs=choice:1,0", *FAST]
     assert main(args) == 0
-    trials = load_study(tmp_path).get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL] * 2
-    assert all("optim.lr=-1.0" in t.user_attrs["fail_reason"] for t in trials)
+    failed, completed = load_study(tmp_path).get_trials()
+    assert failed.state == TrialState.FAIL and "trainer.max_epochs=0" in failed.user_attrs["fail_reason"]
+    assert completed.state == TrialState.COMPLETE
+
+
+# A task that a good learning rate starts to learn within a few steps: validation every VALIDATE_EVERY steps.
+VALIDATE_EVERY = 2
+TINY_TASK = ["task.params.vocab_size=32", "task.segments.train=[{seq_len: 16, num_kv_pairs: 2, num_examples: 96}]",
+             "task.segments.val=[{seq_len: 16, num_kv_pairs: 2, num_examples: 64}]",
+             "task.segments.test=[{seq_len: 16, num_kv_pairs: 2, num_examples: 16}]",
+             "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0",
+             f"trainer.val_check_interval={VALIDATE_EVERY}"]
+
+
+def test_median_pruning_stops_bad_trials_at_a_validation(tmp_path):
+    good_lr, bad_lr = 3e-2, 1e-8
+    space = yaml.safe_load((REPO / "conf" / "sweep" / "routing.yaml").read_text())
+    space.update(study_name="pruning", sampler={"name": "random", "seed": 0},
+                 pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}, overrides=TINY_TASK,
+                 params={"lr": {"key": "optim.lr", "type": "categorical", "choices": [good_lr, bad_lr]}})
+    path = tmp_path / "pruning.yaml"
+    path.write_text(yaml.safe_dump(space))
+    # The trials in a known order (a good one, a bad one, a good one), so that the pruner has a finished
+    # trial to compare with when the bad one validates.
+    (tmp_path / "sweeps" / "pruning").mkdir(parents=True)
+    study = optuna.create_study(study_name="pruning", storage=f"sqlite:///{tmp_path / 'sweeps/pruning/study.db'}",
+                                direction="maximize")
+    for lr in (good_lr, bad_lr, good_lr):
+        study.enqueue_trial({"lr": lr})
+    assert main(["--space", str(path), "--n-trials", "3", "--output-root", str(tmp_path), "debug=fast",
+                 "model.n_layers=1"]) == 0
+    good, bad, good_again = load_study(tmp_path, "pruning").get_trials()
+    budget = json.loads((Path(good.user_attrs["run_dir"]) / "result.json").read_text())["steps"]
+    every_validation = list(range(VALIDATE_EVERY, budget + 1, VALIDATE_EVERY))
+    assert len(every_validation) > 1
+    for trial in (good, good_again):
+        assert trial.state == TrialState.COMPLETE
+        assert sorted(trial.intermediate_values) == every_validation
+    assert bad.state == TrialState.PRUNED
+    assert max(bad.intermediate_values) < budget
+    assert not (Path(bad.user_attrs["run_dir"]) / "result.json").exists()
 
 
 def test_two_objectives_report_a_pareto_front(tmp_path, capsys):
@@ -61,6 +118,12 @@ def test_two_objectives_report_a_pareto_front(tmp_path, capsys):
     assert all(len(t.values) == 2 for t in study.get_trials(states=(TrialState.COMPLETE,)))
 
 
+def assert_one_line_naming(err: str, named: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and lines[0].startswith("sandbox-sweep: error:"), err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, named", [
     (["--space", "nope"], "--space"),
     (["--param", "optim.lr=float:1e-2:1e-4"], "optim.lr"),
@@ -71,8 +134,83 @@ def test_two_objectives_report_a_pareto_front(tmp_path, capsys):
 ])
 def test_bad_sweep_input_is_one_line_exit_2(args, named, tmp_path, capsys):
     assert main([*args, "--output-root", str(tmp_path), *FAST]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and named in err[0]
+    assert_one_line_naming(capsys.readouterr().err, named)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every folder and file below root: its relative path -> 'dir' or the sha256 of its bytes."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory) -> Path:
+    """An output root holding a finished one-trial routing study."""
+    root = tmp_path_factory.mktemp("study")
+    assert main(["--n-trials", "1", "--output-root", str(root), *FAST]) == 0
+    return root
+
+
+def edit_routing(**changes) -> dict:
+    """The routing space with changes; a key `a__b` sets space[a][b], a value None removes the key."""
+    space = yaml.safe_load((REPO / "conf" / "sweep" / "routing.yaml").read_text())
+    for key, value in changes.items():
+        *parents, last = key.split("__")
+        node = space
+        for part in parents:
+            node = node[part]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    return space
+
+
+# case id -> (arguments, changes to the routing space or None, what the line must name)
+BAD_SWEEP = {
+    # the space file
+    "space-not-yaml": ([], "n_trials: [24\n", "--space"),
+    "space-missing-key": ([], {"heartbeat": None}, "heartbeat"),
+    "space-unknown-key": ([], {"n_trial": 24}, "n_trial"),
+    "space-unknown-sampler": ([], {"sampler__name": "grid"}, "sampler.name"),
+    "space-param-missing-type": ([], {"params__lr__type": None}, "param lr"),
+    "space-param-bound-not-a-number": ([], {"params__lr__low": "small"}, "param lr: low"),
+    "space-param-low-equals-high": ([], {"params__lr__high": 1.0e-4}, "param lr"),
+    "space-at-most-not-integers": ([], {"params__top_k__at_most": "shared_memory"}, "at_most"),
+    "space-key-searched-twice": (["--param", "optim.lr=float:1e-4:1e-2"], None, "optim.lr"),
+    # the command line
+    "param-int-not-numbers": (["--param", "model.d_model=int:a:b"], None, "model.d_model"),
+    "param-float-low-equals-high": (["--param", "optim.weight_decay=float:0.1:0.1"], None, "optim.weight_decay"),
+    "worker-index-negative": (["--worker-index", "-1"], None, "--worker-index"),
+    "n-trials-not-an-integer": (["--n-trials", "two"], None, "--n-trials"),
+    "workers-not-an-integer": (["--workers", "1.5"], None, "--workers"),
+    "study-name-not-a-folder": (["--study-name", "../elsewhere"], None, "study_name"),
+    # the first trial's configuration
+    "param-unknown-key": (["--param", "model.nope=choice:1,2"], None, "model.nope"),
+    "param-invalid-setting": (["--param", "trainer.max_epochs=choice:0,1"], None, "trainer.max_epochs"),
+    "param-invalid-model": (["--param", "model.mixer_options.num_heads=choice:5,1"], None, "num_heads"),
+    "override-invalid-model": (["model.mixer_options.num_heads=5"], None, "num_heads"),
+    "override-of-a-searched-key": (["optim.lr=1e-3"], None, "optim.lr"),
+    # a study made with another definition
+    "study-other-objectives": ([], {"objectives": ["best_val_acc", "state_size"]}, "objectives"),
+    "study-other-param-range": ([], {"params__lr__high": 0.1}, "param lr"),
+    "study-param-added": (["--param", "model.d_model=choice:64,128"], None, "param model.d_model"),
+    "study-other-overrides": (["model.d_model=32"], None, "overrides"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SWEEP)
+def test_bad_sweep_input_changes_nothing(case, finished_study, tmp_path, capsys):
+    """One line naming the setting, exit code 2, no trial created or counted, every file as it was."""
+    args, space, named = BAD_SWEEP[case]
+    if space is not None:
+        path = tmp_path / "space.yaml"
+        path.write_text(space if isinstance(space, str) else yaml.safe_dump(edit_routing(**space)))
+        args = [*args, "--space", str(path)]
+    before = snapshot(finished_study)
+    assert main(["--n-trials", "2", "--output-root", str(finished_study), *FAST, *args]) == 2
+    assert_one_line_naming(capsys.readouterr().err, named)
+    assert snapshot(finished_study) == before
 
 
 def test_empty_search_space_is_rejected(tmp_path, capsys):
@@ -89,8 +227,9 @@ def test_parse_param():
         "model.d_model", {"type": "categorical", "choices": [64, 128]})
     assert parse_param("optim.lr=float:1e-4:1e-2:log") == (
         "optim.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "log": True})
-    with pytest.raises(ConfigError):
-        parse_param("optim.lr=float:1e-4")
+    for text in ("optim.lr=float:1e-4", "model.d_model=int:a:b", "model.d_model=int:1.5:3", "=choice:1"):
+        with pytest.raises(ConfigError):
+            parse_param(text)
 
 
 def sweep_command(root: Path, *extra: str) -> list[str]:
