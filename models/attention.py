@@ -7,8 +7,10 @@ their position (rotary embedding, base 10000), so q_t . k_s depends on t - s: "a
 the matching key", the induction pattern recall needs, is then easy to learn; without it, order comes only
 from the backbone's learned positions, if any. With `conv_size` > 0 (default 4), q, k and v first pass
 through the same short causal convolution (with SiLU) as the linear mixers' inputs, so that attention and
-the memories compare on the same token mixing; `conv_size=0` is plain attention. (On MQAR, V = 8192,
-L = 64, the conv took attention to 0.99 in 750 steps; without it, 4000 steps were not enough.)
+the memories compare on the same token mixing; `conv_size=0` is plain attention. With `qk_norm` (the default)
+q and k pass through a per-head RMSNorm first, so that the scores depend on their directions (as the linear
+mixers' L2-normalised q and k do): with tied embeddings, attention without it stayed at chance on MQAR at
+L = 256 and 512 (docs/results/fidelity/).
 The recurrent form keeps the KV cache (and the conv's last inputs): `init_state` is an empty cache,
 `step` appends the token's key and value and attends over the cache (O(t) per token).
 

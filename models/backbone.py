@@ -3,10 +3,19 @@
     h_0 = E[x] (+ P[0:T] with learned positions)
     h_l = h'_l + MLP(norm(h'_l)),   h'_l = h_{l-1} + Mixer(norm(h_{l-1}))      (pre-norm; the MLP is optional)
     logits = W_out norm(h_N), only at labelled positions when a label mask is given
-With `tie_embeddings` (the default) W_out = E. On recall tasks this matters a great deal: a model that has
-moved a value's embedding to the query position scores that value at once, instead of learning an output
-row for each of thousands of rarely seen tokens (on MQAR, V = 8192, untied models took several times as
-many steps to leave the plateau, or did not leave it in our runs).
+With `tie_embeddings` (the default) W_out = E. On recall tasks the linear memories need it: they return a mix
+of value embeddings, which a tied output layer scores as the right value; cut apart (untied, or the output
+loss kept from training E: `detach_head`), they stayed at chance on MQAR with V = 8192 (docs/results/fidelity/).
+Softmax attention is harmed by what the tie does to its input embedding unless its q and k are normalised,
+which `models/attention.py` does by default.
+
+Initialisation (`init_std`, default 0.02, Zoology's and GPT-2's scheme): every linear and embedding weight
+N(0, init_std), the blocks' output projections N(0, init_std / sqrt(2 n_layers)); `init_std=None` keeps
+PyTorch's per-layer defaults (embeddings N(0, 0.02)), under which a linear mixer's output starts 7.5x the
+embedding at d_model 64 and gated DeltaNet and MoM learned MQAR later or not at all.
+Diagnostic options (docs/results/fidelity/): `center_embeddings` reads E minus its mean row (the part every
+token shares, which softmax ignores); `head_init="embedding"` starts an untied output layer as a copy of E;
+`detach_head` keeps the output loss from training the output layer (E itself when tied).
 
 Norms are RMSNorm, the MLP is SwiGLU. `build_model` validates the settings (unknown mixer or mixer option:
 ValueError naming the key and the valid values) and records the resolved arguments in `model.config`.
@@ -120,6 +129,8 @@ class LanguageModel(nn.Module):
             check_number("init_std", init_std, positive=True)
         check_flag("center_embeddings", center_embeddings)
         check_choice("head_init", head_init, ("random", "embedding"))
+        if tie_embeddings and head_init != "random":
+            raise ValueError(f"head_init={head_init!r} needs tie_embeddings=false (a tied output layer is E)")
         check_flag("detach_head", detach_head)
         options = dict(mixer_options or {})
         valid = mixer_option_defaults(mixer)
@@ -260,5 +271,6 @@ class LanguageModel(nn.Module):
 
 def build_model(**settings) -> LanguageModel:
     """The language model of `settings` (LanguageModel's keyword arguments: vocab_size, max_seq_len, mixer,
-    d_model, n_layers, mlp, learned_positions, tie_embeddings, backend, mixer_options)."""
+    d_model, n_layers, mlp, learned_positions, tie_embeddings, init_std, center_embeddings, head_init,
+    detach_head, backend, mixer_options)."""
     return LanguageModel(**settings)
