@@ -7,6 +7,8 @@ import torch
 
 import kernels
 import models
+from models import build_model
+from models.attention import Attention
 from models.mom import RULE_MIXERS, MoM
 
 RULES = tuple(RULE_MIXERS)
@@ -355,3 +357,39 @@ def test_short_conv_matches_conv1d(T, size):
     grads = torch.autograd.grad(y, (x, w), dy)
     ref_grads = torch.autograd.grad(ref, (x, w), dy)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads)), seed
+
+
+def test_init_std_scales_every_weight_and_the_output_projections():
+    torch.manual_seed(0)
+    lm = build_model(vocab_size=512, max_seq_len=16, mixer="gated_deltanet", d_model=64, n_layers=2, init_std=0.02)
+    std = {name: p.std().item() for name, p in lm.named_parameters() if p.ndim == 2}
+    assert abs(std["embed.weight"] - 0.02) < 0.002 and abs(std["blocks.0.mixer.q_proj.weight"] - 0.02) < 0.002
+    assert abs(std["blocks.1.mixer.o_proj.weight"] - 0.01) < 0.001  # 0.02 / sqrt(2 * 2 layers)
+    default = build_model(vocab_size=512, max_seq_len=16, mixer="gated_deltanet", d_model=64, init_std=None)
+    assert default.blocks[0].mixer.q_proj.weight.std().item() > 0.05  # PyTorch's 1 / sqrt(3 * 64)
+
+
+def test_detach_head_keeps_the_output_loss_from_training_the_tied_embedding():
+    torch.manual_seed(0)
+    x = torch.randint(0, 32, (2, 8))
+    grads = {}
+    for detach in (False, True):
+        lm = build_model(vocab_size=32, max_seq_len=8, mixer="attention", d_model=16, n_layers=1, detach_head=detach)
+        # rows never read as inputs get gradient only from the output layer
+        unused = torch.ones(32, dtype=torch.bool)
+        unused[x.flatten()] = False
+        lm(x).logits.logsumexp(-1).sum().backward()
+        grads[detach] = lm.embed.weight.grad[unused].abs().sum().item()
+    assert grads[False] > 0 and grads[True] == 0
+
+
+def test_qk_norm_makes_attention_independent_of_the_query_and_key_scale():
+    x = torch.randn(2, 10, 16)
+    for qk_norm in (True, False):
+        torch.manual_seed(0)
+        layer = Attention(16, num_heads=2, conv_size=0, qk_norm=qk_norm)
+        y = layer(x)
+        with torch.no_grad():
+            layer.qkv_proj.weight[:32] *= 7.0  # the q and k rows only
+        changed = (layer(x) - y).abs().max().item()
+        assert changed < 1e-4 if qk_norm else changed > 1e-2
