@@ -64,13 +64,13 @@ def one_of(*values) -> Rule:
     return Rule(lambda v: not isinstance(v, bool) and v in values, "one of " + ", ".join(map(str, values)))
 
 
-def either(*rules: Rule) -> Rule:
-    return Rule(lambda v: any(rule.ok(v) for rule in rules), " or ".join(rule.valid for rule in rules))
+def nullable(rule: Rule, meaning: str = "null") -> Rule:
+    return Rule(lambda v: v is None or rule.ok(v), f"{rule.valid} or {meaning}")
 
 
-NULL = Rule(lambda v: v is None, "null")
+FRACTION = number(0, 1, low_open=True)
 # Lightning's two readings of a limit or interval: a float is a fraction of an epoch, an int a count of batches.
-BATCHES = Rule(either(number(0, 1, low_open=True), integer(1)).ok,
+BATCHES = Rule(lambda v: FRACTION.ok(v) or integer(1).ok(v),
                "a fraction in (0, 1] or a number of batches (an integer >= 1)")
 BETAS = Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(number(0, 1, high_open=True).ok(b) for b in v),
              "two numbers in [0, 1), e.g. [0.9, 0.98]")
@@ -90,8 +90,8 @@ SETTINGS: dict[str, Rule] = {
     "optim.warmup_ratio": number(0, 1, high_open=True),
     "optim.min_lr_ratio": number(0, 1),
     "task.batch_size": integer(1),
-    "task.eval_batch_size": either(integer(1), Rule(NULL.ok, "null (the training batch size)")),
-    "task.limit_examples": either(integer(1), NULL),
+    "task.eval_batch_size": nullable(integer(1), "null (the training batch size)"),
+    "task.limit_examples": nullable(integer(1)),
     "trainer.accelerator": one_of("auto", *sorted(AcceleratorRegistry.available_accelerators()), "gpu"),
     "trainer.devices": DEVICES,
     "trainer.strategy": one_of("auto", *StrategyRegistry.available_strategies()),
@@ -99,15 +99,15 @@ SETTINGS: dict[str, Rule] = {
                               "one of " + ", ".join(PRECISIONS)),
     "trainer.max_epochs": integer(1),
     "trainer.max_steps": Rule(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1"),
-    "trainer.gradient_clip_val": either(number(0), Rule(NULL.ok, "null (0 and null: no clipping)")),
+    "trainer.gradient_clip_val": nullable(number(0), "null (0 and null: no clipping)"),
     "trainer.log_every_n_steps": integer(1),
-    "trainer.check_val_every_n_epoch": either(integer(1), NULL),
+    "trainer.check_val_every_n_epoch": nullable(integer(1)),
     "trainer.val_check_interval": BATCHES,
     "trainer.limit_train_batches": BATCHES,
     "trainer.limit_val_batches": BATCHES,
     "trainer.limit_test_batches": BATCHES,
     "trainer.num_sanity_val_steps": integer(-1),
-    "callbacks.early_stopping.threshold": number(0, 1, low_open=True),
+    "callbacks.early_stopping.threshold": FRACTION,
     "callbacks.early_stopping.patience": integer(0),
     "callbacks.progress": one_of("auto", "rich", "lines", "none"),
     "logger.kind": one_of("csv", "tensorboard"),
@@ -153,8 +153,11 @@ def _check_keys(settings: dict) -> None:
         section, _, name = key.partition(".")
         if key in SETTINGS or key in FREE or key in DELEGATED or (section == "trainer" and name in trainer_args):
             continue
-        known = sorted(k.partition(".")[2] for k in SETTINGS if k.startswith(f"{section}."))
-        valid = f"valid keys of {section}: {', '.join(known)}" if known else "the sandbox reads no such setting"
+        known = sorted(k.partition(".")[2] for k in (*SETTINGS, *DELEGATED) if k.startswith(f"{section}."))
+        if not name or not known:
+            top_level = sorted({k.partition(".")[0] for k in (*SETTINGS, *FREE, *DELEGATED)})
+            raise ConfigError(f"{key} is not a setting of the sandbox: the top-level keys are {', '.join(top_level)}")
+        valid = f"valid keys of {section}: {', '.join(known)}"
         if section == "trainer":
             valid += ", or another lightning.Trainer argument"
         raise ConfigError(f"{key} is not a setting of the sandbox: {valid}")
@@ -242,7 +245,8 @@ def _check_schedule(settings: dict, sizes: dict[str, int]) -> None:
     batch_size = settings["task.batch_size"]
     eval_batch_size = settings["task.eval_batch_size"] or batch_size
     # The train loader drops a last partial batch unless the set is smaller than a batch; the global batch
-    # splits evenly over processes, so the count is the same with any number of them.
+    # splits evenly over processes, so the count is the same with any number of them. Evaluation batches are
+    # counted for one process.
     full = {"train": max(sizes["train"] // batch_size, 1),
             "val": -(-sizes["val"] // eval_batch_size), "test": -(-sizes["test"] // eval_batch_size)}
     batches = {}
@@ -250,8 +254,9 @@ def _check_schedule(settings: dict, sizes: dict[str, int]) -> None:
         key = f"trainer.limit_{split}_batches"
         batches[split] = _limited(batches_per_epoch, settings[key])
         if batches[split] == 0:
-            raise ConfigError(f"{key}={settings[key]} leaves no {split} batch of the {batches_per_epoch} there are: "
-                              f"use at least {1 / batches_per_epoch:.3g} or an integer >= 1")
+            raise ConfigError(f"{key}={settings[key]} leaves none of the {batches_per_epoch} {split} batches "
+                              f"({settings[key]} * {batches_per_epoch} < 1): use a fraction >= 1/{batches_per_epoch} "
+                              "or a number of batches (an integer >= 1)")
     per_epoch = batches["train"]
     interval, every_n_epochs = settings["trainer.val_check_interval"], settings["trainer.check_val_every_n_epoch"]
     if every_n_epochs is None:
@@ -272,6 +277,7 @@ def _check_schedule(settings: dict, sizes: dict[str, int]) -> None:
                           f"{first_validation}): must be >= {first_validation}, or validate sooner "
                           "(trainer.val_check_interval)")
     if max_epochs * per_epoch < first_validation:
-        raise ConfigError(f"trainer.max_epochs={max_epochs} ends training before its first validation (at step "
-                          f"{first_validation}, epoch {-(-first_validation // per_epoch)}): must be at least that "
-                          "epoch, or validate sooner (trainer.check_val_every_n_epoch, trainer.val_check_interval)")
+        epoch = -(-first_validation // per_epoch)
+        raise ConfigError(f"trainer.max_epochs={max_epochs} ends training before its first validation (in epoch "
+                          f"{epoch}, at step {first_validation}): must be >= {epoch}, or validate sooner "
+                          "(trainer.check_val_every_n_epoch, trainer.val_check_interval)")

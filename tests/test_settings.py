@@ -65,10 +65,9 @@ BAD_SETTINGS = {
                                   ["trainer.precision", "bf16-mixed"]),
     "unknown-strategy": (["trainer.strategy=foo"], ["trainer.strategy"]),
     "unknown-accelerator": (["trainer.accelerator=foo"], ["trainer.accelerator"]),
-    "unknown-task": (["task.name=mqra"], ["task.name", "mqar"]),
     # keys that would do nothing, or are gone
     "unknown-optim-key": (["+optim.foo=1"], ["optim.foo", "lr"]),
-    "unknown-top-level-key": (["+foo=1"], ["foo"]),
+    "unknown-top-level-key": (["+foo=1"], ["foo", "seed"]),
     "unknown-trainer-key": (["+trainer.foo=1"], ["trainer.foo"]),
     "unknown-model-key": (["+model.foo=1"], ["model.foo", "d_model"]),
     "missing-key": (["~optim.lr"], ["optim.lr"]),
