@@ -129,7 +129,7 @@ def check_settings(cfg: DictConfig) -> None:
     for key, rule in SETTINGS.items():
         if not rule.ok(settings[key]):
             raise ConfigError(f"{key}={_show(settings[key])} is invalid: must be {rule.valid}")
-    _check_precision(settings)
+    _check_machine(settings)
     shape, sizes = _check_task(cfg)
     _check_model(cfg, shape)
     _check_schedule(settings, sizes)
@@ -174,11 +174,15 @@ def _runs_on_cpu(accelerator: str) -> bool:
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
-def _check_precision(settings: dict) -> None:
-    accelerator, precision = settings["trainer.accelerator"], settings["trainer.precision"]
+def _check_machine(settings: dict) -> None:
+    """Settings this machine cannot run as asked."""
+    accelerator, precision, devices = (settings[f"trainer.{k}"] for k in ("accelerator", "precision", "devices"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} is invalid on this machine (no CUDA device): "
                           "use auto or cpu")
+    if _runs_on_cpu(accelerator) and not (devices == "auto" or integer(1).ok(devices)):
+        raise ConfigError(f"trainer.devices={devices} is invalid on the CPU: must be auto or a number of processes "
+                          "(an integer >= 1)")
     if precision in FLOAT16_MIXED and _runs_on_cpu(accelerator):
         # Lightning would run bf16-mixed instead, and the result would record 16-mixed.
         raise ConfigError(f"trainer.precision={precision} is invalid on the CPU (float16 mixed precision needs a "

@@ -63,6 +63,8 @@ BAD_SETTINGS = {
     "limit-train-rounds-to-zero": (["trainer.limit_train_batches=0.01"], ["trainer.limit_train_batches"]),
     "precision-16-mixed-on-cpu": (["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
                                   ["trainer.precision", "bf16-mixed"]),
+    "device-list-on-cpu": (["trainer.accelerator=cpu", "trainer.devices=[0]"], ["trainer.devices", "CPU"]),
+    "every-device-on-cpu": (["trainer.accelerator=cpu", "trainer.devices=-1"], ["trainer.devices", "CPU"]),
     "unknown-strategy": (["trainer.strategy=foo"], ["trainer.strategy"]),
     "unknown-accelerator": (["trainer.accelerator=foo"], ["trainer.accelerator"]),
     # keys that would do nothing, or are gone
@@ -120,7 +122,7 @@ def test_shipped_configs_pass_the_checks(choice):
     ["task.eval_batch_size=null"], ["trainer.gradient_clip_val=0"], ["trainer.gradient_clip_val=null"],
     ["trainer.precision=bf16-mixed"], ["trainer.precision=32"], ["trainer.limit_train_batches=1"],
     ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "trainer.max_steps=2"],
-    ["+trainer.accumulate_grad_batches=2"], ["+model.mixer_options.expand_v=2"], ["trainer.devices=[0]"],
+    ["+trainer.accumulate_grad_batches=2"], ["+model.mixer_options.expand_v=2"], ["trainer.devices=2"],
 ], ids=lambda overrides: " ".join(overrides))
 def test_valid_edge_settings_pass_the_checks(overrides):
     check_settings(compose_train("debug=fast", *overrides))
