@@ -4,6 +4,8 @@ the L2 feature map, and the call into `kernels` through the configured backend.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,13 +33,15 @@ def check_int(key: str, value, low: int = 1, high: int | None = None, high_name:
 
 
 def check_number(key: str, value, *, positive: bool) -> None:
+    """A finite number, > 0 (positive) or >= 0: inf and nan would make the loss or a width non-finite."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
+        or not math.isfinite(value)
         or value < 0
         or (positive and value == 0)
     ):
-        raise ValueError(f"{key}={value!r} is not valid; it must be a number {'> 0' if positive else '>= 0'}")
+        raise ValueError(f"{key}={value!r} is not valid; it must be a finite number {'> 0' if positive else '>= 0'}")
 
 
 def check_flag(key: str, value) -> None:

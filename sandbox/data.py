@@ -100,15 +100,12 @@ class ResumableLoader(DataLoader):
 class RecallDataModule(L.LightningDataModule):
     def __init__(self, name: str, params: dict, segments: dict, seed: int, batch_size: int,
                  eval_batch_size: int | None = None, limit_examples: int | None = None):
+        """The settings are those of `task` in the config, checked by `sandbox.settings.check_settings`;
+        eval_batch_size None: the training batch size."""
         super().__init__()
-        missing = [s for s in SPLITS if not segments.get(s)]
-        if missing:
-            raise ValueError(f"task.segments: no segments for split(s) {missing}; give each of {list(SPLITS)}")
         self.name, self.params, self.segments, self.seed = name, dict(params), segments, seed
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        if limit_examples is not None and limit_examples < 1:
-            raise ValueError(f"task.limit_examples={limit_examples} is invalid: must be >= 1 or null")
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         # A cap on each segment's size, for fast debug runs.
         self.limit_examples = limit_examples
         self.datasets: dict[str, RecallDataset] = {}

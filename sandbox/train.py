@@ -36,6 +36,7 @@ from sandbox.callbacks import EpochLines, ThroughputMonitor
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import FAILURE_FILE, RESULT_FILE, git_commit, read_json, versions, write_json_atomic
+from sandbox.settings import ConfigError, check_settings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
@@ -43,10 +44,6 @@ OBJECTIVE = "best_val_acc"
 UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
 # What a checkpoint must hold for Lightning to resume from it.
 CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step")
-
-
-class ConfigError(ValueError):
-    """A setting the user can fix; reported as one line with exit code 2."""
 
 
 def register_resolvers() -> None:
@@ -66,27 +63,6 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 # A run resumed in the middle of an epoch: RecallDataModule's state puts the train loader where it was.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Training settings that the libraries below would only reject late, or not at all."""
-    checks = [
-        ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "a positive number"),
-        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
-        ("optim.warmup_ratio", cfg.optim.warmup_ratio, 0 <= cfg.optim.warmup_ratio < 1, "in [0, 1)"),
-        ("trainer.max_epochs", cfg.trainer.max_epochs, cfg.trainer.max_epochs >= 1, ">= 1"),
-        ("trainer.max_steps", cfg.trainer.max_steps, cfg.trainer.max_steps == -1 or cfg.trainer.max_steps >= 1,
-         "-1 (no limit) or >= 1"),
-        ("task.batch_size", cfg.task.batch_size, cfg.task.batch_size >= 1, ">= 1"),
-        ("callbacks.early_stopping.threshold", cfg.callbacks.early_stopping.threshold,
-         0 < cfg.callbacks.early_stopping.threshold <= 1, "in (0, 1]"),
-        ("callbacks.progress", cfg.callbacks.progress, cfg.callbacks.progress in ("auto", "rich", "lines", "none"),
-         "one of auto, rich, lines, none"),
-        ("logger.kind", cfg.logger.kind, cfg.logger.kind in ("csv", "tensorboard"), "csv or tensorboard"),
-    ]
-    for key, value, ok, valid in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value} is invalid: must be {valid}")
 
 
 @rank_zero_only
@@ -146,7 +122,6 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
 
 def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
     """Data and model from the config; impossible settings become ConfigError before any training."""
-    check_settings(cfg)
     try:
         datamodule = RecallDataModule(
             name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params, resolve=True),
@@ -219,8 +194,9 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     if result_path.exists():
         say(f"{run_dir} already finished; delete its {RESULT_FILE} to run it again")
         return read_json(result_path)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
+        check_settings(cfg)  # before seeding: the seed is a setting too
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module = build(cfg)
         trainer = make_trainer(cfg, run_dir, extra_callbacks)
         processes = trainer.num_devices * trainer.num_nodes

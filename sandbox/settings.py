@@ -1,0 +1,287 @@
+"""Every static check of a composed training config, in one place.
+
+`check_settings(cfg)` runs before any work (data, model, trainer, run folder) and raises `ConfigError`, one
+line naming the setting and what is valid, for the first setting that is nonsense: of the wrong type, out of
+range, unknown, missing, or meaningless together with the others (a run that would never train or never
+validate, a precision this machine would silently replace). Model and task settings are checked by the
+model zoo and the task registry themselves (the model is built on the meta device: no memory, no time).
+"""
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import lightning as L
+import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
+from omegaconf import DictConfig, OmegaConf
+
+from models import LanguageModel, build_model
+from tasks.registry import available, resolve
+from tasks.splits import SEEDS_PER_SPLIT
+
+SPLITS = ("train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; reported as one line with exit code 2."""
+
+
+class Rule(NamedTuple):
+    ok: Callable[[object], bool]
+    valid: str  # what a valid value is, as the message says it
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(low: int, high: int | None = None) -> Rule:
+    valid = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Rule(lambda v: _is_int(v) and v >= low and (high is None or v <= high), valid)
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A finite number between low and high (open or closed at either end)."""
+    if high == math.inf:
+        valid = f"a finite number {'>' if low_open else '>='} {low}"
+    else:
+        valid = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def ok(v) -> bool:
+        return (_is_number(v) and (v > low if low_open else v >= low)
+                and (v < high if high_open else v <= high))
+    return Rule(ok, valid)
+
+
+def one_of(*values) -> Rule:
+    return Rule(lambda v: not isinstance(v, bool) and v in values, "one of " + ", ".join(map(str, values)))
+
+
+def nullable(rule: Rule, meaning: str = "null") -> Rule:
+    return Rule(lambda v: v is None or rule.ok(v), f"{rule.valid} or {meaning}")
+
+
+FRACTION = number(0, 1, low_open=True)
+# Lightning's two readings of a limit or interval: a float is a fraction of an epoch, an int a count of batches.
+BATCHES = Rule(lambda v: FRACTION.ok(v) or integer(1).ok(v),
+               "a fraction in (0, 1] or a number of batches (an integer >= 1)")
+BETAS = Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(number(0, 1, high_open=True).ok(b) for b in v),
+             "two numbers in [0, 1), e.g. [0.9, 0.98]")
+DEVICES = Rule(lambda v: v == "auto" or (_is_int(v) and (v == -1 or v >= 1))
+               or (isinstance(v, list) and len(v) > 0 and all(integer(0).ok(i) for i in v)),
+               "auto, -1 (every device), a number of devices (an integer >= 1) or a list of device indices")
+# Lightning's precision names and the short forms it also takes (16 is 16-mixed), and ours: auto.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+PRECISION_ALIASES = (16, 32, 64, "16", "32", "64", "bf16")
+FLOAT16_MIXED = ("16-mixed", 16, "16")
+
+SETTINGS: dict[str, Rule] = {
+    "seed": integer(0, SEEDS_PER_SPLIT - 1),  # the task splits' seed ranges (tasks/splits.py)
+    "optim.lr": number(0, low_open=True),
+    "optim.weight_decay": number(0),
+    "optim.betas": BETAS,
+    "optim.warmup_ratio": number(0, 1, high_open=True),
+    "optim.min_lr_ratio": number(0, 1),
+    "task.batch_size": integer(1),
+    "task.eval_batch_size": nullable(integer(1), "null (the training batch size)"),
+    "task.limit_examples": nullable(integer(1)),
+    "trainer.accelerator": one_of("auto", *sorted(AcceleratorRegistry.available_accelerators()), "gpu"),
+    "trainer.devices": DEVICES,
+    "trainer.strategy": one_of("auto", *StrategyRegistry.available_strategies()),
+    "trainer.precision": Rule(lambda v: not isinstance(v, bool) and v in PRECISIONS + PRECISION_ALIASES,
+                              "one of " + ", ".join(PRECISIONS)),
+    "trainer.max_epochs": integer(1),
+    "trainer.max_steps": Rule(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1"),
+    "trainer.gradient_clip_val": nullable(number(0), "null (0 and null: no clipping)"),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.check_val_every_n_epoch": nullable(integer(1)),
+    "trainer.val_check_interval": BATCHES,
+    "trainer.limit_train_batches": BATCHES,
+    "trainer.limit_val_batches": BATCHES,
+    "trainer.limit_test_batches": BATCHES,
+    "trainer.num_sanity_val_steps": integer(-1),
+    "callbacks.early_stopping.threshold": FRACTION,
+    "callbacks.early_stopping.patience": integer(0),
+    "callbacks.progress": one_of("auto", "rich", "lines", "none"),
+    "logger.kind": one_of("csv", "tensorboard"),
+}
+# Keys read as they are: folder names (sandbox.train checks that output_root can be written).
+FREE = ("name", "output_root")
+# Sections whose keys are checked by their own code below: the task registry and the model zoo.
+DELEGATED = ("task.name", "task.params", "task.segments", "model")
+# Trainer keys sandbox.train sets itself; any other lightning.Trainer argument may be added (+trainer.KEY=...)
+# and is checked by Lightning.
+TRAINER_SET_BY_SANDBOX = ("logger", "callbacks", "default_root_dir", "enable_progress_bar", "enable_model_summary",
+                          "use_distributed_sampler")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first setting of `cfg` (a composed train config) that is not valid."""
+    settings = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    _check_keys(settings)
+    for key, rule in SETTINGS.items():
+        if not rule.ok(settings[key]):
+            raise ConfigError(f"{key}={_show(settings[key])} is invalid: must be {rule.valid}")
+    _check_machine(settings)
+    shape, sizes = _check_task(cfg)
+    _check_model(cfg, shape)
+    _check_schedule(settings, sizes)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys to values; lists, and the sections of DELEGATED, are values."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in DELEGATED:
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _check_keys(settings: dict) -> None:
+    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", *TRAINER_SET_BY_SANDBOX}
+    for key in settings:
+        section, _, name = key.partition(".")
+        if key in SETTINGS or key in FREE or key in DELEGATED or (section == "trainer" and name in trainer_args):
+            continue
+        known = sorted(k.partition(".")[2] for k in (*SETTINGS, *DELEGATED) if k.startswith(f"{section}."))
+        if not name or not known:
+            top_level = sorted({k.partition(".")[0] for k in (*SETTINGS, *FREE, *DELEGATED)})
+            raise ConfigError(f"{key} is not a setting of the sandbox: the top-level keys are {', '.join(top_level)}")
+        valid = f"valid keys of {section}: {', '.join(known)}"
+        if section == "trainer":
+            valid += ", or another lightning.Trainer argument"
+        raise ConfigError(f"{key} is not a setting of the sandbox: {valid}")
+    missing = [key for key in (*SETTINGS, *FREE, *DELEGATED) if key not in settings]
+    if missing:
+        raise ConfigError(f"{missing[0]} is missing: it must be set (the defaults are in conf/)")
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) and not value else str(value)
+
+
+def _runs_on_cpu(accelerator: str) -> bool:
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def _check_machine(settings: dict) -> None:
+    """Settings this machine cannot run as asked."""
+    accelerator, precision, devices = (settings[f"trainer.{k}"] for k in ("accelerator", "precision", "devices"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} is invalid on this machine (no CUDA device): "
+                          "use auto or cpu")
+    if _runs_on_cpu(accelerator) and not (devices == "auto" or integer(1).ok(devices)):
+        raise ConfigError(f"trainer.devices={devices} is invalid on the CPU: must be auto or a number of processes "
+                          "(an integer >= 1)")
+    if precision in FLOAT16_MIXED and _runs_on_cpu(accelerator):
+        # Lightning would run bf16-mixed instead, and the result would record 16-mixed.
+        raise ConfigError(f"trainer.precision={precision} is invalid on the CPU (float16 mixed precision needs a "
+                          "CUDA device): use auto (32-true on the CPU), 32-true or bf16-mixed")
+
+
+def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
+    """Each segment through the task registry's own checks. Returns the largest vocabulary and sequence
+    length (what the model is built for) and each split's number of examples."""
+    task = cfg.task
+    segments = OmegaConf.to_container(task.segments, resolve=True)
+    params = OmegaConf.to_container(task.params, resolve=True)
+    if not isinstance(segments, dict) or not isinstance(params, dict):
+        raise ConfigError("task.segments and task.params must be mappings (as in conf/task/mqar.yaml)")
+    if task.name not in available():
+        raise ConfigError(f"task.name={_show(task.name)} is invalid: must be one of {', '.join(available())}")
+    missing = [s for s in SPLITS if not segments.get(s)]
+    if missing:
+        raise ConfigError(f"task.segments: no segments for split(s) {missing}; give each of {list(SPLITS)}")
+    shape, sizes = {"vocab_size": 0, "seq_len": 0}, dict.fromkeys(SPLITS, 0)
+    for split in SPLITS:
+        if not isinstance(segments[split], list):
+            raise ConfigError(f"task.segments.{split}={segments[split]} is invalid: must be a list of segments")
+        for i, segment in enumerate(segments[split]):
+            where = f"task.segments.{split}[{i}]"
+            if not isinstance(segment, dict):
+                raise ConfigError(f"{where}={segment} is invalid: must be a mapping such as "
+                                  "{seq_len: 64, num_kv_pairs: 4, num_examples: 1000}")
+            segment = dict(segment)
+            num_examples = segment.pop("num_examples", None)
+            if not integer(1).ok(num_examples):
+                raise ConfigError(f"{where}.num_examples={num_examples} is invalid: must be an integer >= 1")
+            try:
+                resolved = resolve(task.name, {**params, **segment})
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from err
+            shape = {k: max(v, resolved[k]) for k, v in shape.items()}
+            sizes[split] += min(num_examples, task.limit_examples or num_examples)
+    return shape, sizes
+
+
+def _check_model(cfg: DictConfig, shape: dict) -> None:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    given_by_task = ("self", "vocab_size", "max_seq_len")
+    valid = [k for k in inspect.signature(LanguageModel.__init__).parameters if k not in given_by_task]
+    unknown = sorted(set(model) - set(valid))
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]} is not a setting of the sandbox: valid keys of model: "
+                          f"{', '.join(valid)}")
+    try:
+        with torch.device("meta"):  # the model's own checks, without its memory
+            build_model(vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"], **model)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def _limited(batches: int, limit: int | float) -> int:
+    """Lightning's batch count under a limit_*_batches setting."""
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def _check_schedule(settings: dict, sizes: dict[str, int]) -> None:
+    """A run must train, validate (the best checkpoint and early stopping read val/acc) and test."""
+    batch_size = settings["task.batch_size"]
+    eval_batch_size = settings["task.eval_batch_size"] or batch_size
+    # The train loader drops a last partial batch unless the set is smaller than a batch; the global batch
+    # splits evenly over processes, so the count is the same with any number of them. Evaluation batches are
+    # counted for one process.
+    full = {"train": max(sizes["train"] // batch_size, 1),
+            "val": -(-sizes["val"] // eval_batch_size), "test": -(-sizes["test"] // eval_batch_size)}
+    batches = {}
+    for split, batches_per_epoch in full.items():
+        key = f"trainer.limit_{split}_batches"
+        batches[split] = _limited(batches_per_epoch, settings[key])
+        if batches[split] == 0:
+            raise ConfigError(f"{key}={settings[key]} leaves none of the {batches_per_epoch} {split} batches "
+                              f"({settings[key]} * {batches_per_epoch} < 1): use a fraction >= 1/{batches_per_epoch} "
+                              "or a number of batches (an integer >= 1)")
+    per_epoch = batches["train"]
+    interval, every_n_epochs = settings["trainer.val_check_interval"], settings["trainer.check_val_every_n_epoch"]
+    if every_n_epochs is None:
+        if not isinstance(interval, int):
+            raise ConfigError(f"trainer.val_check_interval={interval} is invalid with "
+                              "trainer.check_val_every_n_epoch=null: must be a number of steps (an integer >= 1)")
+        first_validation = interval
+    else:
+        if isinstance(interval, int) and interval > per_epoch:
+            raise ConfigError(f"trainer.val_check_interval={interval} is more than the {per_epoch} training batches "
+                              f"of an epoch: use at most {per_epoch}, a fraction of an epoch in (0, 1], or "
+                              "trainer.check_val_every_n_epoch=null to count steps across epochs")
+        within_epoch = interval if isinstance(interval, int) else max(1, int(per_epoch * interval))
+        first_validation = (every_n_epochs - 1) * per_epoch + within_epoch
+    max_epochs, max_steps = settings["trainer.max_epochs"], settings["trainer.max_steps"]
+    if max_steps != -1 and max_steps < first_validation:
+        raise ConfigError(f"trainer.max_steps={max_steps} ends training before its first validation (at step "
+                          f"{first_validation}): must be >= {first_validation}, or validate sooner "
+                          "(trainer.val_check_interval)")
+    if max_epochs * per_epoch < first_validation:
+        epoch = -(-first_validation // per_epoch)
+        raise ConfigError(f"trainer.max_epochs={max_epochs} ends training before its first validation (in epoch "
+                          f"{epoch}, at step {first_validation}): must be >= {epoch}, or validate sooner "
+                          "(trainer.check_val_every_n_epoch, trainer.val_check_interval)")

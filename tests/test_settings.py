@@ -1,0 +1,146 @@
+"""Every setting a user can type is checked before any work (sandbox/settings.py): a nonsense value gets one
+line on stderr naming the setting and what is valid, exit code 2, no traceback, and nothing on disk changes.
+The cases are the settings rows of docs/bad_inputs.md; each runs against the output root of test_faults.py
+that holds a finished run and a finished study."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from test_faults import FAST, assert_one_line_naming, finished_root, snapshot, train_cli  # noqa: F401
+
+from sandbox.data import RecallDataModule
+from sandbox.settings import ConfigError, check_settings
+from sandbox.train import CONF_DIR, train
+from tasks.splits import SEEDS_PER_SPLIT
+
+LARGEST_SEED = str(SEEDS_PER_SPLIT - 1)
+
+# case id -> (overrides, strings the one line must hold: the setting, and where it helps what is valid)
+BAD_SETTINGS = {
+    # of the wrong type
+    "lr-not-a-number": (["optim.lr=abc"], ["optim.lr"]),
+    "batch-size-a-word": (["task.batch_size=two"], ["task.batch_size"]),
+    "batch-size-a-fraction": (["task.batch_size=1.5"], ["task.batch_size", "integer"]),
+    "max-epochs-a-fraction": (["trainer.max_epochs=1.5"], ["trainer.max_epochs", "integer"]),
+    "seed-a-word": (["seed=abc"], ["seed", LARGEST_SEED]),
+    "betas-a-word": (["optim.betas=abc"], ["optim.betas"]),
+    "devices-a-word": (["trainer.devices=abc"], ["trainer.devices"]),
+    "limit-examples-a-fraction": (["task.limit_examples=1.5"], ["task.limit_examples"]),
+    "segment-size-a-word": (["task.segments.train=[{seq_len: 16, num_kv_pairs: 2, num_examples: abc}]"],
+                            ["task.segments.train[0].num_examples"]),
+    "model-width-a-word": (["model.d_model=abc"], ["d_model"]),
+    # out of range, or not finite
+    "seed-negative": (["seed=-1"], ["seed", LARGEST_SEED]),
+    "seed-too-large": ([f"seed={SEEDS_PER_SPLIT}"], ["seed", LARGEST_SEED]),
+    "lr-inf": (["optim.lr=inf"], ["optim.lr", "finite"]),
+    "lr-nan": (["optim.lr=nan"], ["optim.lr", "finite"]),
+    "weight-decay-inf": (["optim.weight_decay=inf"], ["optim.weight_decay", "finite"]),
+    "aux-loss-coef-nan": (["model.mixer_options.aux_loss_coef=nan"], ["aux_loss_coef", "finite"]),
+    "expand-v-inf": (["+model.mixer_options.expand_v=inf"], ["expand_v", "finite"]),
+    "min-lr-ratio-negative": (["optim.min_lr_ratio=-5"], ["optim.min_lr_ratio", "[0, 1]"]),
+    "min-lr-ratio-above-one": (["optim.min_lr_ratio=1.5"], ["optim.min_lr_ratio", "[0, 1]"]),
+    "warmup-ratio-one": (["optim.warmup_ratio=1"], ["optim.warmup_ratio"]),
+    "betas-out-of-range": (["optim.betas=[0.9,1.5]"], ["optim.betas"]),
+    "gradient-clip-negative": (["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val"]),
+    "eval-batch-zero": (["task.eval_batch_size=0"], ["task.eval_batch_size"]),
+    "limit-train-zero": (["trainer.limit_train_batches=0"], ["trainer.limit_train_batches"]),
+    "limit-val-zero": (["trainer.limit_val_batches=0"], ["trainer.limit_val_batches"]),
+    "limit-test-zero": (["trainer.limit_test_batches=0"], ["trainer.limit_test_batches"]),
+    "val-interval-zero": (["trainer.val_check_interval=0"], ["trainer.val_check_interval"]),
+    "val-interval-above-one": (["trainer.val_check_interval=1.5"], ["trainer.val_check_interval"]),
+    "log-every-zero": (["trainer.log_every_n_steps=0"], ["trainer.log_every_n_steps"]),
+    "sanity-steps-below-minus-one": (["trainer.num_sanity_val_steps=-2"], ["trainer.num_sanity_val_steps"]),
+    "devices-zero": (["trainer.devices=0"], ["trainer.devices"]),
+    "patience-negative": (["callbacks.early_stopping.patience=-1"], ["callbacks.early_stopping.patience"]),
+    "threshold-zero": (["callbacks.early_stopping.threshold=0"], ["callbacks.early_stopping.threshold"]),
+    # meaningless with the other settings, or on this machine
+    "max-steps-before-first-validation": (["trainer.max_steps=1"], ["trainer.max_steps", "validation"]),
+    "max-steps-below-step-interval": (["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=50",
+                                       "trainer.max_steps=10"], ["trainer.max_steps", "validation"]),
+    "max-epochs-before-first-validation": (["trainer.check_val_every_n_epoch=2"], ["trainer.max_epochs"]),
+    "val-interval-above-epoch": (["trainer.val_check_interval=50"], ["trainer.val_check_interval"]),
+    "fraction-interval-counting-steps": (["trainer.check_val_every_n_epoch=null"], ["trainer.val_check_interval"]),
+    "limit-train-rounds-to-zero": (["trainer.limit_train_batches=0.01"], ["trainer.limit_train_batches"]),
+    "precision-16-mixed-on-cpu": (["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
+                                  ["trainer.precision", "bf16-mixed"]),
+    "device-list-on-cpu": (["trainer.accelerator=cpu", "trainer.devices=[0]"], ["trainer.devices", "CPU"]),
+    "every-device-on-cpu": (["trainer.accelerator=cpu", "trainer.devices=-1"], ["trainer.devices", "CPU"]),
+    "unknown-strategy": (["trainer.strategy=foo"], ["trainer.strategy"]),
+    "unknown-accelerator": (["trainer.accelerator=foo"], ["trainer.accelerator"]),
+    # keys that would do nothing, or are gone
+    "unknown-optim-key": (["+optim.foo=1"], ["optim.foo", "lr"]),
+    "unknown-top-level-key": (["+foo=1"], ["foo", "seed"]),
+    "unknown-trainer-key": (["+trainer.foo=1"], ["trainer.foo"]),
+    "unknown-model-key": (["+model.foo=1"], ["model.foo", "d_model"]),
+    "missing-key": (["~optim.lr"], ["optim.lr"]),
+}
+# On a machine without CUDA (as the tests make it): settings that need a GPU.
+BAD_WITHOUT_CUDA = {
+    "precision-16-mixed-without-cuda": (["trainer.precision=16-mixed"], ["trainer.precision", "bf16-mixed"]),
+    "accelerator-gpu-without-cuda": (["trainer.accelerator=gpu"], ["trainer.accelerator", "cpu"]),
+}
+
+
+def check_rejected(overrides, named, root, monkeypatch, capsys) -> None:
+    before = snapshot(root)
+    assert train_cli(monkeypatch, *FAST, *overrides, f"output_root={root}") == 2
+    err = capsys.readouterr().err
+    for part in named:
+        assert_one_line_naming(err, part)
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_setting_is_one_line_exit_2(case, finished_root, monkeypatch, capsys):  # noqa: F811
+    check_rejected(*BAD_SETTINGS[case], finished_root, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", BAD_WITHOUT_CUDA)
+def test_gpu_setting_without_cuda_is_one_line_exit_2(case, finished_root, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_rejected(*BAD_WITHOUT_CUDA[case], finished_root, monkeypatch, capsys)
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+SHIPPED = [f"experiment={p.stem}" for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))] + [
+    f"{group}={p.stem}" for group in ("model", "task", "trainer", "logger", "debug")
+    for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("choice", SHIPPED)
+def test_shipped_configs_pass_the_checks(choice):
+    """Every key of every shipped config has a rule, and the shipped values keep to it."""
+    check_settings(compose_train(choice))
+
+
+@pytest.mark.parametrize("overrides", [
+    [f"seed={LARGEST_SEED}"], ["seed=0"], ["optim.min_lr_ratio=1"], ["optim.warmup_ratio=0"],
+    ["task.eval_batch_size=null"], ["trainer.gradient_clip_val=0"], ["trainer.gradient_clip_val=null"],
+    ["trainer.precision=bf16-mixed"], ["trainer.precision=32"], ["trainer.limit_train_batches=1"],
+    ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "trainer.max_steps=2"],
+    ["+trainer.accumulate_grad_batches=2"], ["+model.mixer_options.expand_v=2"], ["trainer.devices=2"],
+], ids=lambda overrides: " ".join(overrides))
+def test_valid_edge_settings_pass_the_checks(overrides):
+    check_settings(compose_train("debug=fast", *overrides))
+
+
+def test_check_settings_raises_config_error_naming_the_key():
+    """The sweep calls it on a trial's composed config before its first trial."""
+    with pytest.raises(ConfigError, match=r"^optim\.lr=abc is invalid"):
+        check_settings(compose_train("optim.lr=abc"))
+
+
+def test_eval_batch_size_null_is_the_training_batch_size():
+    data = RecallDataModule(name="mqar", params={}, segments={}, seed=0, batch_size=12, eval_batch_size=None)
+    assert data.eval_batch_size == 12
+
+
+def test_tensorboard_logger_works_on_a_fresh_install(tmp_path):
+    """logger=tensorboard needs the tensorboard package, which the project installs."""
+    cfg = compose_train(*FAST, "logger=tensorboard", "callbacks.progress=none", f"output_root={tmp_path}")
+    train(cfg, tmp_path / "run")
+    assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
