@@ -638,7 +638,7 @@ def mad_score_records(rows: list[Row], runs: list[dict]) -> list[dict]:
     model_keys = [k for k in shown_keys(runs) if not k.startswith(TASK_PREFIX)]
     settings, groups = defaultdict(set), defaultdict(list)
     for row in rows:
-        task = row.runs[0]["config.task.name"]
+        task = row.runs[0].get("config.task.name", ABSENT)
         settings[task].add(tuple(repr(comparable(v)) for k, v in row.values.items() if k.startswith(TASK_PREFIX)))
         groups[(task, row.label, *(sort_key(row.values[k]) for k in model_keys))].append(row)
     records = []
