@@ -1,15 +1,18 @@
 """`sandbox-report FOLDER`: every run and study below a folder, as tables and plots.
 
-A row of the tables is one configuration: runs that agree on every config key but the seed and the learning
-rate. Within a row the learning rate is chosen on validation (Zoology's protocol: the highest mean best
-validation accuracy over seeds), and test accuracy is the mean and 95% interval over the seeds at that rate.
-Runs that did not finish (diverged, not trained, interrupted, failed) are counted, never averaged.
+A row of the tables is one configuration: runs that agree on every config key but the seed and the optimiser
+settings (`optim.*`: learning rate, weight decay, ...). Within a row the optimiser setting is chosen on
+validation (Zoology's protocol for the learning rate, MAD's grid of learning rate x weight decay: the highest
+mean best validation accuracy over seeds), and test accuracy is the mean and 95% interval over the seeds at
+that setting. Runs that did not finish (diverged, not trained, interrupted, failed) are counted, never averaged.
 
 Writes into FOLDER (or --out): `results.csv` (one line per run: status, config flattened, metrics),
-`lr_sensitivity.csv` (mean validation accuracy per row and learning rate), `report.md` and PNG plots:
+`lr_sensitivity.csv` (mean validation accuracy per row and optimiser setting), `report.md` and PNG plots:
 accuracy against state size per setting, accuracy against the number of key-value pairs, MoM memory load,
 and for each Optuna study (a `study.db` below the folder) its optimisation history and parameter
-importances. A result.json or study.db that cannot be read is named in a warning and left out.
+importances. Runs of `experiment=mad` (config `suite: mad`) get a section of their own: one score per task
+and model, the mean test accuracy over the task's settings (`mad_scores.csv`, `mad_scores.png`). A
+result.json or study.db that cannot be read is named in a warning and left out.
 """
 
 import argparse
@@ -36,8 +39,11 @@ from sandbox.results import atomic_path, collect_results
 FINISHED = "finished"
 # Config keys that never define what a run is (where it is written, how it is shown).
 IGNORED_KEYS = {"output_root", "name", "callbacks.progress"}
-# A row averages over seeds and selects over learning rates; every other key in which runs differ makes rows.
-SEED_KEY, LR_KEY = "config.seed", "config.optim.lr"
+# A row averages over seeds and selects over optimiser settings; every other key in which runs differ makes rows.
+SEED_KEY, LR_KEY, OPTIM_PREFIX = "config.seed", "config.optim.lr", "config.optim."
+OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
+# experiment=mad marks its runs with `suite: mad`; they are scored per task apart from the other runs.
+SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
 # A finished run whose best validation accuracy stays below this never left chance: on MQAR with V = 8192 a
 # uniform guess scores about 2/V and a guess among the K values of the context 1/K (0.016 at K = 64); runs
 # stuck on Zoology's settings score 0.000-0.006, runs that learn pass 0.25.
@@ -140,23 +146,37 @@ def sort_key(value) -> tuple:
 
 @dataclass
 class Row:
-    """The runs of one configuration, the learning rate chosen for it on validation, and the finished runs
-    at that rate (`chosen`), which the row's accuracies are the mean of."""
+    """The runs of one configuration, the optimiser setting chosen for it on validation (the values of
+    `tuned`, None when nothing finished), and the finished runs at that setting (`chosen`), which the row's
+    accuracies are the mean of."""
 
     label: str
     values: dict  # the row's value of each key that separates rows
     runs: list[dict]
-    lr: float | None
+    tuned: list[str]  # the optimiser keys the choice is over
+    choice: tuple | None
     chosen: list[dict]
 
     def stat(self, metric: str) -> tuple[float, float]:
         return mean_ci([run.get(metric) for run in self.chosen])
 
 
+def varies(runs: list[dict], key: str) -> bool:
+    return len({repr(comparable(run.get(key, ABSENT))) for run in runs}) > 1
+
+
 def row_keys(runs: list[dict]) -> list[str]:
-    """Config keys in which runs differ (a key some runs lack included), seed and learning rate left out."""
-    keys = sorted({k for run in runs for k in run if k.startswith("config.")} - {SEED_KEY, LR_KEY})
-    return [k for k in keys if len({repr(comparable(run.get(k, ABSENT))) for run in runs}) > 1]
+    """Config keys in which runs differ (a key some runs lack included), seed and optimiser keys left out."""
+    keys = sorted({k for run in runs for k in run if k.startswith("config.") and not k.startswith(OPTIM_PREFIX)}
+                  - {SEED_KEY})
+    return [k for k in keys if varies(runs, k)]
+
+
+def tuned_keys(runs: list[dict]) -> list[str]:
+    """The optimiser keys that a row's setting is chosen over: the learning rate, and every other optimiser key
+    in which the runs differ."""
+    others = sorted({k for run in runs for k in run if k.startswith(OPTIM_PREFIX)} - {LR_KEY})
+    return [LR_KEY, *(k for k in others if varies(runs, k))]
 
 
 def shown_keys(runs: list[dict]) -> list[str]:
@@ -165,9 +185,6 @@ def shown_keys(runs: list[dict]) -> list[str]:
     by_mixer = defaultdict(list)
     for run in runs:
         by_mixer[run["config.model.mixer"]].append(run)
-
-    def varies(members, key):
-        return len({repr(comparable(run.get(key, ABSENT))) for run in members}) > 1
 
     return [k for k in row_keys(runs) if k not in LABEL_KEYS and
             (varies([run for run in runs if k in run], k) or any(varies(m, k) for m in by_mixer.values()))]
@@ -189,36 +206,51 @@ def finished(runs: list[dict]) -> list[dict]:
     return [run for run in runs if run["status"] == FINISHED]
 
 
-def by_lr(runs: list[dict]) -> dict:
+def by_choice(runs: list[dict], tuned: list[str]) -> dict[tuple, list[dict]]:
+    """The runs by their optimiser setting: the tuple of their values of `tuned`."""
     groups = defaultdict(list)
     for run in runs:
-        groups[comparable(run.get(LR_KEY))].append(run)
-    return dict(sorted(groups.items(), key=lambda item: sort_key(item[0])))
+        groups[tuple(comparable(run.get(k)) for k in tuned)].append(run)
+    return dict(sorted(groups.items(), key=lambda item: [sort_key(v) for v in item[0]]))
 
 
-def choose_lr(runs: list[dict]):
-    """The learning rate with the highest mean best validation accuracy over its finished runs, never test
-    accuracy; a rate whose runs all finished goes before one with runs that did not. None if nothing finished."""
+def choose(runs: list[dict], tuned: list[str]) -> tuple | None:
+    """The optimiser setting with the highest mean best validation accuracy over its finished runs, never test
+    accuracy; a setting whose runs all finished goes before one with runs that did not. None if nothing
+    finished."""
     def rank(item):
-        lr, members = item
+        _, members = item
         mean, _ = mean_ci([run["best_val_acc"] for run in finished(members)])
         return len(finished(members)) == len(members), -math.inf if math.isnan(mean) else mean
 
-    candidates = [item for item in by_lr(runs).items() if finished(item[1])]
+    candidates = [item for item in by_choice(runs, tuned).items() if finished(item[1])]
     return max(candidates, key=rank)[0] if candidates else None
 
 
 def make_rows(runs: list[dict]) -> list[Row]:
-    keys = row_keys(runs)
+    keys, tuned = row_keys(runs), tuned_keys(runs)
     groups = defaultdict(list)
     for run in runs:
         groups[tuple(repr(comparable(run.get(k, ABSENT))) for k in keys)].append(run)
     rows = []
     for members in groups.values():
-        lr = choose_lr(members)
-        chosen = [run for run in finished(members) if comparable(run.get(LR_KEY)) == lr]
-        rows.append(Row(members[0]["model"], {k: members[0].get(k, ABSENT) for k in keys}, members, lr, chosen))
+        choice = choose(members, tuned)
+        chosen = [run for run in finished(members) if tuple(comparable(run.get(k)) for k in tuned) == choice]
+        rows.append(Row(members[0]["model"], {k: members[0].get(k, ABSENT) for k in keys}, members, tuned, choice,
+                        chosen))
     return sorted(rows, key=lambda row: (row.label, *(sort_key(v) for v in row.values.values())))
+
+
+def tuned_names(tuned: list[str]) -> list[str]:
+    return [k.removeprefix(OPTIM_PREFIX) for k in tuned]
+
+
+def choice_cell(row: Row) -> str:
+    """The row's chosen optimiser setting, and of how many it was chosen."""
+    if row.choice is None:
+        return ABSENT
+    settings = len(by_choice(row.runs, row.tuned))
+    return ", ".join(_show(v) for v in row.choice) + (f" (best of {settings})" if settings > 1 else "")
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -291,20 +323,19 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One line per row: the chosen learning rate, its runs, the row's statuses, its runs at chance (all
-    rates), runs still rising at the chosen rate, and test accuracy there, overall and per setting."""
+def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = None) -> tuple[list, list]:
+    """One line per row: the chosen optimiser setting, its runs, the row's statuses, its runs at chance (all
+    settings), runs still rising at the chosen setting, and test accuracy there, overall and per slice in
+    `slices` (default: per setting, `setting_columns`)."""
     keys = shown_keys(runs)
-    slices = setting_columns(runs)
-    header = ["model", *short_names(keys), "lr", "runs", "status", "at chance", "still rising", "test_acc",
-              *(s.removeprefix("test_acc/") for s in slices), "state_size"]
+    slices = setting_columns(runs) if slices is None else slices
+    header = ["model", *short_names(keys), ", ".join(tuned_names(tuned_keys(runs))), "runs", "status", "at chance",
+              "still rising", "test_acc", *(s.removeprefix("test_acc/") for s in slices), "state_size"]
     body = []
     for row in rows:
-        rates = len(by_lr(row.runs))
-        lr = ABSENT if row.lr is None else _show(row.lr) + (f" (best of {rates})" if rates > 1 else "")
         known = [run["still_rising"] for run in row.chosen if run["still_rising"] is not None]
         rising = f"{sum(known)} of {len(known)}" if known else "?"
-        cells = [row.label, *(_show(row.values[k]) for k in keys), lr, str(len(row.chosen)),
+        cells = [row.label, *(_show(row.values[k]) for k in keys), choice_cell(row), str(len(row.chosen)),
                  _status_cell(row.runs), _chance_cell(row.runs), rising]
         cells += [_mean_cell(*row.stat(metric)) for metric in ["test_acc", *slices]]
         state_size = (row.chosen or row.runs)[0].get("state_size")
@@ -313,17 +344,18 @@ def summary_table(rows: list[Row], runs: list[dict]) -> tuple[list[str], list[li
     return header, body
 
 
-def lr_records(rows: list[Row], runs: list[dict]) -> list[dict]:
-    """One record per row and learning rate: its runs, statuses, runs at chance and mean best validation
-    accuracy with its 95% interval over finished seeds; `chosen` marks the row's rate."""
+def optim_records(rows: list[Row], runs: list[dict]) -> list[dict]:
+    """One record per row and optimiser setting: its runs, statuses, runs at chance and mean best validation
+    accuracy with its 95% interval over finished seeds; `chosen` marks the row's setting."""
     keys = shown_keys(runs)
     records = []
     for row in rows:
-        for lr, members in by_lr(row.runs).items():
+        for choice, members in by_choice(row.runs, row.tuned).items():
             mean, half = mean_ci([run["best_val_acc"] for run in finished(members)])
             records.append({"model": row.label, **{name: row.values[k] for k, name in zip(keys, short_names(keys))},
-                            "lr": lr, "chosen": lr == row.lr, "status": _status_cell(members),
-                            "at chance": _chance_cell(members), "best_val_acc": mean, "best_val_acc_ci95": half})
+                            **dict(zip(tuned_names(row.tuned), choice)), "chosen": choice == row.choice,
+                            "status": _status_cell(members), "at chance": _chance_cell(members),
+                            "best_val_acc": mean, "best_val_acc_ci95": half})
     return records
 
 
@@ -455,7 +487,8 @@ def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
         ax.axhline(1 / memories, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks([r + 0.4 - width / 2 for r in range(memories)], [str(r + 1) for r in range(memories)])
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{row_name(row, keys)}\nlr {_show(row.lr)}, {len(per_run)} runs", fontsize=7)
+        ax.set_title(f"{row_name(row, keys)}\n{', '.join(tuned_names(row.tuned))} {choice_cell(row)}, "
+                     f"{len(per_run)} runs", fontsize=7)
         ax.set_xlabel("memory, ranked by load")
         ax.set_ylabel("share of routed tokens")
         ax.legend(fontsize=6)
@@ -558,16 +591,119 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
 
 
 PROTOCOL = (
-    "A row is one configuration: runs that agree on every config key but `seed` and `optim.lr`. Its learning "
-    "rate is chosen on validation: the highest mean best validation accuracy over seeds (a rate whose runs all "
-    "finished before one with runs that did not); test accuracy is the mean and 95% interval (Student's t) over "
-    "the seeds at that rate, overall and per setting (every slice of every run is in results.csv). `runs`: "
-    "finished runs at the chosen rate; `status`: every run of the row, all rates; runs that did not finish are "
-    f"never averaged. `at chance`: finished runs (all rates) whose best validation accuracy stayed below "
-    f"{CHANCE_ACC} (MQAR, V = 8192: a uniform guess scores ~2/V, a guess among the K context values 1/K). "
-    f"`still rising`: runs at the chosen rate whose best validation accuracy grew by more than {FLAT_RISE} over "
-    f"the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping threshold, so longer training "
-    "may change them (`?`: too few validations to tell).")
+    "A row is one configuration: runs that agree on every config key but `seed` and the optimiser settings "
+    "(`optim.*`). Its optimiser setting (the learning rate, and every other `optim` key in which the runs differ, "
+    "such as the weight decay) is chosen on validation: the highest mean best validation accuracy over seeds (a "
+    "setting whose runs all finished before one with runs that did not); test accuracy is the mean and 95% "
+    "interval (Student's t) over the seeds at that setting, overall and per slice (every slice of every run is "
+    "in results.csv). `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; "
+    f"runs that did not finish are never averaged. `at chance`: finished runs (all settings) whose best "
+    f"validation accuracy stayed below {CHANCE_ACC} (MQAR, V = 8192: a uniform guess scores ~2/V, a guess among "
+    f"the K context values 1/K). `still rising`: runs at the chosen setting whose best validation accuracy grew "
+    f"by more than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping "
+    "threshold, so longer training may change them (`?`: too few validations to tell).")
+
+MAD_PROTOCOL = (
+    "MAD's protocol (Poli et al. 2024) on the runs of `experiment=mad`: a setting is one configuration of a task "
+    "(vocabulary, length, training-set size, noise, ...). Each setting of each model is a row as above: its "
+    "optimiser setting (learning rate x weight decay) chosen on validation (MAD chose on test), its accuracy the "
+    "mean test accuracy over seeds there. A task's score is the mean of its settings' accuracies; `k of n`: only "
+    "k of the task's n settings have finished runs of that model, and the score is their mean. State size: the "
+    "values a model holds for one sequence, all layers (attention: its KV cache at the setting's longest "
+    "sequence, so a range over settings). Per-setting accuracies, with every length a state-tracking task was "
+    "tested at, follow the scores; the validation accuracy of every optimiser setting is in lr_sensitivity.csv.")
+
+# The fields of a MAD score record that are not the model's.
+SCORE_FIELDS = ("task", "settings_scored", "settings", "score", "state_size_min", "state_size_max")
+
+
+def optim_phrase(tuned: list[str]) -> str:
+    return " and ".join(OPTIM_NAMES.get(name, name) for name in tuned_names(tuned))
+
+
+def length_columns(runs: list[dict]) -> list[str]:
+    """The `seq_len` slices of the runs tested at more than one length (length extrapolation)."""
+    columns = set()
+    for run in runs:
+        lengths = [k for k in run if k.startswith("test_acc/seq_len=")]
+        if len(lengths) > 1:
+            columns.update(lengths)
+    return sorted(columns, key=lambda k: _number(k.split("=")[-1]))
+
+
+def mad_score_records(rows: list[Row], runs: list[dict]) -> list[dict]:
+    """One record per task and model: the score (the mean over the task's settings of each setting's test
+    accuracy at its chosen optimiser setting), how many of the task's settings it covers, and the state size.
+    A model is the row label and every row key outside `task`; the task keys tell the settings apart."""
+    model_keys = [k for k in shown_keys(runs) if not k.startswith(TASK_PREFIX)]
+    settings, groups = defaultdict(set), defaultdict(list)
+    for row in rows:
+        task = row.runs[0].get("config.task.name", ABSENT)
+        settings[task].add(tuple(repr(comparable(v)) for k, v in row.values.items() if k.startswith(TASK_PREFIX)))
+        groups[(task, row.label, *(sort_key(row.values[k]) for k in model_keys))].append(row)
+    records = []
+    for (task, label, *_), members in sorted(groups.items()):
+        accuracies = [row.stat("test_acc")[0] for row in members if row.chosen]
+        sizes = [run["state_size"] for row in members for run in (row.chosen or row.runs)
+                 if run.get("state_size") is not None]
+        records.append({"task": task, "model": label,
+                        **{name: members[0].values[k] for k, name in zip(model_keys, short_names(model_keys))},
+                        "settings_scored": len(accuracies), "settings": len(settings[task]),
+                        "score": statistics.fmean(accuracies) if accuracies else float("nan"),
+                        "state_size_min": min(sizes, default=None), "state_size_max": max(sizes, default=None)})
+    return records
+
+
+def mad_pivot(records: list[dict]) -> tuple[list[str], list[str], list[tuple[list, str, dict]]]:
+    """The score records as a grid: the tasks, the names of the model columns, and per model its values of
+    those columns, its state size (a range where it differs between settings) and its record per task."""
+    tasks = sorted({r["task"] for r in records})
+    model_columns = [k for k in records[0] if k not in SCORE_FIELDS]
+    by_model = defaultdict(dict)
+    for record in records:
+        by_model[tuple(record[k] for k in model_columns)][record["task"]] = record
+    grid = []
+    for model, by_task in by_model.items():
+        sizes = [r[k] for r in by_task.values() for k in ("state_size_min", "state_size_max") if r[k] is not None]
+        low, high = min(sizes, default=None), max(sizes, default=None)
+        size = ABSENT if low is None else _show(low) if low == high else f"{_show(low)}–{_show(high)}"
+        grid.append((list(model), size, by_task))
+    return tasks, model_columns, grid
+
+
+def score_cell(record: dict | None) -> str:
+    if record is None or math.isnan(record["score"]):
+        return ABSENT
+    covered = record["settings_scored"], record["settings"]
+    return f"{record['score']:.3f}" + (f" ({covered[0]} of {covered[1]})" if covered[0] < covered[1] else "")
+
+
+def mad_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One line per model: its state size and its score on every task."""
+    tasks, model_columns, grid = mad_pivot(records)
+    body = [[*(_show(v) for v in model), size, *(score_cell(by_task.get(t)) for t in tasks)]
+            for model, size, by_task in grid]
+    return [*model_columns, "state size", *tasks], body
+
+
+def plot_mad_scores(records: list[dict], path: Path) -> None:
+    """A heat map of the scores, a line per model (labelled with its state size), a column per task."""
+    tasks, _, grid = mad_pivot(records)
+    scores = [[by_task[t]["score"] if t in by_task else math.nan for t in tasks] for _, _, by_task in grid]
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 5.0, 0.55 * len(grid) + 2.0))
+    image = ax.imshow(scores, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for i, (_, _, by_task) in enumerate(grid):
+        for j, task in enumerate(tasks):
+            score = scores[i][j]
+            ax.text(j, i, score_cell(by_task.get(task)).replace(" (", "\n("), ha="center", va="center", fontsize=7,
+                    color="white" if math.isnan(score) or score < 0.6 else "black")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(grid)), [" ".join(_show(v) for v in model) + f"\nstate size {size}"
+                                     for model, size, _ in grid], fontsize=7)
+    fig.colorbar(image, ax=ax, label="mean test accuracy over the task's settings")
+    ax.set_title("MAD score per task (each setting at its optimiser setting chosen on validation)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
@@ -599,18 +735,19 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
         text, plots = study_section(study, out)
         sections.append(text)
         files.update({p.stem: p for p in plots})
-    summary = run_sections(runs, out, sections, files) if runs else None
+    tables = run_sections(runs, out, sections, files) if runs else []
     with atomic_path(files["markdown"]) as tmp:
         tmp.write_text("\n\n".join(sections) + "\n")
     # a log file or pipe is not 80 columns wide: print the whole table there rather than truncated labels
     console = console or (Console() if sys.stdout.isatty() else Console(width=200))
-    if summary:
-        table = Table(title=f"Test accuracy at the lr chosen on validation: {folder}")
-        for column in summary[0]:
+    for title, (header, body) in tables:
+        table = Table(title=f"{title}: {folder}")
+        for column in header:
             table.add_column(column)
-        for cells in summary[1]:
+        for cells in body:
             table.add_row(*(escape(c) for c in cells))  # labels like mom[gla] are not markup
         console.print(table)
+    if tables:
         console.print(f"at chance: best validation accuracy below {CHANCE_ACC}; still rising: best validation "
                       f"accuracy up by more than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of the steps")
     for kind, path in files.items():
@@ -618,25 +755,42 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     return files
 
 
-def run_sections(runs: list[dict], out: Path, sections: list[str], files: dict) -> tuple[list, list]:
-    """The runs' CSVs, tables and plots; appends to `sections` and `files`; returns the summary table."""
-    rows = make_rows(runs)
+def run_sections(runs: list[dict], out: Path, sections: list[str], files: dict) -> list[tuple[str, tuple]]:
+    """The runs' CSVs, tables and plots: the configurations of the runs outside MAD's suite, then MAD's
+    scores; appends to `sections` and `files`; returns the tables to print, each with its title."""
     files["csv"] = out / "results.csv"
     write_csv(runs, files["csv"])
-    summary = summary_table(rows, runs)
-    sections += ["## Test accuracy at the learning rate chosen on validation (mean ± 95% interval over seeds)",
-                 PROTOCOL, markdown_table(*summary)]
+    mad = [run for run in runs if run.get(SUITE_KEY) == MAD_SUITE]
+    others = [run for run in runs if run.get(SUITE_KEY) != MAD_SUITE]
+    tables, sensitivity = [], []
+    if others:
+        tables.append(configuration_sections(others, out, sections, files, sensitivity))
+    if mad:
+        tables.append(mad_sections(mad, out, sections, files, sensitivity))
+    files["lr_csv"] = out / "lr_sensitivity.csv"
+    write_csv(sensitivity, files["lr_csv"])
     unfinished = [run for run in runs if run["status"] != FINISHED]
     if unfinished:
         sections += ["## Runs that did not finish", "\n".join(
             f"- `{run['run_dir']}`: {run['status']}" + (f" ({run['status_reason']})" if run["status_reason"] else "")
             for run in unfinished)]
-    sensitivity = lr_records(rows, runs)
-    files["lr_csv"] = out / "lr_sensitivity.csv"
-    write_csv(sensitivity, files["lr_csv"])
-    if any(len(by_lr(row.runs)) > 1 for row in rows):
-        sections += ["## Validation accuracy per learning rate (mean ± 95% interval over finished seeds)",
-                     markdown_table(*lr_table(sensitivity))]
+    return tables
+
+
+def configuration_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
+                           sensitivity: list[dict]) -> tuple[str, tuple]:
+    """A row per configuration (the summary table), the validation accuracy of every optimiser setting, and the
+    plots; appends the optimiser records to `sensitivity`; returns the summary table with its title."""
+    rows = make_rows(runs)
+    summary = summary_table(rows, runs)
+    phrase = optim_phrase(tuned_keys(runs))
+    sections += [f"## Test accuracy at the {phrase} chosen on validation (mean ± 95% interval over seeds)",
+                 PROTOCOL, markdown_table(*summary)]
+    records = optim_records(rows, runs)
+    sensitivity += records
+    if any(len(by_choice(row.runs, row.tuned)) > 1 for row in rows):
+        sections += [f"## Validation accuracy per {phrase} (mean ± 95% interval over finished seeds)",
+                     markdown_table(*lr_table(records))]
     plots = [("state_size_png", "accuracy_vs_state_size.png", "accuracy against state size",
               lambda p: plot_accuracy_vs_state_size(rows, runs, p)),
              ("pairs_png", "accuracy_vs_kv_pairs.png", "accuracy against key-value pairs",
@@ -646,7 +800,26 @@ def run_sections(runs: list[dict], out: Path, sections: list[str], files: dict) 
         if plot(out / name):
             files[key] = out / name
             sections.append(f"![{caption}]({name})")
-    return summary
+    return f"Test accuracy at the {phrase} chosen on validation", summary
+
+
+def mad_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
+                 sensitivity: list[dict]) -> tuple[str, tuple]:
+    """MAD's scores (table, CSV, heat map), then every setting of every model; appends the optimiser records
+    to `sensitivity`; returns the score table with its title."""
+    rows = make_rows(runs)
+    records = mad_score_records(rows, runs)
+    files["mad_csv"] = out / "mad_scores.csv"
+    write_csv(records, files["mad_csv"])
+    files["mad_png"] = out / "mad_scores.png"
+    plot_mad_scores(records, files["mad_png"])
+    scores = mad_table(records)
+    sections += ["## MAD: one score per task and model (mean test accuracy over the task's settings)",
+                 MAD_PROTOCOL, markdown_table(*scores), "![MAD scores](mad_scores.png)",
+                 f"### MAD settings: test accuracy at the {optim_phrase(tuned_keys(runs))} chosen on validation",
+                 markdown_table(*summary_table(rows, runs, slices=length_columns(runs)))]
+    sensitivity += optim_records(rows, runs)
+    return "MAD: mean test accuracy over each task's settings", scores
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,30 @@
 """sandbox-report on folders of synthetic result.json files (no training): tables, statuses, rows, Zoology's
-learning-rate protocol, curve checks, unreadable files, plots and an Optuna study."""
+learning-rate protocol and its choice over learning rate x weight decay, MAD's per-task scores, curve checks,
+unreadable files, plots and an Optuna study; and experiment=mad's sweep, composed, with one cut-down job run
+and reported."""
 
 import csv
+import itertools
 import json
 import math
+import random
 import statistics
+import subprocess
+import sys
+from collections import defaultdict
 from pathlib import Path
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
+from tasks.registry import resolve as resolve_task
 from sandbox.report import CHANCE_ACC, FLAT_RISE, main, mean_ci, report
+from sandbox.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T95_DOF2 = 4.303  # Student's t, two-sided 95%, 2 degrees of freedom (three seeds)
@@ -19,9 +33,11 @@ T95_DOF2 = 4.303  # Student's t, two-sided 95%, 2 degrees of freedom (three seed
 def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int = 0, lr: float = 3e-3,
               val: float = 0.9, test: float = 0.9, slices: dict | None = None, state_size: int = 8192,
               status: str | None = None, options: dict | None = None, curve: list | None = None, d_model=64,
+              weight_decay: float | None = None, task: dict | None = None, suite: str | None = None,
               **extra) -> Path:
     """A result.json as train() writes it; `status` None leaves the key out (results from before statuses);
-    `curve` [(step, val_acc), ...] becomes logs/metrics.csv."""
+    `curve` [(step, val_acc), ...] becomes logs/metrics.csv; `weight_decay`, `task` and `suite` (None: left
+    out) go into the config."""
     mixer_options = {"num_heads": 1, **(options or {})}
     if mixer == "mom":
         mixer_options = {"num_memories": 4, "top_k": 2, "shared_memory": True, "rule": "gated_deltanet",
@@ -29,11 +45,14 @@ def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int 
     result = {
         "config": {"name": "grid", "output_root": "x", "seed": seed, "optim": {"lr": lr, "warmup_ratio": 0.05},
                    "model": {"mixer": mixer, "d_model": d_model, "mixer_options": mixer_options},
-                   "callbacks": {"early_stopping": {"threshold": 0.99}}},
+                   "callbacks": {"early_stopping": {"threshold": 0.99}},
+                   **({"task": task} if task else {}), **({"suite": suite} if suite else {})},
         "best_val_acc": val, "test_acc": test, "test_acc_per_slice": slices or {},
         "state_size": state_size, "num_parameters": 1000, "wall_time_s": 1.0, "epochs": 1, "steps": 1000,
         "router": {}, **extra,
     }
+    if weight_decay is not None:
+        result["config"]["optim"]["weight_decay"] = weight_decay
     if status is not None:
         result["status"] = status
     run_dir = folder / name
@@ -230,3 +249,128 @@ def test_curves_still_rising_at_the_end_are_counted(tmp_path):
     markdown = files["markdown"].read_text()
     (cells,) = summary_lines(markdown)
     assert cells[column(markdown, "still rising")] == "1 of 3"
+
+
+def test_learning_rate_and_weight_decay_are_chosen_together_on_validation(tmp_path):
+    """MAD's grid: (lr 1e-3, wd 0.1) has the best validation mean, (1e-3, 0.0) the best test accuracy; a choice
+    over the learning rate alone would average the two."""
+    grid = {(1e-4, 0.0): [(0.30, 0.30), (0.32, 0.31)], (1e-4, 0.1): [(0.40, 0.42), (0.38, 0.40)],
+            (1e-3, 0.0): [(0.80, 0.99), (0.82, 0.98)], (1e-3, 0.1): [(0.90, 0.85), (0.92, 0.83)]}
+    for (lr, wd), seeds in grid.items():
+        for seed, (val, test) in enumerate(seeds):
+            write_run(tmp_path, f"lr{lr}-wd{wd}-s{seed}", seed=seed, lr=lr, weight_decay=wd, val=val, test=test)
+    files = report(tmp_path)
+    markdown = files["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    chosen = [test for _, test in grid[(1e-3, 0.1)]]
+    assert cells[column(markdown, "lr, weight_decay")] == "0.001, 0.1 (best of 4)"
+    assert cells[column(markdown, "runs")] == "2"
+    assert cells[column(markdown, "test_acc")].startswith(f"{statistics.fmean(chosen):.3f} ± ")
+    sensitivity = list(csv.DictReader(open(files["lr_csv"])))
+    assert [(float(r["lr"]), float(r["weight_decay"]), r["chosen"]) for r in sensitivity] == [
+        (lr, wd, str((lr, wd) == (1e-3, 0.1))) for lr, wd in grid]
+    assert "## Validation accuracy per learning rate and weight decay" in markdown
+
+
+def mad_task(name: str, vocab_size: int) -> dict:
+    return {"name": name, "params": {"vocab_size": vocab_size, "seq_len": 64},
+            "segments": {"train": [{"num_examples": 100}], "test": [{"num_examples": 50}]}}
+
+
+def write_mad_grid(folder: Path, settings: list[tuple[str, int]], mixers: list[str], diverged=()) -> dict:
+    """Two seeds of every setting x mixer x (lr, wd) in MAD's grid, with drawn accuracies; the (setting, mixer)
+    pairs in `diverged` only diverge. Returns, per (task, mixer), each setting's test accuracy at the pair with
+    the best validation mean, recomputed here."""
+    draw = random.Random(0)
+    expected = defaultdict(list)
+    for name, vocab in settings:
+        for mixer in mixers:
+            results = {}
+            for lr, wd in itertools.product([1e-4, 5e-4, 1e-3], [0.0, 0.1]):
+                results[lr, wd] = [(draw.random(), draw.random()) for _ in range(2)]
+                for seed, (val, test) in enumerate(results[lr, wd]):
+                    failed = (name, vocab, mixer) in diverged
+                    write_run(folder, f"{name}-v{vocab}-{mixer}-lr{lr}-wd{wd}-s{seed}", mixer, seed, lr=lr,
+                              weight_decay=wd, val=0.0 if failed else val, test=0.0 if failed else test,
+                              status="diverged" if failed else "finished", task=mad_task(name, vocab),
+                              suite="mad", state_size=1000 * vocab if mixer == "attention" else 8192)
+            if (name, vocab, mixer) not in diverged:
+                best = max(results.values(), key=lambda seeds: statistics.fmean(val for val, _ in seeds))
+                expected[name, mixer].append(statistics.fmean(test for _, test in best))
+    return expected
+
+
+def mad_lines(markdown: str) -> dict[str, dict[str, str]]:
+    """The MAD score table: per model, its cells by column name."""
+    section = markdown.split("## MAD: one score")[1].split("\n## ")[0].split("###")[0]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+    header, *body = lines
+    return {cells[0]: dict(zip(header, cells)) for cells in body}
+
+
+def test_mad_score_is_the_mean_over_settings_at_each_settings_chosen_pair(tmp_path):
+    settings = [("mqar", 16), ("mqar", 32), ("noisy_ar", 32)]
+    expected = write_mad_grid(tmp_path, settings, ["attention", "gated_deltanet"],
+                              diverged={("mqar", 32, "gated_deltanet")})
+    files = report(tmp_path)
+    table = mad_lines(files["markdown"].read_text())
+    assert set(table) == {"attention", "gated_deltanet"}
+    assert table["attention"]["mqar"] == f"{statistics.fmean(expected['mqar', 'attention']):.3f}"
+    assert table["attention"]["noisy_ar"] == f"{statistics.fmean(expected['noisy_ar', 'attention']):.3f}"
+    (alone,) = expected["mqar", "gated_deltanet"]  # its other setting only diverged
+    assert table["gated_deltanet"]["mqar"] == f"{alone:.3f} (1 of 2)"
+    assert table["attention"]["state size"] == "16000–32000" and table["gated_deltanet"]["state size"] == "8192"
+    scores = {(r["task"], r["model"]): r for r in csv.DictReader(open(files["mad_csv"]))}
+    assert len(scores) == 4
+    for (task, mixer), accuracies in expected.items():
+        record = scores[task, mixer]
+        assert float(record["score"]) == pytest.approx(statistics.fmean(accuracies))
+        assert int(record["settings_scored"]) == len(accuracies)
+    assert files["mad_png"].read_bytes()[:8] == PNG_MAGIC
+    sensitivity = list(csv.DictReader(open(files["lr_csv"])))
+    assert len(sensitivity) == len(settings) * 2 * 6 and sum(r["chosen"] == "True" for r in sensitivity) == 5
+
+
+def test_mad_section_appears_only_with_mad_runs_and_keeps_them_out_of_the_other_tables(tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, f"zoology-s{seed}", seed=seed, test=0.5)
+    markdown = report(tmp_path)["markdown"].read_text()
+    assert "## MAD" not in markdown and not (tmp_path / "mad_scores.csv").exists()
+    write_mad_grid(tmp_path / "mad", [("mqar", 16)], ["attention"])
+    files = report(tmp_path)
+    markdown = files["markdown"].read_text()
+    assert "## MAD: one score per task and model" in markdown and files["mad_png"].exists()
+    (cells,) = summary_lines(markdown)  # the MQAR table holds the one configuration outside MAD's suite
+    assert cells[column(markdown, "runs")] == "2"
+    assert set(mad_lines(markdown)) == {"attention"}
+
+
+def test_experiment_mad_sweeps_distinct_valid_settings():
+    """Every task the sweep's glob picks composes under experiment=mad, is a valid task setting, and no two
+    are the same setting."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        sweep = compose(config_name="train", overrides=["experiment=mad"], return_hydra_config=True).hydra.sweeper
+        task_glob = OverridesParser.create().parse_override(f"task={sweep.params.task}").value()
+        names = task_glob.filter([p.stem for p in (CONF_DIR / "task").glob("*.yaml")])
+        assert {"mad_recall", "mad_fuzzy", "mad_noisy", "mad_copy", "mad_memorize", "parity", "s5"} <= set(names)
+        settings = set()
+        for name in names:
+            cfg = compose(config_name="train", overrides=["experiment=mad", f"task={name}"])
+            task = OmegaConf.to_container(cfg.task, resolve=True)
+            for segment in (s for split in task["segments"].values() for s in split):
+                resolve_task(task["name"], {**task["params"], **{k: v for k, v in segment.items()
+                                                                  if k != "num_examples"}})
+            settings.add(json.dumps([task["name"], task["params"], task["segments"]], sort_keys=True))
+            assert cfg.suite == "mad", name
+    assert len(settings) == len(names)
+
+
+def test_experiment_mad_multirun_of_one_cut_down_job_is_scored(tmp_path):
+    swept = ["task=mad_recall", "model=attention", "optim.lr=1e-3", "optim.weight_decay=0.0", "seed=0"]
+    proc = subprocess.run([sys.executable, "-m", "sandbox.train", "-m", "experiment=mad", *swept, "debug=fast",
+                           "model.n_layers=1", "callbacks.progress=none", f"output_root={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "mad").rglob("result.json"))) == 1
+    table = mad_lines(report(tmp_path / "mad")["markdown"].read_text())
+    assert list(table) == ["attention"] and table["attention"]["mqar"] != "—"
