@@ -112,8 +112,9 @@ SETTINGS: dict[str, Rule] = {
     "callbacks.progress": one_of("auto", "rich", "lines", "none"),
     "logger.kind": one_of("csv", "tensorboard"),
 }
-# Keys read as they are: folder names (sandbox.train checks that output_root can be written).
-FREE = ("name", "output_root")
+# Keys read as they are: folder names (sandbox.train checks that output_root can be written) and the label
+# of a task suite, for sandbox-report (experiment=mad sets it).
+FREE = ("name", "output_root", "suite")
 # Sections whose keys are checked by their own code below: the task registry and the model zoo.
 DELEGATED = ("task.name", "task.params", "task.segments", "model")
 # Trainer keys sandbox.train sets itself; any other lightning.Trainer argument may be added (+trainer.KEY=...)
