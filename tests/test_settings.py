@@ -36,7 +36,7 @@ BAD_SETTINGS = {
     "lr-nan": (["optim.lr=nan"], ["optim.lr", "finite"]),
     "weight-decay-inf": (["optim.weight_decay=inf"], ["optim.weight_decay", "finite"]),
     "aux-loss-coef-nan": (["model.mixer_options.aux_loss_coef=nan"], ["aux_loss_coef", "finite"]),
-    "expand-v-inf": (["+model.mixer_options.expand_v=inf"], ["expand_v", "finite"]),
+    "expand-v-inf": (["model.mixer_options.expand_v=inf"], ["expand_v", "finite"]),
     "min-lr-ratio-negative": (["optim.min_lr_ratio=-5"], ["optim.min_lr_ratio", "[0, 1]"]),
     "min-lr-ratio-above-one": (["optim.min_lr_ratio=1.5"], ["optim.min_lr_ratio", "[0, 1]"]),
     "warmup-ratio-one": (["optim.warmup_ratio=1"], ["optim.warmup_ratio"]),
@@ -122,7 +122,7 @@ def test_shipped_configs_pass_the_checks(choice):
     ["task.eval_batch_size=null"], ["trainer.gradient_clip_val=0"], ["trainer.gradient_clip_val=null"],
     ["trainer.precision=bf16-mixed"], ["trainer.precision=32"], ["trainer.limit_train_batches=1"],
     ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "trainer.max_steps=2"],
-    ["+trainer.accumulate_grad_batches=2"], ["+model.mixer_options.expand_v=2"], ["trainer.devices=2"],
+    ["+trainer.accumulate_grad_batches=2"], ["model.mixer_options.expand_v=2"], ["trainer.devices=2"],
 ], ids=lambda overrides: " ".join(overrides))
 def test_valid_edge_settings_pass_the_checks(overrides):
     check_settings(compose_train("debug=fast", *overrides))
