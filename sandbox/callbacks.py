@@ -1,6 +1,7 @@
 """Lightning callbacks of the sandbox: throughput, plain progress lines, and how a run ends (its checkpoints'
 identity, divergence, signals)."""
 
+import os
 import signal
 import sys
 import threading
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -42,6 +44,25 @@ class EpochLines(L.Callback):
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics)
         print(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}", file=sys.stdout, flush=True)
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that resumes in a run folder that was moved or copied. Lightning keeps the absolute
+    paths of the checkpoints in their state and, when the folder differs, drops the best score and keeps the
+    best path, which then names the other folder's file; here the paths are read as names in this folder."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and saved != self.dirpath:
+            def here(path: str) -> str:
+                return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_model_path": here(state_dict["best_model_path"]),
+                          "kth_best_model_path": here(state_dict.get("kth_best_model_path", "")),
+                          "last_model_path": here(state_dict.get("last_model_path", "")),
+                          "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
 
 
 class RunIdentity(L.Callback):

@@ -93,7 +93,7 @@ def stored_result(run_dir: Path) -> dict | None:
         if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
             raise ValueError("it holds no run's config")
     except (OSError, ValueError) as err:
-        set_aside(path, describe_error(err))
+        set_aside(path, f"unreadable ({describe_error(err)})")
         return None
     return result
 
@@ -111,18 +111,23 @@ def other_configuration(run_dir: Path, result: dict, digest: str) -> str:
 
 # ---- checkpoints ----
 def describe_error(err: BaseException) -> str:
-    """An error in a few words. torch's own text for a file it will not load safely suggests an unsafe load
-    (which could run code from the file): that text is never passed on."""
-    if isinstance(err, pickle.UnpicklingError):
-        return "not a checkpoint (a safe load refuses its contents)"
-    if isinstance(err, OSError) and err.strerror:
-        return f"cannot be read ({err.strerror})"
-    if isinstance(err, EOFError):
-        return "empty or truncated"
+    """An error as its type and first sentence. torch's text for a file it will not load safely suggests an
+    unsafe load (which could run code from the file): such text is never passed on."""
     text = re.sub(r"\s+", " ", str(err)).strip().split(". ")[0]
     if "weights_only" in text or "weights only" in text.lower():
         text = ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _load_problem(err: Exception) -> str:
+    """Why torch.load (weights only) failed, in the words of what the file is."""
+    if isinstance(err, pickle.UnpicklingError):
+        return "not a checkpoint (a safe load refuses its contents)"
+    if isinstance(err, OSError):
+        return f"cannot be read ({err.strerror or describe_error(err)})"
+    if isinstance(err, EOFError):
+        return "empty or truncated"
+    return f"truncated or corrupt ({describe_error(err)})"
 
 
 def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]) -> str | None:
@@ -134,15 +139,17 @@ def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncation and corruption surface as many exception types
-        return describe_error(err)
+        return _load_problem(err)
     if not isinstance(checkpoint, dict):
         return f"not a training checkpoint (it holds a {type(checkpoint).__name__})"
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         return f"not a training checkpoint (keys {missing} missing)"
-    if checkpoint.get("config_hash") != digest:
-        found = str(checkpoint.get("config_hash"))[:HASH_DIGITS]
-        return f"it was written by another configuration (config_hash {found}, this run's {digest[:HASH_DIGITS]})"
+    if "config_hash" not in checkpoint:
+        return "it records no configuration (written before checkpoints recorded their config_hash)"
+    if checkpoint["config_hash"] != digest:
+        return (f"it was written by another configuration (config_hash {str(checkpoint['config_hash'])[:HASH_DIGITS]}"
+                f", this run's {digest[:HASH_DIGITS]})")
     state = checkpoint["state_dict"]
     if not isinstance(state, dict) or state.keys() != weights.keys():
         return "its weights are not this model's (other parameter names)"

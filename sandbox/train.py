@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -35,8 +35,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import kernels
 from sandbox import runs
-from sandbox.callbacks import (Diverged, EpochLines, Interruption, RunIdentity, RunInterrupted, StopOnDivergence,
-                               ThroughputMonitor, TrainingStarted)
+from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interruption, RunIdentity, RunInterrupted,
+                               StopOnDivergence, ThroughputMonitor, TrainingStarted)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, TERMINAL, git_commit, status_of, versions, write_json_atomic
@@ -131,10 +131,10 @@ def _precision(setting: str) -> str:
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
     folder = run_dir / runs.CHECKPOINTS
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1)
+    best = FolderCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1)
     # Lightning's own save_last writes only when the best checkpoint improves; this one writes after every
     # validation, so a resumed run loses at most the steps since the last validation.
-    last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    last = FolderCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
     stopping = EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=cfg.callbacks.early_stopping.threshold,
                              patience=cfg.callbacks.early_stopping.patience)
     progress, show_bar = _progress_callbacks(cfg.callbacks.progress)
