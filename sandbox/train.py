@@ -167,8 +167,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     records them. With several processes (trainer=ddp) every process calls this; the first one writes.
     """
     run_dir = Path(run_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    digest = runs.config_hash(config)
+    digest = runs.config_hash(OmegaConf.to_container(cfg, resolve=True))
     stored = runs.stored_result(run_dir)
     if stored is not None:
         if runs.stored_hash(stored) != digest:
@@ -179,11 +178,10 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
             say(f"{run_dir} already {status.replace('_', ' ')}{reason}; delete its {RESULT_FILE} to run it again")
             return stored
     with Interruption(run_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
-        return _train(cfg, run_dir, config, digest, interruption, extra_callbacks)
+        return _train(cfg, run_dir, digest, interruption, extra_callbacks)
 
 
-def _train(cfg: DictConfig, run_dir: Path, config: dict, digest: str, interruption: Interruption,
-           extra_callbacks) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interruption, extra_callbacks) -> dict:
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
@@ -219,16 +217,17 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, digest: str, interrupti
     except Exception as err:
         if resume_from is not None and not started.started:  # Lightning failed to restore the checkpoint
             runs.set_aside(resume_from, f"it cannot be restored ({runs.describe_error(err)})")
-            return _train(cfg, run_dir, config, digest, interruption, extra_callbacks)
-        failure = _result(config, digest, "failed", runs.describe_error(err), trainer, module, datamodule, cfg,
-                          resume_from, start, tested)
+            return _train(cfg, run_dir, digest, interruption, extra_callbacks)
+        failure = _result(cfg, digest, "failed", runs.describe_error(err), trainer, module, datamodule,
+                          resume_from is not None, start, tested)
         if trainer.is_global_zero:
             with contextlib.suppress(OSError):  # a full disk cannot take the failure either
                 write_json_atomic(run_dir / RESULT_FILE, failure)
         if isinstance(err, OSError) and err.errno in UNWRITABLE:
             raise ConfigError(runs.unwritable(cfg.output_root, err, run_dir)) from err
         raise
-    result = _result(config, digest, status, reason, trainer, module, datamodule, cfg, resume_from, start, tested)
+    result = _result(cfg, digest, status, reason, trainer, module, datamodule, resume_from is not None, start,
+                     tested)
     if trainer.is_global_zero:
         write_json_atomic(run_dir / RESULT_FILE, result)
     if status == "interrupted":
@@ -270,14 +269,13 @@ def _interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
     return f"{signal.Signals(interruption.signum).name} at step {trainer.global_step}: {saved}"
 
 
-def _result(config: dict, digest: str, status: str, reason: str, trainer: L.Trainer, module: RecallModule,
-            datamodule: RecallDataModule, cfg: DictConfig, resume_from: Path | None, start: float,
-            tested: dict | None) -> dict:
+def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, module: RecallModule,
+            datamodule: RecallDataModule, resumed: bool, start: float, tested: dict | None) -> dict:
     """What result.json records. Accuracies are measured for finished runs only (NaN otherwise)."""
     nan = float("nan")
     best_score = trainer.checkpoint_callback.best_model_score
     return {
-        "config": config,
+        "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": digest,
         "status": status,
         "status_reason": reason,
@@ -295,7 +293,7 @@ def _result(config: dict, digest: str, status: str, reason: str, trainer: L.Trai
         "device": str(trainer.strategy.root_device),
         "precision": trainer.precision,
         "wall_time_s": time.perf_counter() - start,
-        "resumed": resume_from is not None,
+        "resumed": resumed,
         "versions": versions(),
         "git_commit": git_commit(),
     }

@@ -306,41 +306,41 @@ class SignalAt(L.Callback):
             signal.raise_signal(self.signum)
 
 
-# A step between validations, a step that validates, the end of an epoch, the last step.
-@pytest.mark.parametrize("step, signum", [(5, signal.SIGTERM), (6, signal.SIGINT), (8, signal.SIGTERM),
-                                          (64, signal.SIGINT)])
-def test_signal_at_any_step_checkpoints_it_and_resumes_exactly(step, signum, reference_run, tmp_path):
-    with pytest.raises(RunInterrupted) as stopped:
-        train(make_cfg(*LONG_RUN), tmp_path, extra_callbacks=[SignalAt(step, signum)])
-    assert stopped.value.signum == signum
-    interrupted = json.loads((tmp_path / "result.json").read_text())
-    assert interrupted["status"] == "interrupted" and interrupted["steps"] == step, interrupted
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+def test_signal_at_any_step_checkpoints_it_and_resumes_exactly(reference_run, tmp_path):
+    """One run stopped four times, by SIGTERM or SIGINT: at a step between validations, at a step that
+    validates, at the end of an epoch and at the last step; each time it resumes where it stopped."""
+    for step, signum in ((5, signal.SIGTERM), (6, signal.SIGINT), (8, signal.SIGTERM), (64, signal.SIGINT)):
+        with pytest.raises(RunInterrupted) as stopped:
+            train(make_cfg(*LONG_RUN), tmp_path, extra_callbacks=[SignalAt(step, signum)])
+        assert stopped.value.signum == signum
+        interrupted = json.loads((tmp_path / "result.json").read_text())
+        assert interrupted["status"] == "interrupted" and interrupted["steps"] == step, interrupted
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
     resumed = train(make_cfg(*LONG_RUN), tmp_path)
     assert resumed["resumed"] and resumed["status"] == "finished"
     for key in METRICS:
         assert resumed[key] == reference_run[key], key
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_from_outside_saves_says_so_and_the_same_command_resumes(signum, reference_run, tmp_path):
-    """A scheduler's SIGTERM or a Ctrl-C mid-run: a checkpoint, one line saying how to resume, exit code
-    128 + the signal; the same command then ends with the result of an uninterrupted run."""
+def test_signal_from_outside_saves_says_so_and_the_same_command_resumes(reference_run, tmp_path):
+    """A scheduler's SIGTERM, then a Ctrl-C in the resumed run: each time a checkpoint, one line saying how to
+    resume, exit code 128 + the signal; the same command then ends with the result of an uninterrupted run."""
     command = [sys.executable, "-m", "sandbox.train", *LONG_RUN, "callbacks.progress=lines",
                f"output_root={tmp_path}"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch 1 "):
-            proc.send_signal(signum)
-            break
-    out, err = proc.communicate(timeout=300)
-    name = signal.Signals(signum).name
-    assert proc.returncode == 128 + signum, err[-3000:]
-    (said,) = [line for line in err.splitlines() if line.startswith("sandbox-train:")]
-    assert f"interrupted by {name} at step" in said and "run the same command to resume" in said, said
-    assert "Traceback" not in err
-    (run_dir,) = (tmp_path / "train").iterdir()
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
+    for signum, after_epoch in ((signal.SIGTERM, 1), (signal.SIGINT, 4)):
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith(f"epoch {after_epoch} "):
+                proc.send_signal(signum)
+                break
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signum, err[-3000:]
+        (said,) = [line for line in err.splitlines() if line.startswith("sandbox-train:")]
+        name = signal.Signals(signum).name
+        assert f"interrupted by {name} at step" in said and "run the same command to resume" in said, said
+        assert "Traceback" not in err
+        (run_dir,) = (tmp_path / "train").iterdir()
+        assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
