@@ -1,9 +1,17 @@
-"""Lightning callbacks of the sandbox: throughput and plain progress lines."""
+"""Lightning callbacks of the sandbox: throughput, plain progress lines, and how a run ends (its checkpoints'
+identity, divergence, signals)."""
 
+import os
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class ThroughputMonitor(L.Callback):
@@ -36,3 +44,109 @@ class EpochLines(L.Callback):
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics)
         print(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}", file=sys.stdout, flush=True)
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that resumes in a run folder that was moved or copied. Lightning keeps the absolute
+    paths of the checkpoints in their state and, when the folder differs, drops the best score and keeps the
+    best path, which then names the other folder's file; here the paths are read as names in this folder."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and saved != self.dirpath:
+            def here(path: str) -> str:
+                return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_model_path": here(state_dict["best_model_path"]),
+                          "kth_best_model_path": here(state_dict.get("kth_best_model_path", "")),
+                          "last_model_path": here(state_dict.get("last_model_path", "")),
+                          "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+class RunIdentity(L.Callback):
+    """Stamps every checkpoint with the run's config_hash, so that no other configuration resumes from it."""
+
+    def __init__(self, config_hash: str):
+        self.config_hash = config_hash
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["config_hash"] = self.config_hash
+
+
+class TrainingStarted(L.Callback):
+    """Whether this fit reached its first training batch. Lightning restores a checkpoint and positions the
+    train loader before that, so in a resumed run an error before it is the checkpoint's."""
+
+    started = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started = True
+
+
+class Diverged(Exception):
+    """The training loss was not finite."""
+
+
+class StopOnDivergence(L.Callback):
+    """Ends training at the first step whose loss is not finite on any process, by raising Diverged: the
+    weights are then not finite either, so nothing after that step is worth running or keeping."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach()
+        if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            raise Diverged(f"training loss {float(loss):.4g} at step {trainer.global_step}")
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT ended the run. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    takes it for a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Interruption(L.Callback):
+    """SIGTERM (a scheduler's time limit, a preemption) and SIGINT (Ctrl-C) stop a run at the end of its current
+    training step, with a checkpoint to resume from.
+
+    Used as a context manager around a run, it handles both signals. While Lightning runs, Lightning handles
+    SIGTERM as well (calling this handler too) and stops at the end of the step, after that step's validation
+    if it has one, by raising SIGTERMException; SIGINT goes to that same handler. `on_exception` then writes
+    the checkpoint. A signal while Lightning does not run (building the data, saving the result) raises
+    RunInterrupted at once. `signum` is the signal received, `saved_step` the step of the checkpoint written.
+    """
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+        self.signum: int | None = None
+        self.saved_step: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "Interruption":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum, handler in ((signal.SIGTERM, self._on_sigterm), (signal.SIGINT, self._on_sigint)):
+                self._previous[signum] = signal.signal(signum, handler)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_sigterm(self, signum, frame):
+        self.signum = signum
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:  # Lightning is not running: stop here
+            raise RunInterrupted(signum)
+
+    def _on_sigint(self, signum, frame):
+        signal.getsignal(signal.SIGTERM)(signum, frame)
+
+    def on_exception(self, trainer, pl_module, exception):
+        # Stopped in training, the state is whole: checkpoint it. Stopped in validation, the run resumes from
+        # its checkpoint of the last validation instead (a half-counted validation cannot be resumed).
+        if isinstance(exception, SIGTERMException) and trainer.training:
+            trainer.save_checkpoint(self.checkpoint, weights_only=False)
+            self.saved_step = trainer.global_step

@@ -1,4 +1,5 @@
-"""Run results on disk: atomic JSON writes, the provenance recorded with every result, and collection."""
+"""Run results on disk: atomic JSON writes, how a run ended, the provenance recorded with every result, and
+collection."""
 
 import json
 import math
@@ -11,7 +12,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RESULT_FILE = "result.json"
-FAILURE_FILE = "failed.json"
+# How a run ended: `status` in result.json, with a short `status_reason`.
+STATUSES = ("finished", "diverged", "not_trained", "interrupted", "failed")
+# The ends that running the same command again returns as they are; an interrupted or failed run resumes.
+TERMINAL = ("finished", "diverged", "not_trained")
+
+
+def status_of(result: dict) -> str:
+    """A result's status; results written before statuses were recorded are finished runs."""
+    return result.get("status", "finished")
 
 
 @contextmanager

@@ -30,7 +30,6 @@ import lightning as L
 import numpy as np
 import optuna
 import sqlalchemy
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -38,8 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from sandbox.data import RecallDataModule
-from sandbox.module import RecallModule
 from sandbox.train import CONF_DIR, UNWRITABLE, ConfigError, check_settings, one_line, train
 
 # Heartbeats and retries are marked experimental in Optuna 4/5; they are what keeps a dead worker's trial
@@ -274,24 +271,7 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
         cfg = compose_trial(space, overrides, first_choices(space["params"]))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"sweep params: {one_line(err)}") from err
-    check_settings(cfg)
-    check_model(cfg)
-
-
-def check_model(cfg: DictConfig) -> None:
-    """The model's own checks (widths, heads, top-k, options), made as `train.build` makes the model; the
-    data is not generated and the weights live on the meta device, so this costs nothing."""
-    try:
-        datamodule = RecallDataModule(
-            name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params, resolve=True),
-            segments=OmegaConf.to_container(cfg.task.segments, resolve=True), seed=cfg.seed,
-            batch_size=cfg.task.batch_size, eval_batch_size=cfg.task.eval_batch_size,
-            limit_examples=cfg.task.limit_examples)
-        with torch.device("meta"):
-            RecallModule(model=OmegaConf.to_container(cfg.model, resolve=True), vocab_size=datamodule.vocab_size,
-                         max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim, resolve=True))
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    check_settings(cfg)  # the model and the task through their own checks too
 
 
 # ---- storage and study ----

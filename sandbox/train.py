@@ -3,18 +3,19 @@
     sandbox-train experiment=quickstart model=mom              # one run
     sandbox-train -m experiment=quickstart                     # the experiment's grid (Hydra multirun)
 
-The run directory is `${output_root}/${name}/<overrides>`, derived from the command line, so the same
-command finds the same directory: a finished run is not repeated, and a crashed one resumes from its
-last checkpoint. `train(cfg, run_dir)` does the work and returns the result that it writes to
-`result.json`; the Hydra entry point returns the objective (validation accuracy) for sweepers.
+The run directory is `${output_root}/${name}/<overrides>-<config hash>` (sandbox.runs), so the same command
+finds the same directory and another configuration never does: a finished run is not repeated, and an
+interrupted or crashed one resumes from its last checkpoint. `train(cfg, run_dir)` does the work and returns
+the result that it writes to `result.json`, with how the run ended (`status`); the Hydra entry point returns
+the objective (validation accuracy) for sweepers, and `main` exits with the code of the status (EXIT_CODES).
 """
 
 import contextlib
-import errno
+import logging
 import os
 import re
+import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,32 +25,35 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import kernels
-from sandbox.callbacks import EpochLines, ThroughputMonitor
+from sandbox import runs
+from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interruption, RunIdentity, RunInterrupted,
+                               StopOnDivergence, ThroughputMonitor, TrainingStarted)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
-from sandbox.results import FAILURE_FILE, RESULT_FILE, git_commit, read_json, versions, write_json_atomic
+from sandbox.results import RESULT_FILE, TERMINAL, git_commit, status_of, versions, write_json_atomic
+from sandbox.runs import UNWRITABLE, say
 from sandbox.settings import ConfigError, check_settings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
-# OSErrors that mean the output folder cannot be written: read-only, full, over quota, no permission.
-UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
-# What a checkpoint must hold for Lightning to resume from it.
-CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step")
+# sandbox-train's exit code for each status; 2 is a bad setting, and an interrupted run exits with 128 + the
+# signal's number, as a shell reports a process ended by it (130 for Ctrl-C, 143 for SIGTERM).
+EXIT_CODES = {"finished": 0, "failed": 1, "diverged": 3, "not_trained": 4}
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_id"):
-        # The run folder of a command without overrides.
-        OmegaConf.register_new_resolver("run_id", lambda overrides: overrides or "default")
+        # The run folder's name: the overrides and the configuration's hash.
+        OmegaConf.register_new_resolver("run_id", runs.folder_of_job)
     if not OmegaConf.has_resolver("min"):
         # For settings bounded by another, e.g. top_k: ${min:2,${model.mixer_options.num_memories}}.
         OmegaConf.register_new_resolver("min", min)
@@ -63,61 +67,10 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 # A run resumed in the middle of an epoch: RecallDataModule's state puts the train loader where it was.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+# Lightning's "Received SIGTERM" (also for SIGINT, which Interruption passes on to it): the run says it once.
+logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
 
 
-@rank_zero_only
-def say(message: str) -> None:
-    """A line for the user, printed once (by the first process of a multi-GPU run)."""
-    print(f"sandbox-train: {message}", flush=True)
-
-
-def check_writable(run_dir: Path, output_root: str) -> None:
-    """Fail before any training, naming output_root, when the run folder cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir) as probe:
-            probe.write(bytes(4096))
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as err:
-        if err.errno not in UNWRITABLE:
-            raise
-        raise unwritable(output_root, err, run_dir) from err
-
-
-def unwritable(output_root: str, err: OSError, where: Path) -> ConfigError:
-    return ConfigError(f"output_root={output_root} cannot be written ({err.strerror}: {err.filename or where}); "
-                       "it must be a writable folder with free space")
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why Lightning could not resume from this checkpoint (truncated, corrupt, not a training checkpoint),
-    or None if it can."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncation and corruption surface as many exception types
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    return f"keys {missing} missing" if missing else None
-
-
-def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: last.ckpt, else best.ckpt, whichever is first valid; None to start from
-    scratch. An invalid one is renamed to `<name>.corrupt` (kept for a look, out of Lightning's way)."""
-    folder = run_dir / "checkpoints"
-    for path in (folder / "last.ckpt", folder / "best.ckpt"):
-        if not path.exists():
-            continue
-        problem = checkpoint_problem(path)
-        if problem is None:
-            say(f"resuming from {path}")
-            return path
-        say(f"{path} is unreadable ({problem}); moved to {path.name}.corrupt")
-        with contextlib.suppress(FileNotFoundError):  # another process of a multi-GPU run moved it first
-            path.replace(path.with_name(path.name + ".corrupt"))
-    if any(folder.glob("*.corrupt")):
-        say("no valid checkpoint left: starting from scratch")
-    return None
 
 
 def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
@@ -153,13 +106,12 @@ def _precision(setting: str) -> str:
     return setting
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Trainer:
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
-                           save_top_k=1)
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
+    folder = run_dir / runs.CHECKPOINTS
+    best = FolderCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1)
     # Lightning's own save_last writes only when the best checkpoint improves; this one writes after every
     # validation, so a resumed run loses at most the steps since the last validation.
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+    last = FolderCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
     stopping = EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=cfg.callbacks.early_stopping.threshold,
                              patience=cfg.callbacks.early_stopping.patience)
     progress, show_bar = _progress_callbacks(cfg.callbacks.progress)
@@ -174,7 +126,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Traine
             **trainer_cfg,
             default_root_dir=run_dir,
             logger=logger,
-            callbacks=[best, last, stopping, ThroughputMonitor(), *progress, *extra_callbacks],
+            callbacks=[best, last, stopping, ThroughputMonitor(), *progress, *callbacks],
             enable_progress_bar=show_bar,
             enable_model_summary=False,
             use_distributed_sampler=False,  # RecallDataModule gives each process its own shard
@@ -184,50 +136,132 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> L.Traine
 
 
 def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
-    """Train, test the best checkpoint, write `result.json`; return the result.
+    """Train, test the best checkpoint, write `result.json` with how the run ended; return the result.
 
-    A finished run (its result.json exists) is not repeated; a run with a valid checkpoint resumes from it.
-    With several processes (trainer=ddp) every process calls this; the first one writes the files.
+    A folder holds one configuration: a result of another one there is a ConfigError. A finished, diverged
+    or untrained run is returned as it is; an interrupted or failed one resumes from its last usable
+    checkpoint. A signal ends the run with RunInterrupted, an error with that error, once result.json
+    records them. With several processes (trainer=ddp) every process calls this; the first one writes.
     """
     run_dir = Path(run_dir)
-    result_path = run_dir / RESULT_FILE
-    if result_path.exists():
-        say(f"{run_dir} already finished; delete its {RESULT_FILE} to run it again")
-        return read_json(result_path)
+    digest = runs.config_hash(OmegaConf.to_container(cfg, resolve=True))
+    stored = runs.stored_result(run_dir)
+    if stored is not None:
+        if runs.stored_hash(stored) != digest:
+            raise ConfigError(runs.other_configuration(run_dir, stored, digest))
+        status = status_of(stored)
+        if status in TERMINAL:
+            reason = "" if status == "finished" else f" ({stored.get('status_reason')})"
+            say(f"{run_dir} already {status.replace('_', ' ')}{reason}; delete its {RESULT_FILE} to run it again")
+            return stored
+    with Interruption(run_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
+        return _train(cfg, run_dir, digest, interruption, extra_callbacks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interruption, extra_callbacks) -> dict:
+    start = time.perf_counter()
     try:
         check_settings(cfg)  # before seeding: the seed is a setting too
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module = build(cfg)
-        trainer = make_trainer(cfg, run_dir, extra_callbacks)
+        started = TrainingStarted()
+        trainer = make_trainer(cfg, run_dir, [RunIdentity(digest), StopOnDivergence(), interruption, started,
+                                              *extra_callbacks])
         processes = trainer.num_devices * trainer.num_nodes
         if cfg.task.batch_size % processes:
             raise ConfigError(f"task.batch_size={cfg.task.batch_size} is invalid with {processes} processes: "
                               f"it is the global batch and must be a multiple of {processes}")
-        check_writable(run_dir, cfg.output_root)
+        problem = runs.unwritable_problem(run_dir, cfg.output_root)
+        if problem is not None:
+            raise ConfigError(problem)
     except ConfigError:
-        _remove_empty_folders(run_dir, stop_at=Path(cfg.output_root))
+        runs.remove_empty_folders(run_dir, stop_at=Path(cfg.output_root))
         raise
-    resume_from = resume_checkpoint(run_dir)
-    start = time.perf_counter()
+    except RunInterrupted as stop:
+        say(f"{run_dir}: interrupted by {stop} before training; run the same command to run it", error=True)
+        raise
+    resume_from, tested = None, None
     try:
+        resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        best = trainer.checkpoint_callback.best_model_path or None
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
+        status, reason = _fit_status(cfg, trainer)
+        if status == "finished":
+            best = trainer.checkpoint_callback.best_model_path or None
+            tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
+    except Diverged as err:
+        status, reason = "diverged", str(err)
+    except (SIGTERMException, RunInterrupted):
+        status, reason = "interrupted", _interrupted_reason(interruption, trainer)
     except Exception as err:
+        if resume_from is not None and not started.started:  # Lightning failed to restore the checkpoint
+            runs.set_aside(resume_from, f"it cannot be restored ({runs.describe_error(err)})")
+            return _train(cfg, run_dir, digest, interruption, extra_callbacks)
+        failure = _result(cfg, digest, "failed", runs.describe_error(err), trainer, module, datamodule,
+                          resume_from is not None, start, tested)
         if trainer.is_global_zero:
-            with contextlib.suppress(OSError):  # a full disk cannot take the failure note either
-                write_json_atomic(run_dir / FAILURE_FILE, {"error": f"{type(err).__name__}: {err}"})
+            with contextlib.suppress(OSError):  # a full disk cannot take the failure either
+                write_json_atomic(run_dir / RESULT_FILE, failure)
         if isinstance(err, OSError) and err.errno in UNWRITABLE:
-            raise unwritable(cfg.output_root, err, run_dir) from err
+            raise ConfigError(runs.unwritable(cfg.output_root, err, run_dir)) from err
         raise
+    result = _result(cfg, digest, status, reason, trainer, module, datamodule, resume_from is not None, start,
+                     tested)
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / RESULT_FILE, result)
+    if status == "interrupted":
+        say(f"{run_dir}: interrupted by {reason}; run the same command to resume", error=True)
+        raise RunInterrupted(interruption.signum)
+    if status != "finished":
+        say(f"{run_dir}: {status.replace('_', ' ')}: {reason} (recorded in {RESULT_FILE})", error=True)
+    return result
+
+
+def _fit_status(cfg: DictConfig, trainer: L.Trainer) -> tuple[str, str]:
+    """finished, or not_trained for a fit that took no step or never validated; and why it ended."""
+    steps = trainer.global_step
+    if steps == 0:
+        return "not_trained", "it took no training step (trainer.limit_train_batches, task.limit_examples)"
+    if trainer.checkpoint_callback.best_model_score is None:
+        return "not_trained", (f"it never validated in its {steps} steps (trainer.val_check_interval="
+                               f"{cfg.trainer.val_check_interval}, trainer.check_val_every_n_epoch="
+                               f"{cfg.trainer.check_val_every_n_epoch}, trainer.limit_val_batches="
+                               f"{cfg.trainer.limit_val_batches})")
+    early = {EarlyStoppingReason.STOPPING_THRESHOLD: "validation accuracy reached callbacks.early_stopping."
+                                                     f"threshold={cfg.callbacks.early_stopping.threshold}",
+             EarlyStoppingReason.PATIENCE_EXHAUSTED: "validation accuracy stopped improving (callbacks."
+                                                     f"early_stopping.patience={cfg.callbacks.early_stopping.patience})"}
+    reason = early.get(trainer.early_stopping_callback.stopping_reason)
+    if reason is None:
+        reason = (f"reached trainer.max_steps={trainer.max_steps}" if steps == trainer.max_steps
+                  else f"reached trainer.max_epochs={trainer.max_epochs}")
+    return "finished", reason
+
+
+def _interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
+    if interruption.saved_step is not None:
+        saved = f"saved {interruption.checkpoint} to resume from"
+    elif interruption.checkpoint.exists():
+        saved = f"it resumes from {interruption.checkpoint.name}, of its last validation"
+    else:
+        saved = "nothing to resume from yet: it starts again"
+    return f"{signal.Signals(interruption.signum).name} at step {trainer.global_step}: {saved}"
+
+
+def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, module: RecallModule,
+            datamodule: RecallDataModule, resumed: bool, start: float, tested: dict | None) -> dict:
+    """What result.json records. Accuracies are measured for finished runs only (NaN otherwise)."""
+    nan = float("nan")
     best_score = trainer.checkpoint_callback.best_model_score
-    result = {
+    return {
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "best_val_acc": float("nan") if best_score is None else float(best_score),
-        "test_acc": float(tested["test/acc"]),
-        "test_acc_per_slice": {k.removeprefix("test/acc/"): float(v) for k, v in tested.items()
-                               if k.startswith("test/acc/")},
-        "test_loss": float(tested["test/loss"]),
+        "config_hash": digest,
+        "status": status,
+        "status_reason": reason,
+        "best_val_acc": nan if tested is None else float(best_score),
+        "test_acc": nan if tested is None else float(tested["test/acc"]),
+        "test_acc_per_slice": {} if tested is None else {k.removeprefix("test/acc/"): float(v)
+                                                         for k, v in tested.items() if k.startswith("test/acc/")},
+        "test_loss": nan if tested is None else float(tested["test/loss"]),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "state_size": module.model.state_size(datamodule.max_seq_len),
@@ -235,34 +269,19 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
         "router": module.model.router_stats(),
         "backend": kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),
         "device": str(trainer.strategy.root_device),
+        "precision": trainer.precision,
         "wall_time_s": time.perf_counter() - start,
-        "resumed": resume_from is not None,
+        "resumed": resumed,
         "versions": versions(),
         "git_commit": git_commit(),
     }
-    if trainer.is_global_zero:
-        (run_dir / FAILURE_FILE).unlink(missing_ok=True)
-        write_json_atomic(result_path, result)
-    return result
-
-
-def _remove_empty_folders(folder: Path, stop_at: Path) -> None:
-    """Remove the run folder Hydra made for a run that never started, and its empty parents up to
-    `stop_at` (included). Folders with anything in them are left alone."""
-    stop_at, folder = stop_at.resolve(), folder.resolve()
-    while folder.is_dir() and not any(folder.iterdir()) and folder.is_relative_to(stop_at):
-        try:
-            folder.rmdir()
-        except OSError:  # a read-only folder keeps its empty run folder
-            break
-        if folder == stop_at:
-            break
-        folder = folder.parent
 
 
 # Config errors of the runs of this process: reported by `main` as one line each, exit code 2. They are
-# collected rather than raised so that one bad run of a multirun does not stop the others.
+# collected rather than raised so that one bad run of a multirun does not stop the others; so are the exit
+# codes of the statuses of its runs.
 _config_errors: list[str] = []
+_exit_codes: list[int] = []
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -273,7 +292,9 @@ def hydra_main(cfg: DictConfig) -> float:
     except ConfigError as err:
         _config_errors.append(str(err))
         return float("nan")
-    say(f"{run_dir}: best val acc {result['best_val_acc']:.4f}, test acc {result['test_acc']:.4f}")
+    _exit_codes.append(EXIT_CODES[status_of(result)])
+    if status_of(result) == "finished":
+        say(f"{run_dir}: best val acc {result['best_val_acc']:.4f}, test acc {result['test_acc']:.4f}")
     return result[OBJECTIVE]
 
 
@@ -287,9 +308,12 @@ def one_line(err: BaseException) -> str:
 
 
 def main() -> int:
+    """sandbox-train: 0 when every run finished, else the highest exit code of its runs (EXIT_CODES, 2 for a
+    bad setting, 128 + the signal for an interrupted run, which also ends a multirun)."""
     # Let errors reach us instead of Hydra's own multi-line report, so that a bad setting is one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     _config_errors.clear()
+    _exit_codes.clear()
     try:
         hydra_main()
     except (HydraException, OmegaConfBaseException) as err:
@@ -299,9 +323,11 @@ def main() -> int:
             raise
         _config_errors.append(f"output_root cannot be written ({err.strerror}: {err.filename}); "
                               "it must be a writable folder with free space")
+    except RunInterrupted as stop:
+        _exit_codes.append(128 + stop.signum)
     for message in _config_errors:
         print(f"sandbox-train: error: {message}", file=sys.stderr)
-    return 2 if _config_errors else 0
+    return max([*_exit_codes, 2 if _config_errors else 0])
 
 
 if __name__ == "__main__":

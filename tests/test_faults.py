@@ -1,4 +1,4 @@
-"""Nothing lost, nothing wrong: bad inputs, killed processes, corrupt checkpoints, determinism, atomic writes.
+"""Nothing lost, nothing wrong: bad inputs, killed and interrupted processes, determinism, atomic writes.
 
 The bad-input cases here are the table in docs/bad_inputs.md: each command runs against an output root
 that already holds a finished run and a finished one-trial study, and must end with one line naming the
@@ -25,6 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import sandbox.sweep
 import sandbox.train
+from sandbox.callbacks import RunInterrupted
 from sandbox.data import SPLITS, RecallDataModule
 from sandbox.report import report
 from sandbox.results import write_json_atomic
@@ -214,7 +215,7 @@ def test_unwritable_output_root(tool, mode, named, finished_root, tmp_path):
     assert (out / "after").read_text() == (out / "before").read_text()
 
 
-# ---- killed, crashed and corrupted runs ----
+# ---- killed, interrupted and crashed runs ----
 # A run checkpoints (last.ckpt, and best.ckpt when validation improves) after every validation; LONG_RUN
 # validates every 3 of its 8 steps per epoch, so its checkpoints are mostly in the middle of an epoch. A
 # resumed run skips the batches of the epoch that its checkpoint had trained on (the train loader's position
@@ -304,30 +305,60 @@ def test_sigkill_then_same_command_resumes_to_the_same_result(reference_run, tmp
         assert resumed[key] == reference_run[key], key
 
 
-def test_corrupt_checkpoints_restart_from_best_or_from_scratch(tmp_path, capsys):
-    overrides = ["model=deltanet", "model.n_layers=1", "task.limit_examples=128", "trainer.max_epochs=3",
-                 "optim.lr=1e-2", "callbacks.early_stopping.threshold=1.0"]
-    reference = train(make_cfg(*overrides), tmp_path)
-    checkpoints = tmp_path / "checkpoints"
-    last, best = checkpoints / "last.ckpt", checkpoints / "best.ckpt"
-    # A truncated last.ckpt (as a power cut can leave it): resume from best.ckpt.
-    (tmp_path / "result.json").unlink()
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    capsys.readouterr()
-    from_best = train(make_cfg(*overrides), tmp_path)
-    out = capsys.readouterr().out
-    assert "last.ckpt is unreadable" in out and f"resuming from {best}" in out, out
-    assert (checkpoints / "last.ckpt.corrupt").exists()
-    # Both unreadable (and not even a checkpoint): start from scratch.
-    (tmp_path / "result.json").unlink()
-    last.write_bytes(b"not a checkpoint")
-    best.write_bytes(b"\0" * 100)
-    from_scratch = train(make_cfg(*overrides), tmp_path)
-    out = capsys.readouterr().out
-    assert "best.ckpt is unreadable" in out and "starting from scratch" in out, out
-    assert from_best["resumed"] and not from_scratch["resumed"]
+class SignalAt(L.Callback):
+    """Sends this process a real signal at the end of training step `step`."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            signal.raise_signal(self.signum)
+
+
+def test_signal_at_any_step_checkpoints_it_and_resumes_exactly(reference_run, tmp_path):
+    """One run stopped four times, by SIGTERM or SIGINT: at a step between validations, at a step that
+    validates, at the end of an epoch and at the last step; each time it resumes where it stopped."""
+    for step, signum in ((5, signal.SIGTERM), (6, signal.SIGINT), (8, signal.SIGTERM), (64, signal.SIGINT)):
+        with pytest.raises(RunInterrupted) as stopped:
+            train(make_cfg(*LONG_RUN), tmp_path, extra_callbacks=[SignalAt(step, signum)])
+        assert stopped.value.signum == signum
+        interrupted = json.loads((tmp_path / "result.json").read_text())
+        assert interrupted["status"] == "interrupted" and interrupted["steps"] == step, interrupted
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    resumed = train(make_cfg(*LONG_RUN), tmp_path)
+    assert resumed["resumed"] and resumed["status"] == "finished"
     for key in METRICS:
-        assert from_best[key] == reference[key] == from_scratch[key], key
+        assert resumed[key] == reference_run[key], key
+
+
+def test_signal_from_outside_saves_says_so_and_the_same_command_resumes(reference_run, tmp_path):
+    """A scheduler's SIGTERM, then a Ctrl-C in the resumed run: each time a checkpoint, one line saying how to
+    resume, exit code 128 + the signal; the same command then ends with the result of an uninterrupted run."""
+    command = [sys.executable, "-m", "sandbox.train", *LONG_RUN, "callbacks.progress=lines",
+               f"output_root={tmp_path}"]
+    for signum, after_epoch in ((signal.SIGTERM, 1), (signal.SIGINT, 4)):
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith(f"epoch {after_epoch} "):
+                proc.send_signal(signum)
+                break
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signum, err[-3000:]
+        (said,) = [line for line in err.splitlines() if line.startswith("sandbox-train:")]
+        name = signal.Signals(signum).name
+        assert f"interrupted by {name} at step" in said and "run the same command to resume" in said, said
+        assert "Traceback" not in err
+        (run_dir,) = (tmp_path / "train").iterdir()
+        assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout
+    resumed = json.loads((run_dir / "result.json").read_text())
+    assert resumed["resumed"] and resumed["status"] == "finished"
+    for key in METRICS:
+        assert resumed[key] == reference_run[key], key
 
 
 class Unprintable:

@@ -40,9 +40,11 @@ def test_result_file_contents(tmp_path):
     assert stored["config"]["model"]["mixer"] == "mom"
     assert set(stored["test_acc_per_slice"]) == {"num_kv_pairs=2", "num_kv_pairs=4", "seq_len=32", "seq_len=64"}
     for key in ("best_val_acc", "test_acc", "state_size", "num_parameters", "wall_time_s", "backend", "versions",
-                "git_commit", "router"):
+                "git_commit", "router", "config_hash", "status_reason"):
         assert key in stored, key
     assert stored["backend"] == "torch"
+    assert stored["status"] == "finished" and stored["status_reason"] == "reached trainer.max_epochs=1"
+    assert stored["precision"] == "32-true"  # what `auto` resolved to on the CPU
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     tied = weights["model.head.weight"].numel()  # the output layer is the embedding (tie_embeddings)
     assert stored["num_parameters"] == sum(p.numel() for p in weights.values()) - tied
@@ -77,11 +79,11 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     with pytest.raises(RuntimeError, match="injected crash"):
         train(make_cfg(*overrides), crashed_dir, extra_callbacks=[CrashAtEpoch(2)])
     assert (crashed_dir / "checkpoints" / "last.ckpt").exists()
-    assert not (crashed_dir / "result.json").exists()
-    assert (crashed_dir / "failed.json").exists()
+    failed = json.loads((crashed_dir / "result.json").read_text())
+    assert failed["status"] == "failed" and failed["status_reason"] == "RuntimeError: injected crash", failed
     resumed = train(make_cfg(*overrides), crashed_dir)
     assert resumed["resumed"] and not reference["resumed"]
-    assert not (crashed_dir / "failed.json").exists()
+    assert resumed["status"] == "finished"
     for key in ("best_val_acc", "test_acc", "test_loss", "test_acc_per_slice", "steps", "epochs"):
         assert resumed[key] == reference[key], key
 

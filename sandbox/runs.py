@@ -1,0 +1,224 @@
+"""Run folders: a run's identity, its folder's name, the result and checkpoints it holds, and writability.
+
+A run is its resolved configuration: `config_hash` is the sha256 of that configuration as canonical JSON. The
+folder of a command is `${output_root}/${name}/<overrides>-<hash>` (the command-line overrides, shortened, then
+the first 12 hex digits of the hash), so two commands whose configurations differ in anything (an edited
+experiment file, two experiment files of one name) never share a folder, and the same command finds the same
+folder. Every checkpoint carries the hash too: one written for another configuration is never resumed.
+"""
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from sandbox.results import RESULT_FILE, read_json
+
+# Keys that cannot change what a run computes: where it is written, under which name, how progress and
+# metrics are displayed and logged. Everything else, defaults included, is part of the run's identity.
+NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger")
+HASH_DIGITS = 12
+# The readable part of a folder name, in bytes; with the hash the name stays far below NAME_MAX (255).
+READABLE_BYTES = 120
+CHECKPOINTS = "checkpoints"
+SET_ASIDE_SUFFIX = ".unusable"
+# What a checkpoint must hold for Lightning to resume from it.
+CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step")
+# OSErrors that mean the output folder cannot be written: read-only, full, over quota, no permission.
+UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+@rank_zero_only
+def say(message: str, error: bool = False) -> None:
+    """A line for the user, printed once (by the first process of a multi-GPU run); `error` for stderr."""
+    print(f"sandbox-train: {message}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+# ---- identity and folder name ----
+def config_hash(config: dict) -> str:
+    """The sha256 of a resolved configuration (a plain dict), without the keys of NOT_IDENTITY."""
+    identity = json.loads(json.dumps(config, default=str))
+    for dotted in NOT_IDENTITY:
+        *parents, last = dotted.split(".")
+        node = identity
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def folder_name(overrides: str, digest: str) -> str:
+    """`<overrides>-<hash>`: the overrides as Hydra joins them (`default` when none), path separators replaced,
+    cut to READABLE_BYTES; the hash tells apart the configurations that the cut, or an edited file, hides."""
+    readable = (overrides or "default").replace(os.sep, "_")
+    if len(readable.encode()) > READABLE_BYTES:
+        readable = readable.encode()[:READABLE_BYTES].decode(errors="ignore") + "..."
+    return f"{readable}-{digest[:HASH_DIGITS]}"
+
+
+def folder_of_job(overrides: str, *, _root_: DictConfig) -> str:
+    """The `run_id` resolver of conf/train.yaml: the folder name of the Hydra job whose config is `_root_`."""
+    job = OmegaConf.masked_copy(_root_, [key for key in _root_ if key != "hydra"])
+    return folder_name(overrides, config_hash(OmegaConf.to_container(job, resolve=True)))
+
+
+# ---- what a folder holds ----
+def set_aside(path: Path, problem: str) -> None:
+    """Rename an unusable file to `<name>.unusable` (kept for a look, out of the run's way), saying why."""
+    target = path.with_name(path.name + SET_ASIDE_SUFFIX)
+    say(f"{path} cannot be used: {problem}; moved to {target.name}")
+    with contextlib.suppress(FileNotFoundError):  # another process of a multi-GPU run moved it first
+        path.replace(target)
+
+
+def stored_result(run_dir: Path) -> dict | None:
+    """The folder's result.json, or None when it has none; an unreadable one is set aside."""
+    path = run_dir / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        result = read_json(path)
+        if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+            raise ValueError("it holds no run's config")
+    except (OSError, ValueError) as err:
+        set_aside(path, f"unreadable ({describe_error(err)})")
+        return None
+    return result
+
+
+def stored_hash(result: dict) -> str:
+    """The config_hash of a stored result (computed from its config for results written before it was stored)."""
+    return result.get("config_hash") or config_hash(result["config"])
+
+
+def other_configuration(run_dir: Path, result: dict, digest: str) -> str:
+    return (f"{run_dir} holds a run of another configuration (config_hash {stored_hash(result)[:HASH_DIGITS]}, "
+            f"this one {digest[:HASH_DIGITS]}): give this run its own folder (another name or output_root) or "
+            "remove that one")
+
+
+# ---- checkpoints ----
+def describe_error(err: BaseException) -> str:
+    """An error as its type and first sentence. torch's text for a file it will not load safely suggests an
+    unsafe load (which could run code from the file): such text is never passed on."""
+    text = re.sub(r"\s+", " ", str(err)).strip().split(". ")[0]
+    if "weights_only" in text or "weights only" in text.lower():
+        text = ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _load_problem(err: Exception) -> str:
+    """Why torch.load (weights only) failed, in the words of what the file is."""
+    if isinstance(err, pickle.UnpicklingError):
+        return "not a checkpoint (a safe load refuses its contents)"
+    if isinstance(err, OSError):
+        return f"cannot be read ({err.strerror or describe_error(err)})"
+    if isinstance(err, EOFError):
+        return "empty or truncated"
+    return f"truncated or corrupt ({describe_error(err)})"
+
+
+def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]) -> str | None:
+    """Why this run cannot resume from the checkpoint at `path` (unreadable, truncated, not a training
+    checkpoint, another configuration's, weights of other shapes, or it needs a best.ckpt that is gone),
+    or None if it can. `weights` is the state_dict of this run's model."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncation and corruption surface as many exception types
+        return _load_problem(err)
+    if not isinstance(checkpoint, dict):
+        return f"not a training checkpoint (it holds a {type(checkpoint).__name__})"
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        return f"not a training checkpoint (keys {missing} missing)"
+    if "config_hash" not in checkpoint:
+        return "it records no configuration (written before checkpoints recorded their config_hash)"
+    if checkpoint["config_hash"] != digest:
+        return (f"it was written by another configuration (config_hash {str(checkpoint['config_hash'])[:HASH_DIGITS]}"
+                f", this run's {digest[:HASH_DIGITS]})")
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or state.keys() != weights.keys():
+        return "its weights are not this model's (other parameter names)"
+    for key, tensor in weights.items():
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != tensor.shape:
+            shape = getattr(state[key], "shape", type(state[key]).__name__)
+            return f"its weights are not this model's ({key} is {tuple(shape)}, the model's {tuple(tensor.shape)})"
+    if not isinstance(checkpoint["callbacks"], dict):
+        return "not a training checkpoint (its callbacks' state is not a dict)"
+    # The best checkpoint's callback state names the file with the best weights so far, which testing needs.
+    needed = {Path(s["best_model_path"]).name for s in checkpoint["callbacks"].values()
+              if isinstance(s, dict) and s.get("monitor") and s.get("best_model_path")} - {path.name}
+    gone = sorted(name for name in needed if not (path.parent / name).is_file())
+    if gone:
+        return f"it needs {', '.join(gone)} (the best weights so far), which is gone or unusable"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, digest: str, weights: dict[str, torch.Tensor]) -> Path | None:
+    """The checkpoint to resume from: last.ckpt, else best.ckpt; None to start from scratch. Each one that
+    cannot be used is set aside first (best.ckpt before last.ckpt, which may need it)."""
+    folder = run_dir / CHECKPOINTS
+    candidates = [folder / "best.ckpt", folder / "last.ckpt"]
+    set_aside_any = False
+    for path in candidates:
+        if path.exists():
+            problem = checkpoint_problem(path, digest, weights)
+            if problem is not None:
+                set_aside(path, problem)
+                set_aside_any = True
+    for path in reversed(candidates):
+        if path.exists():
+            say(f"resuming from {path}")
+            return path
+    if set_aside_any:
+        say("no usable checkpoint left: starting from scratch")
+    return None
+
+
+# ---- writability ----
+def unwritable_problem(run_dir: Path, output_root: str) -> str | None:
+    """Why the run folder cannot be written (naming output_root), or None. Makes the folder."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir) as probe:
+            probe.write(bytes(4096))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        if err.errno not in UNWRITABLE:
+            raise
+        return unwritable(output_root, err, run_dir)
+    return None
+
+
+def unwritable(output_root: str, err: OSError, where: Path) -> str:
+    return (f"output_root={output_root} cannot be written ({err.strerror}: {err.filename or where}); "
+            "it must be a writable folder with free space")
+
+
+def remove_empty_folders(folder: Path, stop_at: Path) -> None:
+    """Remove the run folder Hydra made for a run that never started, and its empty parents up to
+    `stop_at` (included). Folders with anything in them are left alone."""
+    stop_at, folder = stop_at.resolve(), folder.resolve()
+    while folder.is_dir() and not any(folder.iterdir()) and folder.is_relative_to(stop_at):
+        try:
+            folder.rmdir()
+        except OSError:  # a read-only folder keeps its empty run folder
+            break
+        if folder == stop_at:
+            break
+        folder = folder.parent

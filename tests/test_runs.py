@@ -1,0 +1,252 @@
+"""Run folders hold one configuration each, every end of a run is recorded as what it is, and no checkpoint
+that cannot be used for a run stops it (docs/bad_inputs.md, "Faults that are not errors")."""
+
+import json
+import math
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import sandbox.train
+from sandbox import runs
+from sandbox.callbacks import RunInterrupted
+from sandbox.module import RecallModule
+from sandbox.train import CONF_DIR, ConfigError, train
+
+FAST = ["debug=fast", "task.limit_examples=64", "model.n_layers=1"]
+# Three epochs of four steps, two validation batches after each: last.ckpt and best.ckpt, a few seconds.
+SMALL = ["model=deltanet", "model.n_layers=1", "task.params.vocab_size=64", "task.limit_examples=64",
+         "task.batch_size=16", "task.eval_batch_size=32", "trainer.max_epochs=3", "trainer.limit_test_batches=1",
+         "optim.lr=1e-2", "callbacks.early_stopping.threshold=1.0"]
+METRICS = ("best_val_acc", "test_acc", "test_loss", "test_acc_per_slice", "steps", "epochs")
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[*overrides, "callbacks.progress=none"])
+
+
+def train_cli(monkeypatch, *args: str) -> int:
+    """`sandbox-train ARGS` in this process (the exit code it would have)."""
+    monkeypatch.setattr(sys, "argv", ["sandbox-train", *args, "callbacks.progress=none"])
+    try:
+        return sandbox.train.main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def read_result(folder: Path) -> dict:
+    (path,) = folder.rglob("result.json")
+    return json.loads(path.read_text())
+
+
+def sandbox_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("sandbox-train:")]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> tuple[Path, dict]:
+    """SMALL, finished: its folder and result."""
+    folder = tmp_path_factory.mktemp("small") / "run"
+    return folder, train(make_cfg(*SMALL), folder)
+
+
+def copy_of(small_run, tmp_path: Path) -> Path:
+    """A copy of the small run's folder without its result.json: a run that has checkpoints to resume from."""
+    folder = tmp_path / "run"
+    shutil.copytree(small_run[0], folder)
+    (folder / "result.json").unlink()
+    return folder
+
+
+# ---- identity ----
+def test_config_hash_is_every_setting_but_output_and_display():
+    def digest(*overrides):
+        return runs.config_hash(OmegaConf.to_container(make_cfg(*SMALL, *overrides), resolve=True))
+
+    base = digest()
+    for same in ("output_root=/elsewhere", "name=other", "callbacks.progress=lines", "logger=tensorboard"):
+        assert digest(same) == base, same
+    for other in ("optim.lr=2e-2", "seed=1", "trainer.max_epochs=4", "+model.mixer_options.expand_v=2"):
+        assert digest(other) != base, other
+
+
+def test_ten_overrides_make_a_short_readable_folder(tmp_path, monkeypatch):
+    overrides = [*FAST, "model=deltanet", "optim.lr=2e-3", "optim.weight_decay=0.01", "seed=3",
+                 "task.params.vocab_size=64", "task.batch_size=8",
+                 "task.segments.train=[{seq_len: 64, num_kv_pairs: 4, num_examples: 64},"
+                 "{seq_len: 32, num_kv_pairs: 2, num_examples: 64}]"]
+    assert len(overrides) == 10
+    assert train_cli(monkeypatch, *overrides, f"output_root={tmp_path}") == 0
+    (folder,) = (tmp_path / "train").iterdir()
+    assert len(folder.name.encode()) <= 255 and folder.name.startswith("debug=fast,model.n_layers=1,model=deltanet")
+    assert folder.name.endswith("-" + read_result(folder)["config_hash"][:12]), folder.name
+    # Any length, any separator in a value: one folder name within the limit.
+    name = runs.folder_name("task.params.path=a/b," + "x" * 1000, "0" * 64)
+    assert len(name.encode()) <= 255 and "/" not in name and name.startswith("task.params.path=a_b,x")
+
+
+def test_edited_or_namesake_experiment_never_gets_another_configurations_result(tmp_path, monkeypatch, capsys):
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+
+    def run(file: str, lr: float) -> str:
+        (experiments / f"{file}.yaml").write_text(f"# @package _global_\nname: mine\noptim:\n  lr: {lr}\n")
+        assert train_cli(monkeypatch, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"experiment={file}",
+                         *FAST, f"output_root={tmp_path / 'out'}") == 0
+        return capsys.readouterr().out
+
+    assert "already finished" not in run("a", 1e-3) + run("a", 2e-3) + run("b", 3e-3)  # edited; same name
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "out" / "mine").glob("*/result.json")]
+    assert sorted(r["config"]["optim"]["lr"] for r in stored) == [1e-3, 2e-3, 3e-3]
+    assert "already finished" in run("a", 1e-3)
+
+
+def test_folder_of_another_configuration_is_refused_untouched(small_run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(small_run[0], folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds a run of another configuration"):
+        train(make_cfg(*SMALL, "optim.lr=2e-2"), folder)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_result_written_before_statuses_counts_as_finished(small_run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(small_run[0], folder)
+    old = {k: v for k, v in small_run[1].items() if k not in ("status", "status_reason", "config_hash")}
+    (folder / "result.json").write_text(json.dumps(old))
+    assert train(make_cfg(*SMALL), folder) == json.loads(json.dumps(old))
+    assert "already finished" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="another configuration"):  # its config still says what it is
+        train(make_cfg(*SMALL, "seed=1"), folder)
+
+
+# ---- how runs end ----
+def test_divergence_stops_the_run_is_recorded_and_not_repeated(tmp_path, monkeypatch, capsys):
+    real_step = RecallModule.training_step
+
+    def nan_from_step_2(self, batch, batch_idx):
+        loss = real_step(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 2 else loss
+
+    monkeypatch.setattr(RecallModule, "training_step", nan_from_step_2)
+    command = [*SMALL, f"output_root={tmp_path}"]
+    assert train_cli(monkeypatch, *command) == 3
+    (line,) = sandbox_lines(capsys.readouterr().err)
+    assert "diverged: training loss nan at step 3" in line, line
+    result = read_result(tmp_path)
+    assert result["status"] == "diverged" and result["steps"] == 3  # of 12: stopped at once
+    assert math.isnan(result["test_acc"]) and math.isnan(result["best_val_acc"])
+    assert train_cli(monkeypatch, *command) == 3
+    assert "already diverged (training loss nan at step 3)" in capsys.readouterr().out
+    assert read_result(tmp_path) == result
+
+
+def test_run_without_a_training_step_or_a_validation_is_not_trained(tmp_path, monkeypatch, capsys):
+    assert train_cli(monkeypatch, *FAST, "trainer.limit_train_batches=0", f"output_root={tmp_path}") == 4
+    (line,) = sandbox_lines(capsys.readouterr().err)
+    assert "not trained: it took no training step" in line, line
+    assert read_result(tmp_path)["status"] == "not_trained"
+    # Three steps of eight, validation every five: the run ends before it ever validates.
+    never_validated = train(make_cfg(*FAST, "task.batch_size=8", "trainer.limit_train_batches=8",
+                                     "trainer.val_check_interval=5", "trainer.max_steps=3"), tmp_path / "run")
+    assert never_validated["status"] == "not_trained" and never_validated["steps"] == 3
+    assert never_validated["status_reason"].startswith("it never validated in its 3 steps")
+
+
+class SignalInValidation(L.Callback):
+    """Sends this process SIGTERM after the first batch of the validation at `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step and batch_idx == 0:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_signal_in_validation_resumes_from_the_last_validation(small_run, tmp_path):
+    with pytest.raises(RunInterrupted):
+        train(make_cfg(*SMALL), tmp_path, extra_callbacks=[SignalInValidation(8)])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "interrupted" and "resumes from last.ckpt" in result["status_reason"], result
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = train(make_cfg(*SMALL), tmp_path)
+    assert resumed["resumed"]
+    for key in METRICS:
+        assert resumed[key] == small_run[1][key], key
+
+
+# ---- checkpoints that cannot be used ----
+def rewrite(path: Path, change) -> None:
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def other_shape(checkpoint: dict) -> None:
+    key = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][key] = torch.zeros(3, 5)
+
+
+def unreadable(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+# (file broken, how, what the message says, where the run goes on from). A last.ckpt is used only with the
+# best.ckpt it names, so with best.ckpt set aside, last.ckpt is too and the run starts again.
+BROKEN = {
+    "truncated-last": ("last.ckpt", lambda p: p.write_bytes(p.read_bytes()[:1000]), "truncated or corrupt", "best"),
+    "garbage-best": ("best.ckpt", lambda p: p.write_bytes(b"not a checkpoint"), "a safe load refuses", "scratch"),
+    "empty-last": ("last.ckpt", lambda p: p.write_bytes(b""), "empty or truncated", "best"),
+    "not-a-dict-last": ("last.ckpt", lambda p: torch.save([1, 2], p), "it holds a list", "best"),
+    "keys-missing-best": ("best.ckpt", lambda p: torch.save({"state_dict": {}}, p), "keys [", "scratch"),
+    "other-config-last": ("last.ckpt", lambda p: rewrite(p, lambda c: c.update(config_hash="0" * 64)),
+                          "written by another configuration", "best"),
+    "no-config-hash-best": ("best.ckpt", lambda p: rewrite(p, lambda c: c.pop("config_hash")),
+                            "it records no configuration", "scratch"),
+    "other-shapes-last": ("last.ckpt", lambda p: rewrite(p, other_shape), "its weights are not this model's", "best"),
+    "unreadable-last": ("last.ckpt", unreadable, "cannot be read", "best"),
+    "not-restorable-last": ("last.ckpt", lambda p: rewrite(p, lambda c: c.update(loops={"fit_loop": 1})),
+                            "it cannot be restored", "best"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_unusable_checkpoint_is_set_aside_and_the_run_goes_on(case, small_run, tmp_path, capsys):
+    name, breaking, says, goes_on_from = BROKEN[case]
+    folder = copy_of(small_run, tmp_path)
+    broken = folder / "checkpoints" / name
+    breaking(broken)
+    result = train(make_cfg(*SMALL), folder)
+    out = capsys.readouterr()
+    assert f"{broken} cannot be used: " in out.out and says in out.out, out.out
+    assert (folder / "checkpoints" / f"{name}.unusable").exists()
+    assert "weights_only" not in out.out + out.err
+    if goes_on_from == "best":
+        assert f"resuming from {folder / 'checkpoints' / 'best.ckpt'}" in out.out and result["resumed"]
+    else:
+        assert "starting from scratch" in out.out and not result["resumed"]
+    for key in METRICS:
+        assert result[key] == small_run[1][key], key
+    assert train(make_cfg(*SMALL), folder) == json.loads(json.dumps(result))  # and the next command is done
+
+
+def test_last_checkpoint_without_its_best_starts_again(small_run, tmp_path, capsys):
+    folder = copy_of(small_run, tmp_path)
+    (folder / "checkpoints" / "best.ckpt").unlink()
+    result = train(make_cfg(*SMALL), folder)
+    out = capsys.readouterr().out
+    assert "last.ckpt cannot be used: it needs best.ckpt" in out and "starting from scratch" in out, out
+    for key in METRICS:
+        assert result[key] == small_run[1][key], key
