@@ -26,6 +26,7 @@ ratios between variants and modes measured in this run. `--json` gets every row,
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -279,7 +280,12 @@ def _row(args, mode, model, width, variant, windows: Windows, seq_len: int, **ex
 
 
 # ---- packed: N processes at once ----
+def _quiet_lightning() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no set-up notes for every run
+
+
 def _packed_child(args, plan, barrier, queue) -> None:
+    _quiet_lightning()
     try:
         for model, width, variant in plan:
             queue.put(run_lightning(args, model, width, variant, barrier))
@@ -296,7 +302,8 @@ def run_packed(args, plan, report) -> bool:
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(args.packed), ctx.Queue()
-    children = [ctx.Process(target=_packed_child, args=(args, plan, barrier, queue)) for _ in range(args.packed)]
+    children = [ctx.Process(target=_packed_child, args=(args, plan, barrier, queue), daemon=True)
+                for _ in range(args.packed)]
     for child in children:
         child.start()
     ok = True
@@ -415,16 +422,23 @@ def parse(argv):
     return args
 
 
-def plan(args) -> dict[str, list[tuple]]:
-    alone = [(m, w, v) for m in args.models for w in args.widths for v in args.variants]
-    alone += [(m, w, v) for m in args.models for w in args.ablate_at for v in LEVERS if (m, w, v) not in alone]
-    packed = [(m, w, v) for m in args.models for w in args.packed_widths for v in args.variants]
-    plain = [(m, w, "all") for m in args.plain_models for w in args.widths]
-    return {mode: rows for mode, rows in (("alone", alone), ("packed", packed), ("plain", plain))
-            if mode in args.modes}
+def plan(args) -> list[tuple[str, list[tuple]]]:
+    """(mode, its runs as (model, width, variant)) in the order they run: width by width as given, each
+    width's runs alone, then packed, then plain, so that a run cut short has whole widths."""
+    widths = list(dict.fromkeys([*args.widths, *args.ablate_at, *args.packed_widths]))
+    steps = []
+    for w in widths:
+        alone = [(m, w, v) for m in args.models for v in (args.variants if w in args.widths else [])]
+        ablated = LEVERS if w in args.ablate_at else []
+        alone += [(m, w, v) for m in args.models for v in ablated if (m, w, v) not in alone]
+        packed = [(m, w, v) for m in args.models for v in args.variants] if w in args.packed_widths else []
+        plain = [(m, w, "all") for m in args.plain_models] if w in args.widths else []
+        steps += [(mode, runs) for mode, runs in (("alone", alone), ("packed", packed), ("plain", plain))
+                  if runs and mode in args.modes]
+    return steps
 
 
-def check_configs(args, runs: dict) -> None:
+def check_configs(args, steps: list) -> None:
     """Every run's config composes and its model builds (on the meta device: no weights, no data)."""
     import torch
     from hydra.errors import HydraException
@@ -434,7 +448,7 @@ def check_configs(args, runs: dict) -> None:
     from models import build_model
     from sandbox.train import one_line
 
-    for model, width, _ in {(m, w, None) for rows in runs.values() for m, w, _ in rows}:
+    for model, width in dict.fromkeys((m, w) for _, runs in steps for m, w, _ in runs):
         try:
             cfg = compose(args, model, width, tempfile.gettempdir())
             with torch.device("meta"):
@@ -447,8 +461,8 @@ def check_configs(args, runs: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
-        runs = plan(args)
-        check_configs(args, runs)
+        steps = plan(args)
+        check_configs(args, steps)
     except BadInput as err:
         print(f"sandbox-bench train: error: {err}", file=sys.stderr)
         return 2
@@ -456,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sandbox.results import write_json_atomic
 
+    _quiet_lightning()
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {device}, torch {torch.__version__}; {'bf16-mixed' if cuda else 'float32'}; "
@@ -470,11 +485,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             write_json_atomic(args.json, record)
 
-    for model, width, variant in runs.get("alone", []):
-        report(run_lightning(args, model, width, variant))
-    packed_ok = run_packed(args, runs["packed"], report) if runs.get("packed") else True
-    for model, width, _ in runs.get("plain", []):
-        report(run_plain(args, model, width))
+    packed_ok = True
+    for mode, runs in steps:
+        if mode == "packed":
+            packed_ok = run_packed(args, runs, report) and packed_ok
+            continue
+        for model, width, variant in runs:
+            report(run_lightning(args, model, width, variant) if mode == "alone" else run_plain(args, model, width))
     record["ratios"] = ratios(record["rows"])
     print("\n".join(["ratios (steps/s, measured in this run):", *record["ratios"]]))
     if args.json is not None:
