@@ -44,7 +44,7 @@ def label_positions(labels: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.argsort(unlabelled, stable=True)[:rows]
 
 
-def max_labels(datasets) -> int:
+def most_labelled(datasets) -> int:
     """The most labelled positions of any example of these datasets (their labels are CPU tensors: no device read)."""
     return max(int((d.labels != IGNORE_INDEX).sum(1).max()) for d in datasets)
 
@@ -73,7 +73,7 @@ class RecallModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is not None and datamodule.datasets:
-            self.max_labels = max_labels(datamodule.datasets.values())
+            self.max_labels = most_labelled(datamodule.datasets.values())
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
         """(loss, aux loss, hits [B, T] bool: labelled positions predicted right, mask [B, T] of the labelled)."""

@@ -21,6 +21,8 @@ busy time (on the CPU: its CPU ops' time), then on CUDA `--check-steps` counted 
 tokens/s, and runs per GPU-hour for the grid of `--grid-runs` runs of `--grid-steps` steps (default: the
 432-run experiment=zoology at 3000 steps), counting training steps only (no validation or test); then the
 ratios between variants and modes measured in this run. `--json` gets every row, rewritten after each.
+Each process generates its data once (every segment capped at a few more examples than a run takes batches)
+and a run ends before its first validation.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def levers_of(variant: str) -> set[str]:
 
 # ---- the windows of a run: warm-up, timed, profiled, sync-checked ----
 class Windows:
-    """Call `step_start()` before every step and once after the last (`total` steps). With a `barrier` (packed
+    """Call `step_start()` before each of `total` steps and once more, before a next step or after the last
+    (Lightning runs one step more, so that the epoch's end stays out of the windows). With a `barrier` (packed
     runs), the processes start their timed and profiled windows together."""
 
     def __init__(self, warmup: int, timed: int, profiled: int, checked: int, barrier=None):
@@ -116,8 +119,7 @@ class Windows:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
         if n == end and self.checked:
-            self._sync()
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode("default")  # before anything here syncs
             self._caught.__exit__(None, None, None)
             syncs = [w for w in self._warnings if "synchroniz" in str(w.message)]
             self.result["syncs_per_step"] = len(syncs) / self.checked
@@ -129,9 +131,6 @@ def _window_callback(windows: Windows):
     class StepWindows(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             windows.step_start()
-
-        def on_train_end(self, trainer, pl_module):
-            windows.step_start()  # the end of the last window
 
     return StepWindows()
 
@@ -171,7 +170,7 @@ def compose(args, model: str, width: int, root: str):
 
     from sandbox.train import CONF_DIR
 
-    steps = Windows(args.warmup, args.steps, args.profile_steps, args.check_steps).total
+    steps = Windows(args.warmup, args.steps, args.profile_steps, args.check_steps).total + 1
     overrides = [
         f"experiment={args.experiment}", f"model={model}", f"model.d_model={width}",
         # enough examples in every segment for more batches than steps, the first validation after the last
@@ -236,7 +235,7 @@ def run_plain(args, model: str, width: int) -> dict:
     import torch
 
     from sandbox.data import DeviceLoader, EpochShuffle
-    from sandbox.module import RecallModule, WarmupCosine, adamw, max_labels
+    from sandbox.module import RecallModule, WarmupCosine, adamw, most_labelled
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as root:
         cfg = compose(args, model, width, root)
@@ -245,7 +244,7 @@ def run_plain(args, model: str, width: int) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     datamodule = Data.get(cfg)
     module = make_module(cfg, datamodule, RecallModule).to(device)
-    module.max_labels = max_labels(datamodule.datasets.values())
+    module.max_labels = most_labelled(datamodule.datasets.values())
     windows = Windows(args.warmup, args.steps, args.profile_steps, args.check_steps)
     optimizer = adamw(module.model, cfg.optim, fused=cuda)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -281,6 +280,8 @@ def _row(args, mode, model, width, variant, windows: Windows, seq_len: int, **ex
 
 # ---- packed: N processes at once ----
 def _quiet_lightning() -> None:
+    import lightning.pytorch  # noqa: F401 (its import sets its logger's level)
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no set-up notes for every run
 
 
@@ -356,18 +357,20 @@ def ratios(rows: list[dict]) -> list[str]:
     found = {(r["mode"], r["model"], r["d_model"], r["variant"]): r for r in rows}
     lines = []
     for (mode, model, width, variant), row in found.items():
-        base = found.get(("alone", model, width, "none"))
-        if base is not None and row is not base and mode != "plain":
-            name = variant if mode == "alone" else f"packed x{row['processes']} {variant}"
-            lines.append(f"{model} d {width}: {name} / none alone: {speed(row) / speed(base):.2f}x steps/s")
-        alone = found.get(("alone", model, width, variant))
-        if mode == "packed" and alone is not None:  # each process's kernels, as measured alone, at the total rate
-            share = speed(row) * alone["busy_ms"] / 1e3
-            lines.append(f"{model} d {width}: packed x{row['processes']} {variant} / {variant} alone: "
-                         f"{speed(row) / speed(alone):.2f}x steps/s; GPU busy {share:.0%} of the time")
-        lightning = found.get(("alone", model, width, "all"))
-        if mode == "plain" and lightning is not None:
-            lines.append(f"{model} d {width}: plain loop / all alone: {speed(row) / speed(lightning):.2f}x steps/s")
+        none, same, everything = (found.get(("alone", model, width, v)) for v in ("none", variant, "all"))
+        packed = f"packed x{row.get('processes')} {variant}"
+        pairs = []  # (name, the row it is against, a note)
+        if mode == "alone" and none is not None and variant != "none":
+            pairs.append((f"{variant} / none alone", none, ""))
+        if mode == "packed" and same is not None:  # the kernels of a step, measured alone, at the total rate
+            busy = "GPU busy" if same["busy_kind"] == "cuda kernels" else "CPU ops busy"
+            pairs.append((f"{packed} / {variant} alone", same, f"; {busy} {speed(row) * same['busy_ms'] / 1e3:.0%}"))
+        if mode == "packed" and none is not None and variant != "none":
+            pairs.append((f"{packed} / none alone", none, ""))
+        if mode == "plain" and everything is not None:
+            pairs.append(("plain loop / all alone", everything, ""))
+        for name, other, note in pairs:
+            lines.append(f"{model} d {width}: {name}: {speed(row) / speed(other):.2f}x steps/s{note}")
     return lines
 
 
