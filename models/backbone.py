@@ -202,11 +202,16 @@ class LanguageModel(nn.Module):
             h = h + (pos if input_ids.dim() == 2 else pos[0])
         return h
 
-    def forward(self, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, T] int64; label_mask [B, T] bool or None."""
+    def forward(self, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None,
+                label_index: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] int64; label_mask [B, T] bool, or label_index [N] int64 (flat positions b T + t, in
+        the order given: a count the caller fixes, where a mask's selection reads its count from the device),
+        or neither."""
         h = self._embed(input_ids, 0)
         for block in self.blocks:
             h = block(h)
+        if label_index is not None:
+            h = h.flatten(0, 1)[label_index]
         if label_mask is not None:
             if label_mask.shape != input_ids.shape or label_mask.dtype != torch.bool:
                 raise ValueError(
@@ -222,12 +227,13 @@ class LanguageModel(nn.Module):
                 aux = aux + mixer_aux
         return ModelOutput(logits=logits, aux_loss=aux)
 
-    def router_stats(self) -> dict[str, float]:
-        """Router statistics of the MoM layers from the last forward (empty for other mixers)."""
+    def router_stats(self, as_tensors: bool = False) -> dict:
+        """Router statistics of the MoM layers from the last forward (empty for other mixers): floats, or with
+        `as_tensors` 0-dim tensors on the device (no host sync)."""
         stats = {}
         for i, block in enumerate(self.blocks):
             if hasattr(block.mixer, "router_stats"):
-                stats.update({f"layer{i}/{k}": v for k, v in block.mixer.router_stats().items()})
+                stats.update({f"layer{i}/{k}": v for k, v in block.mixer.router_stats(as_tensors).items()})
         return stats
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

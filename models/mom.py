@@ -30,7 +30,8 @@ routed path (`kernels/mom`): each memory runs on the tokens routed to it only, p
 device, and decoding updates only the selected memories.
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
-Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats.
+Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or
+returns the tensors).
 """
 
 from __future__ import annotations
@@ -136,14 +137,15 @@ class MoM(nn.Module):
         self._stats = {"load": load.detach(), "router_entropy": entropy.detach(), "aux_loss": aux.detach()}
         return y
 
-    def router_stats(self) -> dict[str, float]:
-        """From the last forward: load_m{j} (fraction of routed slots), router_entropy, aux_loss (no coef)."""
+    def router_stats(self, as_tensors: bool = False) -> dict:
+        """From the last forward: load_m{j} (fraction of routed slots), router_entropy, aux_loss (no coef); floats,
+        or with `as_tensors` 0-dim tensors on the device (no host sync)."""
         if not self._stats:
             return {}
-        stats = {f"load_m{j}": f for j, f in enumerate(self._stats["load"].tolist())}
-        stats["router_entropy"] = self._stats["router_entropy"].item()
-        stats["aux_loss"] = self._stats["aux_loss"].item()
-        return stats
+        stats = {f"load_m{j}": f for j, f in enumerate(self._stats["load"].unbind())}
+        stats["router_entropy"] = self._stats["router_entropy"]
+        stats["aux_loss"] = self._stats["aux_loss"]
+        return stats if as_tensors else {k: v.item() for k, v in stats.items()}
 
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
         return self.memory.init_state(batch_size)

@@ -92,14 +92,33 @@ class ResumableLoader(DataLoader):
         resume, self.resume = self.resume, None
         skip = resume["served"] if resume and resume["epoch"] == self.sampler.epoch else 0
         self.served = skip
-        for batch in itertools.islice(super().__iter__(), skip, None):
+        for batch in self._batches(skip):
             self.served += 1
             yield batch
+
+    def _batches(self, skip: int):
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class DeviceLoader(ResumableLoader):
+    """A ResumableLoader whose dataset is held on `device`: each batch is gathered there by slicing the epoch's
+    permutation, copied to the device once per epoch, so a step neither collates on the host nor copies its batch
+    over (a copy that waits for the device). The batches, their order and resuming are the ResumableLoader's."""
+
+    def __init__(self, dataset: RecallDataset, *args, device: torch.device, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.tensors = [t.to(device) for t in (dataset.inputs, dataset.labels, dataset.slice_bins)]
+
+    def _batches(self, skip: int):
+        order = torch.tensor(list(self.sampler), device=self.tensors[0].device)
+        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield tuple(t[index] for t in self.tensors)
 
 
 class RecallDataModule(L.LightningDataModule):
     def __init__(self, name: str, params: dict, segments: dict, seed: int, batch_size: int,
-                 eval_batch_size: int | None = None, limit_examples: int | None = None):
+                 eval_batch_size: int | None = None, limit_examples: int | None = None, device_data: bool = False):
         """The settings are those of `task` in the config, checked by `sandbox.settings.check_settings`;
         eval_batch_size None: the training batch size."""
         super().__init__()
@@ -108,6 +127,8 @@ class RecallDataModule(L.LightningDataModule):
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         # A cap on each segment's size, for fast debug runs.
         self.limit_examples = limit_examples
+        # Keep the training set on the trainer's device and gather batches there (DeviceLoader).
+        self.device_data = device_data
         self.datasets: dict[str, RecallDataset] = {}
         self._train_loader: ResumableLoader | None = None
         self._resume: dict | None = None
@@ -155,8 +176,13 @@ class RecallDataModule(L.LightningDataModule):
         rank, world_size = self._processes()
         batch_size = self.batch_size // world_size
         sampler = EpochShuffle(len(self.datasets["train"]), self.seed, rank, world_size)
-        self._train_loader = ResumableLoader(self.datasets["train"], batch_size=batch_size, sampler=sampler,
-                                             drop_last=len(sampler) >= batch_size, resume=self._resume)
+        options = {"batch_size": batch_size, "sampler": sampler, "drop_last": len(sampler) >= batch_size,
+                   "resume": self._resume}
+        if self.device_data:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            self._train_loader = DeviceLoader(self.datasets["train"], device=device, **options)
+        else:
+            self._train_loader = ResumableLoader(self.datasets["train"], **options)
         self._resume = None
         return self._train_loader
 

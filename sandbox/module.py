@@ -4,6 +4,13 @@ Loss: next-token cross-entropy at labelled positions (labels != -100), plus the 
 losses (MoM's load balancing, already scaled by its coefficient). Accuracy is counted at labelled
 positions; in evaluation also per slice (e.g. per num_kv_pairs), with device-side sums that are
 reduced over processes once per epoch.
+
+A training step reads nothing back to the host, so the CPU can queue the next steps while the GPU works: the
+logits are taken at a fixed number of positions per example (the most labelled positions of any example of the
+data, `max_labels`; the others are ignored by the loss) rather than at a boolean mask, whose selection reads
+its count from the device; metrics stay tensors until Lightning writes them at its logging interval (none go to
+the progress bar, which Lightning reads to the host after every step); on CUDA AdamW is fused (one kernel
+for every parameter, its step counts on the device).
 """
 
 import math
@@ -31,39 +38,67 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def label_positions(labels: torch.Tensor, rows: int) -> torch.Tensor:
+    """Flat positions (b T + t) of the labelled tokens in row-major order, then unlabelled ones, `rows` in all."""
+    unlabelled = (labels == IGNORE_INDEX).flatten().to(torch.int32)
+    return torch.argsort(unlabelled, stable=True)[:rows]
+
+
+def most_labelled(datasets) -> int:
+    """The most labelled positions of any example of these datasets (their labels are CPU tensors: no device read)."""
+    return max(int((d.labels != IGNORE_INDEX).sum(1).max()) for d in datasets)
+
+
+def adamw(model: torch.nn.Module, optim: dict, fused: bool) -> torch.optim.AdamW:
+    """AdamW of the `optim` settings, weight decay on matrices only; `fused`: one kernel for every parameter."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim["lr"], betas=tuple(optim["betas"]), fused=fused,
+    )
+
+
 class RecallModule(L.LightningModule):
+    fused_adamw = True  # on CUDA; `sandbox-bench train` turns it off to measure what it gives
+
     def __init__(self, model: dict, vocab_size: int, max_seq_len: int, optim: dict):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(vocab_size=vocab_size, max_seq_len=max_seq_len, **model)
         self.optim = optim
+        self.max_labels = max_seq_len  # per example; made exact from the data in `setup`
         self._sums: dict[str, torch.Tensor] = {}
 
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and datamodule.datasets:
+            self.max_labels = most_labelled(datamodule.datasets.values())
+
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """(loss, aux loss, hits [B, T] bool: labelled positions predicted right, mask [B, T] of the labelled)."""
         mask = labels != IGNORE_INDEX
-        out = self.model(inputs, label_mask=mask)
-        targets = labels[mask]
-        loss = F.cross_entropy(out.logits.float(), targets)
-        correct = out.logits.argmax(-1) == targets
-        return loss, out.aux_loss, correct, mask
+        index = label_positions(labels, min(labels.numel(), labels.shape[0] * self.max_labels))
+        out = self.model(inputs, label_index=index)
+        targets = labels.flatten()[index]  # IGNORE_INDEX past the labelled positions
+        loss = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE_INDEX)
+        hits = torch.zeros_like(mask).view(-1).index_copy_(0, index, out.logits.argmax(-1) == targets)
+        return loss, out.aux_loss, hits.view_as(mask), mask
 
     def training_step(self, batch, batch_idx):
         inputs, labels, _ = batch
-        loss, aux_loss, correct, _ = self(inputs, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", correct.float().mean(), prog_bar=True)
+        loss, aux_loss, hits, mask = self(inputs, labels)
+        self.log("train/loss", loss)
+        self.log("train/acc", hits.sum() / mask.sum())
         self.log("train/aux_loss", aux_loss)
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            stats = self.model.router_stats()
-            if stats:
-                self.log_dict({f"router/{k}": v for k, v in stats.items()})
+            self.log_dict({f"router/{k}": v for k, v in self.model.router_stats(as_tensors=True).items()})
         return loss + aux_loss
 
     # ---- evaluation: sums over the epoch, per slice too ----
     def _eval_step(self, batch):
         inputs, labels, bins = batch
-        loss, _, correct, mask = self(inputs, labels)
-        hits = torch.zeros_like(mask).masked_scatter_(mask, correct)
+        loss, _, hits, mask = self(inputs, labels)
         per_example_hits, per_example_count = hits.sum(1), mask.sum(1)
         sums = self._sums
         if not sums:
@@ -94,9 +129,7 @@ class RecallModule(L.LightningModule):
         self.log_dict({k: v.float().squeeze() for k, v in metrics.items()}, sync_dist=False)
         if prefix == "val":
             self.log_dict({f"diag/{k}": v for k, v in self.model.embedding_stats().items()})
-            stats = self.model.router_stats()
-            if stats:
-                self.log_dict({f"router/{k}": v for k, v in stats.items()})
+            self.log_dict({f"router/{k}": v for k, v in self.model.router_stats(as_tensors=True).items()})
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -111,13 +144,7 @@ class RecallModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim["weight_decay"]},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
-        )
+        optimizer = adamw(self.model, self.optim, fused=self.fused_adamw and self.device.type == "cuda")
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim["warmup_ratio"] * total)
         schedule = WarmupCosine(warmup, total, self.optim["min_lr_ratio"])

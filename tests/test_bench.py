@@ -152,3 +152,63 @@ def test_mom_bench_prints_kernel_times_and_their_ratio(capsys):
     assert "kernels 8.00 ms per call; longest, ms: chunk 4.00" in out
     assert "ours/single 2.00x" in out
     assert "fla/ours 3.00x  peak ours/fla 1.00  kernel time fla/ours 2.50x" in out
+
+
+def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
+    """Tiny runs on the CPU: every mode's rows, their derived numbers, and the ratios between them."""
+    from sandbox.bench import train as bench
+
+    out = tmp_path / "train.json"
+    argv = ["--models", "attention", "--widths", "16", "--packed-widths", "16", "--ablate-at", "--batch", "4",
+            "--experiment", "quickstart", "--override", "model.n_layers=1", "--warmup", "1", "--steps", "2",
+            "--profile-steps", "1", "--packed", "2", "--grid-runs", "10", "--grid-steps", "100", "--json", str(out)]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert [(r["mode"], r["variant"]) for r in rows] == [
+        ("alone", "none"), ("alone", "all"), ("packed", "none"), ("packed", "all"), ("plain", "all")]
+    measured = [r for r in rows if r["mode"] != "packed"] + [p for r in rows for p in r.get("per_process", [])]
+    assert len(measured) == 3 + 2 * 2
+    for row in measured:
+        assert row["busy_kind"] == "cpu ops" and row["busy_ms"] > 0 and row["wall_ms"] > 0
+        assert row["profiled_wall_ms"] >= row["busy_ms"]  # the profiled steps' ops fit in those steps' wall time
+        assert row["steps_per_s"] == pytest.approx(1e3 / row["wall_ms"])
+        assert row["tokens_per_s"] == pytest.approx(row["steps_per_s"] * 4 * row["seq_len"])
+        assert row["wall_over_busy"] == pytest.approx(row["wall_ms"] / row["busy_ms"])
+        assert not row["fused"] and "syncs_per_step" not in row  # CPU: no fused AdamW, no sync count
+    for row in rows[2:4]:
+        starts, ends = zip(*(p["clock"] for p in row["per_process"]))
+        assert max(starts) < min(ends)  # the two processes' timed windows overlap
+        assert row["total_steps_per_s"] == pytest.approx(2 * 2 / (max(ends) - min(starts)))
+        assert row["runs_per_gpu_hour"] == pytest.approx(3600 * row["total_steps_per_s"] / 100)
+    assert rows[0]["runs_per_gpu_hour"] == pytest.approx(3600 * rows[0]["steps_per_s"] / 100)
+    assert record["grid"] == {"runs": 10, "steps": 100}
+    ratio = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]
+    assert f"attention d 16: all / none alone: {ratio:.2f}x steps/s" in record["ratios"]
+    assert any(line.startswith("attention d 16: plain loop / all alone:") for line in record["ratios"])
+    assert any(line.startswith("attention d 16: packed x2 all / all alone:") for line in record["ratios"])
+    printed = capsys.readouterr().out
+    assert f"wall {rows[0]['wall_ms']:8.2f} ms  busy {rows[0]['busy_ms']:8.2f} ms" in printed
+    assert f"(grid {10 / rows[0]['runs_per_gpu_hour']:5.2f} GPU-h)" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps 0 is invalid: must be >= 1"),
+    (["--models", "gla"], "--models gla is invalid: choose from attention, gated_deltanet, mom"),
+    (["--variants", "fast"], "--variants fast is invalid: choose from none, fused, nosync, device_data, all"),
+    (["--widths", "wide"], "argument --widths: invalid int value: 'wide'"),
+    (["--modes", "packed", "--packed", "0"], "--packed 0 is invalid: must be >= 1"),
+    (["--json", "/nonexistent/train.json"], "--json /nonexistent/train.json is invalid: its folder"),
+    (["--override", "model.no_such_key=1"], "model=attention model.d_model=64: Could not override 'model.no_such_key'"),
+    (["--models", "mom", "--widths", "65", "--override", "model.mixer_options.num_heads=2"],
+     "model=mom model.d_model=65: "),
+], ids=["steps", "model", "variant", "width-type", "packed", "json-folder", "override", "width-heads"])
+def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    from sandbox.bench import train as bench
+
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"sandbox-bench train: error: {message}")
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -183,7 +183,6 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
     without CUDA, its CPU ops), Triton kernel names without their leading _ and trailing _kernel, CUDA C++ ones
     without their template and call arguments (PyTorch's elementwise kernels summed by kind)."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -192,6 +191,15 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
             fn()
         if cuda:
             torch.cuda.synchronize()
+    return times_by_kernel(prof, calls)
+
+
+def times_by_kernel(prof, calls: int) -> dict[str, float]:
+    """kernel_times' table from a finished torch.profiler profile of `calls` calls."""
+    import torch
+    from torch.autograd import DeviceType
+
+    cuda = torch.cuda.is_available()
     device = DeviceType.CUDA if cuda else DeviceType.CPU
     times = {}
     for event in prof.key_averages():

@@ -1,0 +1,131 @@
+"""A training step of `sandbox-train` reads nothing back to the host between its logging intervals, so that on a GPU
+the CPU queues the next steps while the device works; the labelled-position selection that makes this possible
+gives the loss and accuracy of a boolean mask's."""
+
+import collections
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sandbox.module import IGNORE_INDEX, label_positions
+from sandbox.train import CONF_DIR, build, make_trainer
+
+# aten ops that wait for the device on CUDA: a scalar read (.item(), float(), bool(), .tolist()), and the
+# selections whose output size depends on the data
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+
+
+class HostReadSpy(TorchDispatchMode):
+    """Counts the ops of HOST_READS (and indexing by a bool tensor) except reads of `skip` tensors."""
+
+    def __init__(self, skip=()):
+        super().__init__()
+        self.seen, self.skip = collections.Counter(), skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[1]
+        by_mask = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if (name in HOST_READS and not any(args[0] is t for t in self.skip)) or by_mask:
+            self.seen[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class SpyOnSteps(L.Callback):
+    """Spies from the start of batch `first` to the start of batch `last` (Lightning's after-step logging
+    included), not at a logging step."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.spy = first, last, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            # The unfused AdamW keeps its step counts on the host by design (no device read); fused, on the device.
+            steps = [s["step"] for s in trainer.optimizers[0].state.values()]
+            self.spy = HostReadSpy(skip=steps)
+            self.spy.__enter__()
+        elif batch_idx == self.last:
+            self.spy.__exit__(None, None, None)
+
+
+def tiny_config(model: str, *extra: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"model={model}", "debug=fast", "task.limit_examples=64",
+                                           "model.n_layers=1", "trainer.limit_train_batches=4",
+                                           "trainer.log_every_n_steps=50", "callbacks.progress=none", *extra])
+
+
+@pytest.mark.parametrize("model", ["attention", "mom"])
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, model):
+    cfg = tiny_config(model)
+    datamodule, module = build(cfg)
+    spy = SpyOnSteps(first=1, last=3)
+    make_trainer(cfg, Path(tmp_path), [spy]).fit(module, datamodule=datamodule)
+    assert spy.spy is not None and dict(spy.spy.seen) == {}
+
+
+def test_the_spy_sees_the_reads_of_a_step_that_makes_them(tmp_path):
+    """The step of before (sandbox-bench train's `nosync` lever off) reads the device: the spy must see it."""
+    from sandbox.bench.train import host_reads_module
+
+    cfg = tiny_config("attention")
+    datamodule, module = build(cfg)
+    state = module.state_dict()
+    module = host_reads_module()(model=dict(module.hparams.model), vocab_size=datamodule.vocab_size,
+                                 max_seq_len=datamodule.max_seq_len, optim=dict(module.hparams.optim))
+    module.load_state_dict(state)
+    spy = SpyOnSteps(first=1, last=3)
+    make_trainer(cfg, Path(tmp_path), [spy]).fit(module, datamodule=datamodule)
+    assert spy.spy.seen["index"] == 2 * 2  # the mask selects the hidden states and the labels, each step
+    assert spy.spy.seen["_local_scalar_dense"] == 2 * 2  # loss and accuracy on the progress bar
+
+
+def test_label_positions_give_the_masks_loss_and_accuracy():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (5, 12), generator=gen)
+    labels[torch.rand(5, 12, generator=gen) < 0.7] = IGNORE_INDEX
+    logits = torch.randn(5 * 12, 50, generator=gen)
+    mask = labels != IGNORE_INDEX
+    rows = 5 * int(mask.sum(1).max())
+    index = label_positions(labels, rows)
+    assert index.shape == (rows,) and index.unique().numel() == rows
+    torch.testing.assert_close(index[: int(mask.sum())], mask.flatten().nonzero().squeeze(1))  # in row-major order
+    targets = labels.flatten()[index]
+    loss = F.cross_entropy(logits[index], targets, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[mask.flatten()], labels[mask]))
+    hits = torch.zeros(60, dtype=torch.bool).index_copy_(0, index, logits[index].argmax(-1) == targets)
+    torch.testing.assert_close(hits.view(5, 12), mask & (logits.argmax(-1).view(5, 12) == labels))
+
+
+class SyncsOnSteps(L.Callback):
+    """Makes any host sync of the steps from batch `first` to batch `last` an error (CUDA's sync debug mode)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.checked = first, last, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            torch.cuda.set_sync_debug_mode("error")
+        elif batch_idx == self.last:
+            torch.cuda.set_sync_debug_mode("default")
+            self.checked = self.last - self.first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["attention", "gated_deltanet", "mom"])
+def test_training_steps_do_not_sync_on_cuda(tmp_path, model):
+    """With the training set on the device, the steps between logging intervals make no host sync at all."""
+    cfg = tiny_config(model, "trainer.limit_train_batches=6")
+    datamodule, module = build(cfg)
+    datamodule.device_data = True
+    check = SyncsOnSteps(first=2, last=5)
+    try:
+        make_trainer(cfg, Path(tmp_path), [check]).fit(module, datamodule=datamodule)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert check.checked == 3
+    assert type(module.trainer.optimizers[0]).__name__ == "AdamW" and module.trainer.optimizers[0].defaults["fused"]
