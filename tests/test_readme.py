@@ -9,6 +9,7 @@ only (`--help`, `make -n`, `bash -n`), each with its reason.
 import re
 import shlex
 import subprocess
+from fnmatch import fnmatch
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -57,12 +58,22 @@ def sweeps(overrides: list[str]) -> dict[str, list[str]]:
         if override.startswith("experiment="):
             config = OmegaConf.load(CONF_DIR / "experiment" / f"{override.split('=', 1)[1]}.yaml")
             params = OmegaConf.select(config, "hydra.sweeper.params", default={})
-            swept.update({key: str(values).split(",") for key, values in params.items()})
+            swept.update({key: sweep_values(key, str(values)) for key, values in params.items()})
     for override in overrides:
         key, _, values = override.partition("=")
         if "," in values:
             swept[key] = values.split(",")
     return swept
+
+
+def sweep_values(key: str, values: str) -> list[str]:
+    """A swept key's values: `a,b,...`, or Hydra's `glob([pattern, ...])` over the key's config group."""
+    match = re.fullmatch(r"glob\(\[(.*)\]\)", values)
+    if match is None:
+        return values.split(",")
+    patterns = [p.strip() for p in match.group(1).split(",")]
+    names = sorted(path.stem for path in (CONF_DIR / key).glob("*.yaml"))
+    return [name for name in names if any(fnmatch(name, pattern) for pattern in patterns)]
 
 
 def one_job(overrides: list[str], **chosen: str) -> list[str]:
