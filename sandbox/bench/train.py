@@ -318,14 +318,17 @@ def run_packed(args, plan, report) -> bool:
             print(f"packed x{args.packed} {model} d {width} {variant}: failed: {errors[0]}", flush=True)
             ok = False
             break
+        # the rate of all of them: every timed step over the span from the first start to the last end
         start, end = min(r["clock"][0] for r in rows), max(r["clock"][1] for r in rows)
         total = len(rows) * args.steps / (end - start)
-        packed = {**rows[0], "mode": "packed", "processes": len(rows), "per_process": rows,
-                  "steps_per_s": sum(r["steps_per_s"] for r in rows) / len(rows),
-                  "total_steps_per_s": total, "runs_per_gpu_hour": 3600 * total / args.grid_steps}
-        for key in ("wall_ms", "busy_ms", "wall_over_busy", "tokens_per_s"):
-            packed[key] = sum(r[key] for r in rows) / len(rows)
-        packed["total_tokens_per_s"] = total * rows[0]["batch"] * rows[0]["seq_len"]
+        alike = ("model", "d_model", "variant", "batch", "seq_len", "timed_steps", "profiled_steps", "busy_kind",
+                 "fused")
+        packed = {"mode": "packed", **{k: rows[0][k] for k in alike}, "processes": len(rows)}
+        for key in ("wall_ms", "busy_ms", "wall_over_busy", "steps_per_s", "tokens_per_s", "syncs_per_step"):
+            if key in rows[0]:
+                packed[key] = sum(r[key] for r in rows) / len(rows)  # the mean over the processes
+        packed.update(total_steps_per_s=total, total_tokens_per_s=total * rows[0]["batch"] * rows[0]["seq_len"],
+                      runs_per_gpu_hour=3600 * total / args.grid_steps, per_process=rows)
         report(packed)
     for child in children:
         child.join(timeout=60)
