@@ -104,7 +104,9 @@ def test_median_pruning_stops_bad_trials_at_a_validation(tmp_path):
         assert sorted(trial.intermediate_values) == every_validation
     assert bad.state == TrialState.PRUNED
     assert max(bad.intermediate_values) < budget
-    assert not (Path(bad.user_attrs["run_dir"]) / "result.json").exists()
+    # The pruned run's folder records how it ended, never as a finished result that a report would average.
+    stopped = json.loads((Path(bad.user_attrs["run_dir"]) / "result.json").read_text())
+    assert stopped["status"] != "finished" and "TrialPruned" in stopped["status_reason"]
 
 
 def test_two_objectives_report_a_pareto_front(tmp_path, capsys):
