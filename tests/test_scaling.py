@@ -31,7 +31,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     """trainer=ddp with two processes: each trains on half of every global batch and evaluates half of the
     sets, so the run takes the same steps on the same batches as one process and ends at the same loss."""
     overrides = ["model=mom", "model.n_layers=1", "task.params.vocab_size=64", "task.limit_examples=256",
-                 "trainer.max_epochs=2", "optim.lr=1e-2"]
+                 "trainer.max_epochs=2", "optim.lr=3e-2"]
     proc = subprocess.run([sys.executable, "-m", "sandbox.train", *overrides, "trainer=ddp",
                            "trainer.accelerator=cpu", "trainer.devices=2", "callbacks.progress=none",
                            f"output_root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
