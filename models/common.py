@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels._common import compute_dtype  # the kernels' dtype rule for gates and states, which the mixers follow
 
 # --- argument checks (raised at construction, naming the setting and what it may be) ----------------------
 
@@ -88,11 +89,6 @@ def check_backend(backend: str) -> None:
 def kernel_op(rule: str, backend: str, device: torch.device, mode: str = "chunk"):
     """The op for `rule` on the backend the setting resolves to on `device` (never by sequence length)."""
     return kernels.get_op(rule, kernels.resolve_backend(backend, device), mode=mode)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Gates, router and recurrent states: float64 stays float64, everything else is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The DataModule: train, validation and test sets of a synthetic task, from disjoint seed ranges.
 
 Each split is a mixture of segments (seq_len, num_kv_pairs, ...), generated once by `tasks.make_mixture`
-on the CPU. Every example carries the index of its value in each slice (e.g. `num_kv_pairs=8`) so the
+on the CPU as numpy arrays, which become torch tensors here. Every example carries the index of its value in each slice (e.g. `num_kv_pairs=8`) so the
 evaluation can count accuracy per slice on the device without looking values up per batch.
 """
 
@@ -13,8 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import tasks
-
-SPLITS = ("train", "val", "test")
+from tasks import SPLITS
 
 
 @dataclass
@@ -29,11 +28,11 @@ class SliceTable:
 
 
 class RecallDataset(Dataset):
-    def __init__(self, data: "tasks.TaskData"):
-        self.inputs = data.inputs
-        self.labels = data.labels
+    def __init__(self, data: tasks.TaskData):
+        self.inputs = torch.from_numpy(data.inputs)
+        self.labels = torch.from_numpy(data.labels)
         names = sorted(data.slices)
-        values = [sorted(torch.unique(data.slices[n]).tolist()) for n in names]
+        values = [sorted(set(data.slices[n].tolist())) for n in names]
         self.slice_table = SliceTable(names, values)
         # Flat bin per (slice, value) so that one scatter_add counts every slice at once.
         offsets, bins = 0, []

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-
-IGNORE_INDEX = -100
+from tasks import IGNORE
 
 
 class WarmupCosine:
@@ -40,13 +39,13 @@ class WarmupCosine:
 
 def label_positions(labels: torch.Tensor, rows: int) -> torch.Tensor:
     """Flat positions (b T + t) of the labelled tokens in row-major order, then unlabelled ones, `rows` in all."""
-    unlabelled = (labels == IGNORE_INDEX).flatten().to(torch.int32)
+    unlabelled = (labels == IGNORE).flatten().to(torch.int32)
     return torch.argsort(unlabelled, stable=True)[:rows]
 
 
 def most_labelled(datasets) -> int:
     """The most labelled positions of any example of these datasets (their labels are CPU tensors: no device read)."""
-    return max(int((d.labels != IGNORE_INDEX).sum(1).max()) for d in datasets)
+    return max(int((d.labels != IGNORE).sum(1).max()) for d in datasets)
 
 
 def adamw(model: torch.nn.Module, optim: dict, fused: bool) -> torch.optim.AdamW:
@@ -77,11 +76,11 @@ class RecallModule(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
         """(loss, aux loss, hits [B, T] bool: labelled positions predicted right, mask [B, T] of the labelled)."""
-        mask = labels != IGNORE_INDEX
+        mask = labels != IGNORE
         index = label_positions(labels, min(labels.numel(), labels.shape[0] * self.max_labels))
         out = self.model(inputs, label_index=index)
-        targets = labels.flatten()[index]  # IGNORE_INDEX past the labelled positions
-        loss = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE_INDEX)
+        targets = labels.flatten()[index]  # IGNORE past the labelled positions
+        loss = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE)
         hits = torch.zeros_like(mask).view(-1).index_copy_(0, index, out.logits.argmax(-1) == targets)
         return loss, out.aux_loss, hits.view_as(mask), mask
 

@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sandbox.results import RESULT_FILE, read_json
+from sandbox.results import RESULT_FILE, TERMINAL, read_json, status_of
+from sandbox.settings import ConfigError
 
 # Keys that cannot change what a run computes: where it is written, under which name, how progress and
 # metrics are displayed and logged. Everything else, defaults included, is part of the run's identity.
@@ -103,10 +104,22 @@ def stored_hash(result: dict) -> str:
     return result.get("config_hash") or config_hash(result["config"])
 
 
-def other_configuration(run_dir: Path, result: dict, digest: str) -> str:
-    return (f"{run_dir} holds a run of another configuration (config_hash {stored_hash(result)[:HASH_DIGITS]}, "
-            f"this one {digest[:HASH_DIGITS]}): give this run its own folder (another name or output_root) or "
-            "remove that one")
+def ended_result(run_dir: Path, digest: str) -> dict | None:
+    """The folder's result when the run has ended (finished, diverged, not trained), said so; None when the run
+    is to start or resume. A result of another configuration is a ConfigError."""
+    stored = stored_result(run_dir)
+    if stored is None:
+        return None
+    if stored_hash(stored) != digest:
+        raise ConfigError(f"{run_dir} holds a run of another configuration (config_hash "
+                          f"{stored_hash(stored)[:HASH_DIGITS]}, this one {digest[:HASH_DIGITS]}): give this run its "
+                          "own folder (another name or output_root) or remove that one")
+    status = status_of(stored)
+    if status not in TERMINAL:
+        return None
+    reason = "" if status == "finished" else f" ({stored.get('status_reason')})"
+    say(f"{run_dir} already {status.replace('_', ' ')}{reason}; delete its {RESULT_FILE} to run it again")
+    return stored
 
 
 # ---- checkpoints ----
@@ -201,12 +214,13 @@ def unwritable_problem(run_dir: Path, output_root: str) -> str | None:
     except OSError as err:
         if err.errno not in UNWRITABLE:
             raise
-        return unwritable(output_root, err, run_dir)
+        return unwritable(err, output_root, run_dir)
     return None
 
 
-def unwritable(output_root: str, err: OSError, where: Path) -> str:
-    return (f"output_root={output_root} cannot be written ({err.strerror}: {err.filename or where}); "
+def unwritable(err: OSError, output_root: str | None = None, where: Path | None = None) -> str:
+    setting = "output_root" if output_root is None else f"output_root={output_root}"
+    return (f"{setting} cannot be written ({err.strerror}: {err.filename or where}); "
             "it must be a writable folder with free space")
 
 

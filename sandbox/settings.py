@@ -20,9 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models import LanguageModel, build_model
 from tasks.registry import available, resolve
-from tasks.splits import SEEDS_PER_SPLIT
-
-SPLITS = ("train", "val", "test")
+from tasks.splits import SEEDS_PER_SPLIT, SPLITS
 
 
 class ConfigError(ValueError):

@@ -39,7 +39,7 @@ from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interrupt
                                StopOnDivergence, ThroughputMonitor, TrainingStarted)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
-from sandbox.results import RESULT_FILE, TERMINAL, git_commit, status_of, versions, write_json_atomic
+from sandbox.results import RESULT_FILE, git_commit, status_of, versions, write_json_atomic
 from sandbox.runs import UNWRITABLE, say
 from sandbox.settings import ConfigError, check_settings
 
@@ -69,8 +69,6 @@ warnings.filterwarnings("ignore", message=r".*when logging on epoch level in dis
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 # Lightning's "Received SIGTERM" (also for SIGINT, which Interruption passes on to it): the run says it once.
 logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
-
-
 
 
 def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
@@ -145,15 +143,9 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     """
     run_dir = Path(run_dir)
     digest = runs.config_hash(OmegaConf.to_container(cfg, resolve=True))
-    stored = runs.stored_result(run_dir)
-    if stored is not None:
-        if runs.stored_hash(stored) != digest:
-            raise ConfigError(runs.other_configuration(run_dir, stored, digest))
-        status = status_of(stored)
-        if status in TERMINAL:
-            reason = "" if status == "finished" else f" ({stored.get('status_reason')})"
-            say(f"{run_dir} already {status.replace('_', ' ')}{reason}; delete its {RESULT_FILE} to run it again")
-            return stored
+    ended = runs.ended_result(run_dir, digest)
+    if ended is not None:
+        return ended
     with Interruption(run_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
         return _train(cfg, run_dir, digest, interruption, extra_callbacks)
 
@@ -202,7 +194,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
             with contextlib.suppress(OSError):  # a full disk cannot take the failure either
                 write_json_atomic(run_dir / RESULT_FILE, failure)
         if isinstance(err, OSError) and err.errno in UNWRITABLE:
-            raise ConfigError(runs.unwritable(cfg.output_root, err, run_dir)) from err
+            raise ConfigError(runs.unwritable(err, cfg.output_root, run_dir)) from err
         raise
     result = _result(cfg, digest, status, reason, trainer, module, datamodule, resume_from is not None, start,
                      tested)
@@ -321,8 +313,7 @@ def main() -> int:
     except OSError as err:  # Hydra could not make the run folder
         if err.errno not in UNWRITABLE:
             raise
-        _config_errors.append(f"output_root cannot be written ({err.strerror}: {err.filename}); "
-                              "it must be a writable folder with free space")
+        _config_errors.append(runs.unwritable(err))
     except RunInterrupted as stop:
         _exit_codes.append(128 + stop.signum)
     for message in _config_errors:

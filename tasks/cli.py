@@ -17,6 +17,7 @@ import textwrap
 from collections import Counter
 
 import tasks
+from tasks import bench
 from tasks.common import IGNORE
 from tasks.registry import TASKS
 
@@ -79,9 +80,7 @@ def _summary(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from sandbox.bench import tasks as bench  # the benchmark lives with the project's other benchmarks
-
-        return bench.main(argv[1:])
+        return bench.main(argv[1:], prog="sandbox-tasks bench")
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":

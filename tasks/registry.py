@@ -2,8 +2,8 @@
 
 A task is a generator `generate(rng, num_examples, **params) -> (inputs, labels, slices)` of numpy arrays,
 a `validate(**params)` that raises ValueError naming a bad setting, and its default params. `make` checks
-everything (task name, unknown params, every value) before it draws a single number, and returns torch
-tensors: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
+everything (task name, unknown params, every value) before it draws a single number, and returns numpy
+arrays: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
 `inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task
 has a `seq_len` slice, so a test segment longer than the training ones is reported apart (length
 extrapolation).
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from tasks import (
     ar,
@@ -70,9 +69,9 @@ TASKS = {
 
 @dataclass
 class TaskData:
-    inputs: torch.Tensor  # int64 [N, L]
-    labels: torch.Tensor  # int64 [N, L], IGNORE (-100) where nothing is predicted
-    slices: dict[str, torch.Tensor]  # name -> int64 [N]
+    inputs: np.ndarray  # int64 [N, L]
+    labels: np.ndarray  # int64 [N, L], IGNORE (-100) where nothing is predicted
+    slices: dict[str, np.ndarray]  # name -> int64 [N]
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -108,7 +107,7 @@ def make(name: str, *, num_examples: int, seed: int, **params) -> TaskData:
     full = resolve(name, params)
     check_int(name, "num_examples", num_examples, 1)
     check_int(name, "seed", seed, 0)
-    return _to_torch(*get(name).generate(np.random.default_rng(seed), num_examples, **full))
+    return _task_data(*get(name).generate(np.random.default_rng(seed), num_examples, **full))
 
 
 def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params) -> TaskData:
@@ -139,13 +138,12 @@ def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params)
     inputs = np.concatenate([pad_right(x, width, 0) for x, _, _ in parts])
     labels = np.concatenate([pad_right(y, width, IGNORE) for _, y, _ in parts])
     slices = {key: np.concatenate([s[key] for _, _, s in parts]) for key in parts[0][2]}
-    return _to_torch(inputs, labels, slices)
+    return _task_data(inputs, labels, slices)
 
 
 def pad_right(rows: np.ndarray, width: int, value: int) -> np.ndarray:
     return np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=value)
 
 
-def _to_torch(inputs: np.ndarray, labels: np.ndarray, slices: dict) -> TaskData:
-    return TaskData(torch.from_numpy(inputs), torch.from_numpy(labels),
-                    {key: torch.from_numpy(np.asarray(value, dtype=np.int64)) for key, value in slices.items()})
+def _task_data(inputs: np.ndarray, labels: np.ndarray, slices: dict) -> TaskData:
+    return TaskData(inputs, labels, {key: np.asarray(value, dtype=np.int64) for key, value in slices.items()})

@@ -7,7 +7,6 @@ or lengths): `overlap` finds such examples.
 """
 
 import numpy as np
-import torch
 
 from tasks.common import check_int
 from tasks.registry import TaskData, make, make_mixture, pad_right
@@ -33,7 +32,7 @@ def make_split(name: str, split: str, *, num_examples: int | None = None, segmen
     return make_mixture(name, segments, seed=split_seed(seed, split), **params)
 
 
-def overlap(a: TaskData, b: TaskData) -> torch.Tensor:
+def overlap(a: TaskData, b: TaskData) -> np.ndarray:
     """int64 indices (ascending) of the examples of `b` whose inputs also occur in `a`.
 
     Rows are compared after right-padding both sets with 0 to a common width. Each row is hashed to 64 bits
@@ -42,14 +41,14 @@ def overlap(a: TaskData, b: TaskData) -> torch.Tensor:
     row it matches shares its hash with another, different row of `a` (odds below 2^-50 per pair of rows).
     """
     width = max(a.inputs.shape[1], b.inputs.shape[1])
-    rows_a = pad_right(a.inputs.numpy(), width, 0)
-    rows_b = pad_right(b.inputs.numpy(), width, 0)
+    rows_a = pad_right(a.inputs, width, 0)
+    rows_b = pad_right(b.inputs, width, 0)
     hash_a, hash_b = row_hashes(rows_a), row_hashes(rows_b)
     order = np.argsort(hash_a)
     at = np.searchsorted(hash_a[order], hash_b).clip(max=len(order) - 1)
     hit = np.nonzero(hash_a[order[at]] == hash_b)[0]
     same = (rows_a[order[at[hit]]] == rows_b[hit]).all(axis=1)
-    return torch.from_numpy(hit[same])
+    return hit[same]
 
 
 def row_hashes(rows: np.ndarray) -> np.ndarray:

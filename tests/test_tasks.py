@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tasks
 from sandbox import bench
@@ -65,9 +64,9 @@ def test_mqar_defaults_match_design():
 def test_mqar_invariants(vocab_size, seq_len, num_kv_pairs):
     n, k, v = 300, num_kv_pairs, vocab_size
     data = tasks.make("mqar", num_examples=n, seed=1, vocab_size=v, seq_len=seq_len, num_kv_pairs=k)
-    assert data.inputs.dtype == data.labels.dtype == torch.int64
+    assert data.inputs.dtype == data.labels.dtype == np.int64
     assert data.inputs.shape == data.labels.shape == (n, seq_len) and len(data) == n
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     keys, values = x[:, 0:2 * k:2], x[:, 1:2 * k:2]
     assert keys.min() >= 1 and keys.max() < v // 2
     assert values.min() >= v // 2 and values.max() < v
@@ -89,7 +88,7 @@ def test_mqar_random_filler():
     k, v = 8, 256
     data = tasks.make("mqar", num_examples=400, seed=2, vocab_size=v, seq_len=128, num_kv_pairs=k,
                       random_filler=True)
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     filler = x[:, 2 * k:][y[:, 2 * k:] == IGNORE]
     assert filler.min() >= 0 and filler.max() < v
     counts = np.bincount(filler, minlength=v)
@@ -107,7 +106,7 @@ def test_mqar_single_query_gap_follows_power_law(power_a):
     num_slots, n = 30, 20000
     data = tasks.make("mqar", num_examples=n, seed=3, seq_len=2 + 2 * num_slots, num_kv_pairs=1,
                       power_a=power_a)
-    t = np.nonzero(data.labels.numpy() != IGNORE)[1]
+    t = np.nonzero(data.labels != IGNORE)[1]
     counts = np.bincount((t - 2) // 2, minlength=num_slots)
     expected = n * slot_weights(num_slots, power_a)
     assert ((counts - expected) ** 2 / expected).sum() < chi2_limit(num_slots - 1)
@@ -121,7 +120,7 @@ def test_mqar_two_queries_follow_sampling_without_replacement():
     num_slots, n, power_a = 20, 20000, 0.01
     data = tasks.make("mqar", num_examples=n, seed=4, seq_len=4 + 2 * num_slots, num_kv_pairs=2,
                       power_a=power_a)
-    t = np.nonzero(data.labels.numpy() != IGNORE)[1]
+    t = np.nonzero(data.labels != IGNORE)[1]
     counts = np.bincount((t - 4) // 2, minlength=num_slots)
     p = slot_weights(num_slots, power_a)
     included = p + p * ((p / (1 - p)).sum() - p / (1 - p))
@@ -133,7 +132,7 @@ def test_mqar_two_queries_follow_sampling_without_replacement():
 def test_mqar_query_order_independent_of_context_order():
     n, k = 20000, 4
     data = tasks.make("mqar", num_examples=n, seed=5, seq_len=64, num_kv_pairs=k)
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     first_query = np.argmax(y != IGNORE, axis=1)
     asks_first_pair = x[np.arange(n), first_query] == x[:, 0]
     assert abs(asks_first_pair.mean() - 1 / k) < 5 * math.sqrt((1 / k) * (1 - 1 / k) / n)
@@ -145,7 +144,7 @@ def test_mqar_query_order_independent_of_context_order():
 def test_ar_invariants():
     n, k, v, length = 300, 16, 64, 40
     data = tasks.make("ar", num_examples=n, seed=1, vocab_size=v, seq_len=length, num_kv_pairs=k)
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     assert (y[:, :-1] == IGNORE).all() and (y[:, -1] != IGNORE).all()
     assert (x[:, 2 * k:-1] == 0).all()
     keys, values = x[:, 0:2 * k:2], x[:, 1:2 * k:2]
@@ -174,7 +173,7 @@ def test_noisy_ar_invariants():
     m = round(2 * k * fraction / (1 - fraction))
     data = tasks.make("noisy_ar", num_examples=n, seed=1, vocab_size=v, seq_len=length, num_kv_pairs=k,
                       noise_fraction=fraction)
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     noise_low = 3 * v // 4
     assert (y[:, :-1] == IGNORE).all()
     for row, labels, pair in zip(x, y, data.slices["query_pair"].tolist()):
@@ -189,7 +188,7 @@ def test_noisy_ar_invariants():
 
 def test_noisy_ar_without_noise_is_ar_layout():
     data = tasks.make("noisy_ar", num_examples=50, seed=1, seq_len=32, num_kv_pairs=8, noise_fraction=0.0)
-    x = data.inputs.numpy()
+    x = data.inputs
     assert (x[:, 0:16:2] < 4096).all() and (x[:, 1:16:2] >= 4096).all() and (x[:, 16:-1] == 0).all()
 
 
@@ -199,7 +198,7 @@ def test_overwrite_mqar_invariants():
     context = 2 * (k + r)
     data = tasks.make("overwrite_mqar", num_examples=n, seed=1, vocab_size=v, seq_len=length, num_kv_pairs=k,
                       overwrite_fraction=fraction)
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     rewrite_before_first_write = 0
     for row, labels in zip(x, y):
         keys, values = row[0:context:2].tolist(), row[1:context:2].tolist()
@@ -220,7 +219,7 @@ def test_overwrite_mqar_query_gaps_follow_power_law():
     num_slots, n, k, r = 30, 20000, 1, 1
     data = tasks.make("overwrite_mqar", num_examples=n, seed=2, seq_len=4 + 2 * num_slots, num_kv_pairs=k,
                       overwrite_fraction=1.0)
-    t = np.nonzero(data.labels.numpy() != IGNORE)[1]
+    t = np.nonzero(data.labels != IGNORE)[1]
     counts = np.bincount((t - 2 * (k + r)) // 2, minlength=num_slots)
     expected = n * slot_weights(num_slots, 0.01)
     assert ((counts - expected) ** 2 / expected).sum() < chi2_limit(num_slots - 1)
@@ -232,9 +231,9 @@ def test_overwrite_mqar_query_gaps_follow_power_law():
 @pytest.mark.parametrize("name", ["ar", "mqar", "noisy_ar", "overwrite_mqar"])
 def test_same_seed_same_data_other_seed_other_data(name):
     a, b, c = (tasks.make(name, num_examples=64, seed=seed, random_filler=True) for seed in (7, 7, 8))
-    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
-    assert all(torch.equal(a.slices[key], b.slices[key]) for key in a.slices)
-    assert not torch.equal(a.inputs, c.inputs)
+    assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.labels, b.labels)
+    assert all(np.array_equal(a.slices[key], b.slices[key]) for key in a.slices)
+    assert not np.array_equal(a.inputs, c.inputs)
     assert len(tasks.overlap(a, c)) == 0
 
 
@@ -246,7 +245,7 @@ def test_mixture():
     assert data.inputs.shape == data.labels.shape == (80, 128)
     assert data.slices["seq_len"].tolist() == [64] * 30 + [128] * 20 + [64] * 30
     assert data.slices["num_kv_pairs"].tolist() == [4] * 30 + [8] * 20 + [4] * 30
-    x, y = data.inputs.numpy(), data.labels.numpy()
+    x, y = data.inputs, data.labels
     assert x.max() < 512, "common params reach every segment"
     for row, labels, length, k in zip(x, y, data.slices["seq_len"].tolist(), data.slices["num_kv_pairs"].tolist()):
         assert (row[length:] == 0).all() and (labels[length:] == IGNORE).all()
@@ -254,7 +253,7 @@ def test_mixture():
         np.testing.assert_array_equal(labels[:length], expected_query_labels(row[:length], 2 * k, table))
     assert not np.array_equal(x[:30], x[50:]), "segments with equal params get their own seeds"
     again = tasks.make_mixture("mqar", segments, seed=3, vocab_size=512)
-    assert torch.equal(data.inputs, again.inputs)
+    assert np.array_equal(data.inputs, again.inputs)
 
 
 def test_split_seeds_are_disjoint():
@@ -269,7 +268,7 @@ def test_splits_share_no_examples():
     val = tasks.make_split("mqar", "val", num_examples=500, seed=0)
     test = tasks.make_split("mqar", "test", num_examples=500, seed=0)
     assert len(tasks.overlap(train, test)) == 0 and len(tasks.overlap(train, val)) == 0
-    assert torch.equal(test.inputs, tasks.make("mqar", num_examples=500, seed=2_000_000).inputs)
+    assert np.array_equal(test.inputs, tasks.make("mqar", num_examples=500, seed=2_000_000).inputs)
     segments = [{"num_examples": 10, "seq_len": 64, "num_kv_pairs": 4}]
     assert len(tasks.make_split("mqar", "val", segments=segments, seed=0)) == 10
 
@@ -448,3 +447,11 @@ def test_benchmark_command():
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("examples/s") == 4
+
+
+def test_tasks_import_numpy_only():
+    """tasks/ is the bottom layer: its package, command line and benchmark load neither torch nor sandbox."""
+    code = ("import sys, tasks, tasks.cli, tasks.bench; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sandbox', 'models', 'kernels')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "[]"

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sandbox.module import IGNORE_INDEX, label_positions
+from sandbox.module import label_positions
 from sandbox.train import CONF_DIR, build, make_trainer
+from tasks import IGNORE
 
 # aten ops that wait for the device on CUDA: a scalar read (.item(), float(), bool(), .tolist()), and the
 # selections whose output size depends on the data
@@ -87,15 +88,15 @@ def test_the_spy_sees_the_reads_of_a_step_that_makes_them(tmp_path):
 def test_label_positions_give_the_masks_loss_and_accuracy():
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 50, (5, 12), generator=gen)
-    labels[torch.rand(5, 12, generator=gen) < 0.7] = IGNORE_INDEX
+    labels[torch.rand(5, 12, generator=gen) < 0.7] = IGNORE
     logits = torch.randn(5 * 12, 50, generator=gen)
-    mask = labels != IGNORE_INDEX
+    mask = labels != IGNORE
     rows = 5 * int(mask.sum(1).max())
     index = label_positions(labels, rows)
     assert index.shape == (rows,) and index.unique().numel() == rows
     torch.testing.assert_close(index[: int(mask.sum())], mask.flatten().nonzero().squeeze(1))  # in row-major order
     targets = labels.flatten()[index]
-    loss = F.cross_entropy(logits[index], targets, ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits[index], targets, ignore_index=IGNORE)
     torch.testing.assert_close(loss, F.cross_entropy(logits[mask.flatten()], labels[mask]))
     hits = torch.zeros(60, dtype=torch.bool).index_copy_(0, index, logits[index].argmax(-1) == targets)
     torch.testing.assert_close(hits.view(5, 12), mask & (logits.argmax(-1).view(5, 12) == labels))

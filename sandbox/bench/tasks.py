@@ -1,31 +1,5 @@
-"""`sandbox-bench tasks`: task generation speed, in examples per second, at Zoology's four MQAR settings.
+"""`sandbox-bench tasks`: task generation speed (tasks/bench.py, which `sandbox-tasks bench` runs too)."""
 
-Generates `--num-examples` examples (default 100k, the Zoology training-set size) at each (seq_len,
-num_kv_pairs) in (64, 4), (128, 8), (256, 16), (512, 64) with the task's other defaults, through
-`tasks.make` (so the time includes validation and the conversion to torch tensors). Target: 100k examples at
-(512, 64) in at most 10 s on the 2-core CPU. The numbers are printed, not asserted.
-"""
+from tasks.bench import main
 
-import argparse
-import time
-
-import tasks
-
-SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
-MQAR_LIKE = ("ar", "mqar", "noisy_ar", "overwrite_mqar")  # the tasks that take all four settings
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-bench tasks", description=__doc__.splitlines()[0])
-    parser.add_argument("--num-examples", type=int, default=100_000, help="examples per setting")
-    parser.add_argument("--task", default="mqar", choices=MQAR_LIKE)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for seq_len, num_kv_pairs in SETTINGS:
-        start = time.perf_counter()
-        data = tasks.make(args.task, num_examples=args.num_examples, seed=args.seed, seq_len=seq_len,
-                          num_kv_pairs=num_kv_pairs)
-        seconds = time.perf_counter() - start
-        print(f"{args.task} seq_len={seq_len:<4} num_kv_pairs={num_kv_pairs:<3} {len(data)} examples in "
-              f"{seconds:6.2f} s: {len(data) / seconds:12,.0f} examples/s")
-    return 0
+__all__ = ["main"]

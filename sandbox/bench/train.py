@@ -143,12 +143,13 @@ def host_reads_module():
     read as floats."""
     import torch.nn.functional as F
 
-    from sandbox.module import IGNORE_INDEX, RecallModule
+    from sandbox.module import RecallModule
+    from tasks import IGNORE
 
     class HostReads(RecallModule):
         def training_step(self, batch, batch_idx):
             inputs, labels, _ = batch
-            mask = labels != IGNORE_INDEX
+            mask = labels != IGNORE
             out = self.model(inputs, label_mask=mask)
             targets = labels[mask]
             loss = F.cross_entropy(out.logits.float(), targets)
