@@ -55,7 +55,7 @@ def decay_grad(local: torch.Tensor, dht, ht, cu_seqlens, dtype: torch.dtype = to
         end = (end if local.dim() == 4 else end.sum(-1)).contiguous()  # [N, H] for per-head gates
     local = local.float().contiguous()
     dg = empty(*local.shape, device=local.device, dtype=dtype)
-    # 32 channels and 128 tokens a step: 54 us against 76 with 64 and 64 ([8, 2048, 8, 128], H200)
+    # 32 channels and 128 tokens a step: the fastest of the tiles timed on an H200
     BD = min(32, max(16, triton.next_power_of_2(D)))
     _suffix_sum_kernel[((cu.numel() - 1) * H, triton.cdiv(D, BD))](
         local, end, dg, cu, H=H, D=D, BT=128, BD=BD, HAS_END=end is not None

@@ -11,8 +11,8 @@ which `models/attention.py` does by default.
 
 Initialisation (`init_std`, default 0.02, Zoology's and GPT-2's scheme): every linear and embedding weight
 N(0, init_std), the blocks' output projections N(0, init_std / sqrt(2 n_layers)); `init_std=None` keeps
-PyTorch's per-layer defaults (embeddings N(0, 0.02)), under which a linear mixer's output starts 7.5x the
-embedding at d_model 64 and gated DeltaNet and MoM learned MQAR later or not at all.
+PyTorch's per-layer defaults (embeddings N(0, 0.02)), under which a linear mixer's output starts several times
+larger than the embedding and gated DeltaNet and MoM learned MQAR later or not at all.
 Diagnostic options (docs/results/fidelity/): `center_embeddings` reads E minus its mean row (the part every
 token shares, which softmax ignores); `head_init="embedding"` starts an untied output layer as a copy of E;
 `detach_head` keeps the output loss from training the output layer (E itself when tied).

@@ -8,7 +8,7 @@ ours with its first call in this process. fla compiles every config it autotunes
 shape), so its first calls run first in child processes, several at once (`--fla-jobs`), to fill the Triton
 cache; the timed process then autotunes on a GPU it has to itself (fla's on-disk cache of autotuning choices,
 made by the children on a shared GPU, is switched off). `--fla-compile-only` stops after the compiling: fla's
-GLA compiles for 5 to 7 minutes a shape, so where commands have a time limit one command can fill the cache (keep
+GLA compiles for minutes a shape, so where commands have a time limit one command can fill the cache (keep
 `TRITON_CACHE_DIR` between the two) and the next one time on a quiet machine. Each rule is first checked against
 the float64 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
@@ -239,7 +239,7 @@ def _time_fla(row, x, do) -> None:
 def _time_recurrent(rule, x, do) -> float:
     """Milliseconds of the token-by-token reference on the whole batch, measured on the first
     RECURRENT_PREFIX = (sequences, tokens) and scaled by the number of tokens: it steps through one token of
-    one sequence at a time, at a fixed cost per step (12-26 s a row at full size on an H200)."""
+    one sequence at a time, at a fixed cost per step (tens of seconds a row at full size)."""
     import kernels
 
     B, T = do.shape[:2]

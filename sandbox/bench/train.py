@@ -9,7 +9,7 @@ on the CPU). For each model (`--models`) and width (`--widths`), in three modes:
           docs/results/zoology/run.sh pack them: each process's steps/s and all of them together;
   plain   a bare PyTorch loop of the same model (the module's loss, fused AdamW on CUDA, the schedule and
           clipping, batches gathered on the device; no Lightning, no logging): the yardstick.
-Variants name the training-step levers that are on (`none`: the step as it was before them): `fused` (fused
+Variants name the training-step levers that are on (`none`: none of them): `fused` (fused
 AdamW on CUDA), `nosync` (no host reads inside a step: RecallModule's step against the bench's `HostReads`),
 `device_data` (the training set held on the device, RecallDataModule's `device_data`); `all` is the three.
 `--variants` run at every width, `--ablate-at` adds each single lever at the widths given.
@@ -135,12 +135,11 @@ def _window_callback(windows: Windows):
     return StepWindows()
 
 
-# ---- the sandbox's step, and the one before the nosync lever ----
+# ---- the sandbox's step, and the one with host reads (the nosync lever off) ----
 def host_reads_module():
-    """RecallModule with the training step it had before it stopped reading from the device (the `nosync`
-    lever off): logits at a boolean mask of the labelled positions (its selection reads their count), loss and
-    accuracy on the progress bar (Lightning reads those to the host after every step), router statistics
-    read as floats."""
+    """RecallModule with a training step that reads from the device (the `nosync` lever off): logits at a
+    boolean mask of the labelled positions (its selection reads their count), loss and accuracy on the progress
+    bar (Lightning reads those to the host after every step), router statistics read as floats."""
     import torch.nn.functional as F
 
     from sandbox.module import RecallModule
