@@ -1,8 +1,9 @@
 """The DataModule: train, validation and test sets of a synthetic task, from disjoint seed ranges.
 
 Each split is a mixture of segments (seq_len, num_kv_pairs, ...), generated once by `tasks.make_mixture`
-on the CPU as numpy arrays, which become torch tensors here. Every example carries the index of its value in each slice (e.g. `num_kv_pairs=8`) so the
-evaluation can count accuracy per slice on the device without looking values up per batch.
+on the CPU as numpy arrays, which become torch tensors here. Every example carries the index of its value in
+each slice (e.g. `num_kv_pairs=8`) so the evaluation can count accuracy per slice on the device without
+looking values up per batch.
 """
 
 import itertools

@@ -1,7 +1,7 @@
 """Synthetic tasks: generators (pure functions of parameters and a numpy Generator) and a registry.
 
     tasks.available()                                   -> ['ar', 'fuzzy_recall', 'memorization', ...]
-    tasks.make(name, *, num_examples, seed, **params)   -> TaskData(inputs, labels, slices)
+    tasks.make(name, *, num_examples, seed, **params)   -> TaskData(inputs, labels, slices), numpy arrays
     tasks.make_mixture(name, segments, *, seed, **common_params)
     tasks.split_seed(seed, split); tasks.make_split(name, split, *, num_examples | segments, seed, **params)
     tasks.overlap(a, b)                                 -> indices of b's examples whose inputs occur in a
