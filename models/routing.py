@@ -38,6 +38,8 @@ from models.common import causal_conv_silu
 
 @dataclass
 class Routing:
+    """One call's routing; its dense forms and packed table are built on first use."""
+
     index: torch.Tensor  # [..., J] int64: the slots each token writes to (distinct), the shared one last
     weight: torch.Tensor  # [..., J]: their outputs' weights in the mix
     num_slots: int  # n
