@@ -1,5 +1,5 @@
 """Small pieces the mixers share: argument checks, the short causal convolution, the gated per-head RMSNorm,
-the L2 feature map, and the call into `kernels` through the configured backend.
+the L2 feature map, and the check of the backend setting.
 """
 
 from __future__ import annotations
@@ -79,16 +79,11 @@ def value_dim(head_dim: int, expand_v: float) -> int:
     return int(dv)
 
 
-# --- the kernels, through the configured backend -------------------------------------------------------
+# --- the backend setting and the compute dtype -------------------------------------------------------
 
 
 def check_backend(backend: str) -> None:
     check_choice("backend", backend, kernels.BACKENDS)
-
-
-def kernel_op(rule: str, backend: str, device: torch.device, mode: str = "chunk"):
-    """The op for `rule` on the backend the setting resolves to on `device` (never by sequence length)."""
-    return kernels.get_op(rule, kernels.resolve_backend(backend, device), mode=mode)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

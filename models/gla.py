@@ -30,7 +30,7 @@ class GLA(MemoryMixer):
         g = F.logsigmoid(a.to(compute_dtype(a))) / self.gate_normaliser
         return g.view(*a.shape[:-1], self.num_heads, self.key_dim), None
 
-    def features(self, q, k):
+    def features(self, q, k, fused):
         return q, k
 
     @staticmethod

@@ -19,15 +19,17 @@ Auxiliary loss:     aux = M * sum_m c_m P_m (Switch/Mixtral form, as in HF's loa
 
 The query projection, the short-conv weights, the decay constants, the output gate, norm and projection are
 shared by the memories; all of that lives in the rule's mixer class (`models/memory.py`), built here with
-M (+1) slots and driven with the routing. With M = 1, top_k = 1 and no shared memory, MoM computes exactly
-what that single-memory mixer computes. The paper's "single expanded memory" control (one memory, equal
-state size) is the single-memory mixer with expand_v multiplied by M + shared, e.g.
+M (+1) slots. Each call builds one `Routing` (`models/routing.py`: the top-k and the shared slot) and hands it
+with the mixer to an executor. With M = 1, top_k = 1 and no shared memory, MoM computes exactly what that
+single-memory mixer computes. The paper's "single expanded memory" control (one memory, equal state size) is
+the single-memory mixer with expand_v multiplied by M + shared, e.g.
 `mixer="gated_deltanet", mixer_options={"expand_v": 5}` against `mixer="mom"` with 4 memories + shared.
 
-Backends: `torch` runs every memory over all the tokens, its own first (in token order) and the others after
-them, where they cannot reach its routed outputs (the reference); `triton` (what `auto` is on CUDA) takes the
-routed path (`kernels/mom`): each memory runs on the tokens routed to it only, packed into segments on the
-device, and decoding updates only the selected memories.
+Backends (resolved once per call): `torch` runs every memory over all the tokens, its own first (in token
+order) and the others after them, where they cannot reach its routed outputs (`routing.dense`, the reference);
+`triton` (what `auto` is on CUDA) takes the packed path (`routing.packed`, `kernels/mom`): each memory runs on
+the tokens routed to it only, packed into segments on the device, and decoding updates only the selected
+memories.
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or
@@ -46,6 +48,7 @@ from models.deltanet import DeltaNet
 from models.gated_deltanet import GatedDeltaNet
 from models.gla import GLA
 from models.linear_attention import LinearAttention
+from models.routing import Routing, dense, dense_step, packed, packed_step
 
 RULE_MIXERS = {
     "linear_attention": LinearAttention,
@@ -94,41 +97,21 @@ class MoM(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self._stats: dict[str, torch.Tensor] = {}
 
-    def select(self, x: torch.Tensor):
-        """x [..., d_model] -> probs [..., M] (fp32), index [..., k] of the top-k memories, their weights [..., k]."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [..., d_model] -> (probs [..., M] fp32, the routing: the top-k memories and the shared one)."""
         dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # the router stays in fp32 under mixed precision
             probs = F.linear(x.to(dt), self.router.weight.to(dt)).softmax(-1)
         top, index = probs.topk(self.top_k, dim=-1)
-        return probs, index, top / top.sum(-1, keepdim=True)
-
-    def route(self, x: torch.Tensor):
-        """x [..., d_model] -> probs [..., M] (fp32), mask [..., n] bool, weight [..., n]; n = M (+1)."""
-        probs, index, top = self.select(x)
-        weight = torch.zeros_like(probs).scatter(-1, index, top)
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
-        if self.shared_memory:
-            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], -1)
-            weight = torch.cat([weight, weight.new_ones(*weight.shape[:-1], 1)], -1)
-        return probs, mask, weight
-
-    def routed(self, x: torch.Tensor) -> bool:
-        """Whether the routed Triton path runs: with the `triton` backend (`auto` on CUDA), each memory works on
-        the tokens routed to it only (`kernels/mom`); the `torch` backend runs every memory over all the tokens,
-        its routed ones first (the reference)."""
-        return kernels.resolve_backend(self.backend, x.device) == "triton"
+        return probs, Routing.top_k(index, top / top.sum(-1, keepdim=True), self.num_memories, self.shared_memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routed(x):
-            probs, index, top = self.select(x)
-            y = self.memory.mix_routed(x, index, top, self.shared_memory)
-            mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
-        else:
-            probs, mask, weight = self.route(x)
-            y = self.memory.mix(x, mask, weight)
+        backend = kernels.resolve_backend(self.backend, x.device)
+        probs, routing = self.route(x)
+        y = packed(self.memory, x, routing) if backend == "triton" else dense(self.memory, x, routing, backend)
         # load balance and statistics, kept on the device (no host sync)
         M = self.num_memories
-        routed = mask[..., :M].flatten(0, -2).to(probs.dtype).mean(0)  # c_m, sums to k
+        routed = routing.dense_mask[..., :M].flatten(0, -2).to(probs.dtype).mean(0)  # c_m, sums to k
         mean_prob = probs.flatten(0, -2).mean(0)  # P_m
         aux = M * (routed * mean_prob).sum()
         load = routed / self.top_k  # f_m, sums to 1
@@ -153,13 +136,13 @@ class MoM(nn.Module):
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x [B, d_model] -> (y [B, d_model], new state); each memory advances only if x is routed to it.
 
-        On the routed path without autograd (decoding), only the selected memories' states are read and
+        On the triton backend without autograd (decoding), only the selected memories' states are read and
         written, in place; with autograd on, the reference step (a new state, all memories computed)."""
-        if self.routed(x) and not torch.is_grad_enabled():
-            _, index, top = self.select(x)
-            return self.memory.step_routed(x, state, index, top, self.shared_memory)
-        _, mask, weight = self.route(x)
-        return self.memory.mix_step(x, state, mask, weight)
+        backend = kernels.resolve_backend(self.backend, x.device)
+        _, routing = self.route(x)
+        if backend == "triton" and not torch.is_grad_enabled():
+            return packed_step(self.memory, x, state, routing)
+        return dense_step(self.memory, x, state, routing, backend)
 
     def state_size(self, seq_len: int) -> int:
         return self.memory.state_size(seq_len)

@@ -81,7 +81,7 @@ def test_mom_ragged_routing(rule):
     """Memory 0 gets every token, memory 3 none, memories 1 and 2 share the rest unevenly."""
     mom = make("mom", rule=rule, num_memories=4, top_k=2, shared_memory=True)
     x = forced_router(mom, randn(2, 11, D), [20.0, 0.0, 0.0, -20.0])
-    _, mask, _ = mom.route(x)
+    mask = mom.route(x)[1].dense_mask
     assert mask[..., 0].all() and not mask[..., 3].any() and mask[..., 4].all()
     assert 0 < mask[..., 1].sum() < mask[..., 1].numel()  # ragged
 
@@ -104,7 +104,8 @@ def test_mom_ragged_routing(rule):
 def test_router_weights_and_aux_loss():
     mom = make("mom", num_memories=4, top_k=2, shared_memory=True)
     x = randn(2, 6, D)
-    probs, mask, weight = mom.route(x.float())
+    probs, routing = mom.route(x.float())
+    mask, weight = routing.dense_mask, routing.dense_weight
     assert probs.dtype == torch.float32 and mask.shape == weight.shape == (2, 6, 5)
     assert (mask.sum(-1) == 3).all() and (weight[..., 4] == 1).all() and (weight[~mask] == 0).all()
     top = probs.topk(2, -1).values
@@ -311,9 +312,10 @@ def test_float32_forward_close_to_float64():
 def test_mixed_precision_keeps_the_router_in_fp32():
     mom = make("mom", rule="gla").float()
     x = randn(2, 9, D).float()
-    probs, _, _ = mom.route(x)
+    probs, _ = mom.route(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        probs_amp, _, weight_amp = mom.route(x)
+        probs_amp, routing = mom.route(x)
+        weight_amp = routing.dense_weight
         y = mom(x)
     assert probs_amp.dtype == weight_amp.dtype == torch.float32
     torch.testing.assert_close(probs_amp, probs)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import empty
-from kernels.mom.routing import Routing, gather_sum, pack_tokens
+from kernels.mom.routing import SegmentTable, gather_sum, pack_tokens
 
 ROWS = 32  # packed rows per program
 
@@ -110,7 +110,7 @@ class _SegmentConv(torch.autograd.Function):
     """Rows [P, C] (or, with `gather`, token rows read through gather.perm) -> [P, C]; row_start [P] int32."""
 
     @staticmethod
-    def forward(ctx, x, weight, row_start, gather: Routing | None):
+    def forward(ctx, x, weight, row_start, gather: SegmentTable | None):
         if x.stride(1) != 1:
             x = x.contiguous()
         P, C = row_start.numel(), x.shape[1]
@@ -148,15 +148,17 @@ class _SegmentConv(torch.autograd.Function):
         return dx.to(x.dtype), dw_part.sum(0).to(weight.dtype), None, None
 
 
-def segment_conv(x: torch.Tensor, weight: torch.Tensor | None, route: Routing, gather: bool = False) -> torch.Tensor:
+def segment_conv(
+    x: torch.Tensor, weight: torch.Tensor | None, table: SegmentTable, gather: bool = False
+) -> torch.Tensor:
     """Causal depthwise conv + SiLU within each packed segment.
 
     x: packed rows [P, C] (unit column stride), or with `gather` token rows [B * T, C] read through the routing;
     weight [C, size] (None: no conv, the identity, as `models.common.ShortConv` with size 0) -> [P, C].
     """
     if weight is None:
-        return pack_tokens(x, route) if gather else x
-    return _SegmentConv.apply(x, weight, route.row_start, route if gather else None)
+        return pack_tokens(x, table) if gather else x
+    return _SegmentConv.apply(x, weight, table.row_start, table if gather else None)
 
 
 def batch_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
