@@ -1,6 +1,7 @@
-"""Chunked Triton kernels for all four rules: one kernel family parameterised by the rule.
+"""Chunked Triton kernels for every rule: one kernel family parameterised by the rule.
 
-GATE: 0 none, 1 per channel (GLA), 2 per head (gated DeltaNet); DELTA: the delta rule. The math is in the
+GATE: 0 none, 1 per channel (GLA), 2 per head (gated DeltaNet); DELTA: the delta rule (from `kernels.rules`,
+which refuses the one form not implemented here: a per-channel decay with the delta rule). The math is in the
 rules' READMEs. In a chunk of C tokens entered with state h, with b the cumulative log decay, G_ij =
 exp(b_i - b_j) (j <= i; per channel for GLA) and U the values written (V, or for the delta rules the new
 values U = U' - W h from the UT transform Tm = (I + L)^-1):
@@ -34,10 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, empty
+from kernels._common import check_inputs, check_triton_inputs, empty
 from kernels._decay_grad import decay_grad
+from kernels.rules import get_rule
 
-GATE_CODES = {None: 0, "channel": 1, "head": 2}
 CHUNK = 64
 SUB = 16  # GLA's sub-chunk
 
@@ -791,7 +792,7 @@ def _launch(kernel: str, BK: int, dot: int) -> dict:
 class ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        gate, delta = GATE_CODES[RULE_INPUTS[rule][0]], RULE_INPUTS[rule][1]
+        gate, delta = get_rule(rule).gate_code, get_rule(rule).delta
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = None if g is None else g.contiguous()
         beta = None if beta is None else beta.contiguous()
@@ -909,7 +910,10 @@ class ChunkFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-def chunk_op(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+def chunk_op(
+    rule, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """The op of `rule` (its name; the rest is `kernels`' op signature) through the chunked kernels."""
     d = check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens)
     check_triton_inputs(q)
     return ChunkFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._common import RULE_INPUTS
+from kernels.rules import get_rule
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -27,7 +27,7 @@ def make_inputs(
     def rand(*shape):
         return torch.randn(*shape, generator=generator, device=device, dtype=torch.float64)
 
-    g_layout, takes_beta = RULE_INPUTS[rule]
+    g_layout, takes_beta = get_rule(rule).gate, get_rule(rule).delta
     out = {"q": rand(B, T, H, K), "k": F.normalize(rand(B, T, H, K), dim=-1), "v": rand(B, T, H, V)}
     if g_layout == "channel":
         out["g"] = F.logsigmoid(rand(B, T, H, K) + 2.0) * 0.5

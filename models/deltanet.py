@@ -17,12 +17,6 @@ from models.common import compute_dtype
 from models.memory import MemoryMixer
 
 
-def delta_write(S, k, v, beta):
-    """S + beta k (v - S^T k)^T for one token: S [..., K, V], k [..., K], v [..., V], beta [...]."""
-    error = v - torch.einsum("...kv,...k->...v", S, k)
-    return S + (beta[..., None] * k)[..., :, None] * error[..., None, :]
-
-
 class DeltaNet(MemoryMixer):
     rule = "deltanet"
     slot_gates = ("b_proj",)
@@ -32,7 +26,3 @@ class DeltaNet(MemoryMixer):
 
     def activate_gates(self, b):
         return None, torch.sigmoid(b.to(compute_dtype(b)))
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        return delta_write(S, k, v, beta)

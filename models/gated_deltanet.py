@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import compute_dtype
-from models.deltanet import delta_write
 from models.memory import MemoryMixer
 
 
@@ -39,7 +38,3 @@ class GatedDeltaNet(MemoryMixer):
         dt = compute_dtype(a)
         g = -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
         return g, torch.sigmoid(b.to(dt))
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        return delta_write(g.exp()[..., None, None] * S, k, v, beta)

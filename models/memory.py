@@ -2,7 +2,7 @@
 
 A memory is a matrix state S in R^{K x V} per head, written once per token and read with the query:
 
-    S_t = update(S_{t-1}; k_t, v_t, g_t, b_t)          (the rule: a subclass's `update`)
+    S_t = update(S_{t-1}; k_t, v_t, g_t, b_t)          (the rule, declared in `kernels.rules`)
     o_t = K^{-1/2} S_t^T q_t                              (read after the write)
     y_t = W_o [ rmsnorm(o_t) * silu(W_gate x_t) ]        (per-head RMSNorm gated by the input, then projected)
 
@@ -30,10 +30,10 @@ Shapes: x [B, T, d_model]; H heads, K = head_dim, V = head_dim * expand_v. State
 num_slots * H * K * V values (what `state_size` counts; the conv buffers, (conv_size - 1) * (2K + V) * H per
 slot, are not counted, as in the paper).
 
-A subclass sets `rule` (the kernels' name), builds its gate parameters in `build_gates` (the per-slot
-projections named in `slot_gates`), computes them from those projections in `activate_gates`, may change the
-feature map in `features` (default: L2 normalisation of q and k per head) and gives the one-token `update`
-used by `step`. The parallel form calls `kernels.<rule>` through the backend setting.
+A subclass sets `rule` (a name declared in `kernels.rules`, whose one-token update `step` uses), builds its
+gate parameters in `build_gates` (the per-slot projections named in `slot_gates`), computes them from those
+projections in `activate_gates` and may change the feature map in `features` (default: L2 normalisation of q
+and k per head). The parallel form calls the rule's op in `kernels` through the backend setting.
 """
 
 from __future__ import annotations
@@ -138,11 +138,6 @@ class MemoryMixer(nn.Module):
 
             return norms.l2norm(q), norms.l2norm(k)
         return l2norm(q), l2norm(k)
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        """One token's write: S [..., K, V], k [..., K], v [..., V], g and beta as from `gates` -> new S."""
-        raise NotImplementedError
 
     # --- parallel form -------------------------------------------------------------------------------------
 
@@ -277,9 +272,9 @@ class MemoryMixer(nn.Module):
         g, beta = self.gates(x)
         S = state["S"]
         dt = S.dtype
-        S_new = self.update(S, k.to(dt), v.view(B, n, H, V).to(dt), g, beta)
+        S_new, o = kernels.get_rule(self.rule).update(S, q.to(dt), k.to(dt), v.view(B, n, H, V).to(dt), g, beta)
         new["S"] = S_new if mask is None else torch.where(mask[..., None, None, None], S_new, S)
-        o = self.scale * torch.einsum("bnhk,bnhkv->bnhv", q.to(dt), new["S"])
+        o = self.scale * o  # the slots not routed to get weight 0 in the mix
         return self._output(x, o.to(x.dtype), weight), new
 
     @torch.no_grad()

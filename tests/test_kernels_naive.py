@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import rules
 from kernels.testing import make_inputs, rel_err
 
 # (B, T, H, K, V, cu_seqlens or None, chunk_size): lengths off the chunk grid, packed sequences, an empty one
@@ -127,10 +128,11 @@ def test_dispatch_contract():
         kernels.get_op("lstm", "torch")
     with pytest.raises(ValueError, match="mode 'parallel'.*recurrent"):
         kernels.get_op("gla", "torch", "parallel")
-    from kernels.gla.naive import naive_chunk, naive_recurrent
+    from kernels import reference
+    from kernels.gla.naive import naive_chunk
 
     assert kernels.get_op("gla", "torch") is naive_chunk
-    assert kernels.get_op("gla", "torch", "recurrent") is naive_recurrent
+    assert kernels.get_op("gla", "torch", "recurrent").func is reference.recurrent
 
 
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
@@ -138,3 +140,15 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kernels.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_declaring_a_rule_refuses_what_the_kernels_cannot_run(monkeypatch):
+    monkeypatch.setattr(rules, "RULES", dict(rules.RULES))  # undone after the test
+    update = rules.get_rule("gla").update
+    with pytest.raises(ValueError, match="chunk kernels cannot run gate='channel' with delta=True"):
+        rules.declare("kda", gate="channel", delta=True, update=update)
+    with pytest.raises(ValueError, match="gate='vector' is not valid"):
+        rules.declare("vector", gate="vector", delta=False, update=update)
+    with pytest.raises(ValueError, match="'gla' is already declared"):
+        rules.declare("gla", gate="channel", delta=False, update=update)
+    assert set(rules.RULES) == set(kernels.RULES)
