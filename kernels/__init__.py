@@ -8,6 +8,7 @@ with q, k [B, T, H, K], v [B, T, H, V], o like v, states [N, H, K, V] (float32, 
 The rules (o_t = scale * S_t^T q_t reads the state after token t is written):
     linear_attention  S_t = S_{t-1} + k_t v_t^T
     gla               S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T                     g [B, T, H, K]
+    simple_gla        S_t = exp(g_t) S_{t-1} + k_t v_t^T                           g [B, T, H]
     deltanet          S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T            beta [B, T, H]
     gated_deltanet    S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T   g, beta [B, T, H]
 Ops per backend and mode: torch/recurrent the token-by-token reference (`kernels.reference`), torch/chunk the

@@ -90,6 +90,11 @@ def _gla(S, q, k, v, g, beta):
     return S, read(S, q)
 
 
+def _simple_gla(S, q, k, v, g, beta):
+    S = write(g.exp()[..., None, None] * S, k, v)
+    return S, read(S, q)
+
+
 def _deltanet(S, q, k, v, g, beta):
     S = delta_write(S, k, v, beta)
     return S, read(S, q)
@@ -105,6 +110,9 @@ declare("linear_attention", gate=None, delta=False, update=_linear_attention,
         parallel="kernels.linear_attention.naive", fla="fla.ops.simple_gla.chunk_simple_gla")  # fmt: skip
 # S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T
 declare("gla", gate="channel", delta=False, update=_gla, parallel="kernels.gla.naive", fla="fla.ops.gla.chunk_gla")
+# S_t = exp(g_t) S_{t-1} + k_t v_t^T  (per head: the Mamba-2 / RetNet form)
+declare("simple_gla", gate="head", delta=False, update=_simple_gla,
+        parallel="kernels.simple_gla.naive", fla="fla.ops.simple_gla.chunk_simple_gla")  # fmt: skip
 # S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T
 declare("deltanet", gate=None, delta=True, update=_deltanet,
         parallel="kernels.deltanet.naive", fla="fla.ops.delta_rule.chunk_delta_rule")  # fmt: skip

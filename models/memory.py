@@ -1,4 +1,4 @@
-"""What the four linear-memory mixers share (linear attention, GLA, DeltaNet, gated DeltaNet).
+"""What the linear-memory mixers share (one per rule of `kernels.rules`: linear attention, GLA, ..., gated DeltaNet).
 
 A memory is a matrix state S in R^{K x V} per head, written once per token and read with the query:
 
