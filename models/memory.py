@@ -26,6 +26,8 @@ That form (`mix`, `mix_step`) is the reference. `mix_routed` and `step_routed` c
 routed Triton path (`kernels/mom`): each memory runs on its own packed segment of the tokens routed to it, so
 it costs J = k (+ shared) memories' work instead of all of them; decoding touches only the selected states.
 
+`allow_neg_eigval` (the delta rules only) lets the write strength beta reach (0, 2) (`write_strength`).
+
 Shapes: x [B, T, d_model]; H heads, K = head_dim, V = head_dim * expand_v. State per sequence:
 num_slots * H * K * V values (what `state_size` counts; the conv buffers, (conv_size - 1) * (2K + V) * H per
 slot, are not counted, as in the paper).
@@ -47,6 +49,7 @@ from models.common import (
     ShortConv,
     causal_conv_silu,
     check_backend,
+    check_flag,
     check_int,
     compute_dtype,
     head_layout,
@@ -89,6 +92,7 @@ class MemoryMixer(nn.Module):
         head_dim: int | None = None,
         expand_v: float = 1.0,
         conv_size: int = 4,
+        allow_neg_eigval: bool = False,
         backend: str = "auto",
         num_slots: int = 1,
     ):
@@ -96,10 +100,16 @@ class MemoryMixer(nn.Module):
         K = head_layout(d_model, num_heads, head_dim)
         V = value_dim(K, expand_v)
         check_int("conv_size", conv_size, low=0)  # 0: no short conv
+        check_flag("allow_neg_eigval", allow_neg_eigval)
+        if allow_neg_eigval and not kernels.get_rule(self.rule).delta:
+            delta_rules = tuple(name for name, r in kernels.RULES.items() if r.delta)
+            raise ValueError(f"allow_neg_eigval=True is not valid for rule {self.rule!r}: it doubles the write "
+                             f"strength beta of the delta rules {delta_rules}")  # fmt: skip
         check_backend(backend)
         check_int("num_slots", num_slots)
         self.d_model, self.num_heads, self.key_dim, self.value_dim = d_model, num_heads, K, V
         self.conv_size, self.backend, self.num_slots = conv_size, backend, num_slots
+        self.allow_neg_eigval = allow_neg_eigval
         self.scale = K**-0.5
         H, n = num_heads, num_slots
 
@@ -125,6 +135,13 @@ class MemoryMixer(nn.Module):
         """The gate projections' outputs for one slot each ([..., width] per name in `slot_gates`) -> (g, beta):
         log decays [..., H] or [..., H, K], strengths [..., H] (None where the rule has none)."""
         return None, None
+
+    def write_strength(self, b: torch.Tensor) -> torch.Tensor:
+        """The delta rules' beta from its projection: sigmoid(b) in (0, 1), or with `allow_neg_eigval` 2 sigmoid(b)
+        in (0, 2), where the erase factor I - beta k k^T has the eigenvalue 1 - beta < 0 along k (state tracking
+        needs it: Grazzi et al. 2024)."""
+        beta = torch.sigmoid(b.to(compute_dtype(b)))
+        return 2 * beta if self.allow_neg_eigval else beta
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """x [..., d_model] -> (g, beta): log decays [..., n, H] or [..., n, H, K], strengths [..., n, H]."""

@@ -80,6 +80,7 @@ class MoM(nn.Module):
         head_dim: int | None = None,
         expand_v: float = 1.0,
         conv_size: int = 4,
+        allow_neg_eigval: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
@@ -98,6 +99,7 @@ class MoM(nn.Module):
             head_dim=head_dim,
             expand_v=expand_v,
             conv_size=conv_size,
+            allow_neg_eigval=allow_neg_eigval,
             backend=backend,
             num_slots=num_memories + int(shared_memory),
         )

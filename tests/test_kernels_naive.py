@@ -45,6 +45,22 @@ def test_chunk_matches_recurrence_float64(rule, B, T, H, K, V, cu, chunk):
         assert rel_err(got, want) < 1e-10, name
 
 
+@pytest.mark.parametrize("rule", [name for name, r in kernels.RULES.items() if r.delta])
+@pytest.mark.parametrize("B,T,H,K,V,cu,chunk", SHAPES[1:3])
+def test_chunk_matches_recurrence_with_negative_eigenvalues(rule, B, T, H, K, V, cu, chunk):
+    """beta in (0, 2) (`allow_neg_eigval`): the UT transform's L is no longer small, the forms still agree."""
+    N = B if cu is None else len(cu) - 1
+    inputs = make_inputs(rule, B, T, H, K, V, dtype=torch.float64, initial_state=True, N=N, beta_max=2.0)
+    assert inputs["beta"].max() > 1.5
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    ref = kernels.get_op(rule, "torch", "recurrent")(**inputs, output_final_state=True, cu_seqlens=cu_seqlens)
+    out = kernels.get_op(rule, "torch", "chunk")(**inputs, output_final_state=True, cu_seqlens=cu_seqlens,
+                                                 chunk_size=chunk)  # fmt: skip
+    assert rel_err(out[0], ref[0]) < 1e-10 and rel_err(out[1], ref[1]) < 1e-10
+    for name, got, want in zip(inputs, _grads(out, inputs, 0), _grads(ref, inputs, 0)):
+        assert rel_err(got, want) < 1e-10, name
+
+
 @pytest.mark.parametrize("rule", kernels.RULES)
 def test_chunk_float32_close_to_float64_recurrence(rule):
     inputs = make_inputs(rule, 2, 100, 2, 32, 32, dtype=torch.float64, initial_state=True)

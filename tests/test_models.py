@@ -12,6 +12,7 @@ from models.attention import Attention
 from models.mom import MoM
 
 RULES = tuple(kernels.RULES)
+DELTA_RULES = tuple(r for r in RULES if kernels.get_rule(r).delta)
 D, H = 8, 2  # tiny mixers: d_model 8, 2 heads of dim 4
 
 
@@ -38,11 +39,13 @@ MIXER_CASES = [
     ("attention", {"conv_size": 0, "rope": False}),
     *[(r, {}) for r in RULES],
     ("gated_deltanet", {"conv_size": 0, "expand_v": 2}),
+    *[(r, {"allow_neg_eigval": True}) for r in DELTA_RULES],
     *[("mom", {"rule": r, "num_memories": 3, "top_k": 2, "shared_memory": True}) for r in RULES],
     (
         "mom",
         {"rule": "gated_deltanet", "num_memories": 4, "top_k": 1, "shared_memory": False, "conv_size": 2},
     ),
+    ("mom", {"rule": "deltanet", "num_memories": 3, "top_k": 2, "allow_neg_eigval": True}),
 ]
 
 
@@ -390,3 +393,25 @@ def test_qk_norm_makes_attention_independent_of_the_query_and_key_scale():
             layer.qkv_proj.weight[:32] *= 7.0  # the q and k rows only
         changed = (layer(x) - y).abs().max().item()
         assert changed < 1e-4 if qk_norm else changed > 1e-2
+
+
+@pytest.mark.parametrize("mom", [False, True], ids=["single", "mom"])
+@pytest.mark.parametrize("rule", DELTA_RULES)
+def test_negative_eigenvalues_let_beta_reach_two(rule, mom):
+    """allow_neg_eigval: beta = 2 sigmoid(.) in (0, 2), so that 1 - beta, the erase factor's eigenvalue along k,
+    can be negative; off (the default) beta = sigmoid(.) in (0, 1), the same weights."""
+    mixer, options = ("mom", {"rule": rule, "num_memories": 2, "top_k": 1}) if mom else (rule, {})
+    on, off = make(mixer, allow_neg_eigval=True, **options), make(mixer, **options)
+    x = randn(2, 50, D) * 10
+    beta_on, beta_off = ((m.memory if mom else m).gates(x)[1] for m in (on, off))
+    assert 1 < beta_on.max() < 2 and beta_on.min() > 0
+    assert beta_off.max() < 1
+    torch.testing.assert_close(beta_on, 2 * beta_off)
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r not in DELTA_RULES])
+def test_negative_eigenvalues_need_a_delta_rule(rule):
+    with pytest.raises(ValueError, match=f"allow_neg_eigval=True is not valid for rule '{rule}'"):
+        make(rule, allow_neg_eigval=True)
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        make("mom", rule=rule, allow_neg_eigval=True)
