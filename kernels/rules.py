@@ -45,13 +45,19 @@ RULES: dict[str, Rule] = {}
 
 
 def declare(name: str, *, gate: str | None, delta: bool, update: Callable, parallel=None, fla=None) -> Rule:
-    """Add a rule to `RULES` (refused: a taken name, an unknown gate, a form the chunk kernels cannot run)."""
+    """Add a rule to `RULES`. Refused: a taken name, an unknown gate, a form the chunk kernels cannot run, and an
+    update that is not that form (the kernels would compute another rule than the reference)."""
     if name in RULES:
         raise ValueError(f"memory rule {name!r} is already declared")
     if gate not in GATES:
         raise ValueError(f"rule {name!r}: gate={gate!r} is not valid; choose one of {GATES}")
     if (gate, delta) not in CHUNK_FORMS:
         raise ValueError(f"rule {name!r}: the chunk kernels cannot run gate={gate!r} with delta={delta}")
+    if not _is_form(update, gate, delta):
+        raise ValueError(
+            f"rule {name!r}: its update is not the form that the kernels compute for gate={gate!r}, delta={delta} "
+            "(S' = decay(g) S, then the write k v^T or the delta rule's; o = S'^T q)"
+        )
     RULES[name] = Rule(name, gate, delta, update, parallel, fla)
     return RULES[name]
 
@@ -60,6 +66,23 @@ def get_rule(name: str) -> Rule:
     if name not in RULES:
         raise ValueError(f"unknown memory rule {name!r}; choose one of {tuple(RULES)}")
     return RULES[name]
+
+
+def _is_form(update: Callable, gate: str | None, delta: bool) -> bool:
+    """Whether `update` computes the kernels' form for (gate, delta), on random float64 inputs."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    H, K, V = 2, 3, 4
+    S, q, k, v = rand(H, K, V), rand(H, K), rand(H, K), rand(H, V)
+    g = {None: None, "head": -rand(H), "channel": -rand(H, K)}[gate]
+    beta = rand(H) if delta else None
+    decayed = S if gate is None else S * (g.exp()[:, None, None] if gate == "head" else g.exp()[:, :, None])
+    want = delta_write(decayed, k, v, beta) if delta else write(decayed, k, v)
+    got, o = update(S, q, k, v, g, beta)
+    return torch.allclose(got, want) and torch.allclose(o, read(want, q))
 
 
 # --- the updates ---------------------------------------------------------------------------------------

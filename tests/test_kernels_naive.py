@@ -167,4 +167,6 @@ def test_declaring_a_rule_refuses_what_the_kernels_cannot_run(monkeypatch):
         rules.declare("vector", gate="vector", delta=False, update=update)
     with pytest.raises(ValueError, match="'gla' is already declared"):
         rules.declare("gla", gate="channel", delta=False, update=update)
+    with pytest.raises(ValueError, match="update is not the form that the kernels compute for gate='head'"):
+        rules.declare("undecayed", gate="head", delta=False, update=rules.get_rule("linear_attention").update)
     assert set(rules.RULES) == set(kernels.RULES)
