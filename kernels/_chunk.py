@@ -1,10 +1,10 @@
 """Chunked Triton kernels for every rule: one kernel family parameterised by the rule.
 
-GATE: 0 none, 1 per channel (GLA), 2 per head (simple GLA, gated DeltaNet); DELTA: the delta rule (from `kernels.rules`,
-which refuses the one form not implemented here: a per-channel decay with the delta rule). The math is in the
-rules' READMEs. In a chunk of C tokens entered with state h, with b the cumulative log decay, G_ij =
-exp(b_i - b_j) (j <= i; per channel for GLA) and U the values written (V, or for the delta rules the new
-values U = U' - W h from the UT transform Tm = (I + L)^-1):
+GATE: 0 none, 1 per channel (GLA), 2 per head (simple GLA, gated DeltaNet); DELTA: the delta rule (both from
+`kernels.rules`, which refuses the one form not implemented here: a per-channel decay with the delta rule).
+The math is in the rules' READMEs. In a chunk of C tokens entered with state h, with b the cumulative log
+decay, G_ij = exp(b_i - b_j) (j <= i; per channel for GLA) and U the values written (V, or for the delta rules
+the new values U = U' - W h from the UT transform Tm = (I + L)^-1):
 
     O = scale (exp(b) * Q h + Aqk U),   Aqk = causal(Q K^T * G)
     h' = exp(b_C) h + (K * exp(b_C - b))^T U
