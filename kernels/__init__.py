@@ -1,4 +1,5 @@
-"""The memory update rules of the sandbox, each as a PyTorch reference and as Triton kernels.
+"""The memory update rules of the sandbox (declared in `kernels.rules`), each as a PyTorch reference and as
+Triton kernels.
 
 Every op has the signature
     op(q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None)
@@ -7,13 +8,18 @@ with q, k [B, T, H, K], v [B, T, H, V], o like v, states [N, H, K, V] (float32, 
 The rules (o_t = scale * S_t^T q_t reads the state after token t is written):
     linear_attention  S_t = S_{t-1} + k_t v_t^T
     gla               S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T                     g [B, T, H, K]
+    simple_gla        S_t = exp(g_t) S_{t-1} + k_t v_t^T                           g [B, T, H]
     deltanet          S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T            beta [B, T, H]
     gated_deltanet    S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T   g, beta [B, T, H]
+Ops per backend and mode: torch/recurrent the token-by-token reference (`kernels.reference`), torch/chunk the
+rule's parallel PyTorch form (the reference where it has none), triton/chunk the chunked kernels
+(`kernels._chunk`), triton/recurrent the fused recurrent kernels (`kernels._fused_recurrent`).
 Triton is imported only when a Triton op is asked for, so this package works where Triton is missing.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -21,7 +27,11 @@ from collections.abc import Callable
 
 import torch
 
-RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")
+from kernels import reference
+from kernels.rules import RULES, get_rule
+
+__all__ = ["BACKENDS", "MODES", "RULES", "get_op", "get_rule", "resolve_backend"]
+
 BACKENDS = ("torch", "triton", "auto")
 MODES = ("chunk", "recurrent")
 
@@ -50,15 +60,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def get_op(rule: str, backend: str, mode: str = "chunk") -> Callable:
     """The op of `rule` for a resolved backend ("torch" or "triton") and mode ("chunk" or "recurrent")."""
-    if rule not in RULES:
-        raise ValueError(f"unknown memory rule {rule!r}; choose one of {RULES}")
+    spec = get_rule(rule)
     if mode not in MODES:
         raise ValueError(f"unknown kernel mode {mode!r}; choose one of {MODES}")
     if backend == "torch":
-        naive = importlib.import_module(f"{__name__}.{rule}.naive")
-        return naive.naive_chunk if mode == "chunk" else naive.naive_recurrent
+        if mode == "chunk" and spec.parallel is not None:
+            return importlib.import_module(spec.parallel).naive_chunk
+        return functools.partial(reference.recurrent, rule)
     if backend == "triton":
         if mode == "chunk":
-            return importlib.import_module(f"{__name__}.{rule}.chunk").chunk
-        return importlib.import_module(f"{__name__}.{rule}.fused_recurrent").fused_recurrent
+            from kernels._chunk import chunk_op as op  # imports Triton
+        else:
+            from kernels._fused_recurrent import fused_recurrent_op as op
+        return functools.partial(op, rule)
     raise ValueError(f"unknown resolved kernel backend {backend!r}; choose one of ('torch', 'triton')")

@@ -1,9 +1,10 @@
-"""Chunked Triton kernels for all four rules: one kernel family parameterised by the rule.
+"""Chunked Triton kernels for every rule: one kernel family parameterised by the rule.
 
-GATE: 0 none, 1 per channel (GLA), 2 per head (gated DeltaNet); DELTA: the delta rule. The math is in the
-rules' READMEs. In a chunk of C tokens entered with state h, with b the cumulative log decay, G_ij =
-exp(b_i - b_j) (j <= i; per channel for GLA) and U the values written (V, or for the delta rules the new
-values U = U' - W h from the UT transform Tm = (I + L)^-1):
+GATE: 0 none, 1 per channel (GLA), 2 per head (simple GLA, gated DeltaNet); DELTA: the delta rule (both from
+`kernels.rules`, which refuses the one form not implemented here: a per-channel decay with the delta rule).
+The math is in the rules' READMEs. In a chunk of C tokens entered with state h, with b the cumulative log
+decay, G_ij = exp(b_i - b_j) (j <= i; per channel for GLA) and U the values written (V, or for the delta rules
+the new values U = U' - W h from the UT transform Tm = (I + L)^-1):
 
     O = scale (exp(b) * Q h + Aqk U),   Aqk = causal(Q K^T * G)
     h' = exp(b_C) h + (K * exp(b_C - b))^T U
@@ -34,10 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, empty
+from kernels._common import check_inputs, check_triton_inputs, empty
 from kernels._decay_grad import decay_grad
+from kernels.rules import get_rule
 
-GATE_CODES = {None: 0, "channel": 1, "head": 2}
 CHUNK = 64
 SUB = 16  # GLA's sub-chunk
 
@@ -511,8 +512,8 @@ def _dprep_kernel(
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, over all value columns: D = scale causal(dO U^T * G); for the delta rules dX_v = Tm^T dU,
-    dv = beta dX_v, dbeta's value part, P' = strict(-dX_v U^T) * G; for per-head gates the do.o - dv.v terms;
-    for the other rules dv = dU = scale Aqk^T dO + K_dec dH."""
+    dv = beta dX_v, dbeta's value part, P' = strict(-dX_v U^T) * G; for the other rules dv = dU = scale Aqk^T dO
+    + K_dec dH (K_dec: K decayed to the chunk's end); for per-head gates the do.o - dv.v terms."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     start = tl.load(table + 2 * i_c).to(tl.int64)
     n = (tl.load(table + 2 * i_c + 1) - start).to(tl.int32)
@@ -532,7 +533,7 @@ def _dprep_kernel(
     else:
         AT = tl.load(Aqk + (rows[None, :] * H + i_h) * C + offs_c[:, None], mask=m_c[None, :], other=0.0)
     if GATE == 2:
-        b = tl.load(bcum + rows * H + i_h, mask=m_c, other=0.0)
+        b, b_last = _decay_rows(bcum, start, n, i_h, offs_c, H)
         A = tl.load(Aqk + p_cc, mask=m_c[:, None], other=0.0)
         local = tl.zeros([C], dtype=tl.float32)
     for vb in range(0, V, BV):
@@ -554,13 +555,24 @@ def _dprep_kernel(
             tl.store(dv + p_v, beta_c[:, None] * dxv, mask=m_cv)
             dbeta += tl.sum(dxv * v_c, 1)
             accM += _dot(dxv, uT, DOT)
+        elif GATE == 2:  # K's decays to the chunk's end, per head, go on the rows of K dH
+            kdh = _rows_times_state(tl.zeros([C, BV], dtype=tl.float32), k, bcum, rows, m_c, start + n - 1, i_h,
+                                    dH + p_h, offs_v, mv, H, K, V, BK, 0, DOT)  # fmt: skip
+            du = scale * _dot(AT, do_c, DOT) + kdh * tl.exp(b_last - b)[:, None]
+            tl.store(dU + p_v, du, mask=m_cv)
         else:
             du = _rows_times_state(scale * _dot(AT, do_c, DOT), k, bcum, rows, m_c, start + n - 1, i_h, dH + p_h,
                                    offs_v, mv, H, K, V, BK, 2 if GATE == 1 else 0, DOT)  # fmt: skip
             tl.store(dU + p_v, du, mask=m_cv)
         if GATE == 2:
-            # o recomputed in float32 for do.o; dv.v from the dv just stored (per-head gates are delta rules)
-            o_c = _dot(A, tl.load(U + p_v, mask=m_cv, other=0.0), DOT)
+            # o recomputed in float32 for do.o, and dv.v from the dv just computed
+            if DELTA:
+                o_c = _dot(A, tl.load(U + p_v, mask=m_cv, other=0.0), DOT)
+                dvv = tl.sum(beta_c[:, None] * dxv * v_c, 1)
+            else:
+                v_c = tl.load(v + p_v, mask=m_cv, other=0.0)
+                o_c = _dot(A, v_c, DOT)
+                dvv = tl.sum(du * v_c.to(tl.float32), 1)
             for kb in range(0, K, BK):
                 offs_k = kb + tl.arange(0, BK)
                 mk = offs_k < K
@@ -569,7 +581,7 @@ def _dprep_kernel(
                 h_c = tl.load(h + p_h + offs_k[:, None] * V + offs_v[None, :], mask=mk[:, None] & mv[None, :],
                               other=0.0)  # fmt: skip
                 o_c += _dot(q_c, h_c, DOT) * tl.exp(b)[:, None]
-            local += tl.sum(do_c * o_c, 1) * scale - tl.sum(beta_c[:, None] * dxv * v_c, 1)
+            local += tl.sum(do_c * o_c, 1) * scale - dvv
     Dm = tl.where(causal, accD * scale, 0.0)
     if GATE == 2:
         G = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
@@ -791,7 +803,7 @@ def _launch(kernel: str, BK: int, dot: int) -> dict:
 class ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        gate, delta = GATE_CODES[RULE_INPUTS[rule][0]], RULE_INPUTS[rule][1]
+        gate, delta = get_rule(rule).gate_code, get_rule(rule).delta
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = None if g is None else g.contiguous()
         beta = None if beta is None else beta.contiguous()
@@ -909,7 +921,10 @@ class ChunkFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-def chunk_op(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+def chunk_op(
+    rule, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """The op of `rule` (its name; the rest is `kernels`' op signature) through the chunked kernels."""
     d = check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens)
     check_triton_inputs(q)
     return ChunkFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)

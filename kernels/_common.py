@@ -8,14 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-# rule -> (layout of g: None, "channel" [B, T, H, K] or "head" [B, T, H]; whether it takes beta)
-RULE_INPUTS = {
-    "linear_attention": (None, False),
-    "gla": ("channel", False),
-    "deltanet": (None, True),
-    "gated_deltanet": ("head", True),
-}
-
+from kernels.rules import get_rule
 
 # Set by the tests: every buffer the Triton ops allocate starts as NaN, so an element a kernel forgets to
 # write shows up in the comparison with the reference instead of passing by luck.
@@ -49,8 +42,9 @@ def _expect(name: str, x: torch.Tensor, shape: list[int], letters: str) -> None:
 
 
 def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Dims:
-    """Validate the uniform op signature for `rule`; returns the problem's sizes and the resolved scale."""
-    g_layout, takes_beta = RULE_INPUTS[rule]
+    """Validate the uniform op signature for `rule` (its name); returns the problem's sizes and the resolved scale."""
+    spec = get_rule(rule)
+    g_layout, takes_beta = spec.gate, spec.delta
     if q.dim() != 4:
         raise ValueError(f"q must have shape [B, T, H, K], got {_shape(q)}")
     B, T, H, K = q.shape

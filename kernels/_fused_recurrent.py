@@ -1,7 +1,8 @@
-"""Fused recurrent Triton kernels for all four rules: the state lives in registers, one token per step.
+"""Fused recurrent Triton kernels for every rule: the state lives in registers, one token per step.
 
 One kernel family, parameterised by the rule (GATE: 0 none, 1 per channel, 2 per head; DELTA: the delta
-rule). A program owns one (sequence, head) and a block of BV value columns with all K rows of the state.
+rule; both from `kernels.rules`). A program owns one (sequence, head) and a block of BV value columns with
+all K rows of the state.
 
 Forward, per token:  S' = a_t S;  delta: u_t = beta_t (v_t - S'^T k_t), else u_t = v_t;  S = S' + k_t u_t^T;
                      o_t = scale S^T q_t.
@@ -19,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import RULE_INPUTS, check_inputs, check_triton_inputs, empty
+from kernels._common import check_inputs, check_triton_inputs, empty
 from kernels._decay_grad import decay_grad
-
-GATE_CODES = {None: 0, "channel": 1, "head": 2}
+from kernels.rules import get_rule
 
 
 @triton.jit
@@ -168,7 +168,8 @@ def _bwd_forward_kernel(
             tl.store(do_o_part + part + row, scale * tl.sum(tl.sum(S * q_t[:, None], 0) * do_t, 0))
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
+def blocks(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV) of a program holding all K rows of the state and BV of its columns (also `kernels.mom.decode`)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), max(16, 4096 // BK))
     return BK, BV
@@ -181,12 +182,12 @@ def _flat(x):
 class FusedRecurrentFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        gate, delta = GATE_CODES[RULE_INPUTS[rule][0]], RULE_INPUTS[rule][1]
+        gate, delta = get_rule(rule).gate_code, get_rule(rule).delta
         q, k, v, g, beta, initial_state = map(_flat, (q, k, v, g, beta, initial_state))
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        BK, BV = _blocks(K, V)
+        BK, BV = blocks(K, V)
         o = empty(*v.shape, device=v.device, dtype=v.dtype)
         ht = empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
         # the residuals v - S'^T k are kept for the backward pass of the delta rules
@@ -243,7 +244,10 @@ class FusedRecurrentFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-def fused_recurrent_op(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+def fused_recurrent_op(
+    rule, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """The op of `rule` (its name; the rest is `kernels`' op signature) through the fused recurrent kernels."""
     d = check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens)
     check_triton_inputs(q)
     return FusedRecurrentFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)

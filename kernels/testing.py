@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._common import RULE_INPUTS
+from kernels.rules import get_rule
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -16,9 +16,11 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_inputs(
-    rule, B, T, H, K, V, *, dtype=torch.float32, device="cpu", generator=None, initial_state=False, N=None
+    rule, B, T, H, K, V, *, dtype=torch.float32, device="cpu", generator=None, initial_state=False, N=None,
+    beta_max=1.0,
 ) -> dict[str, torch.Tensor]:
-    """Inputs as the models produce them: unit-norm keys, log decays <= 0, beta in (0, 1).
+    """Inputs as the models produce them: unit-norm keys, log decays <= 0, beta in (0, beta_max) (2: the delta
+    rules' negative eigenvalues, `allow_neg_eigval`).
 
     Returns q, k, v and the rule's g / beta (and initial_state [N or B, H, K, V] in float32, float64 for
     float64 inputs, when asked), all leaf tensors that require grad.
@@ -27,14 +29,14 @@ def make_inputs(
     def rand(*shape):
         return torch.randn(*shape, generator=generator, device=device, dtype=torch.float64)
 
-    g_layout, takes_beta = RULE_INPUTS[rule]
+    g_layout, takes_beta = get_rule(rule).gate, get_rule(rule).delta
     out = {"q": rand(B, T, H, K), "k": F.normalize(rand(B, T, H, K), dim=-1), "v": rand(B, T, H, V)}
     if g_layout == "channel":
         out["g"] = F.logsigmoid(rand(B, T, H, K) + 2.0) * 0.5
     elif g_layout == "head":
         out["g"] = F.logsigmoid(rand(B, T, H) + 2.0)
     if takes_beta:
-        out["beta"] = torch.sigmoid(rand(B, T, H))
+        out["beta"] = beta_max * torch.sigmoid(rand(B, T, H))
     out = {name: x.to(dtype) for name, x in out.items()}
     if initial_state:
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -24,6 +24,7 @@ ValueError naming the key and the valid values) and records the resolved argumen
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +33,27 @@ from torch import nn
 
 from models.attention import Attention
 from models.common import check_backend, check_choice, check_flag, check_int, check_number
-from models.deltanet import DeltaNet
-from models.gated_deltanet import GatedDeltaNet
-from models.gla import GLA
-from models.linear_attention import LinearAttention
-from models.mom import MoM
+from models.mom import MoM, rule_mixers
 
-MIXERS: dict[str, type[nn.Module]] = {
-    "attention": Attention,
-    "linear_attention": LinearAttention,
-    "gla": GLA,
-    "deltanet": DeltaNet,
-    "gated_deltanet": GatedDeltaNet,
-    "mom": MoM,
-}
+
+class _Mixers(Mapping):
+    """Every mixer by name: attention, the single-memory mixer of each rule declared in `kernels.rules`, and mom.
+    Read at each use, so that a rule declared later (a test's toy rule) is a mixer too."""
+
+    def _table(self) -> dict[str, type[nn.Module]]:
+        return {"attention": Attention, **rule_mixers(), "mom": MoM}
+
+    def __getitem__(self, name: str) -> type[nn.Module]:
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+MIXERS = _Mixers()
 
 _NOT_OPTIONS = ("self", "d_model", "backend", "num_slots")  # given by the backbone, or internal to MoM
 

@@ -4,23 +4,16 @@
     o_t = K^{-1/2} S_t^T q_t,        b_t = sigmoid(W_b x_t)  (one write strength per head)
 
 q and k are L2-normalised per head (after the short conv and SiLU), which keeps I - b k k^T a contraction.
+With `allow_neg_eigval`, b_t = 2 sigmoid(W_b x_t) in (0, 2): I - b k k^T may flip the sign along k.
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H),
 V = K * expand_v; beta [B, T, H]. `state_size` = H * K * V values per sequence.
 Parallel form: `kernels.deltanet`.
 """
 
-import torch
 from torch import nn
 
-from models.common import compute_dtype
 from models.memory import MemoryMixer
-
-
-def delta_write(S, k, v, beta):
-    """S + beta k (v - S^T k)^T for one token: S [..., K, V], k [..., K], v [..., V], beta [...]."""
-    error = v - torch.einsum("...kv,...k->...v", S, k)
-    return S + (beta[..., None] * k)[..., :, None] * error[..., None, :]
 
 
 class DeltaNet(MemoryMixer):
@@ -31,8 +24,4 @@ class DeltaNet(MemoryMixer):
         self.b_proj = nn.Linear(self.d_model, self.num_slots * self.num_heads, bias=False)
 
     def activate_gates(self, b):
-        return None, torch.sigmoid(b.to(compute_dtype(b)))
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        return delta_write(S, k, v, beta)
+        return None, self.write_strength(b)

@@ -3,9 +3,10 @@
     S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,        o_t = K^{-1/2} S_t^T q_t
     a_t = exp(g_t),   g_t = -exp(A_log) * softplus(W_a x_t + dt_bias),   b_t = sigmoid(W_b x_t)
 
-one a_t and b_t per head; q and k L2-normalised per head (after the short conv and SiLU). A_log and dt_bias
-(per head) are the decay constants, shared by all memory slots; W_a and W_b are per slot. Initialisation as
-in Mamba-2: exp(A_log) ~ U(1, 16), softplus(dt_bias) log-uniform in [1e-3, 1e-1].
+one a_t and b_t per head (b_t = 2 sigmoid(W_b x_t) in (0, 2) with `allow_neg_eigval`); q and k L2-normalised
+per head (after the short conv and SiLU). A_log and dt_bias (per head) are the decay constants, shared by all
+memory slots; W_a and W_b are per slot. Initialisation as in Mamba-2: exp(A_log) ~ U(1, 16), softplus(dt_bias)
+log-uniform in [1e-3, 1e-1].
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (default d_model / H),
 V = K * expand_v; g, beta [B, T, H]. `state_size` = H * K * V values per sequence.
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import compute_dtype
-from models.deltanet import delta_write
 from models.memory import MemoryMixer
 
 
@@ -38,8 +38,4 @@ class GatedDeltaNet(MemoryMixer):
     def activate_gates(self, a, b):
         dt = compute_dtype(a)
         g = -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
-        return g, torch.sigmoid(b.to(dt))
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        return delta_write(g.exp()[..., None, None] * S, k, v, beta)
+        return g, self.write_strength(b)

@@ -32,7 +32,3 @@ class GLA(MemoryMixer):
 
     def features(self, q, k, fused):
         return q, k
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        return g.exp()[..., None] * S + k[..., :, None] * v[..., None, :]

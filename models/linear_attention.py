@@ -15,7 +15,3 @@ from models.memory import MemoryMixer
 
 class LinearAttention(MemoryMixer):
     rule = "linear_attention"
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        return S + k[..., :, None] * v[..., None, :]

@@ -1,8 +1,8 @@
-"""What the four linear-memory mixers share (linear attention, GLA, DeltaNet, gated DeltaNet).
+"""What the linear-memory mixers share (one per rule of `kernels.rules`: linear attention, GLA, ..., gated DeltaNet).
 
 A memory is a matrix state S in R^{K x V} per head, written once per token and read with the query:
 
-    S_t = update(S_{t-1}; k_t, v_t, g_t, b_t)          (the rule: a subclass's `update`)
+    S_t = update(S_{t-1}; k_t, v_t, g_t, b_t)          (the rule, declared in `kernels.rules`)
     o_t = K^{-1/2} S_t^T q_t                              (read after the write)
     y_t = W_o [ rmsnorm(o_t) * silu(W_gate x_t) ]        (per-head RMSNorm gated by the input, then projected)
 
@@ -15,14 +15,16 @@ the feature map and gates, the rule's parallel op `core` and one-token `update`,
 nothing of routing: the executors of `models/routing.py` combine them, over every token (`forward`, `step`:
 every slot sees every token, with weight 1) or under a MoM routing.
 
+`allow_neg_eigval` (the delta rules only) lets the write strength beta reach (0, 2) (`write_strength`).
+
 Shapes: x [B, T, d_model]; H heads, K = head_dim, V = head_dim * expand_v. State per sequence:
 num_slots * H * K * V values (what `state_size` counts; the conv buffers, (conv_size - 1) * (2K + V) * H per
 slot, are not counted, as in the paper).
 
-A subclass sets `rule` (the kernels' name), builds its gate parameters in `build_gates` (the per-slot
-projections named in `slot_gates`), computes them from those projections in `activate_gates`, may change the
-feature map in `features` (default: L2 normalisation of q and k per head) and gives the one-token `update`
-used by `step`. The parallel form calls `kernels.<rule>` on the backend resolved once per forward.
+A subclass sets `rule` (a name declared in `kernels.rules`, whose one-token update `step` uses), builds its
+gate parameters in `build_gates` (the per-slot projections named in `slot_gates`), computes them from those
+projections in `activate_gates` and may change the feature map in `features` (default: L2 normalisation of q
+and k per head). The parallel form calls the rule's op in `kernels` on the backend resolved once per forward.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from models.common import (
     GatedRMSNorm,
     ShortConv,
     check_backend,
+    check_flag,
     check_int,
     compute_dtype,
     head_layout,
@@ -55,6 +58,7 @@ class MemoryMixer(nn.Module):
         head_dim: int | None = None,
         expand_v: float = 1.0,
         conv_size: int = 4,
+        allow_neg_eigval: bool = False,
         backend: str = "auto",
         num_slots: int = 1,
     ):
@@ -62,10 +66,16 @@ class MemoryMixer(nn.Module):
         K = head_layout(d_model, num_heads, head_dim)
         V = value_dim(K, expand_v)
         check_int("conv_size", conv_size, low=0)  # 0: no short conv
+        check_flag("allow_neg_eigval", allow_neg_eigval)
+        if allow_neg_eigval and not kernels.get_rule(self.rule).delta:
+            delta_rules = tuple(name for name, r in kernels.RULES.items() if r.delta)
+            raise ValueError(f"allow_neg_eigval=True is not valid for rule {self.rule!r}: it doubles the write "
+                             f"strength beta of the delta rules {delta_rules}")  # fmt: skip
         check_backend(backend)
         check_int("num_slots", num_slots)
         self.d_model, self.num_heads, self.key_dim, self.value_dim = d_model, num_heads, K, V
         self.conv_size, self.backend, self.num_slots = conv_size, backend, num_slots
+        self.allow_neg_eigval = allow_neg_eigval
         self.scale = K**-0.5
         H, n = num_heads, num_slots
 
@@ -92,6 +102,13 @@ class MemoryMixer(nn.Module):
         log decays [..., H] or [..., H, K], strengths [..., H] (None where the rule has none)."""
         return None, None
 
+    def write_strength(self, b: torch.Tensor) -> torch.Tensor:
+        """The delta rules' beta from its projection: sigmoid(b) in (0, 1), or with `allow_neg_eigval` 2 sigmoid(b)
+        in (0, 2), where the erase factor I - beta k k^T has the eigenvalue 1 - beta < 0 along k (state tracking
+        needs it: Grazzi et al. 2024)."""
+        beta = torch.sigmoid(b.to(compute_dtype(b)))
+        return 2 * beta if self.allow_neg_eigval else beta
+
     def features(self, q: torch.Tensor, k: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The feature map on q, k [..., H, K] (default: L2 normalisation per head; `fused`: as a Triton kernel)."""
         if fused:
@@ -99,11 +116,6 @@ class MemoryMixer(nn.Module):
 
             return norms.l2norm(q), norms.l2norm(k)
         return l2norm(q), l2norm(k)
-
-    @staticmethod
-    def update(S, k, v, g, beta):
-        """One token's write: S [..., K, V], k [..., K], v [..., V], g and beta as from `gates` -> new S."""
-        raise NotImplementedError
 
     # --- the pieces the executors combine (`models/routing.py`) ---------------------------------------------
 

@@ -4,8 +4,8 @@ Router (no noise):  p_t = softmax(W_r x_t) in fp32 (W_r: d_model -> M, no bias);
                     their weights w_{t,m} = p_{t,m} / sum over the top-k of p_t (they sum to 1).
 Memories:           memory m has its own key, value and gate projections and advances only on the tokens
                     routed to it: it sees its own subsequence, in token order, and its short conv runs within
-                    that subsequence (in training and in `step` alike). Its update rule is one of
-                    linear_attention, gla, deltanet, gated_deltanet (default: gated DeltaNet):
+                    that subsequence (in training and in `step` alike). Its update rule is one of those
+                    declared in `kernels.rules` (default: gated DeltaNet):
                         S^m_t = update(S^m_{t-1}; k^m_t, v^m_t, ...)  if t is routed to m,  else S^m_{t-1}
                         o^m_t = K^{-1/2} (S^m_t)^T q^m_t
 Mixing:             o_t = sum over the top-k m of w_{t,m} o^m_t  (+ o^s_t, the shared memory, weight 1:
@@ -38,24 +38,35 @@ returns the tensors).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from models.common import check_choice, check_flag, check_int, check_number, compute_dtype
-from models.deltanet import DeltaNet
-from models.gated_deltanet import GatedDeltaNet
-from models.gla import GLA
-from models.linear_attention import LinearAttention
+from models.memory import MemoryMixer
 from models.routing import Routing, dense, dense_step, packed, packed_step
 
-RULE_MIXERS = {
-    "linear_attention": LinearAttention,
-    "gla": GLA,
-    "deltanet": DeltaNet,
-    "gated_deltanet": GatedDeltaNet,
-}
+
+def rule_mixers() -> dict[str, type[MemoryMixer]]:
+    """The mixer of every rule declared in `kernels.rules`, in its order: the MemoryMixer subclass whose `rule` is
+    that name, from models/<rule>.py (or defined elsewhere, as the toy rule of tests/test_extending.py)."""
+
+    def defined(name):
+        return [cls for cls in MemoryMixer.__subclasses__() if cls.rule == name]
+
+    mixers = {}
+    for name in kernels.RULES:
+        if not defined(name) and importlib.util.find_spec(f"models.{name}") is not None:
+            importlib.import_module(f"models.{name}")
+        if not defined(name):
+            raise ValueError(f"memory rule {name!r} has no mixer: define a MemoryMixer subclass with rule = {name!r} "
+                             f"in models/{name}.py")  # fmt: skip
+        mixers[name] = defined(name)[-1]  # the latest definition
+    return mixers
 
 
 class MoM(nn.Module):
@@ -72,10 +83,11 @@ class MoM(nn.Module):
         head_dim: int | None = None,
         expand_v: float = 1.0,
         conv_size: int = 4,
+        allow_neg_eigval: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
-        check_choice("rule", rule, tuple(RULE_MIXERS))
+        check_choice("rule", rule, tuple(kernels.RULES))
         check_int("num_memories", num_memories)
         check_int("top_k", top_k, 1, num_memories, "num_memories")
         check_flag("shared_memory", shared_memory)
@@ -84,12 +96,13 @@ class MoM(nn.Module):
         self.shared_memory, self.aux_loss_coef = shared_memory, float(aux_loss_coef)
 
         self.router = nn.Linear(d_model, num_memories, bias=False)
-        self.memory = RULE_MIXERS[rule](
+        self.memory = rule_mixers()[rule](
             d_model,
             num_heads=num_heads,
             head_dim=head_dim,
             expand_v=expand_v,
             conv_size=conv_size,
+            allow_neg_eigval=allow_neg_eigval,
             backend=backend,
             num_slots=num_memories + int(shared_memory),
         )

@@ -7,7 +7,8 @@ memories with their renormalised weights and, with a shared memory, the last slo
 written there only). `routing=None` means every slot sees every token with weight 1: the single-memory mixers.
 
 The executors combine the mixer's pieces (`project`, `slot_projections`, the short convs, `features`,
-`activate_gates`, `core`, `update`, `read_out`); the mixer knows nothing of routing.
+`activate_gates`, `core`, `read_out`; the rule's one-token update from `kernels.rules`); the mixer knows nothing
+of routing.
 
 - `dense` (the reference, and the single-memory mixers' forward on either backend): all n slots over all the
   tokens, as a batch of B * n sequences of one kernel call (no per-memory loop, no padding, no host sync). Under
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
+import kernels
 
 from models.common import causal_conv_silu
 
@@ -182,9 +185,9 @@ def dense_step(memory, x: torch.Tensor, state: dict, routing: Routing | None, ba
     q, k = memory.features(q.view(B, n, H, K), k.view(B, n, H, K), fused)
     S = state["S"]
     dt = S.dtype
-    S_new = memory.update(S, k.to(dt), v.view(B, n, H, V).to(dt), g, beta)
+    S_new, o = kernels.get_rule(memory.rule).update(S, q.to(dt), k.to(dt), v.view(B, n, H, V).to(dt), g, beta)
     new["S"] = S_new if mask is None else torch.where(mask[..., None, None, None], S_new, S)
-    o = memory.scale * torch.einsum("bnhk,bnhkv->bnhv", q.to(dt), new["S"])
+    o = memory.scale * o  # a slot not routed to gets weight 0 in the mix
     weight = None if routing is None else routing.dense_weight
     return memory.read_out(x, o.to(x.dtype), weight, fused), new
 

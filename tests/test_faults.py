@@ -101,6 +101,7 @@ BAD_TRAIN = {
     "model-unknown-rule": (["model.mixer_options.rule=delta"], "rule"),
     "model-width-not-divisible": (["model.d_model=63", "model.mixer_options.num_heads=2"], "num_heads"),
     "model-unknown-option": (["+model.mixer_options.topk=2"], "topk"),
+    "model-neg-eigval-without-delta": (["model=gla", "model.mixer_options.allow_neg_eigval=true"], "allow_neg_eigval"),
     "model-misspelt-group": (["model=mamba9"], "mamba9"),
     # training
     "train-lr-zero": (["optim.lr=0"], "optim.lr"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import rules
 from kernels.testing import make_inputs, rel_err
 
 # (B, T, H, K, V, cu_seqlens or None, chunk_size): lengths off the chunk grid, packed sequences, an empty one
@@ -41,6 +42,22 @@ def test_chunk_matches_recurrence_float64(rule, B, T, H, K, V, cu, chunk):
     assert rel_err(out[1], ref[1]) < 1e-10
     seed = int(torch.randint(2**31, (), generator=gen))
     for name, got, want in zip(inputs, _grads(out, inputs, seed), _grads(ref, inputs, seed)):
+        assert rel_err(got, want) < 1e-10, name
+
+
+@pytest.mark.parametrize("rule", [name for name, r in kernels.RULES.items() if r.delta])
+@pytest.mark.parametrize("B,T,H,K,V,cu,chunk", SHAPES[1:3])
+def test_chunk_matches_recurrence_with_negative_eigenvalues(rule, B, T, H, K, V, cu, chunk):
+    """beta in (0, 2) (`allow_neg_eigval`): the UT transform's L is no longer small, the forms still agree."""
+    N = B if cu is None else len(cu) - 1
+    inputs = make_inputs(rule, B, T, H, K, V, dtype=torch.float64, initial_state=True, N=N, beta_max=2.0)
+    assert inputs["beta"].max() > 1.5
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    ref = kernels.get_op(rule, "torch", "recurrent")(**inputs, output_final_state=True, cu_seqlens=cu_seqlens)
+    out = kernels.get_op(rule, "torch", "chunk")(**inputs, output_final_state=True, cu_seqlens=cu_seqlens,
+                                                 chunk_size=chunk)  # fmt: skip
+    assert rel_err(out[0], ref[0]) < 1e-10 and rel_err(out[1], ref[1]) < 1e-10
+    for name, got, want in zip(inputs, _grads(out, inputs, 0), _grads(ref, inputs, 0)):
         assert rel_err(got, want) < 1e-10, name
 
 
@@ -127,10 +144,11 @@ def test_dispatch_contract():
         kernels.get_op("lstm", "torch")
     with pytest.raises(ValueError, match="mode 'parallel'.*recurrent"):
         kernels.get_op("gla", "torch", "parallel")
-    from kernels.gla.naive import naive_chunk, naive_recurrent
+    from kernels import reference
+    from kernels.gla.naive import naive_chunk
 
     assert kernels.get_op("gla", "torch") is naive_chunk
-    assert kernels.get_op("gla", "torch", "recurrent") is naive_recurrent
+    assert kernels.get_op("gla", "torch", "recurrent").func is reference.recurrent
 
 
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
@@ -138,3 +156,17 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kernels.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_declaring_a_rule_refuses_what_the_kernels_cannot_run(monkeypatch):
+    monkeypatch.setattr(rules, "RULES", dict(rules.RULES))  # undone after the test
+    update = rules.get_rule("gla").update
+    with pytest.raises(ValueError, match="chunk kernels cannot run gate='channel' with delta=True"):
+        rules.declare("kda", gate="channel", delta=True, update=update)
+    with pytest.raises(ValueError, match="gate='vector' is not valid"):
+        rules.declare("vector", gate="vector", delta=False, update=update)
+    with pytest.raises(ValueError, match="'gla' is already declared"):
+        rules.declare("gla", gate="channel", delta=False, update=update)
+    with pytest.raises(ValueError, match="update is not the form that the kernels compute for gate='head'"):
+        rules.declare("undecayed", gate="head", delta=False, update=rules.get_rule("linear_attention").update)
+    assert set(rules.RULES) == set(kernels.RULES)

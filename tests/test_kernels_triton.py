@@ -40,10 +40,11 @@ GPU_HEAD_DIM_CASES = [(2, 200, 1, d, d, None, dtype) for d in (16, 32, 64, 128, 
 pytestmark = pytest.mark.usefixtures("poison")  # tests/conftest.py
 
 
-def check(rule, mode, B, T, H, K, V, cu, dtype, device, ref_mode):
+def check(rule, mode, B, T, H, K, V, cu, dtype, device, ref_mode, beta_max=1.0):
     N = B if cu is None else len(cu) - 1
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
-    x64 = make_inputs(rule, B, T, H, K, V, dtype=torch.float64, device=device, initial_state=True, N=N)
+    x64 = make_inputs(rule, B, T, H, K, V, dtype=torch.float64, device=device, initial_state=True, N=N,
+                      beta_max=beta_max)  # fmt: skip
     # the op and the reference see the same (rounded) inputs
     x = {n: t.detach().to(dtype if n != "initial_state" else torch.float32).requires_grad_() for n, t in x64.items()}
     ref_in = {n: t.detach().double().requires_grad_() for n, t in x.items()}
@@ -76,6 +77,15 @@ def test_triton_op_matches_reference(rule, mode, B, T, H, K, V, cu, dtype):
 def test_triton_op_matches_reference_large(rule, mode, B, T, H, K, V, cu, dtype):
     # float64 chunked form as the reference: equal to the recurrence (test_kernels_naive) and far faster
     check(rule, mode, B, T, H, K, V, cu, dtype, "cuda", ref_mode="chunk")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", [name for name, r in kernels.RULES.items() if r.delta])
+@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", [CPU_CASES[1], CPU_CASES[2]])
+def test_triton_op_matches_reference_with_negative_eigenvalues(rule, mode, B, T, H, K, V, cu, dtype):
+    """beta in (0, 2) (`allow_neg_eigval`): I - beta k k^T has the eigenvalue 1 - beta < 0 along k."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check(rule, mode, B, T, H, K, V, cu, dtype, device, ref_mode="recurrent", beta_max=2.0)
 
 
 @pytest.mark.parametrize("mode", MODES)

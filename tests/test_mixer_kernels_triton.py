@@ -9,10 +9,10 @@ random permutation (`slots`). On the CPU under the Triton interpreter; the `gpu`
 import pytest
 import torch
 
+import kernels
 import models
 from kernels.testing import rel_err
 from models.common import GatedRMSNorm, causal_conv_silu, l2norm
-from models.mom import RULE_MIXERS
 
 pytest.importorskip("triton")
 from kernels import mom, norms  # noqa: E402  (after the skip: imports Triton)
@@ -142,7 +142,7 @@ def test_batch_conv_matches_torch(N, T, C, size, dtype):
     check_conv(N, T, C, size, dtype)
 
 
-@pytest.mark.parametrize("rule", list(RULE_MIXERS))
+@pytest.mark.parametrize("rule", list(kernels.RULES))
 def test_single_memory_mixers_on_triton_match_torch(rule):
     """A whole single-memory layer (conv, feature map, rule, output norm) on the triton backend in float32 against
     the same layer on the torch backend in float64: output and the gradients of the input and every parameter."""

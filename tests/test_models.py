@@ -9,9 +9,10 @@ import kernels
 import models
 from models import build_model
 from models.attention import Attention
-from models.mom import RULE_MIXERS, MoM
+from models.mom import MoM
 
-RULES = tuple(RULE_MIXERS)
+RULES = tuple(kernels.RULES)
+DELTA_RULES = tuple(r for r in RULES if kernels.get_rule(r).delta)
 D, H = 8, 2  # tiny mixers: d_model 8, 2 heads of dim 4
 
 
@@ -36,16 +37,15 @@ def run_steps(mixer, x):
 MIXER_CASES = [
     ("attention", {}),
     ("attention", {"conv_size": 0, "rope": False}),
-    ("linear_attention", {}),
-    ("gla", {}),
-    ("deltanet", {}),
-    ("gated_deltanet", {}),
+    *[(r, {}) for r in RULES],
     ("gated_deltanet", {"conv_size": 0, "expand_v": 2}),
+    *[(r, {"allow_neg_eigval": True}) for r in DELTA_RULES],
     *[("mom", {"rule": r, "num_memories": 3, "top_k": 2, "shared_memory": True}) for r in RULES],
     (
         "mom",
         {"rule": "gated_deltanet", "num_memories": 4, "top_k": 1, "shared_memory": False, "conv_size": 2},
     ),
+    ("mom", {"rule": "deltanet", "num_memories": 3, "top_k": 2, "allow_neg_eigval": True}),
 ]
 
 
@@ -326,7 +326,7 @@ def test_mixed_precision_keeps_the_router_in_fp32():
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_mom_forward_backward_on_gpu_without_host_sync(backend):
     if backend == "auto":  # Triton on CUDA
-        pytest.importorskip("kernels.gated_deltanet.chunk", reason="the Triton chunk kernel is not there yet")
+        pytest.importorskip("triton")
     torch.manual_seed(0)
     mom = MoM(64, num_heads=2, backend=backend).cuda()
     ref = MoM(64, num_heads=2, backend="torch").cuda().double()
@@ -395,3 +395,25 @@ def test_qk_norm_makes_attention_independent_of_the_query_and_key_scale():
             layer.qkv_proj.weight[:32] *= 7.0  # the q and k rows only
         changed = (layer(x) - y).abs().max().item()
         assert changed < 1e-4 if qk_norm else changed > 1e-2
+
+
+@pytest.mark.parametrize("mom", [False, True], ids=["single", "mom"])
+@pytest.mark.parametrize("rule", DELTA_RULES)
+def test_negative_eigenvalues_let_beta_reach_two(rule, mom):
+    """allow_neg_eigval: beta = 2 sigmoid(.) in (0, 2), so that 1 - beta, the erase factor's eigenvalue along k,
+    can be negative; off (the default) beta = sigmoid(.) in (0, 1), the same weights."""
+    mixer, options = ("mom", {"rule": rule, "num_memories": 2, "top_k": 1}) if mom else (rule, {})
+    on, off = make(mixer, allow_neg_eigval=True, **options), make(mixer, **options)
+    x = randn(2, 50, D) * 10
+    beta_on, beta_off = ((m.memory if mom else m).gates(x)[1] for m in (on, off))
+    assert 1 < beta_on.max() < 2 and beta_on.min() > 0
+    assert beta_off.max() < 1
+    torch.testing.assert_close(beta_on, 2 * beta_off)
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r not in DELTA_RULES])
+def test_negative_eigenvalues_need_a_delta_rule(rule):
+    with pytest.raises(ValueError, match=f"allow_neg_eigval=True is not valid for rule '{rule}'"):
+        make(rule, allow_neg_eigval=True)
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        make("mom", rule=rule, allow_neg_eigval=True)

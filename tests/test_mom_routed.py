@@ -104,9 +104,8 @@ def test_routing_table_layout():
 # rule, options, (B, T, d_model): T = 70 puts memory 0's segments over two 64-token chunks
 CPU_CASES = [
     ("gated_deltanet", {"num_heads": 2}, (2, 70, 32)),
-    ("gla", {"num_heads": 2}, (2, 20, 32)),
     ("deltanet", {"num_heads": 1}, (2, 20, 32)),
-    ("linear_attention", {"num_heads": 2}, (2, 20, 32)),
+    *[(r, {"num_heads": 2}, (2, 20, 32)) for r in kernels.RULES if r not in ("gated_deltanet", "deltanet")],
     ("gated_deltanet", {"num_heads": 2, "conv_size": 0, "shared_memory": False}, (2, 20, 32)),
     ("gated_deltanet", {"num_heads": 1, "head_dim": 16, "expand_v": 2, "conv_size": 2}, (1, 20, 24)),
 ]
@@ -139,7 +138,7 @@ def decode(mom, x):
     return torch.stack(ys, 1), state
 
 
-@pytest.mark.parametrize("rule", ["gated_deltanet", "gla", "deltanet", "linear_attention"])
+@pytest.mark.parametrize("rule", list(kernels.RULES))
 def test_routed_decode_equals_parallel_form(rule):
     mom, ref = ragged_pair(32, torch.float32, DEVICE, rule=rule, num_heads=2)
     x = ragged_input(2, 9, 32, DEVICE)

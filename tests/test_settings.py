@@ -123,6 +123,7 @@ def test_shipped_configs_pass_the_checks(choice):
     ["trainer.precision=bf16-mixed"], ["trainer.precision=32"], ["trainer.limit_train_batches=1"],
     ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "trainer.max_steps=2"],
     ["+trainer.accumulate_grad_batches=2"], ["model.mixer_options.expand_v=2"], ["trainer.devices=2"],
+    ["model=deltanet", "model.mixer_options.allow_neg_eigval=true"], ["model.mixer_options.allow_neg_eigval=true"],
 ], ids=lambda overrides: " ".join(overrides))
 def test_valid_edge_settings_pass_the_checks(overrides):
     check_settings(compose_train("debug=fast", *overrides))

@@ -1,1 +1,2 @@
-"""The gated_deltanet memory rule: naive.py (PyTorch reference), chunk.py and fused_recurrent.py (Triton)."""
+"""The gated_deltanet memory rule (declared in kernels/rules.py): its parallel PyTorch form (naive.py) and its
+math (README.md)."""

@@ -1,33 +1,13 @@
 """Gated DeltaNet, plain PyTorch: S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = scale * S_t^T q_t.
 
-g [B, T, H] are per-head log decays (<= 0), beta [B, T, H] the write strengths. `naive_recurrent` is the
-recurrence token by token (the reference); `naive_chunk` is the chunked parallel form in the WY/UT
-representation (the `torch` backend, shared with DeltaNet, which is the case g = 0). States are [N, H, K, V].
+g [B, T, H] are per-head log decays (<= 0), beta [B, T, H] the write strengths. `naive_chunk` is the chunked
+parallel form in the WY/UT representation (the `torch` backend, shared with DeltaNet, which is the case g = 0);
+the token-by-token reference is `kernels.reference`. States are [N, H, K, V].
 """
 
 import torch
 
-from kernels._common import assemble, check_inputs, compute_dtype, pad_sequences, sequence_bounds
-
-
-def naive_recurrent(
-    q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
-    d = check_inputs("gated_deltanet", q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    dt = compute_dtype(q)
-    eye = torch.eye(d.K, dtype=dt, device=q.device)
-    outs, finals = [], []
-    for n, (b, start, end) in enumerate(sequence_bounds(cu_seqlens, d.B, d.T)):
-        S = q.new_zeros(d.H, d.K, d.V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
-        seq = []
-        for t in range(start, end):
-            qt, kt, vt, gt, bt = (x[b, t].to(dt) for x in (q, k, v, g, beta))  # [H, K|V], gt and bt [H]
-            erase = eye - bt[:, None, None] * kt[:, :, None] * kt[:, None, :]  # [H, K, K]
-            S = gt.exp()[:, None, None] * (erase @ S) + bt[:, None, None] * kt[:, :, None] * vt[:, None, :]
-            seq.append(d.scale * torch.einsum("hk,hkv->hv", qt, S))
-        outs.append(torch.stack(seq) if seq else q.new_zeros(0, d.H, d.V, dtype=dt))
-        finals.append(S)
-    return assemble(outs, finals, cu_seqlens, v.dtype, output_final_state)
+from kernels._common import check_inputs, compute_dtype, pad_sequences
 
 
 def delta_chunk(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):

@@ -1,32 +1,14 @@
 """Gated linear attention (GLA), plain PyTorch: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t.
 
-g [B, T, H, K] are per-channel log decays (<= 0). `naive_recurrent` is the recurrence token by token (the
-reference); `naive_chunk` is the chunked parallel form (the `torch` backend). States are [N, H, K, V].
+g [B, T, H, K] are per-channel log decays (<= 0). `naive_chunk` is the chunked parallel form (the `torch`
+backend); the token-by-token reference is `kernels.reference`. States are [N, H, K, V].
 """
 
 import torch
 
-from kernels._common import assemble, check_inputs, compute_dtype, pad_sequences, sequence_bounds
+from kernels._common import check_inputs, compute_dtype, pad_sequences
 
 SUB = 16  # sub-chunk length of the intra-chunk product (see naive_chunk)
-
-
-def naive_recurrent(
-    q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
-    d = check_inputs("gla", q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    dt = compute_dtype(q)
-    outs, finals = [], []
-    for n, (b, start, end) in enumerate(sequence_bounds(cu_seqlens, d.B, d.T)):
-        S = q.new_zeros(d.H, d.K, d.V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
-        seq = []
-        for t in range(start, end):
-            qt, kt, vt, gt = (x[b, t].to(dt) for x in (q, k, v, g))  # [H, K], [H, K], [H, V], [H, K]
-            S = gt.exp()[:, :, None] * S + kt[:, :, None] * vt[:, None, :]
-            seq.append(d.scale * torch.einsum("hk,hkv->hv", qt, S))
-        outs.append(torch.stack(seq) if seq else q.new_zeros(0, d.H, d.V, dtype=dt))
-        finals.append(S)
-    return assemble(outs, finals, cu_seqlens, v.dtype, output_final_state)
 
 
 def _intra(q, k, v, b):

@@ -1,1 +1,2 @@
-"""The linear_attention memory rule: naive.py (PyTorch reference), chunk.py and fused_recurrent.py (Triton)."""
+"""The linear_attention memory rule (declared in kernels/rules.py): its parallel PyTorch form (naive.py) and its
+math (README.md)."""

@@ -1,30 +1,12 @@
 """Linear attention, plain PyTorch: S_t = S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t.
 
-`naive_recurrent` is the recurrence token by token (the reference); `naive_chunk` is the chunked parallel
-form (the `torch` backend). Shapes: q, k [B, T, H, K]; v [B, T, H, V]; states [N, H, K, V].
+`naive_chunk` is the chunked parallel form (the `torch` backend); the token-by-token reference is
+`kernels.reference`. Shapes: q, k [B, T, H, K]; v [B, T, H, V]; states [N, H, K, V].
 """
 
 import torch
 
-from kernels._common import assemble, check_inputs, compute_dtype, pad_sequences, sequence_bounds
-
-
-def naive_recurrent(
-    q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
-):
-    d = check_inputs("linear_attention", q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    dt = compute_dtype(q)
-    outs, finals = [], []
-    for n, (b, start, end) in enumerate(sequence_bounds(cu_seqlens, d.B, d.T)):
-        S = q.new_zeros(d.H, d.K, d.V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
-        seq = []
-        for t in range(start, end):
-            qt, kt, vt = (x[b, t].to(dt) for x in (q, k, v))  # [H, K], [H, K], [H, V]
-            S = S + kt[:, :, None] * vt[:, None, :]
-            seq.append(d.scale * torch.einsum("hk,hkv->hv", qt, S))
-        outs.append(torch.stack(seq) if seq else q.new_zeros(0, d.H, d.V, dtype=dt))
-        finals.append(S)
-    return assemble(outs, finals, cu_seqlens, v.dtype, output_final_state)
+from kernels._common import check_inputs, compute_dtype, pad_sequences
 
 
 def naive_chunk(

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import RULE_INPUTS, empty
-from kernels._fused_recurrent import GATE_CODES, _blocks
+from kernels._common import empty
+from kernels._fused_recurrent import blocks
+from kernels.rules import get_rule
 
 
 @triton.jit
@@ -48,7 +49,7 @@ def _decode_kernel(
 def decode_step(rule, state, sel, q, k, v, g=None, beta=None, scale=None):
     """state [B, n, H, K, V] float32 (updated in place), sel [B, J] the memories to update (distinct per row),
     q, k [B, J, H, K], v [B, J, H, V], g [B, J, H] or [B, J, H, K], beta [B, J, H] -> o [B, J, H, V] float32."""
-    gate, delta = GATE_CODES[RULE_INPUTS[rule][0]], RULE_INPUTS[rule][1]
+    gate, delta = get_rule(rule).gate_code, get_rule(rule).delta
     B, n, H, K, V = state.shape
     J = sel.shape[1]
     if state.dtype != torch.float32 or not state.is_contiguous():
@@ -56,7 +57,7 @@ def decode_step(rule, state, sel, q, k, v, g=None, beta=None, scale=None):
     q, k, v, sel = q.contiguous(), k.contiguous(), v.contiguous(), sel.contiguous()
     g = None if g is None else g.contiguous()
     beta = None if beta is None else beta.contiguous()
-    BK, BV = _blocks(K, V)
+    BK, BV = blocks(K, V)
     o = empty(B, J, H, V, device=q.device, dtype=torch.float32)
     _decode_kernel[(triton.cdiv(V, BV), B * J * H)](
         state, sel, q, k, v, g, beta, o, K**-0.5 if scale is None else scale, n, J,

@@ -21,6 +21,7 @@ times are) and the longest kernels.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -30,7 +31,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 SHAPES = [(8, 2048, 4, 256, 256), (8, 2048, 8, 128, 128), (64, 512, 4, 64, 64)]
-RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")
 RECURRENT_PREFIX = (2, 256)  # sequences, tokens of the token-by-token reference actually timed
 CHILD = [sys.executable, "-m", "sandbox.bench.kernels"]  # this benchmark's own child processes (hidden options)
 FLA_GUARD_NOTE = (
@@ -40,23 +40,26 @@ FLA_GUARD_NOTE = (
 
 
 def _fla_op(rule):
-    """fla's chunk op for `rule` with our signature, or None when fla is not importable."""
+    """fla's chunk op for `rule` (its counterpart in `kernels.rules`) with our signature, or None when fla is not
+    importable or has no counterpart."""
+    from kernels.rules import get_rule
+
+    name = get_rule(rule).fla
+    if name is None:
+        return None
+    module, _, function = name.rpartition(".")
     try:
         from fla.ops.common import chunk_o
-        from fla.ops.delta_rule import chunk_delta_rule
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        from fla.ops.gla import chunk_gla
-        from fla.ops.linear_attn import chunk_linear_attn
+
+        fla_op = getattr(importlib.import_module(module), function)
     except ImportError:
         return None
     chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: see FLA_GUARD_NOTE
-    ops = {
-        "linear_attention": lambda q, k, v, **kw: chunk_linear_attn(q, k, v, normalize=False),
-        "gla": lambda q, k, v, g, **kw: chunk_gla(q, k, v, g),
-        "deltanet": lambda q, k, v, beta, **kw: chunk_delta_rule(q, k, v, beta),
-        "gated_deltanet": lambda q, k, v, g, beta, **kw: chunk_gated_delta_rule(q, k, v, g, beta),
-    }
-    return ops[rule]
+
+    def op(q, k, v, g=None, beta=None, **kw):  # our initial and final states are not fla's layout: left out
+        return fla_op(q, k, v, **{n: x for n, x in (("g", g), ("beta", beta)) if x is not None})
+
+    return op
 
 
 def _fwd_bwd(op, inputs, do):
@@ -125,7 +128,7 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool = Fal
             _print_row(rows[-1])  # before fla's autotuning: a run cut short keeps our rows
             if profile:
                 _profile_row(rows[-1], x, do)
-            if fla_available and rows[-1]["correct"]:
+            if fla_available and rows[-1]["correct"] and _fla_op(rule) is not None:  # a rule fla does not have
                 _time_fla(rows[-1], x, do)
                 _print_fla(rows[-1])
                 if profile:
@@ -320,7 +323,9 @@ def first_call_times(shape, rules) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    from kernels.rules import RULES
+
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--shape", action="append", type=lambda s: tuple(int(x) for x in s.split(",")),
                         help="B,T,H,K,V (repeatable); default: the three issue shapes")  # fmt: skip
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")

@@ -1,0 +1,2 @@
+"""The simple_gla memory rule (declared in kernels/rules.py): its parallel PyTorch form (naive.py) and its
+math (README.md)."""
