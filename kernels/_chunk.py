@@ -758,8 +758,8 @@ def _chunk_table(cu_seqlens: torch.Tensor, T_total: int, C: int):
 
 def _blocks(K: int, V: int) -> tuple[int, int, int]:
     """(BK for the full-K state tiles, BV, BKS for loops over K). BV is 32 at K > 128: the delta rules' sequential
-    kernels hold all K rows of a BV-column block; with 16 their fewer spills in `dstate` did not make up for twice
-    the programs, each reading the chunk's [64, K] tiles (1.3x slower on an H200, kernels/NOTES.md)."""
+    kernels hold all K rows of a BV-column block; with 16 their fewer spills in `dstate` do not make up for twice
+    the programs, each reading the chunk's [64, K] tiles (docs/performance.md)."""
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 128 else 32)
     return BK, BV, min(BK, 64)
@@ -776,13 +776,10 @@ def _launch(kernel: str, BK: int, dot: int) -> dict:
     """Launch options of one kernel.
 
     The chunk-sequential kernels (`state`, `dstate`; BK rows of the state): their [K, BV] state and [C, K] tiles
-    are large at K >= 128, where a second pipeline stage does not fit in shared memory (the backward one took
-    288 KB at K = 128). `dprep` and `dqk` pipeline their loops over V in two stages. `gla_intra_blocks` runs in
-    one stage (three took 77 KB of shared memory at K >= 128, so two programs per multiprocessor: 0.54 ms for
-    GLA's Aqk at 8x2048x8x128, 0.32 split and in one stage, H200); `gla_intra_diag` with 2 warps at K > 128
-    (0.18 ms against 0.20 with 8 at 8x2048x4x256).
-    Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (bisected kernel by kernel on an H200,
-    kernels/NOTES.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
+    are large at K >= 128, where a second pipeline stage does not fit in shared memory. `dprep` and `dqk` pipeline
+    their loops over V in two stages. `gla_intra_blocks` runs in one stage (more stages leave room for only two
+    programs per multiprocessor at K >= 128); `gla_intra_diag` with 2 warps at K > 128 (faster than 8).
+    Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (docs/performance.md): `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2
     warps, as fla found for its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at
     K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4 (as `dstate`, which
     at BV = 32 hit an illegal memory access before the state was split in pieces)."""
