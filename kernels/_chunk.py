@@ -781,8 +781,9 @@ def _launch(kernel: str, BK: int, dot: int) -> dict:
     programs per multiprocessor at K >= 128); `gla_intra_diag` with 2 warps at K > 128 (faster than 8).
     Triton 3.6 on Hopper miscompiles the bf16 dots (mode 2) of two kernels (docs/performance.md):
     `local` with 4 or 8 warps gives wrong outputs at K = 16 and 256 (every rule; right with 2 warps, as fla found for
-    its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at K > 128 (the state in four pieces) gives wrong outputs with 8 or 16 warps, right with 4 (as `dstate`, which
-    at BV = 32 hit an illegal memory access before the state was split in pieces)."""
+    its chunk-64 kernels on Hopper, its PR #988), and the delta rules' `state` at K > 128 (the state in four
+    pieces) gives wrong outputs with 8 or 16 warps, right with 4 (as `dstate`, which at BV = 32 hit an illegal
+    memory access before the state was split in pieces)."""
     options = {}
     if kernel in ("state", "dstate"):  # 4 warps, not more: see the miscompile above
         options = {"num_warps": 4, "num_stages": 1} if BK >= 128 else {"num_stages": 2}
