@@ -11,7 +11,7 @@ with q_t, k_t, v_t = silu(short causal conv(W_q x, W_k x, W_v x)) and the rule's
 The class holds `num_slots` memories side by side so that MoM can drive it (`models/mom.py`): every slot has
 its own key, value and gate (beta, decay-input) projections; the query projection, the short-conv weights,
 the decay constants, the output gate, norm and projection are shared. It exposes its pieces (the projections,
-the feature map and gates, the rule's parallel op `core` and one-token `update`, the read-out) and knows
+the feature map and gates, the rule's parallel op `core`, the read-out) and knows
 nothing of routing: the executors of `models/routing.py` combine them, over every token (`forward`, `step`:
 every slot sees every token, with weight 1) or under a MoM routing.
 
