@@ -13,13 +13,8 @@ V = K * expand_v; g, beta [B, T, H]. `state_size` = H * K * V values per sequenc
 Parallel form: `kernels.gated_deltanet`. This is MoM's default memory rule.
 """
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.common import compute_dtype
 from models.memory import MemoryMixer
 
 
@@ -31,11 +26,7 @@ class GatedDeltaNet(MemoryMixer):
         n, H = self.num_slots, self.num_heads
         self.a_proj = nn.Linear(self.d_model, n * H, bias=False)
         self.b_proj = nn.Linear(self.d_model, n * H, bias=False)
-        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
-        dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.build_head_decay()
 
     def activate_gates(self, a, b):
-        dt = compute_dtype(a)
-        g = -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
-        return g, self.write_strength(b)
+        return self.head_decay(a), self.write_strength(b)

@@ -29,7 +29,10 @@ and k per head). The parallel form calls the rule's op in `kernels` on the backe
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -108,6 +111,19 @@ class MemoryMixer(nn.Module):
         needs it: Grazzi et al. 2024)."""
         beta = torch.sigmoid(b.to(compute_dtype(b)))
         return 2 * beta if self.allow_neg_eigval else beta
+
+    def build_head_decay(self) -> None:
+        """The decay constants of a per-head decay (Mamba-2's), shared by all slots: exp(A_log) ~ U(1, 16),
+        softplus(dt_bias) log-uniform in [1e-3, 1e-1]."""
+        H = self.num_heads
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+
+    def head_decay(self, a: torch.Tensor) -> torch.Tensor:
+        """The per-head log decay g = -exp(A_log) * softplus(a + dt_bias) from its projection a [..., H]."""
+        dt = compute_dtype(a)
+        return -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
 
     def features(self, q: torch.Tensor, k: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The feature map on q, k [..., H, K] (default: L2 normalisation per head; `fused`: as a Triton kernel)."""

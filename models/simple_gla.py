@@ -12,13 +12,8 @@ Shapes: x [B, T, d_model] -> [B, T, d_model]; H = num_heads, K = head_dim (defau
 V = K * expand_v; g [B, T, H]. `state_size` = H * K * V values per sequence. Parallel form: `kernels.simple_gla`.
 """
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.common import compute_dtype
 from models.memory import MemoryMixer
 
 
@@ -27,12 +22,8 @@ class SimpleGLA(MemoryMixer):
     slot_gates = ("a_proj",)
 
     def build_gates(self):
-        H = self.num_heads
-        self.a_proj = nn.Linear(self.d_model, self.num_slots * H, bias=False)
-        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
-        dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.a_proj = nn.Linear(self.d_model, self.num_slots * self.num_heads, bias=False)
+        self.build_head_decay()
 
     def activate_gates(self, a):
-        dt = compute_dtype(a)
-        return -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt)), None
+        return self.head_decay(a), None
