@@ -143,9 +143,23 @@ class RecallModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        optimizer = adamw(self.model, self.optim, fused=self.fused_adamw and self.device.type == "cuda")
+        # float16's GradScaler must unscale before clipping, which a fused step does only inside itself
+        fused = self.fused_adamw and self.device.type == "cuda" and self.trainer.precision != "16-mixed"
+        optimizer = adamw(self.model, self.optim, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim["warmup_ratio"] * total)
         schedule = WarmupCosine(warmup, total, self.optim["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, for float16's sake; the
+        # fused step is used only without a GradScaler, where the gradients are already unscaled.
+        if not optimizer.defaults.get("fused"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)

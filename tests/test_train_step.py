@@ -130,3 +130,28 @@ def test_training_steps_do_not_sync_on_cuda(tmp_path, model):
         torch.cuda.set_sync_debug_mode("default")
     assert check.checked == 3
     assert type(module.trainer.optimizers[0]).__name__ == "AdamW" and module.trainer.optimizers[0].defaults["fused"]
+
+
+def test_fused_adamw_clips_gradients_under_mixed_precision(tmp_path, monkeypatch):
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (float16 unscales inside the
+    step); the module clips itself there. A clip far below Adam's eps leaves the weights where they started, as
+    the plain AdamW's clipping does, and unlike training without a clip."""
+    import sandbox.module as module_file
+
+    plain_adamw = module_file.adamw
+    start = None
+    after = {}
+    for fused, clip in ((False, "1e-12"), (True, "1e-12"), (True, "null")):
+        monkeypatch.setattr(module_file, "adamw", lambda model, optim, fused, f=fused: plain_adamw(model, optim, f))
+        cfg = tiny_config("attention", "trainer.precision=bf16-mixed", f"trainer.gradient_clip_val={clip}",
+                          "optim.weight_decay=0.0")
+        datamodule, module = build(cfg)
+        start = start or {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(start)
+        L.seed_everything(0)
+        make_trainer(cfg, tmp_path / f"{fused}-{clip}").fit(module, datamodule=datamodule)
+        assert module.trainer.optimizers[0].defaults["fused"] == fused
+        after[fused, clip] = module.state_dict()
+    moved = {run: max((w[k] - start[k]).abs().max().item() for k in start) for run, w in after.items()}
+    assert moved[False, "1e-12"] < 1e-5 and moved[True, "1e-12"] < 1e-5, moved
+    assert moved[True, "null"] > 1e-3, moved
