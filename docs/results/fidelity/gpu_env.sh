@@ -1,6 +1,9 @@
 # Sourced at the start of every GPU command of docs/results/: the project's Python dependencies that the GPU
 # machine lacks (hydra, optuna; carried as wheels in .whl/), the repo on the path, one thread per process.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Once per machine, under a lock: scripts started together must not import from a folder being rewritten.
+( flock 9; [ -e /tmp/site/.installed ] ||
+  { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    touch /tmp/site/.installed; } ) 9> /tmp/site.lock || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 # Pack the small files of every run below $1 (results, metric curves, logs; no checkpoints) into $2.
 pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -name '*.log' -o -name failed.json \) -print0 | tar -czf "$2" --null -T -); }
