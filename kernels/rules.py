@@ -9,7 +9,7 @@ Its declaration says what the kernels need to know: the layout of its log decays
 [B, T, H], or one per key channel [B, T, H, K]), whether it writes with the delta rule (then it takes write
 strengths beta [B, T, H]), its one-token update as a small PyTorch function (from which the token-by-token
 reference and the mixers' `step` are built), the module of its parallel PyTorch form if it has one, and the
-name of its fla counterpart (the benchmark's comparison). The Triton chunk kernels (`kernels/_chunk.py`) are
+name of its fla counterpart (the benchmark's comparison). The Triton chunk kernels (`kernels/chunk/`) are
 one family parameterised by (gate, delta); a combination they cannot run is refused here, at declaration.
 """
 
