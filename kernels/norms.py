@@ -4,13 +4,13 @@
     mix_gated_rmsnorm:  a_t = sum_j w_tj o[row_tj]                            (a token's memory outputs, mixed)
                         y_t = a_t * rsqrt(mean_i a_ti^2 + eps) * weight * silu(gate_t)   per head of V
 
-In PyTorch (`models.common.l2norm`, `GatedRMSNorm` and the mix in `MemoryMixer._output`) each is a chain of
-elementwise kernels that keeps several float32 copies for the backward. Here each is one kernel each way,
-computing in float32: `l2norm` keeps its output (which the update rule keeps anyway) and the per-row rsqrt;
-`mix_gated_rmsnorm` reads a token's rows where they are (the packed rows of the routed MoM, through `slots`:
-no token-order copy) and keeps only its inputs and the per-head rsqrt, recomputing the mix in the backward.
-The backward passes are deterministic: each input row gets its gradient from one program (a packed row
-belongs to one token), and the norm weight's gradient is summed from per-program partial sums.
+In PyTorch (`kernels/norms_torch.py`: `l2norm`, and `gated_rmsnorm` after the mix in `MemoryMixer.read_out`)
+each is a chain of elementwise kernels that keeps several float32 copies for the backward. Here each is one
+kernel each way, computing in float32: `l2norm` keeps its output (which the update rule keeps anyway) and the
+per-row rsqrt; `mix_gated_rmsnorm` reads a token's rows where they are (the packed rows of the routed MoM,
+through `slots`: no token-order copy) and keeps only its inputs and the per-head rsqrt, recomputing the mix in
+the backward. The backward passes are deterministic: each input row gets its gradient from one program (a
+packed row belongs to one token), and the norm weight's gradient is summed from per-program partial sums.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class _L2Norm(torch.autograd.Function):
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / ||x|| over the last dimension, as `models.common.l2norm` (output contiguous, in x's dtype)."""
+    """x / ||x|| over the last dimension, as `kernels.norms_torch.l2norm` (output contiguous, in x's dtype)."""
     check_triton_inputs(x)
     return _L2Norm.apply(x, eps)
 

@@ -1,5 +1,6 @@
-"""Small pieces the mixers share: argument checks, the short causal convolution, the gated per-head RMSNorm,
-the L2 feature map, and the check of the backend setting.
+"""Small pieces the mixers share: argument checks, the check of the backend setting, and the short causal
+convolution and the gated per-head RMSNorm as modules (their PyTorch forms are in `kernels/conv_torch.py` and
+`kernels/norms_torch.py`, beside their Triton forms).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels._common import compute_dtype  # the kernels' dtype rule for gates and states, which the mixers follow
+# the kernels' dtype rule for gates and states, which the mixers follow (re-exported for them)
+from kernels._common import compute_dtype  # noqa: F401
+from kernels.conv_torch import causal_conv_silu
+from kernels.norms_torch import gated_rmsnorm
 
 # --- argument checks (raised at construction, naming the setting and what it may be) ----------------------
 
@@ -86,50 +90,7 @@ def check_backend(backend: str) -> None:
     check_choice("backend", backend, kernels.BACKENDS)
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / ||x|| over the last dimension: the feature map of the delta rules (and of our linear attention)."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
-
 # --- modules -----------------------------------------------------------------------------------------
-
-
-class _CausalConvSiLU(torch.autograd.Function):
-    """y = silu(a), a_t = sum_s w_{S-1-s} x_{t-s} over x [N, T, C] (zeros before t = 0), w [C, S].
-
-    Written as S shifted multiply-adds on the contiguous [N, T, C] layout, with the backward by hand and no
-    padded copies: on the CPU, conv1d over the channel-strided layout and autograd's SiLU backward cost
-    several times more, and this op's tensors (MoM: every slot's q, k and v) are large."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        T, S = x.shape[1], weight.shape[1]
-        a = x * weight[:, S - 1]
-        for s in range(1, min(S, T)):  # tap S-1-s reads s steps back
-            a[:, s:].addcmul_(x[:, : T - s], weight[:, S - 1 - s])
-        ctx.save_for_backward(x, weight, a)
-        return F.silu(a)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, a = ctx.saved_tensors
-        T, S = x.shape[1], weight.shape[1]
-        da = torch.ops.aten.silu_backward(dy, a)  # one fused pass
-        dx = da * weight[:, S - 1]
-        dw = weight.new_zeros(weight.shape)
-        dw[:, S - 1] = (da * x).sum((0, 1))
-        for s in range(1, min(S, T)):
-            dx[:, : T - s].addcmul_(da[:, s:], weight[:, S - 1 - s])
-            dw[:, S - 1 - s] = (da[:, s:] * x[:, : T - s]).sum((0, 1))
-        return dx, dw
-
-
-def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The short conv of `ShortConv` as a function: x [..., T, C], weight [C, S] -> silu(causal conv) [..., T, C]."""
-    lead, (T, C) = x.shape[:-2], x.shape[-2:]
-    dt = compute_dtype(x)  # 16-bit inputs (mixed precision) are summed in float32, as conv1d accumulates
-    y = _CausalConvSiLU.apply(x.reshape(-1, T, C).to(dt).contiguous(), weight.to(dt))
-    return y.view(*lead, T, C).to(x.dtype)
 
 
 class ShortConv(nn.Module):
@@ -170,7 +131,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(o)
-        x = o.to(dt)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dt)
-        return (x * F.silu(gate.to(dt))).to(o.dtype)
+        return gated_rmsnorm(o, gate, self.weight, self.eps)

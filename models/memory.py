@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import norms_torch
 from models import routing
 from models.common import (
     GatedRMSNorm,
@@ -45,7 +46,6 @@ from models.common import (
     check_int,
     compute_dtype,
     head_layout,
-    l2norm,
     value_dim,
 )
 
@@ -131,7 +131,7 @@ class MemoryMixer(nn.Module):
             from kernels import norms  # imports Triton
 
             return norms.l2norm(q), norms.l2norm(k)
-        return l2norm(q), l2norm(k)
+        return norms_torch.l2norm(q), norms_torch.l2norm(k)
 
     # --- the pieces the executors combine (`models/routing.py`) ---------------------------------------------
 

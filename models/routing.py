@@ -35,8 +35,7 @@ from functools import cached_property
 import torch
 
 import kernels
-
-from models.common import causal_conv_silu
+from kernels import conv_torch
 
 
 @dataclass
@@ -127,7 +126,7 @@ def dense(memory, x: torch.Tensor, routing: Routing | None, backend: str) -> tor
 
             qkv = mom.batch_conv(qkv.flatten(0, 1), conv_weight).view(qkv.shape)
         else:
-            qkv = causal_conv_silu(qkv, conv_weight)
+            qkv = conv_torch.causal_conv_silu(qkv, conv_weight)
     q, k, v = qkv.split([H * K, H * K, H * V], -1)
     q, k = memory.features(q.reshape(B * n, T, H, K), k.reshape(B * n, T, H, K), fused)
     g, beta = (None if z is None else z.reshape(B * n, T, *z.shape[3:]) for z in gates)

@@ -11,8 +11,9 @@ import torch
 
 import kernels
 import models
+from kernels.conv_torch import causal_conv_silu
+from kernels.norms_torch import gated_rmsnorm, l2norm
 from kernels.testing import rel_err
-from models.common import GatedRMSNorm, causal_conv_silu, l2norm
 
 pytest.importorskip("triton")
 from kernels import mom, norms  # noqa: E402  (after the skip: imports Triton)
@@ -62,12 +63,11 @@ def test_l2norm_matches_torch(shape, dtype):
 
 
 def mix_reference(o, gate, norm_weight, weight, slots, eps):
-    """The zoo's PyTorch form (float64): a token's rows gathered, weighted and summed, then `GatedRMSNorm`."""
+    """The PyTorch form (float64): a token's rows gathered, weighted and summed, then `gated_rmsnorm`."""
     N, H, V = gate.shape
     rows = o.view(N, -1, H, V) if slots is None else o[slots]
     mixed = rows.sum(1) if weight is None else (rows * weight[:, :, None, None]).sum(1)
-    norm = GatedRMSNorm(V, eps)
-    return torch.func.functional_call(norm, {"weight": norm_weight}, (mixed, gate))
+    return gated_rmsnorm(mixed, gate, norm_weight, eps)
 
 
 def check_mix(N, J, H, V, dtype, *, weighted, packed):

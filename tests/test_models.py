@@ -346,7 +346,7 @@ def test_mom_forward_backward_on_gpu_without_host_sync(backend):
 @pytest.mark.parametrize("T,size", [(1, 4), (7, 4), (13, 2), (5, 1)])
 def test_short_conv_matches_conv1d(T, size):
     """The short conv's hand-written forward and backward against torch's depthwise conv1d, in float64."""
-    from models.common import causal_conv_silu
+    from kernels.conv_torch import causal_conv_silu
 
     seed = int(torch.randint(0, 2**31, ()))  # fresh inputs every run; the seed is in the failure message
     x = randn(3, 2, T, 5, seed=seed).requires_grad_()

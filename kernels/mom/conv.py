@@ -163,7 +163,7 @@ def segment_conv(
 
 def batch_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The same conv over whole sequences: x [N, T, C] (unit column stride), weight [C, size] -> [N, T, C], as
-    `models.common.causal_conv_silu` (computed in float32, returned in x's dtype)."""
+    `kernels.conv_torch.causal_conv_silu` (computed in float32, returned in x's dtype)."""
     N, T, C = x.shape
     rows = torch.arange(N * T, device=x.device, dtype=torch.int32)
     row_start = rows - rows % max(T, 1)  # each sequence one segment
