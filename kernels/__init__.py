@@ -13,7 +13,7 @@ The rules (o_t = scale * S_t^T q_t reads the state after token t is written):
     gated_deltanet    S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T   g, beta [B, T, H]
 Ops per backend and mode: torch/recurrent the token-by-token reference (`kernels.reference`), torch/chunk the
 rule's parallel PyTorch form (the reference where it has none), triton/chunk the chunked kernels
-(`kernels.chunk`), triton/recurrent the fused recurrent kernels (`kernels._fused_recurrent`).
+(`kernels.chunk`), triton/recurrent the fused recurrent kernels (`kernels.fused_recurrent`).
 Triton is imported only when a Triton op is asked for, so this package works where Triton is missing.
 """
 
@@ -71,6 +71,6 @@ def get_op(rule: str, backend: str, mode: str = "chunk") -> Callable:
         if mode == "chunk":
             from kernels.chunk import chunk_op as op  # imports Triton
         else:
-            from kernels._fused_recurrent import fused_recurrent_op as op
+            from kernels.fused_recurrent import fused_recurrent_op as op
         return functools.partial(op, rule)
     raise ValueError(f"unknown resolved kernel backend {backend!r}; choose one of ('torch', 'triton')")

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import empty
-from kernels._fused_recurrent import blocks
+from kernels.fused_recurrent import blocks
 from kernels.rules import get_rule
 
 
