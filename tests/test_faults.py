@@ -289,6 +289,10 @@ def test_sigkill_then_same_command_resumes_to_the_same_result(reference_run, tmp
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if line.startswith(f"epoch {kill_after_epoch} "):
+            # the line comes before that validation's checkpoint (Lightning runs checkpoint callbacks last)
+            deadline = time.monotonic() + 60
+            while not list(tmp_path.glob("train/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+                time.sleep(0.01)
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             break
