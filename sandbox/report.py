@@ -384,25 +384,42 @@ def _family_colors(rows: list[Row]) -> dict[str, tuple]:
     return {family: cmap(i % cmap.N) for i, family in enumerate(families)}
 
 
+def width_series(rows: list[Row], runs: list[dict]) -> dict[str, list[Row]]:
+    """The rows grouped by configuration across widths: rows that differ in d_model only share a series, named
+    by the row's label and its other shown keys."""
+    keys = [k for k in shown_keys(runs) if k != "config.model.d_model"]
+    series = defaultdict(list)
+    for row in rows:
+        series[row_name(row, keys)].append(row)
+    return dict(series)
+
+
 def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -> bool:
     """One panel for all test examples and one per setting; a point per row (its chosen-lr mean and 95%
-    interval), a line per model family through its rows in order of state size."""
-    plotted = [row for row in rows if row.chosen]
+    interval), a line per configuration through its widths (rows that differ in d_model only), coloured by model
+    family, each configuration of a family with its own marker and line style."""
+    plotted = [row for row in rows if row.chosen and row.chosen[0]["state_size"] is not None]
     if not plotted:
         return False
     panels = ["test_acc", *setting_columns(runs)]
     colors = _family_colors(plotted)
+    series = width_series(plotted, runs)
+    styles, seen_in_family = {}, defaultdict(int)
+    for name, members in series.items():
+        family = members[0].chosen[0]["family"]
+        i = seen_in_family[family]
+        seen_in_family[family] += 1
+        styles[name] = dict(color=colors[family], marker="os^vDP*X"[i % 8], linestyle=["-", "--", ":", "-."][i % 4])
     cols = min(3, len(panels))
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.4 * cols + 1.6, 4.0 * math.ceil(
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.4 * cols + 3.2, 4.0 * math.ceil(
         len(panels) / cols)), squeeze=False, sharey=True)
     for ax, metric in zip(axes.flat, panels):
-        for family, color in colors.items():
-            points = sorted((row.chosen[0]["state_size"], *row.stat(metric)) for row in plotted
-                            if row.chosen[0]["family"] == family and row.chosen[0]["state_size"] is not None)
+        for name, members in series.items():
+            points = sorted((row.chosen[0]["state_size"], *row.stat(metric)) for row in members)
             points = [p for p in points if not math.isnan(p[1])]
             if points:
                 sizes, means, halves = zip(*points)
-                ax.errorbar(sizes, means, yerr=halves, marker="o", capsize=3, color=color, label=family)
+                ax.errorbar(sizes, means, yerr=halves, capsize=3, label=name, **styles[name])
         ax.set_xscale("log")
         ax.set_xlabel("state size (values, all layers; attention: its KV cache at the longest sequence)",
                       fontsize=7)

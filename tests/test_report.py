@@ -21,7 +21,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tasks.registry import resolve as resolve_task
-from sandbox.report import CHANCE_ACC, FLAT_RISE, main, mean_ci, report
+from sandbox.report import (CHANCE_ACC, FLAT_RISE, collect_results, main, make_rows, mean_ci, report, to_runs,
+                            width_series)
 from sandbox.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,6 +202,25 @@ def test_runs_differing_in_an_added_key_are_separate_rows(tmp_path):
     assert len(lines) == 2 and set(by_expand) == {"—", "5"}
     assert by_expand["5"][column(markdown, "runs")] == "2"
     assert by_expand["—"][column(markdown, "runs")] == "3"
+
+
+def test_state_size_plot_draws_a_configuration_across_its_widths(tmp_path):
+    """One series per configuration: its rows at every width, never another configuration's rows, so that a
+    line in the state-size plot is one model growing, not a zigzag through variants."""
+    for width in (16, 32, 64):
+        write_run(tmp_path, f"single{width}", d_model=width, state_size=2 * width * width)
+        write_run(tmp_path, f"expanded{width}", d_model=width, options={"expand_v": 5}, state_size=10 * width * width)
+        write_run(tmp_path, f"mom{width}", "mom", d_model=width, state_size=10 * width * width)
+        write_run(tmp_path, f"noshared{width}", "mom", d_model=width, options={"shared_memory": False},
+                  state_size=8 * width * width)
+    write_run(tmp_path, "attention16", "attention", d_model=16)
+    runs = to_runs(collect_results(tmp_path, on_skip=print))
+    series = width_series(make_rows(runs), runs)
+    assert len(series) == 5
+    widths = {name: sorted(row.values["config.model.d_model"] for row in rows) for name, rows in series.items()}
+    assert sorted(widths.values()) == [[16], [16, 32, 64], [16, 32, 64], [16, 32, 64], [16, 32, 64]]
+    for rows in series.values():
+        assert len({(r.label, str(r.values.get("config.model.mixer_options.expand_v"))) for r in rows}) == 1
 
 
 def test_learning_rate_is_chosen_on_validation_not_test(tmp_path):
