@@ -75,9 +75,10 @@ def test_kernel_times_names_the_longest_ops_per_call():
     assert len(every) > 2 and any("sum" in name for name in every)
 
 
-def test_profile_rows_give_each_ops_kernel_time_and_their_ratio(monkeypatch, capsys):
+def test_kernel_bench_rows_give_wall_and_gpu_time_and_their_ratios(monkeypatch, capsys):
     """On the CPU the profile sums CPU ops; fla's op is stood in for by the PyTorch reference, ours by the
-    chunked PyTorch form: both rows get their summed time, the fla row the ratio of the sums."""
+    chunked PyTorch form: both rows get their summed kernel time, printed beside the wall time, fla's with the
+    ratios fla/ours of each, then the longest kernels."""
     import torch
 
     import kernels
@@ -89,15 +90,24 @@ def test_profile_rows_give_each_ops_kernel_time_and_their_ratio(monkeypatch, cap
     monkeypatch.setattr(bench, "_fla_op", lambda rule: get_op(rule, "torch", mode="recurrent"))
     x = make_inputs("gla", 1, 80, 1, 16, 16)
     do = torch.randn(1, 80, 1, 16)
-    row = {"rule": "gla"}
+    row = {"rule": "gla", "shape": [1, 80, 1, 16, 16], "correct": True, "max_rel_err": 1e-3, "ms_ours": 2.0,
+           "ms_torch": 4.0, "ms_recurrent": 100.0, "gbs": 10.0, "pct_copy": 1.0, "ms_fla": 3.0,
+           "s_fla_first_call": 5.0}
     bench._profile_row(row, x, do)
     bench._profile_row(row, x, do, fla=True)
     assert row["kernel_sum_ms_ours"] > 0 and row["kernel_sum_ms_fla"] > 0
     assert 0 < len(row["kernels_ms_ours"]) <= 6
-    ratio = row["kernel_sum_ms_fla"] / row["kernel_sum_ms_ours"]
+    bench._print_row(row)
+    bench._print_fla(row)
     out = capsys.readouterr().out
-    assert f"ours kernels: {row['kernel_sum_ms_ours']:.2f} ms per call; longest" in out
-    assert f"fla kernels: {row['kernel_sum_ms_fla']:.2f} ms per call (fla/ours {ratio:.2f}x)" in out
+    ours, fla = row["kernel_sum_ms_ours"], row["kernel_sum_ms_fla"]
+    assert f"ours wall     2.00 ms  GPU {ours:8.2f} ms  torch" in out
+    assert f"fla  wall     3.00 ms, fla/ours  1.50x  GPU {fla:8.2f} ms, fla/ours {fla / ours:5.2f}x" in out
+    assert f"ours kernels: {ours:.2f} ms per call; longest" in out
+    assert f"fla kernels: {fla:.2f} ms per call; longest" in out
+    del row["kernel_sum_ms_ours"], row["kernels_ms_ours"]  # --no-profile: wall time only
+    bench._print_row(row)
+    assert "GPU" not in capsys.readouterr().out
 
 
 def test_fla_compile_only_fills_the_cache_and_times_nothing(monkeypatch):
@@ -150,8 +160,9 @@ def test_mom_bench_prints_kernel_times_and_their_ratio(capsys):
     bench._print_fla(row, layer(30.0, 20.0))
     out = capsys.readouterr().out
     assert "kernels 8.00 ms per call; longest, ms: chunk 4.00" in out
-    assert "ours/single 2.00x" in out
-    assert "fla/ours 3.00x  peak ours/fla 1.00  kernel time fla/ours 2.50x" in out
+    assert "ours   wall    10.00 ms  GPU     8.00 ms  peak      100 MiB" in out
+    assert "ours/single wall 2.00x, GPU 2.00x" in out
+    assert "fla/ours wall 3.00x, GPU 2.50x  peak ours/fla 1.00" in out
 
 
 def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):

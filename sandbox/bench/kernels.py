@@ -13,9 +13,10 @@ GLA compiles for minutes a shape, so where commands have a time limit one comman
 the float64 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
-cache) and warm (the cache the cold process filled). `--profile` adds, for ours and fla's, the kernels' summed
-time per forward+backward (torch.profiler; the GPU's busy time, not stretched by a loaded CPU as the wall-clock
-times are) and the longest kernels.
+cache) and warm (the cache the cold process filled). Every row of ours and fla's gives the wall time of a
+forward+backward (CUDA events around the call: what a training step waits for, launches and Python included)
+beside its GPU time (its kernels' time summed, torch.profiler: the GPU's busy time, which a loaded CPU does not
+stretch), with the ratio fla/ours of each, then the longest kernels; `--no-profile` leaves the GPU time out.
 """
 
 from __future__ import annotations
@@ -125,14 +126,14 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool = Fal
         for rule in rules:
             x, do = _inputs(rule, shape)
             rows.append(_time_rule(rule, shape, x, do, ceiling))
-            _print_row(rows[-1])  # before fla's autotuning: a run cut short keeps our rows
             if profile:
                 _profile_row(rows[-1], x, do)
+            _print_row(rows[-1])  # before fla's autotuning: a run cut short keeps our rows
             if fla_available and rows[-1]["correct"] and _fla_op(rule) is not None:  # a rule fla does not have
                 _time_fla(rows[-1], x, do)
-                _print_fla(rows[-1])
                 if profile:
                     _profile_row(rows[-1], x, do, fla=True)
+                _print_fla(rows[-1])
             del x, do
             torch.cuda.empty_cache()
     return rows
@@ -158,16 +159,29 @@ def _time_rule(rule, shape, x, do, ceiling) -> dict:
 
 
 def _profile_row(row, x, do, fla: bool = False) -> None:
-    """The op's kernels: their summed time per call (the GPU's busy time, which a loaded CPU does not stretch as
-    it does the wall-clock time) and the longest six."""
+    """Into the row: the op's kernels, their summed time per call (the GPU's busy time, which a loaded CPU does not
+    stretch as it does the wall-clock time) and the longest six."""
     import kernels
 
     op = _fla_op(row["rule"]) if fla else kernels.get_op(row["rule"], "triton")
     who = "fla" if fla else "ours"
     profile = kernel_profile(lambda: _fwd_bwd(op, x, do), longest=6)
     row[f"kernel_sum_ms_{who}"], row[f"kernels_ms_{who}"] = profile["kernel_sum_ms"], profile["kernels_ms"]
-    ratio = f" (fla/ours {row['kernel_sum_ms_fla'] / row['kernel_sum_ms_ours']:.2f}x)" if fla else ""
-    print(f"  {who} kernels: {describe_kernels(profile, ratio)}")
+
+
+def _gpu_cells(row, who: str) -> str:
+    """' GPU x ms' and, for fla, its GPU ratio to ours; empty when the row was not profiled."""
+    gpu = row.get(f"kernel_sum_ms_{who}")
+    if gpu is None:
+        return ""
+    ratio = f", fla/ours {gpu / row['kernel_sum_ms_ours']:5.2f}x" if who == "fla" else ""
+    return f"  GPU {gpu:8.2f} ms{ratio}"
+
+
+def _print_kernels(row, who: str) -> None:
+    if f"kernels_ms_{who}" in row:
+        profile = {"kernel_sum_ms": row[f"kernel_sum_ms_{who}"], "kernels_ms": row[f"kernels_ms_{who}"]}
+        print(f"  {who} kernels: {describe_kernels(profile)}")
 
 
 def kernel_profile(fn, longest: int) -> dict:
@@ -176,9 +190,9 @@ def kernel_profile(fn, longest: int) -> dict:
     return {"kernel_sum_ms": sum(times.values()), "kernels_ms": dict(list(times.items())[:longest])}
 
 
-def describe_kernels(profile: dict, note: str = "") -> str:
+def describe_kernels(profile: dict) -> str:
     listed = ", ".join(f"{name} {ms:.2f}" for name, ms in profile["kernels_ms"].items())
-    return f"{profile['kernel_sum_ms']:.2f} ms per call{note}; longest, ms: {listed}"
+    return f"{profile['kernel_sum_ms']:.2f} ms per call; longest, ms: {listed}"
 
 
 def kernel_times(fn, calls: int = 3) -> dict[str, float]:
@@ -273,21 +287,24 @@ def _print_row(row):
         print(f"{row['rule']:16s} {shape:22s} WRONG (max rel err {row['max_rel_err']:.2e}): no speedup reported")
         return
     print(
-        f"{row['rule']:16s} {shape:22s} ours {row['ms_ours']:8.2f} ms  torch {row['ms_torch']:8.2f} ms "
-        f"(torch/ours {row['ms_torch'] / row['ms_ours']:6.1f}x)  recurrent (scaled) {row['ms_recurrent']:9.1f} ms "
-        f"(/ours {row['ms_recurrent'] / row['ms_ours']:7.0f}x)  {row['gbs']:6.0f} GB/s "
+        f"{row['rule']:16s} {shape:22s} ours wall {row['ms_ours']:8.2f} ms{_gpu_cells(row, 'ours')}  "
+        f"torch {row['ms_torch']:8.2f} ms (torch/ours {row['ms_torch'] / row['ms_ours']:6.1f}x)  recurrent (scaled) "
+        f"{row['ms_recurrent']:9.1f} ms (/ours {row['ms_recurrent'] / row['ms_ours']:7.0f}x)  {row['gbs']:6.0f} GB/s "
         f"({row['pct_copy']:4.1f}% of copy)  max rel err {row['max_rel_err']:.1e}",
         flush=True,
     )
+    _print_kernels(row, "ours")
 
 
 def _print_fla(row):
     shape = _shape_label(row["shape"])
     print(
-        f"{row['rule']:16s} {shape:22s} fla  {row['ms_fla']:8.2f} ms  (fla/ours {row['ms_fla'] / row['ms_ours']:5.2f}x)"
-        f"  fla's first call {row['s_fla_first_call']:.0f} s",
+        f"{row['rule']:16s} {shape:22s} fla  wall {row['ms_fla']:8.2f} ms, "
+        f"fla/ours {row['ms_fla'] / row['ms_ours']:5.2f}x{_gpu_cells(row, 'fla')}  "
+        f"fla's first call {row['s_fla_first_call']:.0f} s",
         flush=True,
     )
+    _print_kernels(row, "fla")
 
 
 def _first_call(shape, rules) -> dict[str, float]:
@@ -333,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fla-compile-only", action="store_true",
                         help="only compile fla's kernels into the Triton cache (time in a later run)")  # fmt: skip
     parser.add_argument("--first-call", action="store_true", help="also time cold and warm first calls")
-    parser.add_argument("--profile", action="store_true", help="also print each op's kernel time, longest kernels")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="leave out each op's GPU time (its kernels summed) and longest kernels")  # fmt: skip
     parser.add_argument("--json", help="write the timings to this file")
     parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
     parser.add_argument("--_fla-warm-child", dest="fla_child", help=argparse.SUPPRESS)
@@ -368,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.first_call:
         first_call_times(shapes[0], args.rules)
-    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs, profile=args.profile)
+    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs,
+                       profile=not args.no_profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -14,8 +14,10 @@ cache of autotuning choices is switched off, as the compiling children share the
 limit (`--fla-timeout`), and fla is reported as not measured when the timing cannot finish. fla 0.6.0 refuses
 its gated backward on Hopper with Triton < 3.7.1 (fla issue #640: wrong dk/dg there); this benchmark lifts that
 guard to time fla only. `--fla-compile-only` runs the compiling children and stops, so that a later command
-(same `TRITON_CACHE_DIR`) times without compiling. `--profile` adds each layer's kernels: their summed time per
-forward+backward (torch.profiler; the GPU's busy time, which a loaded CPU does not stretch) and the longest ones.
+(same `TRITON_CACHE_DIR`) times without compiling. Each layer's row gives its wall time per forward+backward
+(CUDA events around the call: launches and Python included) beside its GPU time (its kernels' time summed,
+torch.profiler: the GPU's busy time, which a loaded CPU does not stretch), the ratios of each, and its longest
+kernels; `--no-profile` leaves the GPU time out.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def compile_fla(names: list[str], timeout: float) -> None:
 def run_fla(names: list[str], reps: int, timeout: float, profile: bool = False) -> dict:
     """fla's timings from a child process (name -> result), or the reason there are none."""
     env = {**os.environ, **FLA_ENV}
-    cmd = [*FLA_WORKER, "--reps", str(reps), *(["--profile"] if profile else [])]
+    cmd = [*FLA_WORKER, "--reps", str(reps), *([] if profile else ["--no-profile"])]
     compile_fla(names, timeout)
     try:
         done = subprocess.run(cmd + ["--shapes", *names], capture_output=True, text=True, timeout=timeout, env=env)
@@ -193,11 +195,19 @@ def _run_quietly(cmd, env, timeout) -> None:
 
 
 def _print_layer(who: str, result: dict) -> None:
-    print(f"         {who:6s} {result['ms']:8.2f} ms  peak {result['peak_mib']:8.0f} MiB")
+    gpu = f"  GPU {result['kernel_sum_ms']:8.2f} ms" if "kernel_sum_ms" in result else ""
+    print(f"         {who:6s} wall {result['ms']:8.2f} ms{gpu}  peak {result['peak_mib']:8.0f} MiB")
     if "kernel_sum_ms" in result:
         from sandbox.bench.kernels import describe_kernels
 
         print(f"           kernels {describe_kernels(result)}")
+
+
+def _ratios(name: str, a: dict, b: dict) -> str:
+    """'name a/b' of wall time, and of GPU time where both layers were profiled."""
+    both = "kernel_sum_ms" in a and "kernel_sum_ms" in b
+    gpu = f", GPU {a['kernel_sum_ms'] / b['kernel_sum_ms']:.2f}x" if both else ""
+    return f"{name} wall {a['ms'] / b['ms']:.2f}x{gpu}"
 
 
 def _print_row(row: dict) -> None:
@@ -207,7 +217,7 @@ def _print_row(row: dict) -> None:
     _print_layer("ours", ours)
     _print_layer("single", single)
     if row["correct"]:
-        print(f"         ours/single {ours['ms'] / single['ms']:.2f}x")
+        print(f"         {_ratios('ours/single', ours, single)}")
 
 
 def _print_fla(row: dict, fla: dict) -> None:
@@ -215,11 +225,7 @@ def _print_fla(row: dict, fla: dict) -> None:
     print(f"{row['shape']:8s}")
     _print_layer("fla", fla)
     if row["correct"]:
-        ratio, peak = fla["ms"] / ours["ms"], ours["peak_mib"] / fla["peak_mib"]
-        kernels = ""
-        if "kernel_sum_ms" in fla and "kernel_sum_ms" in ours:
-            kernels = f"  kernel time fla/ours {fla['kernel_sum_ms'] / ours['kernel_sum_ms']:.2f}x"
-        print(f"         fla/ours {ratio:.2f}x  peak ours/fla {peak:.2f}{kernels}")
+        print(f"         {_ratios('fla/ours', fla, ours)}  peak ours/fla {ours['peak_mib'] / fla['peak_mib']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for fla's compiling, then as many for its timing")  # fmt: skip
     parser.add_argument("--fla-compile-only", action="store_true",
                         help="only compile fla's kernels into the Triton cache (time in a later run)")  # fmt: skip
-    parser.add_argument("--profile", action="store_true", help="also print each layer's kernel time, longest kernels")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="leave out each layer's GPU time (its kernels summed) and longest kernels")  # fmt: skip
     parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     if args.fla_worker:
-        return fla_worker(args.shapes, args.reps, args.compile_only, args.profile)
+        return fla_worker(args.shapes, args.reps, args.compile_only, not args.no_profile)
 
     import torch
 
@@ -254,12 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     print(TARGETS)
     rows = []
     for name in args.shapes:
-        rows.append(run_ours(name, args.reps, args.profile))
+        rows.append(run_ours(name, args.reps, not args.no_profile))
         _print_row(rows[-1])
         torch.cuda.empty_cache()
     fla = {"results": {}, "note": "--no-fla"}
     if not args.no_fla:
-        fla = run_fla(args.shapes, args.reps, args.fla_timeout, args.profile)
+        fla = run_fla(args.shapes, args.reps, args.fla_timeout, not args.no_profile)
     print(f"fla MomAttention: {fla['note'] or 'measured (its Hopper guard lifted for timing only)'}")
     for row in rows:
         if row["shape"] in fla["results"]:
