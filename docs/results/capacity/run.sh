@@ -6,15 +6,11 @@
 # Writes $OUT/capacity.tar.gz (result.json, metrics.csv and log of every run).
 source docs/results/fidelity/gpu_env.sh
 root=/tmp/capacity
-mkdir -p $root/logs
-start=$(date +%s)
+start_runs $root
 for job in "$@"; do
   IFS=: read -r m d lr steps extra <<< "$job"
   timeout ${RUN_LIMIT_S:-500} python -m sandbox.train experiment=capacity output_root=$root callbacks.progress=lines \
     model=$m model.d_model=$d optim.lr=$lr trainer.max_steps=$steps model.backend=torch trainer.precision=32-true ${extra//+/ } \
     > $root/logs/$m-d$d-$lr-$steps-${extra//[^a-z0-9=.]/_}.log 2>&1 &
 done
-wait
-echo "wall time: $(( $(date +%s) - start )) s"
-grep -h "best val acc\|rror" $root/logs/*.log | sed 's|.*/capacity/||' | cut -c1-200
-pack_runs $root "$OUT/capacity.tar.gz"
+finish_runs $root "$OUT/capacity.tar.gz"

@@ -50,12 +50,10 @@ runs_2=(
   "model=linear_attention optim.lr=3e-3 $copy model.init_std=null"
 )
 declare -n runs=runs_$round
-mkdir -p $root/logs
+start_runs $root
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for i in "${!runs[@]}"; do
   # shellcheck disable=SC2086
   timeout ${RUN_LIMIT_S:-540} python -m sandbox.train "${common[@]}" ${runs[$i]} > $root/logs/run$i.log 2>&1 &
 done
-wait
-grep -h "best val acc\|error\|Error" $root/logs/*.log | cut -c1-300
-pack_runs $root "$OUT/diagnose_$round.tar.gz"
+finish_runs $root "$OUT/diagnose_$round.tar.gz"

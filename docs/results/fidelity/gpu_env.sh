@@ -7,3 +7,12 @@
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 # Pack the small files of every run below $1 (results, metric curves, logs; no checkpoints) into $2.
 pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -name '*.log' -o -name failed.json \) -print0 | tar -czf "$2" --null -T -); }
+# Runs packed on the GPU: start_runs ROOT before starting them in the background (their logs go to ROOT/logs),
+# finish_runs ROOT TARBALL after: waits for them, prints the wall time and each run's last line, packs ROOT.
+start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); }
+finish_runs() {
+  wait
+  echo "wall time: $(( $(date +%s) - runs_start )) s"
+  grep -h "best val acc\|rror" "$1"/logs/*.log | sed "s|$1/[^/]*/||" | cut -c1-200
+  pack_runs "$1" "$2"
+}

@@ -8,8 +8,7 @@
 source docs/results/fidelity/gpu_env.sh
 tasks=("$@"); [ ${#tasks[@]} -gt 0 ] || tasks=(parity s5)
 root=/tmp/state_tracking
-mkdir -p $root/logs
-start=$(date +%s)
+start_runs $root
 for task in "${tasks[@]}"; do
   for model in deltanet gated_deltanet mom; do
     for neg in false true; do
@@ -19,7 +18,4 @@ for task in "${tasks[@]}"; do
     done
   done
 done
-wait
-echo "wall time: $(( $(date +%s) - start )) s"
-grep -h "best val acc\|error" $root/logs/*.log | cut -c1-200
-pack_runs $root "$OUT/state_tracking.tar.gz"
+finish_runs $root "$OUT/state_tracking.tar.gz"

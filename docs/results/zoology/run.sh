@@ -13,8 +13,7 @@ jobs=("$@")
 if [ "${jobs[0]}" = all ]; then
   jobs=(); for m in "${models[@]}"; do for lr in "${lrs[@]}"; do jobs+=("$m:$lr"); done; done
 fi
-mkdir -p $root/logs
-start=$(date +%s)
+start_runs $root
 for job in "${jobs[@]}"; do
   m=${job%%:*} lr=${job#*:}
   for seed in ${seeds//,/ }; do
@@ -22,7 +21,4 @@ for job in "${jobs[@]}"; do
       model=$m model.d_model=$width optim.lr=$lr seed=$seed > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
   done
 done
-wait
-echo "wall time of the part: $(( $(date +%s) - start )) s"
-grep -h "best val acc\|error" $root/logs/*.log | sed 's|.*/zoology/||' | cut -c1-200
-pack_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
+finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
