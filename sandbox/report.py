@@ -48,6 +48,7 @@ SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
 # uniform guess scores about 2/V and a guess among the K values of the context 1/K (0.016 at K = 64); runs
 # stuck on Zoology's settings score 0.000-0.006, runs that learn pass 0.25.
 CHANCE_ACC = 0.05
+WIDTH_KEY = "config.model.d_model"  # plots put widths on one line (state size) or in panels (pairs)
 # A run is still rising when its best validation accuracy grew by more than FLAT_RISE over the last
 # FLAT_TAIL of its steps without reaching the early-stopping threshold: its training was too short.
 FLAT_RISE, FLAT_TAIL = 0.01, 0.25
@@ -387,7 +388,7 @@ def _family_colors(rows: list[Row]) -> dict[str, tuple]:
 def width_series(rows: list[Row], runs: list[dict]) -> dict[str, list[Row]]:
     """The rows grouped by configuration across widths: rows that differ in d_model only share a series, named
     by the row's label and its other shown keys."""
-    keys = [k for k in shown_keys(runs) if k != "config.model.d_model"]
+    keys = [k for k in shown_keys(runs) if k != WIDTH_KEY]
     series = defaultdict(list)
     for row in rows:
         series[row_name(row, keys)].append(row)
@@ -444,12 +445,11 @@ def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> boo
     if not columns or not plotted:
         return False
     pairs = [int(c.split("=")[-1]) for c in columns]
-    width_key = "config.model.d_model"
-    widths = sorted({row.chosen[0].get(width_key) for row in plotted}, key=sort_key)
-    keys = [k for k in shown_keys(runs) if k != width_key]
+    widths = sorted({row.chosen[0].get(WIDTH_KEY) for row in plotted}, key=sort_key)
+    keys = [k for k in shown_keys(runs) if k != WIDTH_KEY]
     fig, axes = plt.subplots(1, len(widths), figsize=(5.2 * len(widths) + 3.2, 4.4), squeeze=False, sharey=True)
     for ax, width in zip(axes[0], widths):
-        for row in (r for r in plotted if r.chosen[0].get(width_key) == width):
+        for row in (r for r in plotted if r.chosen[0].get(WIDTH_KEY) == width):
             stats = [row.stat(c) for c in columns]
             ax.errorbar(pairs, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
                         label=row_name(row, keys))
