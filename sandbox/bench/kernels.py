@@ -109,7 +109,7 @@ def _copy_ceiling_gbs() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool = False) -> list[dict]:
+def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool) -> list[dict]:
     import torch
 
     ceiling = _copy_ceiling_gbs()

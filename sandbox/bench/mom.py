@@ -51,7 +51,7 @@ def _fwd_bwd(layer, x, dy) -> None:
     (y[0] if isinstance(y, tuple) else y).backward(dy)  # fla's layers return (y, attentions, cache)
 
 
-def _measure(layer, shape, reps: int, profile: bool = False) -> dict:
+def _measure(layer, shape, reps: int, profile: bool) -> dict:
     """Milliseconds of one forward+backward (CUDA events, after warm-up) and its peak memory in MiB; with
     `profile`, also its kernels' summed time and the longest eight (ms per forward+backward)."""
     import torch
@@ -105,7 +105,7 @@ def _check(mom, shape) -> float:
     return max(rel_err(a, b) for a, b in zip(*results))
 
 
-def run_ours(name: str, reps: int, profile: bool = False) -> dict:
+def run_ours(name: str, reps: int, profile: bool) -> dict:
     import torch
 
     from models.gated_deltanet import GatedDeltaNet
@@ -165,7 +165,7 @@ def compile_fla(names: list[str], timeout: float) -> None:
         list(pool.map(lambda cmd: _run_quietly(cmd, env, timeout), cmds))
 
 
-def run_fla(names: list[str], reps: int, timeout: float, profile: bool = False) -> dict:
+def run_fla(names: list[str], reps: int, timeout: float, profile: bool) -> dict:
     """fla's timings from a child process (name -> result), or the reason there are none."""
     env = {**os.environ, **FLA_ENV}
     cmd = [*FLA_WORKER, "--reps", str(reps), *([] if profile else ["--no-profile"])]
