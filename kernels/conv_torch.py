@@ -19,16 +19,35 @@ class _CausalConvSiLU(torch.autograd.Function):
     several times more, and this op's tensors (MoM: every slot's q, k and v) are large."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(x, weight):
         T, S = x.shape[1], weight.shape[1]
         a = x * weight[:, S - 1]
         for s in range(1, min(S, T)):  # tap S-1-s reads s steps back
             a[:, s:].addcmul_(x[:, : T - s], weight[:, S - 1 - s])
-        ctx.save_for_backward(x, weight, a)
-        return F.silu(a)
+        return F.silu(a), a
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight):
+        """Under `torch.func.vmap` (stacked models, `sandbox.stacked`): R models' x [R, N, T, C] as one call,
+        their channels side by side when each has its own weights [R, C, S], else as R * N sequences."""
+        R = info.batch_size
+        x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(R, *x.shape)
+        if in_dims[1] is None:
+            y, a = _CausalConvSiLU.apply(x.flatten(0, 1), weight)
+            return (y.view(x.shape), a.view(x.shape)), (0, 0)
+        N, T, C = x.shape[1:]
+        wide = x.permute(1, 2, 0, 3).reshape(N, T, R * C).contiguous()
+        y, a = _CausalConvSiLU.apply(wide, weight.movedim(in_dims[1], 0).flatten(0, 1))
+        back = (lambda z: z.view(N, T, R, C).permute(2, 0, 1, 3))
+        return (back(y), back(a)), (0, 0)
+
+    @staticmethod
+    def backward(ctx, dy, _):
         x, weight, a = ctx.saved_tensors
         T, S = x.shape[1], weight.shape[1]
         da = torch.ops.aten.silu_backward(dy, a)  # one fused pass
@@ -45,5 +64,5 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The short conv (`models.common.ShortConv`): x [..., T, C], weight [C, S] -> silu(causal conv) [..., T, C]."""
     lead, (T, C) = x.shape[:-2], x.shape[-2:]
     dt = compute_dtype(x)  # 16-bit inputs (mixed precision) are summed in float32, as conv1d accumulates
-    y = _CausalConvSiLU.apply(x.reshape(-1, T, C).to(dt).contiguous(), weight.to(dt))
+    y = _CausalConvSiLU.apply(x.reshape(-1, T, C).to(dt).contiguous(), weight.to(dt))[0]
     return y.view(*lead, T, C).to(x.dtype)

@@ -89,10 +89,15 @@ class _PermuteTime(torch.autograd.Function):
     """x [B, n, T, C] -> x[b, m, order[b, m, t], :] for a permutation `order` of the time steps with inverse
     `back`: the backward is the gather through `back` (autograd's scatter-add is several times slower)."""
 
+    generate_vmap_rule = True  # plain torch ops: `torch.func.vmap` batches them
+
     @staticmethod
-    def forward(ctx, x, order, back):
-        ctx.save_for_backward(back)
+    def forward(x, order, back):
         return _gather_time(x, order)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(ctx, dy):

@@ -43,6 +43,19 @@ def label_positions(labels: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.argsort(unlabelled, stable=True)[:rows]
 
 
+def labelled_loss(model, inputs: torch.Tensor, labels: torch.Tensor, max_labels: int):
+    """A model's loss on a batch: `model(inputs, label_index=...)` -> (loss, aux loss, hits [B, T] bool: labelled
+    positions predicted right, mask [B, T] of the labelled). `max_labels`: labelled positions per example at most."""
+    mask = labels != IGNORE
+    index = label_positions(labels, min(labels.numel(), labels.shape[0] * max_labels))
+    out = model(inputs, label_index=index)
+    targets = labels.flatten()[index]  # IGNORE past the labelled positions
+    logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # 16-bit up, float64 kept
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    hits = torch.zeros_like(mask).view(-1).scatter(0, index, logits.argmax(-1) == targets)  # index: distinct
+    return loss, out.aux_loss, hits.view_as(mask), mask
+
+
 def most_labelled(datasets) -> int:
     """The most labelled positions of any example of these datasets (their labels are CPU tensors: no device read)."""
     return max(int((d.labels != IGNORE).sum(1).max()) for d in datasets)
@@ -76,13 +89,7 @@ class RecallModule(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
         """(loss, aux loss, hits [B, T] bool: labelled positions predicted right, mask [B, T] of the labelled)."""
-        mask = labels != IGNORE
-        index = label_positions(labels, min(labels.numel(), labels.shape[0] * self.max_labels))
-        out = self.model(inputs, label_index=index)
-        targets = labels.flatten()[index]  # IGNORE past the labelled positions
-        loss = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE)
-        hits = torch.zeros_like(mask).view(-1).index_copy_(0, index, out.logits.argmax(-1) == targets)
-        return loss, out.aux_loss, hits.view_as(mask), mask
+        return labelled_loss(self.model, inputs, labels, self.max_labels)
 
     def training_step(self, batch, batch_idx):
         inputs, labels, _ = batch

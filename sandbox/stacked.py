@@ -1,0 +1,156 @@
+"""Stacked runs: R runs of one model configuration, differing only in seed, learning rate or weight decay, trained
+as one model whose parameters carry a leading run dimension [R, ...].
+
+Each kernel is then launched once for all R runs instead of once per run, which is what a launch-bound step at
+the sandbox's sizes needs (docs/results/throughput/). The model code is the zoo's, unchanged: `torch.func.vmap`
+runs it over the run dimension with each run's own parameters (`functional_call`), and the custom autograd
+functions of the torch path say how they batch (`vmap` of `kernels.conv_torch`, a generated rule in
+`models.routing`). Runs stay independent: no operation mixes two runs, each run's loss is its own, and the
+optimizer (`StackedAdamW`) and clipping (`clip_per_run`) act on each run's slice as `torch.optim.AdamW` and
+`torch.nn.utils.clip_grad_norm_` act on a run alone; `tests/test_stacked.py` checks that a stacked run equals the
+same runs alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from models import build_model
+from sandbox.module import labelled_loss
+
+
+def _attribute(name: str) -> str:
+    """A parameter's dotted name as an attribute name (dots are not allowed there)."""
+    return name.replace(".", "/")
+
+
+class StackedModel(nn.Module):
+    """R language models of one configuration as one module: parameter `name` is the R models' `name` stacked,
+    [R, *shape]; the models themselves are not kept (a template on the meta device holds the code)."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        configs = [m.config for m in models]
+        if any(c != configs[0] for c in configs):
+            raise ValueError("stacked models must share one configuration (they differ only in their weights)")
+        with torch.device("meta"):
+            self._template = [build_model(**configs[0])]  # a list: not a submodule, not in the state dict
+        params, buffers = stack_module_state(models)
+        self.param_names, self.buffer_names = list(params), list(buffers)
+        for name, value in params.items():
+            self.register_parameter(_attribute(name), nn.Parameter(value.detach()))
+        for name, value in buffers.items():
+            self.register_buffer(_attribute(name), value)
+        self.runs = len(models)
+        self.config = configs[0]
+
+    @property
+    def template(self) -> nn.Module:
+        return self._template[0]
+
+    def stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(parameters, buffers) by their names in one model, each [R, ...]."""
+        return ({n: getattr(self, _attribute(n)) for n in self.param_names},
+                {n: getattr(self, _attribute(n)) for n in self.buffer_names})
+
+    def per_run(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs) for each run at once: model is the run's model as a callable, args are
+        stacked on dim 0 (one slice per run); the outputs come stacked on dim 0."""
+        def one(params, buffers, *sliced):
+            def model(*a, **kw):
+                return functional_call(self.template, (params, buffers), a, kw)
+
+            return fn(model, *sliced, **kwargs)
+
+        return vmap(one, randomness="error")(*self.stacked(), *args)
+
+    def losses(self, inputs: torch.Tensor, labels: torch.Tensor, max_labels: int):
+        """Each run's `labelled_loss` on its batch: inputs, labels [R, B, T] -> (loss [R], aux loss [R], hits
+        [R, B, T], mask [R, B, T], router statistics {name: [R]} of this forward)."""
+        def one(model, x, y):
+            return (*labelled_loss(model, x, y, max_labels), self.template.router_stats(as_tensors=True))
+
+        return self.per_run(one, inputs, labels)
+
+    def unstack(self, run: int) -> dict[str, torch.Tensor]:
+        """Run `run`'s weights as a state dict of one model (tied weights under each of their names)."""
+        params, buffers = self.stacked()
+        state = {name: value[run] for name, value in {**params, **buffers}.items()}
+        model_state = self.template.state_dict(keep_vars=True)
+        tied = {name: value for name, value in model_state.items() if name not in state}
+        for name, value in tied.items():  # a tied weight: the same tensor as one stacked under another name
+            state[name] = state[next(n for n, v in model_state.items() if v is value and n in state)]
+        return state
+
+
+class StackedAdamW(torch.optim.Optimizer):
+    """AdamW over stacked parameters [R, ...] with each run's own learning rate and weight decay.
+
+    The groups are `sandbox.module.adamw`'s (decay on matrices only); a group's `lr` is the schedule's factor
+    (what LambdaLR sets when the base lr is 1), and `run_lr`, `run_weight_decay` [R] are each run's settings.
+    The update is torch's AdamW on each run's slice: p *= 1 - lr wd; m, v as Adam's; p -= lr m_hat /
+    (sqrt(v_hat) + eps)."""
+
+    def __init__(self, params, run_lr: torch.Tensor, run_weight_decay: torch.Tensor, betas, eps: float = 1e-8):
+        super().__init__(params, {"lr": 1.0, "betas": tuple(betas), "eps": eps, "weight_decay": 1.0})
+        self.run_lr, self.run_weight_decay = run_lr, run_weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                shape = (-1,) + (1,) * (p.ndim - 1)
+                lr = (group["lr"] * self.run_lr).to(p).view(shape)
+                decay = (group["weight_decay"] * self.run_weight_decay).to(p).view(shape)
+                p.mul_(1 - lr * decay)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                denom = (state["exp_avg_sq"].sqrt() / bias2**0.5).add_(group["eps"])
+                p.sub_(lr / bias1 * state["exp_avg"] / denom)
+        return loss
+
+
+def stacked_adamw(model: StackedModel, optims: list[dict]) -> StackedAdamW:
+    """StackedAdamW of the runs' `optim` settings (they may differ in lr and weight_decay only)."""
+    for key in optims[0]:
+        if key not in ("lr", "weight_decay") and any(o[key] != optims[0][key] for o in optims):
+            raise ValueError(f"optim.{key} differs between stacked runs; only optim.lr and optim.weight_decay may")
+    params, _ = model.stacked()
+    decay = [p for n, p in params.items() if p.ndim >= 3]  # a matrix of each run: [R, out, in]
+    no_decay = [p for n, p in params.items() if p.ndim < 3]
+    device = decay[0].device
+    tensor = functools.partial(torch.tensor, dtype=torch.float64, device=device)
+    return StackedAdamW(
+        [{"params": decay, "weight_decay": 1.0}, {"params": no_decay, "weight_decay": 0.0}],
+        run_lr=tensor([o["lr"] for o in optims]), run_weight_decay=tensor([o["weight_decay"] for o in optims]),
+        betas=optims[0]["betas"])
+
+
+@torch.no_grad()
+def clip_per_run(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Each run's gradients scaled to total norm <= max_norm, as `clip_grad_norm_` does for one run; returns
+    the runs' norms before clipping [R]."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view((-1,) + (1,) * (g.ndim - 1)))
+    return norms

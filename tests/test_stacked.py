@@ -1,0 +1,103 @@
+"""Stacked runs (sandbox/stacked.py) equal the same runs alone: forward, gradients, and whole training steps with
+the optimizer, schedule and clipping, for every mixer family on the torch backend."""
+
+import pytest
+import torch
+
+from models import build_model
+from sandbox.module import WarmupCosine, adamw, labelled_loss
+from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
+from tasks import IGNORE
+
+VOCAB, T, BATCH = 48, 24, 3
+MIXERS = ["attention", "gated_deltanet", "mom", "gla", "deltanet", "linear_attention", "simple_gla"]
+
+
+def make_models(mixer: str, seeds: list[int], **settings) -> list:
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(vocab_size=VOCAB, max_seq_len=T, mixer=mixer, d_model=16, backend="torch",
+                                  **settings).double())
+    return models
+
+
+def batches(runs: int, steps: int, seed: int = 0):
+    """Per step: inputs, labels [R, B, T], each run its own batch; about a third of the positions labelled."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        inputs = torch.randint(0, VOCAB, (runs, BATCH, T), generator=g)
+        labels = torch.randint(0, VOCAB, (runs, BATCH, T), generator=g)
+        labels[torch.rand(runs, BATCH, T, generator=g) < 0.66] = IGNORE
+        yield inputs, labels
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_stacked_forward_and_gradients_equal_each_model_alone(mixer):
+    models = make_models(mixer, [0, 1, 2])
+    stacked = StackedModel(models)
+    inputs, labels = next(batches(3, 1, seed=5))
+    loss, aux, hits, mask, _ = stacked.losses(inputs, labels, max_labels=T)
+    (loss + aux).sum().backward()
+    params, _ = stacked.stacked()
+    for r, model in enumerate(models):
+        alone = labelled_loss(model, inputs[r], labels[r], max_labels=T)
+        (alone[0] + alone[1]).backward()
+        torch.testing.assert_close(loss[r], alone[0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(hits[r], alone[2]) and torch.equal(mask[r], alone[3])
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name].grad[r], p.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert params["embed.weight"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mixer", ["attention", "gated_deltanet", "mom"])
+def test_stacked_training_equals_each_run_alone(mixer):
+    """Runs with their own seed, learning rate and weight decay: 6 steps of AdamW under the warm-up cosine
+    schedule with clipping at 1.0 (which binds on the first steps), stacked and one at a time."""
+    optims = [{"lr": lr, "weight_decay": wd, "betas": (0.9, 0.98)} for lr, wd in ((3e-3, 0.1), (1e-2, 0.0), (1e-3, 0.1))]
+    steps, clip = 6, 1.0
+    models = make_models(mixer, [0, 1, 2])
+    stacked = StackedModel(make_models(mixer, [0, 1, 2]))
+    optimizer = stacked_adamw(stacked, optims)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(2, steps, 0.0))
+    params, _ = stacked.stacked()
+    for inputs, labels in batches(3, steps):
+        loss, aux, *_ = stacked.losses(inputs, labels, max_labels=T)
+        (loss + aux).sum().backward()
+        clip_per_run(list(params.values()), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    for r, model in enumerate(models):
+        alone = adamw(model, optims[r], fused=False)
+        alone_schedule = torch.optim.lr_scheduler.LambdaLR(alone, WarmupCosine(2, steps, 0.0))
+        for inputs, labels in batches(3, steps):
+            loss, aux, *_ = labelled_loss(model, inputs[r], labels[r], max_labels=T)
+            (loss + aux).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            alone.step()
+            alone.zero_grad()
+            alone_schedule.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name][r], p, rtol=1e-9, atol=1e-11, msg=lambda m: f"run {r}: {name}: {m}")
+    start = make_models(mixer, [0])[0]
+    assert not torch.allclose(start.embed.weight, models[0].embed.weight)  # the runs moved
+
+
+def test_unstack_gives_a_loadable_state_dict_with_tied_weights():
+    models = make_models("mom", [3, 4])
+    stacked = StackedModel(models)
+    for r, model in enumerate(models):
+        fresh = make_models("mom", [9])[0]
+        fresh.load_state_dict(stacked.unstack(r))
+        for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_runs_of_other_configurations_or_optimizer_settings_are_refused():
+    with pytest.raises(ValueError, match="share one configuration"):
+        StackedModel(make_models("mom", [0]) + make_models("mom", [1], n_layers=1))
+    stacked = StackedModel(make_models("attention", [0, 1]))
+    with pytest.raises(ValueError, match=r"optim\.betas differs"):
+        stacked_adamw(stacked, [{"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.98)},
+                                {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}])
