@@ -71,6 +71,35 @@ def adamw(model: torch.nn.Module, optim: dict, fused: bool) -> torch.optim.AdamW
     )
 
 
+def add_eval_counts(sums: dict, loss, hits, mask, bins, num_bins: int) -> None:
+    """Add an evaluation batch of R runs to their sums (float64 on the device, made on first use): loss [R],
+    hits and mask [R, B, T], bins [R, B, S] (each example's bin in each of S slicings, of num_bins in all)."""
+    runs = loss.shape[0]
+    if not sums:
+        for name, size in (("loss", ()), ("hits", ()), ("count", ()),
+                           ("slice_hits", (num_bins,)), ("slice_count", (num_bins,))):
+            sums[name] = torch.zeros(runs, *size, device=loss.device, dtype=torch.float64)
+    per_example_hits, per_example_count = hits.sum(-1).double(), mask.sum(-1).double()  # [R, B]
+    sums["loss"] += loss.detach().double() * per_example_count.sum(1)
+    sums["hits"] += per_example_hits.sum(1)
+    sums["count"] += per_example_count.sum(1)
+    first_bin = torch.arange(0, runs * num_bins, num_bins, device=bins.device)[:, None]  # run r's bins start here
+    for column in range(bins.shape[-1]):
+        index = (bins[..., column] + first_bin).flatten()
+        sums["slice_hits"].view(-1).index_add_(0, index, per_example_hits.flatten())
+        sums["slice_count"].view(-1).index_add_(0, index, per_example_count.flatten())
+
+
+def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Each run's metrics from its evaluation sums: {prefix}/loss, {prefix}/acc and {prefix}/acc/<slice>."""
+    count = sums["count"].clamp(min=1)
+    loss, acc = (sums["loss"] / count).float(), (sums["hits"] / count).float()
+    slice_acc = (sums["slice_hits"] / sums["slice_count"].clamp(min=1)).float()
+    return [{f"{prefix}/loss": loss[r], f"{prefix}/acc": acc[r],
+             **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels)}}
+            for r in range(len(count))]
+
+
 class RecallModule(L.LightningModule):
     fused_adamw = True  # on CUDA; `sandbox-bench train` turns it off to measure what it gives
 
@@ -105,19 +134,7 @@ class RecallModule(L.LightningModule):
     def _eval_step(self, batch):
         inputs, labels, bins = batch
         loss, _, hits, mask = self(inputs, labels)
-        per_example_hits, per_example_count = hits.sum(1), mask.sum(1)
-        sums = self._sums
-        if not sums:
-            num_bins = len(self._slice_labels())
-            for name, size in (("loss", 1), ("hits", 1), ("count", 1),
-                               ("slice_hits", num_bins), ("slice_count", num_bins)):
-                sums[name] = torch.zeros(size, device=self.device, dtype=torch.float64)
-        sums["loss"] += loss.detach().double() * mask.sum()
-        sums["hits"] += per_example_hits.sum()
-        sums["count"] += per_example_count.sum()
-        for column in range(bins.shape[1]):
-            sums["slice_hits"].index_add_(0, bins[:, column], per_example_hits.double())
-            sums["slice_count"].index_add_(0, bins[:, column], per_example_count.double())
+        add_eval_counts(self._sums, loss[None], hits[None], mask[None], bins[None], len(self._slice_labels()))
 
     def _slice_labels(self) -> list[str]:
         split = "test" if self.trainer.testing else "val"
@@ -128,11 +145,7 @@ class RecallModule(L.LightningModule):
         self._sums = {}
         if not sums:
             return
-        count = sums["count"].clamp(min=1)
-        metrics = {f"{prefix}/loss": sums["loss"] / count, f"{prefix}/acc": sums["hits"] / count}
-        for i, label in enumerate(self._slice_labels()):
-            metrics[f"{prefix}/acc/{label}"] = sums["slice_hits"][i] / sums["slice_count"][i].clamp(min=1)
-        self.log_dict({k: v.float().squeeze() for k, v in metrics.items()}, sync_dist=False)
+        self.log_dict(eval_metrics(sums, prefix, self._slice_labels())[0], sync_dist=False)
         if prefix == "val":
             self.log_dict({f"diag/{k}": v for k, v in self.model.embedding_stats().items()})
             self.log_dict({f"router/{k}": v for k, v in self.model.router_stats(as_tensors=True).items()})
