@@ -257,12 +257,7 @@ class LanguageModel(nn.Module):
         matrices = {"embed": self.embed.weight}
         if not self.config["tie_embeddings"]:
             matrices["head"] = self.head.weight
-        stats = {}
-        for name, weight in matrices.items():
-            mean = weight.float().mean(0)
-            spread = (weight.float() - mean).pow(2).sum(-1).mean().sqrt()
-            stats[f"{name}_common"] = mean.norm() / spread
-        return stats
+        return {f"{name}_common": common_part(weight) for name, weight in matrices.items()}
 
     def init_state(self, batch_size: int) -> dict:
         return {"position": 0, "layers": [block.mixer.init_state(batch_size) for block in self.blocks]}
@@ -281,6 +276,12 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def common_part(weight: torch.Tensor) -> torch.Tensor:
+    """|mean row| / rms of the rows about it (`LanguageModel.embedding_stats`)."""
+    mean = weight.float().mean(0)
+    return mean.norm() / (weight.float() - mean).pow(2).sum(-1).mean().sqrt()
 
 
 def build_model(**settings) -> LanguageModel:

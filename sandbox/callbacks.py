@@ -25,7 +25,7 @@ class ThroughputMonitor(L.Callback):
         self._tokens, self._start = 0, time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._tokens += batch[0].numel()
+        self._tokens += batch[0].numel() // pl_module.runs  # one run's tokens
 
     def on_train_epoch_end(self, trainer, pl_module):
         elapsed = time.perf_counter() - self._start
@@ -43,6 +43,10 @@ class EpochLines(L.Callback):
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics)
+        stacked = sorted((int(k[3:].split("/")[0]), float(v)) for k, v in metrics.items()
+                         if k.startswith("run") and k.endswith("/val/acc"))  # a stack's runs (sandbox.stacked_run)
+        if stacked:
+            shown += "  val/acc by run " + " ".join(f"{r}:{acc:.3f}" for r, acc in stacked)
         print(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}", file=sys.stdout, flush=True)
 
 

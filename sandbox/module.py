@@ -102,6 +102,7 @@ def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[
 
 class RecallModule(L.LightningModule):
     fused_adamw = True  # on CUDA; `sandbox-bench train` turns it off to measure what it gives
+    runs = 1  # runs trained at once (sandbox.stacked_run.StackedRecallModule: R, their batches stacked)
 
     def __init__(self, model: dict, vocab_size: int, max_seq_len: int, optim: dict):
         super().__init__()

@@ -73,6 +73,12 @@ logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLe
 
 def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
     """Data and model from the config; impossible settings become ConfigError before any training."""
+    datamodule = build_data(cfg)
+    return datamodule, build_module(cfg, datamodule)
+
+
+def build_data(cfg: DictConfig) -> RecallDataModule:
+    """The run's data, generated; impossible task settings become ConfigError."""
     try:
         datamodule = RecallDataModule(
             name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params, resolve=True),
@@ -80,12 +86,19 @@ def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
             batch_size=cfg.task.batch_size, eval_batch_size=cfg.task.eval_batch_size,
             limit_examples=cfg.task.limit_examples)
         datamodule.generate()
-        module = RecallModule(model=OmegaConf.to_container(cfg.model, resolve=True),
-                              vocab_size=datamodule.vocab_size, max_seq_len=datamodule.max_seq_len,
-                              optim=OmegaConf.to_container(cfg.optim, resolve=True))
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    return datamodule, module
+    return datamodule
+
+
+def build_module(cfg: DictConfig, datamodule: RecallDataModule) -> RecallModule:
+    """The run's model for this data (its weights drawn from torch's generator as it stands); impossible model
+    settings become ConfigError."""
+    try:
+        return RecallModule(model=OmegaConf.to_container(cfg.model, resolve=True), vocab_size=datamodule.vocab_size,
+                            max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _progress_callbacks(mode: str) -> tuple[list, bool]:
@@ -104,27 +117,38 @@ def _precision(setting: str) -> str:
     return setting
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
+def run_logger(cfg: DictConfig, run_dir: Path):
+    """The logger of a run: its metrics in `run_dir`/logs."""
+    if cfg.logger.kind == "tensorboard":
+        return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
+    return CSVLogger(save_dir=run_dir, name="logs", version="")
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=(), *, logger=None, per_run_selection: bool = False
+                 ) -> L.Trainer:
+    """The run's trainer: checkpoints in `run_dir`, the best one and early stopping on val/acc, its logger.
+    `per_run_selection`: the module keeps each run's best weights and stops each run itself (stacked runs,
+    `sandbox.stacked_run`), so only the last checkpoint is a callback; `logger` then routes each run's metrics."""
     folder = run_dir / runs.CHECKPOINTS
-    best = FolderCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1)
     # Lightning's own save_last writes only when the best checkpoint improves; this one writes after every
     # validation, so a resumed run loses at most the steps since the last validation.
     last = FolderCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    stopping = EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=cfg.callbacks.early_stopping.threshold,
-                             patience=cfg.callbacks.early_stopping.patience)
+    checkpointing = [last]
+    if not per_run_selection:
+        best = FolderCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1)
+        stopping = EarlyStopping(monitor="val/acc", mode="max",
+                                 stopping_threshold=cfg.callbacks.early_stopping.threshold,
+                                 patience=cfg.callbacks.early_stopping.patience)
+        checkpointing = [best, last, stopping]  # best first: last.ckpt records the best checkpoint of its validation
     progress, show_bar = _progress_callbacks(cfg.callbacks.progress)
-    if cfg.logger.kind == "tensorboard":
-        logger = TensorBoardLogger(save_dir=run_dir, name="logs", version="")
-    else:
-        logger = CSVLogger(save_dir=run_dir, name="logs", version="")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = _precision(trainer_cfg["precision"])
     try:
         return L.Trainer(
             **trainer_cfg,
             default_root_dir=run_dir,
-            logger=logger,
-            callbacks=[best, last, stopping, ThroughputMonitor(), *progress, *callbacks],
+            logger=run_logger(cfg, run_dir) if logger is None else logger,
+            callbacks=[*checkpointing, ThroughputMonitor(), *progress, *callbacks],
             enable_progress_bar=show_bar,
             enable_model_summary=False,
             use_distributed_sampler=False,  # RecallDataModule gives each process its own shard
@@ -183,7 +207,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     except Diverged as err:
         status, reason = "diverged", str(err)
     except (SIGTERMException, RunInterrupted):
-        status, reason = "interrupted", _interrupted_reason(interruption, trainer)
+        status, reason = "interrupted", interrupted_reason(interruption, trainer)
     except Exception as err:
         if resume_from is not None and not started.started:  # Lightning failed to restore the checkpoint
             runs.set_aside(resume_from, f"it cannot be restored ({runs.describe_error(err)})")
@@ -209,27 +233,34 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
 
 
 def _fit_status(cfg: DictConfig, trainer: L.Trainer) -> tuple[str, str]:
-    """finished, or not_trained for a fit that took no step or never validated; and why it ended."""
+    stopped = {EarlyStoppingReason.STOPPING_THRESHOLD: "threshold", EarlyStoppingReason.PATIENCE_EXHAUSTED: "patience"}
+    return fit_status(cfg, trainer, validated=trainer.checkpoint_callback.best_model_score is not None,
+                      stopped=stopped.get(trainer.early_stopping_callback.stopping_reason))
+
+
+def fit_status(cfg: DictConfig, trainer: L.Trainer, validated: bool, stopped: str | None) -> tuple[str, str]:
+    """finished, or not_trained for a fit that took no step or never `validated`; and why it ended (`stopped`
+    early at the "threshold" or for "patience", or None)."""
     steps = trainer.global_step
     if steps == 0:
         return "not_trained", "it took no training step (trainer.limit_train_batches, task.limit_examples)"
-    if trainer.checkpoint_callback.best_model_score is None:
+    if not validated:
         return "not_trained", (f"it never validated in its {steps} steps (trainer.val_check_interval="
                                f"{cfg.trainer.val_check_interval}, trainer.check_val_every_n_epoch="
                                f"{cfg.trainer.check_val_every_n_epoch}, trainer.limit_val_batches="
                                f"{cfg.trainer.limit_val_batches})")
-    early = {EarlyStoppingReason.STOPPING_THRESHOLD: "validation accuracy reached callbacks.early_stopping."
-                                                     f"threshold={cfg.callbacks.early_stopping.threshold}",
-             EarlyStoppingReason.PATIENCE_EXHAUSTED: "validation accuracy stopped improving (callbacks."
-                                                     f"early_stopping.patience={cfg.callbacks.early_stopping.patience})"}
-    reason = early.get(trainer.early_stopping_callback.stopping_reason)
+    early = {"threshold": "validation accuracy reached callbacks.early_stopping."
+                          f"threshold={cfg.callbacks.early_stopping.threshold}",
+             "patience": "validation accuracy stopped improving (callbacks."
+                         f"early_stopping.patience={cfg.callbacks.early_stopping.patience})"}
+    reason = early.get(stopped)
     if reason is None:
         reason = (f"reached trainer.max_steps={trainer.max_steps}" if steps == trainer.max_steps
                   else f"reached trainer.max_epochs={trainer.max_epochs}")
     return "finished", reason
 
 
-def _interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
+def interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
     if interruption.saved_step is not None:
         saved = f"saved {interruption.checkpoint} to resume from"
     elif interruption.checkpoint.exists():
@@ -241,31 +272,43 @@ def _interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
 
 def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, module: RecallModule,
             datamodule: RecallDataModule, resumed: bool, start: float, tested: dict | None) -> dict:
-    """What result.json records. Accuracies are measured for finished runs only (NaN otherwise)."""
-    nan = float("nan")
     best_score = trainer.checkpoint_callback.best_model_score
+    return result_record(cfg, digest, status, reason, trainer, best_val_acc=None if tested is None else best_score,
+                         tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
+                         router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
+                         backend=kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),
+                         resumed=resumed, start=start)
+
+
+def result_record(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, *, best_val_acc,
+                  tested: dict | None, steps: int, epochs: int, model, router: dict, max_seq_len: int, backend: str,
+                  resumed: bool, start: float, **extra) -> dict:
+    """What result.json records for one run. Accuracies are measured for finished runs only (NaN otherwise);
+    `tested`: the test metrics (test/acc, test/loss, test/acc/<slice>)."""
+    nan = float("nan")
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": digest,
         "status": status,
         "status_reason": reason,
-        "best_val_acc": nan if tested is None else float(best_score),
+        "best_val_acc": nan if tested is None else float(best_val_acc),
         "test_acc": nan if tested is None else float(tested["test/acc"]),
         "test_acc_per_slice": {} if tested is None else {k.removeprefix("test/acc/"): float(v)
                                                          for k, v in tested.items() if k.startswith("test/acc/")},
         "test_loss": nan if tested is None else float(tested["test/loss"]),
-        "epochs": trainer.current_epoch,
-        "steps": trainer.global_step,
-        "state_size": module.model.state_size(datamodule.max_seq_len),
-        "num_parameters": module.model.num_parameters(),
-        "router": module.model.router_stats(),
-        "backend": kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),
+        "epochs": epochs,
+        "steps": steps,
+        "state_size": model.state_size(max_seq_len),
+        "num_parameters": model.num_parameters(),
+        "router": router,
+        "backend": backend,
         "device": str(trainer.strategy.root_device),
         "precision": trainer.precision,
         "wall_time_s": time.perf_counter() - start,
         "resumed": resumed,
         "versions": versions(),
         "git_commit": git_commit(),
+        **extra,
     }
 
 

@@ -1,0 +1,423 @@
+"""Stacked runs end to end: runs of a grid that differ only in `seed`, `optim.lr` and `optim.weight_decay`, trained
+in one process as one stacked model (`sandbox.stacked`), each recorded as it would be alone.
+
+Each run keeps the folder `sandbox-train` gives it alone (so the same command finds it, stacked or not) with its
+own `result.json` and `logs/`; the stack's checkpoint lives in `<output_root>/<name>/.stacks/<hash of its runs>/`.
+What a run alone gets from Lightning's callbacks, the module does per run: the best weights on val/acc (kept as
+buffers; the test runs on them), early stopping (`callbacks.early_stopping`, with EarlyStopping's rules: stop when
+val/acc > threshold, or after `patience` validations without a strict improvement) and divergence (a non-finite
+training loss ends the run as `diverged`, with the step and loss; found on the device, read at validation).
+A run that has ended still trains in the stack (its slice costs what it did), but nothing more is logged or kept
+for it; the stack stops when every run has ended. Stacks run on one device, on the torch backend (the Triton
+kernels do not batch under vmap yet), and record that backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from models.backbone import common_part
+from sandbox import runs
+from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, TrainingStarted
+from sandbox.data import RecallDataModule
+from tasks import SPLITS
+from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
+from sandbox.results import RESULT_FILE, write_json_atomic
+from sandbox.runs import say
+from sandbox.settings import ConfigError, check_settings
+from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
+from sandbox.train import (build_data, build_module, fit_status, interrupted_reason, make_trainer, result_record,
+                           run_logger)
+
+# The settings in which the runs of one stack may differ; everything else must be equal.
+STACKED_KEYS = ("seed", "optim.lr", "optim.weight_decay")
+STACKS = ".stacks"
+# How a run of the stack has ended (ended_how), with its status_reason as a run alone would give it.
+RUNNING, THRESHOLD, PATIENCE, DIVERGED = range(4)
+
+
+def stack_key(cfg: DictConfig) -> str:
+    """What the runs of one stack share: the resolved config without STACKED_KEYS, as canonical text."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in STACKED_KEYS:
+        *parents, last = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node.pop(last)
+    return OmegaConf.to_yaml(OmegaConf.create(config), sort_keys=True)
+
+
+class RunLoggers(Logger):
+    """The stack's logger: a metric `run<r>/<key>` goes to run r's own logger as `<key>`; a metric without a
+    run prefix (the epoch, tokens per second) to every run still training (`active`)."""
+
+    def __init__(self, loggers: list[Logger]):
+        super().__init__()
+        self.loggers = loggers
+        self.active = set(range(len(loggers)))
+
+    @property
+    def name(self) -> str:
+        return "runs"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        per_run: dict[int, dict] = {}
+        shared = {}
+        for key, value in metrics.items():
+            match = re.fullmatch(r"run(\d+)/(.+)", key)
+            if match:
+                per_run.setdefault(int(match[1]), {})[match[2]] = value
+            else:
+                shared[key] = value
+        only_shared = set(self.active) if set(shared) - {"epoch"} else set()
+        for r in sorted(set(per_run) | only_shared):
+            self.loggers[r].log_metrics({**shared, **per_run.get(r, {})}, step)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Each run's own settings are given to its logger by the stack (`train_stack`)."""
+
+    def save(self) -> None:
+        for logger in self.loggers:
+            logger.save()
+
+    def finalize(self, status: str) -> None:
+        for logger in self.loggers:
+            logger.finalize(status)
+
+
+class _Samplers:
+    """The samplers of the stacked loaders, for Lightning's `set_epoch` before each training epoch."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+
+class StackedLoader:
+    """Batches of R runs: run r takes loader `of_run[r]`'s batch; each field is stacked [R, ...]."""
+
+    batch_sampler = None  # what Lightning reads beside `sampler`
+
+    def __init__(self, loaders: list, of_run: list[int]):
+        self.loaders, self.of_run = loaders, of_run
+        samplers = [loader.sampler for loader in loaders if hasattr(loader.sampler, "set_epoch")]
+        if samplers:  # the training loaders: Lightning sets their epoch through this
+            self.sampler = _Samplers(samplers)
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self):
+        for batches in zip(*self.loaders, strict=True):
+            yield tuple(torch.stack([batches[i][field] for i in self.of_run]) for field in range(len(batches[0])))
+
+
+class StackedDataModule(L.LightningDataModule):
+    """The data of R runs: one RecallDataModule per distinct seed (`of_run[r]`: run r's), batches stacked."""
+
+    def __init__(self, datamodules: list[RecallDataModule], of_run: list[int]):
+        super().__init__()
+        self.datamodules, self.of_run = datamodules, of_run
+        if any(len({str(dm.datasets[split].slice_table) for dm in datamodules}) > 1 for split in SPLITS):
+            raise ConfigError("the seeds of these stacked runs give their data other slices; run them alone")
+
+    @property
+    def datasets(self):
+        return self.datamodules[0].datasets
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.datamodules[0].max_seq_len
+
+    def state_dict(self) -> dict:
+        return {"datamodules": [dm.state_dict() for dm in self.datamodules]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for dm, dm_state in zip(self.datamodules, state["datamodules"], strict=True):
+            dm.load_state_dict(dm_state)
+
+    def _stacked(self, method: str) -> StackedLoader:
+        return StackedLoader([getattr(dm, method)() for dm in self.datamodules], self.of_run)
+
+    def train_dataloader(self):
+        return self._stacked("train_dataloader")
+
+    def val_dataloader(self):
+        return self._stacked("val_dataloader")
+
+    def test_dataloader(self):
+        return self._stacked("test_dataloader")
+
+
+class StackedRecallModule(L.LightningModule):
+    """RecallModule's training and evaluation for R runs at once, with each run's selection and stopping."""
+
+    def __init__(self, models: list, optims: list[dict], max_seq_len: int, early_stopping: dict):
+        super().__init__()
+        self.model = StackedModel(models)
+        self.runs = len(models)
+        self.optims = optims
+        self.max_labels = max_seq_len  # per example; made exact from the data in `setup`
+        self.threshold, self.patience = early_stopping["threshold"], early_stopping["patience"]
+        R = self.runs
+        # each run's selection and stopping state: buffers, so that a resumed stack goes on where it was
+        self.register_buffer("best_val_acc", torch.full((R,), -math.inf, dtype=torch.float64))
+        self.register_buffer("stale_validations", torch.zeros(R, dtype=torch.long))
+        self.register_buffer("ended_how", torch.zeros(R, dtype=torch.long))
+        self.register_buffer("ended_step", torch.full((R,), -1, dtype=torch.long))
+        self.register_buffer("ended_epoch", torch.full((R,), -1, dtype=torch.long))
+        self.register_buffer("diverged_step", torch.full((R,), -1, dtype=torch.long))
+        self.register_buffer("diverged_loss", torch.zeros(R))
+        for name, value in self.model.named_parameters():
+            self.register_buffer(f"best/{name}", value.detach().clone())
+        self._sums: dict[str, torch.Tensor] = {}
+        self.router: dict[str, torch.Tensor] = {}  # each statistic [R], from the last forward
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self.max_labels = most_labelled(d for dm in datamodule.datamodules for d in dm.datasets.values())
+
+    def running(self) -> list[int]:
+        return [r for r, how in enumerate(self.ended_how.tolist()) if how == RUNNING]
+
+    def on_train_start(self) -> None:
+        self._running = self.running()
+        self.trainer.logger.active = set(self._running)
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels, _ = batch
+        loss, aux, hits, mask, self.router = self.model.losses(inputs, labels, self.max_labels)
+        total = loss + aux
+        with torch.no_grad():  # the first non-finite loss of each run, on the device (read at validation)
+            first = (self.diverged_step < 0) & ~torch.isfinite(total)
+            self.diverged_step.copy_(torch.where(first, self.global_step + 1, self.diverged_step))
+            self.diverged_loss.copy_(torch.where(first, total.float(), self.diverged_loss))
+        acc = hits.flatten(1).sum(1) / mask.flatten(1).sum(1)
+        metrics = {}
+        for r in self._running:
+            metrics.update({f"run{r}/train/loss": loss[r], f"run{r}/train/acc": acc[r],
+                            f"run{r}/train/aux_loss": aux[r]})
+            if self.global_step % self.trainer.log_every_n_steps == 0:
+                metrics.update({f"run{r}/router/{k}": v[r] for k, v in self.router.items()})
+        self.log_dict(metrics)
+        return total.sum()
+
+    # ---- evaluation ----
+    def _eval_step(self, batch):
+        inputs, labels, bins = batch
+        loss, _, hits, mask, self.router = self.model.losses(inputs, labels, self.max_labels)
+        add_eval_counts(self._sums, loss, hits, mask, bins, len(self._slice_labels()))
+
+    def _slice_labels(self) -> list[str]:
+        split = "test" if self.trainer.testing else "val"
+        return self.trainer.datamodule.datasets[split].slice_table.labels()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        sums, self._sums = self._sums, {}
+        if not sums or self.trainer.sanity_checking:
+            return
+        metrics = eval_metrics(sums, "val", self._slice_labels())
+        accs = torch.stack([m["val/acc"] for m in metrics]).tolist()
+        diverged = self.diverged_step.tolist()
+        params, _ = self.model.stacked()
+        diag = {"embed_common": torch.func.vmap(common_part)(params["embed.weight"])}
+        if not self.model.config["tie_embeddings"]:
+            diag["head_common"] = torch.func.vmap(common_part)(params["head.weight"])
+        logged = {}
+        for r in self._running:
+            if diverged[r] >= 0:
+                self._end(r, DIVERGED)
+                continue
+            logged.update({f"run{r}/{k}": v for k, v in metrics[r].items()})
+            logged.update({f"run{r}/diag/{k}": v[r] for k, v in diag.items()})
+            logged.update({f"run{r}/router/{k}": v[r] for k, v in self.router.items()})
+            improved = accs[r] > self.best_val_acc[r]
+            if improved:
+                self.best_val_acc[r] = accs[r]
+                for name, value in self.model.named_parameters():
+                    self.get_buffer(f"best/{name}")[r] = value[r].detach()
+            if accs[r] > self.threshold:
+                self._end(r, THRESHOLD)
+            else:
+                self.stale_validations[r] = 0 if improved else self.stale_validations[r] + 1
+                if self.stale_validations[r] >= self.patience:
+                    self._end(r, PATIENCE)
+        self.log_dict(logged)
+        self._running = self.running()
+        self.trainer.logger.active = set(self._running)
+        if not self._running:
+            self.trainer.should_stop = True
+
+    def _end(self, run: int, how: int) -> None:
+        self.ended_how[run] = how
+        self.ended_step[run] = self.global_step
+        self.ended_epoch[run] = self.current_epoch
+
+    def use_best(self, tested: list[int]) -> None:
+        """The `tested` runs take their best weights, which the test measures (as a run alone tests its best
+        checkpoint), and only they log test metrics."""
+        self.tested = tested
+        validated = torch.zeros(self.runs, dtype=torch.bool, device=self.best_val_acc.device)
+        validated[tested] = True
+        with torch.no_grad():
+            for name, value in self.model.named_parameters():
+                best = self.get_buffer(f"best/{name}")
+                value.copy_(torch.where(validated.view((-1,) + (1,) * (value.ndim - 1)), best, value))
+
+    def on_test_epoch_end(self):
+        sums, self._sums = self._sums, {}
+        metrics = eval_metrics(sums, "test", self._slice_labels())
+        self.log_dict({f"run{r}/{k}": v for r in self.tested for k, v in metrics[r].items()})
+
+    def configure_optimizers(self):
+        optimizer = stacked_adamw(self.model, self.optims)
+        total = int(self.trainer.estimated_stepping_batches)
+        optim = self.optims[0]
+        schedule = WarmupCosine(int(optim["warmup_ratio"] * total), total, optim["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if not gradient_clip_val:
+            return
+        params = list(self.model.parameters())
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # elementwise: the same per run
+        else:
+            clip_per_run(params, gradient_clip_val)
+
+
+def _check_stack(cfgs: list[DictConfig]) -> None:
+    keys = {stack_key(cfg) for cfg in cfgs}
+    if len(keys) > 1:
+        raise ConfigError(f"stacked runs may differ only in {', '.join(STACKED_KEYS)}")
+    trainer = cfgs[0].trainer
+    if trainer.devices not in (1, "1", "auto") or trainer.get("num_nodes", 1) != 1:
+        raise ConfigError(f"trainer.devices={trainer.devices} cannot be stacked: stacked runs train on one device")
+
+
+def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
+    """Train these runs as one stack, write each one's `result.json` in its folder and return their results.
+
+    Runs that have ended already are returned as they are; fewer than two left, they run alone
+    (`sandbox.train.train`). A bad setting is a ConfigError before any training. A signal ends the stack with
+    RunInterrupted once every run's result.json says so; the same command resumes the stack from its checkpoint.
+    An error is recorded as every running run's failure and raised."""
+    from sandbox.train import train
+
+    start = time.perf_counter()
+    run_dirs = [Path(d) for d in run_dirs]
+    digests = [runs.config_hash(OmegaConf.to_container(cfg, resolve=True)) for cfg in cfgs]
+    results: dict[int, dict] = {}
+    for i, (run_dir, digest) in enumerate(zip(run_dirs, digests)):
+        ended = runs.ended_result(run_dir, digest)
+        if ended is not None:
+            results[i] = ended
+    todo = [i for i in range(len(cfgs)) if i not in results]
+    if len(todo) < 2:
+        results.update({i: train(cfgs[i], run_dirs[i]) for i in todo})
+        return [results[i] for i in range(len(cfgs))]
+    cfgs, run_dirs, digests = ([xs[i] for i in todo] for xs in (cfgs, run_dirs, digests))
+    for cfg in cfgs:
+        check_settings(cfg)
+    _check_stack(cfgs)
+    stack_digest = hashlib.sha256(" ".join(sorted(digests)).encode()).hexdigest()
+    stack_dir = Path(cfgs[0].output_root) / cfgs[0].name / STACKS / stack_digest[:runs.HASH_DIGITS]
+    for run_dir in [*run_dirs, stack_dir]:
+        problem = runs.unwritable_problem(run_dir, cfgs[0].output_root)
+        if problem is not None:
+            raise ConfigError(problem)
+    seeds = sorted({cfg.seed for cfg in cfgs})
+    data = {seed: build_data(next(cfg for cfg in cfgs if cfg.seed == seed)) for seed in seeds}
+    models = []
+    for cfg in cfgs:  # each run's weights as alone: seeded, then built
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        models.append(build_module(cfg, data[cfg.seed]).model)
+    optims = [OmegaConf.to_container(cfg.optim, resolve=True) for cfg in cfgs]
+    module = StackedRecallModule(models, optims, data[seeds[0]].max_seq_len,
+                                 OmegaConf.to_container(cfgs[0].callbacks.early_stopping, resolve=True))
+    datamodule = StackedDataModule([data[seed] for seed in seeds], [seeds.index(cfg.seed) for cfg in cfgs])
+    loggers = RunLoggers([run_logger(cfg, run_dir) for cfg, run_dir in zip(cfgs, run_dirs)])
+    for logger, cfg, model in zip(loggers.loggers, cfgs, models):
+        logger.log_hyperparams({"model": OmegaConf.to_container(cfg.model, resolve=True),
+                                "vocab_size": model.config["vocab_size"], "max_seq_len": model.config["max_seq_len"],
+                                "optim": OmegaConf.to_container(cfg.optim, resolve=True), "stack": str(stack_dir)})
+    say(f"{len(cfgs)} runs stacked in {stack_dir}: " + ", ".join(str(d.name) for d in run_dirs))
+    with Interruption(stack_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
+        started = TrainingStarted()
+        trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest), interruption, started],
+                               logger=loggers, per_run_selection=True)
+        resume_from = runs.resume_checkpoint(stack_dir, stack_digest, module.state_dict())
+
+        def record(r: int, status: str, reason: str, tested: dict | None = None) -> dict:
+            ended_step = int(module.diverged_step[r] if status == "diverged" else module.ended_step[r])
+            return result_record(
+                cfgs[r], digests[r], status, reason, trainer, best_val_acc=float(module.best_val_acc[r]),
+                tested=tested, steps=ended_step if ended_step >= 0 else trainer.global_step,
+                epochs=int(module.ended_epoch[r]) if module.ended_epoch[r] >= 0 else trainer.current_epoch,
+                model=module.model.template,
+                router={k: float(v[r]) for k, v in module.router.items()}, max_seq_len=datamodule.max_seq_len,
+                backend="torch", resumed=resume_from is not None, start=start,
+                stack={"folder": str(stack_dir), "runs": len(cfgs)})
+
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+            statuses = [_status(cfgs[r], trainer, module, r) for r in range(len(cfgs))]
+            tested = {}
+            finished = [r for r, (status, _) in enumerate(statuses) if status == "finished"]
+            if finished:
+                module.use_best(finished)
+                metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+                tested = {r: {k.removeprefix(f"run{r}/"): v for k, v in metrics.items() if k.startswith(f"run{r}/")}
+                          for r in range(len(cfgs))}
+            ended = [record(r, status, reason, tested.get(r) if status == "finished" else None)
+                     for r, (status, reason) in enumerate(statuses)]
+        except (SIGTERMException, RunInterrupted):
+            reason = interrupted_reason(interruption, trainer)
+            for r in range(len(cfgs)):
+                write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "interrupted", reason))
+            say(f"{stack_dir}: interrupted by {reason}; run the same command to resume", error=True)
+            raise RunInterrupted(interruption.signum) from None
+        except Exception as err:
+            for r in range(len(cfgs)):
+                write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "failed", runs.describe_error(err)))
+            raise
+    for r, result in enumerate(ended):
+        write_json_atomic(run_dirs[r] / RESULT_FILE, result)
+        if result["status"] != "finished":
+            say(f"{run_dirs[r]}: {result['status'].replace('_', ' ')}: {result['status_reason']} "
+                f"(recorded in {RESULT_FILE})", error=True)
+        results[todo[r]] = result
+    return [results[i] for i in sorted(results)]
+
+
+def _status(cfg: DictConfig, trainer: L.Trainer, module: StackedRecallModule, run: int) -> tuple[str, str]:
+    """Run `run`'s status and reason, worded as `sandbox.train` words a run alone."""
+    if int(module.diverged_step[run]) >= 0:
+        return "diverged", f"training loss {float(module.diverged_loss[run]):.4g} at step {module.diverged_step[run]}"
+    stopped = {THRESHOLD: "threshold", PATIENCE: "patience"}.get(int(module.ended_how[run]))
+    return fit_status(cfg, trainer, validated=math.isfinite(float(module.best_val_acc[run])), stopped=stopped)
