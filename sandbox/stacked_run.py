@@ -366,7 +366,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
         logger.log_hyperparams({"model": OmegaConf.to_container(cfg.model, resolve=True),
                                 "vocab_size": model.config["vocab_size"], "max_seq_len": model.config["max_seq_len"],
                                 "optim": OmegaConf.to_container(cfg.optim, resolve=True), "stack": str(stack_dir)})
-    say(f"{len(cfgs)} runs stacked in {stack_dir}: " + ", ".join(str(d.name) for d in run_dirs))
+    say(f"{len(cfgs)} runs stacked, their checkpoint in {stack_dir}")
     with Interruption(stack_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
         started = TrainingStarted()
         trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest), interruption, started],

@@ -321,12 +321,21 @@ _exit_codes: list[int] = []
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    run_dir = HydraConfig.get().runtime.output_dir
+    return run_alone(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def run_alone(cfg: DictConfig, run_dir: Path) -> float:
+    """One run of `sandbox-train`: trained, its end reported; the objective for sweepers (NaN for a bad setting)."""
     try:
-        result = train(cfg, Path(run_dir))
+        result = train(cfg, run_dir)
     except ConfigError as err:
         _config_errors.append(str(err))
         return float("nan")
+    return report_result(run_dir, result)
+
+
+def report_result(run_dir: Path, result: dict) -> float:
+    """Say how a run ended, keep its exit code for `main`, return its objective."""
     _exit_codes.append(EXIT_CODES[status_of(result)])
     if status_of(result) == "finished":
         say(f"{run_dir}: best val acc {result['best_val_acc']:.4f}, test acc {result['test_acc']:.4f}")

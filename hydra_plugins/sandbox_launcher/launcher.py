@@ -1,0 +1,109 @@
+"""The Hydra launcher of `sandbox-train -m` (conf/hydra/launcher/sandbox.yaml): Hydra's jobs one after the other,
+except that on a GPU the runs that differ only in `seed`, `optim.lr` and `optim.weight_decay` train together as
+stacked runs (`sandbox.stacked_run`): one process, one set of kernel launches for all of them.
+
+    sandbox-train -m experiment=zoology                          # stacked on a GPU, one at a time on the CPU
+    sandbox-train -m experiment=zoology hydra.launcher.stack=false
+    sandbox-train -m experiment=zoology hydra.launcher.max_runs=8
+
+Settings (hydra.launcher.*): `stack` auto (stack where the runs train on a CUDA device), true or false;
+`max_runs`, the most runs in one stack (a larger group is cut into stacks of at most this many). Every job gets
+its folder, its config and its Hydra return value as under Hydra's basic launcher. A job whose settings are not
+valid runs alone (and reports its error as it would); a stack that fails with an error is said so and its runs
+are run again one at a time, so one run's failure never loses the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, open_dict
+
+STACK_CHOICES = ("auto", True, False)
+
+
+class SandboxLauncher(Launcher):
+    def __init__(self, stack="auto", max_runs: int = 16) -> None:
+        if stack not in STACK_CHOICES:
+            raise ValueError(f"hydra.launcher.stack={stack!r} is invalid: must be auto, true or false")
+        if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+            raise ValueError(f"hydra.launcher.max_runs={max_runs!r} is invalid: must be an integer >= 1")
+        self.stack, self.max_runs = stack, max_runs
+        self.config = self.task_function = self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from sandbox.stacked_run import stack_key
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = [self._prepare(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        groups: dict[str, list[int]] = {}
+        for i, (_, cfg, _) in enumerate(jobs):
+            key = stack_key(cfg) if self._stacks(cfg) else f"alone {i}"
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_runs):
+                self._run([jobs[i] for i in members[start:start + self.max_runs]])
+        return [ret for ret, _, _ in jobs]
+
+    def _prepare(self, idx: int, overrides: Sequence[str]) -> tuple[JobReturn, DictConfig, Path]:
+        """A job as Hydra's run_job makes it (its folder, its config; nothing trained yet)."""
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
+        prepared = {}
+
+        def keep(cfg: DictConfig) -> None:
+            prepared["cfg"], prepared["dir"] = cfg, Path(HydraConfig.get().runtime.output_dir)
+
+        ret = run_job(hydra_context=self.hydra_context, task_function=keep, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        if ret.status != JobStatus.COMPLETED:  # the config did not resolve: Hydra's own error
+            ret.return_value  # noqa: B018 (raises it)
+        ret.status = JobStatus.UNKNOWN
+        return ret, prepared["cfg"], prepared["dir"]
+
+    def _stacks(self, cfg: DictConfig) -> bool:
+        """Whether this job may join a stack: stacking is on for its device and its settings are valid."""
+        from sandbox.settings import ConfigError, check_settings
+
+        if self.stack is False:
+            return False
+        if self.stack == "auto" and not (torch.cuda.is_available()
+                                         and cfg.trainer.accelerator in ("auto", "gpu", "cuda")):
+            return False
+        try:
+            check_settings(cfg)
+        except ConfigError:
+            return False
+        return cfg.trainer.devices in (1, "1", "auto")
+
+    def _run(self, jobs: list[tuple[JobReturn, DictConfig, Path]]) -> None:
+        from sandbox.runs import say
+        from sandbox.train import report_result, run_alone
+        from sandbox.stacked_run import train_stack
+
+        if len(jobs) > 1:
+            try:
+                results = train_stack([cfg for _, cfg, _ in jobs], [run_dir for _, _, run_dir in jobs])
+            except Exception as err:  # noqa: BLE001 (each run is tried alone, which reports its own error)
+                say(f"a stack of {len(jobs)} runs failed ({type(err).__name__}: {err}); running them one at a time",
+                    error=True)
+            else:
+                for (ret, _, run_dir), result in zip(jobs, results):
+                    ret.return_value, ret.status = report_result(run_dir, result), JobStatus.COMPLETED
+                return
+        for ret, cfg, run_dir in jobs:
+            try:
+                ret.return_value, ret.status = run_alone(cfg, run_dir), JobStatus.COMPLETED
+            except Exception as err:  # noqa: BLE001 (as Hydra's run_job: the sweep raises it after the others)
+                ret.return_value, ret.status = err, JobStatus.FAILED
