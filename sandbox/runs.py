@@ -33,6 +33,10 @@ HASH_DIGITS = 12
 # The readable part of a folder name, in bytes; with the hash the name stays far below NAME_MAX (255).
 READABLE_BYTES = 120
 CHECKPOINTS = "checkpoints"
+# What the runs of this process came to, for `sandbox-train`'s exit (sandbox.train.main): one line per bad
+# setting, the exit code of each run's status.
+CONFIG_ERRORS: list[str] = []
+EXIT_CODES_SEEN: list[int] = []
 SET_ASIDE_SUFFIX = ".unusable"
 # What a checkpoint must hold for Lightning to resume from it.
 CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step")

@@ -59,13 +59,14 @@ def stack_key(cfg: DictConfig) -> str:
 
 
 class RunLoggers(Logger):
-    """The stack's logger: a metric `run<r>/<key>` goes to run r's own logger as `<key>`; a metric without a
-    run prefix (the epoch, tokens per second) to every run still training (`active`)."""
+    """The stack's logger: a metric `run<r>/<key>` goes to run r's own logger as `<key>`, a metric without a run
+    prefix (the epoch, tokens per second) to every run. After its end (`ended[r]`: the step and epoch where it
+    ended) a run logs only its test, at that step and epoch, as it would alone."""
 
     def __init__(self, loggers: list[Logger]):
         super().__init__()
         self.loggers = loggers
-        self.active = set(range(len(loggers)))
+        self.ended: dict[int, tuple[int, int]] = {}
 
     @property
     def name(self) -> str:
@@ -76,17 +77,20 @@ class RunLoggers(Logger):
         return ""
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        per_run: dict[int, dict] = {}
+        per_run: dict[int, dict] = {r: {} for r in range(len(self.loggers))}
         shared = {}
         for key, value in metrics.items():
             match = re.fullmatch(r"run(\d+)/(.+)", key)
             if match:
-                per_run.setdefault(int(match[1]), {})[match[2]] = value
+                per_run[int(match[1])][match[2]] = value
             else:
                 shared[key] = value
-        only_shared = set(self.active) if set(shared) - {"epoch"} else set()
-        for r in sorted(set(per_run) | only_shared):
-            self.loggers[r].log_metrics({**shared, **per_run.get(r, {})}, step)
+        for r, values in per_run.items():
+            ended_step, ended_epoch = self.ended.get(r, (math.inf, None))
+            if any(key.startswith("test/") for key in values) and ended_epoch is not None:
+                self.loggers[r].log_metrics({**shared, "epoch": ended_epoch, **values}, ended_step)
+            elif (values or set(shared) - {"epoch"}) and (step is None or step < ended_step):
+                self.loggers[r].log_metrics({**shared, **values}, step)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         """Each run's own settings are given to its logger by the stack (`train_stack`)."""
@@ -199,8 +203,13 @@ class StackedRecallModule(L.LightningModule):
         return [r for r, how in enumerate(self.ended_how.tolist()) if how == RUNNING]
 
     def on_train_start(self) -> None:
+        self._update_running()
+
+    def _update_running(self) -> None:
+        """The runs still training, and for the logger the step and epoch where each other one ended."""
         self._running = self.running()
-        self.trainer.logger.active = set(self._running)
+        ended = [r for r in range(self.runs) if r not in self._running]
+        self.trainer.logger.ended = {r: (int(self.ended_step[r]), int(self.ended_epoch[r])) for r in ended}
 
     def training_step(self, batch, batch_idx):
         inputs, labels, _ = batch
@@ -267,15 +276,14 @@ class StackedRecallModule(L.LightningModule):
                 if self.stale_validations[r] >= self.patience:
                     self._end(r, PATIENCE)
         self.log_dict(logged)
-        self._running = self.running()
-        self.trainer.logger.active = set(self._running)
+        self._update_running()
         if not self._running:
             self.trainer.should_stop = True
 
     def _end(self, run: int, how: int) -> None:
         self.ended_how[run] = how
         self.ended_step[run] = self.global_step
-        self.ended_epoch[run] = self.current_epoch
+        self.ended_epoch[run] = self.current_epoch + 1  # as alone: stopping ends the epoch, which then counts
 
     def use_best(self, tested: list[int]) -> None:
         """The `tested` runs take their best weights, which the test measures (as a run alone tests its best

@@ -314,9 +314,9 @@ def result_record(cfg: DictConfig, digest: str, status: str, reason: str, traine
 
 # Config errors of the runs of this process: reported by `main` as one line each, exit code 2. They are
 # collected rather than raised so that one bad run of a multirun does not stop the others; so are the exit
-# codes of the statuses of its runs.
-_config_errors: list[str] = []
-_exit_codes: list[int] = []
+# codes of the statuses of its runs. Kept in `sandbox.runs`, so that the launcher (hydra_plugins) adds to the same
+# lists when this module runs as `python -m sandbox.train` (as __main__, a second copy of this module).
+_config_errors, _exit_codes = runs.CONFIG_ERRORS, runs.EXIT_CODES_SEEN
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -159,12 +159,10 @@ def test_run_without_a_training_step_or_a_validation_is_not_trained(tmp_path, mo
     # ... and a fit that still ends that way is recorded as not trained, never as finished.
     from types import SimpleNamespace
 
-    from sandbox.train import _fit_status
+    from sandbox.train import fit_status
     cfg = make_cfg(*FAST)
-    no_step = SimpleNamespace(global_step=0)
-    assert _fit_status(cfg, no_step)[0] == "not_trained"
-    never_validated = SimpleNamespace(global_step=3, checkpoint_callback=SimpleNamespace(best_model_score=None))
-    status, reason = _fit_status(cfg, never_validated)
+    assert fit_status(cfg, SimpleNamespace(global_step=0), validated=False, stopped=None)[0] == "not_trained"
+    status, reason = fit_status(cfg, SimpleNamespace(global_step=3), validated=False, stopped=None)
     assert status == "not_trained" and reason.startswith("it never validated in its 3 steps")
 
 

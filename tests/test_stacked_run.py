@@ -1,0 +1,145 @@
+"""Stacked runs end to end (sandbox/stacked_run.py, the sandbox launcher): each run of a stack ends as it ends
+alone (status, reason, steps, accuracies, its metrics.csv), a diverging run does not stop the others, an
+interrupted stack resumes, and `sandbox-train -m` stacks or not as asked."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sandbox.settings import ConfigError
+from sandbox.stacked_run import StackedRecallModule, train_stack
+from sandbox.train import CONF_DIR, train
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["model.d_model=16", "task.params.vocab_size=64", "task.batch_size=16", "callbacks.progress=none",
+         "task.segments.train=[{seq_len: 32, num_kv_pairs: 4, num_examples: 256}]",
+         "task.segments.val=[{seq_len: 32, num_kv_pairs: 4, num_examples: 32}]",
+         "task.segments.test=[{seq_len: 32, num_kv_pairs: 4, num_examples: 32},"
+         "{seq_len: 32, num_kv_pairs: 2, num_examples: 32}]",
+         "trainer.max_steps=40", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5"]
+SAME = ("status", "status_reason", "steps", "epochs", "state_size", "num_parameters")
+CLOSE = ("best_val_acc", "test_acc", "test_loss")
+TIMING = ("step", "epoch", "train/tokens_per_s")
+
+
+def make_cfg(root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[*SMALL, f"output_root={root}", *overrides])
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_run(alone: dict, stacked: dict, alone_dir: Path, stacked_dir: Path) -> None:
+    for key in SAME:
+        assert stacked[key] == alone[key], key
+    for key in CLOSE:
+        assert stacked[key] == pytest.approx(alone[key], abs=1e-5, nan_ok=True), key
+    assert stacked["test_acc_per_slice"] == pytest.approx(alone["test_acc_per_slice"], abs=1e-5)
+    assert stacked["router"].keys() == alone["router"].keys()
+    rows, alone_rows = metrics_rows(stacked_dir), metrics_rows(alone_dir)
+    # the tokens per second of an epoch are logged at its end, which a run alone that stops early reaches at once
+    assert set(rows[0]) - set(TIMING) == set(alone_rows[0]) - set(TIMING)
+    rows, alone_rows = ([r for r in x if any(v for k, v in r.items() if k not in TIMING)] for x in (rows, alone_rows))
+    assert [r["step"] for r in rows] == [r["step"] for r in alone_rows]
+    for row, alone_row in zip(rows, alone_rows):
+        for key, value in alone_row.items():
+            if value and key not in TIMING:
+                # a near-tie of the router's scores may fall the other way: a token or two of load
+                tolerance = 2e-3 if key.startswith("router/") else 1e-5
+                assert float(row[key]) == pytest.approx(float(value), rel=1e-4, abs=tolerance), (row["step"], key)
+
+
+@pytest.mark.parametrize("model", ["mom", "attention"])
+def test_stacked_runs_end_as_they_end_alone(model, tmp_path):
+    """Seeds and learning rates in one stack; threshold 0.01 stops a run at its first validation above it
+    and leaves the others training."""
+    jobs = [("seed=0", "optim.lr=3e-3"), ("seed=1", "optim.lr=3e-3"), ("seed=0", "optim.lr=1e-2")]
+    common = (f"model={model}", "callbacks.early_stopping.threshold=0.01")
+    alone = [train(make_cfg(tmp_path, *common, *job), tmp_path / "alone" / str(i)) for i, job in enumerate(jobs)]
+    stacked = train_stack([make_cfg(tmp_path, *common, *job) for job in jobs],
+                          [tmp_path / "stacked" / str(i) for i in range(len(jobs))])
+    for i, (a, s) in enumerate(zip(alone, stacked)):
+        assert_same_run(a, s, tmp_path / "alone" / str(i), tmp_path / "stacked" / str(i))
+        assert s["stack"]["runs"] == 3 and s["backend"] == "torch"
+        assert json.loads((tmp_path / "stacked" / str(i) / "result.json").read_text())["status"] == s["status"]
+
+
+def test_a_diverging_run_ends_as_diverged_and_the_others_go_on(tmp_path):
+    jobs = [("optim.lr=3e-3",), ("optim.lr=1e30",)]
+    alone = [train(make_cfg(tmp_path, *job), tmp_path / "alone" / str(i)) for i, job in enumerate(jobs)]
+    assert [a["status"] for a in alone] == ["finished", "diverged"]
+    stacked = train_stack([make_cfg(tmp_path, *job) for job in jobs], [tmp_path / "stacked" / str(i) for i in range(2)])
+    assert_same_run(alone[0], stacked[0], tmp_path / "alone" / "0", tmp_path / "stacked" / "0")
+    assert stacked[1]["status"] == "diverged" and math.isnan(stacked[1]["test_acc"])
+    assert stacked[1]["status_reason"].split(" at step ")[1] == alone[1]["status_reason"].split(" at step ")[1]
+
+
+def test_an_interrupted_stack_resumes_where_it_stopped(tmp_path, monkeypatch):
+    jobs = [("seed=0",), ("seed=1",)]
+    whole = train_stack([make_cfg(tmp_path / "whole", *job) for job in jobs],
+                        [tmp_path / "whole" / str(i) for i in range(2)])
+    step = StackedRecallModule.training_step
+
+    def stopped_at_15(self, batch, batch_idx):
+        if self.global_step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(StackedRecallModule, "training_step", stopped_at_15)
+    cfgs = [make_cfg(tmp_path, *job) for job in jobs]
+    dirs = [tmp_path / str(i) for i in range(2)]
+    with pytest.raises(BaseException, match="SIGTERM"):
+        train_stack(cfgs, dirs)
+    assert [json.loads((d / "result.json").read_text())["status"] for d in dirs] == ["interrupted"] * 2
+    monkeypatch.setattr(StackedRecallModule, "training_step", step)
+    resumed = train_stack(cfgs, dirs)
+    for w, r in zip(whole, resumed):
+        assert r["resumed"] and r["steps"] == w["steps"] == 40
+        assert r["best_val_acc"] == pytest.approx(w["best_val_acc"], abs=1e-6)
+        assert r["test_loss"] == pytest.approx(w["test_loss"], abs=1e-5)
+
+
+def test_runs_that_differ_in_more_than_seed_and_optimizer_are_not_stacked(tmp_path):
+    with pytest.raises(ConfigError, match="may differ only in seed, optim.lr, optim.weight_decay"):
+        train_stack([make_cfg(tmp_path, "model.d_model=16"), make_cfg(tmp_path, "model.d_model=32")],
+                    [tmp_path / "a", tmp_path / "b"])
+
+
+def sandbox_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sandbox.train", "-m", *SMALL, "trainer.max_steps=20",
+                           f"output_root={tmp_path}", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_stacks_when_asked_and_gives_the_runs_it_gives_alone(tmp_path):
+    grid = ("model=gated_deltanet", "seed=0,1", "optim.lr=0,1e-3")  # one bad learning rate: it runs alone
+    stacked = sandbox_train(tmp_path / "stacked", *grid, "hydra.launcher.stack=true")
+    alone = sandbox_train(tmp_path / "alone", *grid, "hydra.launcher.stack=false")
+    for done in (stacked, alone):
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.count("optim.lr=0 is invalid") == 2
+    assert "2 runs stacked" in stacked.stdout and "stacked" not in alone.stdout
+    for folder in sorted((tmp_path / "alone" / "train").glob("*lr=0.001*")):
+        stacked_dir = tmp_path / "stacked" / "train" / folder.name  # the same folder name, stacked or not
+        result = json.loads((stacked_dir / "result.json").read_text())
+        assert result["stack"]["runs"] == 2
+        assert_same_run(json.loads((folder / "result.json").read_text()), result, folder, stacked_dir)
+
+
+@pytest.mark.parametrize("setting, named", [("hydra.launcher.stack=maybe", "hydra.launcher.stack='maybe'"),
+                                            ("hydra.launcher.max_runs=0", "hydra.launcher.max_runs=0")])
+def test_bad_launcher_settings_are_one_line_errors(setting, named, tmp_path):
+    done = sandbox_train(tmp_path, "seed=0,1", setting)
+    assert done.returncode == 2 and named in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
