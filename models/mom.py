@@ -29,7 +29,8 @@ Backends (resolved once per call): `torch` runs every memory over all the tokens
 order) and the others after them, where they cannot reach its routed outputs (`routing.dense`, the reference);
 `triton` (what `auto` is on CUDA) takes the packed path (`routing.packed`, `kernels/mom`): each memory runs on
 the tokens routed to it only, packed into segments on the device, and decoding updates only the selected
-memories.
+memories. Stacked runs (under vmap, `sandbox/stacked.py`) take the dense form on either backend, with the rule's
+Triton op on `triton`.
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.runs import batched
 from models.common import check_choice, check_flag, check_int, check_number, compute_dtype
 from models.memory import MemoryMixer
 from models.routing import Routing, dense, dense_step, packed, packed_step
@@ -121,7 +123,9 @@ class MoM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = kernels.resolve_backend(self.backend, x.device)
         probs, routing = self.route(x)
-        y = packed(self.memory, x, routing) if backend == "triton" else dense(self.memory, x, routing, backend)
+        # stacked runs (under vmap) take the dense form: the packed one's kernels take each run's weights
+        y = (packed(self.memory, x, routing) if backend == "triton" and not batched(x)
+             else dense(self.memory, x, routing, backend))
         # load balance and statistics, kept on the device (no host sync)
         M = self.num_memories
         routed = routing.dense_mask[..., :M].flatten(0, -2).to(probs.dtype).mean(0)  # c_m, sums to k

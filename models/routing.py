@@ -36,6 +36,7 @@ import torch
 
 import kernels
 from kernels import conv_torch
+from kernels.runs import batched
 
 
 @dataclass
@@ -74,8 +75,9 @@ class Routing:
 
 
 def _fused(backend: str, x: torch.Tensor) -> bool:
-    """Whether the steps around the rule run as Triton kernels."""
-    return backend == "triton" and x.dtype != torch.float64
+    """Whether the steps around the rule run as Triton kernels: on "triton", except in float64 (the reference's)
+    and for stacked runs (under vmap: those kernels take each run's weights, which they cannot batch)."""
+    return backend == "triton" and x.dtype != torch.float64 and not batched(x)
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ buffers; the test runs on them), early stopping (`callbacks.early_stopping`, wit
 val/acc > threshold, or after `patience` validations without a strict improvement) and divergence (a non-finite
 training loss ends the run as `diverged`, with the step and loss; found on the device, read at validation).
 A run that has ended still trains in the stack (its slice costs what it did), but nothing more is logged or kept
-for it; the stack stops when every run has ended. Stacks run on one device, on the torch backend (the Triton
-kernels do not batch under vmap yet), and record that backend.
+for it; the stack stops when every run has ended. Stacks run on one device. On the Triton backend the rule's
+chunked op runs once for all runs (`kernels.runs`); the short conv, norms and MoM's routing run in their PyTorch
+forms, whose Triton kernels take each run's weights (MoM then takes its dense form, `models.routing.dense`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+import kernels
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
@@ -142,6 +144,10 @@ class StackedDataModule(L.LightningDataModule):
         self.datamodules, self.of_run = datamodules, of_run
         if any(len({str(dm.datasets[split].slice_table) for dm in datamodules}) > 1 for split in SPLITS):
             raise ConfigError("the seeds of these stacked runs give their data other slices; run them alone")
+
+    def setup(self, stage: str | None = None) -> None:
+        for dm in self.datamodules:  # their loaders read the trainer's device (RecallDataModule.device_data)
+            dm.trainer = self.trainer
 
     @property
     def datasets(self):
@@ -389,7 +395,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
                 epochs=int(module.ended_epoch[r]) if module.ended_epoch[r] >= 0 else trainer.current_epoch,
                 model=module.model.template,
                 router={k: float(v[r]) for k, v in module.router.items()}, max_seq_len=datamodule.max_seq_len,
-                backend="torch", resumed=resume_from is not None, start=start,
+                backend=kernels.resolve_backend(cfgs[r].model.backend, trainer.strategy.root_device),
+                resumed=resume_from is not None, start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})
 
         try:

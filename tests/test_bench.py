@@ -172,14 +172,16 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     out = tmp_path / "train.json"
     argv = ["--models", "attention", "--widths", "16", "--packed-widths", "16", "--ablate-at", "--batch", "4",
             "--experiment", "quickstart", "--override", "model.n_layers=1", "--warmup", "1", "--steps", "2",
-            "--profile-steps", "1", "--packed", "2", "--grid-runs", "10", "--grid-steps", "100", "--json", str(out)]
+            "--profile-steps", "1", "--packed", "2", "--stacked", "3", "--grid-runs", "10", "--grid-steps", "100",
+            "--json", str(out)]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     rows = record["rows"]
     assert [(r["mode"], r["variant"]) for r in rows] == [
-        ("alone", "none"), ("alone", "all"), ("packed", "none"), ("packed", "all"), ("plain", "all")]
+        ("alone", "none"), ("alone", "all"), ("packed", "none"), ("packed", "all"), ("stacked", "all"),
+        ("plain", "all")]
     measured = [r for r in rows if r["mode"] != "packed"] + [p for r in rows for p in r.get("per_process", [])]
-    assert len(measured) == 3 + 2 * 2
+    assert len(measured) == 4 + 2 * 2
     for row in measured:
         assert row["busy_kind"] == "cpu ops" and row["busy_ms"] > 0 and row["wall_ms"] > 0
         assert row["profiled_wall_ms"] >= row["busy_ms"]  # the profiled steps' ops fit in those steps' wall time
@@ -192,6 +194,12 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
         assert max(starts) < min(ends)  # the two processes' timed windows overlap
         assert row["total_steps_per_s"] == pytest.approx(2 * 2 / (max(ends) - min(starts)))
         assert row["runs_per_gpu_hour"] == pytest.approx(3600 * row["total_steps_per_s"] / 100)
+    stacked = rows[4]
+    assert stacked["runs"] == 3 and stacked["total_steps_per_s"] == pytest.approx(3 * stacked["steps_per_s"])
+    assert stacked["runs_per_gpu_hour"] == pytest.approx(3600 * stacked["total_steps_per_s"] / 100)
+    ratio = stacked["total_steps_per_s"] / rows[1]["steps_per_s"]
+    assert f"attention d 16: stacked x3 / all alone: {ratio:.2f}x steps/s" in record["ratios"]
+    assert any(line.startswith("attention d 16: stacked x3 / packed x2 all:") for line in record["ratios"])
     assert rows[0]["runs_per_gpu_hour"] == pytest.approx(3600 * rows[0]["steps_per_s"] / 100)
     assert record["grid"] == {"runs": 10, "steps": 100}
     ratio = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]
@@ -209,11 +217,12 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     (["--variants", "fast"], "--variants fast is invalid: choose from none, fused, nosync, device_data, all"),
     (["--widths", "wide"], "argument --widths: invalid int value: 'wide'"),
     (["--modes", "packed", "--packed", "0"], "--packed 0 is invalid: must be >= 1"),
+    (["--modes", "stacked", "--stacked", "0"], "--stacked 0 is invalid: must be >= 1"),
     (["--json", "/nonexistent/train.json"], "--json /nonexistent/train.json is invalid: its folder"),
     (["--override", "model.no_such_key=1"], "model=attention model.d_model=64: Could not override 'model.no_such_key'"),
     (["--models", "mom", "--widths", "65", "--override", "model.mixer_options.num_heads=2"],
      "model=mom model.d_model=65: "),
-], ids=["steps", "model", "variant", "width-type", "packed", "json-folder", "override", "width-heads"])
+], ids=["steps", "model", "variant", "width-type", "packed", "stacked", "json-folder", "override", "width-heads"])
 def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     from sandbox.bench import train as bench
 

@@ -13,11 +13,11 @@ VOCAB, T, BATCH = 48, 24, 3
 MIXERS = ["attention", "gated_deltanet", "mom", "gla", "deltanet", "linear_attention", "simple_gla"]
 
 
-def make_models(mixer: str, seeds: list[int], **settings) -> list:
+def make_models(mixer: str, seeds: list[int], backend: str = "torch", **settings) -> list:
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
-        models.append(build_model(vocab_size=VOCAB, max_seq_len=T, mixer=mixer, d_model=16, backend="torch",
+        models.append(build_model(vocab_size=VOCAB, max_seq_len=T, mixer=mixer, d_model=16, backend=backend,
                                   **settings).double())
     return models
 
@@ -101,3 +101,24 @@ def test_runs_of_other_configurations_or_optimizer_settings_are_refused():
     with pytest.raises(ValueError, match=r"optim\.betas differs"):
         stacked_adamw(stacked, [{"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.98)},
                                 {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}])
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "mom"])
+def test_stacked_runs_on_the_triton_kernels_equal_each_model_alone(mixer):
+    """The chunked Triton op folds the runs into its batch (kernels/runs.py; the interpreter on the CPU); each
+    model alone takes its own Triton path (MoM: the packed one)."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = [m.float().to(device) for m in make_models(mixer, [0, 1], backend="triton")]
+    stacked = StackedModel(models)
+    inputs, labels = (x.to(device) for x in next(batches(2, 1, seed=7)))
+    loss, aux, *_ = stacked.losses(inputs, labels, max_labels=T)
+    (loss + aux).sum().backward()
+    params, _ = stacked.stacked()
+    for r, model in enumerate(models):
+        alone = labelled_loss(model, inputs[r], labels[r], max_labels=T)
+        (alone[0] + alone[1]).backward()
+        torch.testing.assert_close(loss[r], alone[0], rtol=1e-4, atol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name].grad[r], p.grad, rtol=1e-3, atol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")

@@ -20,6 +20,7 @@ from kernels.chunk.forward import (
 )
 from kernels.chunk.launch import chunk_table, kernel_options, tiles
 from kernels.rules import get_rule
+from kernels.runs import batched, fold_runs
 
 
 class ChunkFunction(torch.autograd.Function):
@@ -142,7 +143,14 @@ class ChunkFunction(torch.autograd.Function):
 def chunk_op(
     rule, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
 ):
-    """The op of `rule` (its name; the rest is `kernels`' op signature) through the chunked kernels."""
+    """The op of `rule` (its name; the rest is `kernels`' op signature) through the chunked kernels; under vmap over
+    runs (stacked runs), one launch for all of them (`kernels.runs`)."""
     d = check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens)
     check_triton_inputs(q)
-    return ChunkFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)
+
+    def op(q, k, v, g, beta, initial_state):
+        return ChunkFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)
+
+    if cu_seqlens is not None and batched(q):
+        raise ValueError("cu_seqlens (packed sequences) cannot be used under vmap over runs")
+    return fold_runs(op, q, k, v, g, beta, initial_state)

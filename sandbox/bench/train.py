@@ -7,6 +7,9 @@ on the CPU). For each model (`--models`) and width (`--widths`), in three modes:
   alone   one run in this process;
   packed  N identical runs as N processes at once (`--packed N`), as `sandbox-sweep --workers N` and
           docs/results/zoology/run.sh pack them: each process's steps/s and all of them together;
+  stacked R runs of the model in one process as one stacked model (`--stacked R`; sandbox.stacked_run, what
+          `sandbox-train -m` does on a GPU for runs differing in seed or learning rate): the steps/s of the
+          stack and the run-steps/s of all its runs;
   plain   a bare PyTorch loop of the same model (the module's loss, fused AdamW on CUDA, the schedule and
           clipping, batches gathered on the device; no Lightning, no logging): the yardstick.
 Variants name the training-step levers that are on (`none`: none of them): `fused` (fused
@@ -38,7 +41,7 @@ from pathlib import Path
 MODELS = ("attention", "gated_deltanet", "mom")
 LEVERS = ("fused", "nosync", "device_data")
 VARIANTS = ("none", *LEVERS, "all")
-MODES = ("alone", "packed", "plain")
+MODES = ("alone", "packed", "stacked", "plain")
 GRID = {"runs": 432, "steps": 3000}  # experiment=zoology: 12 models x 3 widths x 4 learning rates x 3 seeds
 
 
@@ -267,6 +270,46 @@ def run_plain(args, model: str, width: int) -> dict:
     return _row(args, "plain", model, width, "all", windows, datamodule.max_seq_len, fused=cuda)
 
 
+def run_stacked(args, model: str, width: int) -> dict:
+    """`args.stacked` runs of `sandbox-train`'s step stacked (seeds 0.., learning rates spread around the
+    configured one), the training set on the device; the row of its measurements."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from sandbox.module import RecallModule
+    from sandbox.stacked_run import RunLoggers, StackedDataModule, StackedRecallModule
+    from sandbox.train import make_trainer
+
+    runs = args.stacked
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as root:
+        cfg = compose(args, model, width, root)
+        datamodule = Data.get(cfg)
+        datamodule.device_data = True
+        models = []
+        for seed in range(runs):
+            L.seed_everything(seed, verbose=False)
+            models.append(make_module(cfg, datamodule, RecallModule).model)
+        optim = OmegaConf.to_container(cfg.optim, resolve=True)
+        optims = [{**optim, "lr": optim["lr"] * 2 ** (r - runs // 2)} for r in range(runs)]
+        module = StackedRecallModule(models, optims, datamodule.max_seq_len,
+                                     OmegaConf.to_container(cfg.callbacks.early_stopping, resolve=True))
+        windows = Windows(args.warmup, args.steps, args.profile_steps, args.check_steps)
+        loggers = RunLoggers([CSVLogger(Path(root) / str(r), name="logs", version="") for r in range(runs)])
+        trainer = make_trainer(cfg, Path(root) / "stack", [_window_callback(windows)], logger=loggers,
+                               per_run_selection=True)
+        trainer.fit(module, datamodule=StackedDataModule([datamodule], [0] * runs))
+    del trainer, module
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    row = _row(args, "stacked", model, width, "all", windows, datamodule.max_seq_len, runs=runs, fused=False)
+    total = runs * row["steps_per_s"]
+    row.update(total_steps_per_s=total, total_tokens_per_s=total * args.batch * datamodule.max_seq_len,
+               runs_per_gpu_hour=3600 * total / args.grid_steps)
+    return row
+
+
 def _row(args, mode, model, width, variant, windows: Windows, seq_len: int, **extra) -> dict:
     r = windows.result
     steps_per_s = 1e3 / r["wall_ms"]
@@ -339,13 +382,14 @@ def run_packed(args, plan, report) -> bool:
 
 # ---- printing ----
 def _describe(row: dict, grid_runs: int) -> str:
-    mode = f"packed x{row['processes']}" if row["mode"] == "packed" else row["mode"]
+    mode = {"packed": f"packed x{row.get('processes')}", "stacked": f"stacked x{row.get('runs')}"}.get(row["mode"],
+                                                                                                   row["mode"])
     syncs = row.get("syncs_per_step")
     text = (f"{mode:10s} {row['model']:15s} d {row['d_model']:4d} {row['variant']:12s} "
             f"wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  wall/busy {row['wall_over_busy']:5.2f}  "
             f"{row['steps_per_s']:7.1f} steps/s  {row['tokens_per_s'] / 1e6:6.2f} M tok/s")
-    if row["mode"] == "packed":
-        text += f"  total {row['total_steps_per_s']:7.1f} steps/s"
+    if row["mode"] in ("packed", "stacked"):
+        text += f"  total {row['total_steps_per_s']:7.1f} run-steps/s"
     hours = grid_runs / row["runs_per_gpu_hour"]
     text += f"  {row['runs_per_gpu_hour']:6.1f} runs/GPU-h (grid {hours:5.2f} GPU-h)"
     return text + ("" if syncs is None else f"  syncs/step {syncs:g}")
@@ -370,6 +414,12 @@ def ratios(rows: list[dict]) -> list[str]:
             pairs.append((f"{packed} / {variant} alone", same, f"; {busy} {speed(row) * same['busy_ms'] / 1e3:.0%}"))
         if mode == "packed" and none is not None and variant != "none":
             pairs.append((f"{packed} / none alone", none, ""))
+        if mode == "stacked" and everything is not None:  # all of the stack's runs' steps against one run's
+            pairs.append((f"stacked x{row['runs']} / all alone", everything, ""))
+            packed_all = next((r for r in rows if r["mode"] == "packed" and r["model"] == model
+                               and r["d_model"] == width and r["variant"] == "all"), None)
+            if packed_all is not None:
+                pairs.append((f"stacked x{row['runs']} / packed x{packed_all['processes']} all", packed_all, ""))
         if mode == "plain" and everything is not None:
             pairs.append(("plain loop / all alone", everything, ""))
         for name, other, note in pairs:
@@ -393,6 +443,7 @@ def parse(argv):
                         help="widths that also get each single lever (alone)")  # fmt: skip
     parser.add_argument("--packed", type=int, default=8, help="processes at once in the packed mode")
     parser.add_argument("--packed-widths", nargs="+", type=int, default=[64])
+    parser.add_argument("--stacked", type=int, default=8, help="runs in one stack in the stacked mode (every width)")
     parser.add_argument("--plain-models", nargs="+", default=["attention"])
     parser.add_argument("--experiment", default="zoology")
     parser.add_argument("--batch", type=int, default=64)
@@ -421,6 +472,8 @@ def parse(argv):
         least = 0 if name in ("warmup", "check_steps") else 1
         if getattr(args, name) < least:
             raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= {least}")
+    if "stacked" in args.modes and args.stacked < 1:
+        raise BadInput(f"--stacked {args.stacked} is invalid: must be >= 1 (or leave stacked out of --modes)")
     if "packed" in args.modes and args.packed < 1:
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if args.json is not None and not args.json.parent.is_dir():
@@ -430,7 +483,7 @@ def parse(argv):
 
 def plan(args) -> list[tuple[str, list[tuple]]]:
     """(mode, its runs as (model, width, variant)) in the order they run: width by width as given, each
-    width's runs alone, then packed, then plain, so that a run cut short has whole widths."""
+    width's runs alone, then packed, stacked, plain, so that a run cut short has whole widths."""
     widths = list(dict.fromkeys([*args.widths, *args.ablate_at, *args.packed_widths]))
     steps = []
     for w in widths:
@@ -438,9 +491,10 @@ def plan(args) -> list[tuple[str, list[tuple]]]:
         ablated = LEVERS if w in args.ablate_at else []
         alone += [(m, w, v) for m in args.models for v in ablated if (m, w, v) not in alone]
         packed = [(m, w, v) for m in args.models for v in args.variants] if w in args.packed_widths else []
+        stacked = [(m, w, "all") for m in args.models] if w in args.widths else []
         plain = [(m, w, "all") for m in args.plain_models] if w in args.widths else []
-        steps += [(mode, runs) for mode, runs in (("alone", alone), ("packed", packed), ("plain", plain))
-                  if runs and mode in args.modes]
+        steps += [(mode, runs) for mode, runs in (("alone", alone), ("packed", packed), ("stacked", stacked),
+                                                  ("plain", plain)) if runs and mode in args.modes]
     return steps
 
 
@@ -497,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             packed_ok = run_packed(args, runs, report) and packed_ok
             continue
         for model, width, variant in runs:
-            report(run_lightning(args, model, width, variant) if mode == "alone" else run_plain(args, model, width))
+            run = {"alone": lambda: run_lightning(args, model, width, variant),
+                   "stacked": lambda: run_stacked(args, model, width), "plain": lambda: run_plain(args, model, width)}
+            report(run[mode]())
     record["ratios"] = ratios(record["rows"])
     print("\n".join(["ratios (steps/s, measured in this run):", *record["ratios"]]))
     if args.json is not None:
