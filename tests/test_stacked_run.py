@@ -20,6 +20,7 @@ from sandbox.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.d_model=16", "task.params.vocab_size=64", "task.batch_size=16", "callbacks.progress=none",
+         "trainer.accelerator=cpu",  # float32 on any machine: the comparisons are to float rounding
          "task.segments.train=[{seq_len: 32, num_kv_pairs: 4, num_examples: 256}]",
          "task.segments.val=[{seq_len: 32, num_kv_pairs: 4, num_examples: 32}]",
          "task.segments.test=[{seq_len: 32, num_kv_pairs: 4, num_examples: 32},"
