@@ -1,6 +1,6 @@
 """Ops under `torch.func.vmap` over runs (stacked runs, `sandbox/stacked.py`): an op whose dim 0 holds
-independent sequences, with no weights of its own (the chunked Triton ops), runs once for all R runs with the
-run dimension folded into dim 0, instead of once per run. Torch only."""
+independent sequences, with no weights of its own (the chunked Triton ops, softmax attention's fused kernel), runs
+once for all R runs with the run dimension folded into dim 0, instead of once per run. Torch only."""
 
 from __future__ import annotations
 

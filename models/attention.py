@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.runs import fold_runs
 from models.common import ShortConv, check_backend, check_flag, check_int, head_layout
 
 
@@ -67,7 +68,8 @@ class Attention(nn.Module):
         if self.rope:
             positions = torch.arange(T, device=x.device)
             q, k = rotate(q, positions), rotate(k, positions)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, K]
+        # stacked runs (vmap): one fused kernel for all of them, which torch's vmap would run once per run
+        (o,) = fold_runs(lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, is_causal=True),), q, k, v)
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:

@@ -150,7 +150,10 @@ class Interruption(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         # Stopped in training, the state is whole: checkpoint it. Stopped in validation, the run resumes from
-        # its checkpoint of the last validation instead (a half-counted validation cannot be resumed).
-        if isinstance(exception, SIGTERMException) and trainer.training:
+        # its checkpoint of the last validation instead (a half-counted validation cannot be resumed); so it does
+        # when stopped after an epoch's last batch, whose checkpoint Lightning restores into the next epoch with
+        # that epoch's batches counted as done (it would skip a whole epoch of data).
+        epoch_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
+        if isinstance(exception, SIGTERMException) and trainer.training and not epoch_done:
             trainer.save_checkpoint(self.checkpoint, weights_only=False)
             self.saved_step = trainer.global_step

@@ -4,9 +4,9 @@ as one model whose parameters carry a leading run dimension [R, ...].
 Each kernel is then launched once for all R runs instead of once per run, which is what a launch-bound step at
 the sandbox's sizes needs (docs/results/throughput/). The model code is the zoo's, unchanged: `torch.func.vmap`
 runs it over the run dimension with each run's own parameters (`functional_call`), and the custom autograd
-functions say how they batch (`vmap` of `kernels.conv_torch`, a generated rule in `models.routing`, the chunked
-Triton ops folding the runs into their batch, `kernels.runs`). Softmax attention's fused kernel has no batching
-rule in torch: it runs once per run. Runs stay independent: no operation mixes two runs, each run's loss is its own, and the
+functions say how they batch (`vmap` of `kernels.conv_torch`, a generated rule in `models.routing`); the chunked
+Triton ops and softmax attention's fused kernel (which torch's vmap would run once per run) fold the runs into
+their batch (`kernels.runs`). Runs stay independent: no operation mixes two runs, each run's loss is its own, and the
 optimizer (`StackedAdamW`) and clipping (`clip_per_run`) act on each run's slice as `torch.optim.AdamW` and
 `torch.nn.utils.clip_grad_norm_` act on a run alone; `tests/test_stacked.py` checks that a stacked run equals the
 same runs alone.

