@@ -225,13 +225,17 @@ class StackedRecallModule(L.LightningModule):
             first = (self.diverged_step < 0) & ~torch.isfinite(total)
             self.diverged_step.copy_(torch.where(first, self.global_step + 1, self.diverged_step))
             self.diverged_loss.copy_(torch.where(first, total.float(), self.diverged_loss))
-        acc = hits.flatten(1).sum(1) / mask.flatten(1).sum(1)
+        # Lightning writes a step's metrics when (step + 1) % log_every_n_steps == 0: logged only then (R runs'
+        # metrics every step would cost 3 R logging calls a step); the router's when a run alone logs them
+        every = self.trainer.log_every_n_steps
         metrics = {}
-        for r in self._running:
-            metrics.update({f"run{r}/train/loss": loss[r], f"run{r}/train/acc": acc[r],
-                            f"run{r}/train/aux_loss": aux[r]})
-            if self.global_step % self.trainer.log_every_n_steps == 0:
-                metrics.update({f"run{r}/router/{k}": v[r] for k, v in self.router.items()})
+        if (self.global_step + 1) % every == 0:
+            acc = hits.flatten(1).sum(1) / mask.flatten(1).sum(1)
+            for r in self._running:
+                metrics.update({f"run{r}/train/loss": loss[r], f"run{r}/train/acc": acc[r],
+                                f"run{r}/train/aux_loss": aux[r]})
+        if self.global_step % every == 0:
+            metrics.update({f"run{r}/router/{k}": v[r] for k, v in self.router.items() for r in self._running})
         self.log_dict(metrics)
         return total.sum()
 
