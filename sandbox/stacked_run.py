@@ -21,18 +21,17 @@ import re
 import time
 from pathlib import Path
 
-import kernels
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+import kernels
 from models.backbone import common_part
 from sandbox import runs
 from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, TrainingStarted
 from sandbox.data import RecallDataModule
-from tasks import SPLITS
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, write_json_atomic
 from sandbox.runs import say
@@ -40,6 +39,7 @@ from sandbox.settings import ConfigError, check_settings
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
 from sandbox.train import (build_data, build_module, fit_status, interrupted_reason, make_trainer, result_record,
                            run_logger)
+from tasks import SPLITS
 
 # The settings in which the runs of one stack may differ; everything else must be equal.
 STACKED_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -329,13 +329,18 @@ class StackedRecallModule(L.LightningModule):
             clip_per_run(params, gradient_clip_val)
 
 
+def on_one_device(cfg: DictConfig) -> bool:
+    """Whether the run trains in one process on one device, as a stack must."""
+    return cfg.trainer.devices in (1, "1") and cfg.trainer.get("num_nodes", 1) == 1
+
+
 def _check_stack(cfgs: list[DictConfig]) -> None:
     keys = {stack_key(cfg) for cfg in cfgs}
     if len(keys) > 1:
         raise ConfigError(f"stacked runs may differ only in {', '.join(STACKED_KEYS)}")
-    trainer = cfgs[0].trainer
-    if trainer.devices not in (1, "1", "auto") or trainer.get("num_nodes", 1) != 1:
-        raise ConfigError(f"trainer.devices={trainer.devices} cannot be stacked: stacked runs train on one device")
+    if not on_one_device(cfgs[0]):
+        raise ConfigError(f"trainer.devices={cfgs[0].trainer.devices} cannot be stacked: stacked runs train on one "
+                          "device (trainer.devices=1)")
 
 
 def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
@@ -437,6 +442,6 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
 def _status(cfg: DictConfig, trainer: L.Trainer, module: StackedRecallModule, run: int) -> tuple[str, str]:
     """Run `run`'s status and reason, worded as `sandbox.train` words a run alone."""
     if int(module.diverged_step[run]) >= 0:
-        return "diverged", f"training loss {float(module.diverged_loss[run]):.4g} at step {module.diverged_step[run]}"
+        return "diverged", f"training loss {float(module.diverged_loss[run]):.4g} at step {int(module.diverged_step[run])}"
     stopped = {THRESHOLD: "threshold", PATIENCE: "patience"}.get(int(module.ended_how[run]))
     return fit_status(cfg, trainer, validated=math.isfinite(float(module.best_val_acc[run])), stopped=stopped)

@@ -233,6 +233,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
 
 
 def _fit_status(cfg: DictConfig, trainer: L.Trainer) -> tuple[str, str]:
+    """`fit_status` of a run alone, read from its checkpoint and early-stopping callbacks."""
     stopped = {EarlyStoppingReason.STOPPING_THRESHOLD: "threshold", EarlyStoppingReason.PATIENCE_EXHAUSTED: "patience"}
     return fit_status(cfg, trainer, validated=trainer.checkpoint_callback.best_model_score is not None,
                       stopped=stopped.get(trainer.early_stopping_callback.stopping_reason))
@@ -273,7 +274,7 @@ def interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
 def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, module: RecallModule,
             datamodule: RecallDataModule, resumed: bool, start: float, tested: dict | None) -> dict:
     best_score = trainer.checkpoint_callback.best_model_score
-    return result_record(cfg, digest, status, reason, trainer, best_val_acc=None if tested is None else best_score,
+    return result_record(cfg, digest, status, reason, trainer, best_val_acc=best_score,
                          tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
                          router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
                          backend=kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),

@@ -73,8 +73,10 @@ class SandboxLauncher(Launcher):
         return ret, prepared["cfg"], prepared["dir"]
 
     def _stacks(self, cfg: DictConfig) -> bool:
-        """Whether this job may join a stack: stacking is on for its device and its settings are valid."""
+        """Whether this job may join a stack: stacking is on for its device, its settings are valid and it
+        trains on one device."""
         from sandbox.settings import ConfigError, check_settings
+        from sandbox.stacked_run import on_one_device
 
         if self.stack is False:
             return False
@@ -85,12 +87,12 @@ class SandboxLauncher(Launcher):
             check_settings(cfg)
         except ConfigError:
             return False
-        return cfg.trainer.devices in (1, "1", "auto")
+        return on_one_device(cfg)
 
     def _run(self, jobs: list[tuple[JobReturn, DictConfig, Path]]) -> None:
         from sandbox.runs import say
-        from sandbox.train import report_result, run_alone
         from sandbox.stacked_run import train_stack
+        from sandbox.train import report_result, run_alone
 
         if len(jobs) > 1:
             try:
