@@ -144,3 +144,20 @@ def test_bad_launcher_settings_are_one_line_errors(setting, named, tmp_path):
     done = sandbox_train(tmp_path, "seed=0,1", setting)
     assert done.returncode == 2 and named in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["attention", "gated_deltanet", "mom"])
+def test_stacked_runs_on_the_gpu_start_as_the_runs_alone(model, tmp_path):
+    """bf16-mixed on the Triton kernels (what `sandbox-train -m` stacks on a GPU): each run of a stack logs the
+    first training losses of the same run alone, to bf16 rounding, and ends the same way."""
+    jobs = [("seed=0", "optim.lr=3e-3"), ("seed=1", "optim.lr=1e-2")]
+    gpu = (f"model={model}", "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "model.backend=triton")
+    alone = [train(make_cfg(tmp_path, *gpu, *job), tmp_path / "alone" / str(i)) for i, job in enumerate(jobs)]
+    stacked = train_stack([make_cfg(tmp_path, *gpu, *job) for job in jobs],
+                          [tmp_path / "stacked" / str(i) for i in range(len(jobs))])
+    for i, (a, s) in enumerate(zip(alone, stacked)):
+        assert (s["status"], s["steps"], s["backend"]) == (a["status"], a["steps"], "triton")
+        first, first_alone = (next(r for r in metrics_rows(tmp_path / kind / str(i)) if r["train/loss"])
+                              for kind in ("stacked", "alone"))
+        assert float(first["train/loss"]) == pytest.approx(float(first_alone["train/loss"]), rel=2e-2)

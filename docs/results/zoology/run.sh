@@ -3,6 +3,8 @@
 # each a one-job Hydra multirun, all writing into one folder that `sandbox-report` merges.
 #   bash docs/results/zoology/run.sh WIDTH SEEDS MODEL:LR ...   e.g.  run.sh 64 1,2 attention:2.2e-3 mom:2.2e-3
 #   bash docs/results/zoology/run.sh WIDTH SEEDS all            every model of the experiment at its 4 lrs
+#   bash docs/results/zoology/run.sh WIDTH SEEDS stacked [MODEL ...]   one process per model (default: all): its
+#     4 lrs x SEEDS runs as one stack (sandbox/stacked_run.py), the models' processes packed
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
 width=$1 seeds=$2; shift 2
@@ -10,6 +12,16 @@ root=/tmp/zoology
 models=(attention linear_attention gla deltanet gated_deltanet gated_deltanet_equal_state mom)
 lrs=(1.0e-4 4.6e-4 2.2e-3 1.0e-2)
 jobs=("$@")
+if [ "${jobs[0]}" = stacked ]; then
+  stacked=("${jobs[@]:1}"); [ ${#stacked[@]} -eq 0 ] && stacked=("${models[@]}")
+  start_runs $root
+  for m in "${stacked[@]}"; do
+    timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+      model=$m model.d_model=$width seed=$seeds hydra.launcher.stack=true > $root/logs/$m-d$width-stacked.log 2>&1 &
+  done
+  finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}_stacked.tar.gz"
+  exit
+fi
 if [ "${jobs[0]}" = all ]; then
   jobs=(); for m in "${models[@]}"; do for lr in "${lrs[@]}"; do jobs+=("$m:$lr"); done; done
 fi
