@@ -61,12 +61,14 @@ def assert_same_run(alone: dict, stacked: dict, alone_dir: Path, stacked_dir: Pa
                 assert float(row[key]) == pytest.approx(float(value), rel=1e-4, abs=tolerance), (row["step"], key)
 
 
-@pytest.mark.parametrize("model", ["mom", "attention"])
-def test_stacked_runs_end_as_they_end_alone(model, tmp_path):
-    """Seeds and learning rates in one stack; threshold 0.01 stops a run at its first validation above it
-    and leaves the others training."""
+@pytest.mark.parametrize("model, stopping", [("mom", "threshold=0.01"), ("attention", "threshold=0.01"),
+                                             ("gated_deltanet", "patience=1")])
+def test_stacked_runs_end_as_they_end_alone(model, stopping, tmp_path):
+    """Seeds and learning rates in one stack; early stopping (threshold 0.01: a run stops at its first
+    validation above it; patience 1: at its first validation without a strict improvement) ends some runs and
+    leaves the others training."""
     jobs = [("seed=0", "optim.lr=3e-3"), ("seed=1", "optim.lr=3e-3"), ("seed=0", "optim.lr=1e-2")]
-    common = (f"model={model}", "callbacks.early_stopping.threshold=0.01")
+    common = (f"model={model}", f"callbacks.early_stopping.{stopping}")
     alone = [train(make_cfg(tmp_path, *common, *job), tmp_path / "alone" / str(i)) for i, job in enumerate(jobs)]
     stacked = train_stack([make_cfg(tmp_path, *common, *job) for job in jobs],
                           [tmp_path / "stacked" / str(i) for i in range(len(jobs))])
