@@ -172,16 +172,16 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     out = tmp_path / "train.json"
     argv = ["--models", "attention", "--widths", "16", "--packed-widths", "16", "--ablate-at", "--batch", "4",
             "--experiment", "quickstart", "--override", "model.n_layers=1", "--warmup", "1", "--steps", "2",
-            "--profile-steps", "1", "--packed", "2", "--stacked", "3", "--grid-runs", "10", "--grid-steps", "100",
+            "--profile-steps", "1", "--packed", "2", "--stacked", "3", "2", "--grid-runs", "10", "--grid-steps", "100",
             "--json", str(out)]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     rows = record["rows"]
     assert [(r["mode"], r["variant"]) for r in rows] == [
         ("alone", "none"), ("alone", "all"), ("packed", "none"), ("packed", "all"), ("stacked", "all"),
-        ("plain", "all")]
+        ("stacked", "all"), ("plain", "all")]
     measured = [r for r in rows if r["mode"] != "packed"] + [p for r in rows for p in r.get("per_process", [])]
-    assert len(measured) == 4 + 2 * 2
+    assert len(measured) == 5 + 2 * 2
     for row in measured:
         assert row["busy_kind"] == "cpu ops" and row["busy_ms"] > 0 and row["wall_ms"] > 0
         assert row["profiled_wall_ms"] >= row["busy_ms"]  # the profiled steps' ops fit in those steps' wall time
@@ -200,6 +200,8 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     ratio = stacked["total_steps_per_s"] / rows[1]["steps_per_s"]
     assert f"attention d 16: stacked x3 / all alone: {ratio:.2f}x steps/s" in record["ratios"]
     assert any(line.startswith("attention d 16: stacked x3 / packed x2 all:") for line in record["ratios"])
+    assert rows[5]["runs"] == 2 and any(line.startswith("attention d 16: stacked x2 / all alone:")
+                                        for line in record["ratios"])
     assert rows[0]["runs_per_gpu_hour"] == pytest.approx(3600 * rows[0]["steps_per_s"] / 100)
     assert record["grid"] == {"runs": 10, "steps": 100}
     ratio = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]

@@ -7,7 +7,7 @@ on the CPU). For each model (`--models`) and width (`--widths`), in three modes:
   alone   one run in this process;
   packed  N identical runs as N processes at once (`--packed N`), as `sandbox-sweep --workers N` and
           docs/results/zoology/run.sh pack them: each process's steps/s and all of them together;
-  stacked R runs of the model in one process as one stacked model (`--stacked R`; sandbox.stacked_run, what
+  stacked R runs of the model in one process as one stacked model (`--stacked R ...`; sandbox.stacked_run, what
           `sandbox-train -m` does on a GPU for runs differing in seed or learning rate): the steps/s of the
           stack and the run-steps/s of all its runs;
   plain   a bare PyTorch loop of the same model (the module's loss, fused AdamW on CUDA, the schedule and
@@ -270,9 +270,9 @@ def run_plain(args, model: str, width: int) -> dict:
     return _row(args, "plain", model, width, "all", windows, datamodule.max_seq_len, fused=cuda)
 
 
-def run_stacked(args, model: str, width: int) -> dict:
-    """`args.stacked` runs of `sandbox-train`'s step stacked (seeds 0.., learning rates spread around the
-    configured one), the training set on the device; the row of its measurements."""
+def run_stacked(args, model: str, width: int, runs: int) -> dict:
+    """`runs` runs of `sandbox-train`'s step stacked (seeds 0.., learning rates spread around the configured
+    one), the training set on the device; the row of its measurements."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
@@ -282,7 +282,6 @@ def run_stacked(args, model: str, width: int) -> dict:
     from sandbox.stacked_run import RunLoggers, StackedDataModule, StackedRecallModule
     from sandbox.train import make_trainer
 
-    runs = args.stacked
     with tempfile.TemporaryDirectory(prefix="bench-train-") as root:
         cfg = compose(args, model, width, root)
         datamodule = Data.get(cfg)
@@ -403,7 +402,8 @@ def ratios(rows: list[dict]) -> list[str]:
 
     found = {(r["mode"], r["model"], r["d_model"], r["variant"]): r for r in rows}
     lines = []
-    for (mode, model, width, variant), row in found.items():
+    for row in rows:
+        mode, model, width, variant = row["mode"], row["model"], row["d_model"], row["variant"]
         none, same, everything = (found.get(("alone", model, width, v)) for v in ("none", variant, "all"))
         packed = f"packed x{row.get('processes')} {variant}"
         pairs = []  # (name, the row it is against, a note)
@@ -443,7 +443,8 @@ def parse(argv):
                         help="widths that also get each single lever (alone)")  # fmt: skip
     parser.add_argument("--packed", type=int, default=8, help="processes at once in the packed mode")
     parser.add_argument("--packed-widths", nargs="+", type=int, default=[64])
-    parser.add_argument("--stacked", type=int, default=8, help="runs in one stack in the stacked mode (every width)")
+    parser.add_argument("--stacked", nargs="+", type=int, default=[8],
+                        help="runs in one stack in the stacked mode, a row for each (every width)")
     parser.add_argument("--plain-models", nargs="+", default=["attention"])
     parser.add_argument("--experiment", default="zoology")
     parser.add_argument("--batch", type=int, default=64)
@@ -472,8 +473,9 @@ def parse(argv):
         least = 0 if name in ("warmup", "check_steps") else 1
         if getattr(args, name) < least:
             raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= {least}")
-    if "stacked" in args.modes and args.stacked < 1:
-        raise BadInput(f"--stacked {args.stacked} is invalid: must be >= 1 (or leave stacked out of --modes)")
+    for runs in args.stacked if "stacked" in args.modes else []:
+        if runs < 1:
+            raise BadInput(f"--stacked {runs} is invalid: must be >= 1 (or leave stacked out of --modes)")
     if "packed" in args.modes and args.packed < 1:
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if args.json is not None and not args.json.parent.is_dir():
@@ -482,8 +484,9 @@ def parse(argv):
 
 
 def plan(args) -> list[tuple[str, list[tuple]]]:
-    """(mode, its runs as (model, width, variant)) in the order they run: width by width as given, each
-    width's runs alone, then packed, stacked, plain, so that a run cut short has whole widths."""
+    """(mode, its runs as (model, width, variant; for stacked, the number of runs)) in the order they run: width
+    by width as given, each width's runs alone, then packed, stacked, plain, so that a run cut short has whole
+    widths."""
     widths = list(dict.fromkeys([*args.widths, *args.ablate_at, *args.packed_widths]))
     steps = []
     for w in widths:
@@ -491,7 +494,7 @@ def plan(args) -> list[tuple[str, list[tuple]]]:
         ablated = LEVERS if w in args.ablate_at else []
         alone += [(m, w, v) for m in args.models for v in ablated if (m, w, v) not in alone]
         packed = [(m, w, v) for m in args.models for v in args.variants] if w in args.packed_widths else []
-        stacked = [(m, w, "all") for m in args.models] if w in args.widths else []
+        stacked = [(m, w, r) for m in args.models for r in args.stacked] if w in args.widths else []
         plain = [(m, w, "all") for m in args.plain_models] if w in args.widths else []
         steps += [(mode, runs) for mode, runs in (("alone", alone), ("packed", packed), ("stacked", stacked),
                                                   ("plain", plain)) if runs and mode in args.modes]
@@ -552,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for model, width, variant in runs:
             run = {"alone": lambda: run_lightning(args, model, width, variant),
-                   "stacked": lambda: run_stacked(args, model, width), "plain": lambda: run_plain(args, model, width)}
+                   "stacked": lambda: run_stacked(args, model, width, variant),
+                   "plain": lambda: run_plain(args, model, width)}
             report(run[mode]())
     record["ratios"] = ratios(record["rows"])
     print("\n".join(["ratios (steps/s, measured in this run):", *record["ratios"]]))
