@@ -4,7 +4,8 @@ In bf16, at the paper's size (batch 8, length 2048, hidden 1024, 4 heads of 256)
 length 512, hidden 256, 4 heads of 64), 4 memories, top-2, shared memory, gated DeltaNet: our MoM (backend
 triton, the routed path), our single-memory gated DeltaNet layer of the same size, and, when `fla` is
 importable, fla's `MomAttention` with the same settings, all timed in the same run; printed as ratios with the
-peak memory of one forward+backward (above what the layer's parameters, gradients and inputs hold).
+peak memory of one forward+backward (above what the layer's parameters, gradients and inputs hold) and what it
+keeps for the backward (the saved tensors by dtype, the largest named).
 
 Our MoM is first checked against the zoo's PyTorch MoM (float32, backend torch) on one sequence of the timed
 shape (output and input gradient within 2e-2); a layer that fails prints no ratio. fla compiles every config it
@@ -51,9 +52,36 @@ def _fwd_bwd(layer, x, dy) -> None:
     (y[0] if isinstance(y, tuple) else y).backward(dy)  # fla's layers return (y, attentions, cache)
 
 
+def saved_for_backward(run, largest: int = 6) -> dict:
+    """What autograd keeps for the backward while `run()` builds its graph: every tensor saved by an op or an
+    autograd function that is not a leaf or a view of one (the weights and the layer's input are held anyway),
+    each storage counted once. MiB in all and by dtype, and the `largest` as (shape, dtype, MiB)."""
+    import torch
+
+    storages: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t if t._base is None else t._base  # a weight is often saved as a view (its transpose)
+        if not (base.is_leaf and base.requires_grad) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), (tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                                                     storage.nbytes() / 2**20))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    by_dtype: dict[str, float] = {}
+    for _, dtype, mib in storages.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0.0) + mib
+    ranked = sorted(storages.values(), key=lambda entry: -entry[2])
+    return {"saved_mib": sum(by_dtype.values()), "saved_by_dtype_mib": by_dtype,
+            "saved_largest": [list(entry) for entry in ranked[:largest]]}
+
+
 def _measure(layer, shape, reps: int, profile: bool) -> dict:
-    """Milliseconds of one forward+backward (CUDA events, after warm-up) and its peak memory in MiB; with
-    `profile`, also its kernels' summed time and the longest eight (ms per forward+backward)."""
+    """Milliseconds of one forward+backward (CUDA events, after warm-up), its peak memory and what it keeps for
+    the backward (`saved_for_backward`) in MiB; with `profile`, also its kernels' summed time and the longest
+    eight (ms per forward+backward)."""
     import torch
 
     x, dy = _inputs(shape)
@@ -75,7 +103,7 @@ def _measure(layer, shape, reps: int, profile: bool) -> dict:
         fwd_bwd()
     end.record()
     torch.cuda.synchronize()
-    result = {"ms": start.elapsed_time(end) / reps, "peak_mib": peak}
+    result = {"ms": start.elapsed_time(end) / reps, "peak_mib": peak, **saved_for_backward(fwd_bwd)}
     if profile:
         from sandbox.bench.kernels import kernel_profile
 
@@ -197,6 +225,10 @@ def _run_quietly(cmd, env, timeout) -> None:
 def _print_layer(who: str, result: dict) -> None:
     gpu = f"  GPU {result['kernel_sum_ms']:8.2f} ms" if "kernel_sum_ms" in result else ""
     print(f"         {who:6s} wall {result['ms']:8.2f} ms{gpu}  peak {result['peak_mib']:8.0f} MiB")
+    if "saved_mib" in result:
+        dtypes = ", ".join(f"{dtype} {mib:.0f}" for dtype, mib in result["saved_by_dtype_mib"].items())
+        largest = ", ".join(f"{dtype}{list(shape)} {mib:.0f}" for shape, dtype, mib in result["saved_largest"])
+        print(f"           saved for backward {result['saved_mib']:.0f} MiB ({dtypes}); largest, MiB: {largest}")
     if "kernel_sum_ms" in result:
         from sandbox.bench.kernels import describe_kernels
 
