@@ -6,8 +6,9 @@ validation (Zoology's protocol for the learning rate, MAD's grid of learning rat
 mean best validation accuracy over seeds), and test accuracy is the mean and 95% interval over the seeds at
 that setting. Runs that did not finish (diverged, not trained, interrupted, failed) are counted, never averaged.
 
-Writes into FOLDER (or --out): `results.csv` (one line per run: status, config flattened, metrics),
-`lr_sensitivity.csv` (mean validation accuracy per row and optimiser setting), `report.md` and PNG plots:
+Writes into FOLDER (or --out): `results.csv` (one line per run: status, config flattened, metrics;
+`stacked_with`: the runs of its stack, which share its `wall_time_s`), `lr_sensitivity.csv` (mean validation
+accuracy per row and optimiser setting), `report.md` and PNG plots:
 accuracy against state size per setting, accuracy against the number of key-value pairs, MoM memory load,
 and for each Optuna study (a `study.db` below the folder) its optimisation history and parameter
 importances. Runs of `experiment=mad` (config `suite: mad`) get a section of their own: one score per task
@@ -123,6 +124,7 @@ def to_runs(results: list[dict]) -> list[dict]:
                "model": model_label(config), "family": model_family(config)}
         run.update({f"config.{k}": v for k, v in flatten(config).items() if k not in IGNORED_KEYS})
         run.update({m: result.get(m) for m in METRICS})
+        run["stacked_with"] = (result.get("stack") or {}).get("runs", 1)  # wall_time_s is the whole stack's
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
         if run["status"] == FINISHED:

@@ -190,6 +190,15 @@ def test_status_is_shown_and_only_finished_runs_are_averaged(tmp_path):
     assert statuses[str(tmp_path / "s1")] == "finished" and statuses[str(tmp_path / "s3")] == "interrupted"
 
 
+def test_results_csv_says_how_many_runs_shared_a_stacked_run_s_wall_time(tmp_path):
+    write_run(tmp_path, "alone", seed=0)
+    write_run(tmp_path, "stacked", seed=1, stack={"folder": "x/.stacks/abc", "runs": 4})
+    report(tmp_path, tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {Path(r["run_dir"]).name: r for r in csv.DictReader(f)}
+    assert rows["alone"]["stacked_with"] == "1" and rows["stacked"]["stacked_with"] == "4"
+
+
 def test_runs_differing_in_an_added_key_are_separate_rows(tmp_path):
     for seed in range(2):
         write_run(tmp_path, f"plain{seed}", seed=seed, test=0.5 + seed / 10)
