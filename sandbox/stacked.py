@@ -107,25 +107,34 @@ class StackedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
+            step = states[0]["step"]  # one count for the group: every parameter steps together
+            exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            # the moments, as Adam's, for every parameter at once (foreach kernels)
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(exp_avg, denom)
+            # each run's own rate: p *= 1 - lr wd (decoupled decay, before the step), p -= lr / (1 - beta1^t) m / denom
+            lr = group["lr"] * self.run_lr
+            decay = (1 - lr * group["weight_decay"] * self.run_weight_decay).to(params[0])
+            rate = (lr / (1 - beta1**step)).to(params[0])
+            for p, u in zip(params, update):
                 shape = (-1,) + (1,) * (p.ndim - 1)
-                lr = (group["lr"] * self.run_lr).to(p).view(shape)
-                decay = (group["weight_decay"] * self.run_weight_decay).to(p).view(shape)
-                p.mul_(1 - lr * decay)
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-                denom = (state["exp_avg_sq"].sqrt() / bias2**0.5).add_(group["eps"])
-                p.sub_(lr / bias1 * state["exp_avg"] / denom)
+                p.mul_(decay.view(shape))
+                p.sub_(u.mul_(rate.view(shape)))
         return loss
 
 
