@@ -329,18 +329,25 @@ class StackedRecallModule(L.LightningModule):
             clip_per_run(params, gradient_clip_val)
 
 
-def on_one_device(cfg: DictConfig) -> bool:
-    """Whether the run trains in one process on one device, as a stack must."""
-    return cfg.trainer.devices in (1, "1") and cfg.trainer.get("num_nodes", 1) == 1
+def stack_problem(cfg: DictConfig) -> str | None:
+    """Why this run cannot join a stack, or None: a stack trains in one process on one device, and float16's
+    loss scaling would skip every run's step when one run's gradients overflow (runs alone skip only their own)."""
+    trainer = cfg.trainer
+    if trainer.devices not in (1, "1") or trainer.get("num_nodes", 1) != 1:
+        return f"trainer.devices={trainer.devices} cannot be stacked: stacked runs train on one device (devices=1)"
+    if str(trainer.precision).startswith("16"):
+        return (f"trainer.precision={trainer.precision} cannot be stacked: its loss scale is shared by the runs "
+                "of a stack (use bf16-mixed or 32-true)")
+    return None
 
 
 def _check_stack(cfgs: list[DictConfig]) -> None:
     keys = {stack_key(cfg) for cfg in cfgs}
     if len(keys) > 1:
         raise ConfigError(f"stacked runs may differ only in {', '.join(STACKED_KEYS)}")
-    if not on_one_device(cfgs[0]):
-        raise ConfigError(f"trainer.devices={cfgs[0].trainer.devices} cannot be stacked: stacked runs train on one "
-                          "device (trainer.devices=1)")
+    problem = stack_problem(cfgs[0])
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:

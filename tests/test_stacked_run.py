@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sandbox.settings import ConfigError
-from sandbox.stacked_run import StackedRecallModule, train_stack
+from sandbox.stacked_run import StackedRecallModule, stack_problem, train_stack
 from sandbox.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +117,15 @@ def test_runs_that_differ_in_more_than_seed_and_optimizer_are_not_stacked(tmp_pa
     with pytest.raises(ConfigError, match="may differ only in seed, optim.lr, optim.weight_decay"):
         train_stack([make_cfg(tmp_path, "model.d_model=16"), make_cfg(tmp_path, "model.d_model=32")],
                     [tmp_path / "a", tmp_path / "b"])
+
+
+def test_runs_a_stack_cannot_train_as_alone_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.devices=2 cannot be stacked"):
+        train_stack([make_cfg(tmp_path, "trainer.devices=2", f"seed={seed}") for seed in (0, 1)],
+                    [tmp_path / "a", tmp_path / "b"])
+    # float16's loss scale would be shared by the runs (a CPU refuses float16 itself, before the stack's check)
+    assert "cannot be stacked" in stack_problem(make_cfg(tmp_path, "trainer.precision=16-mixed"))
+    assert stack_problem(make_cfg(tmp_path, "trainer.precision=bf16-mixed")) is None
 
 
 def sandbox_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -73,10 +73,10 @@ class SandboxLauncher(Launcher):
         return ret, prepared["cfg"], prepared["dir"]
 
     def _stacks(self, cfg: DictConfig) -> bool:
-        """Whether this job may join a stack: stacking is on for its device, its settings are valid and it
-        trains on one device."""
+        """Whether this job may join a stack: stacking is on for its device, its settings are valid and a stack
+        can train it (`stack_problem`)."""
         from sandbox.settings import ConfigError, check_settings
-        from sandbox.stacked_run import on_one_device
+        from sandbox.stacked_run import stack_problem
 
         if self.stack is False:
             return False
@@ -87,7 +87,7 @@ class SandboxLauncher(Launcher):
             check_settings(cfg)
         except ConfigError:
             return False
-        return on_one_device(cfg)
+        return stack_problem(cfg) is None
 
     def _run(self, jobs: list[tuple[JobReturn, DictConfig, Path]]) -> None:
         from sandbox.runs import say
