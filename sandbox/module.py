@@ -61,14 +61,19 @@ def most_labelled(datasets) -> int:
     return max(int((d.labels != IGNORE).sum(1).max()) for d in datasets)
 
 
+def decay_groups(params, decay: float, run_dims: int = 0) -> list[dict]:
+    """Optimizer groups with weight decay `decay` on matrices only (of each run: `run_dims` leading dimensions
+    are runs, sandbox.stacked), none on vectors."""
+    params = list(params)
+    matrix = [p.ndim - run_dims >= 2 for p in params]
+    return [{"params": [p for p, m in zip(params, matrix) if m], "weight_decay": decay},
+            {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0}]
+
+
 def adamw(model: torch.nn.Module, optim: dict, fused: bool) -> torch.optim.AdamW:
     """AdamW of the `optim` settings, weight decay on matrices only; `fused`: one kernel for every parameter."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim["lr"], betas=tuple(optim["betas"]), fused=fused,
-    )
+    return torch.optim.AdamW(decay_groups(model.parameters(), optim["weight_decay"]), lr=optim["lr"],
+                             betas=tuple(optim["betas"]), fused=fused)
 
 
 def add_eval_counts(sums: dict, loss, hits, mask, bins, num_bins: int) -> None:

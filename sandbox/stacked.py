@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from models import build_model
-from sandbox.module import labelled_loss
+from sandbox.module import decay_groups, labelled_loss
 
 
 def _attribute(name: str) -> str:
@@ -46,7 +46,6 @@ class StackedModel(nn.Module):
             self.register_parameter(_attribute(name), nn.Parameter(value.detach()))
         for name, value in buffers.items():
             self.register_buffer(_attribute(name), value)
-        self.runs = len(models)
         self.config = configs[0]
 
     @property
@@ -58,41 +57,25 @@ class StackedModel(nn.Module):
         return ({n: getattr(self, _attribute(n)) for n in self.param_names},
                 {n: getattr(self, _attribute(n)) for n in self.buffer_names})
 
-    def per_run(self, fn, *args, **kwargs):
-        """fn(model, *args, **kwargs) for each run at once: model is the run's model as a callable, args are
-        stacked on dim 0 (one slice per run); the outputs come stacked on dim 0."""
-        def one(params, buffers, *sliced):
-            def model(*a, **kw):
-                return functional_call(self.template, (params, buffers), a, kw)
-
-            return fn(model, *sliced, **kwargs)
-
-        return vmap(one, randomness="error")(*self.stacked(), *args)
-
     def losses(self, inputs: torch.Tensor, labels: torch.Tensor, max_labels: int):
-        """Each run's `labelled_loss` on its batch: inputs, labels [R, B, T] -> (loss [R], aux loss [R], hits
-        [R, B, T], mask [R, B, T], router statistics {name: [R]} of this forward)."""
-        def one(model, x, y):
+        """Each run's `labelled_loss` on its batch, all runs at once (vmap over the run dimension): inputs, labels
+        [R, B, T] -> (loss [R], aux loss [R], hits [R, B, T], mask [R, B, T], router statistics {name: [R]} of
+        this forward)."""
+        def one(params, buffers, x, y):
+            def model(*args, **kwargs):
+                return functional_call(self.template, (params, buffers), args, kwargs)
+
             return (*labelled_loss(model, x, y, max_labels), self.template.router_stats(as_tensors=True))
 
-        return self.per_run(one, inputs, labels)
-
-    def unstack(self, run: int) -> dict[str, torch.Tensor]:
-        """Run `run`'s weights as a state dict of one model (tied weights under each of their names)."""
-        params, buffers = self.stacked()
-        state = {name: value[run] for name, value in {**params, **buffers}.items()}
-        model_state = self.template.state_dict(keep_vars=True)
-        tied = {name: value for name, value in model_state.items() if name not in state}
-        for name, value in tied.items():  # a tied weight: the same tensor as one stacked under another name
-            state[name] = state[next(n for n, v in model_state.items() if v is value and n in state)]
-        return state
+        return vmap(one, randomness="error")(*self.stacked(), inputs, labels)
 
 
 class StackedAdamW(torch.optim.Optimizer):
     """AdamW over stacked parameters [R, ...] with each run's own learning rate and weight decay.
 
-    The groups are `sandbox.module.adamw`'s (decay on matrices only); a group's `lr` is the schedule's factor
-    (what LambdaLR sets when the base lr is 1), and `run_lr`, `run_weight_decay` [R] are each run's settings.
+    The groups are `sandbox.module.decay_groups`' (weight_decay 1 on matrices, 0 on vectors: a factor of each
+    run's); a group's `lr` is the schedule's factor (what LambdaLR sets when the base lr is 1), and `run_lr`,
+    `run_weight_decay` [R] are each run's settings.
     The update is torch's AdamW on each run's slice: p *= 1 - lr wd; m, v as Adam's; p -= lr m_hat /
     (sqrt(v_hat) + eps)."""
 
@@ -143,13 +126,10 @@ def stacked_adamw(model: StackedModel, optims: list[dict]) -> StackedAdamW:
     for key in optims[0]:
         if key not in ("lr", "weight_decay") and any(o[key] != optims[0][key] for o in optims):
             raise ValueError(f"optim.{key} differs between stacked runs; only optim.lr and optim.weight_decay may")
-    params, _ = model.stacked()
-    decay = [p for n, p in params.items() if p.ndim >= 3]  # a matrix of each run: [R, out, in]
-    no_decay = [p for n, p in params.items() if p.ndim < 3]
-    device = decay[0].device
-    tensor = functools.partial(torch.tensor, dtype=torch.float64, device=device)
+    params = list(model.parameters())
+    tensor = functools.partial(torch.tensor, dtype=torch.float64, device=params[0].device)
     return StackedAdamW(
-        [{"params": decay, "weight_decay": 1.0}, {"params": no_decay, "weight_decay": 0.0}],
+        decay_groups(params, decay=1.0, run_dims=1),
         run_lr=tensor([o["lr"] for o in optims]), run_weight_decay=tensor([o["weight_decay"] for o in optims]),
         betas=optims[0]["betas"])
 
