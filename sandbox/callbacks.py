@@ -2,6 +2,7 @@
 identity, divergence, signals)."""
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -12,6 +13,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def run_key(run: int, key: str) -> str:
+    """The name under which a stacked run (sandbox.stacked_run) logs its metric `key`."""
+    return f"run{run}/{key}"
+
+
+def split_run_key(key: str) -> tuple[int, str] | None:
+    """(run, metric) of a stacked run's metric name (`run_key`), or None for a metric of no run."""
+    match = re.fullmatch(r"run(\d+)/(.+)", key)
+    return None if match is None else (int(match[1]), match[2])
 
 
 class ThroughputMonitor(L.Callback):
@@ -43,8 +55,9 @@ class EpochLines(L.Callback):
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4g}" for k in self.KEYS if k in metrics)
-        stacked = sorted((int(k[3:].split("/")[0]), float(v)) for k, v in metrics.items()
-                         if k.startswith("run") and k.endswith("/val/acc"))  # a stack's runs (sandbox.stacked_run)
+        runs = {key: split_run_key(key) for key in metrics}
+        stacked = sorted((split[0], float(metrics[key])) for key, split in runs.items()
+                         if split is not None and split[1] == "val/acc")  # a stack's runs (sandbox.stacked_run)
         if stacked:
             shown += "  val/acc by run " + " ".join(f"{r}:{acc:.3f}" for r, acc in stacked)
         print(f"epoch {trainer.current_epoch}  step {trainer.global_step}  {shown}", file=sys.stdout, flush=True)

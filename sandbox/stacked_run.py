@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 import kernels
 from models.backbone import common_part
 from sandbox import runs
-from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, TrainingStarted
+from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, TrainingStarted, run_key, split_run_key
 from sandbox.data import RecallDataModule
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, write_json_atomic
@@ -82,11 +81,11 @@ class RunLoggers(Logger):
         per_run: dict[int, dict] = {r: {} for r in range(len(self.loggers))}
         shared = {}
         for key, value in metrics.items():
-            match = re.fullmatch(r"run(\d+)/(.+)", key)
-            if match:
-                per_run[int(match[1])][match[2]] = value
-            else:
+            split = split_run_key(key)
+            if split is None:
                 shared[key] = value
+            else:
+                per_run[split[0]][split[1]] = value
         for r, values in per_run.items():
             ended_step, ended_epoch = self.ended.get(r, (math.inf, None))
             if any(key.startswith("test/") for key in values) and ended_epoch is not None:
@@ -232,10 +231,10 @@ class StackedRecallModule(L.LightningModule):
         if (self.global_step + 1) % every == 0:
             acc = hits.flatten(1).sum(1) / mask.flatten(1).sum(1)
             for r in self._running:
-                metrics.update({f"run{r}/train/loss": loss[r], f"run{r}/train/acc": acc[r],
-                                f"run{r}/train/aux_loss": aux[r]})
+                metrics.update({run_key(r, "train/loss"): loss[r], run_key(r, "train/acc"): acc[r],
+                                run_key(r, "train/aux_loss"): aux[r]})
         if self.global_step % every == 0:
-            metrics.update({f"run{r}/router/{k}": v[r] for k, v in self.router.items() for r in self._running})
+            metrics.update({run_key(r, f"router/{k}"): v[r] for k, v in self.router.items() for r in self._running})
         self.log_dict(metrics)
         return total.sum()
 
@@ -260,35 +259,50 @@ class StackedRecallModule(L.LightningModule):
         if not sums or self.trainer.sanity_checking:
             return
         metrics = eval_metrics(sums, "val", self._slice_labels())
-        accs = torch.stack([m["val/acc"] for m in metrics]).tolist()
-        diverged = self.diverged_step.tolist()
         params, _ = self.model.stacked()
         diag = {"embed_common": torch.func.vmap(common_part)(params["embed.weight"])}
         if not self.model.config["tie_embeddings"]:
             diag["head_common"] = torch.func.vmap(common_part)(params["head.weight"])
-        logged = {}
+        # each run's selection and stopping decided on the host, from one read of its state
+        accs = torch.stack([m["val/acc"] for m in metrics]).tolist()
+        diverged, best, stale = (t.tolist() for t in (self.diverged_step, self.best_val_acc, self.stale_validations))
+        improved, logged = [False] * self.runs, {}
         for r in self._running:
             if diverged[r] >= 0:
                 self._end(r, DIVERGED)
                 continue
-            logged.update({f"run{r}/{k}": v for k, v in metrics[r].items()})
-            logged.update({f"run{r}/diag/{k}": v[r] for k, v in diag.items()})
-            logged.update({f"run{r}/router/{k}": v[r] for k, v in self.router.items()})
-            improved = accs[r] > self.best_val_acc[r]
-            if improved:
-                self.best_val_acc[r] = accs[r]
-                for name, value in self.model.named_parameters():
-                    self.get_buffer(f"best/{name}")[r] = value[r].detach()
+            logged.update({run_key(r, k): v for k, v in metrics[r].items()})
+            logged.update({run_key(r, f"diag/{k}"): v[r] for k, v in diag.items()})
+            logged.update({run_key(r, f"router/{k}"): v[r] for k, v in self.router.items()})
+            improved[r] = accs[r] > best[r]
+            if improved[r]:
+                best[r] = accs[r]
             if accs[r] > self.threshold:
                 self._end(r, THRESHOLD)
-            else:
-                self.stale_validations[r] = 0 if improved else self.stale_validations[r] + 1
-                if self.stale_validations[r] >= self.patience:
-                    self._end(r, PATIENCE)
+                continue
+            stale[r] = 0 if improved[r] else stale[r] + 1
+            if stale[r] >= self.patience:
+                self._end(r, PATIENCE)
+        self.best_val_acc.copy_(torch.tensor(best))
+        self.stale_validations.copy_(torch.tensor(stale))
+        self._take_rows(self._rows(improved), into_best=True)
         self.log_dict(logged)
         self._update_running()
         if not self._running:
             self.trainer.should_stop = True
+
+    def _rows(self, chosen: list[bool]) -> torch.Tensor:
+        return torch.tensor(chosen, device=self.best_val_acc.device)
+
+    def _take_rows(self, chosen: torch.Tensor, into_best: bool) -> None:
+        """For the runs `chosen` ([R] bool): their weights into their best weights (`into_best`), or back."""
+        if not chosen.any():
+            return
+        with torch.no_grad():
+            for name, value in self.model.named_parameters():
+                best = self.get_buffer(f"best/{name}")
+                source, target = (value, best) if into_best else (best, value)
+                target.copy_(torch.where(chosen.view((-1,) + (1,) * (value.ndim - 1)), source, target))
 
     def _end(self, run: int, how: int) -> None:
         self.ended_how[run] = how
@@ -299,17 +313,12 @@ class StackedRecallModule(L.LightningModule):
         """The `tested` runs take their best weights, which the test measures (as a run alone tests its best
         checkpoint), and only they log test metrics."""
         self.tested = tested
-        validated = torch.zeros(self.runs, dtype=torch.bool, device=self.best_val_acc.device)
-        validated[tested] = True
-        with torch.no_grad():
-            for name, value in self.model.named_parameters():
-                best = self.get_buffer(f"best/{name}")
-                value.copy_(torch.where(validated.view((-1,) + (1,) * (value.ndim - 1)), best, value))
+        self._take_rows(self._rows([r in tested for r in range(self.runs)]), into_best=False)
 
     def on_test_epoch_end(self):
         sums, self._sums = self._sums, {}
         metrics = eval_metrics(sums, "test", self._slice_labels())
-        self.log_dict({f"run{r}/{k}": v for r in self.tested for k, v in metrics[r].items()})
+        self.log_dict({run_key(r, k): v for r in self.tested for k, v in metrics[r].items()})
 
     def configure_optimizers(self):
         optimizer = stacked_adamw(self.model, self.optims)
@@ -422,9 +431,9 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
             finished = [r for r, (status, _) in enumerate(statuses) if status == "finished"]
             if finished:
                 module.use_best(finished)
-                metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-                tested = {r: {k.removeprefix(f"run{r}/"): v for k, v in metrics.items() if k.startswith(f"run{r}/")}
-                          for r in range(len(cfgs))}
+                for key, value in trainer.test(module, datamodule=datamodule, verbose=False)[0].items():
+                    r, name = split_run_key(key)
+                    tested.setdefault(r, {})[name] = value
             ended = [record(r, status, reason, tested.get(r) if status == "finished" else None)
                      for r, (status, reason) in enumerate(statuses)]
         except (SIGTERMException, RunInterrupted):
@@ -449,6 +458,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
 def _status(cfg: DictConfig, trainer: L.Trainer, module: StackedRecallModule, run: int) -> tuple[str, str]:
     """Run `run`'s status and reason, worded as `sandbox.train` words a run alone."""
     if int(module.diverged_step[run]) >= 0:
-        return "diverged", f"training loss {float(module.diverged_loss[run]):.4g} at step {int(module.diverged_step[run])}"
+        loss, step = float(module.diverged_loss[run]), int(module.diverged_step[run])
+        return "diverged", f"training loss {loss:.4g} at step {step}"
     stopped = {THRESHOLD: "threshold", PATIENCE: "patience"}.get(int(module.ended_how[run]))
     return fit_status(cfg, trainer, validated=math.isfinite(float(module.best_val_acc[run])), stopped=stopped)

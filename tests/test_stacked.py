@@ -60,7 +60,8 @@ def test_stacked_forward_and_gradients_equal_each_model_alone(mixer):
 def test_stacked_training_equals_each_run_alone(mixer):
     """Runs with their own seed, learning rate and weight decay: 6 steps of AdamW under the warm-up cosine
     schedule with clipping at 1.0 (which binds on the first steps), stacked and one at a time."""
-    optims = [{"lr": lr, "weight_decay": wd, "betas": (0.9, 0.98)} for lr, wd in ((3e-3, 0.1), (1e-2, 0.0), (1e-3, 0.1))]
+    optims = [{"lr": lr, "weight_decay": wd, "betas": (0.9, 0.98)}
+              for lr, wd in ((3e-3, 0.1), (1e-2, 0.0), (1e-3, 0.1))]
     steps, clip = 6, 1.0
     models = make_models(mixer, [0, 1, 2])
     stacked = StackedModel(make_models(mixer, [0, 1, 2]))
