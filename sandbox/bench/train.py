@@ -416,8 +416,7 @@ def ratios(rows: list[dict]) -> list[str]:
             pairs.append((f"{packed} / none alone", none, ""))
         if mode == "stacked" and everything is not None:  # all of the stack's runs' steps against one run's
             pairs.append((f"stacked x{row['runs']} / all alone", everything, ""))
-            packed_all = next((r for r in rows if r["mode"] == "packed" and r["model"] == model
-                               and r["d_model"] == width and r["variant"] == "all"), None)
+            packed_all = found.get(("packed", model, width, "all"))
             if packed_all is not None:
                 pairs.append((f"stacked x{row['runs']} / packed x{packed_all['processes']} all", packed_all, ""))
         if mode == "plain" and everything is not None:
