@@ -15,6 +15,7 @@ same runs alone.
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -41,33 +42,43 @@ class StackedModel(nn.Module):
         with torch.device("meta"):
             self._template = [build_model(**configs[0])]  # a list: not a submodule, not in the state dict
         params, buffers = stack_module_state(models)
-        self.param_names, self.buffer_names = list(params), list(buffers)
+        if buffers:  # a stack changes its runs by its parameters alone (`replace`)
+            raise ValueError(f"models with buffers ({', '.join(buffers)}) cannot be stacked")
+        self.param_names = list(params)
         for name, value in params.items():
             self.register_parameter(_attribute(name), nn.Parameter(value.detach()))
-        for name, value in buffers.items():
-            self.register_buffer(_attribute(name), value)
         self.config = configs[0]
 
     @property
     def template(self) -> nn.Module:
         return self._template[0]
 
-    def stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(parameters, buffers) by their names in one model, each [R, ...]."""
-        return ({n: getattr(self, _attribute(n)) for n in self.param_names},
-                {n: getattr(self, _attribute(n)) for n in self.buffer_names})
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """The parameters by their names in one model, each [R, ...]."""
+        return {n: getattr(self, _attribute(n)) for n in self.param_names}
+
+    @torch.no_grad()
+    def replace(self, values: dict[str, torch.Tensor]) -> dict[nn.Parameter, nn.Parameter]:
+        """Every parameter replaced by one holding `values[name]` (by `named_parameters()`' names; [R', ...]: other
+        runs, or fewer of them); returns {old parameter: new}. New objects: autograd keeps a parameter's shape
+        from its first use."""
+        renamed = {}
+        for name, old in list(self.named_parameters()):
+            renamed[old] = nn.Parameter(values[name].clone())
+            self.register_parameter(name, renamed[old])
+        return renamed
 
     def losses(self, inputs: torch.Tensor, labels: torch.Tensor, max_labels: int):
         """Each run's `labelled_loss` on its batch, all runs at once (vmap over the run dimension): inputs, labels
         [R, B, T] -> (loss [R], aux loss [R], hits [R, B, T], mask [R, B, T], router statistics {name: [R]} of
         this forward)."""
-        def one(params, buffers, x, y):
+        def one(params, x, y):
             def model(*args, **kwargs):
-                return functional_call(self.template, (params, buffers), args, kwargs)
+                return functional_call(self.template, params, args, kwargs)
 
             return (*labelled_loss(model, x, y, max_labels), self.template.router_stats(as_tensors=True))
 
-        return vmap(one, randomness="error")(*self.stacked(), inputs, labels)
+        return vmap(one, randomness="error")(self.stacked(), inputs, labels)
 
 
 class StackedAdamW(torch.optim.Optimizer):
@@ -119,6 +130,16 @@ class StackedAdamW(torch.optim.Optimizer):
                 p.mul_(decay.view(shape))
                 p.sub_(u.mul_(rate.view(shape)))
         return loss
+
+    def keep_runs(self, index: torch.Tensor, renamed: dict[nn.Parameter, nn.Parameter]) -> None:
+        """Only the runs at `index` go on, in that order, in the parameters `renamed` gives (the model's, sliced
+        alike: `StackedModel.replace`): their moments and settings."""
+        for group in self.param_groups:
+            group["params"] = [renamed[p] for p in group["params"]]
+        self.state = defaultdict(dict, {renamed[p]: {**state, "exp_avg": state["exp_avg"][index],
+                                                    "exp_avg_sq": state["exp_avg_sq"][index]}
+                                       for p, state in self.state.items()})
+        self.run_lr, self.run_weight_decay = self.run_lr[index], self.run_weight_decay[index]
 
 
 def stacked_adamw(model: StackedModel, optims: list[dict]) -> StackedAdamW:

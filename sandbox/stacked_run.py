@@ -7,8 +7,9 @@ What a run alone gets from Lightning's callbacks, the module does per run: the b
 buffers; the test runs on them), early stopping (`callbacks.early_stopping`, with EarlyStopping's rules: stop when
 val/acc > threshold, or after `patience` validations without a strict improvement) and divergence (a non-finite
 training loss ends the run as `diverged`, with the step and loss; found on the device, read at validation).
-A run that has ended still trains in the stack (its slice costs what it did), but nothing more is logged or kept
-for it; the stack stops when every run has ended. Stacks run on one device. On the Triton backend the rule's
+A run that has ended leaves the stack at that validation (its weights, moments and batches are taken out of the
+step), and nothing more is logged for it; the stack stops when every run has ended. The stack's checkpoint holds
+every run (each ended run on its best weights) and which runs are still in it. Stacks run on one device. On the Triton backend the rule's
 chunked op runs once for all runs (`kernels.runs`); the short conv, norms and MoM's routing run in their PyTorch
 forms, whose Triton kernels take each run's weights (MoM then takes its dense form, `models.routing.dense`).
 """
@@ -195,10 +196,14 @@ class StackedRecallModule(L.LightningModule):
         self.register_buffer("ended_epoch", torch.full((R,), -1, dtype=torch.long))
         self.register_buffer("diverged_step", torch.full((R,), -1, dtype=torch.long))
         self.register_buffer("diverged_loss", torch.zeros(R))
+        self.register_buffer("in_stack", torch.ones(R, dtype=torch.bool))  # the runs the model's weights hold
         for name, value in self.model.named_parameters():
             self.register_buffer(f"best/{name}", value.detach().clone())
+        self.register_state_dict_post_hook(_every_run_in_state)
+        self.register_load_state_dict_pre_hook(_stack_of_state)
         self._sums: dict[str, torch.Tensor] = {}
-        self.router: dict[str, torch.Tensor] = {}  # each statistic [R], from the last forward
+        self.router: dict[str, torch.Tensor] = {}  # each statistic [R], of each run's last forward
+        self._refresh_stack()
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -208,7 +213,28 @@ class StackedRecallModule(L.LightningModule):
         return [r for r, how in enumerate(self.ended_how.tolist()) if how == RUNNING]
 
     def on_train_start(self) -> None:
+        self._refresh_stack()
         self._update_running()
+
+    def _refresh_stack(self) -> None:
+        """The runs in the stack (in the model's order), their index there and their position of each."""
+        self._stack = self.in_stack.nonzero().flatten().tolist()
+        self._stack_index = torch.tensor(self._stack, device=self.in_stack.device)
+        self._position = {r: p for p, r in enumerate(self._stack)}
+
+    def _of_stack(self, batch):
+        """The rows of the batch ([R, ...] each) of the runs in the stack."""
+        if len(self._stack) == self.runs:
+            return batch
+        return tuple(x.index_select(0, self._stack_index.to(x.device)) for x in batch)
+
+    def _forward(self, batch):
+        inputs, labels, bins = self._of_stack(batch)
+        loss, aux, hits, mask, router = self.model.losses(inputs, labels, self.max_labels)
+        for key, value in router.items():
+            self.router.setdefault(key, torch.full((self.runs,), math.nan, device=value.device))
+            self.router[key].index_copy_(0, self._stack_index.to(value.device), value.detach().float())
+        return loss, aux, hits, mask, bins
 
     def _update_running(self) -> None:
         """The runs still training, and for the logger the step and epoch where each other one ended."""
@@ -217,13 +243,14 @@ class StackedRecallModule(L.LightningModule):
         self.trainer.logger.ended = {r: (int(self.ended_step[r]), int(self.ended_epoch[r])) for r in ended}
 
     def training_step(self, batch, batch_idx):
-        inputs, labels, _ = batch
-        loss, aux, hits, mask, self.router = self.model.losses(inputs, labels, self.max_labels)
+        loss, aux, hits, mask, _ = self._forward(batch)
         total = loss + aux
         with torch.no_grad():  # the first non-finite loss of each run, on the device (read at validation)
-            first = (self.diverged_step < 0) & ~torch.isfinite(total)
-            self.diverged_step.copy_(torch.where(first, self.global_step + 1, self.diverged_step))
-            self.diverged_loss.copy_(torch.where(first, total.float(), self.diverged_loss))
+            index = self._stack_index
+            step, diverged_loss = self.diverged_step[index], self.diverged_loss[index]
+            first = (step < 0) & ~torch.isfinite(total)
+            self.diverged_step.index_copy_(0, index, torch.where(first, self.global_step + 1, step))
+            self.diverged_loss.index_copy_(0, index, torch.where(first, total.float(), diverged_loss))
         # Lightning writes a step's metrics when (step + 1) % log_every_n_steps == 0: logged only then (R runs'
         # metrics every step would cost 3 R logging calls a step); the router's when a run alone logs them
         every = self.trainer.log_every_n_steps
@@ -231,8 +258,9 @@ class StackedRecallModule(L.LightningModule):
         if (self.global_step + 1) % every == 0:
             acc = hits.flatten(1).sum(1) / mask.flatten(1).sum(1)
             for r in self._running:
-                metrics.update({run_key(r, "train/loss"): loss[r], run_key(r, "train/acc"): acc[r],
-                                run_key(r, "train/aux_loss"): aux[r]})
+                p = self._position[r]
+                metrics.update({run_key(r, "train/loss"): loss[p], run_key(r, "train/acc"): acc[p],
+                                run_key(r, "train/aux_loss"): aux[p]})
         if self.global_step % every == 0:
             metrics.update({run_key(r, f"router/{k}"): v[r] for k, v in self.router.items() for r in self._running})
         self.log_dict(metrics)
@@ -240,8 +268,7 @@ class StackedRecallModule(L.LightningModule):
 
     # ---- evaluation ----
     def _eval_step(self, batch):
-        inputs, labels, bins = batch
-        loss, _, hits, mask, self.router = self.model.losses(inputs, labels, self.max_labels)
+        loss, _, hits, mask, bins = self._forward(batch)
         add_eval_counts(self._sums, loss, hits, mask, bins, len(self._slice_labels()))
 
     def _slice_labels(self) -> list[str]:
@@ -259,7 +286,7 @@ class StackedRecallModule(L.LightningModule):
         if not sums or self.trainer.sanity_checking:
             return
         metrics = eval_metrics(sums, "val", self._slice_labels())
-        params, _ = self.model.stacked()
+        params = self.model.stacked()
         diag = {"embed_common": torch.func.vmap(common_part)(params["embed.weight"])}
         if not self.model.config["tie_embeddings"]:
             diag["head_common"] = torch.func.vmap(common_part)(params["head.weight"])
@@ -271,13 +298,14 @@ class StackedRecallModule(L.LightningModule):
             if diverged[r] >= 0:
                 self._end(r, DIVERGED)
                 continue
-            logged.update({run_key(r, k): v for k, v in metrics[r].items()})
-            logged.update({run_key(r, f"diag/{k}"): v[r] for k, v in diag.items()})
+            p = self._position[r]
+            logged.update({run_key(r, k): v for k, v in metrics[p].items()})
+            logged.update({run_key(r, f"diag/{k}"): v[p] for k, v in diag.items()})
             logged.update({run_key(r, f"router/{k}"): v[r] for k, v in self.router.items()})
-            improved[r] = accs[r] > best[r]
+            improved[r] = accs[p] > best[r]
             if improved[r]:
-                best[r] = accs[r]
-            if accs[r] > self.threshold:
+                best[r] = accs[p]
+            if accs[p] > self.threshold:
                 self._end(r, THRESHOLD)
                 continue
             stale[r] = 0 if improved[r] else stale[r] + 1
@@ -285,24 +313,33 @@ class StackedRecallModule(L.LightningModule):
                 self._end(r, PATIENCE)
         self.best_val_acc.copy_(torch.tensor(best))
         self.stale_validations.copy_(torch.tensor(stale))
-        self._take_rows(self._rows(improved), into_best=True)
+        self._keep_best([improved[r] for r in self._stack])
         self.log_dict(logged)
         self._update_running()
         if not self._running:
             self.trainer.should_stop = True
+        elif len(self._running) < len(self._stack):
+            self._let_ended_runs_go()
 
-    def _rows(self, chosen: list[bool]) -> torch.Tensor:
-        return torch.tensor(chosen, device=self.best_val_acc.device)
-
-    def _take_rows(self, chosen: torch.Tensor, into_best: bool) -> None:
-        """For the runs `chosen` ([R] bool): their weights into their best weights (`into_best`), or back."""
-        if not chosen.any():
+    @torch.no_grad()
+    def _keep_best(self, chosen: list[bool]) -> None:
+        """The weights of the runs `chosen` (one flag per run in the stack) into their best weights."""
+        if not any(chosen):
             return
-        with torch.no_grad():
-            for name, value in self.model.named_parameters():
-                best = self.get_buffer(f"best/{name}")
-                source, target = (value, best) if into_best else (best, value)
-                target.copy_(torch.where(chosen.view((-1,) + (1,) * (value.ndim - 1)), source, target))
+        chosen = torch.tensor(chosen, device=self.best_val_acc.device)
+        for name, value in self.model.named_parameters():
+            best = self.get_buffer(f"best/{name}")
+            rows = torch.where(chosen.view((-1,) + (1,) * (value.ndim - 1)), value, best[self._stack_index])
+            best.index_copy_(0, self._stack_index, rows)
+
+    def _let_ended_runs_go(self) -> None:
+        """The model, optimizer and batches keep only the runs still training."""
+        keep = torch.tensor([self._position[r] for r in self._running], device=self._stack_index.device)
+        renamed = self.model.replace({name: value[keep] for name, value in self.model.named_parameters()})
+        self.trainer.optimizers[0].keep_runs(keep, renamed)
+        self.in_stack.fill_(False)
+        self.in_stack[self._running] = True
+        self._refresh_stack()
 
     def _end(self, run: int, how: int) -> None:
         self.ended_how[run] = how
@@ -310,10 +347,12 @@ class StackedRecallModule(L.LightningModule):
         self.ended_epoch[run] = self.current_epoch + 1  # as alone: stopping ends the epoch, which then counts
 
     def use_best(self, tested: list[int]) -> None:
-        """The `tested` runs take their best weights, which the test measures (as a run alone tests its best
-        checkpoint), and only they log test metrics."""
+        """Every run back in the stack on its best weights, which the test measures (as a run alone tests its best
+        checkpoint); only the `tested` runs log test metrics."""
         self.tested = tested
-        self._take_rows(self._rows([r in tested for r in range(self.runs)]), into_best=False)
+        self.model.replace({name: self.get_buffer(f"best/{name}") for name, _ in self.model.named_parameters()})
+        self.in_stack.fill_(True)
+        self._refresh_stack()
 
     def on_test_epoch_end(self):
         sums, self._sums = self._sums, {}
@@ -321,7 +360,7 @@ class StackedRecallModule(L.LightningModule):
         self.log_dict({run_key(r, k): v for r in self.tested for k, v in metrics[r].items()})
 
     def configure_optimizers(self):
-        optimizer = stacked_adamw(self.model, self.optims)
+        optimizer = stacked_adamw(self.model, [self.optims[r] for r in self._stack])
         total = int(self.trainer.estimated_stepping_batches)
         optim = self.optims[0]
         schedule = WarmupCosine(int(optim["warmup_ratio"] * total), total, optim["min_lr_ratio"])
@@ -336,6 +375,32 @@ class StackedRecallModule(L.LightningModule):
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # elementwise: the same per run
         else:
             clip_per_run(params, gradient_clip_val)
+
+
+def _every_run_in_state(module: StackedRecallModule, state: dict, prefix: str, local_metadata) -> None:
+    """A stack's state dict holds every run's weights (a run that left the stack on its best weights), whichever
+    runs are in the stack: so a checkpoint has one shape for the stack's whole life."""
+    if len(module._stack) == module.runs:
+        return
+    index = module._stack_index
+    for name, _ in module.model.named_parameters():
+        key = f"{prefix}model.{name}"
+        every = state[f"{prefix}best/{name}"].clone()
+        every[index.to(every.device)] = state[key]
+        state[key] = every
+
+
+def _stack_of_state(module: StackedRecallModule, state: dict, prefix: str, *args) -> None:
+    """Loading a state dict: the model takes the runs that were in the stack then (`in_stack`)."""
+    in_stack = state.get(f"{prefix}in_stack")
+    if in_stack is None or bool(in_stack.all()):
+        return
+    index = in_stack.nonzero().flatten()
+    for name, _ in module.model.named_parameters():
+        state[f"{prefix}model.{name}"] = state[f"{prefix}model.{name}"][index.to(state[f"{prefix}model.{name}"].device)]
+    module.model.replace({name: state[f"{prefix}model.{name}"] for name, _ in module.model.named_parameters()})
+    module.in_stack.copy_(in_stack)
+    module._refresh_stack()
 
 
 def stack_problem(cfg: DictConfig) -> str | None:

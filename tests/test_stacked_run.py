@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from sandbox.settings import ConfigError
@@ -88,29 +89,41 @@ def test_a_diverging_run_ends_as_diverged_and_the_others_go_on(tmp_path):
     assert stacked[1]["status_reason"].split(" at step ")[1] == alone[1]["status_reason"].split(" at step ")[1]
 
 
-def test_an_interrupted_stack_resumes_where_it_stopped(tmp_path, monkeypatch):
-    jobs = [("seed=0",), ("seed=1",)]
+def stack_checkpoint(run_dir: Path) -> dict:
+    stack = Path(json.loads((run_dir / "result.json").read_text())["stack"]["folder"])
+    return torch.load(stack / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("jobs", [[("seed=0",), ("seed=1",)], [("seed=0",), ("seed=1",), ("optim.lr=1e30",)]],
+                         ids=["all-running", "one-left"])
+def test_an_interrupted_stack_resumes_where_it_stopped(jobs, tmp_path, monkeypatch):
+    """Interrupted at step 12 and resumed; in the second case, a run that diverged left the stack at step 10."""
+    n = len(jobs)
     whole = train_stack([make_cfg(tmp_path / "whole", *job) for job in jobs],
-                        [tmp_path / "whole" / str(i) for i in range(2)])
+                        [tmp_path / "whole" / str(i) for i in range(n)])
     step = StackedRecallModule.training_step
 
-    def stopped_at_15(self, batch, batch_idx):
+    def stopped_at_12(self, batch, batch_idx):
         if self.global_step == 12:
             os.kill(os.getpid(), signal.SIGTERM)
         return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(StackedRecallModule, "training_step", stopped_at_15)
+    monkeypatch.setattr(StackedRecallModule, "training_step", stopped_at_12)
     cfgs = [make_cfg(tmp_path, *job) for job in jobs]
-    dirs = [tmp_path / str(i) for i in range(2)]
+    dirs = [tmp_path / str(i) for i in range(n)]
     with pytest.raises(BaseException, match="SIGTERM"):
         train_stack(cfgs, dirs)
-    assert [json.loads((d / "result.json").read_text())["status"] for d in dirs] == ["interrupted"] * 2
+    assert [json.loads((d / "result.json").read_text())["status"] for d in dirs] == ["interrupted"] * n
+    checkpoint = stack_checkpoint(dirs[0])
+    assert checkpoint["state_dict"]["in_stack"].tolist() == [True, True, False][:n]
+    assert checkpoint["state_dict"]["model.embed/weight"].shape[0] == n  # every run, whichever are in the stack
     monkeypatch.setattr(StackedRecallModule, "training_step", step)
     resumed = train_stack(cfgs, dirs)
     for w, r in zip(whole, resumed):
-        assert r["resumed"] and r["steps"] == w["steps"] == 40
-        assert r["best_val_acc"] == pytest.approx(w["best_val_acc"], abs=1e-6)
-        assert r["test_loss"] == pytest.approx(w["test_loss"], abs=1e-5)
+        assert r["resumed"] and r["status"] == w["status"] and r["steps"] == w["steps"]
+        assert r["best_val_acc"] == pytest.approx(w["best_val_acc"], abs=1e-6, nan_ok=True)
+        assert r["test_loss"] == pytest.approx(w["test_loss"], abs=1e-5, nan_ok=True)
+    assert [r["status"] for r in resumed] == ["finished", "finished", "diverged"][:n]
 
 
 def test_runs_that_differ_in_more_than_seed_and_optimizer_are_not_stacked(tmp_path):
