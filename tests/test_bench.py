@@ -171,16 +171,13 @@ def test_saved_for_backward_counts_each_saved_activation_once_and_no_leaf():
 
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)
-
-    def run():
-        y = lin(x).relu()  # linear saves x and its weight (leaves: not counted); relu saves its output
-        (y * y).sum().backward()  # saves y twice: one storage
-
-    saved = saved_for_backward(run)
-    assert saved["saved_mib"] == pytest.approx(4 * 8 * 4 / 2**20)
-    assert saved["saved_by_dtype_mib"] == {"float32": pytest.approx(4 * 8 * 4 / 2**20)}
-    assert saved["saved_largest"] == [[(4, 8), "float32", pytest.approx(4 * 8 * 4 / 2**20)]]
-    assert lin.weight.grad is not None  # the backward ran
+    y = lin(x).relu()  # linear saves x and its weight (leaves: not counted); relu saves its output
+    saved = saved_for_backward((y * y).sum())  # saves y twice: one storage, for the op that saved it first
+    mib = 4 * 8 * 4 / 2**20
+    assert saved["saved_mib"] == pytest.approx(mib)
+    assert saved["saved_by_dtype_mib"] == {"float32": pytest.approx(mib)}
+    assert saved["saved_by_op_mib"] == {"Mul": pytest.approx(mib)}
+    assert saved["saved_largest"] == [["Mul", (4, 8), "float32", pytest.approx(mib)]]
 
 
 def test_mom_bench_prints_what_a_layer_saves_for_backward(capsys):
@@ -188,9 +185,11 @@ def test_mom_bench_prints_what_a_layer_saves_for_backward(capsys):
 
     bench._print_layer("ours", {"ms": 1.0, "peak_mib": 10.0, "saved_mib": 96.0,
                                 "saved_by_dtype_mib": {"bfloat16": 32.0, "float32": 64.0},
-                                "saved_largest": [[(8, 2048, 4, 256), "float32", 64.0]]})
+                                "saved_by_op_mib": {"ChunkFunction": 64.0, "Mm": 32.0},
+                                "saved_largest": [["ChunkFunction", (8, 2048, 4, 256), "float32", 64.0]]})
     out = capsys.readouterr().out
-    assert "saved for backward 96 MiB (bfloat16 32, float32 64); largest, MiB: float32[8, 2048, 4, 256] 64" in out
+    assert "saved for backward 96 MiB (bfloat16 32, float32 64); by op, MiB: ChunkFunction 64, Mm 32" in out
+    assert "largest saved, MiB: ChunkFunction float32[8, 2048, 4, 256] 64" in out
 
 
 def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):

@@ -52,29 +52,43 @@ def _fwd_bwd(layer, x, dy) -> None:
     (y[0] if isinstance(y, tuple) else y).backward(dy)  # fla's layers return (y, attentions, cache)
 
 
-def saved_for_backward(run, largest: int = 6) -> dict:
-    """What autograd keeps for the backward while `run()` builds its graph: every tensor saved by an op or an
-    autograd function that is not a leaf or a view of one (the weights and the layer's input are held anyway),
-    each storage counted once. MiB in all and by dtype, and the `largest` as (shape, dtype, MiB)."""
+def saved_for_backward(output, largest: int = 6) -> dict:
+    """What autograd keeps for the backward of `output`'s graph: every tensor an op or autograd function of it
+    saved that is not a leaf or a view of one (the weights and the layer's input are held anyway), each storage
+    counted once (under one of the ops that saved it). MiB in all, by dtype and by op, and the `largest` as (op,
+    shape, dtype, MiB)."""
     import torch
 
     storages: dict[int, tuple] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t if t._base is None else t._base  # a weight is often saved as a view (its transpose)
-        if not (base.is_leaf and base.requires_grad) and t.device.type != "meta":
-            storage = t.untyped_storage()
-            storages.setdefault(storage.data_ptr(), (tuple(t.shape), str(t.dtype).removeprefix("torch."),
-                                                     storage.nbytes() / 2**20))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
+    nodes, seen = [output.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+        saved = list(getattr(node, "saved_tensors", None) or ())  # custom autograd functions
+        for attribute in dir(node):  # built-in ops: _saved_<name>, a tensor or a list of them
+            if attribute.startswith("_saved_"):
+                value = getattr(node, attribute)
+                saved.extend(value if isinstance(value, (list, tuple)) else [value])
+        op = node.name().removesuffix("Backward").removesuffix("Backward0")
+        for t in saved:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            base = t if t._base is None else t._base  # a weight is often saved as a view (its transpose)
+            if not (base.is_leaf and base.requires_grad):
+                storage = t.untyped_storage()
+                storages.setdefault(storage.data_ptr(), (op, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                                                         storage.nbytes() / 2**20))
     by_dtype: dict[str, float] = {}
-    for _, dtype, mib in storages.values():
+    by_op: dict[str, float] = {}
+    for op, _, dtype, mib in storages.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0.0) + mib
-    ranked = sorted(storages.values(), key=lambda entry: -entry[2])
+        by_op[op] = by_op.get(op, 0.0) + mib
+    ranked = sorted(storages.values(), key=lambda entry: -entry[3])
     return {"saved_mib": sum(by_dtype.values()), "saved_by_dtype_mib": by_dtype,
+            "saved_by_op_mib": dict(sorted(by_op.items(), key=lambda item: -item[1])),
             "saved_largest": [list(entry) for entry in ranked[:largest]]}
 
 
@@ -103,7 +117,10 @@ def _measure(layer, shape, reps: int, profile: bool) -> dict:
         fwd_bwd()
     end.record()
     torch.cuda.synchronize()
-    result = {"ms": start.elapsed_time(end) / reps, "peak_mib": peak, **saved_for_backward(fwd_bwd)}
+    y = layer(x)
+    y = y[0] if isinstance(y, tuple) else y
+    result = {"ms": start.elapsed_time(end) / reps, "peak_mib": peak, **saved_for_backward(y)}
+    y.backward(dy)
     if profile:
         from sandbox.bench.kernels import kernel_profile
 
@@ -227,8 +244,10 @@ def _print_layer(who: str, result: dict) -> None:
     print(f"         {who:6s} wall {result['ms']:8.2f} ms{gpu}  peak {result['peak_mib']:8.0f} MiB")
     if "saved_mib" in result:
         dtypes = ", ".join(f"{dtype} {mib:.0f}" for dtype, mib in result["saved_by_dtype_mib"].items())
-        largest = ", ".join(f"{dtype}{list(shape)} {mib:.0f}" for shape, dtype, mib in result["saved_largest"])
-        print(f"           saved for backward {result['saved_mib']:.0f} MiB ({dtypes}); largest, MiB: {largest}")
+        ops = ", ".join(f"{op} {mib:.0f}" for op, mib in result["saved_by_op_mib"].items() if mib >= 0.5)
+        largest = ", ".join(f"{op} {dtype}{list(shape)} {mib:.0f}" for op, shape, dtype, mib in result["saved_largest"])
+        print(f"           saved for backward {result['saved_mib']:.0f} MiB ({dtypes}); by op, MiB: {ops}")
+        print(f"           largest saved, MiB: {largest}")
     if "kernel_sum_ms" in result:
         from sandbox.bench.kernels import describe_kernels
 
