@@ -9,9 +9,10 @@ val/acc > threshold, or after `patience` validations without a strict improvemen
 training loss ends the run as `diverged`, with the step and loss; found on the device, read at validation).
 A run that has ended leaves the stack at that validation (its weights, moments and batches are taken out of the
 step), and nothing more is logged for it; the stack stops when every run has ended. The stack's checkpoint holds
-every run (each ended run on its best weights) and which runs are still in it. Stacks run on one device. On the Triton backend the rule's
-chunked op runs once for all runs (`kernels.runs`); the short conv, norms and MoM's routing run in their PyTorch
-forms, whose Triton kernels take each run's weights (MoM then takes its dense form, `models.routing.dense`).
+every run (each ended run on its best weights) and which runs are still in it. Stacks run on one device. On the
+Triton backend the rule's chunked op runs once for all runs (`kernels.runs`); the short conv, norms and MoM's
+routing run in their PyTorch forms, whose Triton kernels take each run's weights (MoM then takes its dense form,
+`models.routing.dense`).
 """
 
 from __future__ import annotations
@@ -393,12 +394,14 @@ def _every_run_in_state(module: StackedRecallModule, state: dict, prefix: str, l
 def _stack_of_state(module: StackedRecallModule, state: dict, prefix: str, *args) -> None:
     """Loading a state dict: the model takes the runs that were in the stack then (`in_stack`)."""
     in_stack = state.get(f"{prefix}in_stack")
-    if in_stack is None or bool(in_stack.all()):
+    if in_stack is None:
         return
     index = in_stack.nonzero().flatten()
+    weights = {}
     for name, _ in module.model.named_parameters():
-        state[f"{prefix}model.{name}"] = state[f"{prefix}model.{name}"][index.to(state[f"{prefix}model.{name}"].device)]
-    module.model.replace({name: state[f"{prefix}model.{name}"] for name, _ in module.model.named_parameters()})
+        key = f"{prefix}model.{name}"
+        weights[name] = state[key] = state[key][index.to(state[key].device)]
+    module.model.replace(weights)
     module.in_stack.copy_(in_stack)
     module._refresh_stack()
 
