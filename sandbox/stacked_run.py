@@ -2,7 +2,8 @@
 in one process as one stacked model (`sandbox.stacked`), each recorded as it would be alone.
 
 Each run keeps the folder `sandbox-train` gives it alone (so the same command finds it, stacked or not) with its
-own `result.json` and `logs/`; the stack's checkpoint lives in `<output_root>/<name>/.stacks/<hash of its runs>/`.
+own `result.json` and `logs/`; the stack's checkpoint lives in `.stacks/<hash of its runs>/` in the folder that
+holds the runs' folders (`<output_root>/<name>/` for `sandbox-train -m`).
 What a run alone gets from Lightning's callbacks, the module does per run: the best weights on val/acc (kept as
 buffers; the test runs on them), early stopping (`callbacks.early_stopping`, with EarlyStopping's rules: stop when
 val/acc > threshold, or after `patience` validations without a strict improvement) and divergence (a non-finite
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -418,6 +420,20 @@ def stack_problem(cfg: DictConfig) -> str | None:
     return None
 
 
+def stacks(cfg: DictConfig, stack="auto") -> bool:
+    """Whether this run joins a stack under the setting `stack` (auto: where runs train on CUDA; true; false): its
+    settings are valid and a stack can train it (`stack_problem`)."""
+    if stack is False:
+        return False
+    if stack == "auto" and not (torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")):
+        return False
+    try:
+        check_settings(cfg)
+    except ConfigError:
+        return False
+    return stack_problem(cfg) is None
+
+
 def _check_stack(cfgs: list[DictConfig]) -> None:
     keys = {stack_key(cfg) for cfg in cfgs}
     if len(keys) > 1:
@@ -427,8 +443,9 @@ def _check_stack(cfgs: list[DictConfig]) -> None:
         raise ConfigError(problem)
 
 
-def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
-    """Train these runs as one stack, write each one's `result.json` in its folder and return their results.
+def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()) -> list[dict]:
+    """Train these runs as one stack, write each one's `result.json` in its folder and return their results
+    (`extra_callbacks`: more Lightning callbacks of the stack's trainer).
 
     Runs that have ended already are returned as they are; fewer than two left, they run alone
     (`sandbox.train.train`). A bad setting is a ConfigError before any training. A signal ends the stack with
@@ -446,14 +463,15 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
             results[i] = ended
     todo = [i for i in range(len(cfgs)) if i not in results]
     if len(todo) < 2:
-        results.update({i: train(cfgs[i], run_dirs[i]) for i in todo})
+        results.update({i: train(cfgs[i], run_dirs[i], extra_callbacks) for i in todo})
         return [results[i] for i in range(len(cfgs))]
     cfgs, run_dirs, digests = ([xs[i] for i in todo] for xs in (cfgs, run_dirs, digests))
     for cfg in cfgs:
         check_settings(cfg)
     _check_stack(cfgs)
     stack_digest = hashlib.sha256(" ".join(sorted(digests)).encode()).hexdigest()
-    stack_dir = Path(cfgs[0].output_root) / cfgs[0].name / STACKS / stack_digest[:runs.HASH_DIGITS]
+    # beside its runs: `sandbox-train -m` puts them in <output_root>/<name>/, `sandbox-sweep` a trial's in its folder
+    stack_dir = Path(os.path.commonpath(run_dirs)) / STACKS / stack_digest[:runs.HASH_DIGITS]
     for run_dir in [*run_dirs, stack_dir]:
         problem = runs.unwritable_problem(run_dir, cfgs[0].output_root)
         if problem is not None:
@@ -476,8 +494,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
     say(f"{len(cfgs)} runs stacked, their checkpoint in {stack_dir}")
     with Interruption(stack_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
         started = TrainingStarted()
-        trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest), interruption, started],
-                               logger=loggers, per_run_selection=True)
+        trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest), interruption, started,
+                                                    *extra_callbacks], logger=loggers, per_run_selection=True)
         resume_from = runs.resume_checkpoint(stack_dir, stack_digest, module.state_dict())
 
         def record(r: int, status: str, reason: str, tested: dict | None = None) -> dict:

@@ -3,15 +3,21 @@
     sandbox-sweep --space routing                              # the search space conf/sweep/routing.yaml
     sandbox-sweep --space routing --workers 4                  # four worker processes on one study
     sandbox-sweep --space routing --param model.d_model=choice:64,128 trainer.max_steps=500   # + a key, + overrides
+    sandbox-sweep --space routing --seeds 0,1,2 pruner.name=none  # each trial at 3 seeds, scored by their mean
 
 A search space (conf/sweep/<space>.yaml) names the study, its objectives, trial count, sampler, pruner,
 the base overrides of every trial and the parameters with their distributions. Before any trial, the space
 and one trial's configuration are checked (a bad key or value is one line, exit code 2). The study lives in
 a sqlite file in the sweep's folder unless --storage gives another Optuna storage URL (e.g. PostgreSQL), so
 workers on one machine or many can share it, and running the command again continues it with new trials:
-the trial count is the study's total. The study keeps its definition (objectives, params, overrides); a
-command asking for another one is refused. The pruner sees every validation; a pruned trial is PRUNED, and
+the trial count is the study's total. The study keeps its definition (objectives, params, overrides, seeds);
+a command asking for another one is refused. The pruner sees every validation; a pruned trial is PRUNED, and
 a trial that raises, runs out of memory or diverges is recorded as failed with its reason.
+
+With `seeds` (the space's list, or --seeds), a trial trains its configuration at every seed, each run in
+`trials/<number>/seed<seed>/`, and scores the means of its objectives over them (MoM's accuracy at one
+setting can differ from seed to seed by the whole range); on a GPU its runs train as one stack
+(`sandbox.stacked_run`), on the CPU one after the other. The pruner judges a trial by its first seed.
 """
 
 import argparse
@@ -37,6 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
+from sandbox.callbacks import run_key
+from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, UNWRITABLE, ConfigError, check_settings, one_line, train
 
 # Heartbeats and retries are marked experimental in Optuna 4/5; they are what keeps a dead worker's trial
@@ -49,13 +57,16 @@ OBJECTIVES = {"best_val_acc": "maximize", "test_acc": "maximize", "state_size": 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 # The keys of a search space and of each of its params: (required, optional).
-SPACE_KEYS = (("study_name", "objectives", "n_trials", "sampler", "params", "heartbeat"), ("pruner", "overrides"))
+SPACE_KEYS = (("study_name", "objectives", "n_trials", "sampler", "params", "heartbeat"),
+              ("pruner", "overrides", "seeds"))
 PARAM_KEYS = {"categorical": (("choices",), ("key",)),
               "int": (("low", "high"), ("key", "log", "at_most")),
               "float": (("low", "high"), ("key", "log"))}
 PARAM_FIELDS = ("key", "choices", "low", "high", "log", "at_most")
 # A study's name is its folder's name.
 STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# What a trial with seeds records of each of its runs.
+RUN_ATTRS = ("status", "best_val_acc", "test_acc")
 # A failed trial without a recorded reason is one whose worker stopped sending heartbeats.
 WORKER_LOST = "its worker stopped (killed, interrupted or cut off from the storage) before the trial finished"
 
@@ -178,6 +189,10 @@ def check_space(space) -> None:
     for key in ("n_startup_trials", "n_warmup_steps"):
         value = pruner.get(key, 0)
         _require(_is_int(value) and value >= 0, f"pruner.{key}", value, "an integer >= 0")
+    seeds = space.get("seeds")
+    _require(seeds is None or (isinstance(seeds, list) and len(seeds) > 0 and len(set(map(str, seeds))) == len(seeds)
+                               and all(_is_int(s) and s >= 0 for s in seeds)), "seeds", seeds,
+             "a list of distinct integers >= 0 (every trial trains at each), or null")
     overrides = space.get("overrides", [])
     _require(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), "overrides", overrides,
              "a list of Hydra overrides such as [experiment=quickstart]")
@@ -261,8 +276,15 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
     """Compose and check the first trial's configuration as training would, so that a bad key or value
     stops the sweep before any trial exists instead of failing every trial."""
     searched = {override_key(spec.get("key", name)): name for name, spec in space["params"].items()}
+    if space.get("seeds"):
+        if "seed" in searched:
+            raise ConfigError(f"sweep param {searched['seed']} is invalid with seeds={space['seeds']}: every trial "
+                              "trains at each of the seeds; search seed or give seeds, not both")
     for override in [*space.get("overrides", []), *overrides]:
         key = override_key(override)
+        if key == "seed" and space.get("seeds"):
+            raise ConfigError(f"override {override!r} is invalid: seeds={space['seeds']} sets each run's seed; "
+                              "drop the override or the seeds")
         if key in searched:
             raise ConfigError(f"override {override!r} is invalid: param {searched[key]} searches {key}, so every "
                               f"trial would replace it; drop the override or search {key} over other values")
@@ -325,7 +347,8 @@ def make_pruner(space: dict) -> optuna.pruners.BasePruner:
 def definition(space: dict, overrides: list[str]) -> dict:
     """What a study's trials mean, as stored with it (JSON, as Optuna keeps user attributes)."""
     return json.loads(json.dumps({"objectives": space["objectives"], "params": space["params"],
-                                  "overrides": [*space.get("overrides", []), *overrides]}))
+                                  "overrides": [*space.get("overrides", []), *overrides],
+                                  "seeds": space.get("seeds")}))
 
 
 def check_definition(study: optuna.Study, requested: dict) -> None:
@@ -334,8 +357,8 @@ def check_definition(study: optuna.Study, requested: dict) -> None:
     if stored is None:  # a new study, or one made before studies kept their definition
         study.set_user_attr("definition", requested)
         return
-    differences = [f"{part} {stored[part]} in the study, {requested[part]} now"
-                   for part in ("objectives", "overrides") if stored[part] != requested[part]]
+    differences = [f"{part} {stored.get(part)} in the study, {requested[part]} now"
+                   for part in ("objectives", "overrides", "seeds") if stored.get(part) != requested[part]]
     for name in sorted(stored["params"].keys() | requested["params"].keys()):
         old, new = stored["params"].get(name, "absent"), requested["params"].get(name, "absent")
         if old != new:
@@ -364,15 +387,18 @@ def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> o
 # ---- the trial ----
 class PruneAtValidation(L.Callback):
     """Reports validation accuracy to the trial at every validation, its step the global step, and stops
-    the trial when the pruner finds it behind the finished trials at that step."""
+    the trial when the pruner finds it behind the finished trials at that step. In a stack, the accuracy of
+    its first run (the trial's first seed), while that run trains."""
 
     def __init__(self, trial: optuna.Trial):
         self.trial = trial
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        metrics = trainer.callback_metrics
+        acc = next((metrics[key] for key in ("val/acc", run_key(0, "val/acc")) if key in metrics), None)
+        if trainer.sanity_checking or acc is None:
             return
-        self.trial.report(float(trainer.callback_metrics["val/acc"]), step=trainer.global_step)
+        self.trial.report(float(acc), step=trainer.global_step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step}")
 
@@ -384,24 +410,43 @@ def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
-            cfg = compose_trial(space, overrides, chosen)
             callbacks = [PruneAtValidation(trial)] if prunes(space) else []
-            result = train(cfg, run_dir, extra_callbacks=callbacks)
+            results = train_trial(space, overrides, chosen, run_dir, callbacks)
         except optuna.TrialPruned:
             raise
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {one_line(err)}"[:2000])
             raise
-        values = [float(result[o]) for o in space["objectives"]]
-        trial.set_user_attr("test_acc", result["test_acc"])
-        trial.set_user_attr("state_size", result["state_size"])
+        values = [float(np.mean([result[o] for result in results])) for o in space["objectives"]]
+        trial.set_user_attr("test_acc", float(np.mean([result["test_acc"] for result in results])))
+        trial.set_user_attr("state_size", results[0]["state_size"])
+        seeds = space.get("seeds")
+        if seeds:
+            trial.set_user_attr("runs", {f"seed{seed}": {key: result[key] for key in RUN_ATTRS}
+                                         for seed, result in zip(seeds, results)})
         if not all(math.isfinite(v) for v in values):
             reason = f"objective not finite: {dict(zip(space['objectives'], values))}"
+            if seeds:
+                reason += "; " + ", ".join(f"seed {seed}: {r['status']}" for seed, r in zip(seeds, results))
             trial.set_user_attr("fail_reason", reason)
             raise FloatingPointError(reason)
         return values if len(values) > 1 else values[0]
 
     return objective
+
+
+def train_trial(space: dict, overrides: list[str], chosen: dict, run_dir: Path, callbacks: list) -> list[dict]:
+    """The trial's runs: one in `run_dir`, or one per seed of the space's `seeds` in `run_dir/seed<seed>`, as one
+    stack where runs stack by default (`sandbox.stacked_run.stacks`), else one after the other (`callbacks` on
+    the first); their results."""
+    seeds = space.get("seeds")
+    if not seeds:
+        return [train(compose_trial(space, overrides, chosen), run_dir, extra_callbacks=callbacks)]
+    cfgs = [compose_trial(space, overrides, {**chosen, "seed": seed}) for seed in seeds]
+    dirs = [run_dir / f"seed{seed}" for seed in seeds]
+    if len(cfgs) > 1 and stacks(cfgs[0]):
+        return train_stack(cfgs, dirs, extra_callbacks=callbacks)
+    return [train(cfg, run, extra_callbacks=callbacks if i == 0 else ()) for i, (cfg, run) in enumerate(zip(cfgs, dirs))]
 
 
 def trial_count(study: optuna.Study) -> int:
@@ -445,6 +490,14 @@ def summarise(study: optuna.Study, objectives: list[str]) -> str:
     return "\n".join(lines)
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2] (checked with the space's other settings by `check_space`)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # A bad option is one line like every other bad setting, not argparse's usage text.
@@ -457,6 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
                         help="search another config key: choice:A,B | int:LOW:HIGH[:log] | float:LOW:HIGH[:log]")
     parser.add_argument("--n-trials", type=int, default=None, help="the study's total trial count")
+    parser.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
+                        help="train every trial at each of these seeds and score it by their means")
     parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the sweep folder)")
     parser.add_argument("--study-name", default=None)
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
@@ -482,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             space["n_trials"] = args.n_trials
         if args.study_name is not None:
             space["study_name"] = args.study_name
+        if args.seeds is not None:
+            space["seeds"] = args.seeds
         check_space(space)
         check_trial_config(space, args.overrides)
         sweep_dir = Path(args.output_root) / "sweeps" / space["study_name"]
@@ -502,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         base = [sys.executable, "-m", "sandbox.sweep", "--space", args.space, "--n-trials", str(space["n_trials"]),
                 "--study-name", space["study_name"], "--storage", storage_url, "--output-root", args.output_root,
-                *(f"--param={p}" for p in args.param)]
+                *(f"--param={p}" for p in args.param),
+                *(["--seeds", ",".join(map(str, space["seeds"]))] if space.get("seeds") else [])]
         workers = [subprocess.Popen([*base, "--worker-index", str(args.worker_index + i), *args.overrides])
                    for i in range(args.workers)]
         codes = [w.wait() for w in workers]

@@ -1,4 +1,5 @@
-"""Optuna searches: a tiny study, continuing it, failing trials, pruning, bad input, two workers, a killed worker."""
+"""Optuna searches: a tiny study, continuing it, failing trials, pruning, seeds per trial, bad input, two workers,
+a killed worker."""
 
 import hashlib
 import json
@@ -9,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
+from sandbox import sweep
+from sandbox.stacked_run import stack_problem
 from sandbox.sweep import load_space, main, make_sampler, parse_param, suggest
 from sandbox.train import ConfigError
 
@@ -109,6 +113,33 @@ def test_median_pruning_stops_bad_trials_at_a_validation(tmp_path):
     assert stopped["status"] != "finished" and "TrialPruned" in stopped["status_reason"]
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["one-after-the-other", "stacked"])
+def test_a_trial_with_seeds_scores_the_mean_of_its_runs(stacked, tmp_path, monkeypatch):
+    """Every trial trains at each seed (in its own folder) and scores the mean; the pruner sees the first seed's
+    validations. Stacked (the GPU's way, forced here on the CPU) as one after the other."""
+    if stacked:
+        monkeypatch.setattr(sweep, "stacks", lambda cfg: stack_problem(cfg) is None)
+    space = yaml.safe_load((REPO / "conf" / "sweep" / "routing.yaml").read_text())
+    space.update(study_name="seeds", sampler={"name": "random", "seed": 0}, overrides=TINY_TASK,
+                 pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+                 params={"lr": {"key": "optim.lr", "type": "categorical", "choices": [3e-2]}})
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(space))
+    assert main(["--space", str(path), "--n-trials", "2", "--seeds", "0,1", "--output-root", str(tmp_path),
+                 "debug=fast", "model.n_layers=1"]) == 0
+    for trial in load_study(tmp_path, "seeds").get_trials():
+        results = [json.loads((Path(trial.user_attrs["run_dir"]) / f"seed{seed}" / "result.json").read_text())
+                   for seed in (0, 1)]
+        assert [r["config"]["seed"] for r in results] == [0, 1]
+        assert (results[0].get("stack") is not None) == stacked
+        assert trial.state == TrialState.COMPLETE
+        assert trial.value == pytest.approx(np.mean([r["best_val_acc"] for r in results]))
+        assert trial.user_attrs["runs"]["seed1"]["best_val_acc"] == pytest.approx(results[1]["best_val_acc"])
+        assert sorted(trial.intermediate_values) == list(range(VALIDATE_EVERY, results[0]["steps"] + 1,
+                                                               VALIDATE_EVERY))
+    assert 0 < trial.value < 1 and results[0]["best_val_acc"] != results[1]["best_val_acc"]  # seeds differ
+
+
 def test_two_objectives_report_a_pareto_front(tmp_path, capsys):
     space = yaml.safe_load((REPO / "conf" / "sweep" / "routing.yaml").read_text())
     space.update(study_name="pareto", objectives=["best_val_acc", "state_size"])
@@ -198,6 +229,13 @@ BAD_SWEEP = {
     "study-other-param-range": ([], {"params__lr__high": 0.1}, "param lr"),
     "study-param-added": (["--param", "model.d_model=choice:64,128"], None, "param model.d_model"),
     "study-other-overrides": (["model.d_model=32"], None, "overrides"),
+    # seeds
+    "seeds-not-integers": (["--seeds", "0,x"], None, "--seeds"),
+    "seeds-repeated": (["--seeds", "0,0"], None, "seeds"),
+    "seeds-negative": ([], {"seeds": [-1]}, "seeds"),
+    "seeds-and-a-seed-override": (["--seeds", "0,1", "seed=3"], None, "seed=3"),
+    "seeds-and-a-searched-seed": (["--seeds", "0,1", "--param", "seed=choice:0,1"], None, "param seed"),
+    "study-other-seeds": (["--seeds", "0,1"], None, "seeds"),
 }
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -40,7 +39,7 @@ class SandboxLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sandbox.stacked_run import stack_key
+        from sandbox.stacked_run import stack_key, stacks
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -48,7 +47,7 @@ class SandboxLauncher(Launcher):
         jobs = [self._prepare(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         groups: dict[str, list[int]] = {}
         for i, (_, cfg, _) in enumerate(jobs):
-            key = stack_key(cfg) if self._stacks(cfg) else f"alone {i}"
+            key = stack_key(cfg) if stacks(cfg, self.stack) else f"alone {i}"
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             for start in range(0, len(members), self.max_runs):
@@ -71,23 +70,6 @@ class SandboxLauncher(Launcher):
             ret.return_value  # noqa: B018 (raises it)
         ret.status = JobStatus.UNKNOWN
         return ret, prepared["cfg"], prepared["dir"]
-
-    def _stacks(self, cfg: DictConfig) -> bool:
-        """Whether this job may join a stack: stacking is on for its device, its settings are valid and a stack
-        can train it (`stack_problem`)."""
-        from sandbox.settings import ConfigError, check_settings
-        from sandbox.stacked_run import stack_problem
-
-        if self.stack is False:
-            return False
-        if self.stack == "auto" and not (torch.cuda.is_available()
-                                         and cfg.trainer.accelerator in ("auto", "gpu", "cuda")):
-            return False
-        try:
-            check_settings(cfg)
-        except ConfigError:
-            return False
-        return stack_problem(cfg) is None
 
     def _run(self, jobs: list[tuple[JobReturn, DictConfig, Path]]) -> None:
         from sandbox.runs import say
