@@ -43,8 +43,8 @@ class _CausalConvSiLU(torch.autograd.Function):
         N, T, C = x.shape[1:]
         wide = x.permute(1, 2, 0, 3).reshape(N, T, R * C).contiguous()
         y, a = _CausalConvSiLU.apply(wide, weight.movedim(in_dims[1], 0).flatten(0, 1))
-        back = (lambda z: z.view(N, T, R, C).permute(2, 0, 1, 3))
-        return (back(y), back(a)), (0, 0)
+        y, a = (z.view(N, T, R, C).permute(2, 0, 1, 3) for z in (y, a))
+        return (y, a), (0, 0)
 
     @staticmethod
     def backward(ctx, dy, _):

@@ -3,7 +3,7 @@
     sandbox-sweep --space routing                              # the search space conf/sweep/routing.yaml
     sandbox-sweep --space routing --workers 4                  # four worker processes on one study
     sandbox-sweep --space routing --param model.d_model=choice:64,128 trainer.max_steps=500   # + a key, + overrides
-    sandbox-sweep --space routing --seeds 0,1,2 pruner.name=none  # each trial at 3 seeds, scored by their mean
+    sandbox-sweep --space routing --seeds 0,1,2                # every trial at 3 seeds, scored by their means
 
 A search space (conf/sweep/<space>.yaml) names the study, its objectives, trial count, sampler, pruner,
 the base overrides of every trial and the parameters with their distributions. Before any trial, the space
@@ -276,10 +276,9 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
     """Compose and check the first trial's configuration as training would, so that a bad key or value
     stops the sweep before any trial exists instead of failing every trial."""
     searched = {override_key(spec.get("key", name)): name for name, spec in space["params"].items()}
-    if space.get("seeds"):
-        if "seed" in searched:
-            raise ConfigError(f"sweep param {searched['seed']} is invalid with seeds={space['seeds']}: every trial "
-                              "trains at each of the seeds; search seed or give seeds, not both")
+    if space.get("seeds") and "seed" in searched:
+        raise ConfigError(f"sweep param {searched['seed']} is invalid with seeds={space['seeds']}: every trial "
+                          "trains at each of the seeds; search seed or give seeds, not both")
     for override in [*space.get("overrides", []), *overrides]:
         key = override_key(override)
         if key == "seed" and space.get("seeds"):
@@ -446,7 +445,8 @@ def train_trial(space: dict, overrides: list[str], chosen: dict, run_dir: Path, 
     dirs = [run_dir / f"seed{seed}" for seed in seeds]
     if len(cfgs) > 1 and stacks(cfgs[0]):
         return train_stack(cfgs, dirs, extra_callbacks=callbacks)
-    return [train(cfg, run, extra_callbacks=callbacks if i == 0 else ()) for i, (cfg, run) in enumerate(zip(cfgs, dirs))]
+    return [train(cfg, run, extra_callbacks=callbacks if i == 0 else ())
+            for i, (cfg, run) in enumerate(zip(cfgs, dirs))]
 
 
 def trial_count(study: optuna.Study) -> int:

@@ -323,9 +323,10 @@ class SignalAt(L.Callback):
 
 def test_signal_at_any_step_checkpoints_it_and_resumes_exactly(reference_run, tmp_path):
     """One run stopped five times, by SIGTERM or SIGINT: at a step between validations, at a step that
-    validates, at the end of an epoch (8 batches an epoch), again there, and at the last step (an epoch's end too); each time it
-    resumes where it stopped, except after an epoch's last batch, where it resumes from the last validation (6):
-    Lightning restores a checkpoint taken there into the next epoch with its batches counted as done."""
+    validates, at the end of an epoch (8 batches an epoch), again there, and at the last step (an epoch's end
+    too); each time it resumes where it stopped, except after an epoch's last batch, where it resumes from the
+    last validation (6): Lightning restores a checkpoint taken there into the next epoch with its batches counted
+    as done."""
     stops = ((5, signal.SIGTERM, 5), (6, signal.SIGINT, 6), (8, signal.SIGTERM, 6), (16, signal.SIGTERM, 14),
              (64, signal.SIGINT, 62))
     for step, signum, saved in stops:

@@ -46,7 +46,7 @@ def assert_stacked_equals_alone(models, inputs, labels, loss_tol: tuple, grad_to
         assert torch.equal(hits[r], alone[2]) and torch.equal(mask[r], alone[3])
         for name, p in model.named_parameters():
             torch.testing.assert_close(params[name].grad[r], p.grad, rtol=grad_tol[0], atol=grad_tol[1],
-                                       msg=lambda m: f"run {r}: {name}: {m}")
+                                       msg=lambda m, r=r, name=name: f"run {r}: {name}: {m}")
     assert params["embed.weight"].grad.abs().sum() > 0
 
 
@@ -95,7 +95,7 @@ def test_stacked_training_equals_each_run_alone(mixer):
             alone_schedule.step()
         for name, p in model.named_parameters():
             torch.testing.assert_close(params[name][position], p, rtol=1e-9, atol=1e-11,
-                                       msg=lambda m: f"run {r}: {name}: {m}")
+                                       msg=lambda m, r=r, name=name: f"run {r}: {name}: {m}")
     start = make_models(mixer, [0])[0]
     assert not torch.allclose(start.embed.weight, models[0].embed.weight)  # the runs moved
 

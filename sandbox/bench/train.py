@@ -553,10 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             packed_ok = run_packed(args, runs, report) and packed_ok
             continue
         for model, width, variant in runs:
-            run = {"alone": lambda: run_lightning(args, model, width, variant),
-                   "stacked": lambda: run_stacked(args, model, width, variant),
-                   "plain": lambda: run_plain(args, model, width)}
-            report(run[mode]())
+            if mode == "plain":
+                report(run_plain(args, model, width))
+            else:
+                report({"alone": run_lightning, "stacked": run_stacked}[mode](args, model, width, variant))
     record["ratios"] = ratios(record["rows"])
     print("\n".join(["ratios (steps/s, measured in this run):", *record["ratios"]]))
     if args.json is not None:
