@@ -549,11 +549,18 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
     lines = [f"## Study `{study.study_name}`", f"{len(trials)} trials: {counts}."]
     multi = len(study.directions) > 1
     best = study.best_trials if multi else ([study.best_trial] if complete else [])
+    seeds = (study.user_attrs.get("definition") or {}).get("seeds")
+    if seeds:
+        lines.append(f"Each trial trained at seeds {seeds}; its values are the means over them.")
     if best:
         names = sorted({p for t in best for p in t.params})
         header = ["trial", *(["value"] if not multi else [f"value {i}" for i in range(len(study.directions))]), *names]
         body = [[str(t.number), *(f"{v:.4g}" for v in t.values), *(_show(t.params.get(n)) for n in names)]
                 for t in best]
+        if seeds:  # the spread behind each mean
+            header.append("best val acc per seed")
+            for row, t in zip(body, best):
+                row.append(", ".join(f"{run['best_val_acc']:.3f}" for run in t.user_attrs["runs"].values()))
         lines += ["Pareto front:" if multi else "Best trial:", markdown_table(header, body)]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     lines += [f"- trial {t.number} failed: {t.user_attrs.get('fail_reason', 'no reason recorded')}" for t in failed]

@@ -21,8 +21,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tasks.registry import resolve as resolve_task
-from sandbox.report import (CHANCE_ACC, FLAT_RISE, collect_results, main, make_rows, mean_ci, report, to_runs,
-                            width_series)
+from sandbox.report import (CHANCE_ACC, FLAT_RISE, collect_results, main, make_rows, mean_ci, report, study_section,
+                            to_runs, width_series)
 from sandbox.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,6 +113,18 @@ def test_report_files(fixture_folder: Path):
     assert "1 fail" in markdown and "out of memory" in markdown
     for key in ("state_size_png", "pairs_png", "load_png", "study_routing_history", "study_routing_importance"):
         assert files[key].read_bytes()[:8] == PNG_MAGIC, key
+
+
+def test_a_study_with_seeds_shows_each_seed_behind_the_best_mean(tmp_path):
+    study = optuna.create_study(study_name="seeds", direction="maximize")
+    study.set_user_attr("definition", {"seeds": [0, 1]})
+    for accs in ((0.9, 0.1), (0.2, 0.3)):
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+        trial.set_user_attr("runs", {f"seed{s}": {"best_val_acc": a} for s, a in enumerate(accs)})
+        study.tell(trial, sum(accs) / 2)
+    markdown, _ = study_section(study, tmp_path)
+    assert "Each trial trained at seeds [0, 1]; its values are the means over them." in markdown
+    assert "best val acc per seed" in markdown and "| 0.5 |" in markdown and "0.900, 0.100 |" in markdown
 
 
 def test_mean_ci():
