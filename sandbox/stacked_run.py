@@ -205,7 +205,10 @@ class StackedRecallModule(L.LightningModule):
         self.register_state_dict_post_hook(_every_run_in_state)
         self.register_load_state_dict_pre_hook(_stack_of_state)
         self._sums: dict[str, torch.Tensor] = {}
-        self.router: dict[str, torch.Tensor] = {}  # each statistic [R], of each run's last forward
+        # router statistics: of the last forward ({name: [runs in the stack then]}, with their positions), and of
+        # each run that left the stack, its last forward's
+        self._router: tuple[dict[str, torch.Tensor], dict[int, int]] = ({}, {})
+        self._router_of_ended: dict[int, dict[str, torch.Tensor]] = {}
         self._refresh_stack()
 
     def setup(self, stage: str) -> None:
@@ -234,10 +237,15 @@ class StackedRecallModule(L.LightningModule):
     def _forward(self, batch):
         inputs, labels, bins = self._of_stack(batch)
         loss, aux, hits, mask, router = self.model.losses(inputs, labels, self.max_labels)
-        for key, value in router.items():
-            self.router.setdefault(key, torch.full((self.runs,), math.nan, device=value.device))
-            self.router[key].index_copy_(0, self._stack_index.to(value.device), value.detach().float())
+        self._router = ({key: value.detach() for key, value in router.items()}, self._position)  # no graph kept
         return loss, aux, hits, mask, bins
+
+    def router_of(self, run: int) -> dict[str, torch.Tensor]:
+        """Run `run`'s router statistics of its last forward ({} before any)."""
+        router, position = self._router
+        if run in position:
+            return {key: value[position[run]] for key, value in router.items()}
+        return self._router_of_ended.get(run, {})
 
     def _update_running(self) -> None:
         """The runs still training, and for the logger the step and epoch where each other one ended."""
@@ -265,7 +273,7 @@ class StackedRecallModule(L.LightningModule):
                 metrics.update({run_key(r, "train/loss"): loss[p], run_key(r, "train/acc"): acc[p],
                                 run_key(r, "train/aux_loss"): aux[p]})
         if self.global_step % every == 0:
-            metrics.update({run_key(r, f"router/{k}"): v[r] for k, v in self.router.items() for r in self._running})
+            metrics.update({run_key(r, f"router/{k}"): v for r in self._running for k, v in self.router_of(r).items()})
         self.log_dict(metrics)
         return total.sum()
 
@@ -304,7 +312,7 @@ class StackedRecallModule(L.LightningModule):
             p = self._position[r]
             logged.update({run_key(r, k): v for k, v in metrics[p].items()})
             logged.update({run_key(r, f"diag/{k}"): v[p] for k, v in diag.items()})
-            logged.update({run_key(r, f"router/{k}"): v[r] for k, v in self.router.items()})
+            logged.update({run_key(r, f"router/{k}"): v for k, v in self.router_of(r).items()})
             improved[r] = accs[p] > best[r]
             if improved[r]:
                 best[r] = accs[p]
@@ -337,6 +345,7 @@ class StackedRecallModule(L.LightningModule):
 
     def _let_ended_runs_go(self) -> None:
         """The model, optimizer and batches keep only the runs still training."""
+        self._router_of_ended.update({r: self.router_of(r) for r in self._stack if r not in self._running})
         keep = torch.tensor([self._position[r] for r in self._running], device=self._stack_index.device)
         renamed = self.model.replace({name: value[keep] for name, value in self.model.named_parameters()})
         self.trainer.optimizers[0].keep_runs(keep, renamed)
@@ -505,7 +514,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 tested=tested, steps=ended_step if ended_step >= 0 else trainer.global_step,
                 epochs=int(module.ended_epoch[r]) if module.ended_epoch[r] >= 0 else trainer.current_epoch,
                 model=module.model.template,
-                router={k: float(v[r]) for k, v in module.router.items()}, max_seq_len=datamodule.max_seq_len,
+                router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
                 backend=kernels.resolve_backend(cfgs[r].model.backend, trainer.strategy.root_device),
                 resumed=resume_from is not None, start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})
