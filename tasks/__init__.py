@@ -3,6 +3,7 @@
     tasks.available()                                   -> ['ar', 'fuzzy_recall', 'memorization', ...]
     tasks.make(name, *, num_examples, seed, **params)   -> TaskData(inputs, labels, slices), numpy arrays
     tasks.make_mixture(name, segments, *, seed, **common_params)
+    tasks.chance_accuracy(name, segments, *, seed, **common_params) -> a guess's accuracy on that mixture
     tasks.split_seed(seed, split); tasks.make_split(name, split, *, num_examples | segments, seed, **params)
     tasks.overlap(a, b)                                 -> indices of b's examples whose inputs occur in a
 
@@ -12,8 +13,8 @@ tracking (parity.py, modular_sum.py, s5.py). Why MAD's compression task is not h
 """
 
 from tasks.common import IGNORE
-from tasks.registry import TaskData, available, defaults, make, make_mixture
+from tasks.registry import TaskData, available, chance_accuracy, defaults, make, make_mixture
 from tasks.splits import SPLITS, make_split, overlap, split_seed
 
-__all__ = ["IGNORE", "SPLITS", "TaskData", "available", "defaults", "make", "make_mixture", "make_split",
-           "overlap", "split_seed"]
+__all__ = ["IGNORE", "SPLITS", "TaskData", "available", "chance_accuracy", "defaults", "make", "make_mixture",
+           "make_split", "overlap", "split_seed"]

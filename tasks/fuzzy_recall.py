@@ -73,6 +73,12 @@ def sample_motifs(rng: np.random.Generator, num_rows: int, k: int, size: int, lo
     return low + numbers[:, :, None] // place_values % base
 
 
+def chance(*, vocab_size, num_kv_pairs, **_) -> float:
+    """Token j of one of the K value motifs of the context, guessed: its own (1/K), or another whose token j
+    is the same (tokens uniform over the V - V // 2 value tokens)."""
+    return 1 / num_kv_pairs + (1 - 1 / num_kv_pairs) / (vocab_size - vocab_size // 2)
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_kv_pairs, key_motif_size,
              value_motif_size, power_a):
     n, k, width = num_examples, num_kv_pairs, key_motif_size + value_motif_size

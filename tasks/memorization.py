@@ -33,6 +33,12 @@ def value_of_key(vocab_size: int, map_seed: int) -> np.ndarray:
     return np.concatenate([[0], values[:vocab_size // 2 - 1]])
 
 
+def chance(*, vocab_size, **_) -> float:
+    """A guess among the V // 2 - 1 values the map takes (equally likely: keys are uniform), which needs no
+    memorised pair."""
+    return 1 / (vocab_size // 2 - 1)
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, map_seed):
     n = num_examples
     inputs, labels = new_sequences(rng, n, seq_len, vocab_size, False)

@@ -26,6 +26,11 @@ def validate(*, vocab_size, seq_len, modulus, labels_at, where: str = "modular_s
     check_state_tracking(where, vocab_size=vocab_size, seq_len=seq_len, num_symbols=modulus, labels_at=labels_at)
 
 
+def chance(*, modulus, **_) -> float:
+    """A guess among the m residues."""
+    return 1 / modulus
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, modulus, labels_at):
     residues = rng.integers(0, modulus, size=(num_examples, seq_len))
     states = np.cumsum(residues, axis=1) % modulus

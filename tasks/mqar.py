@@ -42,6 +42,11 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, power_a, random_filler) -> No
     check_bool("mqar", "random_filler", random_filler)
 
 
+def chance(*, num_kv_pairs, **_) -> float:
+    """A guess among the K values of the context."""
+    return 1 / num_kv_pairs
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_kv_pairs, power_a,
              random_filler):
     n, k = num_examples, num_kv_pairs

@@ -53,6 +53,11 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, noise_fraction, random_filler
     check_bool("noisy_ar", "random_filler", random_filler)
 
 
+def chance(*, num_kv_pairs, **_) -> float:
+    """A guess among the K values of the context."""
+    return 1 / num_kv_pairs
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_kv_pairs,
              noise_fraction, random_filler):
     n, k = num_examples, num_kv_pairs

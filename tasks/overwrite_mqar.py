@@ -58,6 +58,11 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, overwrite_fraction, power_a, 
     check_bool(where, "random_filler", random_filler)
 
 
+def chance(*, num_kv_pairs, overwrite_fraction, **_) -> float:
+    """A guess among the K + R values of the context."""
+    return 1 / (num_kv_pairs + num_overwritten(num_kv_pairs, overwrite_fraction))
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_kv_pairs,
              overwrite_fraction, power_a, random_filler):
     n, k = num_examples, num_kv_pairs

@@ -21,6 +21,11 @@ def validate(*, vocab_size, seq_len, labels_at) -> None:
     modular_sum.validate(vocab_size=vocab_size, seq_len=seq_len, modulus=2, labels_at=labels_at, where="parity")
 
 
+def chance(**_) -> float:
+    """A guess of one of the two parities."""
+    return 1 / 2
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, labels_at):
     inputs, labels, slices = modular_sum.generate(rng, num_examples, vocab_size=vocab_size, seq_len=seq_len,
                                                   modulus=2, labels_at=labels_at)

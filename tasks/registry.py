@@ -1,12 +1,13 @@
 """The task registry and the two ways to build a dataset: `make` (one setting) and `make_mixture` (several).
 
 A task is a generator `generate(rng, num_examples, **params) -> (inputs, labels, slices)` of numpy arrays,
-a `validate(**params)` that raises ValueError naming a bad setting, and its default params. `make` checks
-everything (task name, unknown params, every value) before it draws a single number, and returns numpy
-arrays: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
-`inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task
-has a `seq_len` slice, so a test segment longer than the training ones is reported apart (length
-extrapolation).
+a `validate(**params)` that raises ValueError naming a bad setting, a `chance(**params)` (the accuracy per
+labelled position of a guess among the answers the context allows: what a model scores that learnt the
+format and not the task; `chance_accuracy` weighs it over a dataset's labelled positions), and its default
+params. `make` checks everything (task name, unknown params, every value) before it draws a single number, and
+returns numpy arrays: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
+`inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task has a
+`seq_len` slice, so a test segment longer than the training ones is reported apart (length extrapolation).
 
 MAD's compression task is left out: it needs an encoder that pools the whole sequence into one vector and a
 decoder that rebuilds every token from that vector alone. The sandbox's backbone is a causal language model
@@ -39,31 +40,31 @@ from tasks.common import IGNORE, check_int
 class Task:
     generate: Callable
     validate: Callable
+    chance: Callable[..., float]  # (**params) -> the accuracy of a guess that learnt the format, not the task
     defaults: dict
     summary: str
 
+    @classmethod
+    def of(cls, module, summary: str) -> "Task":
+        """The task that `module` defines (its generate, validate, chance and DEFAULTS)."""
+        return cls(module.generate, module.validate, module.chance, module.DEFAULTS, summary)
+
 
 TASKS = {
-    "mqar": Task(mqar.generate, mqar.validate, mqar.DEFAULTS,
-                 "multi-query associative recall (Zoology): K pairs, then every key queried once"),
-    "ar": Task(ar.generate, ar.validate, ar.DEFAULTS,
-               "associative recall: K pairs, then one key queried at the last position"),
-    "noisy_ar": Task(noisy_ar.generate, noisy_ar.validate, noisy_ar.DEFAULTS,
-                     "associative recall with noise tokens from a reserved vocabulary between the pairs"),
-    "overwrite_mqar": Task(overwrite_mqar.generate, overwrite_mqar.validate, overwrite_mqar.DEFAULTS,
-                           "MQAR where some keys get a new value later; the latest value is the answer"),
-    "fuzzy_recall": Task(fuzzy_recall.generate, fuzzy_recall.validate, fuzzy_recall.DEFAULTS,
-                         "MQAR with multi-token key and value motifs (MAD); the labels are the value's motif"),
-    "selective_copying": Task(selective_copying.generate, selective_copying.validate, selective_copying.DEFAULTS,
-                              "data tokens scattered among blanks, produced in order after a separator (MAD)"),
-    "memorization": Task(memorization.generate, memorization.validate, memorization.DEFAULTS,
-                         "a fixed key-to-value map shared by all splits, learnt into the weights (MAD)"),
-    "parity": Task(parity.generate, parity.validate, parity.DEFAULTS,
-                   "state tracking: the parity of the bits read so far"),
-    "modular_sum": Task(modular_sum.generate, modular_sum.validate, modular_sum.DEFAULTS,
-                        "state tracking: the running sum of residues modulo `modulus`"),
-    "s5": Task(s5.generate, s5.validate, s5.DEFAULTS,
-               "state tracking: the running composition of permutations of 5 elements"),
+    "mqar": Task.of(mqar, "multi-query associative recall (Zoology): K pairs, then every key queried once"),
+    "ar": Task.of(ar, "associative recall: K pairs, then one key queried at the last position"),
+    "noisy_ar": Task.of(noisy_ar, "associative recall with noise tokens from a reserved vocabulary between the pairs"),
+    "overwrite_mqar": Task.of(overwrite_mqar,
+                              "MQAR where some keys get a new value later; the latest value is the answer"),
+    "fuzzy_recall": Task.of(fuzzy_recall,
+                            "MQAR with multi-token key and value motifs (MAD); the labels are the value's motif"),
+    "selective_copying": Task.of(selective_copying,
+                                 "data tokens scattered among blanks, produced in order after a separator (MAD)"),
+    "memorization": Task.of(memorization,
+                            "a fixed key-to-value map shared by all splits, learnt into the weights (MAD)"),
+    "parity": Task.of(parity, "state tracking: the parity of the bits read so far"),
+    "modular_sum": Task.of(modular_sum, "state tracking: the running sum of residues modulo `modulus`"),
+    "s5": Task.of(s5, "state tracking: the running composition of permutations of 5 elements"),
 }
 
 
@@ -118,6 +119,27 @@ def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params)
     shorter than the longest are right-padded with input 0 and label -100; the `seq_len` slice keeps each
     example's own length.
     """
+    plans, parts = _mixture_parts(name, segments, seed, common_params)
+    width = max(params["seq_len"] for _, params in plans)
+    inputs = np.concatenate([pad_right(x, width, 0) for x, _, _ in parts])
+    labels = np.concatenate([pad_right(y, width, IGNORE) for _, y, _ in parts])
+    slices = {key: np.concatenate([s[key] for _, _, s in parts]) for key in parts[0][2]}
+    return _task_data(inputs, labels, slices)
+
+
+def chance_accuracy(name: str, segments: list[dict], *, seed: int, **common_params) -> float:
+    """The accuracy at chance of the labelled positions of `make_mixture(name, segments, seed=seed,
+    **common_params)`: each segment's `chance` (a guess among the answers its context allows, e.g. 1/K on
+    MQAR: the format learnt, not the bindings) weighted by its labelled positions."""
+    plans, parts = _mixture_parts(name, segments, seed, common_params)
+    labelled = [int((labels != IGNORE).sum()) for _, labels, _ in parts]
+    chances = [get(name).chance(**params) for _, params in plans]
+    return sum(n * c for n, c in zip(labelled, chances)) / max(sum(labelled), 1)
+
+
+def _mixture_parts(name: str, segments: list[dict], seed: int, common_params: dict) -> tuple[list, list]:
+    """Each segment's (num_examples, full params), checked before anything is drawn, and its generated
+    (inputs, labels, slices)."""
     check_int(name, "seed", seed, 0)
     if not isinstance(segments, (list, tuple)) or not segments:
         raise ValueError(f"{name}: segments={segments!r} is invalid; valid: a non-empty list of dicts")
@@ -130,15 +152,10 @@ def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params)
             plans.append((num_examples, resolve(name, params)))
         except ValueError as error:
             raise ValueError(f"segment {i}: {error}") from None
-
-    width = max(params["seq_len"] for _, params in plans)
     children = np.random.SeedSequence(seed).spawn(len(plans))
     parts = [get(name).generate(np.random.default_rng(child), num_examples, **params)
              for child, (num_examples, params) in zip(children, plans)]
-    inputs = np.concatenate([pad_right(x, width, 0) for x, _, _ in parts])
-    labels = np.concatenate([pad_right(y, width, IGNORE) for _, y, _ in parts])
-    slices = {key: np.concatenate([s[key] for _, _, s in parts]) for key in parts[0][2]}
-    return _task_data(inputs, labels, slices)
+    return plans, parts
 
 
 def pad_right(rows: np.ndarray, width: int, value: int) -> np.ndarray:

@@ -41,6 +41,11 @@ def validate(*, vocab_size, seq_len, labels_at) -> None:
                          labels_at=labels_at)
 
 
+def chance(**_) -> float:
+    """A guess among the 120 permutations."""
+    return 1 / len(PERMUTATIONS)
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, labels_at):
     elements = rng.integers(0, len(PERMUTATIONS), size=(num_examples, seq_len))
     states = np.empty_like(elements)

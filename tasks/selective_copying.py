@@ -31,6 +31,12 @@ def validate(*, vocab_size, seq_len, num_tokens_to_copy) -> None:
               f"(seq_len - 1) // 2 for seq_len={seq_len}: a region at least as long as the copy")
 
 
+def chance(*, vocab_size, num_tokens_to_copy, **_) -> float:
+    """A guess of a token of the region, at a random one of its C data positions: right with probability
+    E[copies of the answer among the C] / C = (1 + (C - 1) / (V - 2)) / C."""
+    return (1 + (num_tokens_to_copy - 1) / (vocab_size - 2)) / num_tokens_to_copy
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_tokens_to_copy):
     n, c = num_examples, num_tokens_to_copy
     region = seq_len - c - 1

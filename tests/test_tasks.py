@@ -1,5 +1,6 @@
 """Tests of tasks/: each invariant of each task, recomputed independently from the generated context."""
 
+import dataclasses
 import itertools
 import math
 import subprocess
@@ -306,7 +307,7 @@ def boom(*args, **kwargs):
 @pytest.fixture
 def no_generation(monkeypatch):
     for name, task in registry.TASKS.items():
-        monkeypatch.setitem(registry.TASKS, name, registry.Task(boom, task.validate, task.defaults, task.summary))
+        monkeypatch.setitem(registry.TASKS, name, dataclasses.replace(task, generate=boom))
 
 
 BAD = [
@@ -455,3 +456,56 @@ def test_tasks_import_numpy_only():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sandbox', 'models', 'kernels')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def _guess(name: str, params: dict, data, rng: np.random.Generator) -> np.ndarray:
+    """At every labelled position, a guess among the answers its context allows, drawn as the task's definition
+    says (independently of `chance`); returns whether each guess is right."""
+    V = params["vocab_size"]
+    hits = []
+    for inputs, labels in zip(data.inputs, data.labels):
+        at = np.nonzero(labels != IGNORE)[0]
+        if name in ("mqar", "ar", "overwrite_mqar"):  # every value of the context (filler is 0)
+            guesses = rng.choice(inputs[inputs >= V // 2], len(at))
+        elif name == "noisy_ar":  # the values, not the noise tokens of the top quarter
+            guesses = rng.choice(inputs[(inputs >= V // 2) & (inputs < 3 * V // 4)], len(at))
+        elif name == "fuzzy_recall":  # token j of a random value motif of the context, j = offset in its run
+            w, m_k, m_v = params["key_motif_size"] + params["value_motif_size"], params["key_motif_size"], \
+                params["value_motif_size"]
+            motifs = inputs[:params["num_kv_pairs"] * w].reshape(-1, w)[:, m_k:]
+            offsets = np.arange(len(at)) % m_v
+            guesses = motifs[rng.integers(0, len(motifs), len(at)), offsets]
+        elif name == "selective_copying":  # a data token of the region, before the separator
+            region = inputs[:np.nonzero(inputs == 1)[0][0]]
+            guesses = rng.choice(region[region >= 2], len(at))
+        else:  # no context to read: the labels the whole set takes
+            guesses = rng.choice(np.unique(data.labels[data.labels != IGNORE]), len(at))
+        hits.append(guesses == labels[at])
+    return np.concatenate(hits)
+
+
+@pytest.mark.parametrize("name,segments,params", [
+    ("mqar", [{"num_kv_pairs": 4}, {"num_kv_pairs": 8, "seq_len": 128}], {}),
+    ("ar", [{}], {}),
+    ("noisy_ar", [{}], {}),
+    ("overwrite_mqar", [{}], {}),
+    ("fuzzy_recall", [{"vocab_size": 16}, {"vocab_size": 64}], {}),
+    ("selective_copying", [{}], {}),
+    ("memorization", [{}], {"vocab_size": 16}),
+    ("parity", [{}], {}),
+    ("modular_sum", [{}], {}),
+    ("s5", [{}], {}),
+])
+def test_chance_accuracy_is_what_a_guess_scores(name, segments, params):
+    segments = [{"num_examples": 800, **s} for s in segments]
+    rng = np.random.default_rng(0)
+    hits = []
+    for i, segment in enumerate(segments):
+        setting = {k: v for k, v in {**params, **segment}.items() if k != "num_examples"}
+        data = tasks.make_mixture(name, [segment], seed=i, **params)
+        hits.append(_guess(name, registry.resolve(name, setting), data, rng))
+    hits = np.concatenate(hits)
+    # the segments drawn one by one with seed i are not the mixture's draws, but have its labelled positions
+    expected = tasks.chance_accuracy(name, segments, seed=0, **params)
+    assert abs(hits.mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(hits)) + 1e-3, \
+        (hits.mean(), expected)
