@@ -147,10 +147,7 @@ class RecallDataModule(L.LightningDataModule):
         if self.datasets:
             return
         for split in SPLITS:
-            segments = [dict(s) for s in self.segments[split]]
-            if self.limit_examples is not None:
-                for segment in segments:
-                    segment["num_examples"] = min(segment["num_examples"], self.limit_examples)
+            segments = tasks.capped(self.segments[split], self.limit_examples)
             data = tasks.make_mixture(self.name, segments, seed=tasks.split_seed(self.seed, split), **self.params)
             self.datasets[split] = RecallDataset(data)
 

@@ -3,8 +3,9 @@
 A row of the tables is one configuration: runs that agree on every config key but the seed and the optimiser
 settings (`optim.*`: learning rate, weight decay, ...). Within a row the optimiser setting is chosen on
 validation (Zoology's protocol for the learning rate, MAD's grid of learning rate x weight decay: the highest
-mean best validation accuracy over seeds), and test accuracy is the mean and 95% interval over the seeds at
-that setting. Runs that did not finish (diverged, not trained, interrupted, failed) are counted, never averaged.
+mean best validation accuracy, on the seeds every setting has), and test accuracy is the mean and 95% interval
+over the seeds at that setting. Runs that did not finish (diverged, not trained, interrupted, failed) are
+counted, never averaged; a configuration run twice counts once; run folders without a result are named.
 
 Writes into FOLDER (or --out): `results.csv` (one line per run: status, config flattened, metrics;
 `stacked_with`: the runs of its stack, which share its `wall_time_s`), `lr_sensitivity.csv` (mean validation
@@ -18,6 +19,8 @@ result.json or study.db that cannot be read is named in a warning and left out.
 
 import argparse
 import csv
+import functools
+import json
 import math
 import statistics
 import sys
@@ -35,29 +38,37 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sandbox.results import atomic_path, collect_results
+import tasks
+from sandbox.results import NOT_IDENTITY, RESULT_FILE, atomic_path, collect_results
 
 FINISHED = "finished"
-# Config keys that never define what a run is (where it is written, how it is shown).
-IGNORED_KEYS = {"output_root", "name", "callbacks.progress"}
+# The ends that say something about a run's optimiser setting: a diverged run counts against it; an
+# interrupted, failed or untrained run says nothing about it and is left out of the choice.
+EVIDENCE = (FINISHED, "diverged")
+# What "auto" settings resolved to, from the result: bf16 Triton runs and float32 PyTorch runs are different
+# computations, never averaged in one row.
+RESOLVED_KEYS = {"config.trainer.precision": "precision", "config.model.backend": "backend"}
 # A row averages over seeds and selects over optimiser settings; every other key in which runs differ makes rows.
 SEED_KEY, LR_KEY, OPTIM_PREFIX = "config.seed", "config.optim.lr", "config.optim."
 OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
 # experiment=mad marks its runs with `suite: mad`; they are scored per task apart from the other runs.
 SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
-# A finished run whose best validation accuracy stays below this never left chance: on MQAR with V = 8192 a
-# uniform guess scores about 2/V and a guess among the K values of the context 1/K (0.016 at K = 64); runs
-# stuck on Zoology's settings score 0.000-0.006, runs that learn pass 0.25.
-CHANCE_ACC = 0.05
+# A finished run never left chance when its best validation accuracy stays below its validation set's accuracy
+# at chance c (`tasks.chance_accuracy`: a guess among the answers the context allows, 1/K on MQAR) plus
+# CHANCE_MARGIN of the way from c to 1. Runs stuck on Zoology's MQAR score 0.000-0.006 (c about 0.03), runs
+# stuck at the format on the capacity task 0.06 (c = 0.054); runs that learn pass 0.25.
+CHANCE_MARGIN = 0.05
 WIDTH_KEY = "config.model.d_model"  # plots put widths on one line (state size) or in panels (pairs)
 # A run is still rising when its best validation accuracy grew by more than FLAT_RISE over the last
 # FLAT_TAIL of its steps without reaching the early-stopping threshold: its training was too short.
 FLAT_RISE, FLAT_TAIL = 0.01, 0.25
 METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs", "steps")
-# Two-sided 95% critical values of Student's t by degrees of freedom; past 30 the normal value is close.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-       10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 ABSENT = "—"  # a key a run's config does not have (e.g. one added to other runs with +key=value)
+
+
+def identity_key(key: str) -> bool:
+    """Whether a flattened config key is part of what a run is (not one of NOT_IDENTITY or below one)."""
+    return not any(key == k or key.startswith(k + ".") for k in NOT_IDENTITY)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -122,19 +133,59 @@ def to_runs(results: list[dict]) -> list[dict]:
         run = {"run_dir": result["run_dir"], "status": result.get("status", FINISHED),
                "status_reason": result.get("status_reason", ""),
                "model": model_label(config), "family": model_family(config)}
-        run.update({f"config.{k}": v for k, v in flatten(config).items() if k not in IGNORED_KEYS})
+        run.update({f"config.{k}": v for k, v in flatten(config).items() if identity_key(k)})
+        run.update({key: result[field] for key, field in RESOLVED_KEYS.items() if result.get(field) is not None})
         run.update({m: result.get(m) for m in METRICS})
+        run["git_commit"] = result.get("git_commit")
         run["stacked_with"] = (result.get("stack") or {}).get("runs", 1)  # wall_time_s is the whole stack's
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
+        run["chance_acc"] = val_chance(config)
         if run["status"] == FINISHED:
-            run["at_chance"] = run["best_val_acc"] < CHANCE_ACC
+            chance = run["chance_acc"]
+            run["at_chance"] = None if chance is None else run["best_val_acc"] < chance + CHANCE_MARGIN * (1 - chance)
             rise = val_rise(result["run_dir"], result.get("steps"))
             threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold", 1.0)
             run["val_rise_last_quarter"] = rise
             run["still_rising"] = None if rise is None else rise > FLAT_RISE and run["best_val_acc"] < threshold
         runs.append(run)
     return runs
+
+
+def val_chance(config: dict) -> float | None:
+    """The accuracy at chance of the run's validation split (`tasks.chance_accuracy`); None when its config does
+    not give the split (results of older versions)."""
+    task = config.get("task")
+    try:
+        return _chance_of_split(json.dumps(task, sort_keys=True), tasks.split_seed(config["seed"], "val"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def _chance_of_split(task_json: str, seed: int) -> float:
+    task = json.loads(task_json)
+    segments = tasks.capped(task["segments"]["val"], task.get("limit_examples"))
+    return tasks.chance_accuracy(task["name"], segments, seed=seed, **task["params"])
+
+
+def drop_duplicates(runs: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """The runs with one run per configuration (every config key, seed and optimiser settings included): a
+    finished one before others, then the newest result; and each run left out, with the run kept for it. The
+    same configuration run twice (in two folders, or under two experiment names) would count its seed twice."""
+    def preference(run):
+        return run["status"] == FINISHED, (Path(run["run_dir"]) / RESULT_FILE).stat().st_mtime
+
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(sorted((k, repr(comparable(v))) for k, v in run.items() if k.startswith("config.")))].append(run)
+    kept, dropped = [], []
+    for members in groups.values():
+        best = max(members, key=preference)
+        kept.append(best)
+        dropped += [(run, best) for run in members if run is not best]
+    kept_ids = {id(run) for run in kept}
+    return [run for run in runs if id(run) in kept_ids], dropped
 
 
 def comparable(value):
@@ -159,6 +210,7 @@ class Row:
     tuned: list[str]  # the optimiser keys the choice is over
     choice: tuple | None
     chosen: list[dict]
+    compared: tuple | None  # the seeds the settings were compared on, when not every finished seed
 
     def stat(self, metric: str) -> tuple[float, float]:
         return mean_ci([run.get(metric) for run in self.chosen])
@@ -217,17 +269,29 @@ def by_choice(runs: list[dict], tuned: list[str]) -> dict[tuple, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: [sort_key(v) for v in item[0]]))
 
 
-def choose(runs: list[dict], tuned: list[str]) -> tuple | None:
-    """The optimiser setting with the highest mean best validation accuracy over its finished runs, never test
-    accuracy; a setting whose runs all finished goes before one with runs that did not. None if nothing
-    finished."""
-    def rank(item):
-        _, members = item
-        mean, _ = mean_ci([run["best_val_acc"] for run in finished(members)])
-        return len(finished(members)) == len(members), -math.inf if math.isnan(mean) else mean
+def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | None]:
+    """The optimiser setting with the highest mean best validation accuracy (never test accuracy), and the seeds
+    it was compared on when that is not every finished seed. A setting where a run diverged loses to any where
+    none did. The others are compared on the seeds that every one of them finished (a setting run at three seeds
+    against one seed of another compares that seed), or on all their finished seeds when they share none.
+    Interrupted, failed and untrained runs say nothing about their setting and are left out. (None, None) if
+    nothing finished."""
+    candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
+    clean = {choice: members for choice, members in candidates.items()
+             if not any(run["status"] == "diverged" for run in members)}
+    pool = clean or candidates
+    if not pool:
+        return None, None
+    seeds = [{run.get(SEED_KEY) for run in finished(members)} for members in pool.values()]
+    common = set.intersection(*seeds)
+    compared = tuple(sorted(common, key=sort_key)) if common and common != set.union(*seeds) else None
 
-    candidates = [item for item in by_choice(runs, tuned).items() if finished(item[1])]
-    return max(candidates, key=rank)[0] if candidates else None
+    def score(members):
+        mean, _ = mean_ci([run["best_val_acc"] for run in finished(members)
+                           if compared is None or run.get(SEED_KEY) in common])
+        return -math.inf if math.isnan(mean) else mean
+
+    return max(pool, key=lambda choice: score(pool[choice])), compared
 
 
 def make_rows(runs: list[dict]) -> list[Row]:
@@ -237,10 +301,10 @@ def make_rows(runs: list[dict]) -> list[Row]:
         groups[tuple(repr(comparable(run.get(k, ABSENT))) for k in keys)].append(run)
     rows = []
     for members in groups.values():
-        choice = choose(members, tuned)
+        choice, compared = choose(members, tuned)
         chosen = [run for run in finished(members) if tuple(comparable(run.get(k)) for k in tuned) == choice]
         rows.append(Row(members[0]["model"], {k: members[0].get(k, ABSENT) for k in keys}, members, tuned, choice,
-                        chosen))
+                        chosen, compared))
     return sorted(rows, key=lambda row: (row.label, *(sort_key(v) for v in row.values.values())))
 
 
@@ -249,23 +313,45 @@ def tuned_names(tuned: list[str]) -> list[str]:
 
 
 def choice_cell(row: Row) -> str:
-    """The row's chosen optimiser setting, and of how many it was chosen."""
+    """The row's chosen optimiser setting, of how many it was chosen, and on which seeds when not all."""
     if row.choice is None:
         return ABSENT
     settings = len(by_choice(row.runs, row.tuned))
-    return ", ".join(_show(v) for v in row.choice) + (f" (best of {settings})" if settings > 1 else "")
+    seeds = "" if row.compared is None else f" on seed{'s' * (len(row.compared) > 1)} " + \
+        ", ".join(_show(seed) for seed in row.compared)
+    return ", ".join(_show(v) for v in row.choice) + (f" (best of {settings}{seeds})" if settings > 1 else "")
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% interval (Student's t); 0 for a single value."""
+    """Mean and half-width of its 95% interval (Student's t); NaN for a single value, which has none."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return float("nan"), float("nan")
     if len(values) == 1:
-        return values[0], 0.0
-    dof = len(values) - 1
-    t = T95[max(k for k in T95 if k <= dof)] if dof <= 30 else 1.96
-    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+        return values[0], float("nan")
+    return statistics.fmean(values), t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+@functools.cache
+def t95(dof: int) -> float:
+    """The two-sided 95% critical value of Student's t with `dof` degrees of freedom (by bisection on P(|T| <=
+    t), which has a closed form for integer dof: Abramowitz and Stegun 26.7.3-4)."""
+    def within(t):
+        theta = math.atan(t / math.sqrt(dof))
+        c2, total, term = math.cos(theta) ** 2, 0.0, 1.0
+        if dof % 2:
+            for j in range((dof - 1) // 2):
+                total, term = total + term, term * c2 * (2 * j + 2) / (2 * j + 3)
+            return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+        for j in range(dof // 2):
+            total, term = total + term, term * c2 * (2 * j + 1) / (2 * j + 2)
+        return math.sin(theta) * total
+
+    low, high = 0.0, 1000.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if within(mid) < 0.95 else (low, mid)
+    return (low + high) / 2
 
 
 def slice_columns(runs: list[dict]) -> list[str]:
@@ -299,7 +385,7 @@ def _show(value) -> str:
 def _mean_cell(mean: float, half: float) -> str:
     if math.isnan(mean):
         return ABSENT
-    return f"{mean:.3f}" + (f" ± {half:.3f}" if half else "")
+    return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
 
 
 def _status_cell(runs: list[dict]) -> str:
@@ -308,8 +394,9 @@ def _status_cell(runs: list[dict]) -> str:
 
 
 def _chance_cell(runs: list[dict]) -> str:
-    done = finished(runs)
-    return f"{sum(run['at_chance'] for run in done)} of {len(done)}"
+    known = [run["at_chance"] for run in finished(runs) if run["at_chance"] is not None]
+    unknown = len(finished(runs)) - len(known)
+    return f"{sum(known)} of {len(known)}" + (f" (? {unknown})" if unknown else "")
 
 
 def write_csv(records: list[dict], path: Path) -> None:
@@ -618,16 +705,21 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
 
 PROTOCOL = (
     "A row is one configuration: runs that agree on every config key but `seed` and the optimiser settings "
-    "(`optim.*`). Its optimiser setting (the learning rate, and every other `optim` key in which the runs differ, "
-    "such as the weight decay) is chosen on validation: the highest mean best validation accuracy over seeds (a "
-    "setting whose runs all finished before one with runs that did not); test accuracy is the mean and 95% "
-    "interval (Student's t) over the seeds at that setting, overall and per slice (every slice of every run is "
-    "in results.csv). `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; "
-    f"runs that did not finish are never averaged. `at chance`: finished runs (all settings) whose best "
-    f"validation accuracy stayed below {CHANCE_ACC} (MQAR, V = 8192: a uniform guess scores ~2/V, a guess among "
-    f"the K context values 1/K). `still rising`: runs at the chosen setting whose best validation accuracy grew "
-    f"by more than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping "
-    "threshold, so longer training may change them (`?`: too few validations to tell).")
+    "(`optim.*`), with `auto` precision and backend as they resolved (bf16 Triton and float32 PyTorch runs are "
+    "rows apart). Its optimiser setting (the learning rate, and every other `optim` key in which the runs differ, "
+    "such as the weight decay) is chosen on validation: the highest mean best validation accuracy, compared on "
+    "the seeds that every setting finished (`on seed 0`: only those; a setting with more seeds does not win on "
+    "them), a setting where a run diverged after those where none did; interrupted, failed and untrained runs "
+    "say nothing about their setting. Test accuracy is the mean and 95% interval (Student's t) over the seeds "
+    "at that setting, overall and per slice (every slice of every run is in results.csv); a single seed has no "
+    "interval. `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; runs "
+    "that did not finish are never averaged. A configuration run twice (same seed and settings) counts once. "
+    f"`at chance`: finished runs (all settings) whose best validation accuracy stayed below the validation "
+    f"set's accuracy at chance c plus {CHANCE_MARGIN} (1 - c), where c is a guess among the answers each "
+    f"position's context allows (MQAR: 1/K; `?`: runs whose config does not give their validation set). "
+    f"`still rising`: runs at the chosen setting whose best validation accuracy grew by more than {FLAT_RISE} "
+    f"over the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping threshold, so longer "
+    "training may change them (`?`: too few validations to tell).")
 
 MAD_PROTOCOL = (
     "MAD's protocol (Poli et al. 2024) on the runs of `experiment=mad`: a setting is one configuration of a task "
@@ -732,6 +824,15 @@ def plot_mad_scores(records: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def folders_without_result(folder: Path) -> list[Path]:
+    """The run folders below `folder` (not hidden ones, like a stack's own) that hold checkpoints or a metrics log
+    but no result.json: runs killed before they could write one, or still running."""
+    marked = {p.parent for p in folder.rglob("checkpoints") if p.is_dir()}
+    marked |= {p.parent.parent for p in folder.rglob("metrics.csv") if p.parent.name == "logs"}
+    return sorted(path for path in marked if not (path / RESULT_FILE).exists()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
     """Write the report files; return their paths. Raises ValueError when there is nothing to report."""
     folder = Path(folder)
@@ -751,12 +852,28 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
                          + (f" ({len(skipped)} skipped, see the warnings)" if skipped else ": train something first"))
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "report.md"}
-    runs = to_runs(results)
+    runs, duplicates = drop_duplicates(to_runs(results))
+    without_result = folders_without_result(folder)
+    notes = {"Skipped (unreadable)": skipped,
+             "Counted once (the same configuration and seed as a run kept)":
+                 [f"`{run['run_dir']}`: as `{kept['run_dir']}`" for run, kept in duplicates],
+             "Run folders without a result (killed before writing one, or still running)":
+                 [f"`{path}`" for path in without_result]}
+    commits = Counter(run["git_commit"] or "not recorded" for run in runs)
+    if len(commits) > 1:
+        notes["Runs of several commits (results.csv: git_commit)"] = [f"`{c}`: {n} runs" for c, n in commits.items()]
     statuses = f" ({_status_cell(runs)})" if runs else ""
-    sections = [f"# Report: {folder}", f"{len(runs)} runs{statuses}, {len(studies)} studies, "
-                f"{len(skipped)} files skipped."]
-    if skipped:
-        sections.append("Skipped (unreadable):\n\n" + "\n".join(f"- {line}" for line in skipped))
+    sections = [f"# Report: {folder}", f"{len(runs)} runs{statuses}, {len(studies)} studies, {len(skipped)} files "
+                f"skipped, {len(duplicates)} runs counted once, {len(without_result)} run folders without a result."]
+    for title, lines in notes.items():
+        if lines:
+            sections.append(f"{title}:\n\n" + "\n".join(f"- {line}" for line in lines))
+    for run, kept in duplicates:
+        print(f"sandbox-report: warning: {run['run_dir']} counted once: the same run as {kept['run_dir']}",
+              file=sys.stderr)
+    for path in without_result:
+        print(f"sandbox-report: warning: {path} holds a run without a {RESULT_FILE} (killed, or still running)",
+              file=sys.stderr)
     for study in studies:
         text, plots = study_section(study, out)
         sections.append(text)
@@ -774,8 +891,9 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
             table.add_row(*(escape(c) for c in cells))  # labels like mom[gla] are not markup
         console.print(table)
     if tables:
-        console.print(f"at chance: best validation accuracy below {CHANCE_ACC}; still rising: best validation "
-                      f"accuracy up by more than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of the steps")
+        console.print(f"at chance: best validation accuracy below c + {CHANCE_MARGIN} (1 - c), c a guess among the "
+                      f"answers the context allows (1/K on MQAR); still rising: best validation accuracy up by more "
+                      f"than {FLAT_RISE} over the last {FLAT_TAIL:.0%} of the steps")
     for kind, path in files.items():
         console.print(f"{kind}: {path}")
     return files

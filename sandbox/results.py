@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RESULT_FILE = "result.json"
+# Config keys that cannot change what a run computes: where it is written, under which name, how progress and
+# metrics are displayed and logged. Everything else, defaults included, is part of the run's identity.
+NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger")
 # How a run ended: `status` in result.json, with a short `status_reason`.
 STATUSES = ("finished", "diverged", "not_trained", "interrupted", "failed")
 # The ends that running the same command again returns as they are; an interrupted or failed run resumes.
@@ -79,9 +82,14 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _result_problem(result) -> str | None:
-    """Why a parsed result.json cannot be reported (not an object, no model config, metrics not numbers, a
-    finished run without finite accuracies), or None if it can. Other statuses may lack the accuracies."""
+    """Why a parsed result.json cannot be reported (not an object, no model config, metrics not numbers, an
+    accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice), or None if it
+    can. Other statuses may lack the accuracies."""
     if not isinstance(result, dict) or not result:
         return "not a result (an empty or non-object JSON value)"
     config = result.get("config")
@@ -89,17 +97,19 @@ def _result_problem(result) -> str | None:
             or not isinstance(config["model"].get("mixer"), str):
         return "no config with model.mixer"
     finished = result.get("status", "finished") == "finished"
-    for key in ("best_val_acc", "test_acc", "state_size"):
-        value = result.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is not None and not number:
-            return f"{key}={value!r} is not a number"
-        if finished and key != "state_size" and not (number and math.isfinite(value)):
-            return f"status finished but {key}={value!r}"
     for key in ("test_acc_per_slice", "router"):
         values = result.get(key, {})
-        if not isinstance(values, dict) or not all(isinstance(v, (int, float)) for v in values.values()):
+        if not isinstance(values, dict) or not all(_number(v) for v in values.values()):
             return f"{key} is not a mapping of numbers"
+    accuracies = {key: result.get(key) for key in ("best_val_acc", "test_acc")}
+    accuracies.update({f"test_acc_per_slice[{k!r}]": v for k, v in result.get("test_acc_per_slice", {}).items()})
+    for key, value in [*accuracies.items(), ("state_size", result.get("state_size"))]:
+        if value is not None and not _number(value):
+            return f"{key}={value!r} is not a number"
+        if finished and key != "state_size" and not (value is not None and math.isfinite(value)):
+            return f"status finished but {key}={value!r}"
+        if key != "state_size" and value is not None and math.isfinite(value) and not 0 <= value <= 1:
+            return f"{key}={value!r} is not an accuracy in [0, 1]"
     return None
 
 

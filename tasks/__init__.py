@@ -14,7 +14,7 @@ tracking (parity.py, modular_sum.py, s5.py). Why MAD's compression task is not h
 
 from tasks.common import IGNORE
 from tasks.registry import TaskData, available, chance_accuracy, defaults, make, make_mixture
-from tasks.splits import SPLITS, make_split, overlap, split_seed
+from tasks.splits import SPLITS, capped, make_split, overlap, split_seed
 
-__all__ = ["IGNORE", "SPLITS", "TaskData", "available", "chance_accuracy", "defaults", "make", "make_mixture",
+__all__ = ["IGNORE", "SPLITS", "TaskData", "available", "capped", "chance_accuracy", "defaults", "make", "make_mixture",
            "make_split", "overlap", "split_seed"]

@@ -32,6 +32,13 @@ def make_split(name: str, split: str, *, num_examples: int | None = None, segmen
     return make_mixture(name, segments, seed=split_seed(seed, split), **params)
 
 
+def capped(segments: list[dict], limit_examples: int | None) -> list[dict]:
+    """The segments with each one's num_examples at most `limit_examples` (None: as they are)."""
+    if limit_examples is None:
+        return [dict(s) for s in segments]
+    return [{**s, "num_examples": min(s["num_examples"], limit_examples)} for s in segments]
+
+
 def overlap(a: TaskData, b: TaskData) -> np.ndarray:
     """int64 indices (ascending) of the examples of `b` whose inputs also occur in `a`.
 

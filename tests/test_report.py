@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -21,14 +22,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tasks.registry import resolve as resolve_task
-from sandbox.report import (CHANCE_ACC, FLAT_RISE, collect_results, main, make_rows, mean_ci, report, study_section,
-                            to_runs, width_series)
+from sandbox.report import (CHANCE_MARGIN, FLAT_RISE, collect_results, main, make_rows, mean_ci, report, study_section,
+                            t95, to_runs, width_series)
 from sandbox.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T95_DOF2 = 4.303  # Student's t, two-sided 95%, 2 degrees of freedom (three seeds)
+# MQAR at K = 4 (accuracy at chance 1/4): what write_run's runs validate on unless told otherwise
+MQAR_K4 = {"name": "mqar", "params": {"vocab_size": 64, "power_a": 0.01, "random_filler": False},
+           "segments": {"val": [{"seq_len": 16, "num_kv_pairs": 4, "num_examples": 20}]}, "limit_examples": None}
 
 
 def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int = 0, lr: float = 3e-3,
@@ -37,8 +41,8 @@ def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int 
               weight_decay: float | None = None, task: dict | None = None, suite: str | None = None,
               **extra) -> Path:
     """A result.json as train() writes it; `status` None leaves the key out (results from before statuses);
-    `curve` [(step, val_acc), ...] becomes logs/metrics.csv; `weight_decay`, `task` and `suite` (None: left
-    out) go into the config."""
+    `curve` [(step, val_acc), ...] becomes logs/metrics.csv; `weight_decay` and `suite` (None: left out) and
+    `task` (None: MQAR_K4) go into the config."""
     mixer_options = {"num_heads": 1, **(options or {})}
     if mixer == "mom":
         mixer_options = {"num_memories": 4, "top_k": 2, "shared_memory": True, "rule": "gated_deltanet",
@@ -47,7 +51,7 @@ def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int 
         "config": {"name": "grid", "output_root": "x", "seed": seed, "optim": {"lr": lr, "warmup_ratio": 0.05},
                    "model": {"mixer": mixer, "d_model": d_model, "mixer_options": mixer_options},
                    "callbacks": {"early_stopping": {"threshold": 0.99}},
-                   **({"task": task} if task else {}), **({"suite": suite} if suite else {})},
+                   "task": task or MQAR_K4, **({"suite": suite} if suite else {})},
         "best_val_acc": val, "test_acc": test, "test_acc_per_slice": slices or {},
         "state_size": state_size, "num_parameters": 1000, "wall_time_s": 1.0, "epochs": 1, "steps": 1000,
         "router": {}, **extra,
@@ -107,9 +111,10 @@ def test_report_files(fixture_folder: Path):
     markdown = files["markdown"].read_text()
     # attention over two seeds: test acc 0.99 and 0.98, half-width t(1) * stdev / sqrt(2) = 12.706 * 0.00707 / 1.414;
     # at K = 8: 0.98 and 0.96, half-width 12.706 * 0.01414 / 1.414
-    assert "| attention | 0.003 | 2 | 2 finished | 0 of 2 | ? | 0.985 ± 0.064 | 1.000 | 0.970 ± 0.127 | 16384 |" \
-        in markdown
-    assert f"below {CHANCE_ACC}" in markdown and f"more than {FLAT_RISE}" in markdown
+    # at K = 4 both are 1.0: an interval of width 0, shown (a single seed shows none)
+    assert ("| attention | 0.003 | 2 | 2 finished | 0 of 2 | ? | 0.985 ± 0.064 | 1.000 ± 0.000 | 0.970 ± 0.127 "
+            "| 16384 |") in markdown
+    assert f"plus {CHANCE_MARGIN} (1 - c)" in markdown and f"more than {FLAT_RISE}" in markdown
     assert "1 fail" in markdown and "out of memory" in markdown
     for key in ("state_size_png", "pairs_png", "load_png", "study_routing_history", "study_routing_importance"):
         assert files[key].read_bytes()[:8] == PNG_MAGIC, key
@@ -128,9 +133,17 @@ def test_a_study_with_seeds_shows_each_seed_behind_the_best_mean(tmp_path):
 
 
 def test_mean_ci():
-    assert mean_ci([0.5]) == (0.5, 0.0)
+    mean, half = mean_ci([0.5])
+    assert mean == 0.5 and math.isnan(half)  # one value has no interval
     mean, half = mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(T95_DOF2 * 1.0 / 3 ** 0.5)
+    assert mean == 2.0 and half == pytest.approx(T95_DOF2 * 1.0 / 3 ** 0.5, rel=1e-4)
+    assert mean_ci([0.7, 0.7]) == (0.7, 0.0)
+
+
+@pytest.mark.parametrize("dof,t", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (11, 2.2010), (13, 2.1604),
+                                   (24, 2.0639), (31, 2.0395), (60, 2.0003), (1000, 1.9623)])
+def test_t95_is_student_s_two_sided_critical_value(dof, t):
+    assert t95(dof) == pytest.approx(t, abs=1e-4)
 
 
 def test_report_cli_errors(tmp_path, capsys):
@@ -415,3 +428,97 @@ def test_experiment_mad_multirun_of_one_cut_down_job_is_scored(tmp_path):
     assert len(list((tmp_path / "mad").rglob("result.json"))) == 1
     table = mad_lines(report(tmp_path / "mad")["markdown"].read_text())
     assert list(table) == ["attention"] and table["attention"]["mqar"] != "—"
+
+
+def test_a_configuration_run_twice_counts_once(tmp_path, capsys):
+    for seed in range(3):
+        write_run(tmp_path / "grid", f"s{seed}", seed=seed, test=0.5 + 0.1 * seed)
+    # seed 0 again: in another folder, and under another experiment name (not part of what a run is), older
+    for name, test in (("again", 0.1), ("probe", 0.2)):
+        copy = write_run(tmp_path / name, "s0", seed=0, test=test)
+        result = json.loads((copy / "result.json").read_text())
+        result["config"]["name"] = name
+        (copy / "result.json").write_text(json.dumps(result))
+        os.utime(copy / "result.json", (1e9, 1e9))
+    files = report(tmp_path)
+    markdown = files["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "runs")] == "3"
+    assert cells[column(markdown, "test_acc")].startswith(f"{statistics.fmean([0.5, 0.6, 0.7]):.3f} ± ")
+    assert "2 runs counted once" in markdown and f"`{tmp_path / 'again' / 's0'}`: as" in markdown
+    assert capsys.readouterr().err.count("counted once") == 2
+
+
+def test_settings_are_compared_on_the_seeds_they_all_have(tmp_path):
+    """1e-3 ran at three seeds, 1e-2 at seed 0 only: on seed 0, 1e-3 validates better (0.9 against 0.8), although
+    its mean over three seeds (0.63) is below 1e-2's one seed."""
+    for seed, val in enumerate([0.9, 0.5, 0.5]):
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=val, test=val)
+    write_run(tmp_path, "b0", seed=0, lr=1e-2, val=0.8, test=0.8)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.001 (best of 2 on seed 0)"
+    assert cells[column(markdown, "runs")] == "3"
+
+
+def test_an_interrupted_run_says_nothing_about_its_setting(tmp_path):
+    for seed in range(3):
+        interrupted = seed == 2
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=None if interrupted else 0.9,
+                  test=None if interrupted else 0.9, status="interrupted" if interrupted else "finished")
+        write_run(tmp_path, f"b{seed}", seed=seed, lr=1e-2, val=0.5, test=0.5)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.001 (best of 2 on seeds 0, 1)"
+    assert cells[column(markdown, "runs")] == "2"
+    assert cells[column(markdown, "status")] == "5 finished, 1 interrupted"
+
+
+def test_runs_of_another_precision_or_backend_are_rows_apart(tmp_path):
+    """Both ran with precision and backend `auto`: one resolved to bf16 on Triton, the other to float32 on
+    PyTorch, which are different computations."""
+    write_run(tmp_path, "gpu", seed=0, precision="bf16-mixed", backend="triton", git_commit="abc")
+    write_run(tmp_path, "cpu", seed=1, precision="32-true", backend="torch", git_commit="def")
+    markdown = report(tmp_path)["markdown"].read_text()
+    lines = summary_lines(markdown)
+    assert len(lines) == 2
+    assert sorted(cells[column(markdown, "precision")] for cells in lines) == ["32-true", "bf16-mixed"]
+    assert "Runs of several commits" in markdown and "`abc`: 1 runs" in markdown
+
+
+def test_accuracies_that_are_not_accuracies_are_skipped(tmp_path, capsys):
+    write_run(tmp_path, "good", seed=0)
+    write_run(tmp_path, "bool", seed=1, test=True)
+    write_run(tmp_path, "above-one", seed=2, test=1.7)
+    write_run(tmp_path, "nan-slice", seed=3, slices={"num_kv_pairs=4": 0.5, "num_kv_pairs=8": float("nan")})
+    write_run(tmp_path, "negative-slice", seed=4, slices={"num_kv_pairs=4": -0.1})
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "test_acc=True is not a number" in err and "test_acc=1.7 is not an accuracy in [0, 1]" in err
+    assert "status finished but test_acc_per_slice['num_kv_pairs=8']=nan" in err
+    assert "test_acc_per_slice['num_kv_pairs=4']=-0.1 is not an accuracy" in err
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [Path(row["run_dir"]).name for row in rows] == ["good"]
+
+
+def test_run_folders_without_a_result_are_named(tmp_path, capsys):
+    write_run(tmp_path, "good", seed=0)
+    for folder in ("killed/checkpoints", ".stacks/abc/checkpoints", "logs-only/logs"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "logs-only" / "logs" / "metrics.csv").write_text("step,val/acc\n")
+    markdown = report(tmp_path)["markdown"].read_text()
+    assert "2 run folders without a result" in markdown
+    assert f"`{tmp_path / 'killed'}`" in markdown and f"`{tmp_path / 'logs-only'}`" in markdown
+    assert ".stacks" not in markdown  # a stack's own folder holds its checkpoint, its runs hold their results
+    assert capsys.readouterr().err.count("without a result.json") == 2
+
+
+def test_at_chance_is_measured_from_the_validation_set_s_chance(tmp_path):
+    """0.2 on MQAR at K = 4 (chance 1/4) is at chance; 0.1 at K = 64 (chance 1/64) is not."""
+    k64 = {"name": "mqar", "params": {"vocab_size": 256, "power_a": 0.01, "random_filler": False},
+           "segments": {"val": [{"seq_len": 256, "num_kv_pairs": 64, "num_examples": 4}]}}
+    write_run(tmp_path, "k4", seed=0, val=0.2, test=0.2)
+    write_run(tmp_path, "k64", seed=0, val=0.1, test=0.1, task=k64)
+    rows = {Path(row["run_dir"]).name: row for row in csv.DictReader(open(report(tmp_path)["csv"]))}
+    assert float(rows["k4"]["chance_acc"]) == 0.25 and rows["k4"]["at_chance"] == "True"
+    assert float(rows["k64"]["chance_acc"]) == 1 / 64 and rows["k64"]["at_chance"] == "False"
