@@ -211,6 +211,9 @@ BAD_SWEEP = {
     "space-param-low-equals-high": ([], {"params__lr__high": 1.0e-4}, "param lr"),
     "space-at-most-not-integers": ([], {"params__top_k__at_most": "shared_memory"}, "at_most"),
     "space-key-searched-twice": (["--param", "optim.lr=float:1e-4:1e-2"], None, "optim.lr"),
+    # choosing trials on test accuracy (the protocol chooses on validation, never on test)
+    "space-objective-on-test": ([], {"objectives": ["test_acc"]}, "objectives=['test_acc']"),
+    "space-objectives-with-test": ([], {"objectives": ["best_val_acc", "test_acc"]}, "never on test"),
     # the command line
     "param-int-not-numbers": (["--param", "model.d_model=int:a:b"], None, "model.d_model"),
     "param-float-low-equals-high": (["--param", "optim.weight_decay=float:0.1:0.1"], None, "optim.weight_decay"),
