@@ -132,14 +132,16 @@ class Interruption(L.Callback):
     Used as a context manager around a run, it handles both signals. While Lightning runs, Lightning handles
     SIGTERM as well (calling this handler too) and stops at the end of the step, after that step's validation
     if it has one, by raising SIGTERMException; SIGINT goes to that same handler. `on_exception` then writes
-    the checkpoint. A signal while Lightning does not run (building the data, saving the result) raises
-    RunInterrupted at once. `signum` is the signal received, `saved_step` the step of the checkpoint written.
+    the checkpoint, unless the run is to resume from its last validation's. A signal while Lightning does not
+    run (building the data, saving the result) raises RunInterrupted at once. `signum` is the signal received,
+    `saved_step` the step of the checkpoint written.
     """
 
     def __init__(self, checkpoint: Path):
         self.checkpoint = checkpoint
         self.signum: int | None = None
         self.saved_step: int | None = None
+        self._validated_step: int | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "Interruption":
@@ -161,12 +163,19 @@ class Interruption(L.Callback):
     def _on_sigint(self, signum, frame):
         signal.getsignal(signal.SIGTERM)(signum, frame)
 
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._validated_step = trainer.global_step
+
     def on_exception(self, trainer, pl_module, exception):
         # Stopped in training, the state is whole: checkpoint it. Stopped in validation, the run resumes from
         # its checkpoint of the last validation instead (a half-counted validation cannot be resumed); so it does
         # when stopped after an epoch's last batch, whose checkpoint Lightning restores into the next epoch with
-        # that epoch's batches counted as done (it would skip a whole epoch of data).
+        # that epoch's batches counted as done (it would skip a whole epoch of data), and after a step that
+        # validated: that validation's checkpoint is of this step, and Lightning, which counts the step for its
+        # loggers on restoring it, would count it twice from one written now (every later row one step late).
         epoch_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
-        if isinstance(exception, SIGTERMException) and trainer.training and not epoch_done:
+        validated = self._validated_step == trainer.global_step
+        if isinstance(exception, SIGTERMException) and trainer.training and not epoch_done and not validated:
             trainer.save_checkpoint(self.checkpoint, weights_only=False)
             self.saved_step = trainer.global_step

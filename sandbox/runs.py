@@ -122,7 +122,8 @@ def ended_result(run_dir: Path, digest: str) -> dict | None:
     if status not in TERMINAL:
         return None
     reason = "" if status == "finished" else f" ({stored.get('status_reason')})"
-    say(f"{run_dir} already {status.replace('_', ' ')}{reason}; delete its {RESULT_FILE} to run it again")
+    # without its result.json the run would resume from its checkpoints, so only removing the folder runs it again
+    say(f"{run_dir} already {status.replace('_', ' ')}{reason}; remove that folder to run it again")
     return stored
 
 

@@ -506,6 +506,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
         trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest), interruption, started,
                                                     *extra_callbacks], logger=loggers, per_run_selection=True)
         resume_from = runs.resume_checkpoint(stack_dir, stack_digest, module.state_dict())
+        # each run's result of the segment the stack resumes after (none if killed outright)
+        earlier = [runs.stored_result(run_dir) if resume_from is not None else None for run_dir in run_dirs]
 
         def record(r: int, status: str, reason: str, tested: dict | None = None) -> dict:
             ended_step = int(module.diverged_step[r] if status == "diverged" else module.ended_step[r])
@@ -516,7 +518,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 model=module.model.template,
                 router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
                 backend=kernels.resolve_backend(cfgs[r].model.backend, trainer.strategy.root_device),
-                resumed=resume_from is not None, start=start,
+                resumed=resume_from is not None, earlier=earlier[r], start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})
 
         try:

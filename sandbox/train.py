@@ -11,7 +11,9 @@ the objective (validation accuracy) for sweepers, and `main` exits with the code
 """
 
 import contextlib
+import csv
 import logging
+import math
 import os
 import re
 import signal
@@ -29,6 +31,8 @@ from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -118,10 +122,52 @@ def _precision(setting: str) -> str:
 
 
 def run_logger(cfg: DictConfig, run_dir: Path):
-    """The logger of a run: its metrics in `run_dir`/logs."""
+    """The logger of a run: its metrics in `run_dir`/logs (a resumed run's metrics.csv goes on; TensorBoard's
+    event files add up by themselves)."""
     if cfg.logger.kind == "tensorboard":
         return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
-    return CSVLogger(save_dir=run_dir, name="logs", version="")
+    return ResumableCSVLogger(save_dir=run_dir, name="logs", version="")
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, whose metrics.csv keeps the rows of a resumed run's earlier segments."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _ResumableWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; this one keeps it and, at its first save, drops the
+    rows that this segment writes again: those at or after the first step it logs."""
+
+    def _check_log_dir_exists(self) -> None:  # called by __init__ instead of Lightning's, which deletes the file
+        self._continues = self._fs.isfile(self.metrics_file_path)
+
+    def save(self) -> None:
+        if self._continues and self.metrics:
+            self._continues = False
+            first = min(row["step"] for row in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                reader = csv.DictReader(file)
+                kept = [row for row in reader if _step(row) < first]
+                self.metrics_keys = list(reader.fieldnames or [])
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        super().save()
+
+
+def _step(row: dict) -> float:
+    try:
+        return int(row["step"])
+    except (TypeError, ValueError):  # a row cut short by a killed process
+        return math.inf
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=(), *, logger=None, per_run_selection: bool = False
@@ -196,9 +242,11 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     except RunInterrupted as stop:
         say(f"{run_dir}: interrupted by {stop} before training; run the same command to run it", error=True)
         raise
-    resume_from, tested = None, None
+    resume_from, tested, earlier = None, None, None
     try:
         resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
+        if resume_from is not None:
+            earlier = runs.stored_result(run_dir)  # of the segment it resumes after (none if killed outright)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         status, reason = _fit_status(cfg, trainer)
         if status == "finished":
@@ -213,15 +261,15 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
             runs.set_aside(resume_from, f"it cannot be restored ({runs.describe_error(err)})")
             return _train(cfg, run_dir, digest, interruption, extra_callbacks)
         failure = _result(cfg, digest, "failed", runs.describe_error(err), trainer, module, datamodule,
-                          resume_from is not None, start, tested)
+                          resume_from is not None, earlier, start, tested)
         if trainer.is_global_zero:
             with contextlib.suppress(OSError):  # a full disk cannot take the failure either
                 write_json_atomic(run_dir / RESULT_FILE, failure)
         if isinstance(err, OSError) and err.errno in UNWRITABLE:
             raise ConfigError(runs.unwritable(err, cfg.output_root, run_dir)) from err
         raise
-    result = _result(cfg, digest, status, reason, trainer, module, datamodule, resume_from is not None, start,
-                     tested)
+    result = _result(cfg, digest, status, reason, trainer, module, datamodule, resume_from is not None, earlier,
+                     start, tested)
     if trainer.is_global_zero:
         write_json_atomic(run_dir / RESULT_FILE, result)
     if status == "interrupted":
@@ -272,21 +320,26 @@ def interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
 
 
 def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, module: RecallModule,
-            datamodule: RecallDataModule, resumed: bool, start: float, tested: dict | None) -> dict:
+            datamodule: RecallDataModule, resumed: bool, earlier: dict | None, start: float,
+            tested: dict | None) -> dict:
     best_score = trainer.checkpoint_callback.best_model_score
     return result_record(cfg, digest, status, reason, trainer, best_val_acc=best_score,
                          tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
                          router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
                          backend=kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),
-                         resumed=resumed, start=start)
+                         resumed=resumed, earlier=earlier, start=start)
 
 
 def result_record(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, *, best_val_acc,
                   tested: dict | None, steps: int, epochs: int, model, router: dict, max_seq_len: int, backend: str,
-                  resumed: bool, start: float, **extra) -> dict:
+                  resumed: bool, earlier: dict | None, start: float, **extra) -> dict:
     """What result.json records for one run. Accuracies are measured for finished runs only (NaN otherwise);
-    `tested`: the test metrics (test/acc, test/loss, test/acc/<slice>)."""
+    `tested`: the test metrics (test/acc, test/loss, test/acc/<slice>). `earlier`: the result of the segment that
+    a resumed run continues (interrupted or failed), whose wall time and commits this segment's extend."""
     nan = float("nan")
+    earlier = earlier or {}
+    commit = git_commit()
+    earlier_commits = [*earlier.get("earlier_git_commits", []), earlier.get("git_commit")]
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": digest,
@@ -305,10 +358,12 @@ def result_record(cfg: DictConfig, digest: str, status: str, reason: str, traine
         "backend": backend,
         "device": str(trainer.strategy.root_device),
         "precision": trainer.precision,
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": earlier.get("wall_time_s", 0.0) + time.perf_counter() - start,
         "resumed": resumed,
         "versions": versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        # the code that trained the weights in earlier segments, where it was another commit
+        "earlier_git_commits": list(dict.fromkeys(c for c in earlier_commits if c and c != commit)),
         **extra,
     }
 

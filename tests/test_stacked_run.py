@@ -94,36 +94,59 @@ def stack_checkpoint(run_dir: Path) -> dict:
     return torch.load(stack / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("jobs", [[("seed=0",), ("seed=1",)], [("seed=0",), ("seed=1",), ("optim.lr=1e30",)]],
-                         ids=["all-running", "one-left"])
-def test_an_interrupted_stack_resumes_where_it_stopped(jobs, tmp_path, monkeypatch):
-    """Interrupted at step 12 and resumed; in the second case, a run that diverged left the stack at step 10."""
+EARLY = ("model=gated_deltanet", "callbacks.early_stopping.patience=1")
+
+
+@pytest.mark.parametrize("jobs, stop, in_stack", [
+    ([("seed=0",), ("seed=1",)], 14, [True, True]),
+    ([("seed=0",), ("seed=1",), ("optim.lr=1e30",)], 14, [True, True, False]),
+    ([(*EARLY, "optim.lr=3e-3"), (*EARLY, "seed=1", "optim.lr=3e-3"), (*EARLY, "optim.lr=1e-2")], 34,
+     [True, True, False]),
+], ids=["all-running", "one-left", "one-stopped-early"])
+def test_an_interrupted_stack_resumes_where_it_stopped(jobs, stop, in_stack, tmp_path, monkeypatch):
+    """Interrupted at step `stop` and resumed; in the second case, a run that diverged left the stack at step 10,
+    in the third one that stopped early (patience) at step 26, and is tested at the end. Each run's metrics.csv
+    is an uninterrupted run's; its wall time and earlier commits go on from its interrupted result. The stops fall
+    on steps whose metrics Lightning writes (every 5th): the router statistics logged at step 10 and written at
+    step 14 with the others would be lost by a stop between them."""
     n = len(jobs)
     whole = train_stack([make_cfg(tmp_path / "whole", *job) for job in jobs],
                         [tmp_path / "whole" / str(i) for i in range(n)])
     step = StackedRecallModule.training_step
 
-    def stopped_at_12(self, batch, batch_idx):
-        if self.global_step == 12:
+    def stopped(self, batch, batch_idx):
+        if self.global_step == stop:
             os.kill(os.getpid(), signal.SIGTERM)
         return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(StackedRecallModule, "training_step", stopped_at_12)
+    monkeypatch.setattr(StackedRecallModule, "training_step", stopped)
     cfgs = [make_cfg(tmp_path, *job) for job in jobs]
     dirs = [tmp_path / str(i) for i in range(n)]
     with pytest.raises(BaseException, match="SIGTERM"):
         train_stack(cfgs, dirs)
-    assert [json.loads((d / "result.json").read_text())["status"] for d in dirs] == ["interrupted"] * n
+    for d in dirs:
+        interrupted = json.loads((d / "result.json").read_text())
+        assert interrupted["status"] == "interrupted"
+        interrupted.update(wall_time_s=1000.0, git_commit="abc")  # as if it had run long, at another commit
+        (d / "result.json").write_text(json.dumps(interrupted))
     checkpoint = stack_checkpoint(dirs[0])
-    assert checkpoint["state_dict"]["in_stack"].tolist() == [True, True, False][:n]
+    assert checkpoint["state_dict"]["in_stack"].tolist() == in_stack
     assert checkpoint["state_dict"]["model.embed/weight"].shape[0] == n  # every run, whichever are in the stack
     monkeypatch.setattr(StackedRecallModule, "training_step", step)
     resumed = train_stack(cfgs, dirs)
-    for w, r in zip(whole, resumed):
+    for i, (w, r) in enumerate(zip(whole, resumed)):
         assert r["resumed"] and r["status"] == w["status"] and r["steps"] == w["steps"]
         assert r["best_val_acc"] == pytest.approx(w["best_val_acc"], abs=1e-6, nan_ok=True)
         assert r["test_loss"] == pytest.approx(w["test_loss"], abs=1e-5, nan_ok=True)
-    assert [r["status"] for r in resumed] == ["finished", "finished", "diverged"][:n]
+        assert 1000 < r["wall_time_s"] < 1000 + 5 * w["wall_time_s"]
+        assert r["earlier_git_commits"] == ["abc"] and w["earlier_git_commits"] == []
+        assert untimed_rows(dirs[i]) == untimed_rows(tmp_path / "whole" / str(i))
+
+
+def untimed_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.csv, its values to float rounding, without the tokens per second."""
+    return [{k: pytest.approx(float(v), rel=1e-4, abs=1e-6, nan_ok=True) if v else v for k, v in row.items()
+             if k != "train/tokens_per_s"} for row in metrics_rows(run_dir)]
 
 
 def test_runs_that_differ_in_more_than_seed_and_optimizer_are_not_stacked(tmp_path):

@@ -1,6 +1,10 @@
 """Training end to end: every experiment config as a fast run, the result file, resume, bad overrides."""
 
+import csv
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from sandbox.module import RecallModule
+from sandbox.results import git_commit
 from sandbox.train import CONF_DIR, ConfigError, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -57,9 +63,15 @@ def test_result_file_contents(tmp_path):
 def test_finished_run_is_not_repeated(tmp_path, capsys):
     cfg = make_cfg("model=deltanet", "debug=fast")
     first = train(cfg, tmp_path)
+    metrics = (tmp_path / "logs" / "metrics.csv").read_bytes()
     again = train(cfg, tmp_path)
     assert again["wall_time_s"] == first["wall_time_s"]
-    assert "already finished" in capsys.readouterr().out
+    assert (tmp_path / "logs" / "metrics.csv").read_bytes() == metrics
+    # the way it names runs it again (without result.json the run would resume from its checkpoints instead)
+    assert "already finished; remove that folder to run it again" in capsys.readouterr().out
+    shutil.rmtree(tmp_path)
+    train(cfg, tmp_path)
+    assert "already finished" not in capsys.readouterr().out
 
 
 class CrashAtEpoch(L.Callback):
@@ -86,6 +98,70 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     assert resumed["status"] == "finished"
     for key in ("best_val_acc", "test_acc", "test_loss", "test_acc_per_slice", "steps", "epochs"):
         assert resumed[key] == reference[key], key
+
+
+# 8 steps an epoch, validated after its 3rd and 6th (global steps 3, 6, 11, 14, ...). Stopped in the step that
+# starts at global_step 11, a run saves a checkpoint after it; at 13, it resumes from the validation after that step;
+# at 15, an epoch's last, from the validation two steps before, and those steps log their rows again
+RESUMED = ["model=gated_deltanet", "task.limit_examples=128", "task.batch_size=16", "trainer.max_steps=40",
+           "trainer.val_check_interval=3", "trainer.log_every_n_steps=3", "callbacks.early_stopping.threshold=1.0"]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows without their timing (tokens per second)."""
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "train/tokens_per_s"} for row in csv.DictReader(f)]
+
+
+def stop_at(monkeypatch, step: int) -> None:
+    """SIGTERM during training step `step`, as a scheduler's time limit would."""
+    real = RecallModule.training_step
+
+    def stopped(self, batch, batch_idx):
+        if self.global_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(RecallModule, "training_step", stopped)
+
+
+@pytest.mark.parametrize("step", [11, 13, 15])
+def test_resumed_run_keeps_its_earlier_metrics_time_and_commits(step, tmp_path, monkeypatch):
+    """metrics.csv of an interrupted and resumed run holds the rows of an uninterrupted one, each once; its
+    wall_time_s adds the segments' and earlier_git_commits names the code of the earlier segment."""
+    whole = train(make_cfg(*RESUMED), tmp_path / "whole")
+    assert whole["earlier_git_commits"] == []
+    run_dir = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        stop_at(patch, step)
+        with pytest.raises(BaseException, match="SIGTERM"):
+            train(make_cfg(*RESUMED), run_dir)
+    stored = json.loads((run_dir / "result.json").read_text())
+    assert stored["status"] == "interrupted" and metrics_rows(run_dir)
+    # as if the earlier segment had run long, at another commit, after one more at a third
+    stored.update(wall_time_s=1000.0, git_commit="abc", earlier_git_commits=["def", git_commit()])
+    (run_dir / "result.json").write_text(json.dumps(stored))
+    resumed = train(make_cfg(*RESUMED), run_dir)
+    assert resumed["status"] == "finished" and resumed["resumed"]
+    assert metrics_rows(run_dir) == metrics_rows(tmp_path / "whole")
+    assert 1000 < resumed["wall_time_s"] < 1000 + whole["wall_time_s"] * 5
+    assert resumed["earlier_git_commits"] == ["def", "abc"]
+
+
+def test_run_started_again_from_scratch_starts_a_fresh_metrics_file(tmp_path, monkeypatch):
+    """Without a checkpoint to resume from, an interrupted run trains from step 0: its metrics.csv and wall time
+    are of that segment alone."""
+    train(make_cfg(*RESUMED), tmp_path / "whole")
+    run_dir = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        stop_at(patch, 13)
+        with pytest.raises(BaseException, match="SIGTERM"):
+            train(make_cfg(*RESUMED), run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    result = train(make_cfg(*RESUMED), run_dir)
+    assert not result["resumed"] and result["earlier_git_commits"] == []
+    assert result["wall_time_s"] < json.loads((tmp_path / "whole" / "result.json").read_text())["wall_time_s"] * 5
+    assert metrics_rows(run_dir) == metrics_rows(tmp_path / "whole")
 
 
 def test_impossible_setting_is_a_config_error_and_leaves_no_folder(tmp_path):
