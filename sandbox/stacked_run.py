@@ -429,12 +429,19 @@ def stack_problem(cfg: DictConfig) -> str | None:
     return None
 
 
+# The mixers whose stacked step beat 8 runs packed as processes on the GPU (H100, d_model 64, L 512, batch 64:
+# docs/results/throughput/README.md): attention, 16 stacked 1.63x. Gated DeltaNet broke even (0.97x) and MoM lost
+# half (0.50x): under vmap their conv and norms run in PyTorch and MoM takes its dense form.
+STACK_PAYS = ("attention",)
+
+
 def stacks(cfg: DictConfig, stack="auto") -> bool:
-    """Whether this run joins a stack under the setting `stack` (auto: where runs train on CUDA; true; false): its
-    settings are valid and a stack can train it (`stack_problem`)."""
+    """Whether this run joins a stack under the setting `stack` (auto: where runs train on CUDA and their mixer is
+    one of STACK_PAYS; true; false): its settings are valid and a stack can train it (`stack_problem`)."""
     if stack is False:
         return False
-    if stack == "auto" and not (torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")):
+    if stack == "auto" and not (torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+                                and cfg.model.mixer in STACK_PAYS):
         return False
     try:
         check_settings(cfg)

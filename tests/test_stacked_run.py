@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sandbox.settings import ConfigError
-from sandbox.stacked_run import StackedRecallModule, stack_problem, train_stack
+from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
 from sandbox.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,3 +208,13 @@ def test_stacked_runs_on_the_gpu_start_as_the_runs_alone(model, tmp_path):
         first, first_alone = (next(r for r in metrics_rows(tmp_path / kind / str(i)) if r["train/loss"])
                               for kind in ("stacked", "alone"))
         assert float(first["train/loss"]) == pytest.approx(float(first_alone["train/loss"]), rel=2e-2)
+
+
+@pytest.mark.parametrize("model", ["attention", "gated_deltanet", "mom"])
+def test_auto_stacks_on_a_gpu_only_the_mixers_where_stacking_measured_faster(model, tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, f"model={model}", "trainer.accelerator=auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not stacks(cfg, "auto")  # the CPU: one at a time
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stacks(cfg, "auto") == (cfg.model.mixer in STACK_PAYS)
+    assert stacks(cfg, True) and not stacks(cfg, False)

@@ -2,11 +2,12 @@
 except that on a GPU the runs that differ only in `seed`, `optim.lr` and `optim.weight_decay` train together as
 stacked runs (`sandbox.stacked_run`): one process, one set of kernel launches for all of them.
 
-    sandbox-train -m experiment=zoology                          # stacked on a GPU, one at a time on the CPU
+    sandbox-train -m experiment=zoology                          # attention stacked on a GPU, others one at a time
     sandbox-train -m experiment=zoology hydra.launcher.stack=false
     sandbox-train -m experiment=zoology hydra.launcher.max_runs=8
 
-Settings (hydra.launcher.*): `stack` auto (stack where the runs train on a CUDA device), true or false;
+Settings (hydra.launcher.*): `stack` auto (stack where the runs train on a CUDA device and stacking measured
+faster: `sandbox.stacked_run.STACK_PAYS`), true or false;
 `max_runs`, the most runs in one stack (a larger group is cut into stacks of at most this many). Every job gets
 its folder, its config and its Hydra return value as under Hydra's basic launcher. A job whose settings are not
 valid runs alone (and reports its error as it would); a stack that fails with an error is said so and its runs
