@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import check_triton_inputs, empty
+from kernels.runs import batched, fold_runs
 
 TILE = 4096  # elements of a program's [rows, columns] tile
 
@@ -88,9 +89,10 @@ class _L2Norm(torch.autograd.Function):
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / ||x|| over the last dimension, as `kernels.norms_torch.l2norm` (output contiguous, in x's dtype)."""
+    """x / ||x|| over the last dimension, as `kernels.norms_torch.l2norm` (output contiguous, in x's dtype); under
+    vmap over runs, one launch for all of them."""
     check_triton_inputs(x)
-    return _L2Norm.apply(x, eps)
+    return fold_runs(lambda x: (_L2Norm.apply(x, eps),), x)[0]
 
 
 # --- mix_gated_rmsnorm ---------------------------------------------------------------------------------------
@@ -223,8 +225,16 @@ def mix_gated_rmsnorm(
     with `slots` [N, J] (int64), token t's j-th output is row slots[t, j], every row exactly one token's output
     (a permutation: the routed MoM's packed rows);
     gate [N, H, V]; norm_weight [V]; weight [N, J] (None: each output counts 1). -> [N, H, V] in out_dtype
-    (default gate's)."""
+    (default gate's). Under vmap over runs (token-major rows only), one launch for all of them with the runs folded
+    into the tokens and a unit norm weight, each run's norm weight applied after (the output is linear in it)."""
     check_triton_inputs(o)
+    if batched(o, gate, norm_weight, weight):
+        if slots is not None:
+            raise ValueError("slots (packed rows) cannot be used under vmap over runs")
+        unit = torch.ones(gate.shape[-1], device=gate.device, dtype=norm_weight.dtype)
+        (y,) = fold_runs(lambda o, gate, weight: (mix_gated_rmsnorm(o, gate, unit, weight, None, eps, out_dtype),),
+                         o, gate, weight)
+        return y * norm_weight.to(y.dtype)
     N, H, V = gate.shape
     if o.dim() != 3 or o.shape[1:] != (H, V):
         raise ValueError(f"o must have shape [R, H, V] with [H, V] = {[H, V]}, got {list(o.shape)}")

@@ -1,6 +1,8 @@
-"""Ops under `torch.func.vmap` over runs (stacked runs, `sandbox/stacked.py`): an op whose dim 0 holds
-independent sequences, with no weights of its own (the chunked Triton ops, softmax attention's fused kernel), runs
-once for all R runs with the run dimension folded into dim 0, instead of once per run. Torch only."""
+"""Ops under `torch.func.vmap` over runs (stacked runs, `sandbox/stacked.py`), once for all R runs instead of once
+per run: an op whose dim 0 holds independent sequences, with no weights of its own (the chunked Triton ops, softmax
+attention's fused kernel, the L2 norm), with the run dimension folded into dim 0 (`fold_runs`); a depthwise op
+with a weight per channel (the short conv) with the runs side by side in its channels (`fold_channels`). Torch
+only."""
 
 from __future__ import annotations
 
@@ -45,3 +47,33 @@ def fold_runs(op, *tensors):
     if not batched(*tensors):
         return op(*tensors)
     return _FoldRuns.apply(op, *tensors)
+
+
+class _FoldChannels(torch.autograd.Function):
+    """`op(x, weight)` of a depthwise op (x [..., C], weight [C, ...]: channel c of x meets row c of weight only)
+    under vmap as one call with the runs side by side in the channels: x [R, ..., C] -> [..., R C], weight
+    [R, C, ...] -> [R C, ...]. Entered only under vmap (`fold_channels`)."""
+
+    @staticmethod
+    def forward(op, x, weight):
+        raise RuntimeError("_FoldChannels runs only under torch.func.vmap")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, op, x, weight):
+        runs = info.batch_size
+        x, weight = (t.movedim(d, 0) if d is not None else t.expand(runs, *t.shape)
+                     for t, d in zip((x, weight), in_dims[1:]))
+        out = op(x.movedim(0, -2).flatten(-2).contiguous(), weight.flatten(0, 1))
+        return out.unflatten(-1, (runs, -1)).movedim(-2, 0), 0
+
+
+def fold_channels(op, x, weight):
+    """op(x, weight) -> a tensor like x, for a depthwise op (`_FoldChannels`); under vmap, one call of op for every
+    run. Outside vmap, just the call."""
+    if not batched(x, weight):
+        return op(x, weight)
+    return _FoldChannels.apply(op, x, weight)

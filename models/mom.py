@@ -30,7 +30,7 @@ order) and the others after them, where they cannot reach its routed outputs (`r
 `triton` (what `auto` is on CUDA) takes the packed path (`routing.packed`, `kernels/mom`): each memory runs on
 the tokens routed to it only, packed into segments on the device, and decoding updates only the selected
 memories. Stacked runs (under vmap, `sandbox/stacked.py`) take the dense form on either backend, with the rule's
-Triton op on `triton`.
+Triton op, conv and norms on `triton` (each one launch for all the runs, `kernels.runs`).
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or

@@ -36,7 +36,6 @@ import torch
 
 import kernels
 from kernels import conv_torch
-from kernels.runs import batched
 
 
 @dataclass
@@ -75,9 +74,9 @@ class Routing:
 
 
 def _fused(backend: str, x: torch.Tensor) -> bool:
-    """Whether the steps around the rule run as Triton kernels: on "triton", except in float64 (the reference's)
-    and for stacked runs (under vmap: those kernels take each run's weights, which they cannot batch)."""
-    return backend == "triton" and x.dtype != torch.float64 and not batched(x)
+    """Whether the steps around the rule run as Triton kernels: on "triton", except in float64 (the reference's).
+    Under vmap over runs (stacked runs) they fold the runs into one launch (`kernels.runs`)."""
+    return backend == "triton" and x.dtype != torch.float64
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -429,9 +429,10 @@ def stack_problem(cfg: DictConfig) -> str | None:
     return None
 
 
-# The mixers whose stacked step beat 8 runs packed as processes on the GPU (H100, d_model 64, L 512, batch 64:
-# docs/results/throughput/README.md): attention, 16 stacked 1.63x. Gated DeltaNet broke even (0.97x) and MoM lost
-# half (0.50x): under vmap their conv and norms run in PyTorch and MoM takes its dense form.
+# The mixers whose stacked step beat 8 runs packed as processes on the GPU (H100, d_model 64, L 512, batch 64, at
+# 218a3c2: docs/results/throughput/README.md): attention, 16 stacked 1.63x. Gated DeltaNet broke even (0.97x) and
+# MoM lost half (0.50x): their conv and norms then ran in PyTorch under vmap (they are folded into one Triton
+# launch since, not yet measured), and MoM takes its dense form (all memories over every token).
 STACK_PAYS = ("attention",)
 
 

@@ -169,3 +169,34 @@ def test_norms_on_gpu_at_paper_size(dtype):
     check_mix(2048, 3, 4, 256, dtype, weighted=True, packed=True)
     check_mix(1000, 1, 4, 64, dtype, weighted=False, packed=False)
     check_conv(4, 2048, 3 * 1024, 4, dtype)
+
+
+@pytest.mark.parametrize("op", ["l2norm", "mix_gated_rmsnorm", "batch_conv"])
+def test_ops_under_vmap_over_runs_equal_each_run_alone(op):
+    """Stacked runs call these under torch.func.vmap with each run's own inputs and weights: one launch for all
+    runs (kernels/runs.py), equal to each run alone, outputs and gradients; the ragged width 40 on purpose."""
+    R, N, T, H, V, J = 3, 2, 19, 2, 40, 3
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    if op == "l2norm":
+        inputs = [rand(R, N, T, H, V)]
+        fn = norms.l2norm
+    elif op == "mix_gated_rmsnorm":
+        inputs = [rand(R, N * T * J, H, V), rand(R, N * T, H, V), 1 + 0.1 * rand(R, V), rand(R, N * T, J)]
+        fn = norms.mix_gated_rmsnorm
+    else:
+        inputs = [rand(R, N, T, H * V), 0.3 * rand(R, H * V, 4)]
+        fn = mom.batch_conv
+    stacked = [x.clone().requires_grad_() for x in inputs]
+    alone = [x.clone().requires_grad_() for x in inputs]
+    out = torch.func.vmap(fn)(*stacked)
+    want = torch.stack([fn(*(x[r] for x in alone)) for r in range(R)])
+    dy = rand(*out.shape)
+    (out * dy).sum().backward()
+    (want * dy).sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for i, (s, a) in enumerate(zip(stacked, alone)):
+        torch.testing.assert_close(s.grad, a.grad, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"input {i}: {m}")

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from kernels._common import empty
 from kernels.mom.routing import SegmentTable, gather_sum, pack_tokens
+from kernels.runs import fold_channels
 
 ROWS = 32  # packed rows per program
 
@@ -163,7 +164,12 @@ def segment_conv(
 
 def batch_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The same conv over whole sequences: x [N, T, C] (unit column stride), weight [C, size] -> [N, T, C], as
-    `kernels.conv_torch.causal_conv_silu` (computed in float32, returned in x's dtype)."""
+    `kernels.conv_torch.causal_conv_silu` (computed in float32, returned in x's dtype); under vmap over runs, one
+    launch with the runs side by side in the channels."""
+    return fold_channels(_batch_conv, x, weight)
+
+
+def _batch_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     N, T, C = x.shape
     rows = torch.arange(N * T, device=x.device, dtype=torch.int32)
     row_start = rows - rows % max(T, 1)  # each sequence one segment
