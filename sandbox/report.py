@@ -34,12 +34,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
+import sqlalchemy
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import tasks
-from sandbox.results import NOT_IDENTITY, RESULT_FILE, atomic_path, collect_results
+from sandbox.results import NOT_IDENTITY, RESULT_FILE, atomic_path, collect_results, folder_problem
 
 FINISHED = "finished"
 # The ends that say something about a run's optimiser setting: a diverged run counts against it; an
@@ -611,11 +612,23 @@ def find_studies(folder: Path, on_skip) -> list[optuna.Study]:
     as an Optuna database goes to `on_skip(path, why)`."""
     studies = []
     for db in sorted(Path(folder).rglob("study.db")):
+        if not db.is_file():
+            on_skip(db, "a folder, not a database file")
+            continue
         if db.stat().st_size == 0:
             on_skip(db, "empty file")
             continue
         url = f"sqlite:///file:{quote(str(db.resolve()))}?mode=ro&uri=true"
         try:
+            # Optuna would try to add its tables to another SQLite database, and fail on ours opened read-only
+            engine = sqlalchemy.create_engine(url)
+            try:
+                tables = sqlalchemy.inspect(engine).get_table_names()
+            finally:
+                engine.dispose()
+            if "studies" not in tables:
+                on_skip(db, f"an SQLite database without Optuna's tables, not a study (tables: {sorted(tables)})")
+                continue
             found = [optuna.load_study(study_name=summary.study_name, storage=url)
                      for summary in optuna.get_all_study_summaries(url, include_best_trial=False)]
             for study in found:
@@ -838,7 +851,10 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     folder = Path(folder)
     out = Path(out or folder)
     if not folder.is_dir():
-        raise ValueError(f"folder {str(folder)!r} does not exist")
+        raise ValueError(f"folder {str(folder)!r} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    problem = folder_problem(out)
+    if problem:
+        raise ValueError(f"--out {out} is invalid: {problem}")
     skipped = []
 
     def skip(path: Path, why: str) -> None:
@@ -850,7 +866,10 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     if not results and not studies:
         raise ValueError(f"no readable result.json or study.db below {str(folder)!r}"
                          + (f" ({len(skipped)} skipped, see the warnings)" if skipped else ": train something first"))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out} cannot be written ({err.strerror}: {err.filename})") from None
     files = {"markdown": out / "report.md"}
     runs, duplicates = drop_duplicates(to_runs(results))
     without_result = folders_without_result(folder)

@@ -82,21 +82,34 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be a folder to write in, found without creating anything: it, or the nearest of its
+    parents that exists, is not a folder; None when it can be (a write may still fail, on a full disk say)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing.is_dir():
+        return None
+    return f"{existing} is a file, not a folder" + ("" if existing == path else f", so {path} cannot be made")
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _result_problem(result) -> str | None:
-    """Why a parsed result.json cannot be reported (not an object, no model config, metrics not numbers, an
-    accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice), or None if it
-    can. Other statuses may lack the accuracies."""
+    """Why a parsed result.json cannot be reported (not an object, no model config, an unknown status, metrics
+    not numbers, an accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice), or
+    None if it can. Other statuses may lack the accuracies."""
     if not isinstance(result, dict) or not result:
         return "not a result (an empty or non-object JSON value)"
     config = result.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
             or not isinstance(config["model"].get("mixer"), str):
         return "no config with model.mixer"
-    finished = result.get("status", "finished") == "finished"
+    status = status_of(result)
+    if status not in STATUSES:
+        return f"status={status!r} is not a status; valid: {', '.join(STATUSES)} (absent: finished)"
+    finished = status == "finished"
     for key in ("test_acc_per_slice", "router"):
         values = result.get(key, {})
         if not isinstance(values, dict) or not all(_number(v) for v in values.values()):

@@ -22,6 +22,7 @@ setting can differ from seed to seed by the whole range); on a GPU its runs trai
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -44,8 +45,9 @@ from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
 from sandbox.callbacks import run_key
+from sandbox.results import folder_problem
 from sandbox.stacked_run import stacks, train_stack
-from sandbox.train import CONF_DIR, UNWRITABLE, ConfigError, check_settings, one_line, train
+from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
 
 # Heartbeats and retries are marked experimental in Optuna 4/5; they are what keeps a dead worker's trial
 # from staying RUNNING for ever.
@@ -144,6 +146,9 @@ def check_param(name: str, spec, earlier: dict) -> None:
         for choice in choices:
             _require(choice is None or isinstance(choice, (bool, int, float, str)), f"{where}: choices", choices,
                      "a list of numbers, strings, booleans or null")
+        # by type too: 1 and true are two choices, though Python finds them equal
+        _require(len({(type(c), c) for c in choices}) == len(choices), f"{where}: choices", choices,
+                 "a list of distinct values (a repeated choice is drawn twice as often; give each once)")
         return
     low, high = spec["low"], spec["high"]
     number = "an integer" if kind == "int" else "a finite number"
@@ -235,9 +240,34 @@ def suggest(trial: optuna.Trial, params: dict) -> dict:
 
 
 def first_choices(params: dict) -> dict:
-    """Every param at its first choice or the low end of its range: the trial checked before any runs."""
+    """Every param at its first choice or the low end of its range: the first trial checked before any runs."""
     return {spec.get("key", name): spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
             for name, spec in params.items()}
+
+
+def other_values(space: dict) -> list[tuple[str, object, dict]]:
+    """(param or "seeds", value, the params to check it with) for every other value a trial can take: each
+    categorical choice and each end of each range with the other params at their first values, and each seed.
+    Each value is checked beside those first values only, not in every combination with the others' values
+    (a value invalid only beside another sampled one still fails its trial at run time). An `at_most` param's
+    value is checked with its bound at the least of the bound's values that admits it."""
+    params = space["params"]
+    base = first_choices(params)
+    found = []
+    for name, spec in params.items():
+        key = spec.get("key", name)
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in values:
+            chosen = {**base, key: value}
+            bound = spec.get("at_most")
+            if bound:  # suggest caps the value at the bound's sampled value
+                bound_values = int_values(params[bound])
+                value = chosen[key] = min(value, max(bound_values))
+                chosen[params[bound].get("key", bound)] = min(b for b in bound_values if b >= value)
+            if chosen != base:
+                found.append((f"param {name}", value, chosen))
+    found += [("seeds", seed, {**base, "seed": seed}) for seed in space.get("seeds") or []]
+    return found
 
 
 def load_space(name: str, extra_params: list[str]) -> dict:
@@ -293,6 +323,14 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"sweep params: {one_line(err)}") from err
     check_settings(cfg)  # the model and the task through their own checks too
+    for name, value, chosen in other_values(space):
+        problem = None
+        try:
+            check_settings(compose_trial(space, overrides, chosen))
+        except (ConfigError, HydraException, OmegaConfBaseException) as err:
+            problem = one_line(err)
+        if problem:  # raised outside the handler: one_line reads a ConfigError in the context as the whole story
+            raise ConfigError(f"sweep {name}: {value!r} is invalid: {problem}")
 
 
 # ---- storage and study ----
@@ -314,6 +352,21 @@ def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
             if attempt == 2 or not lost_race:
                 raise ConfigError(f"--storage {url!r} cannot be opened: {one_line(err)}") from err
             time.sleep(1 + attempt)
+
+
+def check_storage_url(url: str) -> None:
+    """A URL that can hold a study that outlives this process, shared by its workers."""
+    if not url:
+        raise ConfigError("--storage '' is invalid: give an Optuna storage URL such as sqlite:///path/study.db or "
+                          "postgresql://..., or leave --storage out for the sqlite file in the sweep's folder")
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return  # open_storage says what is wrong with it
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"--storage {url!r} is invalid: an in-memory database cannot hold a study across workers "
+                          "and processes (it is lost when the command ends); give a file path, "
+                          "sqlite:///path/study.db")
 
 
 def make_sampler(space: dict, worker: int, trials_so_far: int) -> optuna.samplers.BaseSampler:
@@ -457,12 +510,25 @@ def trial_count(study: optuna.Study) -> int:
     return len(trials) - len(retried)
 
 
+class OneLineFailures(logging.Filter):
+    """Optuna logs a failed trial's traceback (some 40 lines) and then a line "failed with value None": keep
+    only its line naming the trial, its parameters and the error (the reason is also in its fail_reason)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        return "failed with value" not in record.getMessage()
+
+
+ONE_LINE_FAILURES = OneLineFailures()
+
+
 def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: Path, worker: int) -> None:
     """Run trials one at a time until the study's trial count reaches `n_trials`, then wait for the trials
     that other workers run: one whose worker died is failed once its heartbeat is stale, and its retry is
     run here. So while one worker lives, no trial is left RUNNING."""
     study = open_study(space, open_storage(storage_url, space["heartbeat"]), overrides, worker)
     objective = make_objective(space, overrides, sweep_dir)
+    logging.getLogger("optuna.study._optimize").addFilter(ONE_LINE_FAILURES)
     while True:
         # Fail (and queue a retry of) trials whose worker died, before counting them as running.
         optuna.storages.fail_stale_trials(study)
@@ -542,15 +608,23 @@ def main(argv: list[str] | None = None) -> int:
         check_space(space)
         check_trial_config(space, args.overrides)
         sweep_dir = Path(args.output_root) / "sweeps" / space["study_name"]
+        problem = folder_problem(Path(args.output_root))
+        if problem:
+            raise ConfigError(f"--output-root {args.output_root} is invalid: {problem}")
+        # A storage given is opened before any folder is made: one that cannot be opened leaves nothing behind.
+        storage_url = args.storage
+        if storage_url is not None:
+            check_storage_url(storage_url)
+            storage = open_storage(storage_url, space["heartbeat"])
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            if err.errno not in UNWRITABLE:
-                raise
             raise ConfigError(f"--output-root {args.output_root} cannot be written ({err.strerror}: "
                               f"{err.filename}); it must be a writable folder with free space") from None
-        storage_url = args.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-        study = open_study(space, open_storage(storage_url, space["heartbeat"]), args.overrides)
+        if storage_url is None:
+            storage_url = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+            storage = open_storage(storage_url, space["heartbeat"])
+        study = open_study(space, storage, args.overrides)
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -8,9 +8,11 @@ num_kv_pairs) in (64, 4), (128, 8), (256, 16), (512, 64) with the task's other d
 """
 
 import argparse
+import sys
 import time
 
 import tasks
+from tasks.common import check_int
 
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 MQAR_LIKE = ("ar", "mqar", "noisy_ar", "overwrite_mqar")  # the tasks that take all four settings
@@ -22,6 +24,12 @@ def main(argv: list[str] | None = None, prog: str = "sandbox-bench tasks") -> in
     parser.add_argument("--task", default="mqar", choices=MQAR_LIKE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:  # before any generation: one line, as for the other bad settings
+        check_int(args.task, "num_examples", args.num_examples, 1)
+        check_int(args.task, "seed", args.seed, 0)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     for seq_len, num_kv_pairs in SETTINGS:
         start = time.perf_counter()
         data = tasks.make(args.task, num_examples=args.num_examples, seed=args.seed, seq_len=seq_len,

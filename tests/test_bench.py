@@ -1,6 +1,8 @@
 """`sandbox-bench quickstart` runs the README's command and records what it measured."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +263,131 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"sandbox-bench train: error: {message}")
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    from sandbox import bench
+
+    for flag in ("--help", "-h"):
+        assert bench.main([flag]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: sandbox-bench {kernels,mom,packing,quickstart,tasks,train}")
+
+
+def assert_one_error_line(err: str, start: str) -> None:
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith(start), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-examples", "0"], "mqar: num_examples=0 is out of range"),
+    (["--num-examples", "-5"], "mqar: num_examples=-5 is out of range"),
+    (["--seed", "-1"], "mqar: seed=-1 is out of range"),
+], ids=["num-examples-0", "num-examples-negative", "seed-negative"])
+def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
+    from sandbox import bench
+
+    assert bench.main(["tasks", *argv]) == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err, f"sandbox-bench tasks: error: {message}")
+    assert captured.out == ""  # nothing generated
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model.nope=1"], "Could not override 'model.nope'"),
+    (["optim.lr=-1"], "optim.lr=-1 is invalid"),
+    (["--output-root", "{tmp}/file"], "--output-root {tmp}/file is invalid: {tmp}/file is a file, not a folder"),
+    (["--output-root", "{tmp}/file/below"], "--output-root {tmp}/file/below is invalid: {tmp}/file is a file"),
+], ids=["unknown-key", "bad-value", "output-root-file", "output-root-below-a-file"])
+def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--output-root" not in argv:
+        argv += ["--output-root", str(tmp_path / "out")]
+    assert quickstart.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, f"sandbox-bench quickstart: error: {message.format(tmp=tmp_path)}")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing trained, no bench.json
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers 0 is invalid: must be >= 1"),
+    (["--runs", "0"], "--runs 0 is invalid: must be >= 1"),
+    (["model.nope=1"], "Could not override 'model.nope'"),
+    (["--workers", "x"], "argument --workers: invalid int value: 'x'"),
+], ids=["workers-0", "runs-0", "unknown-key", "workers-not-a-number"])
+def test_packing_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    from sandbox.bench import packing
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temporary folder would be made
+    monkeypatch.setattr(packing.subprocess, "run", lambda *a, **k: pytest.fail("a sweep ran"))
+    try:
+        code = packing.main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, f"sandbox-bench packing: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_packing_bench_failed_sweep_is_one_line_and_its_folder_goes(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import tempfile
+
+    from sandbox.bench import packing
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(packing.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1))
+    assert packing.main(["--runs", "1", "debug=fast"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "sandbox-bench packing: error: the sweep with 1 worker(s) failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _children(pid: int) -> list[int]:
+    """The packed runs started by `pid` (multiprocessing's spawned processes)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue  # ended while we looked
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_packed_train_bench_runs_end_with_their_parent(tmp_path):
+    """SIGTERM to `sandbox-bench train` (as `timeout` sends) ends its packed processes too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "sandbox.bench.train", "--models", "attention", "--widths", "16", "--ablate-at",
+               "--packed-widths", "16", "--modes", "packed", "--packed", "2", "--variants", "none", "--batch", "4",
+               "--experiment", "quickstart", "--override", "model.n_layers=1", "--steps", "3000"]
+    parent = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        deadline = time.time() + 120
+        while len(children := _children(parent.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(children) == 2, "the packed processes never started"
+        time.sleep(10)  # into their runs
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(map(_running, children)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(map(_running, children))
+    finally:
+        parent.kill()
+        for child in filter(_running, children):
+            os.kill(child, signal.SIGKILL)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -159,7 +160,9 @@ def test_unreadable_files_are_named_skipped_and_the_rest_reported(tmp_path, caps
            "no-model": json.dumps({"config": {"seed": 0}, "test_acc": 0.5, "best_val_acc": 0.5}),
            "text-metric": text.replace('"test_acc": 0.7', '"test_acc": "high"'),
            "finished-nan": text.replace('"test_acc": 0.7', '"test_acc": NaN'),
-           "not-utf8": b"\xff\xfe\x00garbage"}
+           "not-utf8": b"\xff\xfe\x00garbage",
+           **{f"status-{name}": text.replace('"test_acc": 0.7', f'"test_acc": 0.7, "status": {status}')
+              for name, status in (("unknown", '"weird"'), ("number", "3"), ("null", "null"))}}
     for name, content in bad.items():
         path = tmp_path / name / "result.json"
         path.parent.mkdir()
@@ -168,16 +171,26 @@ def test_unreadable_files_are_named_skipped_and_the_rest_reported(tmp_path, caps
     (tmp_path / "corrupt" / "study.db").write_bytes(b"not a database " * 300)
     (tmp_path / "empty_db").mkdir()
     (tmp_path / "empty_db" / "study.db").write_bytes(b"")
+    (tmp_path / "folder_db" / "study.db").mkdir(parents=True)
+    (tmp_path / "other_db").mkdir()
+    with sqlite3.connect(tmp_path / "other_db" / "study.db") as other:  # an SQLite database, not Optuna's
+        other.execute("CREATE TABLE notes (text)")
+    other.close()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     assert main([str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err
     warnings = err.strip().splitlines()
-    names = [*bad, "corrupt", "empty_db"]
+    names = [*bad, "corrupt", "empty_db", "folder_db", "other_db"]
     assert len(warnings) == len(names)
     for name in names:
         assert any(f"/{name}/" in line and "skipped" in line for line in warnings), name
+    valid = "valid: finished, diverged, not_trained, interrupted, failed (absent: finished)"
+    for value in ("'weird'", "3", "None"):
+        assert any(f"skipped: status={value} is not a status; {valid}" in line for line in warnings), value
+    assert any("/folder_db/study.db skipped: a folder, not a database file" in line for line in warnings)
+    assert any("/other_db/study.db skipped: an SQLite database without Optuna's tables" in line for line in warnings)
     assert sum("skipped: empty file" in line for line in warnings) == 2  # the empty result.json and study.db
     assert all(p.read_bytes() == content for p, content in before.items())  # the study.db files too
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -522,3 +535,18 @@ def test_at_chance_is_measured_from_the_validation_set_s_chance(tmp_path):
     rows = {Path(row["run_dir"]).name: row for row in csv.DictReader(open(report(tmp_path)["csv"]))}
     assert float(rows["k4"]["chance_acc"]) == 0.25 and rows["k4"]["at_chance"] == "True"
     assert float(rows["k64"]["chance_acc"]) == 1 / 64 and rows["k64"]["at_chance"] == "False"
+
+
+def test_report_paths_that_cannot_be_used_are_one_line(tmp_path, capsys):
+    write_run(tmp_path / "runs", "good")
+    (tmp_path / "file").write_text("x")
+    runs, file = tmp_path / "runs", tmp_path / "file"
+    for argv, message in (([str(file)], f"folder '{file}' is a file, not a folder"),
+                          ([str(runs), "--out", str(file)], f"--out {file} is invalid: {file} is a file, not a folder"),
+                          ([str(runs), "--out", str(file / "x")], f"--out {file / 'x'} is invalid: {file} is a file"),
+                          ([str(runs), "--out", "/proc/x"], "--out /proc/x cannot be written (No such file")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"sandbox-report: error: {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "runs"] and file.read_text() == "x"
+    assert not (runs / "report.md").exists()

@@ -58,19 +58,30 @@ def test_samplers_are_seeded_by_worker_and_trials_so_far():
     assert len(set(proposals)) == len(proposals)
 
 
-def test_failing_trials_do_not_stop_the_study(tmp_path):
-    # A study made with Optuna's API holding two queued trials: the first one's max_epochs is invalid.
+def test_failing_trials_do_not_stop_the_study(tmp_path, caplog):
+    # A study made with Optuna's API holding two queued trials: the first one's pair of values is invalid
+    # (each value is valid beside the other param's first value, so the checks before the study pass it).
     storage = f"sqlite:///{tmp_path / 'sweeps' / 'routing' / 'study.db'}"
     (tmp_path / "sweeps" / "routing").mkdir(parents=True)
     study = optuna.create_study(study_name="routing", storage=storage, direction="maximize")
-    for epochs in (0, 1):
-        study.enqueue_trial({"trainer.max_epochs": epochs})
-    args = ["--space", "routing", "--n-trials", "2", "--output-root", str(tmp_path),
-            "--param", "trainer.max_epochs=choice:1,0", *FAST]
-    assert main(args) == 0
+    for width, heads in ((66, 4), (64, 4)):
+        study.enqueue_trial({"model.d_model": width, "model.mixer_options.num_heads": heads})
+    args = ["--space", "routing", "--n-trials", "2", "--output-root", str(tmp_path), "--param",
+            "model.d_model=choice:64,66", "--param", "model.mixer_options.num_heads=choice:1,4", *FAST]
+    optuna.logging.enable_propagation()  # Optuna's log lines into caplog
+    try:
+        assert main(args) == 0
+    finally:
+        optuna.logging.disable_propagation()
     failed, completed = load_study(tmp_path).get_trials()
-    assert failed.state == TrialState.FAIL and "trainer.max_epochs=0" in failed.user_attrs["fail_reason"]
+    assert failed.state == TrialState.FAIL
+    assert "num_heads=4 does not divide d_model=66" in failed.user_attrs["fail_reason"]
     assert completed.state == TrialState.COMPLETE
+    # The failure is logged as one line, without Optuna's traceback
+    failures = {(r.getMessage(), r.exc_info) for r in caplog.records if "Trial 0 failed" in r.getMessage()}
+    assert len(failures) == 1  # (pytest may hand the same record over twice)
+    ((line, traceback),) = failures
+    assert "does not divide" in line and traceback is None
 
 
 # A task that a good learning rate starts to learn within a few steps: validation every VALIDATE_EVERY steps.
@@ -239,6 +250,17 @@ BAD_SWEEP = {
     "seeds-and-a-seed-override": (["--seeds", "0,1", "seed=3"], None, "seed=3"),
     "seeds-and-a-searched-seed": (["--seeds", "0,1", "--param", "seed=choice:0,1"], None, "param seed"),
     "study-other-seeds": (["--seeds", "0,1"], None, "seeds"),
+    # every value a trial can take, not only the first: each choice, both ends of a range, each seed
+    "param-later-choice-invalid": (["--param", "model.mixer_options.num_heads=choice:1,3,5,7"], None,
+                                   "param model.mixer_options.num_heads: 3 is invalid"),
+    "param-high-end-invalid": (["--param", "model.mixer_options.num_heads=int:1:3"], None,
+                               "param model.mixer_options.num_heads: 3 is invalid"),
+    "seeds-later-one-out-of-range": (["--seeds", "0,1000000"], None, "seeds: 1000000 is invalid"),
+    "space-choice-repeated": ([], {"params__shared_memory__choices": [True, True]}, "param shared_memory: choices"),
+    # storages that cannot hold a study
+    "storage-in-memory": (["--storage", "sqlite://"], None, "--storage 'sqlite://' is invalid: an in-memory"),
+    "storage-in-memory-named": (["--storage", "sqlite:///:memory:"], None, "--storage"),
+    "storage-empty": (["--storage", ""], None, "--storage '' is invalid"),
 }
 
 
@@ -329,3 +351,21 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     assert retries[0].params == killed.params
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(completed) == 2
+
+
+@pytest.mark.parametrize("storage", ["notaurl", "sqlite:///{tmp}/missing/study.db", "sqlite:///{tmp}",
+                                     "postgresql://nobody@127.0.0.1:1/none"],
+                         ids=["not-a-url", "sqlite-missing-folder", "sqlite-a-folder", "postgres-unreachable"])
+def test_storage_that_cannot_be_opened_creates_no_folder(storage, tmp_path, capsys):
+    root = tmp_path / "out"
+    assert main(["--storage", storage.format(tmp=tmp_path), "--output-root", str(root), *FAST]) == 2
+    assert_one_line_naming(capsys.readouterr().err, "--storage")
+    assert list(tmp_path.iterdir()) == []  # no output root, no sweep folder
+
+
+def test_output_root_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for root in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert main(["--output-root", str(root), *FAST]) == 2
+        assert_one_line_naming(capsys.readouterr().err, f"--output-root {root} is invalid: {tmp_path}/file is a file")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

@@ -424,6 +424,9 @@ def test_cli_list_and_other_tasks(capsys):
     (["summary", "nope"], "task='nope'"),
     (["summary", "mqar", "--seq-len", "x"], "--seq-len"),
     (["frobnicate"], "frobnicate"),
+    (["bench", "--num-examples", "0"], "num_examples=0"),
+    (["bench", "--num-examples", "-5"], "num_examples=-5"),
+    (["bench", "--seed", "-1"], "seed=-1"),
 ])
 def test_cli_bad_input(capsys, argv, words):
     try:

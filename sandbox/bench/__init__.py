@@ -12,6 +12,10 @@ def available() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = available()
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: sandbox-bench {{{','.join(names)}}} [args]  (sandbox-bench NAME --help for its own)\n\n"
+              f"{__doc__.splitlines()[0]}")
+        return 0
     if not argv or argv[0] not in names:
         given = argv[0] if argv else "(nothing)"
         print(f"sandbox-bench: unknown benchmark {given!r}; choose one of {names}", file=sys.stderr)

@@ -6,6 +6,8 @@ small model) with 1 worker and with N, and prints runs per hour for each and the
 """
 
 import argparse
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,11 @@ from pathlib import Path
 import yaml
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage and message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def study_space(name: str, runs: int, overrides: list[str]) -> dict:
     return {"study_name": name, "objectives": ["best_val_acc"], "n_trials": runs,
             "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
@@ -22,26 +29,63 @@ def study_space(name: str, runs: int, overrides: list[str]) -> dict:
             "params": {"seed": {"key": "seed", "type": "int", "low": 0, "high": 999_999}}}
 
 
-def timed_sweep(root: Path, name: str, runs: int, workers: int, overrides: list[str]) -> float:
+def check(args) -> None:
+    """The counts, and the study both measurements run, as sandbox-sweep checks it (its overrides composed and
+    checked at both ends of the seed range): a ConfigError before any run."""
+    from sandbox.sweep import check_space, check_trial_config
+    from sandbox.train import ConfigError
+
+    for name in ("runs", "workers"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
+    space = study_space("check", args.runs, args.overrides)
+    check_space(space)
+    check_trial_config(space, [])
+
+
+def timed_sweep(root: Path, name: str, runs: int, workers: int, overrides: list[str]) -> float | None:
+    """Seconds the sweep took, or None when it failed (its own error is on stderr)."""
     space = root / f"{name}.yaml"
     space.write_text(yaml.safe_dump(study_space(name, runs, overrides)))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sandbox.sweep", "--space", str(space), "--workers", str(workers),
-                    "--output-root", str(root)], check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "sandbox.sweep", "--space", str(space), "--workers", str(workers),
+                           "--output-root", str(root)], check=False, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        print(f"sandbox-bench packing: error: the sweep with {workers} worker(s) failed (exit code "
+              f"{proc.returncode})", file=sys.stderr)
+        return None
     return time.perf_counter() - start
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-bench packing", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sandbox-bench packing", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8, help="runs in each measurement")
     parser.add_argument("--workers", type=int, default=4, help="runs at once in the packed measurement")
     parser.add_argument("overrides", nargs="*", default=[
         "model=gated_deltanet", "task.limit_examples=4000", "trainer.max_epochs=1"],
         help="the small run's Hydra overrides")
     args = parser.parse_args(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sandbox.train import ConfigError, one_line
+
+    try:
+        check(args)
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        print(f"sandbox-bench packing: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    # SIGTERM as an exception, as Ctrl-C is: subprocess.run then kills the sweep, and the folder goes either way
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     root = Path(tempfile.mkdtemp(prefix="packing-"))
-    one = timed_sweep(root, "one-at-a-time", args.runs, 1, args.overrides)
-    packed = timed_sweep(root, f"packed-{args.workers}", args.runs, args.workers, args.overrides)
+    try:
+        one = timed_sweep(root, "one-at-a-time", args.runs, 1, args.overrides)
+        packed = None if one is None else timed_sweep(root, f"packed-{args.workers}", args.runs, args.workers,
+                                                      args.overrides)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if packed is None:
+        return 1
     print(f"{args.runs} runs ({' '.join(args.overrides)})")
     print(f"  one at a time: {one:7.1f} s  {3600 * args.runs / one:8.1f} runs/hour")
     print(f"  {args.workers} at once:     {packed:7.1f} s  {3600 * args.runs / packed:8.1f} runs/hour")

@@ -3,7 +3,8 @@
 Runs `sandbox-train -m experiment=quickstart` in a fresh output folder, then prints the wall time and
 each model's test accuracy against the targets (at most 300 s; attention and MoM at least 0.99).
 The numbers are also written to `bench.json` in the output folder (wall time, machine, per-model steps and
-accuracy, the targets missed). Exit code 1 when a target is missed.
+accuracy, the targets missed). Exit code 1 when a target is missed; 2, with nothing run or written, for a bad
+override or output folder.
 """
 
 import argparse
@@ -15,10 +16,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from sandbox.results import collect_results, git_commit, write_json_atomic
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from sandbox.results import collect_results, folder_problem, git_commit, write_json_atomic
+from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line
 
 TIME_LIMIT_S = 300
 ACCURACY_TARGETS = {"attention": 0.99, "mom": 0.99}
+
+
+def check(args) -> None:
+    """The output folder, and the overrides composed and checked as sandbox-train checks them (on the default
+    model; a setting only another model refuses stops sandbox-train itself, with exit code 2)."""
+    problem = args.output_root and folder_problem(args.output_root)
+    if problem:
+        raise ConfigError(f"--output-root {args.output_root} is invalid: {problem}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        check_settings(compose(config_name="train", overrides=["experiment=quickstart", *args.overrides]))
 
 
 def main(argv: list[str]) -> int:
@@ -26,12 +42,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output-root", type=Path, default=None, help="default: a new temporary folder")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args(argv)
+    try:
+        check(args)
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        print(f"sandbox-bench quickstart: error: {one_line(err)}", file=sys.stderr)
+        return 2
     root = args.output_root or Path(tempfile.mkdtemp(prefix="quickstart-"))
     command = [sys.executable, "-m", "sandbox.train", "-m", "experiment=quickstart", f"output_root={root}",
                *args.overrides]
     start = time.perf_counter()
     proc = subprocess.run(command, check=False)
     wall = time.perf_counter() - start
+    if proc.returncode == 2:  # a bad setting, said by sandbox-train on one line: no benchmark to record
+        print("sandbox-bench quickstart: error: sandbox-train refused a setting (above)", file=sys.stderr)
+        return 2
     results = {r["config"]["model"]["mixer"]: r for r in collect_results(root / "quickstart")}
     print(f"quickstart: exit code {proc.returncode}, wall time {wall:.0f} s (target <= {TIME_LIMIT_S} s), "
           f"runs in {root / 'quickstart'}")

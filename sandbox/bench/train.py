@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -327,7 +329,16 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no set-up notes for every run
 
 
-def _packed_child(args, plan, barrier, queue) -> None:
+def _exit_with(parent: int) -> None:
+    """End this process once `parent` has gone (killed, or stopped by a signal), so that no packed run goes on
+    training for nobody."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _packed_child(args, plan, barrier, queue, parent: int) -> None:
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     _quiet_lightning()
     try:
         for model, width, variant in plan:
@@ -345,7 +356,7 @@ def run_packed(args, plan, report) -> bool:
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(args.packed), ctx.Queue()
-    children = [ctx.Process(target=_packed_child, args=(args, plan, barrier, queue), daemon=True)
+    children = [ctx.Process(target=_packed_child, args=(args, plan, barrier, queue, os.getpid()), daemon=True)
                 for _ in range(args.packed)]
     for child in children:
         child.start()
