@@ -138,6 +138,7 @@ def to_runs(results: list[dict]) -> list[dict]:
         run.update({key: result[field] for key, field in RESOLVED_KEYS.items() if result.get(field) is not None})
         run.update({m: result.get(m) for m in METRICS})
         run["git_commit"] = result.get("git_commit")
+        run["earlier_git_commits"] = result.get("earlier_git_commits") or []  # of the segments it resumed after
         run["stacked_with"] = (result.get("stack") or {}).get("runs", 1)  # wall_time_s is the whole stack's
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
@@ -878,9 +879,10 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
                  [f"`{run['run_dir']}`: as `{kept['run_dir']}`" for run, kept in duplicates],
              "Run folders without a result (killed before writing one, or still running)":
                  [f"`{path}`" for path in without_result]}
-    commits = Counter(run["git_commit"] or "not recorded" for run in runs)
+    commits = Counter(c for run in runs for c in {run["git_commit"] or "not recorded", *run["earlier_git_commits"]})
     if len(commits) > 1:
-        notes["Runs of several commits (results.csv: git_commit)"] = [f"`{c}`: {n} runs" for c, n in commits.items()]
+        notes["Runs of several commits (results.csv: git_commit, and earlier_git_commits of resumed runs)"] = [
+            f"`{c}`: {n} runs" for c, n in commits.items()]
     statuses = f" ({_status_cell(runs)})" if runs else ""
     sections = [f"# Report: {folder}", f"{len(runs)} runs{statuses}, {len(studies)} studies, {len(skipped)} files "
                 f"skipped, {len(duplicates)} runs counted once, {len(without_result)} run folders without a result."]

@@ -491,12 +491,13 @@ def test_runs_of_another_precision_or_backend_are_rows_apart(tmp_path):
     """Both ran with precision and backend `auto`: one resolved to bf16 on Triton, the other to float32 on
     PyTorch, which are different computations."""
     write_run(tmp_path, "gpu", seed=0, precision="bf16-mixed", backend="triton", git_commit="abc")
-    write_run(tmp_path, "cpu", seed=1, precision="32-true", backend="torch", git_commit="def")
+    write_run(tmp_path, "cpu", seed=1, precision="32-true", backend="torch", git_commit="def",
+              earlier_git_commits=["abc"])  # resumed: its first segment ran at abc
     markdown = report(tmp_path)["markdown"].read_text()
     lines = summary_lines(markdown)
     assert len(lines) == 2
     assert sorted(cells[column(markdown, "precision")] for cells in lines) == ["32-true", "bf16-mixed"]
-    assert "Runs of several commits" in markdown and "`abc`: 1 runs" in markdown
+    assert "Runs of several commits" in markdown and "`abc`: 2 runs" in markdown and "`def`: 1 runs" in markdown
 
 
 def test_accuracies_that_are_not_accuracies_are_skipped(tmp_path, capsys):
