@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sandbox.results import RESULT_FILE, TERMINAL, read_json, status_of
-from sandbox.settings import ConfigError
+from sandbox.settings import ConfigError, check_run_folder
 
 # Keys that cannot change what a run computes: where it is written, under which name, how progress and
 # metrics are displayed and logged. Everything else, defaults included, is part of the run's identity.
@@ -40,8 +40,13 @@ EXIT_CODES_SEEN: list[int] = []
 SET_ASIDE_SUFFIX = ".unusable"
 # What a checkpoint must hold for Lightning to resume from it.
 CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "global_step")
-# OSErrors that mean the output folder cannot be written: read-only, full, over quota, no permission.
-UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+# OSErrors that mean the output folder cannot be written: read-only, full, over quota, no permission, a file on
+# its path.
+UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+# The folders that Hydra makes for each run folder (absolute path -> those of it and its parents that did not
+# exist), recorded when the folder's name is resolved, just before Hydra makes them: what a run stopped by a bad
+# setting removes again, and never a folder that was there before.
+NEW_FOLDERS: dict[str, list[Path]] = {}
 
 
 @rank_zero_only
@@ -74,9 +79,14 @@ def folder_name(overrides: str, digest: str) -> str:
 
 
 def folder_of_job(overrides: str, *, _root_: DictConfig) -> str:
-    """The `run_id` resolver of conf/train.yaml: the folder name of the Hydra job whose config is `_root_`."""
+    """The `run_id` resolver of conf/train.yaml: the folder name of the Hydra job whose config is `_root_`, called
+    before Hydra makes the folder `${output_root}/${name}/<this name>`; checks that path and notes what is new."""
+    check_run_folder(_root_)
     job = OmegaConf.masked_copy(_root_, [key for key in _root_ if key != "hydra"])
-    return folder_name(overrides, config_hash(OmegaConf.to_container(job, resolve=True)))
+    name = folder_name(overrides, config_hash(OmegaConf.to_container(job, resolve=True)))
+    run_dir = os.path.abspath(os.path.join(str(_root_.output_root), str(_root_.name), name))
+    NEW_FOLDERS[run_dir] = missing_folders(Path(run_dir))
+    return name
 
 
 # ---- what a folder holds ----
@@ -229,15 +239,21 @@ def unwritable(err: OSError, output_root: str | None = None, where: Path | None 
             "it must be a writable folder with free space")
 
 
-def remove_empty_folders(folder: Path, stop_at: Path) -> None:
-    """Remove the run folder Hydra made for a run that never started, and its empty parents up to
-    `stop_at` (included). Folders with anything in them are left alone."""
-    stop_at, folder = stop_at.resolve(), folder.resolve()
-    while folder.is_dir() and not any(folder.iterdir()) and folder.is_relative_to(stop_at):
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist, deepest first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def new_folders(run_dir: Path) -> list[Path]:
+    """The folders of `run_dir` and its parents that this command made or will make, deepest first: those Hydra
+    made (NEW_FOLDERS), else those missing now."""
+    return NEW_FOLDERS.pop(os.path.abspath(run_dir), None) or missing_folders(Path(os.path.abspath(run_dir)))
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove these folders (`new_folders` of a run that never started), deepest first, while they are empty."""
+    for folder in folders:
         try:
             folder.rmdir()
-        except OSError:  # a read-only folder keeps its empty run folder
+        except OSError:  # not empty (another run's folder is in it), gone, or read-only: it and its parents stay
             break
-        if folder == stop_at:
-            break
-        folder = folder.parent

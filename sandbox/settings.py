@@ -9,15 +9,16 @@ model zoo and the task registry themselves (the model is built on the meta devic
 
 import inspect
 import math
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
-from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
+import kernels
 from models import LanguageModel, build_model
 from tasks.registry import available, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
@@ -66,6 +67,11 @@ def nullable(rule: Rule, meaning: str = "null") -> Rule:
     return Rule(lambda v: v is None or rule.ok(v), f"{rule.valid} or {meaning}")
 
 
+def _path_text(value) -> str | None:
+    """A value as Hydra writes it into a path (a string or a number), or None."""
+    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+
+
 FRACTION = number(0, 1, low_open=True)
 # Lightning's two readings of a limit or interval: a float is a fraction of an epoch, an int a count of batches.
 BATCHES = Rule(lambda v: FRACTION.ok(v) or integer(1).ok(v),
@@ -78,9 +84,13 @@ DEVICES = Rule(lambda v: v == "auto" or (_is_int(v) and (v == -1 or v >= 1))
 # Lightning's precision names and the short forms it also takes (16 is 16-mixed), and ours: auto.
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 PRECISION_ALIASES = (16, 32, 64, "16", "32", "64", "bf16")
-FLOAT16_MIXED = ("16-mixed", 16, "16")
+FLOAT16 = ("16-mixed", 16, "16", "16-true")
 
 SETTINGS: dict[str, Rule] = {
+    # the run folder is ${output_root}/${name}/<overrides>-<hash>: name must not lead out of output_root
+    "output_root": Rule(lambda v: bool(_path_text(v)), "a folder path (not empty)"),
+    "name": Rule(lambda v: _path_text(v) not in (None, "", ".", "..") and os.sep not in _path_text(v),
+                 f"one folder name (not empty, no {os.sep}, not . or ..)"),
     "seed": integer(0, SEEDS_PER_SPLIT - 1),  # the task splits' seed ranges (tasks/splits.py)
     "optim.lr": number(0, low_open=True),
     "optim.weight_decay": number(0),
@@ -92,7 +102,8 @@ SETTINGS: dict[str, Rule] = {
     "task.limit_examples": nullable(integer(1)),
     "trainer.accelerator": one_of("auto", *sorted(AcceleratorRegistry.available_accelerators()), "gpu"),
     "trainer.devices": DEVICES,
-    "trainer.strategy": one_of("auto", *StrategyRegistry.available_strategies()),
+    "trainer.strategy": Rule(one_of("auto", "ddp").ok, "auto or ddp (trainer=ddp); strategies that spawn or fork "
+                             "train in child processes, which the run's record does not see"),
     "trainer.precision": Rule(lambda v: not isinstance(v, bool) and v in PRECISIONS + PRECISION_ALIASES,
                               "one of " + ", ".join(PRECISIONS)),
     "trainer.max_epochs": integer(1),
@@ -110,11 +121,23 @@ SETTINGS: dict[str, Rule] = {
     "callbacks.progress": one_of("auto", "rich", "lines", "none"),
     "logger.kind": one_of("csv", "tensorboard"),
 }
-# Keys read as they are: folder names (sandbox.train checks that output_root can be written) and the label
-# of a task suite, for sandbox-report (experiment=mad sets it).
-FREE = ("name", "output_root", "suite")
+# Lightning arguments that may be added (+trainer.KEY=...) and that Lightning takes for a run the sandbox cannot
+# run or record as asked; checked when given.
+ADDED_TRAINER_SETTINGS: dict[str, Rule] = {
+    "trainer.num_nodes": Rule(integer(1, 1).ok, "1 (the sandbox trains on one machine)"),
+    "trainer.accumulate_grad_batches": integer(1),
+    "trainer.min_epochs": nullable(integer(0)),
+    "trainer.min_steps": nullable(integer(0)),
+    "trainer.fast_dev_run": Rule(lambda v: v in (False, 0),
+                                 "false: debug=fast runs any configuration on a few batches, and records it"),
+}
+# A key read as it is: the label of a task suite, for sandbox-report (experiment=mad sets it).
+FREE = ("suite",)
 # Sections whose keys are checked by their own code below: the task registry and the model zoo.
 DELEGATED = ("task.name", "task.params", "task.segments", "model")
+# Keys whose value is a mapping: the sections of the dotted keys, and those of DELEGATED that are mappings.
+SECTIONS = {key.rpartition(".")[0] for key in (*SETTINGS, *DELEGATED)} - {""} | {"task.params", "task.segments",
+                                                                             "model"}
 # Trainer keys sandbox.train sets itself; any other lightning.Trainer argument may be added (+trainer.KEY=...)
 # and is checked by Lightning.
 TRAINER_SET_BY_SANDBOX = ("logger", "callbacks", "default_root_dir", "enable_progress_bar", "enable_model_summary",
@@ -126,12 +149,25 @@ def check_settings(cfg: DictConfig) -> None:
     settings = _flatten(OmegaConf.to_container(cfg, resolve=True))
     _check_keys(settings)
     for key, rule in SETTINGS.items():
-        if not rule.ok(settings[key]):
-            raise ConfigError(f"{key}={_show(settings[key])} is invalid: must be {rule.valid}")
+        _check_value(key, settings[key], rule)
+    for key, rule in ADDED_TRAINER_SETTINGS.items():
+        if key in settings:
+            _check_value(key, settings[key], rule)
     _check_machine(settings)
     shape, sizes = _check_task(cfg)
     _check_model(cfg, shape)
     _check_schedule(settings, sizes)
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """output_root and name, which make the run folder's path: checked before Hydra makes that folder."""
+    for key in ("output_root", "name"):
+        _check_value(key, cfg[key], SETTINGS[key])
+
+
+def _check_value(key: str, value, rule: Rule) -> None:
+    if not rule.ok(value):
+        raise ConfigError(f"{key}={_show(value)} is invalid: must be {rule.valid}")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -148,7 +184,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _check_keys(settings: dict) -> None:
     trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", *TRAINER_SET_BY_SANDBOX}
-    for key in settings:
+    for key, value in settings.items():
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{key}={_show(value)} is invalid: must be a mapping of settings, as in conf/ (to set "
+                              f"one of them: {key}.KEY=VALUE)")
         section, _, name = key.partition(".")
         if key in SETTINGS or key in FREE or key in DELEGATED or (section == "trainer" and name in trainer_args):
             continue
@@ -166,6 +205,9 @@ def _check_keys(settings: dict) -> None:
 
 
 def _show(value) -> str:
+    """A value as the user writes it: null, true and false; quotes for an empty string."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
     return repr(value) if isinstance(value, str) and not value else str(value)
 
 
@@ -182,10 +224,17 @@ def _check_machine(settings: dict) -> None:
     if _runs_on_cpu(accelerator) and not (devices == "auto" or integer(1).ok(devices)):
         raise ConfigError(f"trainer.devices={devices} is invalid on the CPU: must be auto or a number of processes "
                           "(an integer >= 1)")
-    if precision in FLOAT16_MIXED and _runs_on_cpu(accelerator):
-        # Lightning would run bf16-mixed instead, and the result would record 16-mixed.
-        raise ConfigError(f"trainer.precision={precision} is invalid on the CPU (float16 mixed precision needs a "
+    if precision in FLOAT16 and _runs_on_cpu(accelerator):
+        # Lightning would run 16-mixed as bf16-mixed (and the result record 16-mixed); 16-true diverges on the CPU.
+        raise ConfigError(f"trainer.precision={precision} is invalid on the CPU (float16 precision needs a "
                           "CUDA device): use auto (32-true on the CPU), 32-true or bf16-mixed")
+    backend = settings["model"].get("backend", "auto")
+    if backend == "triton":  # else the first training step fails
+        try:
+            kernels.resolve_backend(backend, "cpu" if _runs_on_cpu(accelerator) else "cuda")
+        except ValueError as err:
+            raise ConfigError(f"model.backend=triton is invalid on this machine: {err}; auto or torch run on the "
+                              "CPU") from err
 
 
 def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
@@ -194,10 +243,11 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
     task = cfg.task
     segments = OmegaConf.to_container(task.segments, resolve=True)
     params = OmegaConf.to_container(task.params, resolve=True)
-    if not isinstance(segments, dict) or not isinstance(params, dict):
-        raise ConfigError("task.segments and task.params must be mappings (as in conf/task/mqar.yaml)")
     if task.name not in available():
         raise ConfigError(f"task.name={_show(task.name)} is invalid: must be one of {', '.join(available())}")
+    unknown = [s for s in segments if s not in SPLITS]
+    if unknown:
+        raise ConfigError(f"task.segments.{unknown[0]} is not a split: the splits are {', '.join(SPLITS)}")
     missing = [s for s in SPLITS if not segments.get(s)]
     if missing:
         raise ConfigError(f"task.segments: no segments for split(s) {missing}; give each of {list(SPLITS)}")

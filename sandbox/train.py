@@ -222,6 +222,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
 
 def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interruption, extra_callbacks) -> dict:
     start = time.perf_counter()
+    made = runs.new_folders(run_dir)
     try:
         check_settings(cfg)  # before seeding: the seed is a setting too
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -237,7 +238,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         if problem is not None:
             raise ConfigError(problem)
     except ConfigError:
-        runs.remove_empty_folders(run_dir, stop_at=Path(cfg.output_root))
+        runs.remove_empty_folders(made)
         raise
     except RunInterrupted as stop:
         say(f"{run_dir}: interrupted by {stop} before training; run the same command to run it", error=True)
@@ -326,8 +327,17 @@ def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.T
     return result_record(cfg, digest, status, reason, trainer, best_val_acc=best_score,
                          tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
                          router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
-                         backend=kernels.resolve_backend(cfg.model.backend, trainer.strategy.root_device),
+                         backend=_backend(cfg.model.backend, trainer.strategy.root_device),
                          resumed=resumed, earlier=earlier, start=start)
+
+
+def _backend(setting: str, device: torch.device) -> str:
+    """The kernels a run used on `device`; the setting itself where it cannot run there (the run failed on it,
+    and its failure must still be recorded)."""
+    try:
+        return kernels.resolve_backend(setting, device)
+    except ValueError:
+        return setting
 
 
 def result_record(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, *, best_val_acc,
@@ -400,11 +410,27 @@ def report_result(run_dir: Path, result: dict) -> float:
 
 def one_line(err: BaseException) -> str:
     """An exception and its cause as one line, without Hydra's search-path listing."""
+    inner = err.__context__
+    while inner is not None:  # a ConfigError of our run_id resolver, which OmegaConf wraps (twice)
+        if isinstance(inner, ConfigError):
+            return str(inner)
+        inner = inner.__context__
     text = re.sub(r"\s+", " ", str(err)).strip()
     cause = "" if err.__cause__ is None else re.sub(r"\s+", " ", str(err.__cause__)).strip()
     if cause not in text:
         text = f"{text} {cause}"
     return text.split("Config search path")[0].strip()
+
+
+def check_group_overrides(args: list[str]) -> None:
+    """A config group set to null (`model=null`), whose error from Hydra names no group, as a ConfigError."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+")
+        if value.lower() == "null" and (CONF_DIR / group).is_dir():
+            options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+            raise ConfigError(f"{arg} is invalid: {group} is a config group: choose one of {options} "
+                              f"(conf/{group}/), or leave it out for its default")
 
 
 def main() -> int:
@@ -415,7 +441,10 @@ def main() -> int:
     _config_errors.clear()
     _exit_codes.clear()
     try:
+        check_group_overrides(sys.argv[1:])
         hydra_main()
+    except ConfigError as err:
+        _config_errors.append(str(err))
     except (HydraException, OmegaConfBaseException) as err:
         _config_errors.append(one_line(err))
     except OSError as err:  # Hydra could not make the run folder

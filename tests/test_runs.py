@@ -166,6 +166,32 @@ def test_run_without_a_training_step_or_a_validation_is_not_trained(tmp_path, mo
     assert status == "not_trained" and reason.startswith("it never validated in its 3 steps")
 
 
+def test_run_failing_on_its_kernels_backend_still_records_its_failure(tmp_path, monkeypatch):
+    """model.backend=triton without CUDA is refused before work; a run that fails on it anyway (the check
+    skipped) gets its result.json, although the backend it asked for cannot be resolved here."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' Triton interpreter (conftest.py)
+    monkeypatch.setattr(sandbox.train, "check_settings", lambda cfg: None)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train(make_cfg(*FAST, "model.backend=triton"), tmp_path / "run")
+    result = read_result(tmp_path)
+    assert result["status"] == "failed" and "needs a CUDA device" in result["status_reason"]
+    assert result["backend"] == "triton"
+
+
+# ---- what a bad setting leaves: no folder made, none removed ----
+@pytest.mark.parametrize("existing", [["e"], ["e", "e/train"]], ids=["output-root-empty", "name-folder-empty"])
+def test_bad_setting_removes_only_the_folders_its_command_made(existing, tmp_path, monkeypatch):
+    """`mkdir e && cd e && sandbox-train output_root=. model.d_model=0` once removed `e` itself."""
+    for folder in existing:
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "e")
+    assert train_cli(monkeypatch, *FAST, "output_root=.", "model.d_model=0") == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == existing
+    # an output root that the command made is removed again: nothing was there, nothing is
+    assert train_cli(monkeypatch, *FAST, f"output_root={tmp_path}/new", "model.d_model=0") == 2
+    assert not (tmp_path / "new").exists()
+
+
 class SignalInValidation(L.Callback):
     """Sends this process SIGTERM after the first batch of the validation at `step`."""
 

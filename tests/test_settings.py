@@ -3,6 +3,8 @@ line on stderr naming the setting and what is valid, exit code 2, no traceback, 
 The cases are the settings rows of docs/bad_inputs.md; each runs against the output root of test_faults.py
 that holds a finished run and a finished study."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -66,6 +68,23 @@ BAD_SETTINGS = {
     "device-list-on-cpu": (["trainer.accelerator=cpu", "trainer.devices=[0]"], ["trainer.devices", "CPU"]),
     "every-device-on-cpu": (["trainer.accelerator=cpu", "trainer.devices=-1"], ["trainer.devices", "CPU"]),
     "unknown-strategy": (["trainer.strategy=foo"], ["trainer.strategy"]),
+    "strategy-spawn": (["trainer.devices=2", "trainer.strategy=ddp_spawn", "task.batch_size=16"],
+                       ["trainer.strategy=ddp_spawn", "auto or ddp"]),
+    "strategy-fork": (["trainer.strategy=ddp_fork"], ["trainer.strategy=ddp_fork", "auto or ddp"]),
+    "precision-16-true-on-cpu": (["trainer.accelerator=cpu", "trainer.precision=16-true"],
+                                 ["trainer.precision=16-true", "32-true"]),
+    "num-nodes-two": (["+trainer.num_nodes=2", "trainer.accelerator=cpu"], ["trainer.num_nodes=2", "1"]),
+    "accumulate-grad-zero": (["+trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches", ">= 1"]),
+    "min-epochs-negative": (["+trainer.min_epochs=-3"], ["trainer.min_epochs=-3", ">= 0"]),
+    "fast-dev-run": (["+trainer.fast_dev_run=true"], ["trainer.fast_dev_run", "debug=fast"]),
+    "unknown-split": (["+task.segments.tset=[{seq_len: 16, num_kv_pairs: 2, num_examples: 8}]"],
+                      ["task.segments.tset", "train, val, test"]),
+    # a section or a config group set to null
+    "segments-null": (["task.segments=null"], ["task.segments=null", "mapping"]),
+    "params-null": (["task.params=null"], ["task.params=null", "mapping"]),
+    "optim-null": (["optim=null"], ["optim=null", "mapping"]),
+    "model-null": (["model=null"], ["model=null", "attention"]),
+    "trainer-null": (["trainer=null"], ["trainer=null", "ddp, default"]),
     "unknown-accelerator": (["trainer.accelerator=foo"], ["trainer.accelerator"]),
     # keys that would do nothing, or are gone
     "unknown-optim-key": (["+optim.foo=1"], ["optim.foo", "lr"]),
@@ -78,6 +97,7 @@ BAD_SETTINGS = {
 BAD_WITHOUT_CUDA = {
     "precision-16-mixed-without-cuda": (["trainer.precision=16-mixed"], ["trainer.precision", "bf16-mixed"]),
     "accelerator-gpu-without-cuda": (["trainer.accelerator=gpu"], ["trainer.accelerator", "cpu"]),
+    "triton-without-cuda": (["model.backend=triton"], ["model.backend=triton", "CUDA", "auto or torch"]),
 }
 
 
@@ -98,7 +118,40 @@ def test_bad_setting_is_one_line_exit_2(case, finished_root, monkeypatch, capsys
 @pytest.mark.parametrize("case", BAD_WITHOUT_CUDA)
 def test_gpu_setting_without_cuda_is_one_line_exit_2(case, finished_root, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' Triton interpreter (conftest.py)
     check_rejected(*BAD_WITHOUT_CUDA[case], finished_root, monkeypatch, capsys)
+
+
+# The run folder's path: settings that would put it outside output_root (or output_root at the file system's root).
+BAD_RUN_FOLDERS = {
+    "name-escapes": (["name=../../escape"], "name=../../escape"),
+    "name-empty": (["name="], "name=''"),
+    "name-absolute": (["name=/abs/path"], "name=/abs/path"),
+    "name-dot": (["name=."], "name=."),
+    "output-root-empty": (["output_root="], "output_root=''"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUN_FOLDERS)
+def test_run_folder_settings_are_checked_before_any_folder(case, tmp_path, monkeypatch, capsys):
+    """Checked where Hydra resolves the run folder's path, before it makes any folder."""
+    overrides, named = BAD_RUN_FOLDERS[case]
+    root = tmp_path / "a" / "b"
+    root.mkdir(parents=True)
+    monkeypatch.chdir(root)
+    output_root = [] if case == "output-root-empty" else [f"output_root={root}"]
+    assert train_cli(monkeypatch, *FAST, *output_root, *overrides) == 2
+    assert_one_line_naming(capsys.readouterr().err, named)
+    assert snapshot(tmp_path) == {"a": "dir", "a/b": "dir"}
+    assert not Path("/train").exists()
+
+
+def test_output_root_that_is_a_file_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    file = tmp_path / "file"
+    file.write_text("kept")
+    assert train_cli(monkeypatch, *FAST, f"output_root={file}") == 2
+    assert_one_line_naming(capsys.readouterr().err, "output_root")
+    assert list(tmp_path.iterdir()) == [file] and file.read_text() == "kept"
 
 
 def compose_train(*overrides: str):
@@ -124,6 +177,8 @@ def test_shipped_configs_pass_the_checks(choice):
     ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "trainer.max_steps=2"],
     ["+trainer.accumulate_grad_batches=2"], ["model.mixer_options.expand_v=2"], ["trainer.devices=2"],
     ["model=deltanet", "model.mixer_options.allow_neg_eigval=true"], ["model.mixer_options.allow_neg_eigval=true"],
+    ["+trainer.num_nodes=1"], ["+trainer.fast_dev_run=false"], ["+trainer.min_epochs=0"], ["name=2024"],
+    ["name=run.1"], ["trainer.strategy=ddp"],
 ], ids=lambda overrides: " ".join(overrides))
 def test_valid_edge_settings_pass_the_checks(overrides):
     check_settings(compose_train("debug=fast", *overrides))
