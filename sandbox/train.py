@@ -410,8 +410,10 @@ def report_result(run_dir: Path, result: dict) -> float:
 
 def one_line(err: BaseException) -> str:
     """An exception and its cause as one line, without Hydra's search-path listing."""
-    inner = err.__context__
-    while inner is not None:  # a ConfigError of our run_id resolver, which OmegaConf wraps (twice)
+    # a ConfigError of our run_id resolver, which OmegaConf wraps (twice); a ConfigError itself says it all, even
+    # one raised while another was handled
+    inner = None if isinstance(err, ConfigError) else err.__context__
+    while inner is not None:
         if isinstance(inner, ConfigError):
             return str(inner)
         inner = inner.__context__

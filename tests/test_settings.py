@@ -200,3 +200,15 @@ def test_tensorboard_logger_works_on_a_fresh_install(tmp_path):
     cfg = compose_train(*FAST, "logger=tensorboard", "callbacks.progress=none", f"output_root={tmp_path}")
     train(cfg, tmp_path / "run")
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
+
+
+def test_one_line_keeps_a_config_error_raised_while_another_was_handled():
+    from sandbox.train import one_line
+
+    try:
+        try:
+            raise ConfigError("model: num_heads=3 does not divide d_model=64")
+        except ConfigError as inner:
+            raise ConfigError(f"sweep param num_heads: 3 is invalid: {inner}") from inner
+    except ConfigError as outer:
+        assert one_line(outer).startswith("sweep param num_heads: 3 is invalid: model:")
