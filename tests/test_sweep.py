@@ -3,6 +3,7 @@ a killed worker."""
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -58,7 +59,7 @@ def test_samplers_are_seeded_by_worker_and_trials_so_far():
     assert len(set(proposals)) == len(proposals)
 
 
-def test_failing_trials_do_not_stop_the_study(tmp_path, caplog):
+def test_failing_trials_do_not_stop_the_study(tmp_path, caplog, monkeypatch):
     # A study made with Optuna's API holding two queued trials: the first one's pair of values is invalid
     # (each value is valid beside the other param's first value, so the checks before the study pass it).
     storage = f"sqlite:///{tmp_path / 'sweeps' / 'routing' / 'study.db'}"
@@ -68,6 +69,9 @@ def test_failing_trials_do_not_stop_the_study(tmp_path, caplog):
         study.enqueue_trial({"model.d_model": width, "model.mixer_options.num_heads": heads})
     args = ["--space", "routing", "--n-trials", "2", "--output-root", str(tmp_path), "--param",
             "model.d_model=choice:64,66", "--param", "model.mixer_options.num_heads=choice:1,4", *FAST]
+    # an earlier test's Hydra run (logging.config with disable_existing_loggers) may have disabled Optuna's loggers
+    for name in ("optuna", "optuna.study._optimize"):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
     optuna.logging.enable_propagation()  # Optuna's log lines into caplog
     try:
         assert main(args) == 0
