@@ -23,12 +23,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sandbox.results import RESULT_FILE, TERMINAL, read_json, status_of
+from sandbox.results import NOT_IDENTITY, RESULT_FILE, TERMINAL, read_json, status_of
 from sandbox.settings import ConfigError, check_run_folder
 
-# Keys that cannot change what a run computes: where it is written, under which name, how progress and
-# metrics are displayed and logged. Everything else, defaults included, is part of the run's identity.
-NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger")
 HASH_DIGITS = 12
 # The readable part of a folder name, in bytes; with the hash the name stays far below NAME_MAX (255).
 READABLE_BYTES = 120

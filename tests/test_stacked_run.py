@@ -5,8 +5,6 @@ interrupted stack resumes, and `sandbox-train -m` stacks or not as asked."""
 import csv
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from sandbox.settings import ConfigError
 from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
 from sandbox.train import CONF_DIR, train
+from test_train import stop_at
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.d_model=16", "task.params.vocab_size=64", "task.batch_size=16", "callbacks.progress=none",
@@ -113,13 +112,7 @@ def test_an_interrupted_stack_resumes_where_it_stopped(jobs, stop, in_stack, tmp
     whole = train_stack([make_cfg(tmp_path / "whole", *job) for job in jobs],
                         [tmp_path / "whole" / str(i) for i in range(n)])
     step = StackedRecallModule.training_step
-
-    def stopped(self, batch, batch_idx):
-        if self.global_step == stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(StackedRecallModule, "training_step", stopped)
+    stop_at(monkeypatch, stop, StackedRecallModule)
     cfgs = [make_cfg(tmp_path, *job) for job in jobs]
     dirs = [tmp_path / str(i) for i in range(n)]
     with pytest.raises(BaseException, match="SIGTERM"):

@@ -113,16 +113,17 @@ def metrics_rows(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "train/tokens_per_s"} for row in csv.DictReader(f)]
 
 
-def stop_at(monkeypatch, step: int) -> None:
-    """SIGTERM during training step `step`, as a scheduler's time limit would."""
-    real = RecallModule.training_step
+def stop_at(monkeypatch, step: int, module=RecallModule) -> None:
+    """SIGTERM during training step `step` of `module` (a LightningModule class), as a scheduler's time limit
+    would."""
+    real = module.training_step
 
     def stopped(self, batch, batch_idx):
         if self.global_step == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, batch, batch_idx)
 
-    monkeypatch.setattr(RecallModule, "training_step", stopped)
+    monkeypatch.setattr(module, "training_step", stopped)
 
 
 @pytest.mark.parametrize("step", [11, 13, 15])
