@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Parts of `sandbox-train -m experiment=mad` on one GPU machine, one process per (task setting, model), all packed
+# at once, every run with the same further overrides (an optimiser point of MAD's grid, a seed, ...).
+#   bash docs/results/mad/run.sh TASK,... MODEL,... [OVERRIDE ...]
+#   e.g. run.sh mad_recall,mad_fuzzy attention,mom optim.lr=1.0e-3 optim.weight_decay=0.0 seed=0
+# Run again with the same arguments while the machine is warm, it resumes the runs a time limit stopped
+# (RUN_LIMIT_S, default 500 s) from their checkpoints and leaves finished ones as they are.
+# Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run).
+source docs/results/fidelity/gpu_env.sh
+tasks=$1 models=$2; shift 2
+root=/tmp/mad
+start_runs $root
+for task in ${tasks//,/ }; do
+  for model in ${models//,/ }; do
+    timeout ${RUN_LIMIT_S:-500} python -m sandbox.train -m experiment=mad task=$task model=$model "$@" \
+      output_root=$root callbacks.progress=lines >> $root/logs/$task-$model.log 2>&1 &
+  done
+done
+finish_runs $root "$OUT/mad.tar.gz"
