@@ -739,8 +739,9 @@ MAD_PROTOCOL = (
     "MAD's protocol (Poli et al. 2024) on the runs of `experiment=mad`: a setting is one configuration of a task "
     "(vocabulary, length, training-set size, noise, ...). Each setting of each model is a row as above: its "
     "optimiser setting (learning rate x weight decay) chosen on validation (MAD chose on test), its accuracy the "
-    "mean test accuracy over seeds there. A task's score is the mean of its settings' accuracies; `k of n`: only "
-    "k of the task's n settings have finished runs of that model, and the score is their mean. State size: the "
+    "mean test accuracy over seeds there. A task's score is the mean of its settings' accuracies over the settings "
+    "these runs hold (their number beside the task's name; MAD's full grid has more); `k of n`: only k of them "
+    "have finished runs of that model, and the score is their mean. State size: the "
     "values a model holds for one sequence, all layers (attention: its KV cache at the setting's longest "
     "sequence, so a range over settings). Per-setting accuracies, with every length a state-tracking task was "
     "tested at, follow the scores; the validation accuracy of every optimiser setting is in lr_sensitivity.csv.")
@@ -815,7 +816,14 @@ def mad_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     tasks, model_columns, grid = mad_pivot(records)
     body = [[*(_show(v) for v in model), size, *(score_cell(by_task.get(t)) for t in tasks)]
             for model, size, by_task in grid]
-    return [*model_columns, "state size", *tasks], body
+    return [*model_columns, "state size", *task_headings(records, tasks)], body
+
+
+def task_headings(records: list[dict], tasks: list[str]) -> list[str]:
+    """Each task's name with the number of its settings the runs hold, so that a part of MAD's grid is not read
+    as the whole."""
+    settings = {r["task"]: r["settings"] for r in records}
+    return [f"{t} ({settings[t]} setting{'s' * (settings[t] != 1)})" for t in tasks]
 
 
 def plot_mad_scores(records: list[dict], path: Path) -> None:
@@ -829,7 +837,7 @@ def plot_mad_scores(records: list[dict], path: Path) -> None:
             score = scores[i][j]
             ax.text(j, i, score_cell(by_task.get(task)).replace(" (", "\n("), ha="center", va="center", fontsize=7,
                     color="white" if math.isnan(score) or score < 0.6 else "black")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_xticks(range(len(tasks)), task_headings(records, tasks), rotation=30, ha="right")
     ax.set_yticks(range(len(grid)), [" ".join(_show(v) for v in model) + f"\nstate size {size}"
                                      for model, size, _ in grid], fontsize=7)
     fig.colorbar(image, ax=ax, label="mean test accuracy over the task's settings")
