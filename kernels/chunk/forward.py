@@ -24,25 +24,27 @@ from kernels.chunk.common import (
 @triton.jit
 def _ut_inverse(L, buf, n, stride, C: tl.constexpr, S: tl.constexpr, DOT: tl.constexpr):
     """Tm = (I + strict(L))^-1 for a [C, C] tile of which the first n rows are real, blockwise with blocks of S.
-    The C // S diagonal blocks are inverted by forward substitution, S steps each on an [S, S] tile, passing
-    through `buf` (rows of `stride` elements: Tm's rows of this chunk, overwritten afterwards by the caller).
-    With D^-1 their inverse (block diagonal) and E the part of L below them, I + L = (I + D)(I + M) with
-    M = D^-1 E, and as M^(C // S) = 0, for 4 blocks (I + M)^-1 = (I - M)(I + M^2): Tm = (I - M)(I + M^2) D^-1."""
+    The C // S diagonal blocks are inverted by forward substitution, all at once as a [C // S, S, S] tile (S steps
+    in all, not S per block), passing through `buf` (rows of `stride` elements: Tm's rows of this chunk,
+    overwritten afterwards by the caller). With D^-1 their inverse (block diagonal) and E the part of L below
+    them, I + L = (I + D)(I + M) with M = D^-1 E, and as M^(C // S) = 0, for 4 blocks
+    (I + M)^-1 = (I - M)(I + M^2): Tm = (I - M)(I + M^2) D^-1."""
     tl.static_assert(C // S == 4, "the product form below is for 4 blocks")
     offs_c = tl.arange(0, C)
-    offs_s = tl.arange(0, S)
     m_c = offs_c < n
     tl.store(buf + offs_c[:, None] * stride + offs_c[None, :], L, mask=m_c[:, None])
     tl.debug_barrier()
-    for blk in tl.static_range(C // S):
-        p = buf + (blk * S + offs_s[:, None]) * stride + blk * S + offs_s[None, :]
-        m = (blk * S + offs_s < n)[:, None]
-        X = tl.where(offs_s[:, None] > offs_s[None, :], -tl.load(p, mask=m, other=0.0), 0.0)
-        for i in range(1, S):  # X_i = -L_i - sum_{j < i} L_ij X_j
-            row = tl.sum(tl.where(offs_s[:, None] == i, X, 0.0), 0)
-            row = row + tl.sum(row[:, None] * X, 0)
-            X = tl.where(offs_s[:, None] == i, row[None, :], X)
-        tl.store(p, X, mask=m)
+    blk = tl.arange(0, C // S)[:, None, None]  # [blocks, S rows, S columns]
+    r = tl.arange(0, S)[None, :, None]
+    c = tl.arange(0, S)[None, None, :]
+    p = buf + (blk * S + r) * stride + blk * S + c
+    m = blk * S + r < n
+    X = tl.where(r > c, -tl.load(p, mask=m, other=0.0), 0.0)
+    for i in range(1, S):  # in every block, X_i = -L_i - sum_{j < i} L_ij X_j
+        row = tl.sum(tl.where(r == i, X, 0.0), 1)  # [blocks, S]: row i of each block
+        row = row + tl.sum(row[:, :, None] * X, 1)
+        X = tl.where(r == i, row[:, None, :], X)
+    tl.store(p, X, mask=m)
     tl.debug_barrier()
     blk_c = offs_c // S
     same = blk_c[:, None] == blk_c[None, :]
