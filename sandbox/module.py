@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
+from sandbox.graphs import graphed
 from tasks import IGNORE
 
 
@@ -54,6 +55,24 @@ def labelled_loss(model, inputs: torch.Tensor, labels: torch.Tensor, max_labels:
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
     hits = torch.zeros_like(mask).view(-1).scatter(0, index, logits.argmax(-1) == targets)  # index: distinct
     return loss, out.aux_loss, hits.view_as(mask), mask
+
+
+def training_loss(model, inputs: torch.Tensor, labels: torch.Tensor, max_labels: int):
+    """`labelled_loss` of a training batch and the router statistics of that forward (0-dim tensors by name)."""
+    return (*labelled_loss(model, inputs, labels, max_labels), model.router_stats(as_tensors=True))
+
+
+class TrainingLoss(torch.nn.Module):
+    """`training_loss` as a module: the unit that `cuda_graphs` captures (sandbox.graphs). Its outputs are then the
+    graph's own tensors, rewritten by each replay, while the model's attributes (its router statistics) keep
+    whatever the last eager forward, an evaluation, left there: so the statistics are outputs too."""
+
+    def __init__(self, model: torch.nn.Module, max_labels: int):
+        super().__init__()
+        self.model, self.max_labels = model, max_labels
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
+        return training_loss(self.model, inputs, labels, self.max_labels)
 
 
 def most_labelled(datasets) -> int:
@@ -109,12 +128,14 @@ class RecallModule(L.LightningModule):
     fused_adamw = True  # on CUDA; `sandbox-bench train` turns it off to measure what it gives
     runs = 1  # runs trained at once (sandbox.stacked_run.StackedRecallModule: R, their batches stacked)
 
-    def __init__(self, model: dict, vocab_size: int, max_seq_len: int, optim: dict):
+    def __init__(self, model: dict, vocab_size: int, max_seq_len: int, optim: dict, cuda_graphs: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(vocab_size=vocab_size, max_seq_len=max_seq_len, **model)
         self.optim = optim
         self.max_labels = max_seq_len  # per example; made exact from the data in `setup`
+        self.cuda_graphs = cuda_graphs  # the training loss's forward and backward as CUDA graphs (sandbox.graphs)
+        self._graphed = {}  # batch shape -> the graphed loss (not a submodule: it holds self.model)
         self._sums: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
@@ -126,14 +147,25 @@ class RecallModule(L.LightningModule):
         """(loss, aux loss, hits [B, T] bool: labelled positions predicted right, mask [B, T] of the labelled)."""
         return labelled_loss(self.model, inputs, labels, self.max_labels)
 
+    def training_outputs(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """`training_loss` of a training batch; with `cuda_graphs`, replayed from the CUDA graphs captured at the
+        first batch of its shape."""
+        if not self.cuda_graphs:
+            return training_loss(self.model, inputs, labels, self.max_labels)
+        shape = (*inputs.shape, *labels.shape)
+        if shape not in self._graphed:
+            loss = TrainingLoss(self.model, self.max_labels)
+            self._graphed[shape] = graphed(loss, (inputs, labels), self.trainer.precision)
+        return self._graphed[shape](inputs, labels)
+
     def training_step(self, batch, batch_idx):
         inputs, labels, _ = batch
-        loss, aux_loss, hits, mask = self(inputs, labels)
+        loss, aux_loss, hits, mask, router = self.training_outputs(inputs, labels)
         self.log("train/loss", loss)
         self.log("train/acc", hits.sum() / mask.sum())
         self.log("train/aux_loss", aux_loss)
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log_dict({f"router/{k}": v for k, v in self.model.router_stats(as_tensors=True).items()})
+            self.log_dict({f"router/{k}": v for k, v in router.items()})
         return loss + aux_loss
 
     # ---- evaluation: sums over the epoch, per slice too ----

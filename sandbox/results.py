@@ -13,8 +13,9 @@ from pathlib import Path
 
 RESULT_FILE = "result.json"
 # Config keys that cannot change what a run computes: where it is written, under which name, how progress and
-# metrics are displayed and logged. Everything else, defaults included, is part of the run's identity.
-NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger")
+# metrics are displayed and logged, whether its kernels are launched one by one or replayed from CUDA graphs (the
+# same kernels). Everything else, defaults included, is part of the run's identity.
+NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger", "cuda_graphs")
 # How a run ended: `status` in result.json, with a short `status_reason`.
 STATUSES = ("finished", "diverged", "not_trained", "interrupted", "failed")
 # The ends that running the same command again returns as they are; an interrupted or failed run resumes.

@@ -92,6 +92,7 @@ SETTINGS: dict[str, Rule] = {
     "name": Rule(lambda v: _path_text(v) not in (None, "", ".", "..") and os.sep not in _path_text(v),
                  f"one folder name (not empty, no {os.sep}, not . or ..)"),
     "seed": integer(0, SEEDS_PER_SPLIT - 1),  # the task splits' seed ranges (tasks/splits.py)
+    "cuda_graphs": Rule(lambda v: isinstance(v, bool), "true or false"),
     "optim.lr": number(0, low_open=True),
     "optim.weight_decay": number(0),
     "optim.betas": BETAS,
@@ -228,6 +229,8 @@ def _check_machine(settings: dict) -> None:
         # Lightning would run 16-mixed as bf16-mixed (and the result record 16-mixed); 16-true diverges on the CPU.
         raise ConfigError(f"trainer.precision={precision} is invalid on the CPU (float16 precision needs a "
                           "CUDA device): use auto (32-true on the CPU), 32-true or bf16-mixed")
+    if settings["cuda_graphs"]:
+        _check_cuda_graphs(settings)
     backend = settings["model"].get("backend", "auto")
     if backend == "triton":  # else the first training step fails
         try:
@@ -235,6 +238,23 @@ def _check_machine(settings: dict) -> None:
         except ValueError as err:
             raise ConfigError(f"model.backend=triton is invalid on this machine: {err}; auto or torch run on the "
                               "CPU") from err
+
+
+def _check_cuda_graphs(settings: dict) -> None:
+    """What CUDA graphs over the training step cannot run (sandbox/graphs.py says why)."""
+    trainer = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("trainer.")}
+    if _runs_on_cpu(trainer["accelerator"]):
+        raise ConfigError("cuda_graphs=true is invalid on the CPU (CUDA graphs need a CUDA device): use false")
+    if trainer["devices"] not in (1, "1") or trainer.get("num_nodes", 1) != 1:
+        raise ConfigError(f"cuda_graphs=true is invalid with trainer.devices={_show(trainer['devices'])}: the graphs "
+                          "run on one device (devices=1), or use cuda_graphs=false")
+    if trainer["precision"] in FLOAT16:
+        raise ConfigError(f"cuda_graphs=true is invalid with trainer.precision={trainer['precision']} (float16 is not "
+                          "graphed: its loss scaling reads the host every step): use bf16-mixed or 32-true")
+    if trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(f"cuda_graphs=true is invalid with trainer.accumulate_grad_batches="
+                          f"{trainer['accumulate_grad_batches']}: a graph's gradients are overwritten by the next "
+                          "batch's (use 1, or cuda_graphs=false)")
 
 
 def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:

@@ -423,6 +423,8 @@ def stack_problem(cfg: DictConfig) -> str | None:
     trainer = cfg.trainer
     if trainer.devices not in (1, "1") or trainer.get("num_nodes", 1) != 1:
         return f"trainer.devices={trainer.devices} cannot be stacked: stacked runs train on one device (devices=1)"
+    if cfg.cuda_graphs:
+        return "cuda_graphs=true cannot be stacked: the graphs capture one run's model (runs with it train alone)"
     if str(trainer.precision).startswith("16"):
         return (f"trainer.precision={trainer.precision} cannot be stacked: its loss scale is shared by the runs "
                 "of a stack (use bf16-mixed or 32-true)")

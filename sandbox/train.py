@@ -100,7 +100,8 @@ def build_module(cfg: DictConfig, datamodule: RecallDataModule) -> RecallModule:
     settings become ConfigError."""
     try:
         return RecallModule(model=OmegaConf.to_container(cfg.model, resolve=True), vocab_size=datamodule.vocab_size,
-                            max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim, resolve=True))
+                            max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                            cuda_graphs=cfg.cuda_graphs)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -212,6 +213,11 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     records them. With several processes (trainer=ddp) every process calls this; the first one writes.
     """
     run_dir = Path(run_dir)
+    try:
+        check_settings(cfg)  # before an ended run is returned: the settings outside a run's identity are checked too
+    except ConfigError:
+        runs.remove_empty_folders(runs.new_folders(run_dir))
+        raise
     digest = runs.config_hash(OmegaConf.to_container(cfg, resolve=True))
     ended = runs.ended_result(run_dir, digest)
     if ended is not None:
@@ -224,7 +230,6 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     start = time.perf_counter()
     made = runs.new_folders(run_dir)
     try:
-        check_settings(cfg)  # before seeding: the seed is a setting too
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module = build(cfg)
         started = TrainingStarted()

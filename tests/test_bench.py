@@ -245,7 +245,8 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps 0 is invalid: must be >= 1"),
     (["--models", "gla"], "--models gla is invalid: choose from attention, gated_deltanet, mom"),
-    (["--variants", "fast"], "--variants fast is invalid: choose from none, fused, nosync, device_data, all"),
+    (["--variants", "fast"], "--variants fast is invalid: choose from none, fused, nosync, device_data, all, graphs"),
+    (["--variants", "graphs"], "--variants graphs is invalid on this machine: CUDA graphs need a CUDA device"),
     (["--widths", "wide"], "argument --widths: invalid int value: 'wide'"),
     (["--modes", "packed", "--packed", "0"], "--packed 0 is invalid: must be >= 1"),
     (["--modes", "stacked", "--stacked", "0"], "--stacked 0 is invalid: must be >= 1"),
@@ -253,7 +254,8 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     (["--override", "model.no_such_key=1"], "model=attention model.d_model=64: Could not override 'model.no_such_key'"),
     (["--models", "mom", "--widths", "65", "--override", "model.mixer_options.num_heads=2"],
      "model=mom model.d_model=65: "),
-], ids=["steps", "model", "variant", "width-type", "packed", "stacked", "json-folder", "override", "width-heads"])
+], ids=["steps", "model", "variant", "graphs-on-cpu", "width-type", "packed", "stacked", "json-folder", "override",
+        "width-heads"])
 def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     from sandbox.bench import train as bench
 

@@ -92,12 +92,21 @@ BAD_SETTINGS = {
     "unknown-trainer-key": (["+trainer.foo=1"], ["trainer.foo"]),
     "unknown-model-key": (["+model.foo=1"], ["model.foo", "d_model"]),
     "missing-key": (["~optim.lr"], ["optim.lr"]),
+    "cuda-graphs-a-word": (["cuda_graphs=yes"], ["cuda_graphs=yes", "true or false"]),
 }
 # On a machine without CUDA (as the tests make it): settings that need a GPU.
 BAD_WITHOUT_CUDA = {
     "precision-16-mixed-without-cuda": (["trainer.precision=16-mixed"], ["trainer.precision", "bf16-mixed"]),
     "accelerator-gpu-without-cuda": (["trainer.accelerator=gpu"], ["trainer.accelerator", "cpu"]),
     "triton-without-cuda": (["model.backend=triton"], ["model.backend=triton", "CUDA", "auto or torch"]),
+    "cuda-graphs-without-cuda": (["cuda_graphs=true"], ["cuda_graphs=true", "CUDA device", "false"]),
+}
+# On a machine with CUDA (faked: the settings are only checked): what CUDA graphs cannot run (sandbox/graphs.py).
+BAD_WITH_CUDA_GRAPHS = {
+    "cuda-graphs-two-devices": (["trainer.devices=2"], "cuda_graphs=true is invalid with trainer.devices=2"),
+    "cuda-graphs-float16": (["trainer.precision=16-mixed"], "cuda_graphs=true is invalid with trainer.precision=16"),
+    "cuda-graphs-accumulating": (["+trainer.accumulate_grad_batches=2"],
+                                 "cuda_graphs=true is invalid with trainer.accumulate_grad_batches=2"),
 }
 
 
@@ -120,6 +129,15 @@ def test_gpu_setting_without_cuda_is_one_line_exit_2(case, finished_root, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' Triton interpreter (conftest.py)
     check_rejected(*BAD_WITHOUT_CUDA[case], finished_root, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", BAD_WITH_CUDA_GRAPHS)
+def test_what_cuda_graphs_cannot_run_is_refused(case, monkeypatch):
+    overrides, message = BAD_WITH_CUDA_GRAPHS[case]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_settings(compose_train("debug=fast", "cuda_graphs=true"))  # one device, bf16-mixed: valid
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+        check_settings(compose_train("debug=fast", "cuda_graphs=true", *overrides))
 
 
 # The run folder's path: settings that would put it outside output_root (or output_root at the file system's root).

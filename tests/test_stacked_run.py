@@ -155,6 +155,8 @@ def test_runs_a_stack_cannot_train_as_alone_are_refused(tmp_path):
     # float16's loss scale would be shared by the runs (a CPU refuses float16 itself, before the stack's check)
     assert "cannot be stacked" in stack_problem(make_cfg(tmp_path, "trainer.precision=16-mixed"))
     assert stack_problem(make_cfg(tmp_path, "trainer.precision=bf16-mixed")) is None
+    # CUDA graphs capture one run's model: such runs train alone
+    assert "cuda_graphs=true cannot be stacked" in stack_problem(make_cfg(tmp_path, "cuda_graphs=true"))
 
 
 def sandbox_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,8 @@ on the CPU). For each model (`--models`) and width (`--widths`), in three modes:
           clipping, batches gathered on the device; no Lightning, no logging): the yardstick.
 Variants name the training-step levers that are on (`none`: none of them): `fused` (fused
 AdamW on CUDA), `nosync` (no host reads inside a step: RecallModule's step against the bench's `HostReads`),
-`device_data` (the training set held on the device, RecallDataModule's `device_data`); `all` is the three.
+`device_data` (the training set held on the device, RecallDataModule's `device_data`); `all` is the three;
+`graphs` is `all` with the loss's forward and backward replayed from CUDA graphs (`cuda_graphs=true`, CUDA only).
 `--variants` run at every width, `--ablate-at` adds each single lever at the widths given.
 
 Each run takes `--warmup` steps, then `--steps` timed steps (wall clock and CUDA events, one device sync at each
@@ -42,7 +43,7 @@ from pathlib import Path
 
 MODELS = ("attention", "gated_deltanet", "mom")
 LEVERS = ("fused", "nosync", "device_data")
-VARIANTS = ("none", *LEVERS, "all")
+VARIANTS = ("none", *LEVERS, "all", "graphs")
 MODES = ("alone", "packed", "stacked", "plain")
 GRID = {"runs": 432, "steps": 3000}  # experiment=zoology: 12 models x 3 widths x 4 learning rates x 3 seeds
 
@@ -52,7 +53,9 @@ class BadInput(ValueError):
 
 
 def levers_of(variant: str) -> set[str]:
-    return set(LEVERS) if variant == "all" else set() if variant == "none" else {variant}
+    if variant in ("all", "graphs"):
+        return {*LEVERS, *(("graphs",) if variant == "graphs" else ())}
+    return set() if variant == "none" else {variant}
 
 
 # ---- the windows of a run: warm-up, timed, profiled, sync-checked ----
@@ -225,6 +228,7 @@ def run_lightning(args, model: str, width: int, variant: str, barrier=None) -> d
         datamodule.device_data = "device_data" in levers
         module = make_module(cfg, datamodule, RecallModule if "nosync" in levers else host_reads_module())
         module.fused_adamw = "fused" in levers
+        module.cuda_graphs = "graphs" in levers
         windows = Windows(args.warmup, args.steps, args.profile_steps, args.check_steps, barrier)
         trainer = make_trainer(cfg, Path(root) / "run", [_window_callback(windows)])
         trainer.fit(module, datamodule=datamodule)
@@ -420,6 +424,8 @@ def ratios(rows: list[dict]) -> list[str]:
         pairs = []  # (name, the row it is against, a note)
         if mode == "alone" and none is not None and variant != "none":
             pairs.append((f"{variant} / none alone", none, ""))
+        if mode == "alone" and everything is not None and variant == "graphs":
+            pairs.append(("graphs / all alone", everything, ""))
         if mode == "packed" and same is not None:  # the kernels of a step, measured alone, at the total rate
             busy = "GPU busy" if same["busy_kind"] == "cuda kernels" else "CPU ops busy"
             pairs.append((f"{packed} / {variant} alone", same, f"; {busy} {speed(row) * same['busy_ms'] / 1e3:.0%}"))
@@ -444,6 +450,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse(argv):
+    import torch
+
     parser = _Parser(prog="sandbox-bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256])
@@ -488,6 +496,8 @@ def parse(argv):
             raise BadInput(f"--stacked {runs} is invalid: must be >= 1 (or leave stacked out of --modes)")
     if "packed" in args.modes and args.packed < 1:
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
+    if "graphs" in args.variants and not torch.cuda.is_available():
+        raise BadInput("--variants graphs is invalid on this machine: CUDA graphs need a CUDA device")
     if args.json is not None and not args.json.parent.is_dir():
         raise BadInput(f"--json {args.json} is invalid: its folder {args.json.parent} does not exist")
     return args
