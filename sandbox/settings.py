@@ -240,12 +240,17 @@ def _check_machine(settings: dict) -> None:
                               "CPU") from err
 
 
+def one_device(trainer) -> bool:
+    """Whether a trainer config (a mapping: trainer.devices, trainer.num_nodes if given) trains on one device."""
+    return trainer["devices"] in (1, "1") and trainer.get("num_nodes", 1) == 1
+
+
 def _check_cuda_graphs(settings: dict) -> None:
     """What CUDA graphs over the training step cannot run (sandbox/graphs.py says why)."""
     trainer = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("trainer.")}
     if _runs_on_cpu(trainer["accelerator"]):
         raise ConfigError("cuda_graphs=true is invalid on the CPU (CUDA graphs need a CUDA device): use false")
-    if trainer["devices"] not in (1, "1") or trainer.get("num_nodes", 1) != 1:
+    if not one_device(trainer):
         raise ConfigError(f"cuda_graphs=true is invalid with trainer.devices={_show(trainer['devices'])}: the graphs "
                           "run on one device (devices=1), or use cuda_graphs=false")
     if trainer["precision"] in FLOAT16:

@@ -38,7 +38,7 @@ from sandbox.data import RecallDataModule
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, write_json_atomic
 from sandbox.runs import say
-from sandbox.settings import ConfigError, check_settings
+from sandbox.settings import FLOAT16, ConfigError, check_settings, one_device
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
 from sandbox.train import (build_data, build_module, fit_status, interrupted_reason, make_trainer, result_record,
                            run_logger)
@@ -421,11 +421,11 @@ def stack_problem(cfg: DictConfig) -> str | None:
     """Why this run cannot join a stack, or None: a stack trains in one process on one device, and float16's
     loss scaling would skip every run's step when one run's gradients overflow (runs alone skip only their own)."""
     trainer = cfg.trainer
-    if trainer.devices not in (1, "1") or trainer.get("num_nodes", 1) != 1:
+    if not one_device(trainer):
         return f"trainer.devices={trainer.devices} cannot be stacked: stacked runs train on one device (devices=1)"
     if cfg.cuda_graphs:
         return "cuda_graphs=true cannot be stacked: the graphs capture one run's model (runs with it train alone)"
-    if str(trainer.precision).startswith("16"):
+    if trainer.precision in FLOAT16:
         return (f"trainer.precision={trainer.precision} cannot be stacked: its loss scale is shared by the runs "
                 "of a stack (use bf16-mixed or 32-true)")
     return None

@@ -52,10 +52,12 @@ class BadInput(ValueError):
     """A setting of this benchmark that cannot run; one line, exit code 2."""
 
 
+# The variants that are several levers (or none); every other variant is its one lever.
+COMBINED = {"none": set(), "all": set(LEVERS), "graphs": {*LEVERS, "graphs"}}
+
+
 def levers_of(variant: str) -> set[str]:
-    if variant in ("all", "graphs"):
-        return {*LEVERS, *(("graphs",) if variant == "graphs" else ())}
-    return set() if variant == "none" else {variant}
+    return set(COMBINED.get(variant, {variant}))
 
 
 # ---- the windows of a run: warm-up, timed, profiled, sync-checked ----
