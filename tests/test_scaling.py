@@ -20,7 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
-from sandbox.sweep import WORKER_LOST
+from sandbox.sweep import WORKER_LOST, open_storage
 from sandbox.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,8 +132,9 @@ def test_four_workers_on_sqlite_one_killed_mid_trial(tmp_path):
     storage = f"sqlite:///{db}"
     deadline = time.time() + 400
     while time.time() < deadline:
-        try:
-            trials = optuna.load_study(study_name="routing", storage=storage).get_trials() if db.exists() else []
+        try:  # open_storage: this test races the workers to create the new database's tables, as they race
+            trials = (optuna.load_study(study_name="routing", storage=open_storage(storage, space["heartbeat"]))
+                      .get_trials() if db.exists() else [])
         except KeyError:  # the study is being created
             trials = []
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
