@@ -5,11 +5,13 @@
 #   bash docs/results/zoology/run.sh WIDTH SEEDS all            every model of the experiment at its 4 lrs
 #   bash docs/results/zoology/run.sh WIDTH SEEDS stacked [MODEL ...]   one process per model (default: all): its
 #     4 lrs x SEEDS runs as one stack (sandbox/stacked_run.py), the models' processes packed
+#   OVERRIDES="cuda_graphs=true" bash docs/results/zoology/run.sh ...   more Hydra overrides for every run
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
 width=$1 seeds=$2; shift 2
 root=/tmp/zoology
-models=(attention linear_attention gla deltanet gated_deltanet gated_deltanet_equal_state mom)
+models=(attention linear_attention gla deltanet gated_deltanet gated_deltanet_equal_state
+        mom_m2 mom mom_m8 mom_m2_noshared mom_noshared mom_m8_noshared)
 lrs=(1.0e-4 4.6e-4 2.2e-3 1.0e-2)
 jobs=("$@")
 if [ "${jobs[0]}" = stacked ]; then
@@ -17,7 +19,7 @@ if [ "${jobs[0]}" = stacked ]; then
   start_runs $root
   for m in "${stacked[@]}"; do
     timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-      model=$m model.d_model=$width seed=$seeds hydra.launcher.stack=true > $root/logs/$m-d$width-stacked.log 2>&1 &
+      model=$m model.d_model=$width seed=$seeds hydra.launcher.stack=true $OVERRIDES > $root/logs/$m-d$width-stacked.log 2>&1 &
   done
   finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}_stacked.tar.gz"
   exit
@@ -30,7 +32,7 @@ for job in "${jobs[@]}"; do
   m=${job%%:*} lr=${job#*:}
   for seed in ${seeds//,/ }; do
     timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-      model=$m model.d_model=$width optim.lr=$lr seed=$seed > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
+      model=$m model.d_model=$width optim.lr=$lr seed=$seed $OVERRIDES > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
   done
 done
 finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
