@@ -1,4 +1,4 @@
-"""CUDA graphs over a training step's forward and backward (`cuda_graphs=true`).
+"""CUDA graphs over a training step's forward and backward (`cuda_graphs`: auto, the default, or true).
 
 At the sandbox's sizes a step is launch-bound: the CPU issuing a few hundred small kernels takes several times
 the GPU's work (docs/results/throughput/). `torch.cuda.make_graphed_callables` records the loss's forward and

@@ -92,7 +92,7 @@ SETTINGS: dict[str, Rule] = {
     "name": Rule(lambda v: _path_text(v) not in (None, "", ".", "..") and os.sep not in _path_text(v),
                  f"one folder name (not empty, no {os.sep}, not . or ..)"),
     "seed": integer(0, SEEDS_PER_SPLIT - 1),  # the task splits' seed ranges (tasks/splits.py)
-    "cuda_graphs": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "cuda_graphs": Rule(lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "optim.lr": number(0, low_open=True),
     "optim.weight_decay": number(0),
     "optim.betas": BETAS,
@@ -229,8 +229,11 @@ def _check_machine(settings: dict) -> None:
         # Lightning would run 16-mixed as bf16-mixed (and the result record 16-mixed); 16-true diverges on the CPU.
         raise ConfigError(f"trainer.precision={precision} is invalid on the CPU (float16 precision needs a "
                           "CUDA device): use auto (32-true on the CPU), 32-true or bf16-mixed")
-    if settings["cuda_graphs"]:
-        _check_cuda_graphs(settings)
+    if settings["cuda_graphs"] is True:
+        trainer = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("trainer.")}
+        problem = graphs_problem(trainer)
+        if problem:
+            raise ConfigError(f"cuda_graphs=true is invalid {problem}")
     backend = settings["model"].get("backend", "auto")
     if backend == "triton":  # else the first training step fails
         try:
@@ -245,21 +248,26 @@ def one_device(trainer) -> bool:
     return trainer["devices"] in (1, "1") and trainer.get("num_nodes", 1) == 1
 
 
-def _check_cuda_graphs(settings: dict) -> None:
-    """What CUDA graphs over the training step cannot run (sandbox/graphs.py says why)."""
-    trainer = {k.partition(".")[2]: v for k, v in settings.items() if k.startswith("trainer.")}
+def graphs_problem(trainer) -> str | None:
+    """Why CUDA graphs over the training step cannot run with this trainer config (a mapping), as the end of a
+    sentence, or None (sandbox/graphs.py says why each is excluded)."""
     if _runs_on_cpu(trainer["accelerator"]):
-        raise ConfigError("cuda_graphs=true is invalid on the CPU (CUDA graphs need a CUDA device): use false")
+        return "on the CPU (CUDA graphs need a CUDA device): use false or auto"
     if not one_device(trainer):
-        raise ConfigError(f"cuda_graphs=true is invalid with trainer.devices={_show(trainer['devices'])}: the graphs "
-                          "run on one device (devices=1), or use cuda_graphs=false")
+        return (f"with trainer.devices={_show(trainer['devices'])}: the graphs run on one device (devices=1), or use "
+                "cuda_graphs=false or auto")
     if trainer["precision"] in FLOAT16:
-        raise ConfigError(f"cuda_graphs=true is invalid with trainer.precision={trainer['precision']} (float16 is not "
-                          "graphed: its loss scaling reads the host every step): use bf16-mixed or 32-true")
+        return (f"with trainer.precision={trainer['precision']} (float16 is not graphed: its loss scaling reads the "
+                "host every step): use bf16-mixed or 32-true")
     if trainer.get("accumulate_grad_batches", 1) != 1:
-        raise ConfigError(f"cuda_graphs=true is invalid with trainer.accumulate_grad_batches="
-                          f"{trainer['accumulate_grad_batches']}: a graph's gradients are overwritten by the next "
-                          "batch's (use 1, or cuda_graphs=false)")
+        return (f"with trainer.accumulate_grad_batches={trainer['accumulate_grad_batches']}: a graph's gradients are "
+                "overwritten by the next batch's (use 1, or cuda_graphs=false or auto)")
+    return None
+
+
+def uses_cuda_graphs(cfg: DictConfig) -> bool:
+    """Whether a run (settings checked) trains from CUDA graphs: cuda_graphs=true; auto: wherever they can run."""
+    return cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and graphs_problem(cfg.trainer) is None)
 
 
 def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:

@@ -423,7 +423,7 @@ def stack_problem(cfg: DictConfig) -> str | None:
     trainer = cfg.trainer
     if not one_device(trainer):
         return f"trainer.devices={trainer.devices} cannot be stacked: stacked runs train on one device (devices=1)"
-    if cfg.cuda_graphs:
+    if cfg.cuda_graphs is True:
         return "cuda_graphs=true cannot be stacked: the graphs capture one run's model (runs with it train alone)"
     if trainer.precision in FLOAT16:
         return (f"trainer.precision={trainer.precision} cannot be stacked: its loss scale is shared by the runs "
@@ -526,7 +526,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 model=module.model.template,
                 router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
                 backend=kernels.resolve_backend(cfgs[r].model.backend, trainer.strategy.root_device),
-                resumed=resume_from is not None, earlier=earlier[r], start=start,
+                cuda_graphs=False, resumed=resume_from is not None, earlier=earlier[r], start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})
 
         try:

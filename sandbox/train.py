@@ -45,7 +45,7 @@ from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, git_commit, status_of, versions, write_json_atomic
 from sandbox.runs import UNWRITABLE, say
-from sandbox.settings import ConfigError, check_settings
+from sandbox.settings import ConfigError, check_settings, uses_cuda_graphs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
@@ -101,7 +101,7 @@ def build_module(cfg: DictConfig, datamodule: RecallDataModule) -> RecallModule:
     try:
         return RecallModule(model=OmegaConf.to_container(cfg.model, resolve=True), vocab_size=datamodule.vocab_size,
                             max_seq_len=datamodule.max_seq_len, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                            cuda_graphs=cfg.cuda_graphs)
+                            cuda_graphs=uses_cuda_graphs(cfg))
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -333,7 +333,7 @@ def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.T
                          tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
                          router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
                          backend=_backend(cfg.model.backend, trainer.strategy.root_device),
-                         resumed=resumed, earlier=earlier, start=start)
+                         cuda_graphs=module.cuda_graphs, resumed=resumed, earlier=earlier, start=start)
 
 
 def _backend(setting: str, device: torch.device) -> str:
@@ -347,7 +347,7 @@ def _backend(setting: str, device: torch.device) -> str:
 
 def result_record(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, *, best_val_acc,
                   tested: dict | None, steps: int, epochs: int, model, router: dict, max_seq_len: int, backend: str,
-                  resumed: bool, earlier: dict | None, start: float, **extra) -> dict:
+                  cuda_graphs: bool, resumed: bool, earlier: dict | None, start: float, **extra) -> dict:
     """What result.json records for one run. Accuracies are measured for finished runs only (NaN otherwise);
     `tested`: the test metrics (test/acc, test/loss, test/acc/<slice>). `earlier`: the result of the segment that
     a resumed run continues (interrupted or failed), whose wall time and commits this segment's extend."""
@@ -371,6 +371,7 @@ def result_record(cfg: DictConfig, digest: str, status: str, reason: str, traine
         "num_parameters": model.num_parameters(),
         "router": router,
         "backend": backend,
+        "cuda_graphs": cuda_graphs,
         "device": str(trainer.strategy.root_device),
         "precision": trainer.precision,
         "wall_time_s": earlier.get("wall_time_s", 0.0) + time.perf_counter() - start,

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from test_faults import FAST, assert_one_line_naming, finished_root, snapshot, train_cli  # noqa: F401
 
 from sandbox.data import RecallDataModule
-from sandbox.settings import ConfigError, check_settings
+from sandbox.settings import ConfigError, check_settings, uses_cuda_graphs
 from sandbox.train import CONF_DIR, train
 from tasks.splits import SEEDS_PER_SPLIT
 
@@ -92,7 +92,7 @@ BAD_SETTINGS = {
     "unknown-trainer-key": (["+trainer.foo=1"], ["trainer.foo"]),
     "unknown-model-key": (["+model.foo=1"], ["model.foo", "d_model"]),
     "missing-key": (["~optim.lr"], ["optim.lr"]),
-    "cuda-graphs-a-word": (["cuda_graphs=yes"], ["cuda_graphs=yes", "true or false"]),
+    "cuda-graphs-a-word": (["cuda_graphs=yes"], ["cuda_graphs=yes", "auto, true or false"]),
 }
 # On a machine without CUDA (as the tests make it): settings that need a GPU.
 BAD_WITHOUT_CUDA = {
@@ -138,6 +138,20 @@ def test_what_cuda_graphs_cannot_run_is_refused(case, monkeypatch):
     check_settings(compose_train("debug=fast", "cuda_graphs=true"))  # one device, bf16-mixed: valid
     with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
         check_settings(compose_train("debug=fast", "cuda_graphs=true", *overrides))
+
+
+@pytest.mark.parametrize("case", [None, *BAD_WITH_CUDA_GRAPHS])
+def test_cuda_graphs_auto_graphs_wherever_they_can_run(case, monkeypatch):
+    """The default, auto: graphed on one CUDA device; where `true` would be refused, valid and not graphed."""
+    overrides = BAD_WITH_CUDA_GRAPHS[case][0] if case else []
+    cfg = compose_train("debug=fast", *overrides)
+    assert cfg.cuda_graphs == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not uses_cuda_graphs(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_settings(cfg)
+    assert uses_cuda_graphs(cfg) == (case is None)
+    assert not uses_cuda_graphs(compose_train("debug=fast", "cuda_graphs=false"))
 
 
 # The run folder's path: settings that would put it outside output_root (or output_root at the file system's root).
