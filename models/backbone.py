@@ -211,13 +211,18 @@ class LanguageModel(nn.Module):
         return h
 
     def forward(self, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None,
-                label_index: torch.Tensor | None = None) -> ModelOutput:
+                label_index: torch.Tensor | None = None, stats_positions: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] int64; label_mask [B, T] bool, or label_index [N] int64 (flat positions b T + t, in
         the order given: a count the caller fixes, where a mask's selection reads its count from the device),
-        or neither."""
+        or neither. stats_positions [B, T] bool: the positions that the routers' content loads count (MoM)."""
+        routers = [block.mixer for block in self.blocks if hasattr(block.mixer, "stats_positions")]
+        for router in routers:
+            router.stats_positions = stats_positions
         h = self._embed(input_ids, 0)
         for block in self.blocks:
             h = block(h)
+        for router in routers:  # not kept past the forward (under vmap it would be a batched tensor)
+            router.stats_positions = None
         if label_index is not None:
             h = h.flatten(0, 1)[label_index]
         if label_mask is not None:

@@ -34,7 +34,9 @@ Triton op, conv and norms on `triton` (each one launch for all the runs, `kernel
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or
-returns the tensors).
+returns the tensors). When the caller sets `stats_positions` (bool [..., T], as x's leading dims) before a
+forward, the loads over those positions alone are kept too (`content_load_m{j}`): the sandbox counts its tasks'
+own tokens there, where the loads over every position are mostly those of the filler token.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class MoM(nn.Module):
         )
         self.backend = backend
         self.aux_loss: torch.Tensor | None = None
+        self.stats_positions: torch.Tensor | None = None  # bool [..., T]: the positions content_load counts
         self._stats: dict[str, torch.Tensor] = {}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
@@ -128,21 +131,28 @@ class MoM(nn.Module):
              else dense(self.memory, x, routing, backend))
         # load balance and statistics, kept on the device (no host sync)
         M = self.num_memories
-        routed = routing.dense_mask[..., :M].flatten(0, -2).to(probs.dtype).mean(0)  # c_m, sums to k
+        slots = routing.dense_mask[..., :M].flatten(0, -2).to(probs.dtype)  # [positions, M]
+        routed = slots.mean(0)  # c_m, sums to k
         mean_prob = probs.flatten(0, -2).mean(0)  # P_m
         aux = M * (routed * mean_prob).sum()
         load = routed / self.top_k  # f_m, sums to 1
         self.aux_loss = self.aux_loss_coef * aux
         entropy = -torch.special.xlogy(probs, probs).sum(-1).mean()
         self._stats = {"load": load.detach(), "router_entropy": entropy.detach(), "aux_loss": aux.detach()}
+        if self.stats_positions is not None:
+            counted = self.stats_positions.flatten().to(slots.dtype)  # a weighted mean: no host read of the count
+            self._stats["content_load"] = (counted @ slots / (counted.sum() * self.top_k)).detach()
         return y
 
     def router_stats(self, as_tensors: bool = False) -> dict:
-        """From the last forward: load_m{j} (fraction of routed slots), router_entropy, aux_loss (no coef); floats,
-        or with `as_tensors` 0-dim tensors on the device (no host sync)."""
+        """From the last forward: load_m{j} (fraction of routed slots), router_entropy, aux_loss (no coef), and
+        content_load_m{j} (over `stats_positions`, if set); floats, or with `as_tensors` 0-dim tensors on the device
+        (no host sync)."""
         if not self._stats:
             return {}
         stats = {f"load_m{j}": f for j, f in enumerate(self._stats["load"].unbind())}
+        if "content_load" in self._stats:
+            stats.update({f"content_load_m{j}": f for j, f in enumerate(self._stats["content_load"].unbind())})
         stats["router_entropy"] = self._stats["router_entropy"]
         stats["aux_loss"] = self._stats["aux_loss"]
         return stats if as_tensors else {k: v.item() for k, v in stats.items()}

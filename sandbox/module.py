@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models import build_model
 from sandbox.graphs import graphed
-from tasks import IGNORE
+from tasks import FILLER, IGNORE
 
 
 class WarmupCosine:
@@ -49,7 +49,7 @@ def labelled_loss(model, inputs: torch.Tensor, labels: torch.Tensor, max_labels:
     positions predicted right, mask [B, T] of the labelled). `max_labels`: labelled positions per example at most."""
     mask = labels != IGNORE
     index = label_positions(labels, min(labels.numel(), labels.shape[0] * max_labels))
-    out = model(inputs, label_index=index)
+    out = model(inputs, label_index=index, stats_positions=inputs != FILLER)
     targets = labels.flatten()[index]  # IGNORE past the labelled positions
     logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # 16-bit up, float64 kept
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)

@@ -558,29 +558,40 @@ def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> boo
     return True
 
 
-def memory_loads(run: dict) -> dict[str, list[float]]:
-    """A MoM run's share of routed token slots per memory, per layer, largest first: memory indices mean
-    nothing across seeds, the ranked shares (one memory taking all: collapse) do."""
+# The loads a run records (models/mom.py): over its tasks' own tokens where it has them, else over every position
+# (older runs), where most positions of a recall task hold the filler token, which every router sends alike.
+LOADS = {"content_load_m": "over the tasks' tokens, filler excluded", "load_m": "over every position"}
+
+
+def memory_loads(run: dict, kind: str = "load_m") -> dict[str, list[float]]:
+    """A MoM run's share of routed token slots per memory (`kind`, one of LOADS), per layer, largest first: memory
+    indices mean nothing across seeds, the ranked shares (one memory taking all: collapse) do."""
     loads = defaultdict(list)
     for key, value in run.items():
         layer, _, name = key.removeprefix("router/").partition("/")
-        if key.startswith("router/") and name.startswith("load_m"):
+        if key.startswith("router/") and name.startswith(kind):
             loads[layer].append(value)
     return {layer: sorted(values, reverse=True) for layer, values in sorted(loads.items())}
 
 
+def load_kind(runs: list[dict]) -> str:
+    """The loads (a key of LOADS) that every one of these MoM runs recorded: content loads, unless one lacks them."""
+    return next(kind for kind in LOADS if all(memory_loads(run, kind) for run in runs))
+
+
 def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
     """A panel per MoM row: each layer's ranked memory loads at the chosen lr, mean and 95% interval over
-    seeds (bars) and each seed (dots)."""
+    seeds (bars) and each seed (dots); content loads where every plotted run has them."""
     routed = [row for row in rows if any(memory_loads(run) for run in row.chosen)]
     if not routed:
         return False
+    kind = load_kind([run for row in routed for run in row.chosen if memory_loads(run)])
     keys = shown_keys(runs)
     cols = min(4, len(routed))
     nrows = math.ceil(len(routed) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols + 0.6, 3.2 * nrows), squeeze=False)
     for ax, row in zip(axes.flat, routed):
-        per_run = [memory_loads(run) for run in row.chosen if memory_loads(run)]
+        per_run = [memory_loads(run, kind) for run in row.chosen if memory_loads(run)]
         layers = list(per_run[0])
         width = 0.8 / len(layers)
         for i, layer in enumerate(layers):
@@ -602,7 +613,7 @@ def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(routed):]:
         ax.axis("off")
-    fig.suptitle("MoM memory load per layer at the chosen lr (dashed: uniform; dots: runs)")
+    fig.suptitle(f"MoM memory load per layer at the chosen lr, {LOADS[kind]} (dashed: uniform; dots: runs)")
     fig.tight_layout()
     save_figure(fig, path)
     return True

@@ -12,9 +12,9 @@ overwrite_mqar.py, fuzzy_recall.py), copying and memorization (selective_copying
 tracking (parity.py, modular_sum.py, s5.py). Why MAD's compression task is not here: tasks/registry.py.
 """
 
-from tasks.common import IGNORE
+from tasks.common import FILLER, IGNORE
 from tasks.registry import TaskData, available, chance_accuracy, defaults, make, make_mixture
 from tasks.splits import SPLITS, capped, make_split, overlap, split_seed
 
-__all__ = ["IGNORE", "SPLITS", "TaskData", "available", "capped", "chance_accuracy", "defaults", "make", "make_mixture",
-           "make_split", "overlap", "split_seed"]
+__all__ = ["FILLER", "IGNORE", "SPLITS", "TaskData", "available", "capped", "chance_accuracy", "defaults", "make",
+           "make_mixture", "make_split", "overlap", "split_seed"]

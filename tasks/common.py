@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 
 IGNORE = -100
+FILLER = 0  # the filler token, also the padding of mixtures
 
 
 def check_int(where: str, name: str, value, low: int, high: int | None = None, why: str = "") -> None:

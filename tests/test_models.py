@@ -223,6 +223,31 @@ def test_bad_config(kwargs, key, valid):
     assert key in str(err.value) and valid in str(err.value)
 
 
+def test_content_loads_count_only_the_positions_given():
+    """`stats_positions`: each MoM layer's content_load_m{j} is the share of the routed slots of those positions
+    alone (the sandbox passes its tasks' tokens, leaving out the filler), beside the loads over every position."""
+    torch.manual_seed(0)
+    lm = models.build_model(vocab_size=20, max_seq_len=16, mixer="mom", d_model=D, backend="torch",
+                            mixer_options={"num_heads": H, "num_memories": 4, "top_k": 2})
+    ids = torch.randint(1, 20, (3, 12))
+    ids[:, 7:] = 0
+    counted = torch.rand(3, 12) < 0.5
+    routes = []
+    for block in lm.blocks:  # each layer's routing, as its forward computes it
+        block.mixer.register_forward_hook(lambda mod, args, out: routes.append(mod.route(args[0])[1].dense_mask))
+    lm(ids, stats_positions=counted)
+    stats = lm.router_stats()
+    for layer, mask in enumerate(routes):
+        expected = mask[..., :4][counted].double().mean(0) / 2
+        got = torch.tensor([stats[f"layer{layer}/content_load_m{j}"] for j in range(4)], dtype=torch.float64)
+        torch.testing.assert_close(got, expected)
+        everywhere = torch.tensor([stats[f"layer{layer}/load_m{j}"] for j in range(4)], dtype=torch.float64)
+        torch.testing.assert_close(everywhere, mask[..., :4].flatten(0, 1).double().mean(0) / 2)
+    assert all(block.mixer.stats_positions is None for block in lm.blocks)  # not kept past the forward
+    lm(ids)
+    assert not any("content_load" in key for key in lm.router_stats())
+
+
 def test_backbone_outputs_and_config():
     torch.manual_seed(0)
     lm = models.build_model(

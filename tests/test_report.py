@@ -23,8 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tasks.registry import resolve as resolve_task
-from sandbox.report import (CHANCE_MARGIN, FLAT_RISE, collect_results, main, make_rows, mean_ci, report, study_section,
-                            t95, to_runs, width_series)
+from sandbox.report import (CHANCE_MARGIN, FLAT_RISE, collect_results, load_kind, main, make_rows, mean_ci,
+                            memory_loads, report, study_section, t95, to_runs, width_series)
 from sandbox.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,6 +131,18 @@ def test_a_study_with_seeds_shows_each_seed_behind_the_best_mean(tmp_path):
     markdown, _ = study_section(study, tmp_path)
     assert "Each trial trained at seeds [0, 1]; its values are the means over them." in markdown
     assert "best val acc per seed" in markdown and "| 0.5 |" in markdown and "0.900, 0.100 |" in markdown
+
+
+def test_memory_load_plot_takes_content_loads_where_every_run_has_them():
+    """Runs record loads over every position and, since the content loads, over their tasks' tokens: the plot
+    ranks the content loads, unless one of its runs (an older one) has only the others."""
+    both = {f"router/layer0/{kind}{m}": value for kind, values in (("load_m", (0.1, 0.5, 0.4)),
+                                                                   ("content_load_m", (0.3, 0.3, 0.4)))
+            for m, value in enumerate(values)}
+    older = {key: value for key, value in both.items() if "content" not in key}
+    assert memory_loads(both, "content_load_m") == {"layer0": [0.4, 0.3, 0.3]}
+    assert memory_loads(both) == {"layer0": [0.5, 0.4, 0.1]}
+    assert load_kind([both, both]) == "content_load_m" and load_kind([both, older]) == "load_m"
 
 
 def test_mean_ci():
