@@ -613,7 +613,8 @@ def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(routed):]:
         ax.axis("off")
-    fig.suptitle(f"MoM memory load per layer at the chosen lr, {LOADS[kind]} (dashed: uniform; dots: runs)")
+    fig.suptitle(f"MoM memory load per layer at the chosen lr,\n{LOADS[kind]}\n(dashed: uniform; dots: runs)",
+                 fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     return True
