@@ -34,9 +34,10 @@ def batches(runs: int, steps: int, seed: int = 0):
 
 def assert_stacked_equals_alone(models, inputs, labels, loss_tol: tuple, grad_tol: tuple) -> None:
     """One forward+backward of the models stacked and of each alone, on run r's batch inputs[r], labels[r]: losses
-    within loss_tol (rtol, atol), hits and masks equal, every parameter's gradient within grad_tol."""
+    and router statistics within loss_tol (rtol, atol), hits and masks equal, every parameter's gradient within
+    grad_tol."""
     stacked = StackedModel(models)
-    loss, aux, hits, mask, _ = stacked.losses(inputs, labels, max_labels=T)
+    loss, aux, hits, mask, router = stacked.losses(inputs, labels, max_labels=T)
     (loss + aux).sum().backward()
     params = stacked.stacked()
     for r, model in enumerate(models):
@@ -44,6 +45,10 @@ def assert_stacked_equals_alone(models, inputs, labels, loss_tol: tuple, grad_to
         (alone[0] + alone[1]).backward()
         torch.testing.assert_close(loss[r], alone[0], rtol=loss_tol[0], atol=loss_tol[1])
         assert torch.equal(hits[r], alone[2]) and torch.equal(mask[r], alone[3])
+        alone_router = model.router_stats(as_tensors=True)
+        assert router.keys() == alone_router.keys()
+        for key, value in alone_router.items():
+            torch.testing.assert_close(router[key][r], value, rtol=loss_tol[0], atol=loss_tol[1])
         for name, p in model.named_parameters():
             torch.testing.assert_close(params[name].grad[r], p.grad, rtol=grad_tol[0], atol=grad_tol[1],
                                        msg=lambda m, r=r, name=name: f"run {r}: {name}: {m}")
