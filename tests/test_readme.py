@@ -127,7 +127,7 @@ def cheap_form(argv: list[str], out: Path, variables: dict) -> list[list[str]]:
         return [[program, args[0], "--help"]]
     if program == "sandbox-bench" and args[0] == "tasks":
         return [[program, "tasks", *with_options(args[1:], num_examples="1000")]]
-    if program in ("sandbox-report", "sandbox-tasks"):
+    if program in ("sandbox-report", "sandbox-tasks", "sandbox-routing"):
         return [[program, *args]]
     raise AssertionError(f"README command {shlex.join(argv)!r}: tests/test_readme.py has no cheap form for it")
 

@@ -1,0 +1,173 @@
+"""Where a trained MoM run routes what it recalls: `sandbox-routing FOLDER ...` (a run folder, or a folder whose
+MoM runs below it are each read).
+
+A MoM memory is read only at the tokens routed to it, so a query can recall a key-value pair only from a memory
+that its own token and the token that wrote the pair were both routed to (or from the shared memory, which every
+token writes and reads). For every labelled position of a recall task (MQAR and the other tasks whose query token
+appeared earlier followed by the answer), this finds the pair in the context (the latest earlier position holding
+the query's token, followed by the label), then, per MoM layer, whether the query's routed memories meet those of
+the pair's key and of its value (the short conv lets the value's position write the key with it). It reports how
+often they meet, what top-k of M routed independently would give, and the accuracy at the queries that meet their
+pair and at those that do not.
+
+It runs the run's best checkpoint (`checkpoints/best.ckpt`) on its split (test by default), regenerated from the
+config in `result.json`, on the CPU unless `--device` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from models.mom import MoM
+from sandbox.results import RESULT_FILE
+from tasks import IGNORE, SPLITS
+
+
+def pair_positions(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each labelled position (b, q), in row-major order: (b, q, p) with p the position of its pair's key, the
+    latest p < q - 1 with inputs[b, p] == inputs[b, q] and inputs[b, p + 1] == labels[b, q], or -1 where there is
+    none. Three 1-d tensors."""
+    rows, queries = (labels != IGNORE).nonzero(as_tuple=True)
+    t = torch.arange(inputs.shape[1] - 1)
+    match = ((inputs[rows, :-1] == inputs[rows, queries, None]) & (inputs[rows, 1:] == labels[rows, queries, None])
+             & (t < queries[:, None] - 1))
+    return rows, queries, torch.where(match, t, -1).max(1).values
+
+
+def chance_overlap(memories: int, top_k: int) -> float:
+    """How often two tokens routed to top_k of `memories` independently and uniformly share a memory."""
+    return 1 - math.comb(memories - top_k, top_k) / math.comb(memories, top_k)
+
+
+def routing_of_queries(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict:
+    """Per MoM layer, for the queries whose pair is in the context: whether the query meets the pair's key and
+    value in a routed memory, and whether it was predicted right."""
+    layers = [module for module in model.modules() if isinstance(module, MoM)]
+    if not layers:
+        raise ValueError("the run's model has no MoM layer: nothing is routed")
+    masks: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: masks.append(
+        mod.route(args[0])[1].dense_mask[..., :mod.num_memories].cpu())) for layer in layers]
+    meets = {i: {"key": [], "value": []} for i in range(len(layers))}
+    right, found_all = [], 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
+                masks.clear()
+                device = next(model.parameters()).device
+                logits = model(x.to(device), label_mask=(y != IGNORE).to(device)).logits.cpu()  # row-major
+                rows, queries, keys = pair_positions(x, y)
+                found = keys >= 0
+                found_all += int(found.sum())
+                rows, queries, keys = rows[found], queries[found], keys[found]
+                right.append(logits[found].argmax(-1) == y[rows, queries])
+                for i, mask in enumerate(masks):
+                    query = mask[rows, queries]
+                    meets[i]["key"].append((query & mask[rows, keys]).any(-1))
+                    meets[i]["value"].append((query & mask[rows, keys + 1]).any(-1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    right = torch.cat(right)
+    return {
+        "queries": len(right),
+        "queries_without_pair": int((labels != IGNORE).sum()) - found_all,
+        "accuracy": right.float().mean().item(),
+        "shared_memory": layers[0].shared_memory,
+        "chance_overlap": chance_overlap(layers[0].num_memories, layers[0].top_k),
+        "layers": [{"layer": i, **{f"meets_{role}": _split_accuracy(torch.cat(met), right)
+                                   for role, met in meets[i].items()}} for i in range(len(layers))],
+    }
+
+
+def _split_accuracy(met: torch.Tensor, right: torch.Tensor) -> dict:
+    """The share of queries that meet, and the accuracy of those that do and of those that do not."""
+    def accuracy(where):
+        return right[where].float().mean().item() if where.any() else float("nan")
+    return {"share": met.float().mean().item(), "accuracy_if_met": accuracy(met), "accuracy_if_not": accuracy(~met)}
+
+
+def mom_runs(path: Path) -> list[Path]:
+    """The run folders of MoM runs with their best weights: `path` itself, or every one below it."""
+    folders = [path] if (path / RESULT_FILE).is_file() else sorted(f.parent for f in path.rglob(RESULT_FILE))
+    found = [folder for folder in folders if (folder / "checkpoints" / "best.ckpt").is_file()
+             and _config(folder).get("model", {}).get("mixer") == "mom"]
+    if not found:
+        raise ValueError(f"{path} holds no MoM run with its best weights ({RESULT_FILE} and checkpoints/best.ckpt)")
+    return found
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / RESULT_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def load_run(folder: Path, device: str):
+    """The run's model on its best weights, and its data."""
+    from sandbox.train import build_data, build_module
+
+    cfg = OmegaConf.create(_config(folder))
+    datamodule = build_data(cfg)
+    module = build_module(cfg, datamodule)
+    state = torch.load(folder / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    return module.model.to(device).eval(), datamodule
+
+
+def table(summary: dict) -> str:
+    """The summary as a markdown table, one row per layer."""
+    lines = [f"{summary['queries']} queries with their pair in the context ({summary['queries_without_pair']} "
+             f"without), accuracy {summary['accuracy']:.3f}; a query and a position routed independently would "
+             f"share a memory {summary['chance_overlap']:.3f} of the time"
+             + ("; every query also meets its pair in the shared memory" if summary["shared_memory"] else ""),
+             "",
+             "| layer | meets the key | accuracy if so / if not | meets the value | accuracy if so / if not |",
+             "|---|---|---|---|---|"]
+    for layer in summary["layers"]:
+        cells = [f"{m['share']:.3f} | {m['accuracy_if_met']:.3f} / {m['accuracy_if_not']:.3f}"
+                 for m in (layer["meets_key"], layer["meets_value"])]
+        lines.append(f"| {layer['layer']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sandbox-routing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders, or folders with MoM runs below them")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--limit", type=int, default=1000, help="examples of the split at most (from its start)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="write every run's summary here")
+    args = parser.parse_args(argv)
+    if args.limit < 1 or args.batch_size < 1:
+        print(f"error: --limit {args.limit} --batch-size {args.batch_size}: both must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        folders = [folder for path in args.paths for folder in mom_runs(path)]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summaries = {}
+    for folder in folders:
+        model, datamodule = load_run(folder, args.device)
+        data = datamodule.datasets[args.split]
+        summaries[str(folder)] = summary = routing_of_queries(
+            model, data.inputs[:args.limit], data.labels[:args.limit], args.batch_size)
+        print(f"## {folder}\n\n{table(summary)}\n")
+    if args.json:
+        args.json.write_text(json.dumps(summaries, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

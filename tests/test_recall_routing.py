@@ -1,0 +1,71 @@
+"""`python -m sandbox.recall_routing` (sandbox/recall_routing.py): where a trained MoM run routes the pairs its
+queries recall."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sandbox.recall_routing import chance_overlap, main, pair_positions, routing_of_queries
+from sandbox.train import train
+from tasks import IGNORE
+from test_train import make_cfg
+
+
+def test_pair_positions_finds_the_latest_earlier_key_followed_by_the_answer():
+    inputs = torch.tensor([[5, 6, 7, 8, 5, 9, 0, 5, 7, 3],
+                           [1, 2, 3, 4, 0, 0, 3, 0, 1, 0]])
+    labels = torch.full_like(inputs, IGNORE)
+    labels[0, 7], labels[0, 8], labels[0, 9] = 9, 8, 4  # 5 -> 9 at 4 (the latest), 7 -> 8 at 2, 3 -> 4 nowhere
+    labels[1, 6], labels[1, 8], labels[1, 1] = 4, 2, 2  # 3 -> 4 at 2; 1 -> 2 at 0; position 1 has nothing before
+    rows, queries, keys = pair_positions(inputs, labels)
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1] and queries.tolist() == [7, 8, 9, 1, 6, 8]
+    assert keys.tolist() == [4, 2, -1, -1, 2, 0]
+
+
+@pytest.mark.parametrize("memories, top_k", [(4, 2), (8, 2), (4, 1), (2, 2), (5, 3)])
+def test_chance_overlap_is_what_independent_uniform_routing_gives(memories, top_k):
+    g = torch.Generator().manual_seed(0)
+    draws = 20000
+    a = torch.rand(draws, memories, generator=g).topk(top_k, -1).indices
+    b = torch.rand(draws, memories, generator=g).topk(top_k, -1).indices
+    met = (a[:, :, None] == b[:, None, :]).any(-1).any(-1).float().mean().item()
+    assert abs(met - chance_overlap(memories, top_k)) < 4 * math.sqrt(0.25 / draws)
+
+
+def test_queries_always_meet_their_pair_when_every_memory_sees_every_token():
+    """top_k = num_memories: each token goes to every memory, so every query meets its pair's key and value."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(vocab_size=32, max_seq_len=24, mixer="mom", d_model=16, backend="torch",
+                        mixer_options={"num_memories": 2, "top_k": 2, "shared_memory": False}).eval()
+    inputs = torch.randint(1, 32, (6, 24))
+    labels = torch.full_like(inputs, IGNORE)
+    inputs[:, 20], labels[:, 20] = inputs[:, 3], inputs[:, 4]
+    summary = routing_of_queries(model, inputs, labels, batch_size=4)
+    assert summary["queries"] == 6 and summary["chance_overlap"] == 1.0
+    for layer in summary["layers"]:
+        assert layer["meets_key"]["share"] == layer["meets_value"]["share"] == 1.0
+        assert math.isnan(layer["meets_key"]["accuracy_if_not"])
+
+
+def test_the_mom_runs_below_a_folder_are_read(tmp_path, capsys):
+    """End to end on short runs of the quickstart's task: the MoM run below the folder is read (the attention run
+    beside it is not), one table row per layer, the shares in [0, 1]; a folder without a MoM run is refused in one
+    line."""
+    runs = tmp_path / "runs"
+    train(make_cfg("experiment=quickstart", "model=mom_noshared", "debug=fast"), runs / "mom")
+    train(make_cfg("experiment=quickstart", "model=attention", "debug=fast"), runs / "attention")
+    assert main([str(runs), "--limit", "40", "--json", str(tmp_path / "routing.json")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert [line.startswith("## ") for line in lines].count(True) == 1
+    assert [line.split("|")[1].strip() for line in lines if line.startswith("| ") and "layer" not in line] == ["0", "1"]
+    summary = json.loads((tmp_path / "routing.json").read_text())[str(runs / "mom")]
+    assert summary["queries"] > 0 and not summary["shared_memory"]
+    assert all(0 <= layer[f"meets_{role}"]["share"] <= 1 for layer in summary["layers"] for role in ("key", "value"))
+    assert main([str(runs / "attention")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no MoM run" in err[0]
