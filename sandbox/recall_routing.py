@@ -97,6 +97,8 @@ def _split_accuracy(met: torch.Tensor, right: torch.Tensor) -> dict:
 
 def mom_runs(path: Path) -> list[Path]:
     """The run folders of MoM runs with their best weights: `path` itself, or every one below it."""
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder")
     folders = [path] if (path / RESULT_FILE).is_file() else sorted(f.parent for f in path.rglob(RESULT_FILE))
     found = [folder for folder in folders if (folder / "checkpoints" / "best.ckpt").is_file()
              and _config(folder).get("model", {}).get("mixer") == "mom"]

@@ -69,3 +69,5 @@ def test_the_mom_runs_below_a_folder_are_read(tmp_path, capsys):
     assert main([str(runs / "attention")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no MoM run" in err[0]
+    assert main([str(runs / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {runs / 'missing'} is not a folder"
