@@ -151,13 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write every run's summary here")
     args = parser.parse_args(argv)
-    if args.limit < 1 or args.batch_size < 1:
-        print(f"error: --limit {args.limit} --batch-size {args.batch_size}: both must be at least 1", file=sys.stderr)
-        return 2
     try:
+        if args.limit < 1 or args.batch_size < 1:
+            raise ValueError(f"--limit {args.limit} --batch-size {args.batch_size}: both must be at least 1")
+        if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):
+            raise ValueError(f"--json {args.json} cannot be written: it must name a file in an existing folder")
         folders = [folder for path in args.paths for folder in mom_runs(path)]
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"sandbox-routing: error: {err}", file=sys.stderr)
         return 2
     summaries = {}
     for folder in folders:

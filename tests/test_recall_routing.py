@@ -53,8 +53,7 @@ def test_queries_always_meet_their_pair_when_every_memory_sees_every_token():
 
 def test_the_mom_runs_below_a_folder_are_read(tmp_path, capsys):
     """End to end on short runs of the quickstart's task: the MoM run below the folder is read (the attention run
-    beside it is not), one table row per layer, the shares in [0, 1]; a folder without a MoM run is refused in one
-    line."""
+    beside it is not), one table row per layer, the shares in [0, 1]."""
     runs = tmp_path / "runs"
     train(make_cfg("experiment=quickstart", "model=mom_noshared", "debug=fast"), runs / "mom")
     train(make_cfg("experiment=quickstart", "model=attention", "debug=fast"), runs / "attention")
@@ -66,8 +65,22 @@ def test_the_mom_runs_below_a_folder_are_read(tmp_path, capsys):
     summary = json.loads((tmp_path / "routing.json").read_text())[str(runs / "mom")]
     assert summary["queries"] > 0 and not summary["shared_memory"]
     assert all(0 <= layer[f"meets_{role}"]["share"] <= 1 for layer in summary["layers"] for role in ("key", "value"))
-    assert main([str(runs / "attention")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds no MoM run" in err[0]
-    assert main([str(runs / "missing")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {runs / 'missing'} is not a folder"
+
+BAD = {  # arguments -> the message, after `sandbox-routing: error: `
+    "missing": (["{runs}/missing"], "{runs}/missing is not a folder"),
+    "no-mom-run": (["{runs}/attention"], "{runs}/attention holds no MoM run with its best weights"),
+    "limit-0": (["{runs}", "--limit", "0"], "--limit 0 --batch-size 100: both must be at least 1"),
+    "json-is-a-folder": (["{runs}", "--json", "{runs}"], "--json {runs} cannot be written"),
+    "json-in-no-folder": (["{runs}", "--json", "{runs}/no/r.json"], "--json {runs}/no/r.json cannot be written"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_arguments_are_one_line_before_any_work(case, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train(make_cfg("experiment=quickstart", "model=attention", "debug=fast"), runs / "attention")
+    args, message = BAD[case]
+    assert main([a.format(runs=runs) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"sandbox-routing: error: {message.format(runs=runs)}")
+    assert len(captured.err.strip().splitlines()) == 1
