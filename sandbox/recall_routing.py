@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox-routing", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, or folders with MoM runs below them")
     parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--limit", type=int, default=1000, help="examples of the split at most (from its start)")
+    parser.add_argument("--limit", type=int, default=1000,
+                        help="examples of the split at most, evenly spaced over it (a split is ordered by segment)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write every run's summary here")
@@ -164,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     for folder in folders:
         model, datamodule = load_run(folder, args.device)
         data = datamodule.datasets[args.split]
+        chosen = torch.linspace(0, len(data) - 1, min(args.limit, len(data))).round().long()
         summaries[str(folder)] = summary = routing_of_queries(
-            model, data.inputs[:args.limit], data.labels[:args.limit], args.batch_size)
+            model, data.inputs[chosen], data.labels[chosen], args.batch_size)
         print(f"## {folder}\n\n{table(summary)}\n")
     if args.json:
         args.json.write_text(json.dumps(summaries, indent=1))
