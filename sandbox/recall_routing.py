@@ -57,12 +57,12 @@ def routing_of_queries(model, inputs: torch.Tensor, labels: torch.Tensor, batch_
         mod.route(args[0])[1].dense_mask[..., :mod.num_memories].cpu())) for layer in layers]
     meets = {i: {"key": [], "value": []} for i in range(len(layers))}
     right, found_all = [], 0
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for start in range(0, len(inputs), batch_size):
                 x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
                 masks.clear()
-                device = next(model.parameters()).device
                 logits = model(x.to(device), label_mask=(y != IGNORE).to(device)).logits.cpu()  # row-major
                 rows, queries, keys = pair_positions(x, y)
                 found = keys >= 0
