@@ -1,5 +1,4 @@
-"""`python -m sandbox.recall_routing` (sandbox/recall_routing.py): where a trained MoM run routes the pairs its
-queries recall."""
+"""`sandbox-routing` (sandbox/recall_routing.py): where a trained MoM run routes the pairs its queries recall."""
 
 import json
 import math
@@ -7,6 +6,7 @@ import math
 import pytest
 import torch
 
+from models import build_model
 from sandbox.recall_routing import chance_overlap, main, pair_positions, routing_of_queries
 from sandbox.train import train
 from tasks import IGNORE
@@ -14,10 +14,10 @@ from test_train import make_cfg
 
 
 def test_pair_positions_finds_the_latest_earlier_key_followed_by_the_answer():
-    inputs = torch.tensor([[5, 6, 7, 8, 5, 9, 0, 5, 7, 3],
+    inputs = torch.tensor([[5, 9, 7, 8, 5, 9, 0, 5, 7, 3],
                            [1, 2, 3, 4, 0, 0, 3, 0, 1, 0]])
     labels = torch.full_like(inputs, IGNORE)
-    labels[0, 7], labels[0, 8], labels[0, 9] = 9, 8, 4  # 5 -> 9 at 4 (the latest), 7 -> 8 at 2, 3 -> 4 nowhere
+    labels[0, 7], labels[0, 8], labels[0, 9] = 9, 8, 4  # 5 -> 9 at 0 and 4: the latest; 7 -> 8 at 2; 3 -> 4 nowhere
     labels[1, 6], labels[1, 8], labels[1, 1] = 4, 2, 2  # 3 -> 4 at 2; 1 -> 2 at 0; position 1 has nothing before
     rows, queries, keys = pair_positions(inputs, labels)
     assert rows.tolist() == [0, 0, 0, 1, 1, 1] and queries.tolist() == [7, 8, 9, 1, 6, 8]
@@ -36,8 +36,6 @@ def test_chance_overlap_is_what_independent_uniform_routing_gives(memories, top_
 
 def test_queries_always_meet_their_pair_when_every_memory_sees_every_token():
     """top_k = num_memories: each token goes to every memory, so every query meets its pair's key and value."""
-    from models import build_model
-
     torch.manual_seed(0)
     model = build_model(vocab_size=32, max_seq_len=24, mixer="mom", d_model=16, backend="torch",
                         mixer_options={"num_memories": 2, "top_k": 2, "shared_memory": False}).eval()
