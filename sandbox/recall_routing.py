@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models.mom import MoM
-from sandbox.results import RESULT_FILE
+from sandbox.results import RESULT_FILE, read_json
 from tasks import IGNORE, SPLITS
 
 
@@ -108,9 +108,10 @@ def mom_runs(path: Path) -> list[Path]:
 
 
 def _config(folder: Path) -> dict:
+    """The run's resolved config from its result.json ({} where it cannot be read: not a run to read)."""
     try:
-        return json.loads((folder / RESULT_FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError):
+        return read_json(folder / RESULT_FILE)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
 
 
@@ -142,6 +143,14 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _device_ok(name: str) -> bool:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox-routing", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, or folders with MoM runs below them")
@@ -155,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.limit < 1 or args.batch_size < 1:
             raise ValueError(f"--limit {args.limit} --batch-size {args.batch_size}: both must be at least 1")
+        if not _device_ok(args.device):
+            raise ValueError(f"--device {args.device} is invalid on this machine: use cpu, or cuda where there is one")
         if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):
             raise ValueError(f"--json {args.json} cannot be written: it must name a file in an existing folder")
         folders = [folder for path in args.paths for folder in mom_runs(path)]

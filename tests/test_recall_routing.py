@@ -68,6 +68,7 @@ BAD = {  # arguments -> the message, after `sandbox-routing: error: `
     "missing": (["{runs}/missing"], "{runs}/missing is not a folder"),
     "no-mom-run": (["{runs}/attention"], "{runs}/attention holds no MoM run with its best weights"),
     "limit-0": (["{runs}", "--limit", "0"], "--limit 0 --batch-size 100: both must be at least 1"),
+    "device-unknown": (["{runs}", "--device", "gpu"], "--device gpu is invalid on this machine"),
     "json-is-a-folder": (["{runs}", "--json", "{runs}"], "--json {runs} cannot be written"),
     "json-in-no-folder": (["{runs}", "--json", "{runs}/no/r.json"], "--json {runs}/no/r.json cannot be written"),
 }
