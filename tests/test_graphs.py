@@ -1,5 +1,5 @@
-"""`cuda_graphs=true` (sandbox/graphs.py): a run whose training loss replays CUDA graphs trains as the same run
-launched op by op. CUDA only; the settings it refuses are in tests/test_settings.py."""
+"""CUDA graphs (`cuda_graphs`, sandbox/graphs.py): a run whose training loss replays CUDA graphs trains as the same
+run launched op by op. CUDA only; the settings it refuses are in tests/test_settings.py."""
 
 import pytest
 import torch
@@ -22,8 +22,9 @@ def train_losses(run_dir) -> list[float]:
 @pytest.mark.parametrize("model", ["attention", "gated_deltanet", "mom"])
 def test_graphed_run_trains_as_the_same_run_launched_op_by_op(model, precision, tmp_path):
     overrides = [*SHORT, f"model={model}", f"trainer.precision={precision}"]
-    eager = train(make_cfg(*overrides), tmp_path / "eager")
-    graphed = train(make_cfg(*overrides, "cuda_graphs=true"), tmp_path / "graphed")
+    eager = train(make_cfg(*overrides, "cuda_graphs=false"), tmp_path / "eager")
+    graphed = train(make_cfg(*overrides), tmp_path / "graphed")  # auto, the default: graphed on one GPU
+    assert not eager["cuda_graphs"] and graphed["cuda_graphs"]
     assert eager["status"] == graphed["status"] == "finished" and eager["steps"] == graphed["steps"] == 40
     losses, graphed_losses = train_losses(tmp_path / "eager"), train_losses(tmp_path / "graphed")
     assert len(losses) == len(graphed_losses) == 40

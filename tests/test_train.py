@@ -215,5 +215,5 @@ def test_mqar_trains_with_the_triton_kernels_on_gpu(model, tmp_path):
     cfg = make_cfg("experiment=quickstart", f"model={model}", "model.backend=triton")
     result = train(cfg, tmp_path / "run")
     print(f"{model}: {result['steps']} steps, {result['wall_time_s']:.0f} s, test acc {result['test_acc']:.4f}")
-    assert result["backend"] == "triton"
+    assert result["backend"] == "triton" and result["cuda_graphs"]
     assert result["test_acc"] >= 0.98, result
