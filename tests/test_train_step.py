@@ -117,10 +117,12 @@ class SyncsOnSteps(L.Callback):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["false", "auto"])
 @pytest.mark.parametrize("model", ["attention", "gated_deltanet", "mom"])
-def test_training_steps_do_not_sync_on_cuda(tmp_path, model):
-    """With the training set on the device, the steps between logging intervals make no host sync at all."""
-    cfg = tiny_config(model)
+def test_training_steps_do_not_sync_on_cuda(tmp_path, model, graphs):
+    """With the training set on the device, the steps between logging intervals make no host sync at all, op by
+    op and replayed from CUDA graphs (auto, the default on one GPU: captured at the first step)."""
+    cfg = tiny_config(model, f"cuda_graphs={graphs}")
     datamodule, module = build(cfg)
     datamodule.device_data = True
     check = SyncsOnSteps(first=1, last=3)  # inside the epoch of 4 batches: its end validates, which reads the device
@@ -128,7 +130,7 @@ def test_training_steps_do_not_sync_on_cuda(tmp_path, model):
         make_trainer(cfg, Path(tmp_path), [check]).fit(module, datamodule=datamodule)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert check.checked == 2
+    assert check.checked == 2 and module.cuda_graphs == (graphs == "auto")
     assert type(module.trainer.optimizers[0]).__name__ == "AdamW" and module.trainer.optimizers[0].defaults["fused"]
 
 
