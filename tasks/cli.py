@@ -18,7 +18,7 @@ from collections import Counter
 
 import tasks
 from tasks import bench
-from tasks.common import IGNORE
+from tasks.common import FILLER, IGNORE
 from tasks.registry import TASKS
 
 SHOWN_TOKENS = 40
@@ -67,7 +67,7 @@ def _summary(args: argparse.Namespace) -> None:
           "a label is set):")
     tokens = []
     for token, label in zip(data.inputs[0, :SHOWN_TOKENS].tolist(), data.labels[0, :SHOWN_TOKENS].tolist()):
-        text = "." if token == 0 else str(token)
+        text = "." if token == FILLER else str(token)
         tokens.append(text if label == IGNORE else f"{text}->{label}")
     print(textwrap.fill(" ".join(tokens), width=100, initial_indent="  ", subsequent_indent="  "))
     for key, values in data.slices.items():

@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 IGNORE = -100
-FILLER = 0  # the filler token, also the padding of mixtures
+FILLER = 0  # the filler token (unless `random_filler`), also the padding of mixtures
 
 
 def check_int(where: str, name: str, value, low: int, high: int | None = None, why: str = "") -> None:
@@ -106,7 +106,7 @@ def new_sequences(rng: np.random.Generator, num_rows: int, seq_len: int, vocab_s
     if random_filler:
         inputs = rng.integers(0, vocab_size, size=(num_rows, seq_len))
     else:
-        inputs = np.zeros((num_rows, seq_len), dtype=np.int64)
+        inputs = np.full((num_rows, seq_len), FILLER, dtype=np.int64)
     return inputs, np.full((num_rows, seq_len), IGNORE, dtype=np.int64)
 
 

@@ -33,7 +33,7 @@ from tasks import (
     s5,
     selective_copying,
 )
-from tasks.common import IGNORE, check_int
+from tasks.common import FILLER, IGNORE, check_int
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params)
     """
     plans, parts = _mixture_parts(name, segments, seed, common_params)
     width = max(params["seq_len"] for _, params in plans)
-    inputs = np.concatenate([pad_right(x, width, 0) for x, _, _ in parts])
+    inputs = np.concatenate([pad_right(x, width, FILLER) for x, _, _ in parts])
     labels = np.concatenate([pad_right(y, width, IGNORE) for _, y, _ in parts])
     slices = {key: np.concatenate([s[key] for _, _, s in parts]) for key in parts[0][2]}
     return _task_data(inputs, labels, slices)
