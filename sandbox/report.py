@@ -3,7 +3,8 @@
 A row of the tables is one configuration: runs that agree on every config key but the seed and the optimiser
 settings (`optim.*`: learning rate, weight decay, ...). Within a row the optimiser setting is chosen on
 validation (Zoology's protocol for the learning rate, MAD's grid of learning rate x weight decay: the highest
-mean best validation accuracy, on the seeds every setting has), and test accuracy is the mean and 95% interval
+mean best validation accuracy, on the seeds every setting has, a run past its early-stopping threshold
+counted at it), and test accuracy is the mean and 95% interval
 over the seeds at that setting. Runs that did not finish (diverged, not trained, interrupted, failed) are
 counted, never averaged; a configuration run twice counts once; run folders without a result are named.
 
@@ -143,11 +144,12 @@ def to_runs(results: list[dict]) -> list[dict]:
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
         run["chance_acc"] = val_chance(config)
+        threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold", 1.0)
+        run["val_threshold"] = 1.0 if threshold is None else threshold
         if run["status"] == FINISHED:
             chance = run["chance_acc"]
             run["at_chance"] = None if chance is None else run["best_val_acc"] < chance + CHANCE_MARGIN * (1 - chance)
             rise = val_rise(result["run_dir"], result.get("steps"))
-            threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold", 1.0)
             run["val_rise_last_quarter"] = rise
             run["still_rising"] = None if rise is None else rise > FLAT_RISE and run["best_val_acc"] < threshold
         runs.append(run)
@@ -276,8 +278,10 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | No
     it was compared on when that is not every finished seed. A setting where a run diverged loses to any where
     none did. The others are compared on the seeds that every one of them finished (a setting run at three seeds
     against one seed of another compares that seed), or on all their finished seeds when they share none.
-    Interrupted, failed and untrained runs say nothing about their setting and are left out. (None, None) if
-    nothing finished."""
+    A run that reached its early-stopping threshold counts at the threshold: by how much it passed it is where
+    a validation happened to fall, not what the setting can reach; settings tied there are ranked by the mean
+    step at which their runs stopped (the fewer, the better). Interrupted, failed and untrained runs say nothing
+    about their setting and are left out. (None, None) if nothing finished."""
     candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
     clean = {choice: members for choice, members in candidates.items()
              if not any(run["status"] == "diverged" for run in members)}
@@ -289,9 +293,10 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | No
     compared = tuple(sorted(common, key=sort_key)) if common and common != set.union(*seeds) else None
 
     def score(members):
-        mean, _ = mean_ci([run["best_val_acc"] for run in finished(members)
-                           if compared is None or run.get(SEED_KEY) in common])
-        return -math.inf if math.isnan(mean) else mean
+        runs = [run for run in finished(members) if compared is None or run.get(SEED_KEY) in common]
+        mean, _ = mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in runs])
+        steps, _ = mean_ci([run["steps"] for run in runs])
+        return (-math.inf, 0) if math.isnan(mean) else (mean, 0 if math.isnan(steps) else -steps)
 
     return max(pool, key=lambda choice: score(pool[choice])), compared
 
@@ -736,7 +741,9 @@ PROTOCOL = (
     "such as the weight decay) is chosen on validation: the highest mean best validation accuracy, compared on "
     "the seeds that every setting finished (`on seed 0`: only those; a setting with more seeds does not win on "
     "them), a setting where a run diverged after those where none did; interrupted, failed and untrained runs "
-    "say nothing about their setting. Test accuracy is the mean and 95% interval (Student's t) over the seeds "
+    "say nothing about their setting. A run that reached its early-stopping threshold counts at the threshold "
+    "(how far it passed it depends on where a validation fell), and settings tied there are ranked by the mean "
+    "step their runs stopped at, fewer first. Test accuracy is the mean and 95% interval (Student's t) over the seeds "
     "at that setting, overall and per slice (every slice of every run is in results.csv); a single seed has no "
     "interval. `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; runs "
     "that did not finish are never averaged. A configuration run twice (same seed and settings) counts once. "

@@ -487,6 +487,18 @@ def test_settings_are_compared_on_the_seeds_they_all_have(tmp_path):
     assert cells[column(markdown, "runs")] == "3"
 
 
+def test_settings_past_the_early_stopping_threshold_tie_and_the_sooner_wins(tmp_path):
+    """Every run at 1e-3 and 1e-2 stopped at the 0.99 threshold: 1e-3 crossed it later and further (0.999 at
+    step 2000), 1e-2 sooner (0.992 at step 750), so 1e-2 wins; 3e-4 stopped sooner still but short of it."""
+    for seed in range(3):
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=0.999, test=0.999, steps=2000)
+        write_run(tmp_path, f"b{seed}", seed=seed, lr=1e-2, val=0.992, test=0.99, steps=750)
+        write_run(tmp_path, f"c{seed}", seed=seed, lr=3e-4, val=0.985, test=0.985, steps=500)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.01 (best of 3)"
+
+
 def test_an_interrupted_run_says_nothing_about_its_setting(tmp_path):
     for seed in range(3):
         interrupted = seed == 2
