@@ -6,6 +6,8 @@
 #   bash docs/results/zoology/run.sh WIDTH SEEDS stacked [MODEL ...]   one process per model (default: all): its
 #     4 lrs x SEEDS runs as one stack (sandbox/stacked_run.py), the models' processes packed
 #   OVERRIDES="cuda_graphs=true" bash docs/results/zoology/run.sh ...   more Hydra overrides for every run
+#   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). A run that failed (out of
+#     memory, say) runs again when the same command is given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
 width=$1 seeds=$2; shift 2
@@ -31,6 +33,7 @@ start_runs $root
 for job in "${jobs[@]}"; do
   m=${job%%:*} lr=${job#*:}
   for seed in ${seeds//,/ }; do
+    wait_for_slot
     timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
       model=$m model.d_model=$width optim.lr=$lr seed=$seed $OVERRIDES > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
   done
