@@ -9,9 +9,10 @@ stacked runs (`sandbox.stacked_run`): one process, one set of kernel launches fo
 Settings (hydra.launcher.*): `stack` auto (stack where the runs train on a CUDA device and stacking measured
 faster: `sandbox.stacked_run.STACK_PAYS`), true or false;
 `max_runs`, the most runs in one stack (a larger group is cut into stacks of at most this many). Every job gets
-its folder, its config and its Hydra return value as under Hydra's basic launcher. A job whose settings are not
-valid runs alone (and reports its error as it would); a stack that fails with an error is said so and its runs
-are run again one at a time, so one run's failure never loses the others.
+its folder, its config and its Hydra return value as under Hydra's basic launcher. Every job's settings are
+checked before any job trains: one bad job stops the whole multirun with its error (exit 2), nothing trained and
+no job's folder left (Hydra has written the sweep's multirun.yaml by then). A stack that fails with an error is
+said so and its runs are run again one at a time, so one run's failure never loses the others.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from omegaconf import DictConfig, open_dict
 STACK_CHOICES = ("auto", True, False)
 
 
+def _check_job(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A job's settings, as `sandbox-train` checks one run's; its error names the job by its overrides."""
+    from sandbox.settings import ConfigError, check_settings
+
+    try:
+        check_settings(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"the job {' '.join(overrides)}: {err}") from err
+
+
 class SandboxLauncher(Launcher):
     def __init__(self, stack="auto", max_runs: int = 16) -> None:
         if stack not in STACK_CHOICES:
@@ -40,12 +51,21 @@ class SandboxLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from sandbox import runs
         from sandbox.stacked_run import stack_key, stacks
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        jobs = [self._prepare(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        jobs = []
+        try:
+            for i, overrides in enumerate(job_overrides):
+                jobs.append(self._prepare(initial_job_idx + i, overrides))
+                _check_job(jobs[-1][1], overrides)
+        except BaseException:  # before any job trained: the folders made for the jobs go again
+            for _, _, run_dir in jobs:
+                runs.remove_empty_folders(runs.new_folders(run_dir))
+            raise
         groups: dict[str, list[int]] = {}
         for i, (_, cfg, _) in enumerate(jobs):
             key = stack_key(cfg) if stacks(cfg, self.stack) else f"alone {i}"
