@@ -16,7 +16,6 @@ config in `result.json`, on the CPU unless `--device` says otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,8 +25,11 @@ import torch
 from omegaconf import OmegaConf
 
 from models.mom import MoM
-from sandbox.results import RESULT_FILE, read_json
+from sandbox.results import RESULT_FILE, collect_results
 from tasks import IGNORE, SPLITS
+from tasks.cli import OneLineParser, file_problem, path_argument
+
+BEST = Path("checkpoints") / "best.ckpt"
 
 
 def pair_positions(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,35 +97,60 @@ def _split_accuracy(met: torch.Tensor, right: torch.Tensor) -> dict:
     return {"share": met.float().mean().item(), "accuracy_if_met": accuracy(met), "accuracy_if_not": accuracy(~met)}
 
 
-def mom_runs(path: Path) -> list[Path]:
-    """The run folders of MoM runs with their best weights: `path` itself, or every one below it."""
+def mom_runs(path: Path) -> dict[Path, dict]:
+    """The run folders of MoM runs with their best weights, `path` itself or every one below it, each with its
+    config. A result.json that cannot be read, or best weights that cannot be loaded into their run's model, is
+    an error: that run would be left out."""
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder")
-    folders = [path] if (path / RESULT_FILE).is_file() else sorted(f.parent for f in path.rglob(RESULT_FILE))
-    found = [folder for folder in folders if (folder / "checkpoints" / "best.ckpt").is_file()
-             and _config(folder).get("model", {}).get("mixer") == "mom"]
+
+    def unreadable(file: Path, why: str) -> None:
+        raise ValueError(f"{file} cannot be read: {why}")
+
+    results = collect_results(path, on_skip=unreadable)
+    found = {Path(r["run_dir"]): r["config"] for r in results
+             if (Path(r["run_dir"]) / BEST).is_file() and r["config"]["model"]["mixer"] == "mom"}
     if not found:
-        raise ValueError(f"{path} holds no MoM run with its best weights ({RESULT_FILE} and checkpoints/best.ckpt)")
+        raise ValueError(f"{path} holds no MoM run with its best weights ({RESULT_FILE} and {BEST})")
+    for folder, config in found.items():
+        problem = weights_problem(folder, config)
+        if problem:
+            raise ValueError(f"{folder / BEST} cannot be used: {problem}")
     return found
 
 
-def _config(folder: Path) -> dict:
-    """The run's resolved config from its result.json ({} where it cannot be read: not a run to read)."""
+def run_module(config: dict):
+    """The run's model with fresh weights (on torch's default device) and its data module, not generated yet."""
+    from sandbox.data import RecallDataModule
+    from sandbox.train import build_module
+
+    cfg = OmegaConf.create(config)
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    datamodule = RecallDataModule(name=task["name"], params=task["params"], segments=task["segments"],
+                                  seed=cfg.seed, batch_size=task["batch_size"],
+                                  eval_batch_size=task["eval_batch_size"], limit_examples=task["limit_examples"])
+    return build_module(cfg, datamodule), datamodule
+
+
+def weights_problem(folder: Path, config: dict) -> str | None:
+    """Why the run's best weights cannot be loaded into its model (built on the meta device: no memory, no
+    data), as sandbox-train finds it for its checkpoints; None if they can."""
+    from sandbox.runs import checkpoint_problem, config_hash
+
     try:
-        return read_json(folder / RESULT_FILE)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        with torch.device("meta"):
+            weights = run_module(config)[0].state_dict()
+    except ValueError as err:
+        return f"its run's config does not build a model ({err})"
+    return checkpoint_problem(folder / BEST, config_hash(config), weights)
 
 
-def load_run(folder: Path, device: str):
+def load_run(folder: Path, config: dict, device: str):
     """The run's model on its best weights, and its data."""
-    from sandbox.train import build_data, build_module
-
-    cfg = OmegaConf.create(_config(folder))
-    datamodule = build_data(cfg)
-    module = build_module(cfg, datamodule)
-    state = torch.load(folder / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    module, datamodule = run_module(config)
+    state = torch.load(folder / BEST, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
+    datamodule.generate()
     return module.model.to(device).eval(), datamodule
 
 
@@ -152,29 +179,30 @@ def _device_ok(name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-routing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run folders, or folders with MoM runs below them")
+    parser = OneLineParser(prog="sandbox-routing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=path_argument, help="run folders, or folders with MoM runs below them")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--limit", type=int, default=1000,
                         help="examples of the split at most, evenly spaced over it (a split is ordered by segment)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", type=Path, help="write every run's summary here")
+    parser.add_argument("--json", type=path_argument, help="write every run's summary here")
     args = parser.parse_args(argv)
     try:
         if args.limit < 1 or args.batch_size < 1:
             raise ValueError(f"--limit {args.limit} --batch-size {args.batch_size}: both must be at least 1")
         if not _device_ok(args.device):
             raise ValueError(f"--device {args.device} is invalid on this machine: use cpu, or cuda where there is one")
-        if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):
-            raise ValueError(f"--json {args.json} cannot be written: it must name a file in an existing folder")
-        folders = [folder for path in args.paths for folder in mom_runs(path)]
+        problem = args.json and file_problem(args.json)
+        if problem:
+            raise ValueError(f"--json {args.json} cannot be written: {problem}")
+        runs = {folder: config for path in args.paths for folder, config in mom_runs(path).items()}
     except ValueError as err:
         print(f"sandbox-routing: error: {err}", file=sys.stderr)
         return 2
     summaries = {}
-    for folder in folders:
-        model, datamodule = load_run(folder, args.device)
+    for folder, config in runs.items():
+        model, datamodule = load_run(folder, config, args.device)
         data = datamodule.datasets[args.split]
         chosen = torch.linspace(0, len(data) - 1, min(args.limit, len(data))).round().long()
         summaries[str(folder)] = summary = routing_of_queries(

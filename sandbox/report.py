@@ -18,7 +18,6 @@ and model, the mean test accuracy over the task's settings (`mad_scores.csv`, `m
 result.json or study.db that cannot be read is named in a warning and left out.
 """
 
-import argparse
 import csv
 import functools
 import json
@@ -144,8 +143,8 @@ def to_runs(results: list[dict]) -> list[dict]:
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
         run["chance_acc"] = val_chance(config)
-        threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold", 1.0)
-        run["val_threshold"] = 1.0 if threshold is None else threshold
+        threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold")
+        run["val_threshold"] = threshold = 1.0 if threshold is None else threshold  # null: no threshold
         if run["status"] == FINISHED:
             chance = run["chance_acc"]
             run["at_chance"] = None if chance is None else run["best_val_acc"] < chance + CHANCE_MARGIN * (1 - chance)
@@ -296,7 +295,8 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | No
         runs = [run for run in finished(members) if compared is None or run.get(SEED_KEY) in common]
         mean, _ = mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in runs])
         steps, _ = mean_ci([run["steps"] for run in runs])
-        return (-math.inf, 0) if math.isnan(mean) else (mean, 0 if math.isnan(steps) else -steps)
+        # steps not recorded say nothing about how soon the runs stopped: such a setting never wins a tie on them
+        return (-math.inf, 0) if math.isnan(mean) else (mean, -math.inf if math.isnan(steps) else -steps)
 
     return max(pool, key=lambda choice: score(pool[choice])), compared
 
@@ -1015,11 +1015,18 @@ def mad_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-report", description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the folder)")
+    from tasks.cli import OneLineParser, path_argument, write_problem
+
+    parser = OneLineParser(prog="sandbox-report", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=path_argument)
+    parser.add_argument("--out", type=path_argument, default=None, help="where to write (default: the folder)")
     args = parser.parse_args(argv)
     try:
+        out = args.out or args.folder
+        problem = out.is_dir() and write_problem(out)  # a folder that is not there yet is made (or refused) by report
+        if problem:
+            setting = f"--out {args.out}" if args.out else f"folder {str(args.folder)!r} (--out by default)"
+            raise ValueError(f"{setting} cannot be written ({problem})")
         report(args.folder, args.out)
     except ValueError as err:
         print(f"sandbox-report: error: {err}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Run results on disk: atomic JSON writes, how a run ended, the provenance recorded with every result, and
 collection."""
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,29 @@ NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger", "cuda_gra
 STATUSES = ("finished", "diverged", "not_trained", "interrupted", "failed")
 # The ends that running the same command again returns as they are; an interrupted or failed run resumes.
 TERMINAL = ("finished", "diverged", "not_trained")
+
+
+def config_hash(config: dict) -> str:
+    """The sha256 of a resolved configuration (a plain dict), without the keys of NOT_IDENTITY."""
+    identity = json.loads(json.dumps(config, default=str))
+    for dotted in NOT_IDENTITY:
+        *parents, last = dotted.split(".")
+        node = identity
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # a hand-made result may lack the key or hold another type there
+            node.pop(last, None)
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def edited_config(result: dict) -> str | None:
+    """Why a result's config is not the configuration that ran (edited after the run: its recorded config_hash
+    is another's), or None."""
+    recorded = result.get("config_hash")
+    if recorded is not None and recorded != config_hash(result["config"]):
+        return "its config is not the one its config_hash was computed from (edited after the run?)"
+    return None
 
 
 def status_of(result: dict) -> str:
@@ -107,6 +131,8 @@ def _result_problem(result) -> str | None:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
             or not isinstance(config["model"].get("mixer"), str):
         return "no config with model.mixer"
+    if problem := edited_config(result):
+        return problem
     status = status_of(result)
     if status not in STATUSES:
         return f"status={status!r} is not a status; valid: {', '.join(STATUSES)} (absent: finished)"

@@ -9,8 +9,6 @@ folder. Every checkpoint carries the hash too: one written for another configura
 
 import contextlib
 import errno
-import hashlib
-import json
 import os
 import pickle
 import re
@@ -23,7 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sandbox.results import NOT_IDENTITY, RESULT_FILE, TERMINAL, read_json, status_of
+from sandbox.results import RESULT_FILE, TERMINAL, config_hash, edited_config, read_json, status_of
 from sandbox.settings import ConfigError, check_run_folder
 
 HASH_DIGITS = 12
@@ -53,19 +51,6 @@ def say(message: str, error: bool = False) -> None:
 
 
 # ---- identity and folder name ----
-def config_hash(config: dict) -> str:
-    """The sha256 of a resolved configuration (a plain dict), without the keys of NOT_IDENTITY."""
-    identity = json.loads(json.dumps(config, default=str))
-    for dotted in NOT_IDENTITY:
-        *parents, last = dotted.split(".")
-        node = identity
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(last, None)
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def folder_name(overrides: str, digest: str) -> str:
     """`<overrides>-<hash>`: the overrides as Hydra joins them (`default` when none), path separators replaced,
     cut to READABLE_BYTES; the hash tells apart the configurations that the cut, or an edited file, hides."""
@@ -96,7 +81,7 @@ def set_aside(path: Path, problem: str) -> None:
 
 
 def stored_result(run_dir: Path) -> dict | None:
-    """The folder's result.json, or None when it has none; an unreadable one is set aside."""
+    """The folder's result.json, or None when it has none; an unreadable or edited one is set aside."""
     path = run_dir / RESULT_FILE
     if not path.exists():
         return None
@@ -106,6 +91,9 @@ def stored_result(run_dir: Path) -> dict | None:
             raise ValueError("it holds no run's config")
     except (OSError, ValueError) as err:
         set_aside(path, f"unreadable ({describe_error(err)})")
+        return None
+    if problem := edited_config(result):
+        set_aside(path, problem)
         return None
     return result
 

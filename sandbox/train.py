@@ -171,6 +171,16 @@ def _step(row: dict) -> float:
         return math.inf
 
 
+class StayStopped(EarlyStopping):
+    """Lightning's EarlyStopping, whose stop outlives the process: restored from the checkpoint of the validation
+    that stopped the run (killed while testing, or its result.json lost), it ends the fit before another step,
+    where Lightning would train on past the stop."""
+
+    def on_train_start(self, trainer, pl_module):
+        if self.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
+            trainer.should_stop = True
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=(), *, logger=None, per_run_selection: bool = False
                  ) -> L.Trainer:
     """The run's trainer: checkpoints in `run_dir`, the best one and early stopping on val/acc, its logger.
@@ -183,9 +193,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=(), *, logger=None, p
     checkpointing = [last]
     if not per_run_selection:
         best = FolderCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1)
-        stopping = EarlyStopping(monitor="val/acc", mode="max",
-                                 stopping_threshold=cfg.callbacks.early_stopping.threshold,
-                                 patience=cfg.callbacks.early_stopping.patience)
+        stopping = StayStopped(monitor="val/acc", mode="max",
+                               stopping_threshold=cfg.callbacks.early_stopping.threshold,
+                               patience=cfg.callbacks.early_stopping.patience)
         checkpointing = [best, last, stopping]  # best first: last.ckpt records the best checkpoint of its validation
     progress, show_bar = _progress_callbacks(cfg.callbacks.progress)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -253,6 +263,8 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
         if resume_from is not None:
             earlier = runs.stored_result(run_dir)  # of the segment it resumes after (none if killed outright)
+            check_same_computation(run_dir, earlier, trainer.precision,
+                                   _backend(cfg.model.backend, trainer.strategy.root_device))
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         status, reason = _fit_status(cfg, trainer)
         if status == "finished":
@@ -262,6 +274,8 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         status, reason = "diverged", str(err)
     except (SIGTERMException, RunInterrupted):
         status, reason = "interrupted", interrupted_reason(interruption, trainer)
+    except ConfigError:  # nothing ran: the folder stays as the earlier segment left it
+        raise
     except Exception as err:
         if resume_from is not None and not started.started:  # Lightning failed to restore the checkpoint
             runs.set_aside(resume_from, f"it cannot be restored ({runs.describe_error(err)})")
@@ -284,6 +298,17 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     if status != "finished":
         say(f"{run_dir}: {status.replace('_', ' ')}: {reason} (recorded in {RESULT_FILE})", error=True)
     return result
+
+
+def check_same_computation(run_dir: Path, earlier: dict | None, precision: str, backend: str) -> None:
+    """A ConfigError when the segment a run resumes after ran at another precision or on other kernels (`auto`
+    resolves by machine, outside the run's identity): its weights would be of two computations and its result
+    would name the last one only."""
+    then = (earlier or {}).get("precision"), (earlier or {}).get("backend")
+    if any(was is not None and was != now for was, now in zip(then, (precision, backend))):
+        raise ConfigError(f"{run_dir}: its earlier segment ran at precision {then[0]} on the {then[1]} kernels, "
+                          f"this one {precision} on {backend}: resume it on a machine like that one, or remove its "
+                          "folder to run it here from scratch")
 
 
 def _fit_status(cfg: DictConfig, trainer: L.Trainer) -> tuple[str, str]:

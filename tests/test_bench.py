@@ -267,6 +267,51 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "/proc/train.json"], "--json /proc/train.json is invalid: its folder /proc is not writable (No such"),
+    (["--json", "."], "--json . is invalid: it is a folder"),
+    (["--override", "optim.lr=-1"], "model=attention model.d_model=16: optim.lr=-1 is invalid: must be a finite"),
+    (["--override", "seed=-1"], "model=attention model.d_model=16: seed=-1 is invalid: must be an integer in"),
+    (["--batch", "100000"], "model=attention model.d_model=16: trainer.val_check_interval=4 is more than the 1 "
+                            "training batches of an epoch"),
+], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data"])
+def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, capsys, tmp_path, monkeypatch):
+    """Once a traceback after the runs (--json) or at their first step."""
+    from sandbox.bench import train as bench
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--models", "attention", "--widths", "16", "--modes", "alone", "--variants", "none", "--ablate-at",
+             "--warmup", "0", "--steps", "1", "--profile-steps", "1", "--batch", "2", "--experiment", "quickstart"]
+    assert bench.main(small + argv) == 2  # argv after the small options: its values win
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err, f"sandbox-bench train: error: {message}")
+    assert captured.out == "" and list(tmp_path.iterdir()) == []  # nothing run or written
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("kernels", ["--shape", "8,2048,4"], "argument --shape: '8,2048,4' is invalid: must be B,T,H,K,V, five integers"),
+    ("kernels", ["--fla-jobs", "0"], "--fla-jobs 0 is invalid: must be >= 1"),
+    ("kernels", ["--json", "/proc/k.json"], "--json /proc/k.json is invalid: its folder /proc is not writable"),
+    ("kernels", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("mom", ["--reps", "0"], "--reps 0 is invalid: must be >= 1"),
+    ("mom", ["--fla-timeout", "0"], "--fla-timeout 0.0 is invalid: must be a number of seconds > 0"),
+    ("mom", ["--json", "."], "--json . is invalid: it is a folder"),
+    ("mom", ["--bogus"], "unrecognized arguments: --bogus"),
+], ids=["kernels-shape-of-three", "kernels-fla-jobs-0", "kernels-json-unwritable", "kernels-unknown-option",
+        "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option"])
+def test_gpu_bench_bad_input_is_one_line_exit_2_on_any_machine(name, argv, message, capsys):
+    """Checked before the GPU is asked for; once a ZeroDivisionError, a ValueError or a failed write after the
+    timings on a GPU, or argparse's usage text."""
+    import importlib
+
+    try:
+        code = importlib.import_module(f"sandbox.bench.{name}").main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, f"sandbox-bench {name}: error: {message}")
+
+
 def test_bench_help_lists_the_benchmarks(capsys):
     from sandbox import bench
 
@@ -299,13 +344,25 @@ def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
     (["optim.lr=-1"], "optim.lr=-1 is invalid"),
     (["--output-root", "{tmp}/file"], "--output-root {tmp}/file is invalid: {tmp}/file is a file, not a folder"),
     (["--output-root", "{tmp}/file/below"], "--output-root {tmp}/file/below is invalid: {tmp}/file is a file"),
-], ids=["unknown-key", "bad-value", "output-root-file", "output-root-below-a-file"])
-def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    # below: once sandbox-train's tracebacks, then quickstart's, exit code 1
+    (["--output-root", "/proc/quickstart"], "--output-root /proc/quickstart cannot be written (No such file or "
+                                            "directory: /proc)"),
+    # once argparse's usage text too
+    (["--output-root", ""], "argument --output-root: '' is not a path (empty)"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+], ids=["unknown-key", "bad-value", "output-root-file", "output-root-below-a-file", "output-root-unwritable",
+        "output-root-empty", "unknown-option"])
+def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     argv = [a.format(tmp=tmp_path) for a in argv]
     if "--output-root" not in argv:
         argv += ["--output-root", str(tmp_path / "out")]
-    assert quickstart.main(argv) == 2
+    monkeypatch.setattr(quickstart.subprocess, "run", lambda *a, **k: pytest.fail("sandbox-train ran"))
+    try:
+        code = quickstart.main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
     assert_one_error_line(capsys.readouterr().err, f"sandbox-bench quickstart: error: {message.format(tmp=tmp_path)}")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing trained, no bench.json
 

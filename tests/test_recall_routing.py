@@ -2,12 +2,14 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from models import build_model
 from sandbox.recall_routing import chance_overlap, main, pair_positions, routing_of_queries
+from sandbox.runs import config_hash
 from sandbox.train import train
 from tasks import IGNORE
 from test_train import make_cfg
@@ -71,7 +73,23 @@ BAD = {  # arguments -> the message, after `sandbox-routing: error: `
     "device-unknown": (["{runs}", "--device", "gpu"], "--device gpu is invalid on this machine"),
     "json-is-a-folder": (["{runs}", "--json", "{runs}"], "--json {runs} cannot be written"),
     "json-in-no-folder": (["{runs}", "--json", "{runs}/no/r.json"], "--json {runs}/no/r.json cannot be written"),
+    # once a traceback after every run was read
+    "json-in-unwritable-folder": (["{runs}", "--json", "/proc/r.json"], "--json /proc/r.json cannot be written: "
+                                  "its folder /proc is not writable (No such file or directory: /proc)"),
+    # once argparse's usage text too
+    "limit-a-fraction": (["{runs}", "--limit", "1.5"], "argument --limit: invalid int value: '1.5'"),
+    "split-unknown": (["{runs}", "--split", "tset"], "argument --split: invalid choice: 'tset'"),
+    # once the runs below the working folder
+    "path-empty": ([""], "argument paths: '' is not a path (empty)"),
 }
+
+
+def run_main(args: list[str]) -> int:
+    """main's exit code, also where argparse exits."""
+    try:
+        return main(args)
+    except SystemExit as exit:
+        return exit.code
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -79,7 +97,50 @@ def test_bad_arguments_are_one_line_before_any_work(case, tmp_path, capsys):
     runs = tmp_path / "runs"
     train(make_cfg("experiment=quickstart", "model=attention", "debug=fast"), runs / "attention")
     args, message = BAD[case]
-    assert main([a.format(runs=runs) for a in args]) == 2
+    assert run_main([a.format(runs=runs) for a in args]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"sandbox-routing: error: {message.format(runs=runs)}")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def mom_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "mom"
+    train(make_cfg("experiment=quickstart", "model=mom_noshared", "debug=fast"), run)
+    return run
+
+
+def _other_configuration(run):
+    """The run's result says another seed (with that config's hash): its best.ckpt is another configuration's."""
+    result = json.loads((run / "result.json").read_text())
+    result["config"]["seed"] += 1
+    result["config_hash"] = config_hash(result["config"])
+    (run / "result.json").write_text(json.dumps(result))
+
+
+DAMAGED = {  # what is done to a MoM run -> the message, after `sandbox-routing: error: `; once a traceback
+    "checkpoint-truncated": (lambda run: (run / "checkpoints/best.ckpt").write_bytes(
+        (run / "checkpoints/best.ckpt").read_bytes()[:1000]), "{run}/checkpoints/best.ckpt cannot be used: truncated"),
+    "checkpoint-empty": (lambda run: (run / "checkpoints/best.ckpt").write_bytes(b""),
+                         "{run}/checkpoints/best.ckpt cannot be used: empty or truncated"),
+    "checkpoint-of-another-configuration": (
+        _other_configuration, "{run}/checkpoints/best.ckpt cannot be used: it was written by another configuration"),
+    # once left out without a word
+    "result-truncated": (lambda run: (run / "result.json").write_text((run / "result.json").read_text()[:200]),
+                         "{run}/result.json cannot be read: not valid JSON, perhaps truncated"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_damaged_run_is_one_line_before_any_run_is_read(case, mom_run, tmp_path, capsys):
+    """A good run beside a damaged one: nothing is printed for the good one either, and nothing is written."""
+    runs = tmp_path / "runs"
+    shutil.copytree(mom_run, runs / "a-good")
+    shutil.copytree(mom_run, runs / "b-damaged")
+    damage, message = DAMAGED[case]
+    damage(runs / "b-damaged")
+    assert main([str(runs), "--limit", "4", "--json", str(tmp_path / "r.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(
+        f"sandbox-routing: error: {message.format(run=runs / 'b-damaged')}")
+    assert len(captured.err.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from tasks.registry import resolve as resolve_task
 from sandbox.report import (CHANCE_MARGIN, FLAT_RISE, collect_results, load_kind, main, make_rows, mean_ci,
                             memory_loads, report, study_section, t95, to_runs, width_series)
+from sandbox.results import config_hash
 from sandbox.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -576,3 +577,61 @@ def test_report_paths_that_cannot_be_used_are_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith(f"sandbox-report: error: {message}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "runs"] and file.read_text() == "x"
     assert not (runs / "report.md").exists()
+
+
+def test_a_setting_whose_steps_are_not_recorded_does_not_win_a_tie(tmp_path):
+    """Both settings stopped at the 0.99 threshold; 1e-3's results record no steps (written before steps were),
+    so nothing says they stopped sooner: 1e-2, which stopped at step 750, wins, whichever comes first."""
+    for seed in range(2):
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=0.995, test=0.5, steps=None)
+        write_run(tmp_path, f"b{seed}", seed=seed, lr=1e-2, val=0.995, test=0.99, steps=750)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.01 (best of 2)"
+
+
+def test_a_run_without_an_early_stopping_threshold_is_checked_for_a_rising_curve(tmp_path):
+    """A result whose config sets no threshold (null: it trains to the end) and whose curve still rises."""
+    steps = list(range(100, 1001, 100))
+    run_dir = write_run(tmp_path, "rising", val=0.6, curve=[(s, 0.1 + 0.5 * (s >= 900)) for s in steps])
+    result = json.loads((run_dir / "result.json").read_text())
+    result["config"]["callbacks"]["early_stopping"]["threshold"] = None
+    (run_dir / "result.json").write_text(json.dumps(result))
+    rows = list(csv.DictReader(open(report(tmp_path)["csv"])))
+    assert rows[0]["still_rising"] == "True"
+
+
+def test_a_result_whose_config_was_edited_is_skipped(tmp_path, capsys):
+    """A result.json whose config no longer gives its config_hash (its seed edited by hand to fill a gap in the
+    grid) is not reported under the edited config."""
+    for seed in range(2):
+        run_dir = write_run(tmp_path, f"s{seed}", seed=seed)
+        result = json.loads((run_dir / "result.json").read_text())
+        result["config_hash"] = config_hash(result["config"])
+        result["config"]["seed"] = seed + 5 * (seed == 1)
+        (run_dir / "result.json").write_text(json.dumps(result))
+    rows = list(csv.DictReader(open(report(tmp_path)["csv"])))
+    assert [Path(row["run_dir"]).name for row in rows] == ["s0"]
+    err = capsys.readouterr().err
+    assert "s1/result.json skipped: its config is not the one its config_hash was computed from" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: folder"),  # once argparse's usage text too
+    (["{runs}", "--bogus"], "unrecognized arguments: --bogus"),
+    ([""], "argument folder: '' is not a path (empty)"),  # once a report of the working folder
+    (["{runs}", "--out", ""], "argument --out: '' is not a path (empty)"),  # once written to the working folder
+    (["{runs}", "--out", "/proc"], "--out /proc cannot be written (No such file or directory: /proc)"),  # a traceback
+], ids=["no-folder", "unknown-option", "folder-empty", "out-empty", "out-takes-no-file"])
+def test_report_arguments_that_cannot_be_used_are_one_line_before_any_work(argv, message, tmp_path, capsys,
+                                                                          monkeypatch):
+    write_run(tmp_path / "runs", "good")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    try:
+        code = main([arg.format(runs=tmp_path / "runs") for arg in argv])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"sandbox-report: error: {message}\n"
+    assert sorted(tmp_path.rglob("*")) == before

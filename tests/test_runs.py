@@ -1,6 +1,7 @@
 """Run folders hold one configuration each, every end of a run is recorded as what it is, and no checkpoint
 that cannot be used for a run stops it (docs/bad_inputs.md, "Faults that are not errors")."""
 
+import csv
 import json
 import math
 import shutil
@@ -130,6 +131,21 @@ def test_result_written_before_statuses_counts_as_finished(small_run, tmp_path, 
         train(make_cfg(*SMALL, "seed=1"), folder)
 
 
+def test_result_whose_config_was_edited_is_not_returned_as_this_run(small_run, tmp_path, capsys):
+    """A result.json whose config was edited by hand (its learning rate) is not the record of the run that its
+    config_hash says: set aside, and the run is tested again from its checkpoints."""
+    folder = tmp_path / "run"
+    shutil.copytree(small_run[0], folder)
+    edited = json.loads((folder / "result.json").read_text())
+    edited["config"]["optim"]["lr"] = 2e-2
+    (folder / "result.json").write_text(json.dumps(edited))
+    result = train(make_cfg(*SMALL), folder)
+    assert "its config is not the one its config_hash was computed from" in capsys.readouterr().out
+    assert result["config"]["optim"]["lr"] == 1e-2 and (folder / "result.json.unusable").exists()
+    for key in METRICS:
+        assert result[key] == small_run[1][key], key
+
+
 # ---- how runs end ----
 def test_divergence_stops_the_run_is_recorded_and_not_repeated(tmp_path, monkeypatch, capsys):
     real_step = RecallModule.training_step
@@ -178,6 +194,27 @@ def test_run_failing_on_its_kernels_backend_still_records_its_failure(tmp_path, 
     assert result["backend"] == "triton"
 
 
+class CrashInSecondEpoch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("injected crash")
+
+
+def test_run_is_not_resumed_where_auto_resolves_to_another_precision(tmp_path, monkeypatch, capsys):
+    """A run whose first segment ran in bf16 (trainer.precision=auto on a GPU) and failed is not finished in
+    float32 (the same command on the CPU): its weights would be of two computations, and its result would say
+    float32 only. The command stops, naming both, and leaves the folder as it was."""
+    with monkeypatch.context() as gpu:
+        gpu.setattr(sandbox.train, "_precision", lambda setting: "bf16-mixed")
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train(make_cfg(*SMALL), tmp_path, extra_callbacks=[CrashInSecondEpoch()])
+    assert read_result(tmp_path)["precision"] == "bf16-mixed"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="precision bf16-mixed on the torch kernels, this one 32-true on torch"):
+        train(make_cfg(*SMALL), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 # ---- what a bad setting leaves: no folder made, none removed ----
 @pytest.mark.parametrize("existing", [["e"], ["e", "e/train"]], ids=["output-root-empty", "name-folder-empty"])
 def test_bad_setting_removes_only_the_folders_its_command_made(existing, tmp_path, monkeypatch):
@@ -213,6 +250,21 @@ def test_signal_in_validation_resumes_from_the_last_validation(small_run, tmp_pa
     assert resumed["resumed"]
     for key in METRICS:
         assert resumed[key] == small_run[1][key], key
+
+
+def test_run_killed_after_its_early_stop_is_not_trained_further(tmp_path):
+    """Killed after the validation that stopped it at its threshold (while testing, say), before its result.json:
+    the same command tests it again and trains no step past that stop."""
+    stopping = [*SMALL[:-1], "callbacks.early_stopping.threshold=0.015"]
+    reference = train(make_cfg(*stopping), tmp_path / "reference")
+    assert "reached callbacks.early_stopping.threshold" in reference["status_reason"] and reference["epochs"] < 3
+    folder = copy_of((tmp_path / "reference", reference), tmp_path)
+    resumed = train(make_cfg(*stopping), folder)
+    assert resumed["resumed"] and resumed["status_reason"] == reference["status_reason"]
+    for key in METRICS:
+        assert resumed[key] == reference[key], key
+    with open(folder / "logs" / "metrics.csv") as f:
+        assert sum(1 for row in csv.DictReader(f) if row["test/acc"]) == 1  # one test, at the step it stopped
 
 
 # ---- checkpoints that cannot be used ----

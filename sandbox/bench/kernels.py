@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 SHAPES = [(8, 2048, 4, 256, 256), (8, 2048, 8, 128, 128), (64, 512, 4, 64, 64)]
 RECURRENT_PREFIX = (2, 256)  # sequences, tokens of the token-by-token reference actually timed
@@ -338,12 +339,24 @@ def first_call_times(shape, rules) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
-    from kernels.rules import RULES
+def _shape(text: str) -> tuple[int, ...]:
+    """`--shape 8,2048,4,256,256` -> (8, 2048, 4, 256, 256)."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be B,T,H,K,V, five integers >= 1")
+    return shape
 
+
+def main(argv: list[str] | None = None) -> int:
+    from kernels.rules import RULES
+    from tasks.cli import OneLineParser, file_problem
+
+    parser = OneLineParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--shape", action="append", type=lambda s: tuple(int(x) for x in s.split(",")),
+    parser.add_argument("--shape", action="append", type=_shape,
                         help="B,T,H,K,V (repeatable); default: the three issue shapes")  # fmt: skip
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
     parser.add_argument("--fla-jobs", type=int, default=8, help="child processes compiling fla's kernels at once")
@@ -356,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
     parser.add_argument("--_fla-warm-child", dest="fla_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fla_jobs < 1:
+        parser.error(f"--fla-jobs {args.fla_jobs} is invalid: must be >= 1")
+    problem = args.json and file_problem(Path(args.json))
+    if problem:
+        parser.error(f"--json {args.json} is invalid: {problem}")
     # before fla is imported, here and in the compiling children: fla autotunes in the timing process instead of
     # reusing choices cached on disk by processes that shared the GPU
     os.environ["FLA_CACHE_RESULTS"] = "0"
@@ -363,11 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(
-            "sandbox-bench kernels: needs a CUDA GPU (the Triton kernels do not run on the CPU)",
-            file=sys.stderr,
-        )
-        return 2
+        parser.error("needs a CUDA GPU (the Triton kernels do not run on the CPU)")
     if args.child:
         shape, rules = json.loads(args.child)
         print(json.dumps(_first_call(tuple(shape), rules)))

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 # name -> (batch, length, hidden, heads)
 SHAPES = {"paper": (8, 2048, 1024, 4), "sandbox": (64, 512, 256, 4)}
@@ -280,7 +281,9 @@ def _print_fla(row: dict, fla: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-bench mom", description=__doc__.split("\n\n")[0])
+    from tasks.cli import OneLineParser, file_problem
+
+    parser = OneLineParser(prog="sandbox-bench mom", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
@@ -294,14 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps} is invalid: must be >= 1")
+    if not args.fla_timeout > 0:
+        parser.error(f"--fla-timeout {args.fla_timeout} is invalid: must be a number of seconds > 0")
+    problem = args.json and file_problem(Path(args.json))
+    if problem:
+        parser.error(f"--json {args.json} is invalid: {problem}")
     if args.fla_worker:
         return fla_worker(args.shapes, args.reps, args.compile_only, not args.no_profile)
 
     import torch
 
     if not torch.cuda.is_available():
-        print("sandbox-bench mom needs a CUDA device", file=sys.stderr)
-        return 2
+        parser.error("needs a CUDA device (its Triton kernels do not run on the CPU)")
     if args.fla_compile_only:
         if importlib.util.find_spec("fla") is None:
             print("sandbox-bench mom: --fla-compile-only needs fla (the bench extra)", file=sys.stderr)

@@ -5,7 +5,6 @@ trials on the device; this benchmark runs the same number of small runs (a rando
 small model) with 1 worker and with N, and prints runs per hour for each and their ratio.
 """
 
-import argparse
 import shutil
 import signal
 import subprocess
@@ -16,10 +15,7 @@ from pathlib import Path
 
 import yaml
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage and message
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from tasks.cli import OneLineParser
 
 
 def study_space(name: str, runs: int, overrides: list[str]) -> dict:
@@ -58,7 +54,7 @@ def timed_sweep(root: Path, name: str, runs: int, workers: int, overrides: list[
 
 
 def main(argv: list[str]) -> int:
-    parser = _Parser(prog="sandbox-bench packing", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="sandbox-bench packing", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8, help="runs in each measurement")
     parser.add_argument("--workers", type=int, default=4, help="runs at once in the packed measurement")
     parser.add_argument("overrides", nargs="*", default=[

@@ -7,7 +7,6 @@ accuracy, the targets missed). Exit code 1 when a target is missed; 2, with noth
 override or output folder.
 """
 
-import argparse
 import os
 import platform
 import subprocess
@@ -22,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sandbox.results import collect_results, folder_problem, git_commit, write_json_atomic
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line
+from tasks.cli import OneLineParser, path_argument, write_problem
 
 TIME_LIMIT_S = 300
 ACCURACY_TARGETS = {"attention": 0.99, "mom": 0.99}
@@ -33,13 +33,16 @@ def check(args) -> None:
     problem = args.output_root and folder_problem(args.output_root)
     if problem:
         raise ConfigError(f"--output-root {args.output_root} is invalid: {problem}")
+    problem = args.output_root and write_problem(args.output_root)
+    if problem:
+        raise ConfigError(f"--output-root {args.output_root} cannot be written ({problem})")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         check_settings(compose(config_name="train", overrides=["experiment=quickstart", *args.overrides]))
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox-bench quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-root", type=Path, default=None, help="default: a new temporary folder")
+    parser = OneLineParser(prog="sandbox-bench quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--output-root", type=path_argument, default=None, help="default: a new temporary folder")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args(argv)
     try:

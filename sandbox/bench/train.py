@@ -454,6 +454,8 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv):
     import torch
 
+    from tasks.cli import file_problem
+
     parser = _Parser(prog="sandbox-bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256])
@@ -500,8 +502,9 @@ def parse(argv):
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if "graphs" in args.variants and not torch.cuda.is_available():
         raise BadInput("--variants graphs is invalid on this machine: CUDA graphs need a CUDA device")
-    if args.json is not None and not args.json.parent.is_dir():
-        raise BadInput(f"--json {args.json} is invalid: its folder {args.json.parent} does not exist")
+    problem = args.json and file_problem(args.json)
+    if problem:
+        raise BadInput(f"--json {args.json} is invalid: {problem}")
     return args
 
 
@@ -524,21 +527,19 @@ def plan(args) -> list[tuple[str, list[tuple]]]:
 
 
 def check_configs(args, steps: list) -> None:
-    """Every run's config composes and its model builds (on the meta device: no weights, no data)."""
-    import torch
+    """Every run's config composes and passes sandbox-train's checks (its model built on the meta device: no
+    weights, no data), checked as a run that validates once, after the bench's last step: so the training set
+    holds a batch for every step."""
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from models import build_model
-    from sandbox.train import one_line
+    from sandbox.train import check_settings, one_line
 
     for model, width in dict.fromkeys((m, w) for _, runs in steps for m, w, _ in runs):
         try:
             cfg = compose(args, model, width, tempfile.gettempdir())
-            with torch.device("meta"):
-                build_model(vocab_size=int(cfg.task.params.vocab_size), max_seq_len=8,
-                            **OmegaConf.to_container(cfg.model, resolve=True))
+            cfg.trainer.max_steps += 1  # the step of that validation
+            check_settings(cfg)
         except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise BadInput(f"model={model} model.d_model={width}: {one_line(err)}") from err
 
