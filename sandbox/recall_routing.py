@@ -25,9 +25,9 @@ import torch
 from omegaconf import OmegaConf
 
 from models.mom import MoM
-from sandbox.results import RESULT_FILE, collect_results
+from sandbox.results import RESULT_FILE, collect_results, file_problem, path_argument
 from tasks import IGNORE, SPLITS
-from tasks.cli import OneLineParser, file_problem, path_argument
+from tasks.cli import OneLineParser
 
 BEST = Path("checkpoints") / "best.ckpt"
 

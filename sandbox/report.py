@@ -40,7 +40,15 @@ from rich.markup import escape
 from rich.table import Table
 
 import tasks
-from sandbox.results import NOT_IDENTITY, RESULT_FILE, atomic_path, collect_results, folder_problem
+from sandbox.results import (
+    NOT_IDENTITY,
+    RESULT_FILE,
+    atomic_path,
+    collect_results,
+    folder_problem,
+    path_argument,
+    write_problem,
+)
 
 FINISHED = "finished"
 # The ends that say something about a run's optimiser setting: a diverged run counts against it; an
@@ -1015,7 +1023,7 @@ def mad_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.cli import OneLineParser, path_argument, write_problem
+    from tasks.cli import OneLineParser
 
     parser = OneLineParser(prog="sandbox-report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=path_argument)

@@ -1,6 +1,7 @@
 """Run results on disk: atomic JSON writes, how a run ended, the provenance recorded with every result, and
 collection."""
 
+import argparse
 import hashlib
 import json
 import math
@@ -107,14 +108,51 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path` (absolute) if it exists, else the nearest of its parents that does: where it would be made."""
+    path = Path(path).absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def folder_problem(path: Path) -> str | None:
     """Why `path` cannot be a folder to write in, found without creating anything: it, or the nearest of its
     parents that exists, is not a folder; None when it can be (a write may still fail, on a full disk say)."""
     path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = _nearest_existing(path)
     if existing.is_dir():
         return None
     return f"{existing} is a file, not a folder" + ("" if existing == path else f", so {path} cannot be made")
+
+
+def path_argument(text: str) -> Path:
+    """A path given on the command line; an empty one is an error (as a Path it would be the working folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is not a path (empty)")
+    return Path(text)
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (where it does not exist yet: in the nearest parent that does, in
+    which it would be made), as `reason: path`, or None; found by making an unnamed temporary file there, which
+    leaves nothing on disk."""
+    existing = _nearest_existing(folder)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{err.strerror}: {existing}"
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why no file can be written at `path` (a folder there, no folder to hold it, or one that takes no file), or
+    None."""
+    if path.is_dir():
+        return "it is a folder"
+    if not path.parent.is_dir():
+        return f"its folder {path.parent} does not exist"
+    problem = write_problem(path.parent)
+    return problem and f"its folder {path.parent} is not writable ({problem})"
 
 
 def _number(value) -> bool:

@@ -7,7 +7,6 @@ num_kv_pairs) in (64, 4), (128, 8), (256, 16), (512, 64) with the task's other d
 (512, 64) in at most 10 s on the 2-core CPU. The numbers are printed, not asserted.
 """
 
-import argparse
 import sys
 import time
 
@@ -19,7 +18,9 @@ MQAR_LIKE = ("ar", "mqar", "noisy_ar", "overwrite_mqar")  # the tasks that take 
 
 
 def main(argv: list[str] | None = None, prog: str = "sandbox-bench tasks") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    from tasks.cli import OneLineParser  # tasks.cli imports this module
+
+    parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--num-examples", type=int, default=100_000, help="examples per setting")
     parser.add_argument("--task", default="mqar", choices=MQAR_LIKE)
     parser.add_argument("--seed", type=int, default=0)

@@ -13,10 +13,8 @@ stderr and exit with status 2.
 
 import argparse
 import sys
-import tempfile
 import textwrap
 from collections import Counter
-from pathlib import Path
 
 import tasks
 from tasks import bench
@@ -27,45 +25,12 @@ SHOWN_TOKENS = 40
 PARAMS = {param: default for task in TASKS.values() for param, default in task.defaults.items()}
 
 
-# ---- argument handling shared by the sandbox's commands (also sandbox-routing, sandbox-report, sandbox-bench) ----
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `PROG: error: MESSAGE`, with exit code 2 and without the usage text, as
-    every bad input of the sandbox's commands."""
+    every bad input of the sandbox's commands (sandbox-tasks, sandbox-routing, sandbox-report, sandbox-bench)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def path_argument(text: str) -> Path:
-    """A path given on the command line; an empty one is an error (as a Path it would be the working folder)."""
-    if not text:
-        raise argparse.ArgumentTypeError("'' is not a path (empty)")
-    return Path(text)
-
-
-def write_problem(folder: Path) -> str | None:
-    """Why no file can be written in `folder` (where it does not exist yet: in the nearest parent that does, in
-    which it would be made), as `reason: path`, or None; found by making an unnamed temporary file there, which
-    leaves nothing on disk."""
-    folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        return f"{err.strerror}: {existing}"
-    return None
-
-
-def file_problem(path: Path) -> str | None:
-    """Why no file can be written at `path` (a folder there, no folder to hold it, or one that takes no file), or
-    None."""
-    if path.is_dir():
-        return "it is a folder"
-    if not path.parent.is_dir():
-        return f"its folder {path.parent} does not exist"
-    problem = write_problem(path.parent)
-    return problem and f"its folder {path.parent} is not writable ({problem})"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -427,6 +427,8 @@ def test_cli_list_and_other_tasks(capsys):
     (["bench", "--num-examples", "0"], "num_examples=0"),
     (["bench", "--num-examples", "-5"], "num_examples=-5"),
     (["bench", "--seed", "-1"], "seed=-1"),
+    (["bench", "--task", "foo"], "--task"),
+    (["bench", "--seed", "x"], "--seed"),
 ])
 def test_cli_bad_input(capsys, argv, words):
     try:

@@ -352,7 +352,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.rules import RULES
-    from tasks.cli import OneLineParser, file_problem
+    from sandbox.results import file_problem
+    from tasks.cli import OneLineParser
 
     parser = OneLineParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))

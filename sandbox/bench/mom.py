@@ -281,7 +281,8 @@ def _print_fla(row: dict, fla: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.cli import OneLineParser, file_problem
+    from sandbox.results import file_problem
+    from tasks.cli import OneLineParser
 
     parser = OneLineParser(prog="sandbox-bench mom", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))

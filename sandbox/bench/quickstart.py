@@ -19,9 +19,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from sandbox.results import collect_results, folder_problem, git_commit, write_json_atomic
+from sandbox.results import (
+    collect_results,
+    folder_problem,
+    git_commit,
+    path_argument,
+    write_json_atomic,
+    write_problem,
+)
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line
-from tasks.cli import OneLineParser, path_argument, write_problem
+from tasks.cli import OneLineParser
 
 TIME_LIMIT_S = 300
 ACCURACY_TARGETS = {"attention": 0.99, "mom": 0.99}

@@ -454,7 +454,7 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv):
     import torch
 
-    from tasks.cli import file_problem
+    from sandbox.results import file_problem
 
     parser = _Parser(prog="sandbox-bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
