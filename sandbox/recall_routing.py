@@ -108,10 +108,13 @@ def mom_runs(path: Path) -> dict[Path, dict]:
         raise ValueError(f"{file} cannot be read: {why}")
 
     results = collect_results(path, on_skip=unreadable)
-    found = {Path(r["run_dir"]): r["config"] for r in results
-             if (Path(r["run_dir"]) / BEST).is_file() and r["config"]["model"]["mixer"] == "mom"}
+    # a run trained in a stack keeps its best weights in the stack's checkpoint: a best.ckpt in its own folder is
+    # of an earlier segment that ran alone
+    found = {Path(r["run_dir"]): r["config"] for r in results if "stack" not in r
+             and (Path(r["run_dir"]) / BEST).is_file() and r["config"]["model"]["mixer"] == "mom"}
     if not found:
-        raise ValueError(f"{path} holds no MoM run with its best weights ({RESULT_FILE} and {BEST})")
+        raise ValueError(f"{path} holds no MoM run with its best weights ({RESULT_FILE} and {BEST}; runs trained "
+                         "in a stack are not read)")
     for folder, config in found.items():
         problem = weights_problem(folder, config)
         if problem:

@@ -41,11 +41,12 @@ from rich.table import Table
 
 import tasks
 from sandbox.results import (
-    NOT_IDENTITY,
     RESULT_FILE,
     atomic_path,
     collect_results,
+    flatten,
     folder_problem,
+    identity_key,
     path_argument,
     write_problem,
 )
@@ -74,23 +75,6 @@ FLAT_RISE, FLAT_TAIL = 0.01, 0.25
 METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs", "steps")
 ABSENT = "—"  # a key a run's config does not have (e.g. one added to other runs with +key=value)
 
-
-def identity_key(key: str) -> bool:
-    """Whether a flattened config key is part of what a run is (not one of NOT_IDENTITY or below one)."""
-    return not any(key == k or key.startswith(k + ".") for k in NOT_IDENTITY)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, list):
-            flat[name] = repr(value)
-        else:
-            flat[name] = value
-    return flat
 
 
 # The config keys that model_label shows, so the tables do not repeat them as columns.
@@ -674,20 +658,26 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
                        if any(t.state == s for t in trials))
     lines = [f"## Study `{study.study_name}`", f"{len(trials)} trials: {counts}."]
     multi = len(study.directions) > 1
-    best = study.best_trials if multi else ([study.best_trial] if complete else [])
-    seeds = (study.user_attrs.get("definition") or {}).get("seeds")
+    # Optuna's best trial is any one of those tied at the best value: every one of them is shown
+    best = study.best_trials if multi else [t for t in complete if t.value == study.best_value] if complete else []
+    definition = study.user_attrs.get("definition") or {}
+    seeds = definition.get("seeds")
+    objectives = definition.get("objectives") or (["value"] if not multi else [f"value {i}" for i in
+                                                                                 range(len(study.directions))])
     if seeds:
         lines.append(f"Each trial trained at seeds {seeds}; its values are the means over them.")
     if best:
         names = sorted({p for t in best for p in t.params})
-        header = ["trial", *(["value"] if not multi else [f"value {i}" for i in range(len(study.directions))]), *names]
+        header = ["trial", *objectives, *names]
         body = [[str(t.number), *(f"{v:.4g}" for v in t.values), *(_show(t.params.get(n)) for n in names)]
                 for t in best]
         if seeds:  # the spread behind each mean
             header.append("best val acc per seed")
             for row, t in zip(body, best):
                 row.append(", ".join(f"{run['best_val_acc']:.3f}" for run in t.user_attrs["runs"].values()))
-        lines += ["Pareto front:" if multi else "Best trial:", markdown_table(header, body)]
+        title = ("Pareto front:" if multi else "Best trial:" if len(best) == 1
+                 else f"Best trials ({len(best)} tie at the best value):")
+        lines += [title, markdown_table(header, body)]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     lines += [f"- trial {t.number} failed: {t.user_attrs.get('fail_reason', 'no reason recorded')}" for t in failed]
     plots = []

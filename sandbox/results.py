@@ -38,6 +38,25 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1, "c": [2]}} -> {"a.b": 1, "a.c": "[2]"}: one column or key per setting (lists as text)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, list):
+            flat[name] = repr(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def identity_key(key: str) -> bool:
+    """Whether a flattened config key is part of what a run is (not one of NOT_IDENTITY or below one)."""
+    return not any(key == k or key.startswith(k + ".") for k in NOT_IDENTITY)
+
+
 def edited_config(result: dict) -> str | None:
     """Why a result's config is not the configuration that ran (edited after the run: its recorded config_hash
     is another's), or None."""

@@ -40,8 +40,8 @@ from sandbox.results import RESULT_FILE, write_json_atomic
 from sandbox.runs import say
 from sandbox.settings import FLOAT16, ConfigError, check_settings, one_device
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
-from sandbox.train import (build_data, build_module, fit_status, interrupted_reason, make_trainer, result_record,
-                           run_logger)
+from sandbox.train import (build_data, build_module, check_same_computation, fit_status, interrupted_reason,
+                           make_trainer, result_record, run_logger)
 from tasks import SPLITS
 
 # The settings in which the runs of one stack may differ; everything else must be equal.
@@ -221,6 +221,8 @@ class StackedRecallModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._refresh_stack()
         self._update_running()
+        if not self._running:  # resumed after every run ended (as StayStopped): Lightning would train on
+            self.trainer.should_stop = True
 
     def _refresh_stack(self) -> None:
         """The runs in the stack (in the model's order), their index there and their position of each."""
@@ -465,7 +467,9 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
     (`extra_callbacks`: more Lightning callbacks of the stack's trainer).
 
     Runs that have ended already are returned as they are; fewer than two left, they run alone
-    (`sandbox.train.train`). A bad setting is a ConfigError before any training. A signal ends the stack with
+    (`sandbox.train.train`). A bad setting is a ConfigError before any training, and so is a stack resumed at
+    another precision or on other kernels than its earlier segment (`check_same_computation`); a stack checkpoint
+    that one of its runs went on from elsewhere is set aside. A signal ends the stack with
     RunInterrupted once every run's result.json says so; the same command resumes the stack from its checkpoint.
     An error is recorded as every running run's failure and raised."""
     from sandbox.train import train
@@ -516,6 +520,16 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
         resume_from = runs.resume_checkpoint(stack_dir, stack_digest, module.state_dict())
         # each run's result of the segment the stack resumes after (none if killed outright)
         earlier = [runs.stored_result(run_dir) if resume_from is not None else None for run_dir in run_dirs]
+        # a run whose last segment was not this stack's (alone, or in a stack of other runs) went on from elsewhere:
+        # resumed from here, its metrics and result would mix two histories
+        elsewhere = [d for d, e in zip(run_dirs, earlier)
+                     if e and Path((e.get("stack") or {}).get("folder", "")).name != stack_dir.name]
+        if elsewhere:
+            runs.set_aside(resume_from, f"{elsewhere[0]} was trained elsewhere after it (alone or in another stack)")
+            resume_from, earlier = None, [None] * len(run_dirs)
+        backend = kernels.resolve_backend(cfgs[0].model.backend, trainer.strategy.root_device)
+        for result in earlier:  # named by the stack's folder, whose checkpoint holds the weights
+            check_same_computation(stack_dir, result, trainer.precision, backend)
 
         def record(r: int, status: str, reason: str, tested: dict | None = None) -> dict:
             ended_step = int(module.diverged_step[r] if status == "diverged" else module.ended_step[r])
@@ -525,7 +539,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 epochs=int(module.ended_epoch[r]) if module.ended_epoch[r] >= 0 else trainer.current_epoch,
                 model=module.model.template,
                 router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
-                backend=kernels.resolve_backend(cfgs[r].model.backend, trainer.strategy.root_device),
+                backend=backend,
                 cuda_graphs=False, resumed=resume_from is not None, earlier=earlier[r], start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})
 

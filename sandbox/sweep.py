@@ -10,9 +10,11 @@ the base overrides of every trial and the parameters with their distributions. B
 and one trial's configuration are checked (a bad key or value is one line, exit code 2). The study lives in
 a sqlite file in the sweep's folder unless --storage gives another Optuna storage URL (e.g. PostgreSQL), so
 workers on one machine or many can share it, and running the command again continues it with new trials:
-the trial count is the study's total. The study keeps its definition (objectives, params, overrides, seeds);
-a command asking for another one is refused. The pruner sees every validation; a pruned trial is PRUNED, and
-a trial that raises, runs out of memory or diverges is recorded as failed with its reason.
+the trial count is the study's total. The study keeps its definition (objectives, params, overrides, seeds
+and the first trial's configuration, so that an edited config file shows); a command asking for another one
+is refused. The pruner sees every validation; a pruned trial is PRUNED, and a trial that raises, runs out of
+memory or has a run (any one of its seeds) that did not finish, whatever its objectives, is recorded as failed
+with its reason.
 
 With `seeds` (the space's list, or --seeds), a trial trains its configuration at every seed, each run in
 `trials/<number>/seed<seed>/`, and scores the means of its objectives over them (MoM's accuracy at one
@@ -45,7 +47,7 @@ from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
 from sandbox.callbacks import run_key
-from sandbox.results import folder_problem
+from sandbox.results import flatten, folder_problem, identity_key
 from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
 
@@ -299,7 +301,17 @@ def compose_trial(space: dict, overrides: list[str], chosen: dict) -> DictConfig
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=[
             *space.get("overrides", []), *overrides, "callbacks.progress=none",
-            *(f"{key}={value}" for key, value in chosen.items())])
+            *(f"{key}={hydra_value(value)}" for key, value in chosen.items())])
+
+
+def hydra_value(value) -> str:
+    """A value as a Hydra override reads it back: null, not the string 'None'; a string quoted, so that '64'
+    stays a string."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    return str(value)
 
 
 def check_trial_config(space: dict, overrides: list[str]) -> None:
@@ -397,16 +409,25 @@ def make_pruner(space: dict) -> optuna.pruners.BasePruner:
 
 
 def definition(space: dict, overrides: list[str]) -> dict:
-    """What a study's trials mean, as stored with it (JSON, as Optuna keeps user attributes)."""
+    """What a study's trials mean, as stored with it (JSON, as Optuna keeps user attributes): with the first
+    trial's configuration, key by key, since the same overrides compose another one once a config file is edited."""
+    config = OmegaConf.to_container(compose_trial(space, overrides, first_choices(space["params"])), resolve=True)
+    config = {key: value for key, value in flatten(config).items() if identity_key(key)}
     return json.loads(json.dumps({"objectives": space["objectives"], "params": space["params"],
                                   "overrides": [*space.get("overrides", []), *overrides],
-                                  "seeds": space.get("seeds")}))
+                                  "seeds": space.get("seeds"), "config": config}))
 
 
 def check_definition(study: optuna.Study, requested: dict) -> None:
     """A new study stores the requested definition; an existing one must have been made with it."""
     stored = study.user_attrs.get("definition")
-    if stored is None:  # a new study, or one made before studies kept their definition
+    if stored is None:  # a new study, or one made before studies kept their definition (or with Optuna's API)
+        # such a study keeps the directions it was made with, whatever create_study is asked for
+        directions = [d.name.lower() for d in study.directions]
+        wanted = [OBJECTIVES[o] for o in requested["objectives"]]
+        if directions != wanted:
+            raise ConfigError(f"study {study.study_name!r} was made with direction(s) {directions}, objectives "
+                              f"{requested['objectives']} need {wanted}; give --study-name NEW for a new study")
         study.set_user_attr("definition", requested)
         return
     differences = [f"{part} {stored.get(part)} in the study, {requested[part]} now"
@@ -415,6 +436,14 @@ def check_definition(study: optuna.Study, requested: dict) -> None:
         old, new = stored["params"].get(name, "absent"), requested["params"].get(name, "absent")
         if old != new:
             differences.append(f"param {name} {old} in the study, {new} now")
+    # Other overrides or params compose another config too; with the same ones, a config file was edited. A
+    # definition stored before definitions kept the config is taken as it is now.
+    config = requested["config"] if differences else stored.get("config", requested["config"])
+    edited = [f"{key} {config.get(key, 'absent')} in the study, {requested['config'].get(key, 'absent')} now"
+              for key in sorted(config.keys() | requested["config"].keys())
+              if config.get(key, "absent") != requested["config"].get(key, "absent")]
+    if edited:
+        differences.append(f"its configuration, with the same overrides (a config file edited?): {', '.join(edited)}")
     if differences:
         raise ConfigError(f"study {study.study_name!r} was made with another definition: {'; '.join(differences)}; "
                           "give --study-name NEW for a new study, or the space and overrides it was made with")
@@ -476,10 +505,13 @@ def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
         if seeds:
             trial.set_user_attr("runs", {f"seed{seed}": {key: result[key] for key in RUN_ATTRS}
                                          for seed, result in zip(seeds, results)})
-        if not all(math.isfinite(v) for v in values):
-            reason = f"objective not finite: {dict(zip(space['objectives'], values))}"
-            if seeds:
-                reason += "; " + ", ".join(f"seed {seed}: {r['status']}" for seed, r in zip(seeds, results))
+        # A run that did not finish (diverged, not trained) has no accuracy but a state size and a short wall
+        # time: scored on those alone it would complete, as the fastest trial of a wall_time_s study.
+        labels = [f"seed {seed}" for seed in seeds] if seeds else ["its run"]
+        unfinished = [f"{label}: {r['status']} ({r.get('status_reason')})"
+                      for label, r in zip(labels, results) if r["status"] != "finished"]
+        if unfinished or not all(math.isfinite(v) for v in values):
+            reason = "; ".join(unfinished) or f"objective not finite: {dict(zip(space['objectives'], values))}"
             trial.set_user_attr("fail_reason", reason)
             raise FloatingPointError(reason)
         return values if len(values) > 1 else values[0]
@@ -548,12 +580,19 @@ def summarise(study: optuna.Study, objectives: list[str]) -> str:
     for trial in trials:
         if trial.state == TrialState.FAIL:
             lines.append(f"  trial {trial.number} failed: {trial.user_attrs.get('fail_reason', WORKER_LOST)}")
-    best = study.best_trials if len(objectives) > 1 else ([study.best_trial] if counts["COMPLETE"] else [])
-    title = "Pareto front" if len(objectives) > 1 else "best"
+    best = study.best_trials if len(objectives) > 1 else tied_best(study)
+    title = "Pareto front" if len(objectives) > 1 else "best" if len(best) == 1 else f"best ({len(best)} trials tie)"
     for trial in best:
         values = ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, trial.values))
         lines.append(f"  {title}: trial {trial.number}: {values}  {trial.params}")
     return "\n".join(lines)
+
+
+def tied_best(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Every complete trial at the best value of a one-objective study: Optuna's best_trial is any one of them,
+    which shown alone reads as the winner."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if t.value == study.best_value] if complete else []
 
 
 def seed_list(text: str) -> list[int]:

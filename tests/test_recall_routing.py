@@ -144,3 +144,15 @@ def test_damaged_run_is_one_line_before_any_run_is_read(case, mom_run, tmp_path,
     assert captured.out == "" and captured.err.startswith(
         f"sandbox-routing: error: {message.format(run=runs / 'b-damaged')}")
     assert len(captured.err.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+def test_a_run_trained_in_a_stack_is_not_read_from_an_earlier_best_checkpoint(mom_run, tmp_path, capsys):
+    """Its result says it trained in a stack: the best.ckpt in its folder is of a segment that ran alone before."""
+    run = tmp_path / "stacked"
+    shutil.copytree(mom_run, run)
+    result = json.loads((run / "result.json").read_text())
+    result["stack"] = {"folder": str(tmp_path / ".stacks" / "abc"), "runs": 2}
+    (run / "result.json").write_text(json.dumps(result))
+    assert main([str(tmp_path), "--limit", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no MoM run" in err and "stack" in err and len(err.strip().splitlines()) == 1

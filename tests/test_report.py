@@ -635,3 +635,17 @@ def test_report_arguments_that_cannot_be_used_are_one_line_before_any_work(argv,
     err = capsys.readouterr().err
     assert code == 2 and err == f"sandbox-report: error: {message}\n"
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_study_shows_every_trial_tied_at_the_best_value_and_names_its_objectives(tmp_path):
+    """Optuna's best trial is one of those tied at the best value; shown alone, it read as the winner. The
+    values are headed by the objectives the study was made with."""
+    study = optuna.create_study(study_name="ties", direction="maximize")
+    study.set_user_attr("definition", {"objectives": ["best_val_acc"], "seeds": None})
+    for lr, value in ((1e-3, 0.5), (2e-3, 1.0), (3e-3, 1.0)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}, value=value))
+    markdown, _ = study_section(study, tmp_path)
+    assert "Best trials (2 tie at the best value):" in markdown
+    assert "| trial | best_val_acc | lr |" in markdown
+    assert "| 1 | 1 | 0.002 |" in markdown and "| 2 | 1 | 0.003 |" in markdown

@@ -14,6 +14,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import sandbox.train
+from sandbox.module import RecallModule
 from sandbox.settings import ConfigError
 from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
 from sandbox.train import CONF_DIR, train
@@ -215,3 +217,65 @@ def test_auto_stacks_on_a_gpu_only_the_mixers_where_stacking_measured_faster(mod
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert stacks(cfg, "auto") == (cfg.model.mixer in STACK_PAYS)
     assert stacks(cfg, True) and not stacks(cfg, False)
+
+
+def test_a_stack_resumed_after_every_run_ended_trains_no_further(tmp_path, monkeypatch):
+    """Both runs end at the validation of step 26 (one at its threshold, one for patience); killed while testing
+    (its result.json files lost), the same command tests them again and trains no step past that stop, where
+    Lightning would train the stack on to its next validation."""
+    jobs = [("seed=0",), ("seed=1",)]
+    common = ("model=attention", "optim.lr=1e-2", "trainer.max_steps=80", "callbacks.early_stopping.threshold=0.05",
+              "callbacks.early_stopping.patience=1")
+    dirs = [tmp_path / str(i) for i in range(len(jobs))]
+    whole = train_stack([make_cfg(tmp_path, *common, *job) for job in jobs], dirs)
+    assert [r["steps"] for r in whole] == [26, 26] and "threshold" in whole[0]["status_reason"]
+    for d in dirs:
+        (d / "result.json").unlink()
+    trained, step = [], StackedRecallModule.training_step
+    monkeypatch.setattr(StackedRecallModule, "training_step", lambda self, *a: trained.append(1) or step(self, *a))
+    resumed = train_stack([make_cfg(tmp_path, *common, *job) for job in jobs], dirs)
+    assert not trained
+    for d, w, r in zip(dirs, whole, resumed):
+        assert r["resumed"] and {k: r[k] for k in SAME + CLOSE} == {k: w[k] for k in SAME + CLOSE}
+        assert sum(1 for row in metrics_rows(d) if row["test/acc"]) == 1  # one test, at the step it stopped
+
+
+def test_a_stack_is_not_resumed_where_auto_resolves_to_another_precision(tmp_path, monkeypatch):
+    """A stack interrupted in bf16 (trainer.precision=auto on a GPU) is not finished in float32 (the same command
+    on the CPU): the command stops, naming the stack's folder (whose checkpoint holds the weights) and both
+    precisions, and leaves every file as it was."""
+    jobs = [("seed=0",), ("seed=1",)]
+    dirs = [tmp_path / str(i) for i in range(len(jobs))]
+    with monkeypatch.context() as gpu:
+        gpu.setattr(sandbox.train, "_precision", lambda setting: "bf16-mixed")
+        stop_at(gpu, 4, StackedRecallModule)
+        with pytest.raises(BaseException, match="SIGTERM"):
+            train_stack([make_cfg(tmp_path, "model=attention", *job) for job in jobs], dirs)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"\.stacks/\w+: its earlier segment ran at precision bf16-mixed on the "
+                                          "torch kernels, this one 32-true on torch"):
+        train_stack([make_cfg(tmp_path, "model=attention", *job) for job in jobs], dirs)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_stack_checkpoint_is_not_resumed_after_one_of_its_runs_trained_elsewhere(tmp_path, monkeypatch, capsys):
+    """A stack interrupted at step 14, then its first run alone (`sandbox-train seed=0`, from scratch) interrupted
+    at step 4, then the stack's command again: resumed from the stack's step 14, that run's metrics.csv lost the
+    rows of steps 5-14 (dropped by the run alone) and its wall time and commits were those of the run alone. Its
+    checkpoint is set aside instead and the stack starts again, ending as an uninterrupted one."""
+    jobs = [("seed=0",), ("seed=1",)]
+    whole = train_stack([make_cfg(tmp_path / "whole", "model=attention", *job) for job in jobs],
+                        [tmp_path / "whole" / str(i) for i in range(len(jobs))])
+    cfgs = [make_cfg(tmp_path, "model=attention", *job) for job in jobs]
+    dirs = [tmp_path / str(i) for i in range(len(jobs))]
+    for stop, run in ((14, lambda: train_stack(cfgs, dirs)), (4, lambda: train(cfgs[0], dirs[0]))):
+        with monkeypatch.context() as patch:
+            stop_at(patch, stop, StackedRecallModule if stop == 14 else RecallModule)
+            with pytest.raises(BaseException, match="SIGTERM"):
+                run()
+    again = train_stack(cfgs, dirs)
+    for i, (w, r) in enumerate(zip(whole, again)):
+        assert untimed_rows(dirs[i]) == untimed_rows(tmp_path / "whole" / str(i))
+        assert not r["resumed"] and r["steps"] == w["steps"] and r["test_loss"] == pytest.approx(w["test_loss"])
+    assert "0 was trained elsewhere after it (alone or in another stack); moved to last.ckpt.unusable" in \
+        capsys.readouterr().out

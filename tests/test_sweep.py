@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import optuna
 import pytest
 import sqlalchemy
 import yaml
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sandbox import sweep
+from sandbox.module import RecallModule
 from sandbox.stacked_run import stack_problem
 from sandbox.sweep import load_space, main, make_sampler, parse_param, suggest
 from sandbox.train import ConfigError
@@ -373,3 +376,92 @@ def test_output_root_that_is_a_file_is_one_line(tmp_path, capsys):
         assert main(["--output-root", str(root), *FAST]) == 2
         assert_one_line_naming(capsys.readouterr().err, f"--output-root {root} is invalid: {tmp_path}/file is a file")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_trial_whose_run_did_not_finish_fails_whatever_its_objectives(tmp_path, monkeypatch):
+    """A diverged run has a state size and a (short) wall time: scored on those alone it was COMPLETE, and the
+    fastest trial of a wall_time_s study. With seeds, one run of the trial diverging is enough to fail it."""
+    real_step = RecallModule.training_step
+    modules = []
+
+    def nan_in_second_run(self, batch, batch_idx):
+        if self not in modules:
+            modules.append(self)
+        loss = real_step(self, batch, batch_idx)
+        return loss * float("nan") if self is modules[-1] and len(modules) == 2 else loss
+
+    monkeypatch.setattr(RecallModule, "training_step", nan_in_second_run)
+    space = edit_routing(study_name="fast", objectives=["wall_time_s"])
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(space))
+    assert main(["--space", str(path), "--n-trials", "1", "--seeds", "0,1", "--output-root", str(tmp_path),
+                 *FAST]) == 0
+    (trial,) = load_study(tmp_path, "fast").get_trials()
+    assert trial.state == TrialState.FAIL
+    assert "seed 1: diverged" in trial.user_attrs["fail_reason"], trial.user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("key, value", [("task.eval_batch_size", None), ("suite", "64"), ("suite", "it's")],
+                         ids=["null", "string-of-digits", "string-with-a-quote"])
+def test_a_choice_reaches_the_trial_as_the_value_given(key, value):
+    """A null choice was the string 'None' (and refused as such, or taken), a string of digits an integer."""
+    space = load_space("routing", [])
+    assert OmegaConf.select(sweep.compose_trial(space, FAST, {key: value}), key) == value
+
+
+def test_null_choice_passes_the_checks(tmp_path):
+    space = load_space("routing", ["task.eval_batch_size=choice:null,32"])
+    sweep.check_space(space)
+    sweep.check_trial_config(space, FAST)
+
+
+def test_a_study_made_in_the_other_direction_is_refused(tmp_path, capsys):
+    """A study without a stored definition (made with Optuna's API, or before studies kept one) keeps the
+    direction it was made with: adopting it would maximise a state size."""
+    (tmp_path / "sweeps" / "routing").mkdir(parents=True)
+    optuna.create_study(study_name="routing", storage=f"sqlite:///{tmp_path / 'sweeps/routing/study.db'}",
+                        direction="maximize")
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(edit_routing(objectives=["state_size"])))
+    before = snapshot(tmp_path)
+    assert main(["--space", str(path), "--output-root", str(tmp_path), *FAST]) == 2
+    assert_one_line_naming(capsys.readouterr().err, "direction")
+    assert snapshot(tmp_path) == before
+    assert "definition" not in load_study(tmp_path).user_attrs
+
+
+def test_a_study_continued_after_its_configs_were_edited_is_refused(tmp_path, monkeypatch, capsys):
+    """The same command after an edit of a config file (the experiment's task, its step budget) would add
+    trials of another configuration to the study and its best trial."""
+    conf = tmp_path / "conf"
+    shutil.copytree(sweep.CONF_DIR, conf)
+    monkeypatch.setattr(sweep, "CONF_DIR", conf)
+    root = tmp_path / "out"
+    args = ["--space", str(conf / "sweep" / "routing.yaml"), "--output-root", str(root), *FAST]
+    assert main(["--n-trials", "1", *args]) == 0
+    experiment = conf / "experiment" / "quickstart.yaml"
+    experiment.write_text(experiment.read_text().replace("num_kv_pairs: 8,", "num_kv_pairs: 6,"))
+    before = snapshot(root)
+    assert main(["--n-trials", "2", *args]) == 2
+    assert_one_line_naming(capsys.readouterr().err, "task.segments")
+    assert snapshot(root) == before
+    experiment.write_text(experiment.read_text().replace("num_kv_pairs: 6,", "num_kv_pairs: 8,"))
+    assert main(["--n-trials", "2", *args]) == 0  # as it was made: it goes on
+    assert len(load_study(root).get_trials(states=(TrialState.COMPLETE,))) == 2
+
+
+def tied_study(direction: str = "maximize") -> optuna.Study:
+    study = optuna.create_study(study_name="ties", direction=direction)
+    for lr, value in ((1e-3, 0.5), (2e-3, 1.0), (3e-3, 1.0), (4e-3, 0.25)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+            value=value))
+    return study
+
+
+def test_every_trial_tied_at_the_best_value_is_shown():
+    """Optuna's best trial is one of those tied at the best value: printed alone, it read as the winner."""
+    lines = sweep.summarise(tied_study(), ["best_val_acc"]).splitlines()
+    best = [line for line in lines if "best" in line]
+    assert len(best) == 2 and "trial 1:" in best[0] and "trial 2:" in best[1], lines
+    assert all("2 trials tie" in line for line in best)
