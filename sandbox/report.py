@@ -758,7 +758,8 @@ MAD_PROTOCOL = (
     "optimiser setting (learning rate x weight decay) chosen on validation (MAD chose on test), its accuracy the "
     "mean test accuracy over seeds there. A task's score is the mean of its settings' accuracies over the settings "
     "these runs hold (their number beside the task's name; MAD's full grid has more); `k of n`: only k of them "
-    "have finished runs of that model, and the score is their mean. State size: the "
+    "have finished runs of that model, and the score is their mean (`— (0 of n)`: it ran the task and none "
+    "finished; `—` alone: it did not run the task). State size: the "
     "values a model holds for one sequence, all layers (attention: its KV cache at the setting's longest "
     "sequence, so a range over settings). Per-setting accuracies, with every length a state-tracking task was "
     "tested at, follow the scores; the validation accuracy of every optimiser setting is in lr_sensitivity.csv.")
@@ -822,10 +823,13 @@ def mad_pivot(records: list[dict]) -> tuple[list[str], list[str], list[tuple[lis
 
 
 def score_cell(record: dict | None) -> str:
-    if record is None or math.isnan(record["score"]):
+    """The score, with `k of n` when only k of the task's n settings were scored: `— (0 of n)` when the model ran
+    the task and none of its settings finished (all diverged, say), `—` alone when it never ran the task."""
+    if record is None:
         return ABSENT
     covered = record["settings_scored"], record["settings"]
-    return f"{record['score']:.3f}" + (f" ({covered[0]} of {covered[1]})" if covered[0] < covered[1] else "")
+    score = ABSENT if math.isnan(record["score"]) else f"{record['score']:.3f}"
+    return score + (f" ({covered[0]} of {covered[1]})" if covered[0] < covered[1] else "")
 
 
 def mad_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:

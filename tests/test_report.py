@@ -649,3 +649,15 @@ def test_a_study_shows_every_trial_tied_at_the_best_value_and_names_its_objectiv
     assert "Best trials (2 tie at the best value):" in markdown
     assert "| trial | best_val_acc | lr |" in markdown
     assert "| 1 | 1 | 0.002 |" in markdown and "| 2 | 1 | 0.003 |" in markdown
+
+
+def test_a_mad_task_whose_every_setting_diverged_says_so_rather_than_looking_not_run(tmp_path):
+    # gla ran noisy_ar and diverged at every optimiser setting; it never ran selective_copying: the two cells
+    # must differ, the first saying that none of the task's settings has a finished run (0 of 1)
+    write_mad_grid(tmp_path, [("mqar", 16), ("noisy_ar", 32)], ["attention", "gla"],
+                   diverged={("noisy_ar", 32, "gla")})
+    write_mad_grid(tmp_path / "copy", [("selective_copying", 16)], ["attention"])
+    table = mad_lines(report(tmp_path)["markdown"].read_text())
+    assert table["gla"]["noisy_ar (1 setting)"] == "— (0 of 1)"
+    assert table["gla"]["selective_copying (1 setting)"] == "—"
+    assert table["attention"]["noisy_ar (1 setting)"] not in ("—", "— (0 of 1)")
