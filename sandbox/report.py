@@ -48,6 +48,7 @@ from sandbox.results import (
     folder_problem,
     identity_key,
     path_argument,
+    stopping_threshold,
     write_problem,
 )
 
@@ -135,8 +136,7 @@ def to_runs(results: list[dict]) -> list[dict]:
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
         run["chance_acc"] = val_chance(config)
-        threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold")
-        run["val_threshold"] = threshold = 1.0 if threshold is None else threshold  # null: no threshold
+        run["val_threshold"] = threshold = stopping_threshold(config)
         if run["status"] == FINISHED:
             chance = run["chance_acc"]
             run["at_chance"] = None if chance is None else run["best_val_acc"] < chance + CHANCE_MARGIN * (1 - chance)

@@ -57,6 +57,13 @@ def identity_key(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in NOT_IDENTITY)
 
 
+def stopping_threshold(config: dict) -> float:
+    """The validation accuracy at which a run of this config stops early (1.0 where none is set): how far a run
+    passes it is where a validation happened to fall, so accuracies are compared up to it."""
+    threshold = ((config.get("callbacks") or {}).get("early_stopping") or {}).get("threshold")
+    return 1.0 if threshold is None else threshold
+
+
 def edited_config(result: dict) -> str | None:
     """Why a result's config is not the configuration that ran (edited after the run: its recorded config_hash
     is another's), or None."""

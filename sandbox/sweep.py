@@ -47,7 +47,7 @@ from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
 from sandbox.callbacks import run_key
-from sandbox.results import flatten, folder_problem, identity_key
+from sandbox.results import flatten, folder_problem, identity_key, stopping_threshold
 from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
 
@@ -498,7 +498,7 @@ def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {one_line(err)}"[:2000])
             raise
-        values = [float(np.mean([result[o] for result in results])) for o in space["objectives"]]
+        values = [float(np.mean([objective_value(result, o) for result in results])) for o in space["objectives"]]
         trial.set_user_attr("test_acc", float(np.mean([result["test_acc"] for result in results])))
         trial.set_user_attr("state_size", results[0]["state_size"])
         seeds = space.get("seeds")
@@ -517,6 +517,13 @@ def make_objective(space: dict, overrides: list[str], sweep_dir: Path):
         return values if len(values) > 1 else values[0]
 
     return objective
+
+
+def objective_value(result: dict, objective: str) -> float:
+    """A run's value of an objective. Its best validation accuracy counts at most its early-stopping threshold
+    (as sandbox-report's choice counts it): trials past it tie, rather than ranked by where a validation fell."""
+    value = result[objective]
+    return min(value, stopping_threshold(result["config"])) if objective == "best_val_acc" else value
 
 
 def train_trial(space: dict, overrides: list[str], chosen: dict, run_dir: Path, callbacks: list) -> list[dict]:

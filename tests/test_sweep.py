@@ -465,3 +465,21 @@ def test_every_trial_tied_at_the_best_value_is_shown():
     best = [line for line in lines if "best" in line]
     assert len(best) == 2 and "trial 1:" in best[0] and "trial 2:" in best[1], lines
     assert all("2 trials tie" in line for line in best)
+
+
+def test_trials_past_the_early_stopping_threshold_tie_at_it(tmp_path, monkeypatch):
+    """Both trials' runs stopped at the 0.99 threshold, at 0.9978 and 0.9921: how far past it depends on where a
+    validation fell, so both score 0.99 (and tie), as sandbox-report counts them."""
+    space = load_space("routing", [])
+    space["objectives"] = ["best_val_acc"]
+    passed = iter([0.9978, 0.9921])
+
+    def trained(space, overrides, chosen, run_dir, callbacks):
+        config = {"callbacks": {"early_stopping": {"threshold": 0.99}}}
+        return [{"status": "finished", "best_val_acc": next(passed), "test_acc": 0.99, "state_size": 1,
+                 "config": config}]
+
+    monkeypatch.setattr(sweep, "train_trial", trained)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(sweep.make_objective(space, [], tmp_path), n_trials=2)
+    assert [trial.value for trial in study.trials] == [0.99, 0.99]
