@@ -650,6 +650,15 @@ def find_studies(folder: Path, on_skip) -> list[optuna.Study]:
     return studies
 
 
+def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto front of a study of several objectives; of one, every complete trial at the best value (Optuna's
+    best_trial is any one of them, which shown alone reads as the winner)."""
+    if len(study.directions) > 1:
+        return study.best_trials
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in complete if t.value == study.best_value] if complete else []
+
+
 def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
     """Markdown for one study (trial counts, best trial or Pareto front, failures) and its plots."""
     trials = study.get_trials(deepcopy=False)
@@ -658,8 +667,7 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
                        if any(t.state == s for t in trials))
     lines = [f"## Study `{study.study_name}`", f"{len(trials)} trials: {counts}."]
     multi = len(study.directions) > 1
-    # Optuna's best trial is any one of those tied at the best value: every one of them is shown
-    best = study.best_trials if multi else [t for t in complete if t.value == study.best_value] if complete else []
+    best = best_trials(study)
     definition = study.user_attrs.get("definition") or {}
     seeds = definition.get("seeds")
     objectives = definition.get("objectives") or (["value"] if not multi else [f"value {i}" for i in

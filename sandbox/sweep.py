@@ -587,19 +587,14 @@ def summarise(study: optuna.Study, objectives: list[str]) -> str:
     for trial in trials:
         if trial.state == TrialState.FAIL:
             lines.append(f"  trial {trial.number} failed: {trial.user_attrs.get('fail_reason', WORKER_LOST)}")
-    best = study.best_trials if len(objectives) > 1 else tied_best(study)
+    from sandbox.report import best_trials  # the report's choice of what to show as best
+
+    best = best_trials(study)
     title = "Pareto front" if len(objectives) > 1 else "best" if len(best) == 1 else f"best ({len(best)} trials tie)"
     for trial in best:
         values = ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, trial.values))
         lines.append(f"  {title}: trial {trial.number}: {values}  {trial.params}")
     return "\n".join(lines)
-
-
-def tied_best(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Every complete trial at the best value of a one-objective study: Optuna's best_trial is any one of them,
-    which shown alone reads as the winner."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in complete if t.value == study.best_value] if complete else []
 
 
 def seed_list(text: str) -> list[int]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sandbox.bench import quickstart
+from commands import exit_code
 
 
 def test_quickstart_bench_records_its_numbers(tmp_path):
@@ -304,11 +305,7 @@ def test_gpu_bench_bad_input_is_one_line_exit_2_on_any_machine(name, argv, messa
     timings on a GPU, or argparse's usage text."""
     import importlib
 
-    try:
-        code = importlib.import_module(f"sandbox.bench.{name}").main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    assert code == 2
+    assert exit_code(importlib.import_module(f"sandbox.bench.{name}").main, argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"sandbox-bench {name}: error: {message}")
 
 
@@ -358,11 +355,7 @@ def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, 
     if "--output-root" not in argv:
         argv += ["--output-root", str(tmp_path / "out")]
     monkeypatch.setattr(quickstart.subprocess, "run", lambda *a, **k: pytest.fail("sandbox-train ran"))
-    try:
-        code = quickstart.main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    assert code == 2
+    assert exit_code(quickstart.main, argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"sandbox-bench quickstart: error: {message.format(tmp=tmp_path)}")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing trained, no bench.json
 
@@ -380,11 +373,7 @@ def test_packing_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, cap
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temporary folder would be made
     monkeypatch.setattr(packing.subprocess, "run", lambda *a, **k: pytest.fail("a sweep ran"))
-    try:
-        code = packing.main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    assert code == 2
+    assert exit_code(packing.main, argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"sandbox-bench packing: error: {message}")
     assert list(tmp_path.iterdir()) == []
 

@@ -12,6 +12,7 @@ from sandbox.recall_routing import chance_overlap, main, pair_positions, routing
 from sandbox.runs import config_hash
 from sandbox.train import train
 from tasks import IGNORE
+from commands import exit_code
 from test_train import make_cfg
 
 
@@ -84,20 +85,12 @@ BAD = {  # arguments -> the message, after `sandbox-routing: error: `
 }
 
 
-def run_main(args: list[str]) -> int:
-    """main's exit code, also where argparse exits."""
-    try:
-        return main(args)
-    except SystemExit as exit:
-        return exit.code
-
-
 @pytest.mark.parametrize("case", BAD)
 def test_bad_arguments_are_one_line_before_any_work(case, tmp_path, capsys):
     runs = tmp_path / "runs"
     train(make_cfg("experiment=quickstart", "model=attention", "debug=fast"), runs / "attention")
     args, message = BAD[case]
-    assert run_main([a.format(runs=runs) for a in args]) == 2
+    assert exit_code(main, [a.format(runs=runs) for a in args]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"sandbox-routing: error: {message.format(runs=runs)}")
     assert len(captured.err.strip().splitlines()) == 1

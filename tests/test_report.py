@@ -27,6 +27,7 @@ from sandbox.report import (CHANCE_MARGIN, FLAT_RISE, collect_results, load_kind
                             memory_loads, report, study_section, t95, to_runs, width_series)
 from sandbox.results import config_hash
 from sandbox.train import CONF_DIR
+from commands import exit_code
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -628,10 +629,7 @@ def test_report_arguments_that_cannot_be_used_are_one_line_before_any_work(argv,
     write_run(tmp_path / "runs", "good")
     monkeypatch.chdir(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    try:
-        code = main([arg.format(runs=tmp_path / "runs") for arg in argv])
-    except SystemExit as exit:
-        code = exit.code
+    code = exit_code(main, [arg.format(runs=tmp_path / "runs") for arg in argv])
     err = capsys.readouterr().err
     assert code == 2 and err == f"sandbox-report: error: {message}\n"
     assert sorted(tmp_path.rglob("*")) == before

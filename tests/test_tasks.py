@@ -13,6 +13,7 @@ import pytest
 import tasks
 from sandbox import bench
 from tasks import cli, registry, splits
+from commands import exit_code
 
 IGNORE = -100
 
@@ -431,10 +432,7 @@ def test_cli_list_and_other_tasks(capsys):
     (["bench", "--seed", "x"], "--seed"),
 ])
 def test_cli_bad_input(capsys, argv, words):
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
+    code = exit_code(cli.main, argv)
     err = capsys.readouterr().err
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
