@@ -277,7 +277,7 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
                             "training batches of an epoch"),
 ], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data"])
 def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, capsys, tmp_path, monkeypatch):
-    """Once a traceback after the runs (--json) or at their first step."""
+    """Found before any run: not a traceback after the runs (--json) or at their first step."""
     from sandbox.bench import train as bench
 
     monkeypatch.chdir(tmp_path)
@@ -301,8 +301,8 @@ def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, c
 ], ids=["kernels-shape-of-three", "kernels-fla-jobs-0", "kernels-json-unwritable", "kernels-unknown-option",
         "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option"])
 def test_gpu_bench_bad_input_is_one_line_exit_2_on_any_machine(name, argv, message, capsys):
-    """Checked before the GPU is asked for; once a ZeroDivisionError, a ValueError or a failed write after the
-    timings on a GPU, or argparse's usage text."""
+    """Checked before the GPU is asked for, so on any machine: not a ZeroDivisionError, a ValueError or a failed
+    write after the timings on a GPU, nor argparse's usage text."""
     import importlib
 
     assert exit_code(importlib.import_module(f"sandbox.bench.{name}").main, argv) == 2
@@ -341,10 +341,10 @@ def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
     (["optim.lr=-1"], "optim.lr=-1 is invalid"),
     (["--output-root", "{tmp}/file"], "--output-root {tmp}/file is invalid: {tmp}/file is a file, not a folder"),
     (["--output-root", "{tmp}/file/below"], "--output-root {tmp}/file/below is invalid: {tmp}/file is a file"),
-    # below: once sandbox-train's tracebacks, then quickstart's, exit code 1
+    # below: found before sandbox-train runs (not its tracebacks and then quickstart's, exit code 1)
     (["--output-root", "/proc/quickstart"], "--output-root /proc/quickstart cannot be written (No such file or "
                                             "directory: /proc)"),
-    # once argparse's usage text too
+    # one line, without argparse's usage text
     (["--output-root", ""], "argument --output-root: '' is not a path (empty)"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ], ids=["unknown-key", "bad-value", "output-root-file", "output-root-below-a-file", "output-root-unwritable",

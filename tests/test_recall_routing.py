@@ -74,13 +74,13 @@ BAD = {  # arguments -> the message, after `sandbox-routing: error: `
     "device-unknown": (["{runs}", "--device", "gpu"], "--device gpu is invalid on this machine"),
     "json-is-a-folder": (["{runs}", "--json", "{runs}"], "--json {runs} cannot be written"),
     "json-in-no-folder": (["{runs}", "--json", "{runs}/no/r.json"], "--json {runs}/no/r.json cannot be written"),
-    # once a traceback after every run was read
+    # found before any run is read, not a traceback after them
     "json-in-unwritable-folder": (["{runs}", "--json", "/proc/r.json"], "--json /proc/r.json cannot be written: "
                                   "its folder /proc is not writable (No such file or directory: /proc)"),
-    # once argparse's usage text too
+    # one line, without argparse's usage text
     "limit-a-fraction": (["{runs}", "--limit", "1.5"], "argument --limit: invalid int value: '1.5'"),
     "split-unknown": (["{runs}", "--split", "tset"], "argument --split: invalid choice: 'tset'"),
-    # once the runs below the working folder
+    # not the runs below the working folder
     "path-empty": ([""], "argument paths: '' is not a path (empty)"),
 }
 
@@ -111,14 +111,14 @@ def _other_configuration(run):
     (run / "result.json").write_text(json.dumps(result))
 
 
-DAMAGED = {  # what is done to a MoM run -> the message, after `sandbox-routing: error: `; once a traceback
+DAMAGED = {  # what is done to a MoM run -> the message, after `sandbox-routing: error: ` (not a traceback)
     "checkpoint-truncated": (lambda run: (run / "checkpoints/best.ckpt").write_bytes(
         (run / "checkpoints/best.ckpt").read_bytes()[:1000]), "{run}/checkpoints/best.ckpt cannot be used: truncated"),
     "checkpoint-empty": (lambda run: (run / "checkpoints/best.ckpt").write_bytes(b""),
                          "{run}/checkpoints/best.ckpt cannot be used: empty or truncated"),
     "checkpoint-of-another-configuration": (
         _other_configuration, "{run}/checkpoints/best.ckpt cannot be used: it was written by another configuration"),
-    # once left out without a word
+    # not left out without a word
     "result-truncated": (lambda run: (run / "result.json").write_text((run / "result.json").read_text()[:200]),
                          "{run}/result.json cannot be read: not valid JSON, perhaps truncated"),
 }

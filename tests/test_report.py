@@ -618,10 +618,10 @@ def test_a_result_whose_config_was_edited_is_skipped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "the following arguments are required: folder"),  # once argparse's usage text too
+    ([], "the following arguments are required: folder"),  # without argparse's usage text
     (["{runs}", "--bogus"], "unrecognized arguments: --bogus"),
-    ([""], "argument folder: '' is not a path (empty)"),  # once a report of the working folder
-    (["{runs}", "--out", ""], "argument --out: '' is not a path (empty)"),  # once written to the working folder
+    ([""], "argument folder: '' is not a path (empty)"),  # not a report of the working folder
+    (["{runs}", "--out", ""], "argument --out: '' is not a path (empty)"),  # not written to the working folder
     (["{runs}", "--out", "/proc"], "--out /proc cannot be written (No such file or directory: /proc)"),  # a traceback
 ], ids=["no-folder", "unknown-option", "folder-empty", "out-empty", "out-takes-no-file"])
 def test_report_arguments_that_cannot_be_used_are_one_line_before_any_work(argv, message, tmp_path, capsys,

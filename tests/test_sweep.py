@@ -379,7 +379,7 @@ def test_output_root_that_is_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_a_trial_whose_run_did_not_finish_fails_whatever_its_objectives(tmp_path, monkeypatch):
-    """A diverged run has a state size and a (short) wall time: scored on those alone it was COMPLETE, and the
+    """A diverged run has a state size and a (short) wall time: scored on those alone it would complete, as the
     fastest trial of a wall_time_s study. With seeds, one run of the trial diverging is enough to fail it."""
     real_step = RecallModule.training_step
     modules = []
@@ -404,7 +404,7 @@ def test_a_trial_whose_run_did_not_finish_fails_whatever_its_objectives(tmp_path
 @pytest.mark.parametrize("key, value", [("task.eval_batch_size", None), ("suite", "64"), ("suite", "it's")],
                          ids=["null", "string-of-digits", "string-with-a-quote"])
 def test_a_choice_reaches_the_trial_as_the_value_given(key, value):
-    """A null choice was the string 'None' (and refused as such, or taken), a string of digits an integer."""
+    """A null choice is null, not the string 'None'; a string of digits stays a string, not an integer."""
     space = load_space("routing", [])
     assert OmegaConf.select(sweep.compose_trial(space, FAST, {key: value}), key) == value
 

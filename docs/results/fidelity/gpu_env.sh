@@ -10,8 +10,8 @@ pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -n
 # Runs packed on the GPU: start_runs ROOT before starting them in the background (their logs go to ROOT/logs),
 # finish_runs ROOT TARBALL after: waits for them, prints the wall time and each run's last line, packs ROOT.
 start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); }
-# wait_for_slot before starting a run keeps at most MAX_PROCS (default 12) running: at d_model 256, 14 and more
-# processes ran out of the H100's 80 GB.
+# wait_for_slot before starting a run keeps at most MAX_PROCS (default 12) running: packed runs share the GPU's
+# memory (how many fit at d_model 256: docs/results/zoology/d256/README.md).
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait
