@@ -19,6 +19,7 @@ from sandbox.module import RecallModule
 from sandbox.settings import ConfigError
 from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
 from sandbox.train import CONF_DIR, train
+from test_faults import snapshot
 from test_train import stop_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -251,18 +252,18 @@ def test_a_stack_is_not_resumed_where_auto_resolves_to_another_precision(tmp_pat
         stop_at(gpu, 4, StackedRecallModule)
         with pytest.raises(BaseException, match="SIGTERM"):
             train_stack([make_cfg(tmp_path, "model=attention", *job) for job in jobs], dirs)
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"\.stacks/\w+: its earlier segment ran at precision bf16-mixed on the "
                                           "torch kernels, this one 32-true on torch"):
         train_stack([make_cfg(tmp_path, "model=attention", *job) for job in jobs], dirs)
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert snapshot(tmp_path) == before
 
 
 def test_a_stack_checkpoint_is_not_resumed_after_one_of_its_runs_trained_elsewhere(tmp_path, monkeypatch, capsys):
     """A stack interrupted at step 14, then its first run alone (`sandbox-train seed=0`, from scratch) interrupted
-    at step 4, then the stack's command again: resumed from the stack's step 14, that run's metrics.csv lost the
-    rows of steps 5-14 (dropped by the run alone) and its wall time and commits were those of the run alone. Its
-    checkpoint is set aside instead and the stack starts again, ending as an uninterrupted one."""
+    at step 4, then the stack's command again: resumed from the stack's step 14, that run's metrics.csv would lack
+    the rows of steps 5-14 (dropped by the run alone) and its wall time and commits would be those of the run
+    alone. The checkpoint is set aside instead and the stack starts again, ending as an uninterrupted one."""
     jobs = [("seed=0",), ("seed=1",)]
     whole = train_stack([make_cfg(tmp_path / "whole", "model=attention", *job) for job in jobs],
                         [tmp_path / "whole" / str(i) for i in range(len(jobs))])
