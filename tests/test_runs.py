@@ -21,6 +21,7 @@ from sandbox import runs
 from sandbox.callbacks import RunInterrupted
 from sandbox.module import RecallModule
 from sandbox.train import CONF_DIR, ConfigError, train
+from test_faults import snapshot
 
 FAST = ["debug=fast", "task.limit_examples=64", "model.n_layers=1"]
 # Three epochs of four steps, two validation batches after each: last.ckpt and best.ckpt, a few seconds.
@@ -114,10 +115,10 @@ def test_edited_or_namesake_experiment_never_gets_another_configurations_result(
 def test_folder_of_another_configuration_is_refused_untouched(small_run, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(small_run[0], folder)
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    before = snapshot(folder)
     with pytest.raises(ConfigError, match="holds a run of another configuration"):
         train(make_cfg(*SMALL, "optim.lr=2e-2"), folder)
-    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert snapshot(folder) == before
 
 
 def test_result_written_before_statuses_counts_as_finished(small_run, tmp_path, capsys):
@@ -209,10 +210,10 @@ def test_run_is_not_resumed_where_auto_resolves_to_another_precision(tmp_path, m
         with pytest.raises(RuntimeError, match="injected crash"):
             train(make_cfg(*SMALL), tmp_path, extra_callbacks=[CrashInSecondEpoch()])
     assert read_result(tmp_path)["precision"] == "bf16-mixed"
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match="precision bf16-mixed on the torch kernels, this one 32-true on torch"):
         train(make_cfg(*SMALL), tmp_path)
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert snapshot(tmp_path) == before
 
 
 # ---- what a bad setting leaves: no folder made, none removed ----
