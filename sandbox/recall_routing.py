@@ -124,14 +124,10 @@ def mom_runs(path: Path) -> dict[Path, dict]:
 
 def run_module(config: dict):
     """The run's model with fresh weights (on torch's default device) and its data module, not generated yet."""
-    from sandbox.data import RecallDataModule
-    from sandbox.train import build_module
+    from sandbox.train import build_module, data_module
 
     cfg = OmegaConf.create(config)
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    datamodule = RecallDataModule(name=task["name"], params=task["params"], segments=task["segments"],
-                                  seed=cfg.seed, batch_size=task["batch_size"],
-                                  eval_batch_size=task["eval_batch_size"], limit_examples=task["limit_examples"])
+    datamodule = data_module(cfg)
     return build_module(cfg, datamodule), datamodule
 
 

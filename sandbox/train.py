@@ -81,14 +81,19 @@ def build(cfg: DictConfig) -> tuple[RecallDataModule, RecallModule]:
     return datamodule, build_module(cfg, datamodule)
 
 
+def data_module(cfg: DictConfig) -> RecallDataModule:
+    """The run's data module, its data not generated yet."""
+    return RecallDataModule(
+        name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params, resolve=True),
+        segments=OmegaConf.to_container(cfg.task.segments, resolve=True), seed=cfg.seed,
+        batch_size=cfg.task.batch_size, eval_batch_size=cfg.task.eval_batch_size,
+        limit_examples=cfg.task.limit_examples)
+
+
 def build_data(cfg: DictConfig) -> RecallDataModule:
     """The run's data, generated; impossible task settings become ConfigError."""
     try:
-        datamodule = RecallDataModule(
-            name=cfg.task.name, params=OmegaConf.to_container(cfg.task.params, resolve=True),
-            segments=OmegaConf.to_container(cfg.task.segments, resolve=True), seed=cfg.seed,
-            batch_size=cfg.task.batch_size, eval_batch_size=cfg.task.eval_batch_size,
-            limit_examples=cfg.task.limit_examples)
+        datamodule = data_module(cfg)
         datamodule.generate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
