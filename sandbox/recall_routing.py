@@ -134,7 +134,8 @@ def run_module(config: dict):
 def weights_problem(folder: Path, config: dict) -> str | None:
     """Why the run's best weights cannot be loaded into its model (built on the meta device: no memory, no
     data), as sandbox-train finds it for its checkpoints; None if they can."""
-    from sandbox.runs import checkpoint_problem, config_hash
+    from sandbox.results import config_hash
+    from sandbox.runs import checkpoint_problem
 
     try:
         with torch.device("meta"):

@@ -36,7 +36,7 @@ from sandbox import runs
 from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, TrainingStarted, run_key, split_run_key
 from sandbox.data import RecallDataModule
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
-from sandbox.results import RESULT_FILE, write_json_atomic
+from sandbox.results import RESULT_FILE, config_hash, write_json_atomic
 from sandbox.runs import say
 from sandbox.settings import FLOAT16, ConfigError, check_settings, one_device
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
@@ -476,7 +476,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
 
     start = time.perf_counter()
     run_dirs = [Path(d) for d in run_dirs]
-    digests = [runs.config_hash(OmegaConf.to_container(cfg, resolve=True)) for cfg in cfgs]
+    digests = [config_hash(OmegaConf.to_container(cfg, resolve=True)) for cfg in cfgs]
     results: dict[int, dict] = {}
     for i, (run_dir, digest) in enumerate(zip(run_dirs, digests)):
         ended = runs.ended_result(run_dir, digest)

@@ -43,7 +43,7 @@ from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interrupt
                                StopOnDivergence, ThroughputMonitor, TrainingStarted)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
-from sandbox.results import RESULT_FILE, git_commit, status_of, versions, write_json_atomic
+from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
 from sandbox.runs import UNWRITABLE, say
 from sandbox.settings import ConfigError, check_settings, uses_cuda_graphs
 
@@ -233,7 +233,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks=()) -> dict:
     except ConfigError:
         runs.remove_empty_folders(runs.new_folders(run_dir))
         raise
-    digest = runs.config_hash(OmegaConf.to_container(cfg, resolve=True))
+    digest = config_hash(OmegaConf.to_container(cfg, resolve=True))
     ended = runs.ended_result(run_dir, digest)
     if ended is not None:
         return ended

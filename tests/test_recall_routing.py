@@ -9,7 +9,7 @@ import torch
 
 from models import build_model
 from sandbox.recall_routing import chance_overlap, main, pair_positions, routing_of_queries
-from sandbox.runs import config_hash
+from sandbox.results import config_hash
 from sandbox.train import train
 from tasks import IGNORE
 from commands import exit_code

@@ -20,6 +20,7 @@ import sandbox.train
 from sandbox import runs
 from sandbox.callbacks import RunInterrupted
 from sandbox.module import RecallModule
+from sandbox.results import config_hash
 from sandbox.train import CONF_DIR, ConfigError, train
 from test_faults import snapshot
 
@@ -72,7 +73,7 @@ def copy_of(small_run, tmp_path: Path) -> Path:
 # ---- identity ----
 def test_config_hash_is_every_setting_but_output_and_display():
     def digest(*overrides):
-        return runs.config_hash(OmegaConf.to_container(make_cfg(*SMALL, *overrides), resolve=True))
+        return config_hash(OmegaConf.to_container(make_cfg(*SMALL, *overrides), resolve=True))
 
     base = digest()
     for same in ("output_root=/elsewhere", "name=other", "callbacks.progress=lines", "logger=tensorboard"):
