@@ -12,6 +12,18 @@ pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -n
 start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); }
 # wait_for_slot before starting a run keeps at most MAX_PROCS (default 12) running: packed runs share the GPU's
 # memory (how many fit at d_model 256: docs/results/zoology/d256/README.md).
+# run_limit prints how many seconds a run started now may take: RUN_LIMIT_S (default 540), less where
+# STOP_AFTER_S (seconds after start_runs) comes sooner; it fails with under a minute left, so that no run starts
+# that could not reach its first checkpoint. A run stopped by its limit gets SIGTERM, saves a checkpoint and is
+# recorded as interrupted; the same command given again resumes it and starts the runs that did not start.
+run_limit() {
+  local left=${RUN_LIMIT_S:-540}
+  if [ -n "$STOP_AFTER_S" ]; then
+    local to_stop=$(( STOP_AFTER_S - ($(date +%s) - runs_start) ))
+    [ "$to_stop" -lt "$left" ] && left=$to_stop
+  fi
+  [ "$left" -ge 60 ] && echo "$left"
+}
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait

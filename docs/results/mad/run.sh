@@ -4,7 +4,8 @@
 #   bash docs/results/mad/run.sh TASK,... MODEL,... [OVERRIDE ...]
 #   e.g. run.sh mad_recall,mad_fuzzy attention,mom optim.lr=1.0e-3 optim.weight_decay=0.0 seed=0
 # Run again with the same arguments while the machine is warm, it resumes the runs a time limit stopped
-# (RUN_LIMIT_S, default 500 s) from their checkpoints and leaves finished ones as they are.
+# (RUN_LIMIT_S, STOP_AFTER_S: run_limit in gpu_env.sh) from their checkpoints, starts those that did not start,
+# and leaves finished ones as they are.
 # Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
 tasks=$1 models=$2; shift 2
@@ -12,7 +13,8 @@ root=/tmp/mad
 start_runs $root
 for task in ${tasks//,/ }; do
   for model in ${models//,/ }; do
-    timeout ${RUN_LIMIT_S:-500} python -m sandbox.train -m experiment=mad task=$task model=$model "$@" \
+    limit=$(run_limit) || break 2
+    timeout $limit python -m sandbox.train -m experiment=mad task=$task model=$model "$@" \
       output_root=$root callbacks.progress=lines >> $root/logs/$task-$model.log 2>&1 &
   done
 done

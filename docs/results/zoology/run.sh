@@ -6,6 +6,8 @@
 #   bash docs/results/zoology/run.sh WIDTH SEEDS stacked [MODEL ...]   one process per model (default: all): its
 #     4 lrs x SEEDS runs as one stack (sandbox/stacked_run.py), the models' processes packed
 #   OVERRIDES="cuda_graphs=true" bash docs/results/zoology/run.sh ...   more Hydra overrides for every run
+#   STOP_AFTER_S=500 bash docs/results/zoology/run.sh ...   runs end (with a checkpoint) 500 s after the start and
+#     no run starts later; the same command given again resumes them (run_limit in gpu_env.sh)
 #   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). A run that failed (out of
 #     memory, say) runs again when the same command is given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
@@ -20,7 +22,8 @@ if [ "${jobs[0]}" = stacked ]; then
   stacked=("${jobs[@]:1}"); [ ${#stacked[@]} -eq 0 ] && stacked=("${models[@]}")
   start_runs $root
   for m in "${stacked[@]}"; do
-    timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+    limit=$(run_limit) || break
+    timeout $limit python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
       model=$m model.d_model=$width seed=$seeds hydra.launcher.stack=true $OVERRIDES > $root/logs/$m-d$width-stacked.log 2>&1 &
   done
   finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}_stacked.tar.gz"
@@ -34,7 +37,8 @@ for job in "${jobs[@]}"; do
   m=${job%%:*} lr=${job#*:}
   for seed in ${seeds//,/ }; do
     wait_for_slot
-    timeout ${RUN_LIMIT_S:-540} python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+    limit=$(run_limit) || break 2
+    timeout $limit python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
       model=$m model.d_model=$width optim.lr=$lr seed=$seed $OVERRIDES > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
   done
 done
