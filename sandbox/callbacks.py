@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import kernels
+
 
 def run_key(run: int, key: str) -> str:
     """The name under which a stacked run (sandbox.stacked_run) logs its metric `key`."""
@@ -82,14 +84,23 @@ class FolderCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
 
-class RunIdentity(L.Callback):
-    """Stamps every checkpoint with the run's config_hash, so that no other configuration resumes from it."""
+def computation(trainer: L.Trainer, backend: str) -> dict:
+    """The precision and the kernels (model.backend=`backend` resolved on the trainer's device) a run computes
+    with: outside its config_hash (`auto` resolves by machine), so recorded beside it."""
+    return {"precision": trainer.precision, "backend": kernels.resolve_backend(backend, trainer.strategy.root_device)}
 
-    def __init__(self, config_hash: str):
+
+class RunIdentity(L.Callback):
+    """Stamps every checkpoint with the run's config_hash, so that no other configuration resumes from it, and
+    with its computation, so that none resumes it at another precision or on other kernels."""
+
+    def __init__(self, config_hash: str, backend: str):
         self.config_hash = config_hash
+        self.backend = backend
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["config_hash"] = self.config_hash
+        checkpoint["computation"] = computation(trainer, self.backend)
 
 
 class TrainingStarted(L.Callback):

@@ -181,6 +181,13 @@ def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]
     return None
 
 
+def checkpoint_computation(path: Path) -> dict | None:
+    """The precision and kernels that wrote the checkpoint at `path` (RunIdentity), None where it does not say."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True).get("computation")
+
+
 def resume_checkpoint(run_dir: Path, digest: str, weights: dict[str, torch.Tensor]) -> Path | None:
     """The checkpoint to resume from: last.ckpt, else best.ckpt; None to start from scratch. Each one that
     cannot be used is set aside first (best.ckpt before last.ckpt, which may need it)."""

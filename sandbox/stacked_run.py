@@ -30,10 +30,10 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-import kernels
 from models.backbone import common_part
 from sandbox import runs
-from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, TrainingStarted, run_key, split_run_key
+from sandbox.callbacks import (Interruption, RunIdentity, RunInterrupted, TrainingStarted, computation, run_key,
+                               split_run_key)
 from sandbox.data import RecallDataModule
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, config_hash, write_json_atomic
@@ -515,8 +515,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
     say(f"{len(cfgs)} runs stacked, their checkpoint in {stack_dir}")
     with Interruption(stack_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
         started = TrainingStarted()
-        trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest), interruption, started,
-                                                    *extra_callbacks], logger=loggers, per_run_selection=True)
+        trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest, cfgs[0].model.backend), interruption,
+                                                    started, *extra_callbacks], logger=loggers, per_run_selection=True)
         resume_from = runs.resume_checkpoint(stack_dir, stack_digest, module.state_dict())
         # each run's result of the segment the stack resumes after (none if killed outright)
         earlier = [runs.stored_result(run_dir) if resume_from is not None else None for run_dir in run_dirs]
@@ -527,9 +527,9 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
         if elsewhere:
             runs.set_aside(resume_from, f"{elsewhere[0]} was trained elsewhere after it (alone or in another stack)")
             resume_from, earlier = None, [None] * len(run_dirs)
-        backend = kernels.resolve_backend(cfgs[0].model.backend, trainer.strategy.root_device)
-        for result in earlier:  # named by the stack's folder, whose checkpoint holds the weights
-            check_same_computation(stack_dir, result, trainer.precision, backend)
+        now = computation(trainer, cfgs[0].model.backend)
+        if resume_from is not None:  # named by the stack's folder, whose checkpoint holds the weights
+            check_same_computation(stack_dir, resume_from, earlier, now)
 
         def record(r: int, status: str, reason: str, tested: dict | None = None) -> dict:
             ended_step = int(module.diverged_step[r] if status == "diverged" else module.ended_step[r])
@@ -539,7 +539,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 epochs=int(module.ended_epoch[r]) if module.ended_epoch[r] >= 0 else trainer.current_epoch,
                 model=module.model.template,
                 router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
-                backend=backend,
+                backend=now["backend"],
                 cuda_graphs=False, resumed=resume_from is not None, earlier=earlier[r], start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})
 

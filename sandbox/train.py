@@ -40,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 import kernels
 from sandbox import runs
 from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interruption, RunIdentity, RunInterrupted,
-                               StopOnDivergence, ThroughputMonitor, TrainingStarted)
+                               StopOnDivergence, ThroughputMonitor, TrainingStarted, computation)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
@@ -248,8 +248,8 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module = build(cfg)
         started = TrainingStarted()
-        trainer = make_trainer(cfg, run_dir, [RunIdentity(digest), StopOnDivergence(), interruption, started,
-                                              *extra_callbacks])
+        trainer = make_trainer(cfg, run_dir, [RunIdentity(digest, cfg.model.backend), StopOnDivergence(), interruption,
+                                              started, *extra_callbacks])
         processes = trainer.num_devices * trainer.num_nodes
         if cfg.task.batch_size % processes:
             raise ConfigError(f"task.batch_size={cfg.task.batch_size} is invalid with {processes} processes: "
@@ -268,8 +268,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
         if resume_from is not None:
             earlier = runs.stored_result(run_dir)  # of the segment it resumes after (none if killed outright)
-            check_same_computation(run_dir, earlier, trainer.precision,
-                                   _backend(cfg.model.backend, trainer.strategy.root_device))
+            check_same_computation(run_dir, resume_from, [earlier], computation(trainer, cfg.model.backend))
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         status, reason = _fit_status(cfg, trainer)
         if status == "finished":
@@ -305,15 +304,16 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     return result
 
 
-def check_same_computation(run_dir: Path, earlier: dict | None, precision: str, backend: str) -> None:
-    """A ConfigError when the segment a run resumes after ran at another precision or on other kernels (`auto`
-    resolves by machine, outside the run's identity): its weights would be of two computations and its result
-    would name the last one only."""
-    then = (earlier or {}).get("precision"), (earlier or {}).get("backend")
-    if any(was is not None and was != now for was, now in zip(then, (precision, backend))):
-        raise ConfigError(f"{run_dir}: its earlier segment ran at precision {then[0]} on the {then[1]} kernels, "
-                          f"this one {precision} on {backend}: resume it on a machine like that one, or remove its "
-                          "folder to run it here from scratch")
+def check_same_computation(run_dir: Path, checkpoint: Path, earlier: list[dict | None], now: dict) -> None:
+    """A ConfigError when the checkpoint a run resumes from was written at another precision or on other kernels
+    than `now` (RunIdentity's stamp; for a checkpoint without one, the results of the `earlier` segment): its
+    weights would be of two computations and its result would name the last one only."""
+    stamp = runs.checkpoint_computation(checkpoint)
+    for then in [stamp] if stamp else [e for e in earlier if e]:
+        if any(then.get(key) not in (None, now[key]) for key in ("precision", "backend")):
+            raise ConfigError(f"{run_dir}: its earlier segment ran at precision {then.get('precision')} on the "
+                              f"{then.get('backend')} kernels, this one {now['precision']} on {now['backend']}: "
+                              "resume it on a machine like that one, or remove its folder to run it here from scratch")
 
 
 def _fit_status(cfg: DictConfig, trainer: L.Trainer) -> tuple[str, str]:

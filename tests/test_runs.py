@@ -20,7 +20,7 @@ import sandbox.train
 from sandbox import runs
 from sandbox.callbacks import RunInterrupted
 from sandbox.module import RecallModule
-from sandbox.results import config_hash
+from sandbox.results import RESULT_FILE, config_hash
 from sandbox.train import CONF_DIR, ConfigError, train
 from test_faults import snapshot
 
@@ -202,15 +202,19 @@ class CrashInSecondEpoch(L.Callback):
             raise RuntimeError("injected crash")
 
 
-def test_run_is_not_resumed_where_auto_resolves_to_another_precision(tmp_path, monkeypatch, capsys):
-    """A run whose first segment ran in bf16 (trainer.precision=auto on a GPU) and failed is not finished in
-    float32 (the same command on the CPU): its weights would be of two computations, and its result would say
-    float32 only. The command stops, naming both, and leaves the folder as it was."""
+@pytest.mark.parametrize("killed", [False, True], ids=["failed", "killed-before-its-result"])
+def test_run_is_not_resumed_where_auto_resolves_to_another_precision(killed, tmp_path, monkeypatch, capsys):
+    """A run whose first segment ran in bf16 (trainer.precision=auto on a GPU) and failed, or was killed before
+    it wrote its result, is not finished in float32 (the same command on the CPU): its weights would be of two
+    computations, and its result would say float32 only. The command stops, naming both, and leaves the folder
+    as it was."""
     with monkeypatch.context() as gpu:
         gpu.setattr(sandbox.train, "_precision", lambda setting: "bf16-mixed")
         with pytest.raises(RuntimeError, match="injected crash"):
             train(make_cfg(*SMALL), tmp_path, extra_callbacks=[CrashInSecondEpoch()])
     assert read_result(tmp_path)["precision"] == "bf16-mixed"
+    if killed:
+        (tmp_path / RESULT_FILE).unlink()
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match="precision bf16-mixed on the torch kernels, this one 32-true on torch"):
         train(make_cfg(*SMALL), tmp_path)

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 import sandbox.train
 from sandbox.module import RecallModule
+from sandbox.results import RESULT_FILE
 from sandbox.settings import ConfigError
 from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
 from sandbox.train import CONF_DIR, train
@@ -241,10 +242,11 @@ def test_a_stack_resumed_after_every_run_ended_trains_no_further(tmp_path, monke
         assert sum(1 for row in metrics_rows(d) if row["test/acc"]) == 1  # one test, at the step it stopped
 
 
-def test_a_stack_is_not_resumed_where_auto_resolves_to_another_precision(tmp_path, monkeypatch):
-    """A stack interrupted in bf16 (trainer.precision=auto on a GPU) is not finished in float32 (the same command
-    on the CPU): the command stops, naming the stack's folder (whose checkpoint holds the weights) and both
-    precisions, and leaves every file as it was."""
+@pytest.mark.parametrize("killed", [False, True], ids=["interrupted", "killed-before-its-results"])
+def test_a_stack_is_not_resumed_where_auto_resolves_to_another_precision(killed, tmp_path, monkeypatch):
+    """A stack interrupted in bf16 (trainer.precision=auto on a GPU), or killed before its runs wrote their
+    results, is not finished in float32 (the same command on the CPU): the command stops, naming the stack's
+    folder (whose checkpoint holds the weights) and both precisions, and leaves every file as it was."""
     jobs = [("seed=0",), ("seed=1",)]
     dirs = [tmp_path / str(i) for i in range(len(jobs))]
     with monkeypatch.context() as gpu:
@@ -252,6 +254,9 @@ def test_a_stack_is_not_resumed_where_auto_resolves_to_another_precision(tmp_pat
         stop_at(gpu, 4, StackedRecallModule)
         with pytest.raises(BaseException, match="SIGTERM"):
             train_stack([make_cfg(tmp_path, "model=attention", *job) for job in jobs], dirs)
+    if killed:
+        for run_dir in dirs:
+            (run_dir / RESULT_FILE).unlink()
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"\.stacks/\w+: its earlier segment ran at precision bf16-mixed on the "
                                           "torch kernels, this one 32-true on torch"):
