@@ -271,8 +271,9 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | No
     against one seed of another compares that seed), or on all their finished seeds when they share none.
     A run that reached its early-stopping threshold counts at the threshold: by how much it passed it is where
     a validation happened to fall, not what the setting can reach; settings tied there are ranked by the mean
-    step at which their runs stopped (the fewer, the better). Interrupted, failed and untrained runs say nothing
-    about their setting and are left out. (None, None) if nothing finished."""
+    step at which their runs stopped (the fewer, the better), and settings tied in that too by how many seeds
+    finished (a setting run at more seeds has shown it on more). Interrupted, failed and untrained runs say
+    nothing about their setting and are left out. (None, None) if nothing finished."""
     candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
     clean = {choice: members for choice, members in candidates.items()
              if not any(run["status"] == "diverged" for run in members)}
@@ -288,7 +289,9 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | No
         mean, _ = mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in runs])
         steps, _ = mean_ci([run["steps"] for run in runs])
         # steps not recorded say nothing about how soon the runs stopped: such a setting never wins a tie on them
-        return (-math.inf, 0) if math.isnan(mean) else (mean, -math.inf if math.isnan(steps) else -steps)
+        if math.isnan(mean):
+            return -math.inf, 0, 0
+        return mean, -math.inf if math.isnan(steps) else -steps, len(finished(members))
 
     return max(pool, key=lambda choice: score(pool[choice])), compared
 
@@ -742,17 +745,17 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
 
 PROTOCOL = (
     "A row is one configuration: runs that agree on every config key but `seed` and the optimiser settings "
-    "(`optim.*`), with `auto` precision and backend as they resolved (bf16 Triton and float32 PyTorch runs are "
-    "rows apart). Its optimiser setting (the learning rate, and every other `optim` key in which the runs differ, "
-    "such as the weight decay) is chosen on validation: the highest mean best validation accuracy, compared on "
-    "the seeds that every setting finished (`on seed 0`: only those; a setting with more seeds does not win on "
-    "them), a setting where a run diverged after those where none did; interrupted, failed and untrained runs "
-    "say nothing about their setting. A run that reached its early-stopping threshold counts at the threshold "
-    "(how far it passed it depends on where a validation fell), and settings tied there are ranked by the mean "
-    "step their runs stopped at, fewer first. Test accuracy is the mean and 95% interval (Student's t) over the seeds "
-    "at that setting, overall and per slice (every slice of every run is in results.csv); a single seed has no "
-    "interval. `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; runs "
-    "that did not finish are never averaged. A configuration run twice (same seed and settings) counts once. "
+    "(`optim.*`), with `auto` precision and backend as they resolved (bf16 Triton and float32 PyTorch runs are rows "
+    "apart). Its optimiser setting (the learning rate, and every other `optim` key in which the runs differ, such as "
+    "the weight decay) is chosen on validation: the highest mean best validation accuracy, compared on the seeds that "
+    "every setting finished (`on seed 0`: only those; a setting with more seeds does not win on them, but for a tie), "
+    "a setting where a run diverged after those where none did; interrupted, failed and untrained runs say nothing "
+    "about their setting. A run that reached its early-stopping threshold counts at the threshold (how far it passed "
+    "it depends on where a validation fell), and settings tied there are ranked by the mean step their runs stopped "
+    "at, fewer first, then by their finished seeds, more first. Test accuracy is the mean and 95% interval (Student's "
+    "t) over the seeds at that setting, overall and per slice (every slice of every run is in results.csv); a single "
+    "seed has no interval. `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; "
+    "runs that did not finish are never averaged. A configuration run twice (same seed and settings) counts once. "
     f"`at chance`: finished runs (all settings) whose best validation accuracy stayed below the validation "
     f"set's accuracy at chance c plus {CHANCE_MARGIN} (1 - c), where c is a guess among the answers each "
     f"position's context allows (MQAR: 1/K; `?`: runs whose config does not give their validation set). "

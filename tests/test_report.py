@@ -501,6 +501,19 @@ def test_settings_past_the_early_stopping_threshold_tie_and_the_sooner_wins(tmp_
     assert cells[column(markdown, "lr")] == "0.01 (best of 3)"
 
 
+@pytest.mark.parametrize("seeded_lr", [1e-3, 1e-2])
+def test_settings_tied_at_the_threshold_and_in_steps_go_to_the_one_with_more_seeds(seeded_lr, tmp_path):
+    """Seed 0 reached the 0.99 threshold at step 500 at both rates; seeds 1 and 2 ran at one of them only (as
+    after a first pass on seed 0) and reached it too: that rate wins, whichever sorts first."""
+    for lr in (1e-3, 1e-2):
+        for seed in range(3 if lr == seeded_lr else 1):
+            write_run(tmp_path, f"{lr}-{seed}", seed=seed, lr=lr, val=0.995, test=0.99, steps=500)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == f"{seeded_lr:g} (best of 2 on seed 0)"
+    assert cells[column(markdown, "runs")] == "3"
+
+
 def test_an_interrupted_run_says_nothing_about_its_setting(tmp_path):
     for seed in range(3):
         interrupted = seed == 2
