@@ -205,7 +205,7 @@ class Row:
     tuned: list[str]  # the optimiser keys the choice is over
     choice: tuple | None
     chosen: list[dict]
-    compared: tuple | None  # the seeds the settings were compared on, when not every finished seed
+    stages: list[tuple | None]  # the seeds of each comparison of settings (`choose`)
 
     def stat(self, metric: str) -> tuple[float, float]:
         return mean_ci([run.get(metric) for run in self.chosen])
@@ -264,36 +264,49 @@ def by_choice(runs: list[dict], tuned: list[str]) -> dict[tuple, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: [sort_key(v) for v in item[0]]))
 
 
-def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, tuple | None]:
+def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list[tuple]]:
     """The optimiser setting with the highest mean best validation accuracy (never test accuracy), and the seeds
-    it was compared on when that is not every finished seed. A setting where a run diverged loses to any where
-    none did. The others are compared on the seeds that every one of them finished (a setting run at three seeds
-    against one seed of another compares that seed), or on all their finished seeds when they share none.
-    A run that reached its early-stopping threshold counts at the threshold: by how much it passed it is where
-    a validation happened to fall, not what the setting can reach; settings tied there are ranked by the mean
-    step at which their runs stopped (the fewer, the better), and settings tied in that too by how many seeds
-    finished (a setting run at more seeds has shown it on more). Interrupted, failed and untrained runs say
-    nothing about their setting and are left out. (None, None) if nothing finished."""
+    it was compared on at each stage (below). A setting where a run diverged loses to any where none did. The
+    others are compared on the seeds that every one of them finished (a setting run at three seeds against one
+    seed of another compares that seed), or on all their finished seeds when they share none. A run that reached
+    its early-stopping threshold counts at the threshold: by how much it passed it is where a validation happened
+    to fall, not what the setting can reach. Settings tied at the top are compared again on the seeds that they
+    all finished, where those are more (two rates that both reached the threshold on seed 0, and were both run
+    at seeds 0-2, are told apart by seeds 1 and 2); settings tied still are ranked by the mean step at which their
+    runs stopped (the fewer, the better), then by how many seeds finished (a setting run at more seeds has shown
+    it on more). Interrupted, failed and untrained runs say nothing about their setting and are left out.
+    The stages: the seeds of each comparison, the first None where it was on every finished seed. (None, [])
+    if nothing finished."""
     candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
     clean = {choice: members for choice, members in candidates.items()
              if not any(run["status"] == "diverged" for run in members)}
     pool = clean or candidates
     if not pool:
-        return None, None
-    seeds = [{run.get(SEED_KEY) for run in finished(members)} for members in pool.values()]
-    common = set.intersection(*seeds)
-    compared = tuple(sorted(common, key=sort_key)) if common and common != set.union(*seeds) else None
+        return None, []
+    seeds = {choice: {run.get(SEED_KEY) for run in finished(members)} for choice, members in pool.items()}
 
-    def score(members):
-        runs = [run for run in finished(members) if compared is None or run.get(SEED_KEY) in common]
-        mean, _ = mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in runs])
-        steps, _ = mean_ci([run["steps"] for run in runs])
+    def on(members, common):
+        return [run for run in finished(members) if not common or run.get(SEED_KEY) in common]
+
+    stages = []
+    while True:
+        common = set.intersection(*(seeds[choice] for choice in pool))
+        every = common == set.union(*(seeds[choice] for choice in pool))
+        stages.append(None if not stages and (every or not common) else tuple(sorted(common, key=sort_key)))
+        accuracy = {choice: mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in on(members, common)])[0]
+                    for choice, members in pool.items()}
+        accuracy = {choice: -math.inf if math.isnan(a) else a for choice, a in accuracy.items()}
+        tied = {choice: pool[choice] for choice in pool if accuracy[choice] >= max(accuracy.values()) - 1e-12}
+        if len(tied) == 1 or not set.intersection(*(seeds[choice] for choice in tied)) > common:
+            break
+        pool = tied
+
+    def rank(choice):
+        steps, _ = mean_ci([run["steps"] for run in on(tied[choice], common)])
         # steps not recorded say nothing about how soon the runs stopped: such a setting never wins a tie on them
-        if math.isnan(mean):
-            return -math.inf, 0, 0
-        return mean, -math.inf if math.isnan(steps) else -steps, len(finished(members))
+        return -math.inf if math.isnan(steps) else -steps, len(seeds[choice])
 
-    return max(pool, key=lambda choice: score(pool[choice])), compared
+    return max(tied, key=rank), stages
 
 
 def make_rows(runs: list[dict]) -> list[Row]:
@@ -303,10 +316,10 @@ def make_rows(runs: list[dict]) -> list[Row]:
         groups[tuple(repr(comparable(run.get(k, ABSENT))) for k in keys)].append(run)
     rows = []
     for members in groups.values():
-        choice, compared = choose(members, tuned)
+        choice, stages = choose(members, tuned)
         chosen = [run for run in finished(members) if tuple(comparable(run.get(k)) for k in tuned) == choice]
         rows.append(Row(members[0]["model"], {k: members[0].get(k, ABSENT) for k in keys}, members, tuned, choice,
-                        chosen, compared))
+                        chosen, stages))
     return sorted(rows, key=lambda row: (row.label, *(sort_key(v) for v in row.values.values())))
 
 
@@ -315,13 +328,21 @@ def tuned_names(tuned: list[str]) -> list[str]:
 
 
 def choice_cell(row: Row) -> str:
-    """The row's chosen optimiser setting, of how many it was chosen, and on which seeds when not all."""
+    """The row's chosen optimiser setting, of how many it was chosen, and on which seeds when not all; then how
+    many tied there and the seeds they were compared on again."""
     if row.choice is None:
         return ABSENT
     settings = len(by_choice(row.runs, row.tuned))
-    seeds = "" if row.compared is None else f" on seed{'s' * (len(row.compared) > 1)} " + \
-        ", ".join(_show(seed) for seed in row.compared)
-    return ", ".join(_show(v) for v in row.choice) + (f" (best of {settings}{seeds})" if settings > 1 else "")
+    chosen = ", ".join(_show(v) for v in row.choice)
+    if settings == 1:
+        return chosen
+
+    def on(seeds):
+        return f" on seed{'s' * (len(seeds) > 1)} " + ", ".join(_show(seed) for seed in seeds)
+
+    first, *again = row.stages
+    return chosen + f" (best of {settings}{'' if first is None else on(first)}" + \
+        "".join(f"; of those tied there, best{on(seeds)}" for seeds in again) + ")"
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -751,11 +772,13 @@ PROTOCOL = (
     "every setting finished (`on seed 0`: only those; a setting with more seeds does not win on them, but for a tie), "
     "a setting where a run diverged after those where none did; interrupted, failed and untrained runs say nothing "
     "about their setting. A run that reached its early-stopping threshold counts at the threshold (how far it passed "
-    "it depends on where a validation fell), and settings tied there are ranked by the mean step their runs stopped "
-    "at, fewer first, then by their finished seeds, more first. Test accuracy is the mean and 95% interval (Student's "
-    "t) over the seeds at that setting, overall and per slice (every slice of every run is in results.csv); a single "
-    "seed has no interval. `runs`: finished runs at the chosen setting; `status`: every run of the row, all settings; "
-    "runs that did not finish are never averaged. A configuration run twice (same seed and settings) counts once. "
+    "it depends on where a validation fell). Settings tied at the top are compared again on the seeds they all "
+    "finished, where those are more (`of those tied there, best on seeds 0, 1, 2`), then ranked by the mean step their"
+    " runs stopped at, fewer first, then by their finished seeds, more first. Test accuracy is the mean and 95% "
+    "interval (Student's t) over the seeds at that setting, overall and per slice (every slice of every run is in "
+    "results.csv); a single seed has no interval. `runs`: finished runs at the chosen setting; `status`: every run of "
+    "the row, all settings; runs that did not finish are never averaged. A configuration run twice (same seed and "
+    "settings) counts once. "
     f"`at chance`: finished runs (all settings) whose best validation accuracy stayed below the validation "
     f"set's accuracy at chance c plus {CHANCE_MARGIN} (1 - c), where c is a guess among the answers each "
     f"position's context allows (MQAR: 1/K; `?`: runs whose config does not give their validation set). "

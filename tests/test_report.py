@@ -514,6 +514,20 @@ def test_settings_tied_at_the_threshold_and_in_steps_go_to_the_one_with_more_see
     assert cells[column(markdown, "runs")] == "3"
 
 
+def test_settings_tied_on_seed_0_are_told_apart_by_the_seeds_they_share(tmp_path):
+    """Four rates on seed 0, two run at seeds 0-2 after that: both reached the threshold on seed 0, 2.2e-3
+    sooner, but seed 2 failed at 2.2e-3 and no seed at 1e-2, so 1e-2 wins (on seed 0 alone 2.2e-3 did)."""
+    write_run(tmp_path, "a", seed=0, lr=1e-4, val=0.03, test=0.03, steps=3000)
+    write_run(tmp_path, "b", seed=0, lr=4.6e-4, val=0.89, test=0.89, steps=3000)
+    for seed, (val, steps) in enumerate([(0.992, 1000), (0.97, 3000), (0.26, 3000)]):
+        write_run(tmp_path, f"c{seed}", seed=seed, lr=2.2e-3, val=val, test=val, steps=steps)
+        write_run(tmp_path, f"d{seed}", seed=seed, lr=1e-2, val=0.993, test=0.99, steps=2000)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.01 (best of 4 on seed 0; of those tied there, best on seeds 0, 1, 2)"
+    assert cells[column(markdown, "runs")] == "3"
+
+
 def test_an_interrupted_run_says_nothing_about_its_setting(tmp_path):
     for seed in range(3):
         interrupted = seed == 2
