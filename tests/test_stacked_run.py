@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.utils import JobReturn, JobStatus
 
+import sandbox.stacked_run
 import sandbox.train
+from hydra_plugins.sandbox_launcher.launcher import SandboxLauncher
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE
 from sandbox.settings import ConfigError
@@ -184,6 +187,23 @@ def test_multirun_stacks_when_asked_and_gives_the_runs_it_gives_alone(tmp_path):
         result = json.loads((stacked_dir / "result.json").read_text())
         assert result["stack"]["runs"] == 2
         assert_same_run(json.loads((folder / "result.json").read_text()), result, folder, stacked_dir)
+
+
+def test_a_stack_refused_with_a_config_error_fails_its_jobs_and_none_trains_alone(tmp_path, monkeypatch):
+    """A stack that cannot resume here (its checkpoint of another precision) would otherwise be run again one run
+    at a time, from scratch, past the error that says to resume it elsewhere or remove it."""
+    refusal = ConfigError("its earlier segment ran at precision bf16-mixed")
+
+    def refuse(cfgs, run_dirs):
+        raise refusal
+
+    alone = []
+    monkeypatch.setattr(sandbox.stacked_run, "train_stack", refuse)
+    monkeypatch.setattr(sandbox.train, "run_alone", lambda cfg, run_dir: alone.append(run_dir))
+    jobs = [(JobReturn(), make_cfg(tmp_path, f"seed={seed}"), tmp_path / str(seed)) for seed in (0, 1)]
+    SandboxLauncher()._run(jobs)
+    assert not alone
+    assert all(ret.status == JobStatus.FAILED and ret._return_value is refusal for ret, _, _ in jobs)
 
 
 @pytest.mark.parametrize("setting, named", [("hydra.launcher.stack=maybe", "hydra.launcher.stack='maybe'"),
