@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Packed runs with and without CUDA MPS, in one command on one GPU. Without MPS the GPU time-slices between
+# processes, so the small kernels of packed runs never run at once; under MPS they can. Rows: each model graphed,
+# alone and as PACKED processes at once, at each width, first without MPS, then with it.
+#   bash docs/results/throughput/mps.sh [more sandbox-bench train options]
+# Writes $OUT/packed_{plain,mps}.{log,json}.
+source docs/results/fidelity/gpu_env.sh
+bench=(python -m sandbox.bench.train --modes alone packed --variants graphs --models attention gated_deltanet mom
+       --widths 64 256 --packed-widths 64 256 --packed "${PACKED:-8}" "$@")
+timeout "${BENCH_LIMIT_S:-240}" "${bench[@]}" --json "$OUT/packed_plain.json" > "$OUT/packed_plain.log" 2>&1
+echo "without MPS: exit $?"
+command -v nvidia-cuda-mps-control > /dev/null || { echo "nvidia-cuda-mps-control is not installed"; exit 1; }
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+nvidia-cuda-mps-control -d || { echo "the MPS daemon did not start"; exit 1; }
+timeout "${BENCH_LIMIT_S:-240}" "${bench[@]}" --json "$OUT/packed_mps.json" > "$OUT/packed_mps.log" 2>&1
+echo "with MPS: exit $?"
+echo quit | nvidia-cuda-mps-control
+for f in plain mps; do echo "== $f"; grep -v "USDT\|Warning\|warn(" "$OUT/packed_$f.log" | grep -i "packed\|alone" | tail -n 20; done
