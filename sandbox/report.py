@@ -73,6 +73,9 @@ WIDTH_KEY = "config.model.d_model"  # plots put widths on one line (state size) 
 # A run is still rising when its best validation accuracy grew by more than FLAT_RISE over the last
 # FLAT_TAIL of its steps without reaching the early-stopping threshold: its training was too short.
 FLAT_RISE, FLAT_TAIL = 0.01, 0.25
+# Seeds of a row's chosen setting whose test accuracies span more than SEEDS_APART are listed one by one, with
+# the step at which each left chance: a low seed that left it late and was still rising was cut short.
+SEEDS_APART = 0.1
 METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs", "steps")
 ABSENT = "—"  # a key a run's config does not have (e.g. one added to other runs with +key=value)
 
@@ -100,16 +103,19 @@ def model_family(config: dict) -> str:
     return model["mixer"]
 
 
-def val_rise(run_dir: str, steps: int | None = None) -> float | None:
-    """How much the best validation accuracy grew over the last FLAT_TAIL of the run's steps, from its
-    logs/metrics.csv; None without validations both before and inside that tail."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
+def val_curve(run_dir: str) -> list[tuple[int, float]]:
+    """The run's validation accuracy by step, from its logs/metrics.csv; empty when it has none."""
     try:
-        with open(path, newline="") as f:
-            curve = sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
-                           if line.get("val/acc") and line.get("step"))
+        with open(Path(run_dir) / "logs" / "metrics.csv", newline="") as f:
+            return sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
+                          if line.get("val/acc") and line.get("step"))
     except (OSError, ValueError, csv.Error):
-        return None
+        return []
+
+
+def val_rise(curve: list[tuple[int, float]], steps: int | None = None) -> float | None:
+    """How much the best validation accuracy of `curve` grew over the last FLAT_TAIL of the run's steps; None
+    without validations both before and inside that tail."""
     if not curve:
         return None
     tail_start = (1 - FLAT_TAIL) * max(steps or 0, curve[-1][0])
@@ -117,6 +123,18 @@ def val_rise(run_dir: str, steps: int | None = None) -> float | None:
     if not before or len(before) == len(curve):
         return None
     return max(acc for _, acc in curve) - max(before)
+
+
+def chance_line(chance: float) -> float:
+    """The validation accuracy below which a run is at chance (CHANCE_MARGIN)."""
+    return chance + CHANCE_MARGIN * (1 - chance)
+
+
+def left_chance_step(curve: list[tuple[int, float]], chance: float | None) -> int | None:
+    """The step of the first validation above the chance line; None if none was, or chance is not known."""
+    if chance is None:
+        return None
+    return next((step for step, acc in curve if acc >= chance_line(chance)), None)
 
 
 def to_runs(results: list[dict]) -> list[dict]:
@@ -139,10 +157,12 @@ def to_runs(results: list[dict]) -> list[dict]:
         run["val_threshold"] = threshold = stopping_threshold(config)
         if run["status"] == FINISHED:
             chance = run["chance_acc"]
-            run["at_chance"] = None if chance is None else run["best_val_acc"] < chance + CHANCE_MARGIN * (1 - chance)
-            rise = val_rise(result["run_dir"], result.get("steps"))
+            run["at_chance"] = None if chance is None else run["best_val_acc"] < chance_line(chance)
+            curve = val_curve(result["run_dir"])
+            rise = val_rise(curve, result.get("steps"))
             run["val_rise_last_quarter"] = rise
             run["still_rising"] = None if rise is None else rise > FLAT_RISE and run["best_val_acc"] < threshold
+            run["left_chance_step"] = left_chance_step(curve, chance)
         runs.append(run)
     return runs
 
@@ -457,6 +477,26 @@ def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = 
     return header, body
 
 
+def seeds_apart_table(rows: list[Row], runs: list[dict]) -> tuple[list, list]:
+    """A line per seed of each row whose chosen runs' test accuracies span more than SEEDS_APART: its test
+    accuracy, the step it left chance at, and whether it was still rising."""
+    keys = shown_keys(runs)
+    header = ["model", *short_names(keys), ", ".join(tuned_names(tuned_keys(runs))), "seed", "test_acc",
+              "left chance at step", "still rising", "steps"]
+    body = []
+    for row in rows:
+        accuracies = [run["test_acc"] for run in row.chosen]
+        if len(accuracies) < 2 or max(accuracies) - min(accuracies) <= SEEDS_APART:
+            continue
+        for run in sorted(row.chosen, key=lambda run: sort_key(run.get(SEED_KEY))):
+            rising = run["still_rising"]
+            body.append([row.label, *(_show(row.values[k]) for k in keys), ", ".join(_show(v) for v in row.choice),
+                         _show(run.get(SEED_KEY)), f"{run['test_acc']:.3f}",
+                         *(ABSENT if run[k] is None else _show(run[k]) for k in ("left_chance_step",)),
+                         "?" if rising is None else "yes" if rising else "", _show(run["steps"])])
+    return header, body
+
+
 def optim_records(rows: list[Row], runs: list[dict]) -> list[dict]:
     """One record per row and optimiser setting: its runs, statuses, runs at chance and mean best validation
     accuracy with its 95% interval over finished seeds; `chosen` marks the row's setting."""
@@ -764,6 +804,13 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
     save_figure(fig, path)
 
 
+SEEDS_APART_TEXT = (
+    "Each seed of such a row: its test accuracy, the step of its first validation above the chance line of `at "
+    "chance` (`—`: none), whether it was still rising at its end (as `still rising`), and its steps. A low seed "
+    "still rising when its steps ended was cut short by the budget (it left chance later than the others, or rose "
+    "slower); one that stopped rising learned less."
+)
+
 PROTOCOL = (
     "A row is one configuration: runs that agree on every config key but `seed` and the optimiser settings "
     "(`optim.*`), with `auto` precision and backend as they resolved (bf16 Triton and float32 PyTorch runs are rows "
@@ -1014,6 +1061,10 @@ def configuration_sections(runs: list[dict], out: Path, sections: list[str], fil
     phrase = optim_phrase(tuned_keys(runs))
     sections += [f"## Test accuracy at the {phrase} chosen on validation (mean ± 95% interval over seeds)",
                  PROTOCOL, markdown_table(*summary)]
+    apart = seeds_apart_table(rows, runs)
+    if apart[1]:
+        sections += [f"## Seeds apart: rows whose seeds at the chosen setting differ by more than {SEEDS_APART} in "
+                     "test accuracy", SEEDS_APART_TEXT, markdown_table(*apart)]
     records = optim_records(rows, runs)
     sensitivity += records
     if any(len(by_choice(row.runs, row.tuned)) > 1 for row in rows):

@@ -528,6 +528,30 @@ def test_settings_tied_on_seed_0_are_told_apart_by_the_seeds_they_share(tmp_path
     assert cells[column(markdown, "runs")] == "3"
 
 
+def test_seeds_far_apart_are_listed_with_the_step_each_left_chance(tmp_path):
+    """Three seeds at one rate: two left chance (about 0.29 on MQAR_K4's validation set) by step 250 and
+    finished, the third only at step 750 and was still rising at its end: each is listed with that step. A row
+    whose seeds agree is not listed."""
+    early = [(250, 0.5), (500, 0.95), (750, 0.99), (1000, 0.99)]
+    late = [(250, 0.2), (500, 0.25), (750, 0.4), (1000, 0.6)]
+    for seed, curve in enumerate([early, early, late]):
+        write_run(tmp_path, f"g{seed}", seed=seed, val=curve[-1][1], test=curve[-1][1], curve=curve)
+        write_run(tmp_path, f"a{seed}", mixer="attention", seed=seed, val=0.99, test=0.99, curve=early)
+    markdown = report(tmp_path)["markdown"].read_text()
+    section = markdown.split("## Seeds apart")[1].split("\n## ")[0]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| model")]
+    assert [(cells[0], cells[2], cells[3], cells[4], cells[5]) for cells in lines] == [
+        ("gated_deltanet", "0", "0.990", "250", ""), ("gated_deltanet", "1", "0.990", "250", ""),
+        ("gated_deltanet", "2", "0.600", "750", "yes")]
+
+
+def test_no_seeds_apart_section_when_seeds_agree(tmp_path):
+    for seed in range(3):
+        write_run(tmp_path, f"g{seed}", seed=seed, val=0.9 + 0.01 * seed, test=0.9 + 0.01 * seed)
+    assert "## Seeds apart" not in report(tmp_path)["markdown"].read_text()
+
+
 def test_an_interrupted_run_says_nothing_about_its_setting(tmp_path):
     for seed in range(3):
         interrupted = seed == 2
