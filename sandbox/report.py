@@ -425,6 +425,10 @@ def _show(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _cell(value) -> str:
+    return ABSENT if value is None else _show(value)
+
+
 def _mean_cell(mean: float, half: float) -> str:
     if math.isnan(mean):
         return ABSENT
@@ -472,7 +476,7 @@ def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = 
                  _status_cell(row.runs), _chance_cell(row.runs), rising]
         cells += [_mean_cell(*row.stat(metric)) for metric in ["test_acc", *slices]]
         state_size = (row.chosen or row.runs)[0].get("state_size")
-        cells.append(ABSENT if state_size is None else _show(state_size))
+        cells.append(_cell(state_size))
         body.append(cells)
     return header, body
 
@@ -491,9 +495,8 @@ def seeds_apart_table(rows: list[Row], runs: list[dict]) -> tuple[list, list]:
         for run in sorted(row.chosen, key=lambda run: sort_key(run.get(SEED_KEY))):
             rising = run["still_rising"]
             body.append([row.label, *(_show(row.values[k]) for k in keys), ", ".join(_show(v) for v in row.choice),
-                         _show(run.get(SEED_KEY)), f"{run['test_acc']:.3f}",
-                         *(ABSENT if run[k] is None else _show(run[k]) for k in ("left_chance_step",)),
-                         "?" if rising is None else "yes" if rising else "", _show(run["steps"])])
+                         _show(run.get(SEED_KEY)), f"{run['test_acc']:.3f}", _cell(run["left_chance_step"]),
+                         "?" if rising is None else "yes" if rising else "", _cell(run.get("steps"))])
     return header, body
 
 
