@@ -9,7 +9,16 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -name '*.log' -o -name failed.json \) -print0 | tar -czf "$2" --null -T -); }
 # Runs packed on the GPU: start_runs ROOT before starting them in the background (their logs go to ROOT/logs),
 # finish_runs ROOT TARBALL after: waits for them, prints the wall time and each run's last line, packs ROOT.
-start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); }
+# MPS=1: the packed runs share the GPU through the CUDA MPS daemon (kernels of several processes at once),
+# started by start_runs and stopped by finish_runs (docs/results/throughput/mps.sh measures whether it pays).
+start_mps() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d ||
+    { echo "the CUDA MPS daemon did not start"; return 1; }
+}
+stop_mps() { echo quit | nvidia-cuda-mps-control; }
+start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); if [ "$MPS" = 1 ]; then start_mps || exit 1; fi; }
 # wait_for_slot before starting a run keeps at most MAX_PROCS (default 12) running: packed runs share the GPU's
 # memory (how many fit at d_model 256: docs/results/zoology/d256/README.md).
 # run_limit prints how many seconds a run started now may take: RUN_LIMIT_S (default 540), less where
@@ -27,6 +36,7 @@ run_limit() {
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait
+  if [ "$MPS" = 1 ]; then stop_mps; fi
   echo "wall time: $(( $(date +%s) - runs_start )) s"
   grep -h "best val acc\|rror" "$1"/logs/*.log | sed "s|$1/[^/]*/||" | cut -c1-200
   pack_runs "$1" "$2"

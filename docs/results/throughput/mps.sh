@@ -9,11 +9,8 @@ bench=(python -m sandbox.bench.train --modes alone packed --variants graphs --mo
        --widths 64 256 --packed-widths 64 256 --packed "${PACKED:-8}" "$@")
 timeout "${BENCH_LIMIT_S:-240}" "${bench[@]}" --json "$OUT/packed_plain.json" > "$OUT/packed_plain.log" 2>&1
 echo "without MPS: exit $?"
-command -v nvidia-cuda-mps-control > /dev/null || { echo "nvidia-cuda-mps-control is not installed"; exit 1; }
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d || { echo "the MPS daemon did not start"; exit 1; }
+start_mps || exit 1
 timeout "${BENCH_LIMIT_S:-240}" "${bench[@]}" --json "$OUT/packed_mps.json" > "$OUT/packed_mps.log" 2>&1
 echo "with MPS: exit $?"
-echo quit | nvidia-cuda-mps-control
+stop_mps
 for f in plain mps; do echo "== $f"; grep -v "USDT\|Warning\|warn(" "$OUT/packed_$f.log" | grep -i "packed\|alone" | tail -n 20; done

@@ -8,6 +8,7 @@
 #   OVERRIDES="cuda_graphs=true" bash docs/results/zoology/run.sh ...   more Hydra overrides for every run
 #   STOP_AFTER_S=500 bash docs/results/zoology/run.sh ...   runs end (with a checkpoint) 500 s after the start and
 #     no run starts later; the same command given again resumes them (run_limit in gpu_env.sh)
+#   MPS=1 bash docs/results/zoology/run.sh ...   the runs share the GPU through the CUDA MPS daemon (gpu_env.sh)
 #   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). A run that failed (out of
 #     memory, say) runs again when the same command is given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
