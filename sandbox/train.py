@@ -304,16 +304,22 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     return result
 
 
+class OtherComputation(ConfigError):
+    """A checkpoint written at another precision or on other kernels than this machine gives: neither its stack nor
+    its runs alone can go on here."""
+
+
 def check_same_computation(run_dir: Path, checkpoint: Path, earlier: list[dict | None], now: dict) -> None:
-    """A ConfigError when the checkpoint a run resumes from was written at another precision or on other kernels
-    than `now` (RunIdentity's stamp; for a checkpoint without one, the results of the `earlier` segment): its
-    weights would be of two computations and its result would name the last one only."""
+    """OtherComputation (a ConfigError) when the checkpoint a run resumes from was written at another precision
+    or on other kernels than `now` (RunIdentity's stamp; for a checkpoint without one, the results of the
+    `earlier` segment): its weights would be of two computations and its result would name the last one only."""
     stamp = runs.checkpoint_computation(checkpoint)
     for then in [stamp] if stamp else [e for e in earlier if e]:
         if any(then.get(key) not in (None, now[key]) for key in ("precision", "backend")):
-            raise ConfigError(f"{run_dir}: its earlier segment ran at precision {then.get('precision')} on the "
-                              f"{then.get('backend')} kernels, this one {now['precision']} on {now['backend']}: "
-                              "resume it on a machine like that one, or remove its folder to run it here from scratch")
+            raise OtherComputation(
+                f"{run_dir}: its earlier segment ran at precision {then.get('precision')} on the {then.get('backend')} "
+                f"kernels, this one {now['precision']} on {now['backend']}: resume it on a machine like that one, or "
+                "remove its folder to run it here from scratch")
 
 
 def _fit_status(cfg: DictConfig, trainer: L.Trainer) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE
 from sandbox.settings import ConfigError
 from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
-from sandbox.train import CONF_DIR, train
+from sandbox.train import CONF_DIR, OtherComputation, train
 from test_faults import snapshot
 from test_train import stop_at
 
@@ -189,11 +189,13 @@ def test_multirun_stacks_when_asked_and_gives_the_runs_it_gives_alone(tmp_path):
         assert_same_run(json.loads((folder / "result.json").read_text()), result, folder, stacked_dir)
 
 
-def test_a_stack_refused_with_a_config_error_fails_its_jobs_and_none_trains_alone(tmp_path, monkeypatch):
-    """A stack that cannot resume here (its checkpoint of another precision) would otherwise be run again one run
-    at a time, from scratch, past the error that says to resume it elsewhere or remove it."""
-    refusal = ConfigError("its earlier segment ran at precision bf16-mixed")
-
+@pytest.mark.parametrize("refusal", [OtherComputation("its earlier segment ran at precision bf16-mixed"),
+                                     ConfigError("the seeds of these stacked runs give their data other slices")],
+                         ids=["other-computation", "other-config-error"])
+def test_a_stack_refused_for_its_computation_fails_its_jobs_and_others_run_alone(refusal, tmp_path, monkeypatch):
+    """A stack whose checkpoint was written at another precision would otherwise be run again one run at a time,
+    from scratch, past the error that says to resume it elsewhere or remove it: its jobs fail with that error.
+    Any other error of the stack (a ConfigError too) has its runs tried alone, each reporting its own."""
     def refuse(cfgs, run_dirs):
         raise refusal
 
@@ -202,8 +204,12 @@ def test_a_stack_refused_with_a_config_error_fails_its_jobs_and_none_trains_alon
     monkeypatch.setattr(sandbox.train, "run_alone", lambda cfg, run_dir: alone.append(run_dir))
     jobs = [(JobReturn(), make_cfg(tmp_path, f"seed={seed}"), tmp_path / str(seed)) for seed in (0, 1)]
     SandboxLauncher()._run(jobs)
-    assert not alone
-    assert all(ret.status == JobStatus.FAILED and ret._return_value is refusal for ret, _, _ in jobs)
+    if isinstance(refusal, OtherComputation):
+        assert not alone
+        assert all(ret.status == JobStatus.FAILED and ret._return_value is refusal for ret, _, _ in jobs)
+    else:
+        assert alone == [tmp_path / "0", tmp_path / "1"]
+        assert all(ret.status == JobStatus.COMPLETED for ret, _, _ in jobs)
 
 
 @pytest.mark.parametrize("setting, named", [("hydra.launcher.stack=maybe", "hydra.launcher.stack='maybe'"),

@@ -12,8 +12,9 @@ faster: `sandbox.stacked_run.STACK_PAYS`), true or false;
 its folder, its config and its Hydra return value as under Hydra's basic launcher. Every job's settings are
 checked before any job trains: one bad job stops the whole multirun with its error (exit 2), nothing trained and
 no job's folder left (Hydra has written the sweep's multirun.yaml by then). A stack that fails with an error is
-said so and its runs are run again one at a time, so one run's failure never loses the others; one refused with
-a ConfigError (its checkpoint written at another precision, say) fails its jobs with it, and the others go on.
+said so and its runs are run again one at a time, so one run's failure never loses the others; one whose
+checkpoint was written at another precision or on other kernels fails its jobs with that error, and the others
+go on.
 """
 
 from __future__ import annotations
@@ -95,14 +96,13 @@ class SandboxLauncher(Launcher):
 
     def _run(self, jobs: list[tuple[JobReturn, DictConfig, Path]]) -> None:
         from sandbox.runs import say
-        from sandbox.settings import ConfigError
         from sandbox.stacked_run import train_stack
-        from sandbox.train import report_result, run_alone
+        from sandbox.train import OtherComputation, report_result, run_alone
 
         if len(jobs) > 1:
             try:
                 results = train_stack([cfg for _, cfg, _ in jobs], [run_dir for _, _, run_dir in jobs])
-            except ConfigError as err:  # the stack cannot go on here (another precision, ...): nor can its runs alone
+            except OtherComputation as err:  # its checkpoint cannot go on here, nor can its runs alone
                 for ret, _, _ in jobs:
                     ret.return_value, ret.status = err, JobStatus.FAILED
                 return
