@@ -61,6 +61,7 @@ EVIDENCE = (FINISHED, "diverged")
 RESOLVED_KEYS = {"config.trainer.precision": "precision", "config.model.backend": "backend"}
 # A row averages over seeds and selects over optimiser settings; every other key in which runs differ makes rows.
 SEED_KEY, LR_KEY, OPTIM_PREFIX = "config.seed", "config.optim.lr", "config.optim."
+EACH_OWN_SEEDS = "each one's seeds"  # a stage of `choose` that compared each setting on all its finished seeds
 OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
 # experiment=mad marks its runs with `suite: mad`; they are scored per task apart from the other runs.
 SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
@@ -76,6 +77,7 @@ FLAT_RISE, FLAT_TAIL = 0.01, 0.25
 # Seeds of a row's chosen setting whose test accuracies span more than SEEDS_APART are listed one by one, with
 # the step at which each left chance: a low seed that left it late and was still rising was cut short.
 SEEDS_APART = 0.1
+NEVER = "never"  # a run's left_chance_step when no validation left chance
 METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs", "steps")
 ABSENT = "—"  # a key a run's config does not have (e.g. one added to other runs with +key=value)
 
@@ -130,11 +132,12 @@ def chance_line(chance: float) -> float:
     return chance + CHANCE_MARGIN * (1 - chance)
 
 
-def left_chance_step(curve: list[tuple[int, float]], chance: float | None) -> int | None:
-    """The step of the first validation above the chance line; None if none was, or chance is not known."""
-    if chance is None:
+def left_chance_step(curve: list[tuple[int, float]], chance: float | None) -> int | str | None:
+    """The step of the first validation above the chance line; NEVER if none was; None when the run has no curve
+    or its chance level is not known."""
+    if chance is None or not curve:
         return None
-    return next((step for step, acc in curve if acc >= chance_line(chance)), None)
+    return next((step for step, acc in curve if acc >= chance_line(chance)), NEVER)
 
 
 def to_runs(results: list[dict]) -> list[dict]:
@@ -225,7 +228,7 @@ class Row:
     tuned: list[str]  # the optimiser keys the choice is over
     choice: tuple | None
     chosen: list[dict]
-    stages: list[tuple | None]  # the seeds of each comparison of settings (`choose`)
+    stages: list  # the seeds of each comparison of settings (`choose`)
 
     def stat(self, metric: str) -> tuple[float, float]:
         return mean_ci([run.get(metric) for run in self.chosen])
@@ -284,7 +287,7 @@ def by_choice(runs: list[dict], tuned: list[str]) -> dict[tuple, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: [sort_key(v) for v in item[0]]))
 
 
-def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list[tuple]]:
+def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
     """The optimiser setting with the highest mean best validation accuracy (never test accuracy), and the seeds
     it was compared on at each stage (below). A setting where a run diverged loses to any where none did. The
     others are compared on the seeds that every one of them finished (a setting run at three seeds against one
@@ -292,11 +295,12 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list[tuple
     its early-stopping threshold counts at the threshold: by how much it passed it is where a validation happened
     to fall, not what the setting can reach. Settings tied at the top are compared again on the seeds that they
     all finished, where those are more (two rates that both reached the threshold on seed 0, and were both run
-    at seeds 0-2, are told apart by seeds 1 and 2); settings tied still are ranked by the mean step at which their
-    runs stopped (the fewer, the better), then by how many seeds finished (a setting run at more seeds has shown
-    it on more). Interrupted, failed and untrained runs say nothing about their setting and are left out.
-    The stages: the seeds of each comparison, the first None where it was on every finished seed. (None, [])
-    if nothing finished."""
+    at seeds 0-2, are told apart by seeds 1 and 2); settings tied still, each on all its finished seeds (one that
+    failed a seed the others did not run falls behind); then ranked by the mean step at which their runs
+    stopped (the fewer, the better), then by how many seeds finished (a setting run at more seeds has shown it on
+    more). Interrupted, failed and untrained runs say nothing about their setting and are left out.
+    The stages: the seeds of each comparison, the first None where it was on every finished seed, EACH_OWN_SEEDS
+    where each setting's own seeds decided. (None, []) if nothing finished."""
     candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
     clean = {choice: members for choice, members in candidates.items()
              if not any(run["status"] == "diverged" for run in members)}
@@ -317,9 +321,17 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list[tuple
                     for choice, members in pool.items()}
         accuracy = {choice: -math.inf if math.isnan(a) else a for choice, a in accuracy.items()}
         tied = {choice: pool[choice] for choice in pool if accuracy[choice] >= max(accuracy.values()) - 1e-12}
-        if len(tied) == 1 or not set.intersection(*(seeds[choice] for choice in tied)) > common:
+        if len(tied) == 1 or not common or not set.intersection(*(seeds[choice] for choice in tied)) > common:
             break
         pool = tied
+    # still tied: the seeds that only some of them ran count too, so one that failed a seed the others did not run
+    # falls behind
+    own = {choice: mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in finished(members)])[0]
+           for choice, members in tied.items()}
+    narrowed = {choice: tied[choice] for choice in tied if own[choice] >= max(own.values()) - 1e-12}
+    if len(narrowed) < len(tied):
+        stages.append(EACH_OWN_SEEDS)
+        tied = narrowed
 
     def rank(choice):
         steps, _ = mean_ci([run["steps"] for run in on(tied[choice], common)])
@@ -358,6 +370,8 @@ def choice_cell(row: Row) -> str:
         return chosen
 
     def on(seeds):
+        if seeds == EACH_OWN_SEEDS:
+            return f" on {seeds}"
         return f" on seed{'s' * (len(seeds) > 1)} " + ", ".join(_show(seed) for seed in seeds)
 
     first, *again = row.stages
@@ -425,8 +439,8 @@ def _show(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _cell(value) -> str:
-    return ABSENT if value is None else _show(value)
+def _cell(value, absent: str = ABSENT) -> str:
+    return absent if value is None else _show(value)
 
 
 def _mean_cell(mean: float, half: float) -> str:
@@ -495,7 +509,7 @@ def seeds_apart_table(rows: list[Row], runs: list[dict]) -> tuple[list, list]:
         for run in sorted(row.chosen, key=lambda run: sort_key(run.get(SEED_KEY))):
             rising = run["still_rising"]
             body.append([row.label, *(_show(row.values[k]) for k in keys), ", ".join(_show(v) for v in row.choice),
-                         _show(run.get(SEED_KEY)), f"{run['test_acc']:.3f}", _cell(run["left_chance_step"]),
+                         _show(run.get(SEED_KEY)), f"{run['test_acc']:.3f}", _cell(run["left_chance_step"], "?"),
                          "?" if rising is None else "yes" if rising else "", _cell(run.get("steps"))])
     return header, body
 
@@ -808,10 +822,10 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
 
 
 SEEDS_APART_TEXT = (
-    "Each seed of such a row: its test accuracy, the step of its first validation above the chance line of `at "
-    "chance` (`—`: none), whether it was still rising at its end (as `still rising`), and its steps. A low seed "
-    "still rising when its steps ended was cut short by the budget (it left chance later than the others, or rose "
-    "slower); one that stopped rising learned less."
+    "Each seed of such a row: its test accuracy, the step of its first validation above the chance line of `at chance`"
+    " (`never`; `?`: no curve in its logs/metrics.csv or no chance level), whether it was still rising at its end (as "
+    "`still rising`), and its steps. A low seed still rising when its steps ended was cut short by the budget (it left"
+    " chance later than the others, or rose slower); one that stopped rising learned less."
 )
 
 PROTOCOL = (
@@ -823,12 +837,13 @@ PROTOCOL = (
     "a setting where a run diverged after those where none did; interrupted, failed and untrained runs say nothing "
     "about their setting. A run that reached its early-stopping threshold counts at the threshold (how far it passed "
     "it depends on where a validation fell). Settings tied at the top are compared again on the seeds they all "
-    "finished, where those are more (`of those tied there, best on seeds 0, 1, 2`), then ranked by the mean step their"
-    " runs stopped at, fewer first, then by their finished seeds, more first. Test accuracy is the mean and 95% "
-    "interval (Student's t) over the seeds at that setting, overall and per slice (every slice of every run is in "
-    "results.csv); a single seed has no interval. `runs`: finished runs at the chosen setting; `status`: every run of "
-    "the row, all settings; runs that did not finish are never averaged. A configuration run twice (same seed and "
-    "settings) counts once. "
+    "finished, where those are more (`of those tied there, best on seeds 0, 1, 2`), then each on all its finished "
+    "seeds (`on each one's seeds`: one that failed a seed the others did not run falls behind), then ranked by the "
+    "mean step their runs stopped at, fewer first, then by their finished seeds, more first. Test accuracy is the mean"
+    " and 95% interval (Student's t) over the seeds at that setting, overall and per slice (every slice of every run "
+    "is in results.csv); a single seed has no interval. `runs`: finished runs at the chosen setting; `status`: every "
+    "run of the row, all settings; runs that did not finish are never averaged. A configuration run twice (same seed "
+    "and settings) counts once. "
     f"`at chance`: finished runs (all settings) whose best validation accuracy stayed below the validation "
     f"set's accuracy at chance c plus {CHANCE_MARGIN} (1 - c), where c is a guess among the answers each "
     f"position's context allows (MQAR: 1/K; `?`: runs whose config does not give their validation set). "

@@ -528,6 +528,33 @@ def test_settings_tied_on_seed_0_are_told_apart_by_the_seeds_they_share(tmp_path
     assert cells[column(markdown, "runs")] == "3"
 
 
+def test_a_tied_setting_that_failed_a_seed_the_others_did_not_run_falls_behind(tmp_path):
+    """Seed 0 reached the threshold at step 500 at every rate; 3e-3 and 1e-2 ran seeds 1 (and 2) too, and 1e-2
+    failed its seed 2: 3e-3 wins (1e-2 has the most seeds, which decided the tie before)."""
+    write_run(tmp_path, "a0", seed=0, lr=1e-3, val=0.995, test=0.99, steps=500)
+    for seed in (0, 1):
+        write_run(tmp_path, f"b{seed}", seed=seed, lr=3e-3, val=0.995, test=0.99, steps=500)
+    for seed, val in enumerate([0.995, 0.995, 0.3]):
+        write_run(tmp_path, f"c{seed}", seed=seed, lr=1e-2, val=val, test=val, steps=500)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.003 (best of 3 on seed 0; of those tied there, best on each one's seeds)"
+
+
+def test_settings_that_share_no_seed_are_not_compared_again_on_fewer(tmp_path):
+    """No seed is common to all three rates, so each is judged on its own seeds: 1e-3 and 3e-3 tie (both reached
+    the threshold on each seed) and share seed 1 only; seed 1 alone is less than each one's seeds, so the tie
+    goes on to steps (3e-3 stopped sooner), not to a comparison on seed 1."""
+    for seed, steps in ((0, 1000), (1, 1000)):
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=0.995, test=0.99, steps=steps)
+    for seed, steps in ((1, 500), (2, 500)):
+        write_run(tmp_path, f"b{seed}", seed=seed, lr=3e-3, val=0.995, test=0.99, steps=steps)
+    write_run(tmp_path, "c3", seed=3, lr=1e-2, val=0.5, test=0.5)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")] == "0.003 (best of 3)"
+
+
 def test_seeds_far_apart_are_listed_with_the_step_each_left_chance(tmp_path):
     """Three seeds at one rate: two left chance (about 0.29 on MQAR_K4's validation set) by step 250 and
     finished, the third only at step 750 and was still rising at its end: each is listed with that step. A row
@@ -544,6 +571,16 @@ def test_seeds_far_apart_are_listed_with_the_step_each_left_chance(tmp_path):
     assert [(cells[0], cells[2], cells[3], cells[4], cells[5]) for cells in lines] == [
         ("gated_deltanet", "0", "0.990", "250", ""), ("gated_deltanet", "1", "0.990", "250", ""),
         ("gated_deltanet", "2", "0.600", "750", "yes")]
+
+
+def test_seeds_apart_tell_a_run_that_never_left_chance_from_one_without_a_curve(tmp_path):
+    write_run(tmp_path, "learned", seed=0, val=0.99, test=0.99)  # no logs/metrics.csv
+    write_run(tmp_path, "stuck", seed=1, val=0.2, test=0.2, curve=[(250, 0.2), (500, 0.2), (750, 0.2), (1000, 0.2)])
+    markdown = report(tmp_path)["markdown"].read_text()
+    section = markdown.split("## Seeds apart")[1].split("\n## ")[0]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| model")]
+    assert [cells[4] for cells in lines] == ["?", "never"]
 
 
 def test_no_seeds_apart_section_when_seeds_agree(tmp_path):
