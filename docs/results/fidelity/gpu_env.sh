@@ -14,6 +14,7 @@ pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -n
 start_mps() {
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  stop_mps 2> /dev/null  # a daemon left by a command that was killed
   command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d ||
     { echo "the CUDA MPS daemon did not start"; return 1; }
 }
@@ -22,16 +23,26 @@ start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); if [ "$MPS" = 1 ]; th
 # wait_for_slot before starting a run keeps at most MAX_PROCS (default 12) running: packed runs share the GPU's
 # memory (how many fit at d_model 256: docs/results/zoology/d256/README.md).
 # run_limit prints how many seconds a run started now may take: RUN_LIMIT_S (default 540), less where
-# STOP_AFTER_S (seconds after start_runs) comes sooner; it fails with under a minute left, so that no run starts
-# that could not reach its first checkpoint. A run stopped by its limit gets SIGTERM, saves a checkpoint and is
-# recorded as interrupted; the same command given again resumes it and starts the runs that did not start.
+# STOP_AFTER_S (seconds after start_runs) comes sooner; it fails, saying why, on a value that is not a whole number
+# of seconds and when under a minute is left before STOP_AFTER_S, so that no run starts that could not reach its
+# first checkpoint. A run stopped by its limit gets SIGTERM, saves a checkpoint and is recorded as interrupted;
+# the same command given again resumes it and starts the runs that did not start.
 run_limit() {
+  local name
+  for name in RUN_LIMIT_S STOP_AFTER_S; do
+    if [ -n "${!name}" ] && ! [[ ${!name} =~ ^[0-9]+$ ]]; then
+      echo "$name=${!name} is invalid: a whole number of seconds" >&2; return 1
+    fi
+  done
   local left=${RUN_LIMIT_S:-540}
   if [ -n "$STOP_AFTER_S" ]; then
     local to_stop=$(( STOP_AFTER_S - ($(date +%s) - runs_start) ))
+    if [ "$to_stop" -lt 60 ]; then
+      echo "STOP_AFTER_S=$STOP_AFTER_S: under a minute left, no more runs start" >&2; return 1
+    fi
     [ "$to_stop" -lt "$left" ] && left=$to_stop
   fi
-  [ "$left" -ge 60 ] && echo "$left"
+  echo "$left"
 }
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
