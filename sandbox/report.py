@@ -312,23 +312,25 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
     def on(members, common):
         return [run for run in finished(members) if not common or run.get(SEED_KEY) in common]
 
+    def best(settings: dict, common: set) -> dict:
+        """The settings of the highest mean accuracy over their runs `on` the `common` seeds (equal to rounding)."""
+        accuracy = {choice: mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in on(members, common)])[0]
+                    for choice, members in settings.items()}
+        accuracy = {choice: -math.inf if math.isnan(a) else a for choice, a in accuracy.items()}
+        return {choice: settings[choice] for choice in settings if accuracy[choice] >= max(accuracy.values()) - 1e-12}
+
     stages = []
     while True:
         common = set.intersection(*(seeds[choice] for choice in pool))
         every = common == set.union(*(seeds[choice] for choice in pool))
         stages.append(None if not stages and (every or not common) else tuple(sorted(common, key=sort_key)))
-        accuracy = {choice: mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in on(members, common)])[0]
-                    for choice, members in pool.items()}
-        accuracy = {choice: -math.inf if math.isnan(a) else a for choice, a in accuracy.items()}
-        tied = {choice: pool[choice] for choice in pool if accuracy[choice] >= max(accuracy.values()) - 1e-12}
+        tied = best(pool, common)
         if len(tied) == 1 or not common or not set.intersection(*(seeds[choice] for choice in tied)) > common:
             break
         pool = tied
     # still tied: the seeds that only some of them ran count too, so one that failed a seed the others did not run
     # falls behind
-    own = {choice: mean_ci([min(run["best_val_acc"], run["val_threshold"]) for run in finished(members)])[0]
-           for choice, members in tied.items()}
-    narrowed = {choice: tied[choice] for choice in tied if own[choice] >= max(own.values()) - 1e-12}
+    narrowed = best(tied, set())
     if len(narrowed) < len(tied):
         stages.append(EACH_OWN_SEEDS)
         tied = narrowed

@@ -74,11 +74,15 @@ def write_run(folder: Path, name: str, mixer: str = "gated_deltanet", seed: int 
     return run_dir
 
 
-def summary_lines(markdown: str) -> list[list[str]]:
-    """The cells of the summary table's lines (the first table after its heading)."""
-    section = markdown.split("## Test accuracy")[1].split("\n## ")[0]
+def table_lines(markdown: str, heading: str) -> list[list[str]]:
+    """The cells of the lines of the table in the section whose heading starts with `heading` (header left out)."""
+    section = markdown.split(f"## {heading}")[1].split("\n## ")[0]
     return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
+
+
+def summary_lines(markdown: str) -> list[list[str]]:
+    return table_lines(markdown, "Test accuracy")
 
 
 def column(markdown: str, name: str) -> int:
@@ -564,10 +568,7 @@ def test_seeds_far_apart_are_listed_with_the_step_each_left_chance(tmp_path):
     for seed, curve in enumerate([early, early, late]):
         write_run(tmp_path, f"g{seed}", seed=seed, val=curve[-1][1], test=curve[-1][1], curve=curve)
         write_run(tmp_path, f"a{seed}", mixer="attention", seed=seed, val=0.99, test=0.99, curve=early)
-    markdown = report(tmp_path)["markdown"].read_text()
-    section = markdown.split("## Seeds apart")[1].split("\n## ")[0]
-    lines = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-             if line.startswith("| ") and not line.startswith("| model")]
+    lines = table_lines(report(tmp_path)["markdown"].read_text(), "Seeds apart")
     assert [(cells[0], cells[2], cells[3], cells[4], cells[5]) for cells in lines] == [
         ("gated_deltanet", "0", "0.990", "250", ""), ("gated_deltanet", "1", "0.990", "250", ""),
         ("gated_deltanet", "2", "0.600", "750", "yes")]
@@ -576,10 +577,7 @@ def test_seeds_far_apart_are_listed_with_the_step_each_left_chance(tmp_path):
 def test_seeds_apart_tell_a_run_that_never_left_chance_from_one_without_a_curve(tmp_path):
     write_run(tmp_path, "learned", seed=0, val=0.99, test=0.99)  # no logs/metrics.csv
     write_run(tmp_path, "stuck", seed=1, val=0.2, test=0.2, curve=[(250, 0.2), (500, 0.2), (750, 0.2), (1000, 0.2)])
-    markdown = report(tmp_path)["markdown"].read_text()
-    section = markdown.split("## Seeds apart")[1].split("\n## ")[0]
-    lines = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-             if line.startswith("| ") and not line.startswith("| model")]
+    lines = table_lines(report(tmp_path)["markdown"].read_text(), "Seeds apart")
     assert [cells[4] for cells in lines] == ["?", "never"]
 
 
