@@ -9,12 +9,14 @@
 #   STOP_AFTER_S=500 bash docs/results/zoology/run.sh ...   runs end (with a checkpoint) 500 s after the start and
 #     no run starts later; the same command given again resumes them (run_limit in gpu_env.sh)
 #   MPS=1 bash docs/results/zoology/run.sh ...   the runs share the GPU through the CUDA MPS daemon (gpu_env.sh)
+#   ROOT=/tmp/long bash docs/results/zoology/run.sh ...   the runs' folder on the GPU machine (default /tmp/zoology):
+#     one per experiment whose runs are resumed or packed apart
 #   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). A run that failed (out of
 #     memory, say) runs again when the same command is given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
 width=$1 seeds=$2; shift 2
-root=/tmp/zoology
+root=${ROOT:-/tmp/zoology}
 models=(attention linear_attention gla deltanet gated_deltanet gated_deltanet_equal_state
         mom_m2 mom mom_m8 mom_m2_noshared mom_noshared mom_m8_noshared)
 lrs=(1.0e-4 4.6e-4 2.2e-3 1.0e-2)
