@@ -86,8 +86,13 @@ class FolderCheckpoint(ModelCheckpoint):
 
 def computation(trainer: L.Trainer, backend: str) -> dict:
     """The precision and the kernels (model.backend=`backend` resolved on the trainer's device) a run computes
-    with: outside its config_hash (`auto` resolves by machine), so recorded beside it."""
-    return {"precision": trainer.precision, "backend": kernels.resolve_backend(backend, trainer.strategy.root_device)}
+    with: outside its config_hash (`auto` resolves by machine), so recorded beside it. Where the setting cannot
+    run on that device, the setting itself: the run failed on it, and its failure must still be recorded."""
+    try:
+        resolved = kernels.resolve_backend(backend, trainer.strategy.root_device)
+    except ValueError:
+        resolved = backend
+    return {"precision": trainer.precision, "backend": resolved}
 
 
 class RunIdentity(L.Callback):

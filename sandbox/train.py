@@ -37,7 +37,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import kernels
 from sandbox import runs
 from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interruption, RunIdentity, RunInterrupted,
                                StopOnDivergence, ThroughputMonitor, TrainingStarted, computation)
@@ -368,17 +367,8 @@ def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.T
     return result_record(cfg, digest, status, reason, trainer, best_val_acc=best_score,
                          tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
                          router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
-                         backend=_backend(cfg.model.backend, trainer.strategy.root_device),
+                         backend=computation(trainer, cfg.model.backend)["backend"],
                          cuda_graphs=module.cuda_graphs, resumed=resumed, earlier=earlier, start=start)
-
-
-def _backend(setting: str, device: torch.device) -> str:
-    """The kernels a run used on `device`; the setting itself where it cannot run there (the run failed on it,
-    and its failure must still be recorded)."""
-    try:
-        return kernels.resolve_backend(setting, device)
-    except ValueError:
-        return setting
 
 
 def result_record(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, *, best_val_acc,
