@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -122,7 +123,9 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout this package runs from, with '+dirty' when it has local changes."""
+    """The commit of the checkout this package runs from, with '+dirty' when it has local changes; for a copy
+    made by `git archive` (no .git: a GPU machine's copy, a release tarball), the commit that `git archive` wrote
+    into ARCHIVE_COMMIT, with '+archive' (local changes cannot be told there); None when neither says."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -130,8 +133,21 @@ def git_commit() -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, check=False,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return archive_commit()
     return commit + ("+dirty" if dirty else "")
+
+
+# `git archive` replaces the placeholder in this file by the archived commit (.gitattributes: export-subst).
+ARCHIVE_COMMIT = Path(__file__).with_name("ARCHIVE_COMMIT")
+
+
+def archive_commit() -> str | None:
+    """The commit `git archive` wrote into ARCHIVE_COMMIT, with '+archive'; None in a checkout (placeholder)."""
+    try:
+        text = ARCHIVE_COMMIT.read_text().strip()
+    except OSError:
+        return None
+    return text + "+archive" if re.fullmatch(r"[0-9a-f]{40}", text) else None
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -127,6 +127,19 @@ def stop_at(monkeypatch, step: int, module=RecallModule) -> None:
     monkeypatch.setattr(module, "training_step", stopped)
 
 
+def test_a_copy_made_by_git_archive_records_the_commit_it_was_made_from(tmp_path):
+    """GPU machines run a `git archive` of the code, without .git: their results must still name the commit."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", "HEAD", "sandbox/results.py", "sandbox/ARCHIVE_COMMIT"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    read = "import sys; sys.path.insert(0, 'sandbox'); import results; print(results.git_commit())"
+    recorded = subprocess.run([sys.executable, "-c", read], cwd=tmp_path, capture_output=True, text=True,
+                              check=True, env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert recorded.stdout.strip() == head.strip() + "+archive"
+    assert git_commit().split("+")[0] == head.strip()  # the checkout itself: its HEAD, not the placeholder
+
+
 @pytest.mark.parametrize("step", [11, 13, 15])
 def test_resumed_run_keeps_its_earlier_metrics_time_and_commits(step, tmp_path, monkeypatch):
     """metrics.csv of an interrupted and resumed run holds the rows of an uninterrupted one, each once; its
