@@ -22,8 +22,8 @@ Each run takes `--warmup` steps, then `--steps` timed steps (wall clock and CUDA
 end, none between), then `--profile-steps` under torch.profiler, whose CUDA kernels summed per step are the GPU
 busy time (on the CPU: its CPU ops' time), then on CUDA `--check-steps` counted for host syncs
 (torch.cuda.set_sync_debug_mode). Printed per row: wall time per step beside busy time and their ratio, steps/s,
-tokens/s, and runs per GPU-hour for the grid of `--grid-runs` runs of `--grid-steps` steps (default: the
-432-run experiment=zoology at 3000 steps), counting training steps only (no validation or test); then the
+tokens/s, and runs per GPU-hour for the grid of `--grid-runs` runs of `--grid-steps` steps (default:
+experiment=zoology's grid and steps, read from its yaml), counting training steps only (no validation or test); then the
 ratios between variants and modes measured in this run. `--json` gets every row, rewritten after each.
 Each process generates its data once (every segment capped at a few more examples than a run takes batches)
 and a run ends before its first validation.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -45,7 +46,6 @@ MODELS = ("attention", "gated_deltanet", "mom")
 LEVERS = ("fused", "nosync", "device_data")
 VARIANTS = ("none", *LEVERS, "all", "graphs")
 MODES = ("alone", "packed", "stacked", "plain")
-GRID = {"runs": 432, "steps": 3000}  # experiment=zoology: 12 models x 3 widths x 4 learning rates x 3 seeds
 
 
 class BadInput(ValueError):
@@ -172,6 +172,17 @@ def host_reads_module():
             return loss + out.aux_loss
 
     return HostReads
+
+
+def zoology_grid() -> dict:
+    """experiment=zoology's runs (the product of its sweep's value counts) and each one's steps."""
+    from omegaconf import OmegaConf
+
+    from sandbox.train import CONF_DIR
+
+    experiment = OmegaConf.load(CONF_DIR / "experiment" / "zoology.yaml")
+    runs = math.prod(len(str(values).split(",")) for values in experiment.hydra.sweeper.params.values())
+    return {"runs": runs, "steps": experiment.trainer.max_steps}
 
 
 def compose(args, model: str, width: int, root: str):
@@ -474,8 +485,9 @@ def parse(argv):
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--check-steps", type=int, default=3, help="steps counted for host syncs (CUDA)")
-    parser.add_argument("--grid-runs", type=int, default=GRID["runs"])
-    parser.add_argument("--grid-steps", type=int, default=GRID["steps"])
+    grid = zoology_grid()
+    parser.add_argument("--grid-runs", type=int, default=grid["runs"])
+    parser.add_argument("--grid-steps", type=int, default=grid["steps"])
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--json", type=Path, help="write every row here (rewritten after each)")
     args = parser.parse_args(argv)
