@@ -44,6 +44,9 @@ run_limit() {
   fi
   echo "$left"
 }
+# out_of_memory LOG: whether the run whose console output is LOG failed for want of GPU memory (packed runs
+# share it: one that starts when the others have grown can find none left).
+out_of_memory() { [ -f "$1" ] && grep -q "torch.OutOfMemoryError" "$1"; }
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait

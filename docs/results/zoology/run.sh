@@ -11,8 +11,9 @@
 #   MPS=1 bash docs/results/zoology/run.sh ...   the runs share the GPU through the CUDA MPS daemon (gpu_env.sh)
 #   ROOT=/tmp/long bash docs/results/zoology/run.sh ...   the runs' folder on the GPU machine (default /tmp/zoology):
 #     one per experiment whose runs are resumed or packed apart
-#   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). A run that failed (out of
-#     memory, say) runs again when the same command is given again; finished runs are returned as they are.
+#   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). Runs that ran out of GPU
+#     memory run once more at the end, half as many at once; a run that failed runs again when the same command is
+#     given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 source docs/results/fidelity/gpu_env.sh
 width=$1 seeds=$2; shift 2
@@ -35,14 +36,26 @@ fi
 if [ "${jobs[0]}" = all ]; then
   jobs=(); for m in "${models[@]}"; do for lr in "${lrs[@]}"; do jobs+=("$m:$lr"); done; done
 fi
-start_runs $root
-for job in "${jobs[@]}"; do
-  m=${job%%:*} lr=${job#*:}
-  for seed in ${seeds//,/ }; do
+runs=()  # MODEL:LR:SEED
+for job in "${jobs[@]}"; do for seed in ${seeds//,/ }; do runs+=("$job:$seed"); done; done
+log_of() { local m=${1%%:*} rest=${1#*:}; echo "$root/logs/$m-${rest%:*}-d$width-s${rest##*:}.log"; }
+start() {  # the runs given, at most MAX_PROCS at once; returns when the last has started
+  local run m rest limit
+  for run in "$@"; do
+    m=${run%%:*} rest=${run#*:}
     wait_for_slot
-    limit=$(run_limit) || break 2
+    limit=$(run_limit) || return 0
     timeout $limit python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-      model=$m model.d_model=$width optim.lr=$lr seed=$seed $OVERRIDES > $root/logs/$m-$lr-d$width-s$seed.log 2>&1 &
+      model=$m model.d_model=$width optim.lr=${rest%:*} seed=${rest##*:} $OVERRIDES > "$(log_of "$run")" 2>&1 &
   done
-done
+}
+start_runs $root
+start "${runs[@]}"
+wait
+# runs that ran out of GPU memory beside the others run once more, half as many at once, now that those are done
+again=(); for run in "${runs[@]}"; do out_of_memory "$(log_of "$run")" && again+=("$run"); done
+if [ ${#again[@]} -gt 0 ]; then
+  echo "out of GPU memory, run again: ${again[*]}"
+  MAX_PROCS=$(( (${MAX_PROCS:-12} + 1) / 2 )) start "${again[@]}"
+fi
 finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
