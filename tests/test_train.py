@@ -129,6 +129,8 @@ def stop_at(monkeypatch, step: int, module=RecallModule) -> None:
 
 def test_a_copy_made_by_git_archive_records_the_commit_it_was_made_from(tmp_path):
     """GPU machines run a `git archive` of the code, without .git: their results must still name the commit."""
+    if not (REPO / ".git").exists():
+        pytest.skip("the tests run from a copy that is not a git checkout: there is no commit to archive")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     archive = subprocess.run(["git", "archive", "HEAD", "sandbox/results.py", "sandbox/ARCHIVE_COMMIT"], cwd=REPO,
                              capture_output=True, check=True).stdout
