@@ -22,13 +22,17 @@ models=(attention linear_attention gla deltanet gated_deltanet gated_deltanet_eq
         mom_m2 mom mom_m8 mom_m2_noshared mom_noshared mom_m8_noshared)
 lrs=(1.0e-4 4.6e-4 2.2e-3 1.0e-2)
 jobs=("$@")
+train() {  # train LIMIT LOG OVERRIDE...: one `sandbox-train -m experiment=zoology` at this width, in the background
+  local limit=$1 log=$2; shift 2
+  timeout "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+    model.d_model=$width "$@" $OVERRIDES > "$log" 2>&1 &
+}
 if [ "${jobs[0]}" = stacked ]; then
   stacked=("${jobs[@]:1}"); [ ${#stacked[@]} -eq 0 ] && stacked=("${models[@]}")
   start_runs $root
   for m in "${stacked[@]}"; do
     limit=$(run_limit) || break
-    timeout $limit python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-      model=$m model.d_model=$width seed=$seeds hydra.launcher.stack=true $OVERRIDES > $root/logs/$m-d$width-stacked.log 2>&1 &
+    train "$limit" "$root/logs/$m-d$width-stacked.log" model=$m seed=$seeds hydra.launcher.stack=true
   done
   finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}_stacked.tar.gz"
   exit
@@ -45,8 +49,7 @@ start() {  # the runs given, at most MAX_PROCS at once; returns when the last ha
     m=${run%%:*} rest=${run#*:}
     wait_for_slot
     limit=$(run_limit) || return 0
-    timeout $limit python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-      model=$m model.d_model=$width optim.lr=${rest%:*} seed=${rest##*:} $OVERRIDES > "$(log_of "$run")" 2>&1 &
+    train "$limit" "$(log_of "$run")" model=$m optim.lr=${rest%:*} seed=${rest##*:}
   done
 }
 start_runs $root
