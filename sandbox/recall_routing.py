@@ -30,6 +30,9 @@ from tasks import IGNORE, SPLITS
 from tasks.cli import OneLineParser
 
 BEST = Path("checkpoints") / "best.ckpt"
+# The recall tasks (tasks/__init__.py): their queries recall a pair of the context. On the others (copying,
+# memorization, state tracking) a "pair" found is a coincidence of tokens, and its routing means nothing.
+RECALL_TASKS = ("ar", "fuzzy_recall", "mqar", "noisy_ar", "overwrite_mqar")
 
 
 def pair_positions(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,9 +101,9 @@ def _split_accuracy(met: torch.Tensor, right: torch.Tensor) -> dict:
 
 
 def mom_runs(path: Path) -> dict[Path, dict]:
-    """The run folders of MoM runs with their best weights, `path` itself or every one below it, each with its
-    config. A result.json that cannot be read, or best weights that cannot be loaded into their run's model, is
-    an error: that run would be left out."""
+    """The run folders of MoM runs of a recall task with their best weights, `path` itself or every one below it,
+    each with its config. A result.json that cannot be read, or best weights that cannot be loaded into their
+    run's model, is an error: that run would be left out."""
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder")
 
@@ -111,10 +114,11 @@ def mom_runs(path: Path) -> dict[Path, dict]:
     # a run trained in a stack keeps its best weights in the stack's checkpoint: a best.ckpt in its own folder is
     # of an earlier segment that ran alone
     found = {Path(r["run_dir"]): r["config"] for r in results if "stack" not in r
-             and (Path(r["run_dir"]) / BEST).is_file() and r["config"]["model"]["mixer"] == "mom"}
+             and (Path(r["run_dir"]) / BEST).is_file() and r["config"]["model"]["mixer"] == "mom"
+             and (r["config"].get("task") or {}).get("name") in RECALL_TASKS}
     if not found:
-        raise ValueError(f"{path} holds no MoM run with its best weights ({RESULT_FILE} and {BEST}; runs trained "
-                         "in a stack are not read)")
+        raise ValueError(f"{path} holds no MoM run of a recall task ({', '.join(RECALL_TASKS)}) with its best "
+                         f"weights ({RESULT_FILE} and {BEST}; runs trained in a stack are not read)")
     for folder, config in found.items():
         problem = weights_problem(folder, config)
         if problem:
@@ -134,14 +138,17 @@ def run_module(config: dict):
 def weights_problem(folder: Path, config: dict) -> str | None:
     """Why the run's best weights cannot be loaded into its model (built on the meta device: no memory, no
     data), as sandbox-train finds it for its checkpoints; None if they can."""
+    from omegaconf.errors import OmegaConfBaseException
+
     from sandbox.results import config_hash
     from sandbox.runs import checkpoint_problem
+    from sandbox.train import one_line
 
     try:
         with torch.device("meta"):
             weights = run_module(config)[0].state_dict()
-    except ValueError as err:
-        return f"its run's config does not build a model ({err})"
+    except (ValueError, TypeError, OmegaConfBaseException) as err:  # a config of another version: a key missing
+        return f"its run's config does not build a model ({one_line(err)})"
     return checkpoint_problem(folder / BEST, config_hash(config), weights)
 
 

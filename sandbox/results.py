@@ -201,10 +201,33 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# The other fields a report reads, where present, and what each must be: a result.json edited by hand or written
+# by another version may hold anything there. A parent before its children.
+FIELDS = {
+    "state_size": ("a number >= 1", lambda v: _number(v) and v >= 1),  # values in the state; plotted on a log axis
+    "steps": ("a number", _number),
+    "git_commit": ("a string", lambda v: isinstance(v, str)),
+    "earlier_git_commits": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "stack": ("a mapping", lambda v: isinstance(v, dict)),
+    "config.model.mixer_options": ("a mapping", lambda v: isinstance(v, dict)),
+    "config.callbacks": ("a mapping", lambda v: isinstance(v, dict)),
+    "config.callbacks.early_stopping": ("a mapping", lambda v: isinstance(v, dict)),
+    "config.callbacks.early_stopping.threshold": ("a number", _number),
+}
+
+
+def _field(result: dict, dotted: str):
+    """The value at a dotted key of `result`, None where it or a parent is absent."""
+    node = result
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _result_problem(result) -> str | None:
     """Why a parsed result.json cannot be reported (not an object, no model config, an unknown status, metrics
-    not numbers, an accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice), or
-    None if it can. Other statuses may lack the accuracies."""
+    not numbers, an accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice, a
+    field of FIELDS of another type), or None if it can. Other statuses may lack the accuracies."""
     if not isinstance(result, dict) or not result:
         return "not a result (an empty or non-object JSON value)"
     config = result.get("config")
@@ -223,13 +246,17 @@ def _result_problem(result) -> str | None:
             return f"{key} is not a mapping of numbers"
     accuracies = {key: result.get(key) for key in ("best_val_acc", "test_acc")}
     accuracies.update({f"test_acc_per_slice[{k!r}]": v for k, v in result.get("test_acc_per_slice", {}).items()})
-    for key, value in [*accuracies.items(), ("state_size", result.get("state_size"))]:
+    for key, value in accuracies.items():
         if value is not None and not _number(value):
             return f"{key}={value!r} is not a number"
-        if finished and key != "state_size" and not (value is not None and math.isfinite(value)):
+        if finished and not (value is not None and math.isfinite(value)):
             return f"status finished but {key}={value!r}"
-        if key != "state_size" and value is not None and math.isfinite(value) and not 0 <= value <= 1:
+        if value is not None and math.isfinite(value) and not 0 <= value <= 1:
             return f"{key}={value!r} is not an accuracy in [0, 1]"
+    for key, (what, ok) in FIELDS.items():
+        value = _field(result, key)
+        if value is not None and not ok(value):
+            return f"{key}={value!r} is not {what}"
     return None
 
 

@@ -255,8 +255,9 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     (["--override", "model.no_such_key=1"], "model=attention model.d_model=64: Could not override 'model.no_such_key'"),
     (["--models", "mom", "--widths", "65", "--override", "model.mixer_options.num_heads=2"],
      "model=mom model.d_model=65: "),
+    (["--json", ""], "argument --json: '' is not a path (empty)"),
 ], ids=["steps", "model", "variant", "graphs-on-cpu", "width-type", "packed", "stacked", "json-folder", "override",
-        "width-heads"])
+        "width-heads", "json-empty"])
 def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     from sandbox.bench import train as bench
 
@@ -275,7 +276,15 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
     (["--override", "seed=-1"], "model=attention model.d_model=16: seed=-1 is invalid: must be an integer in"),
     (["--batch", "100000"], "model=attention model.d_model=16: trainer.val_check_interval=4 is more than the 1 "
                             "training batches of an epoch"),
-], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data"])
+    # a setting the bench gives every run: a row named attention d 16 timed mom, or d 128; or a message about a
+    # trainer.max_steps=2 the command did not give
+    (["--override", "model=mom"], "--override model=mom is invalid: the bench sets model itself (use --models)"),
+    (["--override", "model.d_model=128"],
+     "--override model.d_model=128 is invalid: the bench sets model.d_model itself (use --widths)"),
+    (["--override", "trainer.max_steps=1"],
+     "--override trainer.max_steps=1 is invalid: the bench sets trainer.max_steps itself (use --steps)"),
+], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data",
+        "override-model", "override-width", "override-steps"])
 def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, capsys, tmp_path, monkeypatch):
     """Found before any run: not a traceback after the runs (--json) or at their first step."""
     from sandbox.bench import train as bench
@@ -298,8 +307,12 @@ def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, c
     ("mom", ["--fla-timeout", "0"], "--fla-timeout 0.0 is invalid: must be a number of seconds > 0"),
     ("mom", ["--json", "."], "--json . is invalid: it is a folder"),
     ("mom", ["--bogus"], "unrecognized arguments: --bogus"),
+    # no file was written, without a word
+    ("kernels", ["--json", ""], "argument --json: '' is not a path (empty)"),
+    ("mom", ["--json", ""], "argument --json: '' is not a path (empty)"),
 ], ids=["kernels-shape-of-three", "kernels-fla-jobs-0", "kernels-json-unwritable", "kernels-unknown-option",
-        "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option"])
+        "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option", "kernels-json-empty",
+        "mom-json-empty"])
 def test_gpu_bench_bad_input_is_one_line_exit_2_on_any_machine(name, argv, message, capsys):
     """Checked before the GPU is asked for, so on any machine: not a ZeroDivisionError, a ValueError or a failed
     write after the timings on a GPU, nor argparse's usage text."""

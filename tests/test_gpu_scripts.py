@@ -24,7 +24,8 @@ def test_script_parses(script):
 def run_limit(elapsed_s: int, **env: str) -> tuple[int, str, str]:
     """run_limit of gpu_env.sh (its definition alone: sourcing the file installs packages) `elapsed_s` after
     start_runs, with the given variables: exit status, stdout, stderr."""
-    function = re.search(r"^run_limit\(\) \{.*?^\}", GPU_ENV.read_text(), re.S | re.M).group(0)
+    function = "\n".join(re.search(rf"^{name}\(\) \{{.*?^\}}", GPU_ENV.read_text(), re.S | re.M).group(0)
+                         for name in ("whole_number", "run_limit"))
     assignments = " ".join(f"{name}={value}" for name, value in env.items())
     script = f"{function}\nruns_start=$(( {int(time.time())} - {elapsed_s} ))\n{assignments}\nrun_limit"
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
@@ -46,31 +47,79 @@ def test_run_limit_gives_the_seconds_a_run_may_take(elapsed, env, limit):
     (450, {"STOP_AFTER_S": "500"}, "under a minute left"),
     (0, {"RUN_LIMIT_S": "9m"}, "RUN_LIMIT_S=9m is invalid"),
     (0, {"STOP_AFTER_S": "8m"}, "STOP_AFTER_S=8m is invalid"),
+    (0, {"RUN_LIMIT_S": "0"}, "RUN_LIMIT_S=0 is invalid: a whole number >= 1"),  # timeout 0: no limit at all
 ])
 def test_run_limit_starts_no_run_and_says_why(elapsed, env, named):
     status, out, err = run_limit(elapsed, **env)
     assert status != 0 and out == "" and named in err
 
 
-def test_runs_that_ran_out_of_gpu_memory_run_once_more_at_the_end(tmp_path):
-    """docs/results/zoology/run.sh with gpu_env.sh's functions (not its package install) and a `python` that
-    fails seed 1's first run the way CUDA does when packed runs fill the card."""
+def run_script(tmp_path, argv: list[str], python: str = "", **env: str) -> subprocess.CompletedProcess:
+    """A script of docs/results/ (zoology/run.sh, mad/run.sh) run in `tmp_path` with gpu_env.sh's functions (not
+    its package install), the repo's conf/, and a `python` that appends its arguments to `tmp_path`/calls, then
+    runs `python` (bash), then prints a run's last line."""
     functions = GPU_ENV.read_text().split("\nexport PYTHONPATH=", 1)[1].split("\n", 1)[1]
     for script, text in [("docs/results/fidelity/gpu_env.sh", functions),
-                         ("docs/results/zoology/run.sh", (REPO / "docs/results/zoology/run.sh").read_text()),
-                         ("bin/python", '#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
-                                        'if [[ "$*" == *seed=1* && ! -e "$CALLS.oom" ]]; then touch "$CALLS.oom"\n'
-                                        '  echo "torch.OutOfMemoryError: CUDA out of memory"; exit 1; fi\n'
+                         *((s, (REPO / s).read_text()) for s in ("docs/results/zoology/run.sh",
+                                                                  "docs/results/mad/run.sh")),
+                         ("bin/python", f'#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n{python}\n'
                                         'echo "sandbox-train: run: best val acc 0.99, test acc 0.99"\n')]:
         (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / script).write_text(text)
     (tmp_path / "bin/python").chmod(0o755)
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "ROOT": str(tmp_path / "runs"),
+           "CALLS": str(tmp_path / "calls"), **env}
+    (tmp_path / "out").mkdir()
+    return subprocess.run(["bash", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_runs_that_ran_out_of_gpu_memory_run_once_more_at_the_end(tmp_path):
+    """docs/results/zoology/run.sh with a `python` that fails seed 1's first run the way CUDA does when packed
+    runs fill the card."""
     calls = tmp_path / "calls"
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(tmp_path), "ROOT": str(tmp_path / "runs"),
-           "CALLS": str(calls), "MAX_PROCS": "2"}
-    done = subprocess.run(["bash", "docs/results/zoology/run.sh", "64", "0,1,2", "attention:1.0e-3"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = run_script(tmp_path, ["docs/results/zoology/run.sh", "64", "0,1,2", "attention:1.0e-3"],
+                      'if [[ "$*" == *seed=1* && ! -e "$CALLS.oom" ]]; then touch "$CALLS.oom"\n'
+                      '  echo "torch.OutOfMemoryError: CUDA out of memory"; exit 1; fi', MAX_PROCS="2")
     assert done.returncode == 0, done.stderr
     seeds = sorted(re.search(r"seed=(\d)", line).group(1) for line in calls.read_text().splitlines())
     assert seeds == ["0", "1", "1", "2"]
     assert "out of GPU memory, run again: attention:1.0e-3:1" in done.stdout
+
+
+MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linear_attention mom mom_m2 " \
+         "mom_m2_noshared mom_m8 mom_m8_noshared mom_noshared simple_gla"
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["zoology/run.sh"], {}, "zoology/run.sh: error: WIDTH '' is invalid: a whole number >= 1 (model.d_model)"),
+    (["zoology/run.sh", "wide", "0", "mom:1e-3"], {}, "zoology/run.sh: error: WIDTH 'wide' is invalid"),
+    (["zoology/run.sh", "64", "", "mom:1e-3"], {},
+     "zoology/run.sh: error: SEEDS '' is invalid: whole numbers separated by commas (0,1,2)"),
+    (["zoology/run.sh", "64", "0"], {}, "zoology/run.sh: error: no runs given"),
+    (["zoology/run.sh", "64", "0", "mom:1e-3", "atention:1e-3"], {},
+     f"zoology/run.sh: error: model 'atention' is invalid: choose one of {MODELS}"),
+    (["zoology/run.sh", "64", "0", "mom:fast"], {},
+     "zoology/run.sh: error: run 'mom:fast' is invalid: MODEL:LR, LR a number > 0 (attention:2.2e-3)"),
+    (["zoology/run.sh", "64", "0", "mom"], {}, "zoology/run.sh: error: run 'mom' is invalid"),  # ran at lr 0
+    (["zoology/run.sh", "64", "0", "stacked", "mom", "mamba"], {}, "zoology/run.sh: error: model 'mamba' is invalid"),
+    (["mad/run.sh"], {}, "mad/run.sh: error: no task given: run.sh TASK,... MODEL,... [OVERRIDE ...]"),
+    (["mad/run.sh", "mad_recall,mad_recal", "mom"], {}, "mad/run.sh: error: task 'mad_recal' is invalid: choose one"),
+    (["mad/run.sh", "mad_recall", ","], {}, "mad/run.sh: error: no model given"),
+    (["mad/run.sh", "mad_recall", "mom,mamba"], {},
+     f"mad/run.sh: error: model 'mamba' is invalid: choose one of {MODELS}"),
+    # MAX_PROCS=0 waited forever, MAX_PROCS=abc started every run at once
+    (["zoology/run.sh", "64", "0", "mom:1e-3"], {"MAX_PROCS": "0"}, "MAX_PROCS=0 is invalid: a whole number >= 1"),
+    (["mad/run.sh", "mad_recall", "mom"], {"MAX_PROCS": "abc"}, "MAX_PROCS=abc is invalid: a whole number >= 1"),
+    (["zoology/run.sh", "64", "0", "mom:1e-3"], {"RUN_LIMIT_S": "9m"}, "RUN_LIMIT_S=9m is invalid"),
+], ids=["zoology-nothing", "width-a-word", "seeds-empty", "no-runs", "model-typo", "rate-a-word", "rate-missing",
+        "stacked-model-typo", "mad-nothing", "task-typo", "no-model", "mad-model-typo",
+        "max-procs-0", "max-procs-a-word", "run-limit-a-word"])
+def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, message, tmp_path):
+    """Each was passed on to every run's sandbox-train, which failed it in its log after the runs before it had
+    started; or nothing ran and an empty tarball was written, exit code 0."""
+    done = run_script(tmp_path, [f"docs/results/{argv[0]}", *argv[1:]], **env)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
+    assert not (tmp_path / "calls").exists() and not (tmp_path / "runs").exists()
+    assert list((tmp_path / "out").iterdir()) == []

@@ -69,7 +69,7 @@ def test_the_mom_runs_below_a_folder_are_read(tmp_path, capsys):
 
 BAD = {  # arguments -> the message, after `sandbox-routing: error: `
     "missing": (["{runs}/missing"], "{runs}/missing is not a folder"),
-    "no-mom-run": (["{runs}/attention"], "{runs}/attention holds no MoM run with its best weights"),
+    "no-mom-run": (["{runs}/attention"], "{runs}/attention holds no MoM run of a recall task"),
     "limit-0": (["{runs}", "--limit", "0"], "--limit 0 --batch-size 100: both must be at least 1"),
     "device-unknown": (["{runs}", "--device", "gpu"], "--device gpu is invalid on this machine"),
     "json-is-a-folder": (["{runs}", "--json", "{runs}"], "--json {runs} cannot be written"),
@@ -111,6 +111,16 @@ def _other_configuration(run):
     (run / "result.json").write_text(json.dumps(result))
 
 
+def _config_edit(edit):
+    """A change to the run's config, with its config_hash made again: a result as another version writes it."""
+    def damage(run):
+        result = json.loads((run / "result.json").read_text())
+        edit(result["config"])
+        result["config_hash"] = config_hash(result["config"])
+        (run / "result.json").write_text(json.dumps(result))
+    return damage
+
+
 DAMAGED = {  # what is done to a MoM run -> the message, after `sandbox-routing: error: ` (not a traceback)
     "checkpoint-truncated": (lambda run: (run / "checkpoints/best.ckpt").write_bytes(
         (run / "checkpoints/best.ckpt").read_bytes()[:1000]), "{run}/checkpoints/best.ckpt cannot be used: truncated"),
@@ -118,6 +128,10 @@ DAMAGED = {  # what is done to a MoM run -> the message, after `sandbox-routing:
                          "{run}/checkpoints/best.ckpt cannot be used: empty or truncated"),
     "checkpoint-of-another-configuration": (
         _other_configuration, "{run}/checkpoints/best.ckpt cannot be used: it was written by another configuration"),
+    # a traceback from building its model
+    "config-without-a-key": (_config_edit(lambda config: config.pop("optim")),
+                             "{run}/checkpoints/best.ckpt cannot be used: its run's config does not build a model "
+                             "(Missing key optim"),
     # not left out without a word
     "result-truncated": (lambda run: (run / "result.json").write_text((run / "result.json").read_text()[:200]),
                          "{run}/result.json cannot be read: not valid JSON, perhaps truncated"),
@@ -149,3 +163,17 @@ def test_a_run_trained_in_a_stack_is_not_read_from_an_earlier_best_checkpoint(mo
     assert main([str(tmp_path), "--limit", "4"]) == 2
     err = capsys.readouterr().err
     assert "holds no MoM run" in err and "stack" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_of_a_task_without_pairs_to_recall_is_not_read(mom_run, tmp_path, capsys):
+    """On parity (state tracking) a "pair" of a query is a coincidence of tokens: its routing was reported as if
+    recalled."""
+    run = tmp_path / "parity"
+    shutil.copytree(mom_run, run)
+    _config_edit(lambda config: config["task"].update(name="parity"))(run)
+    assert main([str(run), "--limit", "4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"sandbox-routing: error: {run} holds no MoM run of a recall task (ar, fuzzy_recall, mqar, noisy_ar, "
+        "overwrite_mqar) with its best weights (result.json and checkpoints/best.ckpt; runs trained in a stack are "
+        "not read)\n")

@@ -628,6 +628,34 @@ def test_accuracies_that_are_not_accuracies_are_skipped(tmp_path, capsys):
     assert [Path(row["run_dir"]).name for row in rows] == ["good"]
 
 
+@pytest.mark.parametrize("key, value, warning", [  # a result.json edited by hand or written by another version
+    ("stack", [2], "stack=[2] is not a mapping"),
+    ("earlier_git_commits", 3, "earlier_git_commits=3 is not a list of strings"),
+    ("git_commit", ["abc"], "git_commit=['abc'] is not a string"),
+    ("steps", "many", "steps='many' is not a number"),
+    ("state_size", -1, "state_size=-1 is not a number >= 1"),  # was a log-scale warning from matplotlib
+    ("config.model.mixer_options", "x", "config.model.mixer_options='x' is not a mapping"),
+    ("config.callbacks.early_stopping", "on", "config.callbacks.early_stopping='on' is not a mapping"),
+    ("config.callbacks.early_stopping.threshold", "high",
+     "config.callbacks.early_stopping.threshold='high' is not a number"),
+])
+def test_a_result_field_of_another_type_is_skipped_not_a_traceback(key, value, warning, tmp_path, capsys):
+    write_run(tmp_path, "good", seed=0)
+    path = write_run(tmp_path, "odd", seed=1) / "result.json"
+    result = json.loads(path.read_text())
+    *parents, last = key.split(".")
+    node = result
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    path.write_text(json.dumps(result))
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err == f"sandbox-report: warning: {path} skipped: {warning}\n"
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [Path(row["run_dir"]).name for row in rows] == ["good"]
+
+
 def test_run_folders_without_a_result_are_named(tmp_path, capsys):
     write_run(tmp_path, "good", seed=0)
     for folder in ("killed/checkpoints", ".stacks/abc/checkpoints", "logs-only/logs"):

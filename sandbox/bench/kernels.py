@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 SHAPES = [(8, 2048, 4, 256, 256), (8, 2048, 8, 128, 128), (64, 512, 4, 64, 64)]
 RECURRENT_PREFIX = (2, 256)  # sequences, tokens of the token-by-token reference actually timed
@@ -352,7 +351,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.rules import RULES
-    from sandbox.results import file_problem
+    from sandbox.results import file_problem, path_argument
     from tasks.cli import OneLineParser
 
     parser = OneLineParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
@@ -366,13 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-call", action="store_true", help="also time cold and warm first calls")
     parser.add_argument("--no-profile", action="store_true",
                         help="leave out each op's GPU time (its kernels summed) and longest kernels")  # fmt: skip
-    parser.add_argument("--json", help="write the timings to this file")
+    parser.add_argument("--json", type=path_argument, help="write the timings to this file")
     parser.add_argument("--_first-call-child", dest="child", help=argparse.SUPPRESS)
     parser.add_argument("--_fla-warm-child", dest="fla_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fla_jobs < 1:
         parser.error(f"--fla-jobs {args.fla_jobs} is invalid: must be >= 1")
-    problem = args.json and file_problem(Path(args.json))
+    problem = args.json and file_problem(args.json)
     if problem:
         parser.error(f"--json {args.json} is invalid: {problem}")
     # before fla is imported, here and in the compiling children: fla autotunes in the timing process instead of

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 # name -> (batch, length, hidden, heads)
 SHAPES = {"paper": (8, 2048, 1024, 4), "sandbox": (64, 512, 256, 4)}
@@ -281,7 +280,7 @@ def _print_fla(row: dict, fla: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sandbox.results import file_problem
+    from sandbox.results import file_problem, path_argument
     from tasks.cli import OneLineParser
 
     parser = OneLineParser(prog="sandbox-bench mom", description=__doc__.split("\n\n")[0])
@@ -296,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out each layer's GPU time (its kernels summed) and longest kernels")  # fmt: skip
     parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--json", type=path_argument, help="write the results to this file")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps {args.reps} is invalid: must be >= 1")
     if not args.fla_timeout > 0:
         parser.error(f"--fla-timeout {args.fla_timeout} is invalid: must be a number of seconds > 0")
-    problem = args.json and file_problem(Path(args.json))
+    problem = args.json and file_problem(args.json)
     if problem:
         parser.error(f"--json {args.json} is invalid: {problem}")
     if args.fla_worker:

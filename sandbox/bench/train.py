@@ -185,6 +185,13 @@ def zoology_grid() -> dict:
     return {"runs": runs, "steps": experiment.trainer.max_steps}
 
 
+# The settings compose() gives every run, with the options that set them: an --override of one timed another
+# model or width than its row says, or ran other steps than the bench's windows.
+SET_BY_BENCH = {"experiment": "--experiment", "model": "--models", "model.d_model": "--widths",
+                "task.batch_size": "--batch", "task.limit_examples": "--batch", "trainer.max_steps": "--steps",
+                "trainer.val_check_interval": "--steps"}
+
+
 def compose(args, model: str, width: int, root: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -465,7 +472,7 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv):
     import torch
 
-    from sandbox.results import file_problem
+    from sandbox.results import file_problem, path_argument
 
     parser = _Parser(prog="sandbox-bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -489,7 +496,7 @@ def parse(argv):
     parser.add_argument("--grid-runs", type=int, default=grid["runs"])
     parser.add_argument("--grid-steps", type=int, default=grid["steps"])
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for every run")
-    parser.add_argument("--json", type=Path, help="write every row here (rewritten after each)")
+    parser.add_argument("--json", type=path_argument, help="write every row here (rewritten after each)")
     args = parser.parse_args(argv)
     for name in ("models", "plain_models"):
         for model in getattr(args, name):
@@ -514,6 +521,10 @@ def parse(argv):
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if "graphs" in args.variants and not torch.cuda.is_available():
         raise BadInput("--variants graphs is invalid on this machine: CUDA graphs need a CUDA device")
+    for override in args.override:
+        key = override.lstrip("+~").partition("=")[0]
+        if key in SET_BY_BENCH:
+            raise BadInput(f"--override {override} is invalid: the bench sets {key} itself (use {SET_BY_BENCH[key]})")
     problem = args.json and file_problem(args.json)
     if problem:
         raise BadInput(f"--json {args.json} is invalid: {problem}")

@@ -19,21 +19,28 @@ start_mps() {
     { echo "the CUDA MPS daemon did not start"; return 1; }
 }
 stop_mps() { echo quit | nvidia-cuda-mps-control; }
-start_runs() { mkdir -p "$1/logs"; runs_start=$(date +%s); if [ "$MPS" = 1 ]; then start_mps || exit 1; fi; }
+# start_runs stops the script (exit code 2, nothing started) on a MAX_PROCS, RUN_LIMIT_S or STOP_AFTER_S that
+# run_limit and wait_for_slot cannot use: MAX_PROCS=0 waited forever, MAX_PROCS=abc started every run at once.
+start_runs() {
+  whole_number MAX_PROCS 1 && whole_number RUN_LIMIT_S 1 && whole_number STOP_AFTER_S 0 || exit 2
+  mkdir -p "$1/logs"; runs_start=$(date +%s); if [ "$MPS" = 1 ]; then start_mps || exit 1; fi
+}
+# whole_number NAME LEAST: fails, saying why, where the variable NAME is set to other than a whole number >= LEAST
+whole_number() {
+  if [ -n "${!1}" ] && ! { [[ ${!1} =~ ^[0-9]+$ ]] && [ "${!1}" -ge "$2" ]; }; then
+    echo "$1=${!1} is invalid: a whole number >= $2" >&2; return 1
+  fi
+}
 # wait_for_slot before starting a run keeps at most MAX_PROCS (default 12) running: packed runs share the GPU's
 # memory (how many fit at d_model 256: docs/results/zoology/d256/README.md).
 # run_limit prints how many seconds a run started now may take: RUN_LIMIT_S (default 540), less where
 # STOP_AFTER_S (seconds after start_runs) comes sooner; it fails, saying why, on a value that is not a whole number
-# of seconds and when under a minute is left before STOP_AFTER_S, so that no run starts that could not reach its
-# first checkpoint. A run stopped by its limit gets SIGTERM, saves a checkpoint and is recorded as interrupted;
-# the same command given again resumes it and starts the runs that did not start.
+# of seconds (RUN_LIMIT_S=0 would be no limit at all: timeout 0) and when under a minute is left before
+# STOP_AFTER_S, so that no run starts that could not reach its first checkpoint. A run stopped by its limit gets
+# SIGTERM, saves a checkpoint and is recorded as interrupted; the same command given again resumes it and starts
+# the runs that did not start.
 run_limit() {
-  local name
-  for name in RUN_LIMIT_S STOP_AFTER_S; do
-    if [ -n "${!name}" ] && ! [[ ${!name} =~ ^[0-9]+$ ]]; then
-      echo "$name=${!name} is invalid: a whole number of seconds" >&2; return 1
-    fi
-  done
+  whole_number RUN_LIMIT_S 1 && whole_number STOP_AFTER_S 0 || return 1
   local left=${RUN_LIMIT_S:-540}
   if [ -n "$STOP_AFTER_S" ]; then
     local to_stop=$(( STOP_AFTER_S - ($(date +%s) - runs_start) ))

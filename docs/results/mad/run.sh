@@ -7,6 +7,17 @@
 # (RUN_LIMIT_S, STOP_AFTER_S: run_limit in gpu_env.sh) from their checkpoints, starts those that did not start,
 # and leaves finished ones as they are.
 # Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run).
+# The arguments are checked before anything is installed or started (one line, exit code 2): a typo'd task or
+# model otherwise failed in its runs' logs, the runs before it started, and none packed an empty tarball.
+bad() { echo "mad/run.sh: error: $*" >&2; exit 2; }
+names_ok() {  # names_ok GROUP NAME,...: each a config of conf/GROUP
+  [ -n "${2//,/}" ] || bad "no $1 given: run.sh TASK,... MODEL,... [OVERRIDE ...]"
+  local name
+  for name in ${2//,/ }; do
+    [ -f "conf/$1/$name.yaml" ] || bad "$1 '$name' is invalid: choose one of $(cd conf/$1 && ls | sed 's/\.yaml$//' | xargs)"
+  done
+}
+names_ok task "$1" && names_ok model "$2"
 source docs/results/fidelity/gpu_env.sh
 tasks=$1 models=$2; shift 2
 root=/tmp/mad

@@ -15,6 +15,25 @@
 #     memory run once more at the end, half as many at once; a run that failed runs again when the same command is
 #     given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
+# The arguments are checked before anything is installed or started (one line, exit code 2): a typo'd model or
+# rate otherwise failed in each run's log, the runs before it started, and no runs at all packed an empty tarball.
+bad() { echo "zoology/run.sh: error: $*" >&2; exit 2; }
+model_ok() {
+  [ -f "conf/model/$1.yaml" ] || bad "model '$1' is invalid: choose one of $(cd conf/model && ls | sed 's/\.yaml$//' | xargs)"
+}
+[[ $1 =~ ^[1-9][0-9]*$ ]] || bad "WIDTH '$1' is invalid: a whole number >= 1 (model.d_model)"
+[[ $2 =~ ^[0-9]+(,[0-9]+)*$ ]] || bad "SEEDS '$2' is invalid: whole numbers separated by commas (0,1,2)"
+[ $# -ge 3 ] || bad "no runs given: MODEL:LR ..., all, or stacked [MODEL ...] after WIDTH SEEDS"
+if [ "$3" = stacked ]; then
+  for m in "${@:4}"; do model_ok "$m"; done
+elif [ "$3" != all ]; then
+  for job in "${@:3}"; do
+    lr=${job#*:}
+    [[ $job == *:* && $lr =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ && ${lr%%[eE]*} =~ [1-9] ]] ||
+      bad "run '$job' is invalid: MODEL:LR, LR a number > 0 (attention:2.2e-3)"
+    model_ok "${job%%:*}"
+  done
+fi
 source docs/results/fidelity/gpu_env.sh
 width=$1 seeds=$2; shift 2
 root=${ROOT:-/tmp/zoology}
