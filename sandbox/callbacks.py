@@ -108,16 +108,6 @@ class RunIdentity(L.Callback):
         checkpoint["computation"] = computation(trainer, self.backend)
 
 
-class TrainingStarted(L.Callback):
-    """Whether this fit reached its first training batch. Lightning restores a checkpoint and positions the
-    train loader before that, so in a resumed run an error before it is the checkpoint's."""
-
-    started = False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.started = True
-
-
 class Diverged(Exception):
     """The training loss was not finite."""
 

@@ -14,6 +14,7 @@ import pickle
 import re
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -179,6 +180,12 @@ def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]
     if gone:
         return f"it needs {', '.join(gone)} (the best weights so far), which is gone or unusable"
     return None
+
+
+def raised_restoring(err: BaseException) -> bool:
+    """Whether `err` was raised while Lightning restored a checkpoint (in its checkpoint connector)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return any(Path(frame.filename).name == "checkpoint_connector.py" for frame in frames)
 
 
 def checkpoint_computation(path: Path) -> dict | None:

@@ -32,8 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.backbone import common_part
 from sandbox import runs
-from sandbox.callbacks import (Interruption, RunIdentity, RunInterrupted, TrainingStarted, computation, run_key,
-                               split_run_key)
+from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, computation, run_key, split_run_key
 from sandbox.data import RecallDataModule
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, config_hash, write_json_atomic
@@ -41,7 +40,7 @@ from sandbox.runs import say
 from sandbox.settings import FLOAT16, ConfigError, check_settings, one_device
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
 from sandbox.train import (build_data, build_module, check_same_computation, fit_status, interrupted_reason,
-                           make_trainer, result_record, run_logger)
+                           make_trainer, result_record, run_logger, stop_if_signalled)
 from tasks import SPLITS
 
 # The settings in which the runs of one stack may differ; everything else must be equal.
@@ -514,9 +513,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                                 "optim": OmegaConf.to_container(cfg.optim, resolve=True), "stack": str(stack_dir)})
     say(f"{len(cfgs)} runs stacked, their checkpoint in {stack_dir}")
     with Interruption(stack_dir / runs.CHECKPOINTS / "last.ckpt") as interruption:
-        started = TrainingStarted()
         trainer = make_trainer(cfgs[0], stack_dir, [RunIdentity(stack_digest, cfgs[0].model.backend), interruption,
-                                                    started, *extra_callbacks], logger=loggers, per_run_selection=True)
+                                                    *extra_callbacks], logger=loggers, per_run_selection=True)
         resume_from = runs.resume_checkpoint(stack_dir, stack_digest, module.state_dict())
         # each run's result of the segment the stack resumes after (none if killed outright)
         earlier = [runs.stored_result(run_dir) if resume_from is not None else None for run_dir in run_dirs]
@@ -571,6 +569,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
             say(f"{run_dirs[r]}: {result['status'].replace('_', ' ')}: {result['status_reason']} "
                 f"(recorded in {RESULT_FILE})", error=True)
         results[todo[r]] = result
+    stop_if_signalled(stack_dir, interruption)
     return [results[i] for i in sorted(results)]
 
 

@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from sandbox.callbacks import run_key
+from sandbox.callbacks import RunInterrupted, run_key
 from sandbox.results import flatten, folder_problem, identity_key, stopping_threshold
 from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
@@ -670,7 +670,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2
     if args.workers == 1:
-        run_worker(space, storage_url, args.overrides, sweep_dir, args.worker_index)
+        try:
+            run_worker(space, storage_url, args.overrides, sweep_dir, args.worker_index)
+        except RunInterrupted as stop:  # its run has said where it stopped; the trial stays RUNNING
+            print(f"sandbox-sweep: interrupted by {stop}: run the same command to go on with the study; the trial "
+                  f"that was running is run again once its heartbeat is older than "
+                  f"heartbeat.grace_s={space['heartbeat']['grace_s']}", file=sys.stderr)
+            return 128 + stop.signum
     else:
         base = [sys.executable, "-m", "sandbox.sweep", "--space", args.space, "--n-trials", str(space["n_trials"]),
                 "--study-name", space["study_name"], "--storage", storage_url, "--output-root", args.output_root,

@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sandbox import runs
 from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interruption, RunIdentity, RunInterrupted,
-                               StopOnDivergence, ThroughputMonitor, TrainingStarted, computation)
+                               StopOnDivergence, ThroughputMonitor, computation)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
@@ -246,9 +246,8 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module = build(cfg)
-        started = TrainingStarted()
         trainer = make_trainer(cfg, run_dir, [RunIdentity(digest, cfg.model.backend), StopOnDivergence(), interruption,
-                                              started, *extra_callbacks])
+                                              *extra_callbacks])
         processes = trainer.num_devices * trainer.num_nodes
         if cfg.task.batch_size % processes:
             raise ConfigError(f"task.batch_size={cfg.task.batch_size} is invalid with {processes} processes: "
@@ -262,13 +261,14 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     except RunInterrupted as stop:
         say(f"{run_dir}: interrupted by {stop} before training; run the same command to run it", error=True)
         raise
-    resume_from, tested, earlier = None, None, None
+    resume_from, tested, earlier, fitted = None, None, None, False
     try:
         resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
         if resume_from is not None:
             earlier = runs.stored_result(run_dir)  # of the segment it resumes after (none if killed outright)
             check_same_computation(run_dir, resume_from, [earlier], computation(trainer, cfg.model.backend))
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        fitted = True
         status, reason = _fit_status(cfg, trainer)
         if status == "finished":
             best = trainer.checkpoint_callback.best_model_path or None
@@ -280,7 +280,9 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     except ConfigError:  # nothing ran: the folder stays as the earlier segment left it
         raise
     except Exception as err:
-        if resume_from is not None and not started.started:  # Lightning failed to restore the checkpoint
+        # Only an error of Lightning's restore is the checkpoint's: one of the run (a full disk, a failing test)
+        # would set aside good checkpoints, and the run would start again from scratch.
+        if resume_from is not None and not fitted and runs.raised_restoring(err):
             runs.set_aside(resume_from, f"it cannot be restored ({runs.describe_error(err)})")
             return _train(cfg, run_dir, digest, interruption, extra_callbacks)
         failure = _result(cfg, digest, "failed", runs.describe_error(err), trainer, module, datamodule,
@@ -300,7 +302,18 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         raise RunInterrupted(interruption.signum)
     if status != "finished":
         say(f"{run_dir}: {status.replace('_', ' ')}: {reason} (recorded in {RESULT_FILE})", error=True)
+    stop_if_signalled(run_dir, interruption)
     return result
+
+
+def stop_if_signalled(where: Path, interruption: Interruption) -> None:
+    """RunInterrupted for a signal that the run's end did not stop on (Lightning ends a test in whose last batch a
+    signal came), once the end is recorded: the command stops all the same (a multirun or a sweep would start its
+    next run)."""
+    if interruption.signum is not None:
+        say(f"{where}: {signal.Signals(interruption.signum).name} received as it ended, its end recorded: stopping",
+            error=True)
+        raise RunInterrupted(interruption.signum)
 
 
 class OtherComputation(ConfigError):

@@ -2,6 +2,7 @@
 that cannot be used for a run stops it (docs/bad_inputs.md, "Faults that are not errors")."""
 
 import csv
+import errno
 import json
 import math
 import shutil
@@ -273,6 +274,24 @@ def test_run_killed_after_its_early_stop_is_not_trained_further(tmp_path):
         assert sum(1 for row in csv.DictReader(f) if row["test/acc"]) == 1  # one test, at the step it stopped
 
 
+class SignalInLastTestBatch(L.Callback):
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        signal.raise_signal(signal.SIGTERM)  # SMALL tests one batch: the last
+
+
+def test_signal_in_the_last_test_batch_records_the_run_and_stops(small_run, tmp_path, capsys):
+    """Lightning ends a test in whose last batch SIGTERM came: the run is recorded as it ended (finished) and the
+    command stops with RunInterrupted, as for a signal at any other moment. The signal was lost: the command went
+    on (a multirun to its next run) and exited 0."""
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train(make_cfg(*SMALL), tmp_path, extra_callbacks=[SignalInLastTestBatch()])
+    assert "SIGTERM received as it ended, its end recorded: stopping" in capsys.readouterr().err
+    result = read_result(tmp_path)
+    assert result["status"] == "finished"
+    for key in METRICS:
+        assert result[key] == small_run[1][key], key
+
+
 # ---- checkpoints that cannot be used ----
 def rewrite(path: Path, change) -> None:
     checkpoint = torch.load(path, weights_only=True)
@@ -337,3 +356,35 @@ def test_last_checkpoint_without_its_best_starts_again(small_run, tmp_path, caps
     assert "last.ckpt cannot be used: it needs best.ckpt" in out and "starting from scratch" in out, out
     for key in METRICS:
         assert result[key] == small_run[1][key], key
+
+
+class FailingTest(L.Callback):
+    def on_test_start(self, trainer, pl_module):
+        raise RuntimeError("injected test failure")
+
+
+def fill_the_disk(monkeypatch) -> None:
+    """Every write of the run's logger fails as on a full disk (the first comes before the checkpoint is restored)."""
+    def save(writer):
+        raise OSError(errno.ENOSPC, "No space left on device", writer.metrics_file_path)
+    monkeypatch.setattr(sandbox.train._ResumableWriter, "save", save)
+
+
+@pytest.mark.parametrize("fault", ["test-fails", "disk-full"])
+def test_an_error_of_a_resumed_run_keeps_its_checkpoints(fault, small_run, tmp_path, monkeypatch, capsys):
+    """A resumed run that fails before its first step for a reason not its checkpoints' (its test raises, the disk is
+    full) is recorded as failed and keeps them: the same command resumes from them. They were set aside as `cannot be
+    restored`, and the run trained again from scratch."""
+    folder = copy_of(small_run, tmp_path)
+    with monkeypatch.context() as patch, pytest.raises((RuntimeError, ConfigError)):
+        if fault == "disk-full":
+            fill_the_disk(patch)
+        train(make_cfg(*SMALL), folder, extra_callbacks=[FailingTest()] if fault == "test-fails" else [])
+    assert "cannot be used" not in capsys.readouterr().out
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    if fault == "test-fails":
+        assert read_result(folder)["status"] == "failed"
+    resumed = train(make_cfg(*SMALL), folder)
+    assert resumed["resumed"]
+    for key in METRICS:
+        assert resumed[key] == small_run[1][key], key

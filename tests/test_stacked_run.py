@@ -5,11 +5,13 @@ interrupted stack resumes, and `sandbox-train -m` stacks or not as asked."""
 import csv
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -18,6 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 import sandbox.stacked_run
 import sandbox.train
 from hydra_plugins.sandbox_launcher.launcher import SandboxLauncher
+from sandbox.callbacks import RunInterrupted
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE
 from sandbox.settings import ConfigError
@@ -311,3 +314,21 @@ def test_a_stack_checkpoint_is_not_resumed_after_one_of_its_runs_trained_elsewhe
         assert not r["resumed"] and r["steps"] == w["steps"] and r["test_loss"] == pytest.approx(w["test_loss"])
     assert "0 was trained elsewhere after it (alone or in another stack); moved to last.ckpt.unusable" in \
         capsys.readouterr().out
+
+
+class SignalInLastTestBatch(L.Callback):
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == trainer.num_test_batches[dataloader_idx] - 1:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_in_a_stacks_last_test_batch_records_its_runs_and_stops(tmp_path, capsys):
+    """Lightning ends a test in whose last batch SIGTERM came: each run is recorded as it ended and the command
+    stops (RunInterrupted). The signal was lost: a multirun went on to its next stack, and the command exited 0."""
+    jobs = [("seed=0",), ("seed=1",)]
+    dirs = [tmp_path / str(i) for i in range(len(jobs))]
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train_stack([make_cfg(tmp_path, "trainer.max_steps=10", *job) for job in jobs], dirs,
+                    extra_callbacks=[SignalInLastTestBatch()])
+    assert "SIGTERM received as it ended, its end recorded: stopping" in capsys.readouterr().err
+    assert [json.loads((d / RESULT_FILE).read_text())["status"] for d in dirs] == ["finished", "finished"]

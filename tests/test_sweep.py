@@ -360,6 +360,27 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     assert len(completed) == 2
 
 
+def test_interrupted_sweep_is_one_line_exit_143(tmp_path):
+    """SIGTERM mid-trial: its run saves a checkpoint and records `interrupted`, the sweep says so in one line and
+    exits 143, and its trial stays RUNNING, to be retried once its heartbeat is stale (as a killed worker's:
+    test_killed_worker_trial_is_failed_and_retried). The sweep ended in a traceback, exit code 1."""
+    # 64 steps (after FAST, which sets 64 examples)
+    command = [*sweep_command(tmp_path, "--n-trials", "1"), "task.limit_examples=1024",
+               "trainer.limit_train_batches=1.0"]
+    worker = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "sweeps" / "routing" / "trials" / "0000"
+    deadline = time.time() + 300
+    while not (run_dir / "logs" / "metrics.csv").exists() and time.time() < deadline:  # written as the fit starts
+        time.sleep(0.2)
+    time.sleep(1)  # a few steps
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "sandbox-sweep: interrupted by SIGTERM: run the same command" in err, err[-2000:]
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
+    assert [t.state for t in load_study(tmp_path).get_trials()] == [TrialState.RUNNING]
+
+
 @pytest.mark.parametrize("storage", ["notaurl", "sqlite:///{tmp}/missing/study.db", "sqlite:///{tmp}",
                                      "postgresql://nobody@127.0.0.1:1/none"],
                          ids=["not-a-url", "sqlite-missing-folder", "sqlite-a-folder", "postgres-unreachable"])
