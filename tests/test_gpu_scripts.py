@@ -67,10 +67,11 @@ def run_script(tmp_path, argv: list[str], python: str = "", **env: str) -> subpr
         (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / script).write_text(text)
     (tmp_path / "bin/python").chmod(0o755)
-    (tmp_path / "conf").symlink_to(REPO / "conf")
+    if not (tmp_path / "conf").exists():  # a second command in the same place
+        (tmp_path / "conf").symlink_to(REPO / "conf")
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "ROOT": str(tmp_path / "runs"),
            "CALLS": str(tmp_path / "calls"), **env}
-    (tmp_path / "out").mkdir()
+    (tmp_path / "out").mkdir(exist_ok=True)
     return subprocess.run(["bash", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -85,6 +86,20 @@ def test_runs_that_ran_out_of_gpu_memory_run_once_more_at_the_end(tmp_path):
     seeds = sorted(re.search(r"seed=(\d)", line).group(1) for line in calls.read_text().splitlines())
     assert seeds == ["0", "1", "1", "2"]
     assert "out of GPU memory, run again: attention:1.0e-3:1" in done.stdout
+
+
+def test_a_command_given_again_keeps_the_earlier_output_and_reruns_nothing_for_memory(tmp_path):
+    """The same command given twice (as a resume is): each run's log keeps both commands' output, and a run that
+    ran out of memory in the first command, then trained, is not taken for one out of memory in the second."""
+    argv = ["docs/results/zoology/run.sh", "64", "1", "attention:1.0e-3"]
+    python = ('if [[ ! -e "$CALLS.oom" ]]; then touch "$CALLS.oom"\n'
+              '  echo "torch.OutOfMemoryError: CUDA out of memory"; exit 1; fi')
+    first = run_script(tmp_path, argv, python)
+    assert "out of GPU memory, run again" in first.stdout
+    second = run_script(tmp_path, argv, python)
+    assert second.returncode == 0 and "out of GPU memory" not in second.stdout, second.stdout
+    log = (tmp_path / "runs" / "logs" / "attention-1.0e-3-d64-s1.log").read_text()
+    assert log.count("\n== ") + log.startswith("== ") == 3 and log.count("OutOfMemoryError") == 1, log
 
 
 MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linear_attention mom mom_m2 " \

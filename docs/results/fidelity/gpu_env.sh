@@ -51,9 +51,10 @@ run_limit() {
   fi
   echo "$left"
 }
-# out_of_memory LOG: whether the run whose console output is LOG failed for want of GPU memory (packed runs
-# share it: one that starts when the others have grown can find none left).
-out_of_memory() { [ -f "$1" ] && grep -q "torch.OutOfMemoryError" "$1"; }
+# out_of_memory LOG: whether the run whose console output is LOG failed for want of GPU memory in its last start
+# (the part after LOG's last "== " header; packed runs share the memory: one that starts when the others have
+# grown can find none left).
+out_of_memory() { [ -f "$1" ] && tac "$1" | sed '/^== /q' | grep -q "torch.OutOfMemoryError"; }
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait

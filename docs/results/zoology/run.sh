@@ -43,8 +43,10 @@ lrs=(1.0e-4 4.6e-4 2.2e-3 1.0e-2)
 jobs=("$@")
 train() {  # train LIMIT LOG OVERRIDE...: one `sandbox-train -m experiment=zoology` at this width, in the background
   local limit=$1 log=$2; shift 2
+  # appended under a header: a command given again to resume keeps what the earlier ones printed
+  echo "== $(date -u +%FT%TZ) $* $OVERRIDES" >> "$log"
   timeout "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-    model.d_model=$width "$@" $OVERRIDES > "$log" 2>&1 &
+    model.d_model=$width "$@" $OVERRIDES >> "$log" 2>&1 &
 }
 if [ "${jobs[0]}" = stacked ]; then
   stacked=("${jobs[@]:1}"); [ ${#stacked[@]} -eq 0 ] && stacked=("${models[@]}")
