@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -580,6 +581,28 @@ def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: P
             break
 
 
+def run_workers(commands: list[list[str]]) -> tuple[list[int], int | None]:
+    """Start a worker process per command and wait for them all: their exit codes, and the signal (SIGTERM or
+    SIGINT) that stopped the sweep, or None. A signal is passed on to every worker still running, which records
+    its run as a one-worker sweep does and exits: none is left training on its own, and Ctrl-C ends this wait
+    without a traceback."""
+    workers, received = [], []
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        for worker in workers:
+            worker.send_signal(signum)  # nothing for a worker that has ended
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for command in commands:
+            workers.append(subprocess.Popen(command))
+        return [worker.wait() for worker in workers], (received[0] if received else None)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def summarise(study: optuna.Study, objectives: list[str]) -> str:
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
@@ -682,9 +705,13 @@ def main(argv: list[str] | None = None) -> int:
                 "--study-name", space["study_name"], "--storage", storage_url, "--output-root", args.output_root,
                 *(f"--param={p}" for p in args.param),
                 *(["--seeds", ",".join(map(str, space["seeds"]))] if space.get("seeds") else [])]
-        workers = [subprocess.Popen([*base, "--worker-index", str(args.worker_index + i), *args.overrides])
-                   for i in range(args.workers)]
-        codes = [w.wait() for w in workers]
+        codes, signum = run_workers([[*base, "--worker-index", str(args.worker_index + i), *args.overrides]
+                                     for i in range(args.workers)])
+        if signum is not None:
+            print(f"sandbox-sweep: interrupted by {signal.Signals(signum).name}, passed on to its workers: run the "
+                  "same command to go on with the study; the trials that were running are run again once their "
+                  f"heartbeats are older than heartbeat.grace_s={space['heartbeat']['grace_s']}", file=sys.stderr)
+            return 128 + signum
         if any(codes):
             print(f"sandbox-sweep: worker exit codes {codes}", file=sys.stderr)
     print(summarise(study, space["objectives"]))

@@ -1,6 +1,7 @@
 """Optuna searches: a tiny study, continuing it, failing trials, pruning, seeds per trial, bad input, two workers,
-a killed worker."""
+a killed worker, a signalled sweep."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -305,7 +306,8 @@ def test_parse_param():
 
 
 def sweep_command(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sandbox.sweep", "--output-root", str(root), *extra, *FAST]
+    """The sweep's command line: the fast settings, then the test's own arguments, which override them."""
+    return [sys.executable, "-m", "sandbox.sweep", "--output-root", str(root), *FAST, *extra]
 
 
 def test_two_workers_share_one_study(tmp_path):
@@ -364,9 +366,8 @@ def test_interrupted_sweep_is_one_line_exit_143(tmp_path):
     """SIGTERM mid-trial: its run saves a checkpoint and records `interrupted`, the sweep says so in one line and
     exits 143, and its trial stays RUNNING, to be retried once its heartbeat is stale (as a killed worker's:
     test_killed_worker_trial_is_failed_and_retried). The sweep ended in a traceback, exit code 1."""
-    # 64 steps (after FAST, which sets 64 examples)
-    command = [*sweep_command(tmp_path, "--n-trials", "1"), "task.limit_examples=1024",
-               "trainer.limit_train_batches=1.0"]
+    # a trial of 64 steps
+    command = sweep_command(tmp_path, "--n-trials", "1", "task.limit_examples=1024", "trainer.limit_train_batches=1.0")
     worker = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "sweeps" / "routing" / "trials" / "0000"
     deadline = time.time() + 300
@@ -379,6 +380,70 @@ def test_interrupted_sweep_is_one_line_exit_143(tmp_path):
     assert "Traceback" not in err and "sandbox-sweep: interrupted by SIGTERM: run the same command" in err, err[-2000:]
     assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
     assert [t.state for t in load_study(tmp_path).get_trials()] == [TrialState.RUNNING]
+
+
+def in_process_group(pgid: int) -> list[int]:
+    """The live processes of a process group (from /proc: pid (comm) state ppid pgrp ...)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["sigterm-to-the-parent", "ctrl-c-to-the-process-group"])
+def test_interrupted_workers_sweep_stops_its_workers_one_line(signum, to_group, tmp_path):
+    """A signal to `--workers 2` mid-trial, to the parent alone (SIGTERM) or, as Ctrl-C in a terminal, to its
+    whole process group (SIGINT): the parent passes it on to the workers, whose running trials record their runs
+    as `interrupted` (and stay RUNNING, to be retried); once they have exited it says so in one line and exits
+    128 + the signal. It was a KeyboardInterrupt traceback for Ctrl-C, and for SIGTERM the parent died at once
+    (exit -15) and left its workers training."""
+    command = sweep_command(tmp_path, "--n-trials", "4", "--workers", "2", "task.limit_examples=4096",
+                            "trainer.limit_train_batches=1.0")  # trials of 256 steps: both workers are in one
+    # Output to files, not pipes, which workers left running would hold open. In a process group of its own: its
+    # workers are in it, pytest not.
+    out_file, err_file = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        sweep = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                running = load_study(tmp_path).get_trials(states=(TrialState.RUNNING,))
+            except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+                running = []  # no database, tables or study yet
+            run_dirs = [Path(t.user_attrs["run_dir"]) for t in running if "run_dir" in t.user_attrs]
+            if len(run_dirs) == 2 and all((d / "logs" / "metrics.csv").exists() for d in run_dirs):
+                break  # both workers' runs are fitting
+            time.sleep(0.5)
+        else:
+            pytest.fail("never saw both workers training")
+        time.sleep(1)  # a few steps
+        if to_group:
+            os.killpg(sweep.pid, signum)
+        else:
+            sweep.send_signal(signum)
+        sweep.wait(timeout=300)
+        assert in_process_group(sweep.pid) == []  # no worker left training
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+    out, err = out_file.read_text(), err_file.read_text()
+    assert sweep.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and out == "", err[-3000:]
+    name = signal.Signals(signum).name
+    assert err.count("passed on to its workers") == 1
+    assert err.splitlines()[-1].startswith(f"sandbox-sweep: interrupted by {name}, passed on to its workers: run "
+                                           "the same command to go on with the study"), err[-3000:]
+    for run_dir in run_dirs:
+        assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
+    still_running = load_study(tmp_path).get_trials(states=(TrialState.RUNNING,))
+    assert sorted(Path(t.user_attrs["run_dir"]) for t in still_running) == sorted(run_dirs)
 
 
 @pytest.mark.parametrize("storage", ["notaurl", "sqlite:///{tmp}/missing/study.db", "sqlite:///{tmp}",
