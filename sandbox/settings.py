@@ -73,6 +73,7 @@ def _path_text(value) -> str | None:
 
 
 FRACTION = number(0, 1, low_open=True)
+FLAG = Rule(lambda v: isinstance(v, bool), "true or false")
 # Lightning's two readings of a limit or interval: a float is a fraction of an epoch, an int a count of batches.
 BATCHES = Rule(lambda v: FRACTION.ok(v) or integer(1).ok(v),
                "a fraction in (0, 1] or a number of batches (an integer >= 1)")
@@ -122,6 +123,10 @@ SETTINGS: dict[str, Rule] = {
     "callbacks.progress": one_of("auto", "rich", "lines", "none"),
     "logger.kind": one_of("csv", "tensorboard"),
 }
+# Trainer keys sandbox.train sets itself; any other lightning.Trainer argument may be added (+trainer.KEY=...)
+# and is checked by Lightning, or by ADDED_TRAINER_SETTINGS where Lightning does not check it.
+TRAINER_SET_BY_SANDBOX = ("logger", "callbacks", "default_root_dir", "enable_progress_bar", "enable_model_summary",
+                          "use_distributed_sampler")
 # Lightning arguments that may be added (+trainer.KEY=...) and that Lightning takes for a run the sandbox cannot
 # run or record as asked; checked when given.
 ADDED_TRAINER_SETTINGS: dict[str, Rule] = {
@@ -131,6 +136,13 @@ ADDED_TRAINER_SETTINGS: dict[str, Rule] = {
     "trainer.min_steps": nullable(integer(0)),
     "trainer.fast_dev_run": Rule(lambda v: v in (False, 0),
                                  "false: debug=fast runs any configuration on a few batches, and records it"),
+    "trainer.deterministic": Rule(lambda v: v is None or isinstance(v, bool) or v == "warn",
+                                  "true, false, warn or null"),
+    # Lightning's true/false arguments, which it takes unchecked: a word is taken as true, a number is a traceback
+    # once the run has begun (benchmark, detect_anomaly).
+    **{f"trainer.{name}": FLAG if arg.annotation is bool else Rule(nullable(FLAG).ok, "true, false or null")
+       for name, arg in inspect.signature(L.Trainer.__init__).parameters.items()
+       if arg.annotation in (bool, bool | None) and name not in TRAINER_SET_BY_SANDBOX},
 }
 # A key read as it is: the label of a task suite, for sandbox-report (experiment=mad sets it).
 FREE = ("suite",)
@@ -139,10 +151,6 @@ DELEGATED = ("task.name", "task.params", "task.segments", "model")
 # Keys whose value is a mapping: the sections of the dotted keys, and those of DELEGATED that are mappings.
 SECTIONS = {key.rpartition(".")[0] for key in (*SETTINGS, *DELEGATED)} - {""} | {"task.params", "task.segments",
                                                                              "model"}
-# Trainer keys sandbox.train sets itself; any other lightning.Trainer argument may be added (+trainer.KEY=...)
-# and is checked by Lightning.
-TRAINER_SET_BY_SANDBOX = ("logger", "callbacks", "default_root_dir", "enable_progress_bar", "enable_model_summary",
-                          "use_distributed_sampler")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -303,6 +311,13 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
                 raise ConfigError(f"{where}: {err}") from err
             shape = {k: max(v, resolved[k]) for k, v in shape.items()}
             sizes[split] += min(num_examples, task.limit_examples or num_examples)
+    # A segment's value wins over task.params: a param that every segment sets is never read, and a run (or each
+    # job of a multirun over it) would train on the segments' value alone.
+    shadowed = [k for k in params if all(k in segment for split in SPLITS for segment in segments[split])]
+    if shadowed:
+        key = shadowed[0]
+        raise ConfigError(f"task.params.{key}={_show(params[key])} is never read: every segment of task.segments "
+                          f"sets its own {key}; set it in the segments, or remove it from them")
     return shape, sizes
 
 

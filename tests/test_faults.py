@@ -94,6 +94,7 @@ BAD_TRAIN = {
     "task-labels-at-unknown": (["task=parity", "task.params.labels_at=end"], "labels_at"),
     "task-modulus-above-vocab": (["task=modular_sum", "task.params.modulus=10"], "vocab_size"),
     "task-s5-vocab-too-small": (["task=s5", "task.params.vocab_size=100"], "vocab_size"),
+    "task-param-set-by-every-segment": (["+task.params.seq_len=16"], "task.params.seq_len"),
     # models
     "model-top-k-above-memories": (["model.mixer_options.top_k=5"], "top_k"),
     "model-top-k-zero": (["model.mixer_options.top_k=0"], "top_k"),
@@ -114,9 +115,12 @@ BAD_TRAIN = {
     "train-misspelt-trainer": (["trainer=ddpp"], "ddpp"),
     "train-batch-not-divisible": (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                    "task.batch_size=63"], "task.batch_size"),
+    "train-trainer-flag-a-number": (["+trainer.benchmark=2"], "trainer.benchmark"),
+    "train-trainer-flag-a-word": (["+trainer.inference_mode=maybe"], "trainer.inference_mode"),
     # a multirun with one bad job: no job trains, the good one included
     "multirun-one-bad-job": (["-m", "optim.lr=1e-3,0"], "optim.lr=0"),
     "multirun-bad-job-first": (["-m", "model.mixer_options.top_k=5,2"], "top_k=5"),
+    "multirun-param-set-by-every-segment": (["-m", "+task.params.seq_len=16,32"], "task.params.seq_len=16"),
 }
 
 
