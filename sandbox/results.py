@@ -25,14 +25,20 @@ STATUSES = ("finished", "diverged", "not_trained", "interrupted", "failed")
 TERMINAL = ("finished", "diverged", "not_trained")
 
 
+def _field(result: dict, dotted: str):
+    """The value at a dotted key of `result`, None where it or a parent is absent."""
+    node = result
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def config_hash(config: dict) -> str:
     """The sha256 of a resolved configuration (a plain dict), without the keys of NOT_IDENTITY."""
     identity = json.loads(json.dumps(config, default=str))
     for dotted in NOT_IDENTITY:
-        *parents, last = dotted.split(".")
-        node = identity
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
+        parent, _, last = dotted.rpartition(".")
+        node = _field(identity, parent) if parent else identity
         if isinstance(node, dict):  # a hand-made result may lack the key or hold another type there
             node.pop(last, None)
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
@@ -214,14 +220,6 @@ FIELDS = {
     "config.callbacks.early_stopping": ("a mapping", lambda v: isinstance(v, dict)),
     "config.callbacks.early_stopping.threshold": ("a number", _number),
 }
-
-
-def _field(result: dict, dotted: str):
-    """The value at a dotted key of `result`, None where it or a parent is absent."""
-    node = result
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def _result_problem(result) -> str | None:

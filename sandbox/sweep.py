@@ -603,6 +603,14 @@ def run_workers(commands: list[list[str]]) -> tuple[list[int], int | None]:
             signal.signal(signum, handler)
 
 
+def interrupted(signum: int, space: dict, how: str = "") -> int:
+    """Say how a sweep stopped by SIGTERM or SIGINT goes on; its exit code. Its running trials stay RUNNING."""
+    print(f"sandbox-sweep: interrupted by {signal.Signals(signum).name}{how}: run the same command to go on with "
+          "the study; a trial that was running is run again once its heartbeat is older than "
+          f"heartbeat.grace_s={space['heartbeat']['grace_s']}", file=sys.stderr)
+    return 128 + signum
+
+
 def summarise(study: optuna.Study, objectives: list[str]) -> str:
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
@@ -696,10 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_worker(space, storage_url, args.overrides, sweep_dir, args.worker_index)
         except RunInterrupted as stop:  # its run has said where it stopped; the trial stays RUNNING
-            print(f"sandbox-sweep: interrupted by {stop}: run the same command to go on with the study; the trial "
-                  f"that was running is run again once its heartbeat is older than "
-                  f"heartbeat.grace_s={space['heartbeat']['grace_s']}", file=sys.stderr)
-            return 128 + stop.signum
+            return interrupted(stop.signum, space)
     else:
         base = [sys.executable, "-m", "sandbox.sweep", "--space", args.space, "--n-trials", str(space["n_trials"]),
                 "--study-name", space["study_name"], "--storage", storage_url, "--output-root", args.output_root,
@@ -708,10 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         codes, signum = run_workers([[*base, "--worker-index", str(args.worker_index + i), *args.overrides]
                                      for i in range(args.workers)])
         if signum is not None:
-            print(f"sandbox-sweep: interrupted by {signal.Signals(signum).name}, passed on to its workers: run the "
-                  "same command to go on with the study; the trials that were running are run again once their "
-                  f"heartbeats are older than heartbeat.grace_s={space['heartbeat']['grace_s']}", file=sys.stderr)
-            return 128 + signum
+            return interrupted(signum, space, ", passed on to its workers")
         if any(codes):
             print(f"sandbox-sweep: worker exit codes {codes}", file=sys.stderr)
     print(summarise(study, space["objectives"]))

@@ -20,7 +20,7 @@ start_mps() {
 }
 stop_mps() { echo quit | nvidia-cuda-mps-control; }
 # start_runs stops the script (exit code 2, nothing started) on a MAX_PROCS, RUN_LIMIT_S or STOP_AFTER_S that
-# run_limit and wait_for_slot cannot use: MAX_PROCS=0 waited forever, MAX_PROCS=abc started every run at once.
+# run_limit and wait_for_slot cannot use (MAX_PROCS=0 would wait forever, MAX_PROCS=abc start every run at once).
 start_runs() {
   whole_number MAX_PROCS 1 && whole_number RUN_LIMIT_S 1 && whole_number STOP_AFTER_S 0 || exit 2
   mkdir -p "$1/logs"; runs_start=$(date +%s); if [ "$MPS" = 1 ]; then start_mps || exit 1; fi

@@ -8,7 +8,7 @@
 # and leaves finished ones as they are.
 # Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run).
 # The arguments are checked before anything is installed or started (one line, exit code 2): a typo'd task or
-# model otherwise failed in its runs' logs, the runs before it started, and none packed an empty tarball.
+# model would otherwise fail in its runs' logs after the runs before it had started.
 bad() { echo "mad/run.sh: error: $*" >&2; exit 2; }
 names_ok() {  # names_ok GROUP NAME,...: each a config of conf/GROUP
   [ -n "${2//,/}" ] || bad "no $1 given: run.sh TASK,... MODEL,... [OVERRIDE ...]"

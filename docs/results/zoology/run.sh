@@ -16,7 +16,7 @@
 #     given again; finished runs are returned as they are.
 # Writes $OUT/zoology_d${WIDTH}_s${SEEDS}.tar.gz (result.json, metrics.csv and logs of every run).
 # The arguments are checked before anything is installed or started (one line, exit code 2): a typo'd model or
-# rate otherwise failed in each run's log, the runs before it started, and no runs at all packed an empty tarball.
+# rate would otherwise fail in each run's log after the runs before it had started.
 bad() { echo "zoology/run.sh: error: $*" >&2; exit 2; }
 model_ok() {
   [ -f "conf/model/$1.yaml" ] || bad "model '$1' is invalid: choose one of $(cd conf/model && ls | sed 's/\.yaml$//' | xargs)"
