@@ -133,14 +133,24 @@ class RecallDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._resume: dict | None = None
 
+    def _settings(self) -> list[dict]:
+        """Every segment's full task params: the task's defaults, then `params`, then the segment's own."""
+        settings = []
+        for segment in (s for split in SPLITS for s in self.segments[split]):
+            params = {**self.params, **segment}
+            params.pop("num_examples", None)
+            settings.append(tasks.registry.resolve(self.name, params))
+        return settings
+
+    # The model is built for the largest vocabulary and length of any segment: a segment may set its own, and
+    # where neither it nor `params` does, the task's default holds.
     @property
     def vocab_size(self) -> int:
-        return int(self.params["vocab_size"])
+        return max(int(p["vocab_size"]) for p in self._settings())
 
     @property
     def max_seq_len(self) -> int:
-        lengths = [s.get("seq_len", self.params.get("seq_len")) for split in SPLITS for s in self.segments[split]]
-        return int(max(lengths))
+        return max(int(p["seq_len"]) for p in self._settings())
 
     def generate(self) -> None:
         """Build all three splits (idempotent). Raises ValueError on impossible task settings."""
