@@ -8,18 +8,22 @@ model zoo and the task registry themselves (the model is built on the meta devic
 """
 
 import inspect
+import logging
 import math
 import os
+import re
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import kernels
-from models import LanguageModel, build_model
+from models import MIXERS, LanguageModel, build_model
 from tasks.registry import available, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
 
@@ -86,6 +90,7 @@ DEVICES = Rule(lambda v: v == "auto" or (_is_int(v) and (v == -1 or v >= 1))
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 PRECISION_ALIASES = (16, 32, 64, "16", "32", "64", "bf16")
 FLOAT16 = ("16-mixed", 16, "16", "16-true")
+FLOAT64 = ("64-true", 64, "64")
 
 SETTINGS: dict[str, Rule] = {
     # the run folder is ${output_root}/${name}/<overrides>-<hash>: name must not lead out of output_root
@@ -166,6 +171,7 @@ def check_settings(cfg: DictConfig) -> None:
     shape, sizes = _check_task(cfg)
     _check_model(cfg, shape)
     _check_schedule(settings, sizes)
+    _check_trainer(cfg)  # last: the sandbox's own messages say more than Lightning's on the same setting
 
 
 def check_run_folder(cfg: DictConfig) -> None:
@@ -230,6 +236,10 @@ def _check_machine(settings: dict) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} is invalid on this machine (no CUDA device): "
                           "use auto or cpu")
+    if accelerator in ("mps", "tpu") and not AcceleratorRegistry[accelerator]["accelerator"].is_available():
+        # else Lightning's error once the data is made (tpu without torch_xla: a traceback)
+        raise ConfigError(f"trainer.accelerator={accelerator} is invalid on this machine (no {accelerator} device): "
+                          "use auto or cpu")
     if _runs_on_cpu(accelerator) and not (devices == "auto" or integer(1).ok(devices)):
         raise ConfigError(f"trainer.devices={devices} is invalid on the CPU: must be auto or a number of processes "
                           "(an integer >= 1)")
@@ -249,6 +259,44 @@ def _check_machine(settings: dict) -> None:
         except ValueError as err:
             raise ConfigError(f"model.backend=triton is invalid on this machine: {err}; auto or torch run on the "
                               "CPU") from err
+    # The Triton kernels compute in float32 and refuse float64 at the first step; attention runs torch's own op.
+    mixer = settings["model"].get("mixer")
+    kernel_mixer = isinstance(mixer, str) and mixer in MIXERS and mixer != "attention"
+    if (precision in FLOAT64 and kernel_mixer and backend in kernels.BACKENDS
+            and kernels.resolve_backend(backend, "cpu" if _runs_on_cpu(accelerator) else "cuda") == "triton"):
+        on_cuda = " (the Triton kernels on CUDA)" if backend == "auto" else ""
+        raise ConfigError(f"trainer.precision={precision} is invalid with model.backend={backend}{on_cuda}: the "
+                          "Triton kernels compute in float32; use model.backend=torch for float64, or 32-true")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Lightning's own checks of its arguments (a +trainer.KEY among them), which it makes as a trainer is built:
+    here on one built and dropped, with the kinds of logger and callbacks that sandbox.train gives it, so that they
+    come before any data is made, and before any job of a multirun or trial of a sweep trains."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("deterministic", "benchmark"):  # checked above; Lightning would set torch's global flags from them
+        trainer.pop(key, None)
+    if trainer["precision"] == "auto":  # sandbox.train picks one that this machine runs
+        del trainer["precision"]
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    try:
+        with warnings.catch_warnings():  # Lightning's notes on the settings come with the run's own trainer
+            warnings.simplefilter("ignore")
+            quiet.setLevel(logging.WARNING)
+            built = L.Trainer(**trainer, logger=True, callbacks=[ModelCheckpoint(monitor=None)],
+                              enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    except Exception as err:  # noqa: BLE001 (a wrong type is an AttributeError or TypeError in Lightning)
+        added = [f"trainer.{k}={_show(v)}" for k, v in trainer.items() if f"trainer.{k}" not in SETTINGS]
+        text = re.sub(r"\s+", " ", str(err)).strip()
+        raise ConfigError(f"trainer: {text}" + (f" (Lightning arguments added: {', '.join(added)})"
+                                                if added else "")) from err
+    finally:
+        quiet.setLevel(level)
+    processes = built.num_devices * built.num_nodes
+    if cfg.task.batch_size % processes:
+        raise ConfigError(f"task.batch_size={cfg.task.batch_size} is invalid with {processes} processes: it is the "
+                          f"global batch and must be a multiple of {processes}")
 
 
 def one_device(trainer) -> bool:
@@ -331,9 +379,19 @@ def _check_model(cfg: DictConfig, shape: dict) -> None:
                           f"{', '.join(valid)}")
     try:
         with torch.device("meta"):  # the model's own checks, without its memory
-            build_model(vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"], **model)
+            built = build_model(vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"], **model)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+    # The weights are made in host memory first (on any accelerator); training on the CPU also keeps their
+    # gradients and AdamW's two moments there. A model past that is a raw allocation error once the data is made.
+    params = built.num_parameters()
+    need = params * (16 if _runs_on_cpu(cfg.trainer.accelerator) else 4)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ConfigError(f"model: d_model={model.get('d_model')}, n_layers={model.get('n_layers')} and vocab_size="
+                          f"{shape['vocab_size']} make {params:.3g} parameters, which need at least "
+                          f"{need / 1e9:.3g} GB, more than this machine's {memory / 1e9:.3g} GB of memory: make the "
+                          "model smaller")
 
 
 def _limited(batches: int, limit: int | float) -> int:

@@ -248,10 +248,6 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         datamodule, module = build(cfg)
         trainer = make_trainer(cfg, run_dir, [RunIdentity(digest, cfg.model.backend), StopOnDivergence(), interruption,
                                               *extra_callbacks])
-        processes = trainer.num_devices * trainer.num_nodes
-        if cfg.task.batch_size % processes:
-            raise ConfigError(f"task.batch_size={cfg.task.batch_size} is invalid with {processes} processes: "
-                              f"it is the global batch and must be a multiple of {processes}")
         problem = runs.unwritable_problem(run_dir, cfg.output_root)
         if problem is not None:
             raise ConfigError(problem)

@@ -93,6 +93,15 @@ BAD_SETTINGS = {
     "unknown-model-key": (["+model.foo=1"], ["model.foo", "d_model"]),
     "missing-key": (["~optim.lr"], ["optim.lr"]),
     "cuda-graphs-a-word": (["cuda_graphs=yes"], ["cuda_graphs=yes", "auto, true or false"]),
+    # an accelerator this machine lacks: a traceback in Lightning (tpu), after the data was generated
+    "accelerator-tpu-not-here": (["trainer.accelerator=tpu"], ["trainer.accelerator=tpu", "auto or cpu"]),
+    # float64 on the Triton kernels (auto's on CUDA; triton under the tests' interpreter): a traceback at step 1
+    "precision-64-on-triton": (["model=gated_deltanet", "model.backend=triton", "trainer.precision=64-true"],
+                               ["trainer.precision=64-true", "model.backend=torch"]),
+    # a model past the machine's memory: a raw allocation error (RuntimeError) once the data was generated
+    "model-past-memory": (["model.d_model=100000000"], ["d_model=100000000", "memory"]),
+    # a Lightning argument of the wrong type: a traceback (AttributeError) once the data was generated
+    "trainer-argument-wrong-type": (["+trainer.max_time=5"], ["trainer.max_time=5"]),
 }
 # On a machine without CUDA (as the tests make it): settings that need a GPU.
 BAD_WITHOUT_CUDA = {
@@ -214,6 +223,35 @@ def test_shipped_configs_pass_the_checks(choice):
 ], ids=lambda overrides: " ".join(overrides))
 def test_valid_edge_settings_pass_the_checks(overrides):
     check_settings(compose_train("debug=fast", *overrides))
+
+
+# Lightning's own checks of its arguments, made by check_settings (so before any data, and by the multirun
+# launcher and the sweep before any run trains) rather than when sandbox.train builds the trainer.
+BAD_FOR_LIGHTNING = {
+    "clip-algorithm-unknown": (["+trainer.gradient_clip_algorithm=foo"], "gradient_clip_algorithm"),
+    "barebones-with-logger": (["+trainer.barebones=true"], "barebones=True"),
+    "no-checkpointing": (["+trainer.enable_checkpointing=false"], "enable_checkpointing=False"),
+    "profiler-unknown": (["+trainer.profiler=foo"], "profiler"),
+    "batch-not-divisible": (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"], "task.batch_size=16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOR_LIGHTNING)
+def test_lightning_argument_is_checked_with_the_settings(case):
+    overrides, named = BAD_FOR_LIGHTNING[case]
+    with pytest.raises(ConfigError) as err:
+        check_settings(compose_train("debug=fast", *overrides))
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_float64_on_the_triton_kernels_is_refused_where_auto_picks_them(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"^trainer\.precision=64-true is invalid with model\.backend=auto"):
+        check_settings(compose_train("debug=fast", "model=mom", "trainer.precision=64-true"))
+    check_settings(compose_train("debug=fast", "model=mom", "trainer.precision=64-true", "model.backend=torch"))
+    check_settings(compose_train("debug=fast", "model=attention", "trainer.precision=64-true"))  # torch's attention
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_settings(compose_train("debug=fast", "model=mom", "trainer.precision=64-true"))  # auto: torch on the CPU
 
 
 def test_check_settings_raises_config_error_naming_the_key():
