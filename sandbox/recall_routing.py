@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models.mom import MoM
-from sandbox.results import RESULT_FILE, collect_results, file_problem, path_argument
+from sandbox.results import RESULT_FILE, collect_results, file_problem, path_argument, status_of
 from tasks import IGNORE, SPLITS
 from tasks.cli import OneLineParser
 
@@ -101,9 +101,9 @@ def _split_accuracy(met: torch.Tensor, right: torch.Tensor) -> dict:
 
 
 def mom_runs(path: Path) -> dict[Path, dict]:
-    """The run folders of MoM runs of a recall task with their best weights, `path` itself or every one below it,
-    each with its config. A result.json that cannot be read, or best weights that cannot be loaded into their
-    run's model, is an error: that run would be left out."""
+    """The run folders of finished MoM runs of a recall task with their best weights, `path` itself or every one
+    below it, each with its config (one that did not finish is named in a warning). A result.json that cannot be
+    read, or best weights that cannot be loaded into their run's model, is an error: that run would be left out."""
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder")
 
@@ -113,12 +113,19 @@ def mom_runs(path: Path) -> dict[Path, dict]:
     results = collect_results(path, on_skip=unreadable)
     # a run trained in a stack keeps its best weights in the stack's checkpoint: a best.ckpt in its own folder is
     # of an earlier segment that ran alone
-    found = {Path(r["run_dir"]): r["config"] for r in results if "stack" not in r
-             and (Path(r["run_dir"]) / BEST).is_file() and r["config"]["model"]["mixer"] == "mom"
-             and (r["config"].get("task") or {}).get("name") in RECALL_TASKS}
+    readable = [r for r in results if "stack" not in r and (Path(r["run_dir"]) / BEST).is_file()
+                and r["config"]["model"]["mixer"] == "mom"
+                and (r["config"].get("task") or {}).get("name") in RECALL_TASKS]
+    # an interrupted, failed or diverged run's best.ckpt is of a training cut short: named, never read as trained
+    for r in readable:
+        if status_of(r) != "finished":
+            reason = f" ({r['status_reason']})" if r.get("status_reason") else ""
+            print(f"sandbox-routing: warning: {r['run_dir']} left out: its run is {status_of(r)}{reason}, not trained "
+                  "to its end", file=sys.stderr)
+    found = {Path(r["run_dir"]): r["config"] for r in readable if status_of(r) == "finished"}
     if not found:
-        raise ValueError(f"{path} holds no MoM run of a recall task ({', '.join(RECALL_TASKS)}) with its best "
-                         f"weights ({RESULT_FILE} and {BEST}; runs trained in a stack are not read)")
+        raise ValueError(f"{path} holds no finished MoM run of a recall task ({', '.join(RECALL_TASKS)}) with its "
+                         f"best weights ({RESULT_FILE} and {BEST}; runs trained in a stack are not read)")
     for folder, config in found.items():
         problem = weights_problem(folder, config)
         if problem:
@@ -182,7 +189,9 @@ def _device_ok(name: str) -> bool:
         device = torch.device(name)
     except RuntimeError:
         return False
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+    # a GPU index past the machine's was a traceback once the first run's model was moved there
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available()
+                                    and (device.index or 0) < torch.cuda.device_count())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit < 1 or args.batch_size < 1:
             raise ValueError(f"--limit {args.limit} --batch-size {args.batch_size}: both must be at least 1")
         if not _device_ok(args.device):
-            raise ValueError(f"--device {args.device} is invalid on this machine: use cpu, or cuda where there is one")
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            here = f" (here: {', '.join(f'cuda:{i}' for i in range(gpus))})" if gpus else ""
+            raise ValueError(f"--device {args.device} is invalid on this machine: use cpu, or cuda where there is one"
+                             + here)
         problem = args.json and file_problem(args.json)
         if problem:
             raise ValueError(f"--json {args.json} cannot be written: {problem}")

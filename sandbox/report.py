@@ -106,13 +106,15 @@ def model_family(config: dict) -> str:
 
 
 def val_curve(run_dir: str) -> list[tuple[int, float]]:
-    """The run's validation accuracy by step, from its logs/metrics.csv; empty when it has none."""
+    """The run's validation accuracy by step, from its logs/metrics.csv; empty when it has none, or one that cannot
+    be read or holds a value that is not an accuracy (nan, inf: a damaged file, whose maxima would mislead)."""
     try:
         with open(Path(run_dir) / "logs" / "metrics.csv", newline="") as f:
-            return sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
-                          if line.get("val/acc") and line.get("step"))
+            curve = sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
+                           if line.get("val/acc") and line.get("step"))
     except (OSError, ValueError, csv.Error):
         return []
+    return curve if all(0 <= acc <= 1 for _, acc in curve) else []
 
 
 def val_rise(curve: list[tuple[int, float]], steps: int | None = None) -> float | None:

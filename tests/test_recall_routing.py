@@ -69,7 +69,7 @@ def test_the_mom_runs_below_a_folder_are_read(tmp_path, capsys):
 
 BAD = {  # arguments -> the message, after `sandbox-routing: error: `
     "missing": (["{runs}/missing"], "{runs}/missing is not a folder"),
-    "no-mom-run": (["{runs}/attention"], "{runs}/attention holds no MoM run of a recall task"),
+    "no-mom-run": (["{runs}/attention"], "{runs}/attention holds no finished MoM run of a recall task"),
     "limit-0": (["{runs}", "--limit", "0"], "--limit 0 --batch-size 100: both must be at least 1"),
     "device-unknown": (["{runs}", "--device", "gpu"], "--device gpu is invalid on this machine"),
     "json-is-a-folder": (["{runs}", "--json", "{runs}"], "--json {runs} cannot be written"),
@@ -162,7 +162,7 @@ def test_a_run_trained_in_a_stack_is_not_read_from_an_earlier_best_checkpoint(mo
     (run / "result.json").write_text(json.dumps(result))
     assert main([str(tmp_path), "--limit", "4"]) == 2
     err = capsys.readouterr().err
-    assert "holds no MoM run" in err and "stack" in err and len(err.strip().splitlines()) == 1
+    assert "holds no finished MoM run" in err and "stack" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_run_of_a_task_without_pairs_to_recall_is_not_read(mom_run, tmp_path, capsys):
@@ -174,6 +174,41 @@ def test_a_run_of_a_task_without_pairs_to_recall_is_not_read(mom_run, tmp_path, 
     assert main([str(run), "--limit", "4"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == (
-        f"sandbox-routing: error: {run} holds no MoM run of a recall task (ar, fuzzy_recall, mqar, noisy_ar, "
+        f"sandbox-routing: error: {run} holds no finished MoM run of a recall task (ar, fuzzy_recall, mqar, noisy_ar, "
         "overwrite_mqar) with its best weights (result.json and checkpoints/best.ckpt; runs trained in a stack are "
         "not read)\n")
+
+
+@pytest.mark.parametrize("status", ["interrupted", "failed", "diverged"])
+def test_a_run_that_did_not_finish_is_named_not_read_as_trained(status, mom_run, tmp_path, capsys):
+    """An interrupted, failed or diverged run keeps the best.ckpt of its partial training: its routing and accuracy
+    were printed under its folder as a trained run's. It is left out with one warning line naming its status; the
+    finished run beside it is read."""
+    runs = tmp_path / "runs"
+    shutil.copytree(mom_run, runs / "a-finished")
+    shutil.copytree(mom_run, runs / "b-unfinished")
+    path = runs / "b-unfinished" / "result.json"
+    result = json.loads(path.read_text())
+    result.update(status=status, status_reason="SIGTERM at step 1", best_val_acc=math.nan, test_acc=math.nan,
+                  test_acc_per_slice={})
+    path.write_text(json.dumps(result))
+    assert main([str(runs), "--limit", "4"]) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if line.startswith("## ")] == [f"## {runs / 'a-finished'}"]
+    assert captured.err == (f"sandbox-routing: warning: {runs / 'b-unfinished'} left out: its run is {status} "
+                            "(SIGTERM at step 1), not trained to its end\n")
+    assert main([str(runs / "b-unfinished"), "--limit", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].startswith(f"sandbox-routing: error: {runs / 'b-unfinished'} holds no finished MoM")
+
+
+def test_a_cuda_device_the_machine_lacks_is_one_line_before_any_work(mom_run, monkeypatch, capsys):
+    """On a machine of one GPU, cuda:1 passed the check (cuda is there) and was a traceback once the first run's
+    model was moved to it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert exit_code(main, [str(mom_run), "--limit", "4", "--device", "cuda:1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "sandbox-routing: error: --device cuda:1 is invalid on this machine: use cpu, or cuda where there is one "
+        "(here: cuda:0)\n")

@@ -773,3 +773,14 @@ def test_a_mad_task_whose_every_setting_diverged_says_so_rather_than_looking_not
     assert table["gla"]["noisy_ar (1 setting)"] == "— (0 of 1)"
     assert table["gla"]["selective_copying (1 setting)"] == "—"
     assert table["attention"]["noisy_ar (1 setting)"] not in ("—", "— (0 of 1)")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1.5])
+def test_a_curve_with_a_validation_that_is_not_an_accuracy_tells_nothing(bad, tmp_path):
+    """A logs/metrics.csv whose first validation reads nan (or inf, or 1.5): with nan first, the best of the
+    curve was nan and a run that rose from 0.6 to 0.9 in its last quarter was marked not rising; with inf it was
+    rising by inf and had left chance at its first step. The curve is not read: `?`, as for a run without one."""
+    steps = list(range(100, 1001, 100))
+    write_run(tmp_path, "odd", val=0.9, curve=[(s, bad if s == 100 else 0.6 + 0.3 * (s >= 900)) for s in steps])
+    (row,) = csv.DictReader(open(report(tmp_path)["csv"]))
+    assert (row["still_rising"], row["val_rise_last_quarter"], row["left_chance_step"]) == ("", "", "")
