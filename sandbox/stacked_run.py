@@ -465,10 +465,10 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
     """Train these runs as one stack, write each one's `result.json` in its folder and return their results
     (`extra_callbacks`: more Lightning callbacks of the stack's trainer).
 
-    Runs that have ended already are returned as they are; fewer than two left, they run alone
-    (`sandbox.train.train`). A bad setting is a ConfigError before any training, and so is a stack resumed at
-    another precision or on other kernels than its earlier segment (`check_same_computation`); a stack checkpoint
-    that one of its runs went on from elsewhere is set aside. A signal ends the stack with
+    A run given twice (one folder) trains once. Runs that have ended already are returned as they are; fewer than
+    two left, they run alone (`sandbox.train.train`). A bad setting is a ConfigError before any training, and so is
+    a stack resumed at another precision or on other kernels than its earlier segment (`check_same_computation`); a
+    stack checkpoint that one of its runs went on from elsewhere is set aside. A signal ends the stack with
     RunInterrupted once every run's result.json says so; the same command resumes the stack from its checkpoint.
     An error is recorded as every running run's failure and raised."""
     from sandbox.train import train
@@ -476,6 +476,15 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
     start = time.perf_counter()
     run_dirs = [Path(d) for d in run_dirs]
     digests = [config_hash(OmegaConf.to_container(cfg, resolve=True)) for cfg in cfgs]
+    if len(set(run_dirs)) < len(run_dirs):
+        # one run given twice (a value repeated in a multirun, `seed=0,0`): trained once, as one after the other
+        # finds it ended the second time, not as two runs of the stack writing one folder
+        first = {d: run_dirs.index(d) for d in run_dirs}
+        for d, digest in zip(run_dirs, digests):
+            if digest != digests[first[d]]:
+                raise ConfigError(f"{d} is the folder of two runs of other configurations: give each its own folder")
+        once = dict(zip(first, train_stack([cfgs[i] for i in first.values()], list(first), extra_callbacks)))
+        return [once[d] for d in run_dirs]
     results: dict[int, dict] = {}
     for i, (run_dir, digest) in enumerate(zip(run_dirs, digests)):
         ended = runs.ended_result(run_dir, digest)

@@ -287,6 +287,10 @@ def load_space(name: str, extra_params: list[str]) -> dict:
     _require(isinstance(space, dict), "space", space, "a mapping (see conf/sweep/routing.yaml)")
     for text in extra_params:
         key, spec = parse_param(text)
+        if key in (space.get("params") or {}):  # a dict would keep only the last, silently
+            raise ConfigError(f"--param {text!r} is invalid: param {key} is already searched (by the space or an "
+                              "earlier --param); search each key once (for another range, give --space a copy of "
+                              "the space file with it)")
         space["params"] = {**(space.get("params") or {}), key: spec}
     return space
 
@@ -397,8 +401,10 @@ def make_sampler(space: dict, worker: int, trials_so_far: int) -> optuna.sampler
 
 
 def prunes(space: dict) -> bool:
-    """Median pruning, asked for and possible (Optuna prunes single-objective studies only)."""
-    return (space.get("pruner") or {}).get("name") == "median" and len(space["objectives"]) == 1
+    """Median pruning, asked for and possible: Optuna prunes single-objective studies only, and the pruner is given
+    validation accuracy, which only a best_val_acc study maximises (in a state_size or wall_time_s study, which
+    minimises, it would stop the most accurate trials)."""
+    return (space.get("pruner") or {}).get("name") == "median" and space["objectives"] == ["best_val_acc"]
 
 
 def make_pruner(space: dict) -> optuna.pruners.BasePruner:
@@ -464,6 +470,18 @@ def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> o
     check_definition(study, definition(space, overrides))
     study.sampler = make_sampler(space, worker, len(study.get_trials(deepcopy=False)))
     return study
+
+
+def open_writable_study(space: dict, url: str, overrides: list[str], setting: str) -> optuna.Study:
+    """`open_study` on the storage at `url`. One that opens but cannot be written (a read-only file or folder, a
+    full disk) is a ConfigError naming `setting`, not a traceback: a study is written from its start."""
+    try:
+        return open_study(space, open_storage(url, space["heartbeat"]), overrides)
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
+        cause = err.__cause__ or err
+        cause = getattr(cause, "orig", None) or cause  # the database's words, without SQLAlchemy's SQL and links
+        raise ConfigError(f"{setting} cannot be written ({one_line(cause)}: {url}); it must be a writable "
+                          "storage (folder and file) with free space") from None
 
 
 # ---- the trial ----
@@ -683,11 +701,12 @@ def main(argv: list[str] | None = None) -> int:
         problem = folder_problem(Path(args.output_root))
         if problem:
             raise ConfigError(f"--output-root {args.output_root} is invalid: {problem}")
-        # A storage given is opened before any folder is made: one that cannot be opened leaves nothing behind.
+        # A storage given, and its study, are opened before any folder is made: one that cannot be opened or
+        # written leaves nothing behind.
         storage_url = args.storage
         if storage_url is not None:
             check_storage_url(storage_url)
-            storage = open_storage(storage_url, space["heartbeat"])
+            study = open_writable_study(space, storage_url, args.overrides, f"--storage {storage_url!r}")
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -695,8 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{err.filename}); it must be a writable folder with free space") from None
         if storage_url is None:
             storage_url = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-            storage = open_storage(storage_url, space["heartbeat"])
-        study = open_study(space, storage, args.overrides)
+            study = open_writable_study(space, storage_url, args.overrides, f"--output-root {args.output_root}")
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -207,20 +207,24 @@ listing > "$OUT/after"
 
 @pytest.mark.skipif(not private_mounts_work(), reason="user namespaces are off here: `unshare -Urm` is refused, "
                     "so a read-only or full folder cannot be made without root")
-@pytest.mark.parametrize("tool, mode, named", [
-    ("train", "read-only", "output_root"),
-    ("train", "full", "output_root"),
-    ("sweep", "read-only", "--output-root"),
+@pytest.mark.parametrize("tool, mode, named, says", [
+    ("train", "read-only", "output_root", "Read-only file system"),
+    ("train", "full", "output_root", "No space left"),
+    ("sweep", "read-only", "--output-root", "Read-only file system"),
+    # its folder and study.db exist and open, but the study cannot be written (was a traceback)
+    ("sweep-continued", "read-only", "--output-root", "attempt to write a readonly database"),
 ])
-def test_unwritable_output_root(tool, mode, named, finished_root, tmp_path):
+def test_unwritable_output_root(tool, mode, named, says, finished_root, tmp_path):
     mnt, out = tmp_path / "mnt", tmp_path / "out"
     mnt.mkdir()
     out.mkdir()
     size_mb = sum(p.stat().st_size for p in finished_root.rglob("*") if p.is_file()) // 2**20 + 16
     if tool == "train":
         command = [sys.executable, "-m", "sandbox.train", "model=deltanet", *FAST, f"output_root={mnt}"]
-    else:  # a new study: its folder cannot be made
+    elif tool == "sweep":  # a new study: its folder cannot be made
         command = [sys.executable, "-m", "sandbox.sweep", "--study-name", "other", "--output-root", str(mnt), *FAST]
+    else:  # the finished study, continued
+        command = [sys.executable, "-m", "sandbox.sweep", "--n-trials", "2", "--output-root", str(mnt), *FAST]
     env = {**os.environ, "SIZE": f"{size_mb}m", "MNT": str(mnt), "SRC": str(finished_root), "OUT": str(out),
            "MODE": mode}
     subprocess.run(["unshare", "-Urm", "bash", "-c", IN_PRIVATE_MOUNT, "bash", *command], cwd=REPO, env=env,
@@ -228,7 +232,7 @@ def test_unwritable_output_root(tool, mode, named, finished_root, tmp_path):
     stderr = (out / "stderr").read_text()
     assert (out / "rc").read_text().strip() == "2", stderr
     assert_one_line_naming(stderr, named)
-    assert ("No space left" if mode == "full" else "Read-only file system") in stderr
+    assert says in stderr
     assert (out / "after").read_text() == (out / "before").read_text()
 
 

@@ -155,6 +155,19 @@ def untimed_rows(run_dir: Path) -> list[dict]:
              if k != "train/tokens_per_s"} for row in metrics_rows(run_dir)]
 
 
+def test_a_run_given_twice_trains_once(tmp_path):
+    """`sandbox-train -m seed=0,0,1 hydra.launcher.stack=true` gives the stack one run twice, in one folder: it
+    trained as two runs of a stack of three, writing every row of that folder's metrics.csv twice."""
+    jobs = [("seed=0",), ("seed=1",), ("seed=0",)]
+    dirs = [tmp_path / "0", tmp_path / "1", tmp_path / "0"]
+    results = train_stack([make_cfg(tmp_path, "trainer.max_steps=10", *job) for job in jobs], dirs)
+    assert results[0] == results[2] and [r["stack"]["runs"] for r in results] == [2, 2, 2]
+    steps = [row["step"] for row in metrics_rows(dirs[0]) if row["train/loss"]]
+    assert steps and len(steps) == len(set(steps))
+    with pytest.raises(ConfigError, match="is the folder of two runs of other configurations"):
+        train_stack([make_cfg(tmp_path, "seed=0"), make_cfg(tmp_path, "seed=1")], [tmp_path / "2", tmp_path / "2"])
+
+
 def test_runs_that_differ_in_more_than_seed_and_optimizer_are_not_stacked(tmp_path):
     with pytest.raises(ConfigError, match="may differ only in seed, optim.lr, optim.weight_decay"):
         train_stack([make_cfg(tmp_path, "model.d_model=16"), make_cfg(tmp_path, "model.d_model=32")],

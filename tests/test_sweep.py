@@ -132,6 +132,15 @@ def test_median_pruning_stops_bad_trials_at_a_validation(tmp_path):
     assert stopped["status"] != "finished" and "TrialPruned" in stopped["status_reason"]
 
 
+@pytest.mark.parametrize("objectives", [["state_size"], ["wall_time_s"], ["best_val_acc", "state_size"]])
+def test_a_study_not_of_accuracy_alone_is_not_pruned(objectives):
+    """The pruner is given validation accuracy: in a study that minimises state size or wall time (the routing
+    space's median pruner kept) it stopped the trials above the median, the most accurate ones."""
+    space = edit_routing(objectives=objectives)
+    assert not sweep.prunes(space) and isinstance(sweep.make_pruner(space), optuna.pruners.NopPruner)
+    assert sweep.prunes(edit_routing(objectives=["best_val_acc"]))
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["one-after-the-other", "stacked"])
 def test_a_trial_with_seeds_scores_the_mean_of_its_runs(stacked, tmp_path, monkeypatch):
     """Every trial trains at each seed (in its own folder) and scores the mean; the pruner sees the first seed's
@@ -230,6 +239,8 @@ BAD_SWEEP = {
     "space-param-low-equals-high": ([], {"params__lr__high": 1.0e-4}, "param lr"),
     "space-at-most-not-integers": ([], {"params__top_k__at_most": "shared_memory"}, "at_most"),
     "space-key-searched-twice": (["--param", "optim.lr=float:1e-4:1e-2"], None, "optim.lr"),
+    "param-given-twice": (["--param", "model.d_model=choice:64,128", "--param", "model.d_model=choice:32"], None,
+                          "--param 'model.d_model=choice:32' is invalid: param model.d_model is already searched"),
     # choosing trials on test accuracy (the protocol chooses on validation, never on test)
     "space-objective-on-test": ([], {"objectives": ["test_acc"]}, "objectives=['test_acc']"),
     "space-objectives-with-test": ([], {"objectives": ["best_val_acc", "test_acc"]}, "never on test"),
