@@ -369,6 +369,14 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
     return shape, sizes
 
 
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes; None where the system does not say (Windows has no sysconf)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _check_model(cfg: DictConfig, shape: dict) -> None:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     given_by_task = ("self", "vocab_size", "max_seq_len")
@@ -386,8 +394,8 @@ def _check_model(cfg: DictConfig, shape: dict) -> None:
     # gradients and AdamW's two moments there. A model past that is a raw allocation error once the data is made.
     params = built.num_parameters()
     need = params * (16 if _runs_on_cpu(cfg.trainer.accelerator) else 4)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > memory:
+    memory = _physical_memory()
+    if memory is not None and need > memory:
         raise ConfigError(f"model: d_model={model.get('d_model')}, n_layers={model.get('n_layers')} and vocab_size="
                           f"{shape['vocab_size']} make {params:.3g} parameters, which need at least "
                           f"{need / 1e9:.3g} GB, more than this machine's {memory / 1e9:.3g} GB of memory: make the "

@@ -254,6 +254,14 @@ def test_float64_on_the_triton_kernels_is_refused_where_auto_picks_them(monkeypa
     check_settings(compose_train("debug=fast", "model=mom", "trainer.precision=64-true"))  # auto: torch on the CPU
 
 
+def test_settings_are_checked_where_the_system_does_not_give_its_memory(monkeypatch):
+    """Windows has no os.sysconf: the memory check stands aside there, the other checks run."""
+    monkeypatch.delattr("os.sysconf", raising=False)
+    check_settings(compose_train("debug=fast"))
+    with pytest.raises(ConfigError, match=r"^optim\.lr=0 is invalid"):
+        check_settings(compose_train("debug=fast", "optim.lr=0"))
+
+
 def test_check_settings_raises_config_error_naming_the_key():
     """The sweep calls it on a trial's composed config before its first trial."""
     with pytest.raises(ConfigError, match=r"^optim\.lr=abc is invalid"):
