@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kernels
 from models import MIXERS, LanguageModel, build_model
+from tasks.common import physical_memory
 from tasks.registry import available, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
 
@@ -369,14 +370,6 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
     return shape, sizes
 
 
-def _physical_memory() -> int | None:
-    """This machine's memory in bytes; None where the system does not say (Windows has no sysconf)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_model(cfg: DictConfig, shape: dict) -> None:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     given_by_task = ("self", "vocab_size", "max_seq_len")
@@ -394,7 +387,7 @@ def _check_model(cfg: DictConfig, shape: dict) -> None:
     # gradients and AdamW's two moments there. A model past that is a raw allocation error once the data is made.
     params = built.num_parameters()
     need = params * (16 if _runs_on_cpu(cfg.trainer.accelerator) else 4)
-    memory = _physical_memory()
+    memory = physical_memory()
     if memory is not None and need > memory:
         raise ConfigError(f"model: d_model={model.get('d_model')}, n_layers={model.get('n_layers')} and vocab_size="
                           f"{shape['vocab_size']} make {params:.3g} parameters, which need at least "

@@ -10,11 +10,20 @@ Tasks with their own token sets (copying, state tracking) say so in their docstr
 """
 
 import numbers
+import os
 
 import numpy as np
 
 IGNORE = -100
 FILLER = 0  # the filler token (unless `random_filler`), also the padding of mixtures
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes; None where the system does not say (Windows has no sysconf)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def check_int(where: str, name: str, value, low: int, high: int | None = None, why: str = "") -> None:

@@ -310,9 +310,17 @@ def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, c
     # no file was written, without a word
     ("kernels", ["--json", ""], "argument --json: '' is not a path (empty)"),
     ("mom", ["--json", ""], "argument --json: '' is not a path (empty)"),
+    # --fla-compile-only times nothing: on a GPU it compiled fla anyway, skipped --first-call, wrote no --json
+    ("kernels", ["--fla-compile-only", "--no-fla"], "--fla-compile-only is invalid with --no-fla: it only "
+                                                    "compiles fla's kernels (time in a later run without it)"),
+    ("kernels", ["--fla-compile-only", "--first-call"], "--fla-compile-only is invalid with --first-call"),
+    ("kernels", ["--fla-compile-only", "--json", "k.json"], "--fla-compile-only is invalid with --json"),
+    ("mom", ["--fla-compile-only", "--no-fla"], "--fla-compile-only is invalid with --no-fla"),
+    ("mom", ["--fla-compile-only", "--json", "m.json"], "--fla-compile-only is invalid with --json"),
 ], ids=["kernels-shape-of-three", "kernels-fla-jobs-0", "kernels-json-unwritable", "kernels-unknown-option",
         "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option", "kernels-json-empty",
-        "mom-json-empty"])
+        "mom-json-empty", "kernels-compile-only-no-fla", "kernels-compile-only-first-call",
+        "kernels-compile-only-json", "mom-compile-only-no-fla", "mom-compile-only-json"])
 def test_gpu_bench_bad_input_is_one_line_exit_2_on_any_machine(name, argv, message, capsys):
     """Checked before the GPU is asked for, so on any machine: not a ZeroDivisionError, a ValueError or a failed
     write after the timings on a GPU, nor argparse's usage text."""
@@ -339,7 +347,10 @@ def assert_one_error_line(err: str, start: str) -> None:
     (["--num-examples", "0"], "mqar: num_examples=0 is out of range"),
     (["--num-examples", "-5"], "mqar: num_examples=-5 is out of range"),
     (["--seed", "-1"], "mqar: seed=-1 is out of range"),
-], ids=["num-examples-0", "num-examples-negative", "seed-negative"])
+    # more than memory holds: numpy's MemoryError traceback (or the OOM killer) at the first setting
+    (["--num-examples", str(10**12)], f"mqar: num_examples={10**12} is out of range; valid: integer 1 <= "
+                                      "num_examples <= "),
+], ids=["num-examples-0", "num-examples-negative", "seed-negative", "num-examples-above-memory"])
 def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
     from sandbox import bench
 
@@ -360,8 +371,18 @@ def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
     # one line, without argparse's usage text
     (["--output-root", ""], "argument --output-root: '' is not a path (empty)"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    # a setting the bench gives the command itself: timed the zoology grid as the quickstart, or ran the models
+    # where the bench does not read them (every target missed), or left some models out
+    (["experiment=zoology"], "experiment=zoology is invalid: the bench sets experiment itself (it times "
+                             "experiment=quickstart)"),
+    (["output_root={tmp}/elsewhere"], "output_root={tmp}/elsewhere is invalid: the bench sets output_root itself "
+                                      "(use --output-root)"),
+    (["name=other"], "name=other is invalid: the bench sets name itself"),
+    (["hydra.sweeper.params.model=attention"], "hydra.sweeper.params.model=attention is invalid: the bench sets "
+                                               "hydra.sweeper.params.model itself"),
 ], ids=["unknown-key", "bad-value", "output-root-file", "output-root-below-a-file", "output-root-unwritable",
-        "output-root-empty", "unknown-option"])
+        "output-root-empty", "unknown-option", "override-experiment", "override-output-root", "override-name",
+        "override-models"])
 def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -378,7 +399,9 @@ def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, 
     (["--runs", "0"], "--runs 0 is invalid: must be >= 1"),
     (["model.nope=1"], "Could not override 'model.nope'"),
     (["--workers", "x"], "argument --workers: invalid int value: 'x'"),
-], ids=["workers-0", "runs-0", "unknown-key", "workers-not-a-number"])
+    # more workers than runs: fewer at once than the row says
+    (["--runs", "2", "--workers", "4"], "--workers 4 is invalid: must be <= --runs 2"),
+], ids=["workers-0", "runs-0", "unknown-key", "workers-not-a-number", "workers-above-runs"])
 def test_packing_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     import tempfile
 
@@ -399,7 +422,7 @@ def test_packing_bench_failed_sweep_is_one_line_and_its_folder_goes(tmp_path, ca
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(packing.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1))
-    assert packing.main(["--runs", "1", "debug=fast"]) == 1
+    assert packing.main(["--runs", "1", "--workers", "1", "debug=fast"]) == 1
     assert_one_error_line(capsys.readouterr().err, "sandbox-bench packing: error: the sweep with 1 worker(s) failed")
     assert list(tmp_path.iterdir()) == []
 

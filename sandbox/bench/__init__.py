@@ -9,6 +9,26 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
+def set_by_bench(overrides: list[str], settings: dict[str, str]) -> str | None:
+    """The first of `overrides` whose key is one of `settings` (a setting the benchmark gives every run itself,
+    with where it comes from): an override of it would time another run than the row names. None when none is."""
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key in settings:
+            return f"{override} is invalid: the bench sets {key} itself ({settings[key]})"
+    return None
+
+
+def compile_only_problem(given: dict[str, object]) -> str | None:
+    """`--fla-compile-only` times nothing: the first option of `given` (name: its value) that is set would be
+    dropped without a word."""
+    for option, value in given.items():
+        if value:
+            return (f"--fla-compile-only is invalid with {option}: it only compiles fla's kernels (time in a later "
+                    "run without it)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = available()

@@ -351,6 +351,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.rules import RULES
+    from sandbox.bench import compile_only_problem
     from sandbox.results import file_problem, path_argument
     from tasks.cli import OneLineParser
 
@@ -374,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = args.json and file_problem(args.json)
     if problem:
         parser.error(f"--json {args.json} is invalid: {problem}")
+    problem = args.fla_compile_only and compile_only_problem(
+        {"--no-fla": args.no_fla, "--first-call": args.first_call, "--json": args.json})
+    if problem:
+        parser.error(problem)
     # before fla is imported, here and in the compiling children: fla autotunes in the timing process instead of
     # reusing choices cached on disk by processes that shared the GPU
     os.environ["FLA_CACHE_RESULTS"] = "0"

@@ -280,6 +280,7 @@ def _print_fla(row: dict, fla: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sandbox.bench import compile_only_problem
     from sandbox.results import file_problem, path_argument
     from tasks.cli import OneLineParser
 
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     problem = args.json and file_problem(args.json)
     if problem:
         parser.error(f"--json {args.json} is invalid: {problem}")
+    problem = args.fla_compile_only and compile_only_problem({"--no-fla": args.no_fla, "--json": args.json})
+    if problem:
+        parser.error(problem)
     if args.fla_worker:
         return fla_worker(args.shapes, args.reps, args.compile_only, not args.no_profile)
 

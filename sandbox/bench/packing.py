@@ -34,6 +34,8 @@ def check(args) -> None:
     for name in ("runs", "workers"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
+    if args.workers > args.runs:  # the extra workers find no run: fewer at once than the row says
+        raise ConfigError(f"--workers {args.workers} is invalid: must be <= --runs {args.runs}")
     space = study_space("check", args.runs, args.overrides)
     check_space(space)
     check_trial_config(space, [])

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from sandbox.bench import set_by_bench
 from sandbox.results import (
     collect_results,
     folder_problem,
@@ -32,6 +33,11 @@ from tasks.cli import OneLineParser
 
 TIME_LIMIT_S = 300
 ACCURACY_TARGETS = {"attention": 0.99, "mom": 0.99}
+# The settings the command runs with, and why an override of one cannot stand: it would time another command
+# than the README's, or put the runs where the bench does not read them.
+SET_BY_BENCH = {"experiment": "it times experiment=quickstart", "output_root": "use --output-root",
+                "name": "it reads the runs from <output-root>/quickstart",
+                "hydra.sweeper.params.model": "it times and checks every model of experiment=quickstart"}
 
 
 def check(args) -> None:
@@ -43,6 +49,9 @@ def check(args) -> None:
     problem = args.output_root and write_problem(args.output_root)
     if problem:
         raise ConfigError(f"--output-root {args.output_root} cannot be written ({problem})")
+    problem = set_by_bench(args.overrides, SET_BY_BENCH)
+    if problem:
+        raise ConfigError(problem)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         check_settings(compose(config_name="train", overrides=["experiment=quickstart", *args.overrides]))
 

@@ -472,6 +472,7 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv):
     import torch
 
+    from sandbox.bench import set_by_bench
     from sandbox.results import file_problem, path_argument
 
     parser = _Parser(prog="sandbox-bench train", description=__doc__.split("\n\n")[0])
@@ -521,10 +522,9 @@ def parse(argv):
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if "graphs" in args.variants and not torch.cuda.is_available():
         raise BadInput("--variants graphs is invalid on this machine: CUDA graphs need a CUDA device")
-    for override in args.override:
-        key = override.lstrip("+~").partition("=")[0]
-        if key in SET_BY_BENCH:
-            raise BadInput(f"--override {override} is invalid: the bench sets {key} itself (use {SET_BY_BENCH[key]})")
+    problem = set_by_bench(args.override, {key: f"use {option}" for key, option in SET_BY_BENCH.items()})
+    if problem:
+        raise BadInput(f"--override {problem}")
     problem = args.json and file_problem(args.json)
     if problem:
         raise BadInput(f"--json {args.json} is invalid: {problem}")
