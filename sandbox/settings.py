@@ -33,6 +33,22 @@ class ConfigError(ValueError):
     """A setting the user can fix; reported as one line with exit code 2."""
 
 
+def one_line(err: BaseException) -> str:
+    """An exception and its cause as one line, without Hydra's search-path listing."""
+    # a ConfigError of our run_id resolver, which OmegaConf wraps (twice); a ConfigError itself says it all, even
+    # one raised while another was handled
+    inner = None if isinstance(err, ConfigError) else err.__context__
+    while inner is not None:
+        if isinstance(inner, ConfigError):
+            return str(inner)
+        inner = inner.__context__
+    text = re.sub(r"\s+", " ", str(err)).strip()
+    cause = "" if err.__cause__ is None else re.sub(r"\s+", " ", str(err.__cause__)).strip()
+    if cause not in text:
+        text = f"{text} {cause}"
+    return text.split("Config search path")[0].strip()
+
+
 class Rule(NamedTuple):
     ok: Callable[[object], bool]
     valid: str  # what a valid value is, as the message says it
@@ -254,9 +270,10 @@ def _check_machine(settings: dict) -> None:
         if problem:
             raise ConfigError(f"cuda_graphs=true is invalid {problem}")
     backend = settings["model"].get("backend", "auto")
+    device = "cpu" if _runs_on_cpu(accelerator) else "cuda"
     if backend == "triton":  # else the first training step fails
         try:
-            kernels.resolve_backend(backend, "cpu" if _runs_on_cpu(accelerator) else "cuda")
+            kernels.resolve_backend(backend, device)
         except ValueError as err:
             raise ConfigError(f"model.backend=triton is invalid on this machine: {err}; auto or torch run on the "
                               "CPU") from err
@@ -264,7 +281,7 @@ def _check_machine(settings: dict) -> None:
     mixer = settings["model"].get("mixer")
     kernel_mixer = isinstance(mixer, str) and mixer in MIXERS and mixer != "attention"
     if (precision in FLOAT64 and kernel_mixer and backend in kernels.BACKENDS
-            and kernels.resolve_backend(backend, "cpu" if _runs_on_cpu(accelerator) else "cuda") == "triton"):
+            and kernels.resolve_backend(backend, device) == "triton"):
         on_cuda = " (the Triton kernels on CUDA)" if backend == "auto" else ""
         raise ConfigError(f"trainer.precision={precision} is invalid with model.backend={backend}{on_cuda}: the "
                           "Triton kernels compute in float32; use model.backend=torch for float64, or 32-true")
@@ -289,8 +306,7 @@ def _check_trainer(cfg: DictConfig) -> None:
                               enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     except Exception as err:  # noqa: BLE001 (a wrong type is an AttributeError or TypeError in Lightning)
         added = [f"trainer.{k}={_show(v)}" for k, v in trainer.items() if f"trainer.{k}" not in SETTINGS]
-        text = re.sub(r"\s+", " ", str(err)).strip()
-        raise ConfigError(f"trainer: {text}" + (f" (Lightning arguments added: {', '.join(added)})"
+        raise ConfigError(f"trainer: {one_line(err)}" + (f" (Lightning arguments added: {', '.join(added)})"
                                                 if added else "")) from err
     finally:
         quiet.setLevel(level)

@@ -15,7 +15,6 @@ import csv
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -44,7 +43,7 @@ from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
 from sandbox.runs import UNWRITABLE, say
-from sandbox.settings import ConfigError, check_settings, uses_cuda_graphs
+from sandbox.settings import ConfigError, check_settings, one_line, uses_cuda_graphs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
@@ -447,22 +446,6 @@ def report_result(run_dir: Path, result: dict) -> float:
     if status_of(result) == "finished":
         say(f"{run_dir}: best val acc {result['best_val_acc']:.4f}, test acc {result['test_acc']:.4f}")
     return result[OBJECTIVE]
-
-
-def one_line(err: BaseException) -> str:
-    """An exception and its cause as one line, without Hydra's search-path listing."""
-    # a ConfigError of our run_id resolver, which OmegaConf wraps (twice); a ConfigError itself says it all, even
-    # one raised while another was handled
-    inner = None if isinstance(err, ConfigError) else err.__context__
-    while inner is not None:
-        if isinstance(inner, ConfigError):
-            return str(inner)
-        inner = inner.__context__
-    text = re.sub(r"\s+", " ", str(err)).strip()
-    cause = "" if err.__cause__ is None else re.sub(r"\s+", " ", str(err.__cause__)).strip()
-    if cause not in text:
-        text = f"{text} {cause}"
-    return text.split("Config search path")[0].strip()
 
 
 def check_group_overrides(args: list[str]) -> None:
