@@ -718,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2
+    codes = []
     if args.workers == 1:
         try:
             run_worker(space, storage_url, args.overrides, sweep_dir, args.worker_index)
@@ -732,9 +733,11 @@ def main(argv: list[str] | None = None) -> int:
                                      for i in range(args.workers)])
         if signum is not None:
             return interrupted(signum, space, ", passed on to its workers")
-        if any(codes):
-            print(f"sandbox-sweep: worker exit codes {codes}", file=sys.stderr)
     print(summarise(study, space["objectives"]))
+    failed = [f"worker {args.worker_index + i} exited with code {code}" for i, code in enumerate(codes) if code]
+    if failed:  # a worker that died took its running trial with it (failed once its heartbeat is stale)
+        print(f"sandbox-sweep: error: {', '.join(failed)}; the study holds the other workers' trials", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -229,6 +229,7 @@ def test_a_stack_refused_for_its_computation_fails_its_jobs_and_others_run_alone
 
 
 @pytest.mark.parametrize("setting, named", [("hydra.launcher.stack=maybe", "hydra.launcher.stack='maybe'"),
+                                            ("hydra.launcher.stack=1", "hydra.launcher.stack=1"),
                                             ("hydra.launcher.max_runs=0", "hydra.launcher.max_runs=0")])
 def test_bad_launcher_settings_are_one_line_errors(setting, named, tmp_path):
     done = sandbox_train(tmp_path, "seed=0,1", setting)

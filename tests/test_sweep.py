@@ -321,6 +321,17 @@ def sweep_command(root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sandbox.sweep", "--output-root", str(root), *FAST, *extra]
 
 
+def test_a_worker_that_died_fails_the_sweep_after_its_summary(tmp_path, monkeypatch, capsys):
+    """A worker killed (SIGKILL: exit -9) ends `--workers 2` with exit code 1 and says which worker, after the
+    study's summary; exit 0 would tell a script that every worker finished its share."""
+    monkeypatch.setattr(sweep, "run_workers", lambda commands: ([0, -9][:len(commands)], None))
+    assert main(["--output-root", str(tmp_path), "--n-trials", "2", "--workers", "2", *FAST]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("study routing:")
+    assert err.strip() == ("sandbox-sweep: error: worker 1 exited with code -9; the study holds the other workers' "
+                           "trials")
+
+
 def test_two_workers_share_one_study(tmp_path):
     proc = subprocess.run(sweep_command(tmp_path, "--n-trials", "4", "--workers", "2"), cwd=REPO,
                           capture_output=True, text=True, timeout=600)

@@ -27,8 +27,6 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
-STACK_CHOICES = ("auto", True, False)
-
 
 def _check_job(cfg: DictConfig, overrides: Sequence[str]) -> None:
     """A job's settings, as `sandbox-train` checks one run's; its error names the job by its overrides."""
@@ -42,7 +40,7 @@ def _check_job(cfg: DictConfig, overrides: Sequence[str]) -> None:
 
 class SandboxLauncher(Launcher):
     def __init__(self, stack="auto", max_runs: int = 16) -> None:
-        if stack not in STACK_CHOICES:
+        if not (stack == "auto" or isinstance(stack, bool)):  # `in (True, False)` would take 1 and 0
             raise ValueError(f"hydra.launcher.stack={stack!r} is invalid: must be auto, true or false")
         if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
             raise ValueError(f"hydra.launcher.max_runs={max_runs!r} is invalid: must be an integer >= 1")
