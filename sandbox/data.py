@@ -6,6 +6,7 @@ each slice (e.g. `num_kv_pairs=8`) so the evaluation can count accuracy per slic
 looking values up per batch.
 """
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -133,24 +134,19 @@ class RecallDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._resume: dict | None = None
 
-    def _settings(self) -> list[dict]:
-        """Every segment's full task params: the task's defaults, then `params`, then the segment's own."""
-        settings = []
-        for segment in (s for split in SPLITS for s in self.segments[split]):
-            params = {**self.params, **segment}
-            params.pop("num_examples", None)
-            settings.append(tasks.registry.resolve(self.name, params))
-        return settings
-
     # The model is built for the largest vocabulary and length of any segment: a segment may set its own, and
     # where neither it nor `params` does, the task's default holds.
+    @functools.cached_property
+    def shape(self) -> dict[str, int]:
+        return tasks.model_shape(self.name, [s for split in SPLITS for s in self.segments[split]], **self.params)
+
     @property
     def vocab_size(self) -> int:
-        return max(int(p["vocab_size"]) for p in self._settings())
+        return self.shape["vocab_size"]
 
     @property
     def max_seq_len(self) -> int:
-        return max(int(p["seq_len"]) for p in self._settings())
+        return self.shape["seq_len"]
 
     def generate(self) -> None:
         """Build all three splits (idempotent). Raises ValueError on impossible task settings."""

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import kernels
 from models import MIXERS, LanguageModel, build_model
 from tasks.common import physical_memory
-from tasks.registry import available, resolve
+from tasks.registry import available, model_shape, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
 
 
@@ -287,15 +287,29 @@ def _check_machine(settings: dict) -> None:
                           "Triton kernels compute in float32; use model.backend=torch for float64, or 32-true")
 
 
-def _check_trainer(cfg: DictConfig) -> None:
-    """Lightning's own checks of its arguments (a +trainer.KEY among them), which it makes as a trainer is built:
-    here on one built and dropped, with the kinds of logger and callbacks that sandbox.train gives it, so that they
-    come before any data is made, and before any job of a multirun or trial of a sweep trains."""
+def precision_used(setting: str) -> str:
+    """The precision a run trains at: trainer.precision, `auto` resolved for this machine."""
+    if setting == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return setting
+
+
+def trainer_arguments(cfg: DictConfig) -> dict:
+    """A run's Lightning Trainer arguments but its folder, logger, callbacks and progress bar: trainer.* (a
+    +trainer.KEY among them) at the precision used, and the sandbox's own."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer["precision"] = precision_used(trainer["precision"])
+    # use_distributed_sampler: RecallDataModule gives each process its own shard
+    return {**trainer, "enable_model_summary": False, "use_distributed_sampler": False}
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Lightning's own checks of its arguments, which it makes as a trainer is built: here on one built and
+    dropped, with the kinds of logger and callbacks that sandbox.train gives it, so that they come before any data
+    is made, and before any job of a multirun or trial of a sweep trains."""
+    trainer = trainer_arguments(cfg)
     for key in ("deterministic", "benchmark"):  # checked above; Lightning would set torch's global flags from them
         trainer.pop(key, None)
-    if trainer["precision"] == "auto":  # sandbox.train picks one that this machine runs
-        del trainer["precision"]
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     try:
@@ -303,9 +317,10 @@ def _check_trainer(cfg: DictConfig) -> None:
             warnings.simplefilter("ignore")
             quiet.setLevel(logging.WARNING)
             built = L.Trainer(**trainer, logger=True, callbacks=[ModelCheckpoint(monitor=None)],
-                              enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+                              enable_progress_bar=False)
     except Exception as err:  # noqa: BLE001 (a wrong type is an AttributeError or TypeError in Lightning)
-        added = [f"trainer.{k}={_show(v)}" for k, v in trainer.items() if f"trainer.{k}" not in SETTINGS]
+        given = OmegaConf.to_container(cfg.trainer, resolve=True)
+        added = [f"trainer.{k}={_show(v)}" for k, v in given.items() if f"trainer.{k}" not in SETTINGS]
         raise ConfigError(f"trainer: {one_line(err)}" + (f" (Lightning arguments added: {', '.join(added)})"
                                                 if added else "")) from err
     finally:
@@ -357,7 +372,7 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
     missing = [s for s in SPLITS if not segments.get(s)]
     if missing:
         raise ConfigError(f"task.segments: no segments for split(s) {missing}; give each of {list(SPLITS)}")
-    shape, sizes = {"vocab_size": 0, "seq_len": 0}, dict.fromkeys(SPLITS, 0)
+    sizes = dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
         if not isinstance(segments[split], list):
             raise ConfigError(f"task.segments.{split}={segments[split]} is invalid: must be a list of segments")
@@ -371,10 +386,9 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
             if not integer(1).ok(num_examples):
                 raise ConfigError(f"{where}.num_examples={num_examples} is invalid: must be an integer >= 1")
             try:
-                resolved = resolve(task.name, {**params, **segment})
+                resolve(task.name, {**params, **segment})
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from err
-            shape = {k: max(v, resolved[k]) for k, v in shape.items()}
             sizes[split] += min(num_examples, task.limit_examples or num_examples)
     # A segment's value wins over task.params: a param that every segment sets is never read, and a run (or each
     # job of a multirun over it) would train on the segments' value alone.
@@ -383,7 +397,7 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
         key = shadowed[0]
         raise ConfigError(f"task.params.{key}={_show(params[key])} is never read: every segment of task.segments "
                           f"sets its own {key}; set it in the segments, or remove it from them")
-    return shape, sizes
+    return model_shape(task.name, [s for split in SPLITS for s in segments[split]], **params), sizes
 
 
 def _check_model(cfg: DictConfig, shape: dict) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
@@ -43,7 +42,7 @@ from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
 from sandbox.runs import UNWRITABLE, say
-from sandbox.settings import ConfigError, check_settings, one_line, uses_cuda_graphs
+from sandbox.settings import ConfigError, check_settings, one_line, trainer_arguments, uses_cuda_graphs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
@@ -117,12 +116,6 @@ def _progress_callbacks(mode: str) -> tuple[list, bool]:
     if mode == "lines":
         return [EpochLines()], False
     return [], False
-
-
-def _precision(setting: str) -> str:
-    if setting == "auto":
-        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    return setting
 
 
 def run_logger(cfg: DictConfig, run_dir: Path):
@@ -201,17 +194,13 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=(), *, logger=None, p
                                patience=cfg.callbacks.early_stopping.patience)
         checkpointing = [best, last, stopping]  # best first: last.ckpt records the best checkpoint of its validation
     progress, show_bar = _progress_callbacks(cfg.callbacks.progress)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["precision"] = _precision(trainer_cfg["precision"])
     try:
         return L.Trainer(
-            **trainer_cfg,
+            **trainer_arguments(cfg),
             default_root_dir=run_dir,
             logger=run_logger(cfg, run_dir) if logger is None else logger,
             callbacks=[*checkpointing, ThroughputMonitor(), *progress, *callbacks],
             enable_progress_bar=show_bar,
-            enable_model_summary=False,
-            use_distributed_sampler=False,  # RecallDataModule gives each process its own shard
         )
     except (ValueError, MisconfigurationException) as err:
         raise ConfigError(f"trainer: {one_line(err)}") from err

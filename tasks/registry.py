@@ -103,6 +103,14 @@ def resolve(name: str, params: dict) -> dict:
     return full
 
 
+def model_shape(name: str, segments: list[dict], **common_params) -> dict[str, int]:
+    """What a model of these segments (each overriding `common_params`, the task's defaults where neither sets a
+    key) is built for: the largest `vocab_size` and `seq_len` of any segment."""
+    resolved = [resolve(name, {k: v for k, v in {**common_params, **segment}.items() if k != "num_examples"})
+                for segment in segments]
+    return {key: max(int(params[key]) for params in resolved) for key in ("vocab_size", "seq_len")}
+
+
 def make(name: str, *, num_examples: int, seed: int, **params) -> TaskData:
     """`num_examples` examples of task `name` drawn from `numpy.random.default_rng(seed)`."""
     full = resolve(name, params)

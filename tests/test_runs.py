@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+import sandbox.settings
 import sandbox.train
 from sandbox import runs
 from sandbox.callbacks import RunInterrupted
@@ -210,7 +211,7 @@ def test_run_is_not_resumed_where_auto_resolves_to_another_precision(killed, tmp
     computations, and its result would say float32 only. The command stops, naming both, and leaves the folder
     as it was."""
     with monkeypatch.context() as gpu:
-        gpu.setattr(sandbox.train, "_precision", lambda setting: "bf16-mixed")
+        gpu.setattr(sandbox.settings, "precision_used", lambda setting: "bf16-mixed")
         with pytest.raises(RuntimeError, match="injected crash"):
             train(make_cfg(*SMALL), tmp_path, extra_callbacks=[CrashInSecondEpoch()])
     assert read_result(tmp_path)["precision"] == "bf16-mixed"
