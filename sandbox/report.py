@@ -14,8 +14,9 @@ accuracy per row and optimiser setting), `report.md` and PNG plots:
 accuracy against state size per setting, accuracy against the number of key-value pairs, MoM memory load,
 and for each Optuna study (a `study.db` below the folder) its optimisation history and parameter
 importances. Runs of `experiment=mad` (config `suite: mad`) get a section of their own: one score per task
-and model, the mean test accuracy over the task's settings (`mad_scores.csv`, `mad_scores.png`). A
-result.json or study.db that cannot be read is named in a warning and left out.
+and model, the mean test accuracy over the task's settings (`mad_scores.csv`, `mad_scores.png`). Files of these
+names that an earlier report left there and this one does not make are removed. A result.json or study.db that
+cannot be read is named in a warning and left out.
 """
 
 import csv
@@ -613,7 +614,9 @@ def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -
 
 def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> bool:
     """A line per row across the num_kv_pairs slices (chosen-lr mean and 95% interval), a panel per width."""
-    columns = [c for c in slice_columns(runs) if c.startswith("test_acc/num_kv_pairs=")]
+    # a slice whose K is not a whole number (a hand-edited result) has no place on this axis: it stays in the table
+    columns = [c for c in slice_columns(runs) if c.startswith("test_acc/num_kv_pairs=")
+               and c.split("=")[-1].isdigit() and int(c.split("=")[-1]) > 0]
     plotted = [row for row in rows if row.chosen]
     if not columns or not plotted:
         return False
@@ -979,6 +982,20 @@ def folders_without_result(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
+# Every file a report may write besides report.md (study plots are named after their study).
+OUTPUTS = ("results.csv", "lr_sensitivity.csv", "mad_scores.csv", "mad_scores.png", "accuracy_vs_state_size.png",
+           "accuracy_vs_kv_pairs.png", "memory_load.png", "study_*_history.png", "study_*_importance.png")
+
+
+def remove_stale_outputs(out: Path, written: list[Path]) -> None:
+    """Remove the files of OUTPUTS in `out` that this report did not write: an earlier report's (of runs since
+    removed, or of another folder reported there) would sit beside report.md with data that is not its tables'."""
+    for pattern in OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_file() and path not in written:
+                path.unlink(missing_ok=True)
+
+
 def report(folder: Path, out: Path | None = None, console: Console | None = None) -> dict:
     """Write the report files; return their paths. Raises ValueError when there is nothing to report."""
     folder = Path(folder)
@@ -1032,6 +1049,7 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
         sections.append(text)
         files.update({p.stem: p for p in plots})
     tables = run_sections(runs, out, sections, files) if runs else []
+    remove_stale_outputs(out, list(files.values()))
     with atomic_path(files["markdown"]) as tmp:
         tmp.write_text("\n\n".join(sections) + "\n")
     # a log file or pipe is not 80 columns wide: print the whole table there rather than truncated labels

@@ -210,7 +210,8 @@ def _number(value) -> bool:
 # The other fields a report reads, where present, and what each must be: a result.json edited by hand or written
 # by another version may hold anything there. A parent before its children.
 FIELDS = {
-    "state_size": ("a number >= 1", lambda v: _number(v) and v >= 1),  # values in the state; plotted on a log axis
+    # values in the state; plotted on a log axis, where an infinite one is silently left out
+    "state_size": ("a finite number >= 1", lambda v: _number(v) and 1 <= v < math.inf),
     "steps": ("a number", _number),
     "git_commit": ("a string", lambda v: isinstance(v, str)),
     "earlier_git_commits": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),

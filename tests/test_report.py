@@ -633,7 +633,8 @@ def test_accuracies_that_are_not_accuracies_are_skipped(tmp_path, capsys):
     ("earlier_git_commits", 3, "earlier_git_commits=3 is not a list of strings"),
     ("git_commit", ["abc"], "git_commit=['abc'] is not a string"),
     ("steps", "many", "steps='many' is not a number"),
-    ("state_size", -1, "state_size=-1 is not a number >= 1"),  # was a log-scale warning from matplotlib
+    ("state_size", -1, "state_size=-1 is not a finite number >= 1"),  # was a log-scale warning from matplotlib
+    ("state_size", math.inf, "state_size=inf is not a finite number >= 1"),  # was left out of the plot silently
     ("config.model.mixer_options", "x", "config.model.mixer_options='x' is not a mapping"),
     ("config.callbacks.early_stopping", "on", "config.callbacks.early_stopping='on' is not a mapping"),
     ("config.callbacks.early_stopping.threshold", "high",
@@ -666,6 +667,40 @@ def test_run_folders_without_a_result_are_named(tmp_path, capsys):
     assert f"`{tmp_path / 'killed'}`" in markdown and f"`{tmp_path / 'logs-only'}`" in markdown
     assert ".stacks" not in markdown  # a stack's own folder holds its checkpoint, its runs hold their results
     assert capsys.readouterr().err.count("without a result.json") == 2
+
+
+def test_an_earlier_report_s_files_that_this_one_does_not_make_are_removed(tmp_path):
+    """A report of MoM, MAD and a study into a folder, then one of attention runs alone into it: the memory-load,
+    K and MAD plots, mad_scores.csv and the study's plot of the first stayed beside the second's report.md, with
+    data that is not its tables'. Other files there are kept."""
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    router = {f"layer0/load_m{m}": 0.25 for m in range(4)}
+    slices = {"num_kv_pairs=4": 0.9, "num_kv_pairs=8": 0.8}
+    for seed in range(2):
+        write_run(first, f"mom{seed}", "mom", seed=seed, router=router, slices=slices)
+        write_run(first, f"mad{seed}", seed=seed, suite="mad", task=mad_task("mqar", 16))
+        write_run(second, f"attention{seed}", "attention", seed=seed)
+    study = optuna.create_study(study_name="s", direction="maximize", storage=f"sqlite:///{first / 'study.db'}")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    earlier = report(first, out)
+    assert {"load_png", "pairs_png", "mad_png", "mad_csv", "study_s_history"} <= set(earlier)
+    files = report(second, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.md", *(p.name for p in files.values())])
+    assert (out / "notes.md").read_text() == "mine"
+
+
+def test_a_slice_of_pairs_that_is_not_a_whole_number_stays_out_of_the_pairs_plot(tmp_path, capsys):
+    """A hand-edited slice `num_kv_pairs=four` stopped the report with `invalid literal for int()` (exit 2, no file
+    named), after results.csv was rewritten and before report.md was."""
+    for seed in range(2):
+        write_run(tmp_path, f"s{seed}", seed=seed, slices={"num_kv_pairs=4": 0.9, "num_kv_pairs=8": 0.8,
+                                                           **({"num_kv_pairs=four": 0.7} if seed else {})})
+    assert main([str(tmp_path)]) == 0
+    assert "error" not in capsys.readouterr().err
+    markdown = (tmp_path / "report.md").read_text()
+    assert column(markdown, "num_kv_pairs=four") and (tmp_path / "accuracy_vs_kv_pairs.png").exists()
 
 
 def test_at_chance_is_measured_from_the_validation_set_s_chance(tmp_path):
