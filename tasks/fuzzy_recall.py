@@ -73,10 +73,15 @@ def sample_motifs(rng: np.random.Generator, num_rows: int, k: int, size: int, lo
     return low + numbers[:, :, None] // place_values % base
 
 
-def chance(*, vocab_size, num_kv_pairs, **_) -> float:
+def chance(*, vocab_size, num_kv_pairs, value_motif_size, **_) -> float:
     """Token j of one of the K value motifs of the context, guessed: its own (1/K), or another whose token j
-    is the same (tokens uniform over the V - V // 2 value tokens)."""
-    return 1 / num_kv_pairs + (1 - 1 / num_kv_pairs) / (vocab_size - vocab_size // 2)
+    is the same. The K motifs are distinct, so another motif is uniform over the n ** m_v - 1 motifs other
+    than the answer (n = V - V // 2 value tokens), of which n ** (m_v - 1) - 1 share its token j: none for
+    m_v = 1, where the values are K distinct tokens and the chance is MQAR's 1/K."""
+    n, m = vocab_size - vocab_size // 2, value_motif_size
+    others = n**m - 1  # 0 only where a single motif exists, and then K = 1
+    same_token = (n ** (m - 1) - 1) / others if others else 0.0
+    return 1 / num_kv_pairs + (1 - 1 / num_kv_pairs) * same_token
 
 
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, num_kv_pairs, key_motif_size,

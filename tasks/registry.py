@@ -16,7 +16,7 @@ the tokens themselves (attention looks back, a recurrence carries its state), so
 the task is not there, and what would remain is a copying task (`selective_copying` covers that).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +153,8 @@ def _mixture_parts(name: str, segments: list[dict], seed: int, common_params: di
         raise ValueError(f"{name}: segments={segments!r} is invalid; valid: a non-empty list of dicts")
     plans = []
     for i, segment in enumerate(segments):
+        if not isinstance(segment, Mapping):  # `{**segment}` would raise a TypeError that names no segment
+            raise ValueError(f"{name}: segment {i}={segment!r} is invalid; valid: a dict of num_examples and params")
         params = {**common_params, **segment}
         num_examples = params.pop("num_examples", None)
         check_int(f"{name} segment {i}", "num_examples", num_examples, 1)

@@ -6,6 +6,8 @@ stream. Different streams can still produce the same example by chance (likely o
 or lengths): `overlap` finds such examples.
 """
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from tasks.common import check_int
@@ -33,10 +35,17 @@ def make_split(name: str, split: str, *, num_examples: int | None = None, segmen
 
 
 def capped(segments: list[dict], limit_examples: int | None) -> list[dict]:
-    """The segments with each one's num_examples at most `limit_examples` (None: as they are)."""
-    if limit_examples is None:
-        return [dict(s) for s in segments]
-    return [{**s, "num_examples": min(s["num_examples"], limit_examples)} for s in segments]
+    """The segments with each one's num_examples at most `limit_examples` (None: as they are). A segment that is
+    not a dict or has no integer num_examples is left as it is, for `make_mixture`'s checks to name it."""
+    out = []
+    for s in segments:
+        if not isinstance(s, Mapping):
+            out.append(s)
+        elif limit_examples is not None and isinstance(s.get("num_examples"), int):
+            out.append({**s, "num_examples": min(s["num_examples"], limit_examples)})
+        else:
+            out.append(dict(s))
+    return out
 
 
 def overlap(a: TaskData, b: TaskData) -> np.ndarray:

@@ -31,3 +31,20 @@ def test_equal_state_control_matches_mom_state():
     mom = build_model(vocab_size=64, max_seq_len=16, **model_config("mom"))
     control = build_model(vocab_size=64, max_seq_len=16, **model_config("gated_deltanet_equal_state"))
     assert control.state_size(16) == mom.state_size(16)
+
+
+def test_mad_state_tracking_comparison_is_the_command_its_comment_gives():
+    """experiment=mad's sweep runs every rule positive-only (its comment once said the delta rules there were the
+    ones that track state); the comparison with negative eigenvalues is the second command the comment gives."""
+    comment = (CONF / "experiment" / "mad.yaml").read_text()
+    command = ("sandbox-train -m experiment=mad task=parity,modular_sum,s5 model=deltanet,gated_deltanet,mom \\\n"
+               "#     model.mixer_options.allow_neg_eigval=true")
+    assert command in comment
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for model in ("deltanet", "gated_deltanet", "mom"):
+            swept = compose("train", overrides=["experiment=mad", "task=parity", f"model={model}"])
+            assert swept.model.mixer_options.allow_neg_eigval is False
+            second = compose("train", overrides=["experiment=mad", "task=parity", f"model={model}",
+                                                 "model.mixer_options.allow_neg_eigval=true"])
+            config = OmegaConf.to_container(second.model, resolve=True)
+            build_model(vocab_size=second.task.params.vocab_size, max_seq_len=16, **config)

@@ -393,6 +393,12 @@ def test_bad_sizes_seeds_splits_and_segments(no_generation):
         (lambda: tasks.make_mixture("mqar", [{"seq_len": 64}], seed=0), "num_examples=None"),
         (lambda: tasks.make_mixture("mqar", [{"num_examples": 10**12}, {"num_examples": 1, "num_kv_pairs": 99}],
                                     seed=0), "segment 1: mqar: num_kv_pairs=99"),
+        # a segment that is not a dict: once a TypeError naming no segment
+        (lambda: tasks.make_mixture("mqar", [{"num_examples": 1}, None], seed=0), "segment 1=None is invalid"),
+        (lambda: tasks.make_mixture("mqar", [[64, 4]], seed=0), "segment 0=[64, 4] is invalid"),
+        # capped (debug runs) once raised a KeyError before the mixture's checks could name the segment
+        (lambda: tasks.make_mixture("mqar", tasks.capped([{"seq_len": 64}, None], 8), seed=0), "num_examples=None"),
+        (lambda: tasks.make_mixture("mqar", tasks.capped([{"num_examples": 9}, "x"], 8), seed=0), "segment 1='x'"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
@@ -493,6 +499,11 @@ def _guess(name: str, params: dict, data, rng: np.random.Generator) -> np.ndarra
     ("noisy_ar", [{}], {}),
     ("overwrite_mqar", [{}], {}),
     ("fuzzy_recall", [{"vocab_size": 16}, {"vocab_size": 64}], {}),
+    # one-token values are K distinct tokens, as in MQAR: chance 1/K, no other value shares the answer's token
+    ("fuzzy_recall", [{"value_motif_size": 1, "num_kv_pairs": 7}], {"vocab_size": 16}),
+    # few value tokens (3), two per motif: another motif shares token j with odds (3 - 1) / (3 ** 2 - 1)
+    ("fuzzy_recall", [{"seq_len": 32, "num_kv_pairs": 4, "key_motif_size": 2, "value_motif_size": 2}],
+     {"vocab_size": 6}),
     ("selective_copying", [{}], {}),
     ("memorization", [{}], {"vocab_size": 16}),
     ("parity", [{}], {}),
