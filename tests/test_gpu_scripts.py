@@ -58,6 +58,12 @@ def run_script(tmp_path, argv: list[str], python: str = "", **env: str) -> subpr
     """A script of docs/results/ (zoology/run.sh, mad/run.sh) run in `tmp_path` with gpu_env.sh's functions (not
     its package install), the repo's conf/, and a `python` that appends its arguments to `tmp_path`/calls, then
     runs `python` (bash), then prints a run's last line."""
+    command, kwargs = script_command(tmp_path, argv, python, **env)
+    return subprocess.run(command, **kwargs, capture_output=True, text=True, timeout=60)
+
+
+def script_command(tmp_path, argv: list[str], python: str = "", **env: str) -> tuple[list[str], dict]:
+    """run_script's command and its arguments to subprocess: the files it needs written in `tmp_path`."""
     functions = GPU_ENV.read_text().split("\nexport PYTHONPATH=", 1)[1].split("\n", 1)[1]
     for script, text in [("docs/results/fidelity/gpu_env.sh", functions),
                          *((s, (REPO / s).read_text()) for s in ("docs/results/zoology/run.sh",
@@ -72,7 +78,51 @@ def run_script(tmp_path, argv: list[str], python: str = "", **env: str) -> subpr
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "ROOT": str(tmp_path / "runs"),
            "CALLS": str(tmp_path / "calls"), **env}
     (tmp_path / "out").mkdir(exist_ok=True)
-    return subprocess.run(["bash", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    return ["bash", *argv], {"cwd": tmp_path, "env": env}
+
+
+def fake_mps_control(tmp_path) -> Path:
+    """An nvidia-cuda-mps-control on the scripts' PATH that logs each call (`-d` starts the daemon, `quit` on
+    its input stops it); returns the log."""
+    log = tmp_path / "mps-calls"
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir(parents=True, exist_ok=True)
+    control.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -d ]; then echo start; else cat; fi >> {log}\n')
+    control.chmod(0o755)
+    return log
+
+
+def test_scripts_side_by_side_share_one_mps_daemon(tmp_path):
+    """Two zoology/run.sh at once (one ROOT each, as packed parts run): one daemon, started by the first and
+    stopped once, by the last to finish. Each started and stopped its own, so the first to finish took the
+    daemon from under the other's runs."""
+    log = fake_mps_control(tmp_path)
+    both_started = 'echo x >> "$CALLS.started"; while [ "$(wc -l < "$CALLS.started")" -lt 2 ]; do sleep 0.05; done'
+    procs = []
+    for width in ("64", "128"):
+        command, kwargs = script_command(tmp_path, ["docs/results/zoology/run.sh", width, "0", "attention:1e-3"],
+                                         both_started, ROOT=str(tmp_path / f"runs{width}"),
+                                         MPS_USERS=str(tmp_path / "mps-users"))
+        procs.append(subprocess.Popen(command, **kwargs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    # start_mps first stops a daemon that a killed command may have left
+    assert log.read_text().split() == ["quit", "start", "quit"]
+
+
+@pytest.mark.parametrize("mps, machine_has_it, calls, said", [
+    (None, False, [], "no CUDA MPS on this machine: the packed runs are time-sliced"),
+    ("0", True, [], ""),
+    ("1", True, ["quit", "start", "quit"], ""),
+])
+def test_mps_by_default_where_the_machine_has_it(mps, machine_has_it, calls, said, tmp_path):
+    log = fake_mps_control(tmp_path) if machine_has_it else tmp_path / "mps-calls"
+    env = {"MPS_USERS": str(tmp_path / "mps-users"), **({"MPS": mps} if mps else {})}
+    done = run_script(tmp_path, ["docs/results/zoology/run.sh", "64", "0", "attention:1e-3"], **env)
+    assert done.returncode == 0, done.stderr
+    assert (log.read_text().split() if log.exists() else []) == calls
+    assert (said in done.stdout) if said else "MPS" not in done.stdout
 
 
 def test_runs_that_ran_out_of_gpu_memory_run_once_more_at_the_end(tmp_path):
@@ -127,9 +177,10 @@ MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linea
     (["zoology/run.sh", "64", "0", "mom:1e-3"], {"MAX_PROCS": "0"}, "MAX_PROCS=0 is invalid: a whole number >= 1"),
     (["mad/run.sh", "mad_recall", "mom"], {"MAX_PROCS": "abc"}, "MAX_PROCS=abc is invalid: a whole number >= 1"),
     (["zoology/run.sh", "64", "0", "mom:1e-3"], {"RUN_LIMIT_S": "9m"}, "RUN_LIMIT_S=9m is invalid"),
+    (["mad/run.sh", "mad_recall", "mom"], {"MPS": "yes"}, "MPS=yes is invalid: 0, 1 or auto (the default)"),
 ], ids=["zoology-nothing", "width-a-word", "seeds-empty", "no-runs", "model-typo", "rate-a-word", "rate-missing",
         "stacked-model-typo", "mad-nothing", "task-typo", "no-model", "mad-model-typo",
-        "max-procs-0", "max-procs-a-word", "run-limit-a-word"])
+        "max-procs-0", "max-procs-a-word", "run-limit-a-word", "mps-a-word"])
 def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, message, tmp_path):
     """Each was passed on to every run's sandbox-train, which failed it in its log after the runs before it had
     started; or nothing ran and an empty tarball was written, exit code 0."""

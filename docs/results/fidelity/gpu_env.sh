@@ -9,21 +9,43 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 pack_runs() { (cd "$1" && find . \( -name result.json -o -name metrics.csv -o -name '*.log' -o -name failed.json \) -print0 | tar -czf "$2" --null -T -); }
 # Runs packed on the GPU: start_runs ROOT before starting them in the background (their logs go to ROOT/logs),
 # finish_runs ROOT TARBALL after: waits for them, prints the wall time and each run's last line, packs ROOT.
-# MPS=1: the packed runs share the GPU through the CUDA MPS daemon (kernels of several processes at once),
-# started by start_runs and stopped by finish_runs (docs/results/throughput/mps.sh measures whether it pays).
+# The packed runs share the GPU through the CUDA MPS daemon (kernels of several processes at once) where the
+# machine has it: 1.2-1.6x the run-steps per second of the same processes time-sliced
+# (docs/results/throughput/README.md, "CUDA MPS"). MPS=0: without it; MPS=1: fail where it cannot start.
+mps_env() { export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log; }
 start_mps() {
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  mps_env; mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   stop_mps 2> /dev/null  # a daemon left by a command that was killed
   command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d ||
     { echo "the CUDA MPS daemon did not start"; return 1; }
 }
 stop_mps() { echo quit | nvidia-cuda-mps-control; }
-# start_runs stops the script (exit code 2, nothing started) on a MAX_PROCS, RUN_LIMIT_S or STOP_AFTER_S that
-# run_limit and wait_for_slot cannot use (MAX_PROCS=0 would wait forever, MAX_PROCS=abc start every run at once).
+# Scripts run side by side (one per ROOT) share one daemon: the first to join starts it, the last to leave
+# stops it (MPS_USERS counts them). A script killed before it left keeps the daemon, which it also leaves
+# running, for the next script on the machine.
+MPS_USERS=${MPS_USERS:-/tmp/mps-users}
+join_mps() {
+  mps_env
+  ( flock 9; users=$(cat "$MPS_USERS" 2> /dev/null || echo 0)
+    if [ "$users" -eq 0 ]; then start_mps || exit 1; fi
+    echo $((users + 1)) > "$MPS_USERS" ) 9> "$MPS_USERS.lock"
+}
+leave_mps() {
+  ( flock 9; users=$(( $(cat "$MPS_USERS") - 1 )); echo $users > "$MPS_USERS"
+    [ $users -gt 0 ] || stop_mps ) 9> "$MPS_USERS.lock"
+}
+# start_runs stops the script (exit code 2, nothing started) on a MAX_PROCS, RUN_LIMIT_S, STOP_AFTER_S or MPS that
+# run_limit, wait_for_slot and the daemon cannot use (MAX_PROCS=0 would wait forever, MAX_PROCS=abc start every
+# run at once).
 start_runs() {
   whole_number MAX_PROCS 1 && whole_number RUN_LIMIT_S 1 && whole_number STOP_AFTER_S 0 || exit 2
-  mkdir -p "$1/logs"; runs_start=$(date +%s); if [ "$MPS" = 1 ]; then start_mps || exit 1; fi
+  [[ ${MPS:-auto} =~ ^(0|1|auto)$ ]] || { echo "MPS=$MPS is invalid: 0, 1 or auto (the default)" >&2; exit 2; }
+  mkdir -p "$1/logs"; runs_start=$(date +%s) mps_on=0
+  if [ "${MPS:-auto}" = 1 ] || { [ "${MPS:-auto}" = auto ] && command -v nvidia-cuda-mps-control > /dev/null; }; then
+    join_mps || exit 1; mps_on=1
+  elif [ "${MPS:-auto}" = auto ]; then
+    echo "no CUDA MPS on this machine: the packed runs are time-sliced"
+  fi
 }
 # whole_number NAME LEAST: fails, saying why, where the variable NAME is set to other than a whole number >= LEAST
 whole_number() {
@@ -58,7 +80,7 @@ out_of_memory() { [ -f "$1" ] && tac "$1" | sed '/^== /q' | grep -q "torch.OutOf
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait
-  if [ "$MPS" = 1 ]; then stop_mps; fi
+  if [ "$mps_on" = 1 ]; then leave_mps; fi
   echo "wall time: $(( $(date +%s) - runs_start )) s"
   grep -h "best val acc\|rror" "$1"/logs/*.log | sed "s|$1/[^/]*/||" | cut -c1-200
   pack_runs "$1" "$2"

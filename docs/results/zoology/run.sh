@@ -8,7 +8,7 @@
 #   OVERRIDES="cuda_graphs=true" bash docs/results/zoology/run.sh ...   more Hydra overrides for every run
 #   STOP_AFTER_S=500 bash docs/results/zoology/run.sh ...   runs end (with a checkpoint) 500 s after the start and
 #     no run starts later; the same command given again resumes them (run_limit in gpu_env.sh)
-#   MPS=1 bash docs/results/zoology/run.sh ...   the runs share the GPU through the CUDA MPS daemon (gpu_env.sh)
+#   MPS=0 bash docs/results/zoology/run.sh ...   the runs time-sliced, not through the CUDA MPS daemon (gpu_env.sh)
 #   ROOT=/tmp/long bash docs/results/zoology/run.sh ...   the runs' folder on the GPU machine (default /tmp/zoology):
 #     one per experiment whose runs are resumed or packed apart
 #   MAX_PROCS=8 bash docs/results/zoology/run.sh ...   at most 8 runs at once (default 12). Runs that ran out of GPU
