@@ -81,22 +81,27 @@ def script_command(tmp_path, argv: list[str], python: str = "", **env: str) -> t
     return ["bash", *argv], {"cwd": tmp_path, "env": env}
 
 
-def fake_mps_control(tmp_path) -> Path:
+@pytest.fixture
+def fake_mps_control(tmp_path):
     """An nvidia-cuda-mps-control on the scripts' PATH that logs each call (`-d` starts the daemon, `quit` on
-    its input stops it); returns the log."""
-    log = tmp_path / "mps-calls"
+    its input stops it); yields the log. Its daemon stays in the background, holding the files it was given
+    open, as a real one may."""
+    log, daemon = tmp_path / "mps-calls", tmp_path / "mps-daemon.pid"
     control = tmp_path / "bin" / "nvidia-cuda-mps-control"
     control.parent.mkdir(parents=True, exist_ok=True)
-    control.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -d ]; then echo start; else cat; fi >> {log}\n')
+    control.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -d ]; then echo start >> {log}\n'
+                       f'  sleep 120 > /dev/null 2>&1 & echo $! > {daemon}\nelse cat >> {log}; fi\n')
     control.chmod(0o755)
-    return log
+    yield log
+    if daemon.exists():
+        subprocess.run(["kill", daemon.read_text().strip()], check=False)
 
 
-def test_scripts_side_by_side_share_one_mps_daemon(tmp_path):
+def test_scripts_side_by_side_share_one_mps_daemon(tmp_path, fake_mps_control):
     """Two zoology/run.sh at once (one ROOT each, as packed parts run): one daemon, started by the first and
     stopped once, by the last to finish. Each started and stopped its own, so the first to finish took the
     daemon from under the other's runs."""
-    log = fake_mps_control(tmp_path)
+    log = fake_mps_control
     both_started = 'echo x >> "$CALLS.started"; while [ "$(wc -l < "$CALLS.started")" -lt 2 ]; do sleep 0.05; done'
     procs = []
     for width in ("64", "128"):
@@ -105,7 +110,7 @@ def test_scripts_side_by_side_share_one_mps_daemon(tmp_path):
                                          MPS_USERS=str(tmp_path / "mps-users"))
         procs.append(subprocess.Popen(command, **kwargs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
     # start_mps first stops a daemon that a killed command may have left
     assert log.read_text().split() == ["quit", "start", "quit"]
@@ -116,8 +121,8 @@ def test_scripts_side_by_side_share_one_mps_daemon(tmp_path):
     ("0", True, [], ""),
     ("1", True, ["quit", "start", "quit"], ""),
 ])
-def test_mps_by_default_where_the_machine_has_it(mps, machine_has_it, calls, said, tmp_path):
-    log = fake_mps_control(tmp_path) if machine_has_it else tmp_path / "mps-calls"
+def test_mps_by_default_where_the_machine_has_it(mps, machine_has_it, calls, said, tmp_path, request):
+    log = request.getfixturevalue("fake_mps_control") if machine_has_it else tmp_path / "mps-calls"
     env = {"MPS_USERS": str(tmp_path / "mps-users"), **({"MPS": mps} if mps else {})}
     done = run_script(tmp_path, ["docs/results/zoology/run.sh", "64", "0", "attention:1e-3"], **env)
     assert done.returncode == 0, done.stderr

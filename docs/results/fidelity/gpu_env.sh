@@ -16,7 +16,8 @@ mps_env() { export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=
 start_mps() {
   mps_env; mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   stop_mps 2> /dev/null  # a daemon left by a command that was killed
-  command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d ||
+  # without join_mps's lock (fd 9): a daemon that kept it open would block every later join and leave
+  command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d 9>&- ||
     { echo "the CUDA MPS daemon did not start"; return 1; }
 }
 stop_mps() { echo quit | nvidia-cuda-mps-control; }
