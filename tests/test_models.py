@@ -50,7 +50,7 @@ MIXER_CASES = [
 
 
 @pytest.mark.parametrize("mixer,options", MIXER_CASES, ids=lambda c: str(c))
-@pytest.mark.parametrize("T", [1, 13])
+@pytest.mark.parametrize("T", [1, 13, 70])  # 70: past the chunked forms' first 64-token chunk
 def test_parallel_equals_recurrent(mixer, options, T):
     m = make(mixer, **options)
     x = randn(2, T, D)
