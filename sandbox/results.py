@@ -223,7 +223,7 @@ FIELDS = {
 }
 
 
-def _result_problem(result) -> str | None:
+def result_problem(result) -> str | None:
     """Why a parsed result.json cannot be reported (not an object, no model config, an unknown status, metrics
     not numbers, an accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice, a
     field of FIELDS of another type), or None if it can. Other statuses may lack the accuracies."""
@@ -281,7 +281,7 @@ def collect_results(folder: Path, on_skip=None) -> list[dict]:
             truncated = f"not valid JSON, perhaps truncated ({err.msg}: line {err.lineno} column {err.colno})"
             on_skip(path, "empty file" if not err.doc.strip() else truncated)
             continue
-        problem = _result_problem(result)
+        problem = result_problem(result)
         if problem:
             on_skip(path, problem)
             continue

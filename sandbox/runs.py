@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sandbox.results import RESULT_FILE, TERMINAL, config_hash, edited_config, read_json, status_of
+from sandbox.results import RESULT_FILE, TERMINAL, config_hash, read_json, result_problem, status_of
 from sandbox.settings import ConfigError, check_run_folder
 
 HASH_DIGITS = 12
@@ -82,7 +82,9 @@ def set_aside(path: Path, problem: str) -> None:
 
 
 def stored_result(run_dir: Path) -> dict | None:
-    """The folder's result.json, or None when it has none; an unreadable or edited one is set aside."""
+    """The folder's result.json, or None when it has none; an unreadable, edited or otherwise unreportable one
+    (what sandbox-report would skip: a config edited after the run, a finished status without finite accuracies,
+    fields of the wrong type) is set aside, and the run goes on from its checkpoints."""
     path = run_dir / RESULT_FILE
     if not path.exists():
         return None
@@ -93,7 +95,9 @@ def stored_result(run_dir: Path) -> dict | None:
     except (OSError, ValueError) as err:
         set_aside(path, f"unreadable ({describe_error(err)})")
         return None
-    if problem := edited_config(result):
+    # The report's own check: a result it would skip is no run's end either (an edited `status: finished`
+    # without accuracies was returned as finished, one without test_acc stopped the command with a KeyError).
+    if problem := result_problem(result):
         set_aside(path, problem)
         return None
     return result

@@ -320,8 +320,10 @@ class StackedRecallModule(L.LightningModule):
             if accs[p] > self.threshold:
                 self._end(r, THRESHOLD)
                 continue
+            # as EarlyStopping: patience counts validations without improvement, so a run that improved goes on
+            # (with patience 0 it stopped at every validation, its first included)
             stale[r] = 0 if improved[r] else stale[r] + 1
-            if stale[r] >= self.patience:
+            if not improved[r] and stale[r] >= self.patience:
                 self._end(r, PATIENCE)
         self.best_val_acc.copy_(torch.tensor(best))
         self.stale_validations.copy_(torch.tensor(stale))

@@ -15,6 +15,7 @@ import csv
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -46,9 +47,13 @@ from sandbox.settings import ConfigError, check_settings, one_line, trainer_argu
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
+LOGS = "logs"  # a run's metrics: <run_dir>/logs
 # sandbox-train's exit code for each status; 2 is a bad setting, and an interrupted run exits with 128 + the
 # signal's number, as a shell reports a process ended by it (130 for Ctrl-C, 143 for SIGTERM).
 EXIT_CODES = {"finished": 0, "failed": 1, "diverged": 3, "not_trained": 4}
+# The commit of the code this process runs, read once as it is imported: read when a result is written, a checkout
+# changed during the run (a pull, another branch, edits) was recorded as the code that trained it.
+CODE_COMMIT = git_commit()
 
 
 def register_resolvers() -> None:
@@ -122,8 +127,8 @@ def run_logger(cfg: DictConfig, run_dir: Path):
     """The logger of a run: its metrics in `run_dir`/logs (a resumed run's metrics.csv goes on; TensorBoard's
     event files add up by themselves)."""
     if cfg.logger.kind == "tensorboard":
-        return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
-    return ResumableCSVLogger(save_dir=run_dir, name="logs", version="")
+        return TensorBoardLogger(save_dir=run_dir, name=LOGS, version="")
+    return ResumableCSVLogger(save_dir=run_dir, name=LOGS, version="")
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -248,6 +253,11 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     resume_from, tested, earlier, fitted = None, None, None, False
     try:
         resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
+        if resume_from is None and trainer.is_global_zero:
+            # From scratch, the logs of an earlier history (its checkpoints set aside, or another configuration's
+            # in a reused folder) are not this run's: the resumable CSV writer keeps rows logged before this
+            # run's first one, so they would stay in its metrics.csv.
+            shutil.rmtree(run_dir / LOGS, ignore_errors=True)
         if resume_from is not None:
             earlier = runs.stored_result(run_dir)  # of the segment it resumes after (none if killed outright)
             check_same_computation(run_dir, resume_from, [earlier], computation(trainer, cfg.model.backend))
@@ -376,7 +386,7 @@ def result_record(cfg: DictConfig, digest: str, status: str, reason: str, traine
     a resumed run continues (interrupted or failed), whose wall time and commits this segment's extend."""
     nan = float("nan")
     earlier = earlier or {}
-    commit = git_commit()
+    commit = CODE_COMMIT
     earlier_commits = [*earlier.get("earlier_git_commits", []), earlier.get("git_commit")]
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -150,6 +150,29 @@ def test_result_whose_config_was_edited_is_not_returned_as_this_run(small_run, t
         assert result[key] == small_run[1][key], key
 
 
+@pytest.mark.parametrize("edit", ["test-acc-removed", "accuracies-nan"])
+def test_result_edited_by_hand_into_an_unreportable_one_is_set_aside(edit, small_run, tmp_path, capsys):
+    """A result.json that sandbox-report would skip (a finished status without accuracies: edited by hand, an
+    interrupted run's made `finished`) is not returned as the run's end: set aside, and the run is tested again
+    from its checkpoints. It was returned as finished (best val acc nan), or stopped the command with a
+    KeyError."""
+    folder = tmp_path / "run"
+    shutil.copytree(small_run[0], folder)
+    edited = json.loads((folder / "result.json").read_text())
+    if edit == "test-acc-removed":
+        del edited["test_acc"]
+    else:
+        edited.update(best_val_acc=float("nan"), test_acc=float("nan"))
+    (folder / "result.json").write_text(json.dumps(edited))
+    assert sandbox.train.run_alone(make_cfg(*SMALL), folder) == small_run[1]["best_val_acc"]
+    out = capsys.readouterr().out
+    assert "already finished" not in out and "result.json cannot be used: status finished but" in out, out
+    assert (folder / "result.json.unusable").exists()
+    result = read_result(folder)
+    for key in METRICS:
+        assert result[key] == small_run[1][key], key
+
+
 # ---- how runs end ----
 def test_divergence_stops_the_run_is_recorded_and_not_repeated(tmp_path, monkeypatch, capsys):
     real_step = RecallModule.training_step
@@ -221,6 +244,35 @@ def test_run_is_not_resumed_where_auto_resolves_to_another_precision(killed, tmp
     with pytest.raises(ConfigError, match="precision bf16-mixed on the torch kernels, this one 32-true on torch"):
         train(make_cfg(*SMALL), tmp_path)
     assert snapshot(tmp_path) == before
+
+
+class SignalAtStep(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_run_started_from_scratch_in_a_reused_folder_logs_only_its_own_metrics(tmp_path):
+    """A folder that held another configuration's run, killed before its result.json (`train(cfg, folder)`, as
+    sweeps give their trials' folders): its checkpoints are set aside, and the run's metrics.csv holds its own
+    rows alone. The other run's rows logged before this run's first one stayed (its train/loss at steps 0-2)."""
+    folder = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        train(make_cfg(*SMALL, "trainer.log_every_n_steps=1", "optim.lr=2e-2"), folder,
+              extra_callbacks=[SignalAtStep(6)])
+    (folder / RESULT_FILE).unlink()  # killed outright: nothing says whose folder it is but its checkpoints
+    result = train(make_cfg(*SMALL), folder)
+    reference = train(make_cfg(*SMALL), tmp_path / "reference")
+    assert not result["resumed"] and result["best_val_acc"] == reference["best_val_acc"]
+
+    def rows(run_dir: Path) -> list[dict]:
+        with open(run_dir / "logs" / "metrics.csv") as f:
+            return [{k: v for k, v in row.items() if k != "train/tokens_per_s"} for row in csv.DictReader(f)]
+
+    assert rows(folder) == rows(tmp_path / "reference")
 
 
 # ---- what a bad setting leaves: no folder made, none removed ----

@@ -73,11 +73,12 @@ def assert_same_run(alone: dict, stacked: dict, alone_dir: Path, stacked_dir: Pa
 
 
 @pytest.mark.parametrize("model, stopping", [("mom", "threshold=0.01"), ("attention", "threshold=0.01"),
-                                             ("gated_deltanet", "patience=1")])
+                                             ("gated_deltanet", "patience=1"), ("attention", "patience=0")])
 def test_stacked_runs_end_as_they_end_alone(model, stopping, tmp_path):
     """Seeds and learning rates in one stack; early stopping (threshold 0.01: a run stops at its first
     validation above it; patience 1: at its first validation without a strict improvement) ends some runs and
-    leaves the others training."""
+    leaves the others training. With patience 0 a run stops at its first validation without an improvement, as
+    alone (stacked, every run stopped at its first validation)."""
     jobs = [("seed=0", "optim.lr=3e-3"), ("seed=1", "optim.lr=3e-3"), ("seed=0", "optim.lr=1e-2")]
     common = (f"model={model}", f"callbacks.early_stopping.{stopping}")
     alone = [train(make_cfg(tmp_path, *common, *job), tmp_path / "alone" / str(i)) for i, job in enumerate(jobs)]

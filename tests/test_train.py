@@ -18,6 +18,7 @@ from omegaconf import open_dict
 
 from sandbox.module import RecallModule
 from sandbox.results import git_commit
+import sandbox.train
 from sandbox.train import CONF_DIR, ConfigError, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -142,6 +143,15 @@ def test_a_copy_made_by_git_archive_records_the_commit_it_was_made_from(tmp_path
     assert git_commit().split("+")[0] == head.strip()  # the checkout itself: its HEAD, not the placeholder
 
 
+def test_the_commit_recorded_is_that_of_the_code_that_ran(tmp_path, monkeypatch):
+    """A checkout changed during a run (a pull, another branch, edits) is not the code that trained it: the result
+    names the commit the process imported (sandbox.train.CODE_COMMIT), which was the checkout's at the run's end."""
+    monkeypatch.setattr(sandbox.train, "git_commit", lambda: "0" * 40)  # what the checkout says by then
+    result = train(make_cfg("debug=fast", "task.limit_examples=64", "model.n_layers=1"), tmp_path)
+    assert result["status"] == "finished"
+    assert result["git_commit"] == sandbox.train.CODE_COMMIT != "0" * 40
+
+
 @pytest.mark.parametrize("step", [11, 13, 15])
 def test_resumed_run_keeps_its_earlier_metrics_time_and_commits(step, tmp_path, monkeypatch):
     """metrics.csv of an interrupted and resumed run holds the rows of an uninterrupted one, each once; its
@@ -156,7 +166,7 @@ def test_resumed_run_keeps_its_earlier_metrics_time_and_commits(step, tmp_path, 
     stored = json.loads((run_dir / "result.json").read_text())
     assert stored["status"] == "interrupted" and metrics_rows(run_dir)
     # as if the earlier segment had run long, at another commit, after one more at a third
-    stored.update(wall_time_s=1000.0, git_commit="abc", earlier_git_commits=["def", git_commit()])
+    stored.update(wall_time_s=1000.0, git_commit="abc", earlier_git_commits=["def", sandbox.train.CODE_COMMIT])
     (run_dir / "result.json").write_text(json.dumps(stored))
     started = time.perf_counter()
     resumed = train(make_cfg(*RESUMED), run_dir)
