@@ -1,7 +1,8 @@
 """Mixture-of-Memories (MoM, Du et al. 2025, arXiv 2502.13685): M linear memories and a router.
 
 Router (no noise):  p_t = softmax(W_r x_t) in fp32 (W_r: d_model -> M, no bias);  the top-k memories of p_t,
-                    their weights w_{t,m} = p_{t,m} / sum over the top-k of p_t (they sum to 1).
+                    their weights w_{t,m} = p_{t,m} / sum over the top-k of p_t (they sum to 1; with k = 1 the
+                    weight is 1 and carries no gradient, so the router learns from the auxiliary loss alone).
 Memories:           memory m has its own key, value and gate projections and advances only on the tokens
                     routed to it: it sees its own subsequence, in token order, and its short conv runs within
                     that subsequence (in training and in `step` alike). Its update rule is one of those
