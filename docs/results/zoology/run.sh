@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Parts of `sandbox-train -m experiment=zoology` on one H200, runs packed: one process per (model, lr, seed),
+# Parts of `sandbox-train -m experiment=zoology` on one GPU, runs packed: one process per (model, lr, seed),
 # each a one-job Hydra multirun, all writing into one folder that `sandbox-report` merges.
 #   bash docs/results/zoology/run.sh WIDTH SEEDS MODEL:LR ...   e.g.  run.sh 64 1,2 attention:2.2e-3 mom:2.2e-3
 #   bash docs/results/zoology/run.sh WIDTH SEEDS all            every model of the experiment at its 4 lrs
