@@ -164,7 +164,9 @@ class RecallModule(L.LightningModule):
         self.log("train/loss", loss)
         self.log("train/acc", hits.sum() / mask.sum())
         self.log("train/aux_loss", aux_loss)
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        # Lightning writes a step's metrics when (step + 1) % log_every_n_steps == 0, with the last value logged
+        # until then: logged at that step, so that its row holds its own step's statistics (not a stale step's)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log_dict({f"router/{k}": v for k, v in router.items()})
         return loss + aux_loss
 

@@ -264,17 +264,15 @@ class StackedRecallModule(L.LightningModule):
             self.diverged_step.index_copy_(0, index, torch.where(first, self.global_step + 1, step))
             self.diverged_loss.index_copy_(0, index, torch.where(first, total.float(), diverged_loss))
         # Lightning writes a step's metrics when (step + 1) % log_every_n_steps == 0: logged only then (R runs'
-        # metrics every step would cost 3 R logging calls a step); the router's when a run alone logs them
-        every = self.trainer.log_every_n_steps
+        # metrics every step would cost 3 R logging calls a step), the router's too, as a run alone logs them
         metrics = {}
-        if (self.global_step + 1) % every == 0:
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             acc = hits.flatten(1).sum(1) / mask.flatten(1).sum(1)
             for r in self._running:
                 p = self._position[r]
                 metrics.update({run_key(r, "train/loss"): loss[p], run_key(r, "train/acc"): acc[p],
-                                run_key(r, "train/aux_loss"): aux[p]})
-        if self.global_step % every == 0:
-            metrics.update({run_key(r, f"router/{k}"): v for r in self._running for k, v in self.router_of(r).items()})
+                                run_key(r, "train/aux_loss"): aux[p],
+                                **{run_key(r, f"router/{k}"): v for k, v in self.router_of(r).items()}})
         self.log_dict(metrics)
         return total.sum()
 

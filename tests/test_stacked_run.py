@@ -118,8 +118,7 @@ def test_an_interrupted_stack_resumes_where_it_stopped(jobs, stop, in_stack, tmp
     """Interrupted at step `stop` and resumed; in the second case, a run that diverged left the stack at step 10,
     in the third one that stopped early (patience) at step 26, and is tested at the end. Each run's metrics.csv
     is an uninterrupted run's; its wall time and earlier commits go on from its interrupted result. The stops fall
-    on steps whose metrics Lightning writes (every 5th): the router statistics logged at step 10 and written at
-    step 14 with the others would be lost by a stop between them."""
+    on steps whose metrics Lightning writes (every 5th)."""
     n = len(jobs)
     whole = train_stack([make_cfg(tmp_path / "whole", *job) for job in jobs],
                         [tmp_path / "whole" / str(i) for i in range(n)])

@@ -177,6 +177,32 @@ def test_resumed_run_keeps_its_earlier_metrics_time_and_commits(step, tmp_path, 
     assert resumed["earlier_git_commits"] == ["def", "abc"]
 
 
+class RouterStatsByStep(L.Callback):
+    """The router statistics of each training step's forward, by the step's row in metrics.csv (0-based)."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.by_step[trainer.global_step - 1] = pl_module.model.router_stats()
+
+
+def test_router_statistics_in_metrics_csv_are_those_of_their_rows_step(tmp_path):
+    """A row of metrics.csv holds the router statistics of its own step. Logged at step 0 (log_every_n_steps=5), they
+    were written with the row of step 4, 4 steps stale (24 at the default 25), or, an epoch ending in between (here
+    every 4 steps), never."""
+    recorded = RouterStatsByStep()
+    train(make_cfg("model=mom", "model.n_layers=1", "task.params.vocab_size=64", "task.limit_examples=64",
+                   "task.batch_size=16", "trainer.max_steps=10", "trainer.log_every_n_steps=5",
+                   "callbacks.early_stopping.threshold=1.0"), tmp_path, extra_callbacks=[recorded])
+    rows = [row for row in metrics_rows(tmp_path) if row.get("train/loss") and row.get("router/layer0/load_m0")]
+    assert [int(row["step"]) for row in rows] == [4, 9]
+    for row in rows:
+        stats = recorded.by_step[int(row["step"])]
+        for key, value in stats.items():
+            assert float(row[f"router/{key}"]) == pytest.approx(value, abs=1e-6), (row["step"], key)
+
+
 def test_run_started_again_from_scratch_starts_a_fresh_metrics_file(tmp_path, monkeypatch):
     """Without a checkpoint to resume from, an interrupted run trains from step 0: its metrics.csv and wall time
     are of that segment alone."""
