@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 
+import sandbox.settings
 import sandbox.stacked_run
 import sandbox.train
 from hydra_plugins.sandbox_launcher.launcher import SandboxLauncher
@@ -293,7 +294,7 @@ def test_a_stack_is_not_resumed_where_auto_resolves_to_another_precision(killed,
     jobs = [("seed=0",), ("seed=1",)]
     dirs = [tmp_path / str(i) for i in range(len(jobs))]
     with monkeypatch.context() as gpu:
-        gpu.setattr(sandbox.train, "_precision", lambda setting: "bf16-mixed")
+        gpu.setattr(sandbox.settings, "precision_used", lambda setting: "bf16-mixed")
         stop_at(gpu, 4, StackedRecallModule)
         with pytest.raises(BaseException, match="SIGTERM"):
             train_stack([make_cfg(tmp_path, "model=attention", *job) for job in jobs], dirs)
