@@ -41,6 +41,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import tasks
+from tasks.registry import resolve as resolve_task
 from sandbox.results import (
     RESULT_FILE,
     atomic_path,
@@ -160,6 +161,8 @@ def to_runs(results: list[dict]) -> list[dict]:
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
         run["chance_acc"] = val_chance(config)
+        if config.get("suite") == MAD_SUITE:  # its settings table gives chance beside each tested length
+            run.update(test_chance_by_length(config))
         run["val_threshold"] = threshold = stopping_threshold(config)
         if run["status"] == FINISHED:
             chance = run["chance_acc"]
@@ -188,6 +191,31 @@ def _chance_of_split(task_json: str, seed: int) -> float:
     task = json.loads(task_json)
     segments = tasks.capped(task["segments"]["val"], task.get("limit_examples"))
     return tasks.chance_accuracy(task["name"], segments, seed=seed, **task["params"])
+
+
+def test_chance_by_length(config: dict) -> dict[str, float]:
+    """The accuracy at chance of the run's test split at each of its lengths, `chance_acc/seq_len=L` (a state-
+    tracking task's chance depends on the length), where it was tested at more than one; empty otherwise, or when
+    its config does not give the split."""
+    task = config.get("task")
+    try:
+        return dict(_chance_by_length(json.dumps(task, sort_keys=True), tasks.split_seed(config["seed"], "test")))
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+@functools.cache
+def _chance_by_length(task_json: str, seed: int) -> tuple:
+    task = json.loads(task_json)
+    by_length = defaultdict(list)
+    for segment in tasks.capped(task["segments"]["test"], task.get("limit_examples")):
+        params = {**task["params"], **{k: v for k, v in segment.items() if k != "num_examples"}}
+        by_length[resolve_task(task["name"], params)["seq_len"]].append(segment)
+    if len(by_length) < 2:
+        return ()
+    return tuple((f"chance_acc/seq_len={length}", tasks.chance_accuracy(task["name"], segments, seed=seed,
+                                                                       **task["params"]))
+                 for length, segments in sorted(by_length.items()))
 
 
 def drop_duplicates(runs: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
@@ -888,6 +916,20 @@ def length_columns(runs: list[dict]) -> list[str]:
     return sorted(columns, key=lambda k: _number(k.split("=")[-1]))
 
 
+def settings_table(rows: list[Row], runs: list[dict]) -> tuple[list, list]:
+    """The summary table of MAD's settings, with test accuracy at each length of the runs tested at several, and
+    beside it the test set's accuracy at chance at each (`test_chance_by_length`): at 4x the training length a
+    state-tracking task's chance is not the training length's."""
+    lengths = length_columns(runs)
+    header, body = summary_table(rows, runs, slices=lengths)
+    if lengths:
+        header.append("chance per length")
+        for row, cells in zip(rows, body):
+            chances = [row.runs[0].get(c.replace("test_acc/", "chance_acc/")) for c in lengths]
+            cells.append(" / ".join(ABSENT if c is None else f"{c:.3f}" for c in chances))
+    return header, body
+
+
 def mad_score_records(rows: list[Row], runs: list[dict]) -> list[dict]:
     """One record per task and model: the score (the mean over the task's settings of each setting's test
     accuracy at its chosen optimiser setting), how many of the task's settings it covers, and the state size.
@@ -1136,7 +1178,7 @@ def mad_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
     sections += ["## MAD: one score per task and model (mean test accuracy over the task's settings)",
                  MAD_PROTOCOL, markdown_table(*scores), "![MAD scores](mad_scores.png)",
                  f"### MAD settings: test accuracy at the {optim_phrase(tuned_keys(runs))} chosen on validation",
-                 markdown_table(*summary_table(rows, runs, slices=length_columns(runs)))]
+                 markdown_table(*settings_table(rows, runs))]
     sensitivity += optim_records(rows, runs)
     return "MAD: mean test accuracy over each task's settings", scores
 

@@ -136,6 +136,17 @@ def check_state_tracking(where: str, *, vocab_size, seq_len, num_symbols: int, l
     check_choice(where, "labels_at", labels_at, LABELS_AT)
 
 
+def state_chance(guess: float, *, seq_len: int, labels_at: str) -> float:
+    """The accuracy per labelled position of a guess (`guess`: one among the states) that reads the first input:
+    the state after one input is that input (the token 1 + x_0 is the label), so the first position's answer is
+    in its context and a model that copies its input (as a tied-embedding model does at initialisation) scores
+    it. Labels at every position: (1 + (L - 1) guess) / L, so chance depends on the length; at the last: guess
+    (unless L = 1)."""
+    if labels_at == "every":
+        return (1 + (seq_len - 1) * guess) / seq_len
+    return 1.0 if seq_len == 1 else guess
+
+
 def state_labels(states: np.ndarray, labels_at: str) -> np.ndarray:
     """int64 [N, L]: the token 1 + state at every position (`every`) or at the last only (`last`)."""
     labels = 1 + states

@@ -16,7 +16,7 @@ Slices: `modulus`, `seq_len`.
 
 import numpy as np
 
-from tasks.common import check_int, check_state_tracking, constant_slice, state_labels
+from tasks.common import check_int, check_state_tracking, constant_slice, state_chance, state_labels
 
 DEFAULTS = {"vocab_size": 6, "seq_len": 64, "modulus": 5, "labels_at": "every"}
 
@@ -26,9 +26,9 @@ def validate(*, vocab_size, seq_len, modulus, labels_at, where: str = "modular_s
     check_state_tracking(where, vocab_size=vocab_size, seq_len=seq_len, num_symbols=modulus, labels_at=labels_at)
 
 
-def chance(*, modulus, **_) -> float:
-    """A guess among the m residues."""
-    return 1 / modulus
+def chance(*, seq_len, modulus, labels_at, **_) -> float:
+    """A guess among the m residues, but at the first position, whose state is its input (`state_chance`)."""
+    return state_chance(1 / modulus, seq_len=seq_len, labels_at=labels_at)
 
 
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, modulus, labels_at):

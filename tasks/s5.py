@@ -18,7 +18,7 @@ import itertools
 
 import numpy as np
 
-from tasks.common import check_state_tracking, constant_slice, state_labels
+from tasks.common import check_state_tracking, constant_slice, state_chance, state_labels
 
 DEFAULTS = {"vocab_size": 121, "seq_len": 64, "labels_at": "every"}
 PERMUTATIONS = np.array(list(itertools.permutations(range(5))))  # [120, 5], row i = images of permutation i
@@ -41,9 +41,9 @@ def validate(*, vocab_size, seq_len, labels_at) -> None:
                          labels_at=labels_at)
 
 
-def chance(**_) -> float:
-    """A guess among the 120 permutations."""
-    return 1 / len(PERMUTATIONS)
+def chance(*, seq_len, labels_at, **_) -> float:
+    """A guess among the 120 permutations, but at the first position, whose state is its input (`state_chance`)."""
+    return state_chance(1 / len(PERMUTATIONS), seq_len=seq_len, labels_at=labels_at)
 
 
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, labels_at):

@@ -819,3 +819,23 @@ def test_a_curve_with_a_validation_that_is_not_an_accuracy_tells_nothing(bad, tm
     write_run(tmp_path, "odd", val=0.9, curve=[(s, bad if s == 100 else 0.6 + 0.3 * (s >= 900)) for s in steps])
     (row,) = csv.DictReader(open(report(tmp_path)["csv"]))
     assert (row["still_rising"], row["val_rise_last_quarter"], row["left_chance_step"]) == ("", "", "")
+
+
+def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
+    """State tracking trained at L = 64 and tested at 64 and 256: the settings table gives the test accuracy at
+    each length and the test set's chance at each (S5: the first state is read from the input, so chance is
+    (1 + 63/120)/64 at 64 and (1 + 255/120)/256 at 256): S5's untrained 0.025 and 0.012 are at chance."""
+    s5 = {"name": "s5", "params": {"vocab_size": 121, "labels_at": "every"},
+          "segments": {"val": [{"seq_len": 64, "num_examples": 8}],
+                       "test": [{"seq_len": 64, "num_examples": 8}, {"seq_len": 256, "num_examples": 8}]}}
+    write_run(tmp_path, "s5", "deltanet", val=0.025, test=0.014, task=s5, suite="mad",
+              slices={"seq_len=64": 0.025, "seq_len=256": 0.012})
+    files = report(tmp_path)
+    section = files["markdown"].read_text().split("### MAD settings")[1]
+    header, _, cells = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                        if line.startswith("|")]
+    line = dict(zip(header, cells))
+    assert (line["seq_len=64"], line["seq_len=256"]) == ("0.025", "0.012")
+    assert line["chance per length"] == f"{(1 + 63 / 120) / 64:.3f} / {(1 + 255 / 120) / 256:.3f}"
+    (row,) = csv.DictReader(open(files["csv"]))
+    assert float(row["chance_acc/seq_len=256"]) == pytest.approx((1 + 255 / 120) / 256)

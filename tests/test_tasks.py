@@ -489,6 +489,8 @@ def _guess(name: str, params: dict, data, rng: np.random.Generator) -> np.ndarra
             guesses = rng.choice(region[region >= 2], len(at))
         else:  # no context to read: the labels the whole set takes
             guesses = rng.choice(np.unique(data.labels[data.labels != IGNORE]), len(at))
+            if name in ("parity", "modular_sum", "s5"):  # but the first state is the first input, read
+                guesses[at == 0] = inputs[0]
         hits.append(guesses == labels[at])
     return np.concatenate(hits)
 
@@ -509,6 +511,9 @@ def _guess(name: str, params: dict, data, rng: np.random.Generator) -> np.ndarra
     ("parity", [{}], {}),
     ("modular_sum", [{}], {}),
     ("s5", [{}], {}),
+    # length extrapolation: a longer test segment has its own chance; labels at the last position only
+    ("s5", [{"seq_len": 16}, {"seq_len": 64}], {}),
+    ("parity", [{"seq_len": 8}], {"labels_at": "last"}),
 ])
 def test_chance_accuracy_is_what_a_guess_scores(name, segments, params):
     segments = [{"num_examples": 800, **s} for s in segments]
@@ -523,3 +528,19 @@ def test_chance_accuracy_is_what_a_guess_scores(name, segments, params):
     expected = tasks.chance_accuracy(name, segments, seed=0, **params)
     assert abs(hits.mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(hits)) + 1e-3, \
         (hits.mean(), expected)
+
+
+@pytest.mark.parametrize("name,guess", [("parity", 1 / 2), ("modular_sum", 1 / 5), ("s5", 1 / 120)])
+def test_state_tracking_chance_counts_the_first_state_which_is_the_first_input(name, guess):
+    """The state after one input is that input, so a model that copies its input (a tied-embedding model at
+    initialisation does) is right at the first position: chance is (1 + (L - 1) g) / L with labels at every
+    position, a guess g only at the last. It was g at every length: S5's untrained runs (0.025 at L = 64, 0.012
+    at 256) read as three times chance at the training length."""
+    segments = [{"seq_len": 64, "num_examples": 20}, {"seq_len": 256, "num_examples": 20}]
+    for segment in segments:
+        length = segment["seq_len"]
+        assert tasks.chance_accuracy(name, [segment], seed=0) == pytest.approx((1 + (length - 1) * guess) / length)
+        assert tasks.chance_accuracy(name, [segment], seed=0, labels_at="last") == pytest.approx(guess)
+    # a mixture weighs each length by its labelled positions: 64 and 256 of them per example
+    expected = (64 * (1 + 63 * guess) / 64 + 256 * (1 + 255 * guess) / 256) / (64 + 256)
+    assert tasks.chance_accuracy(name, segments, seed=0) == pytest.approx(expected)
