@@ -43,6 +43,29 @@ def test_kernel_bench_scales_the_recurrent_reference_from_its_prefix(monkeypatch
     assert seen == [(2, 256, 2, 16)]  # dq of the first 2 sequences' first 256 tokens
 
 
+def test_kernel_bench_times_are_medians(monkeypatch):
+    """docs/performance.md quotes the median of do_bench; do_bench returns the mean unless asked, so every time
+    of the table (ours, the torch chunk form, fla; the copy ceiling too, CUDA only) was the mean of its calls."""
+    import torch
+    import triton.testing
+
+    from sandbox.bench import kernels as bench
+
+    def fake_do_bench(fn, warmup=25, rep=100, return_mode="mean"):  # calls of 1, 1, 1 and 9 ms (a loaded CPU)
+        return {"mean": 3.0, "median": 1.0}[return_mode]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(bench, "_check", lambda rule, x, do: {"o": 0.0})
+    monkeypatch.setattr(bench, "_time_recurrent", lambda rule, x, do: 100.0)
+    x, do = {"q": torch.zeros(2, 2)}, torch.zeros(2, 2)
+    row = bench._time_rule("gla", (1, 2, 1, 2, 2), x, do, ceiling=1.0)
+    assert row["ms_ours"] == 1.0 and row["ms_torch"] == 1.0
+    monkeypatch.setattr(bench, "_fla_op", lambda rule: lambda **kw: None)
+    monkeypatch.setattr(bench, "_time_once", lambda fn: 5.0)
+    bench._time_fla(row, x, do)
+    assert row["ms_fla"] == 1.0
+
+
 def test_kernel_bench_compiles_fla_in_children_and_names_the_failures(monkeypatch, capsys):
     import subprocess
 
@@ -77,6 +100,28 @@ def test_kernel_times_names_the_longest_ops_per_call():
     assert profile["kernel_sum_ms"] > sum(times.values())  # the ops past the longest two count too
     every = kernel_times(lambda: (a @ a @ a).sum(), calls=3)  # the sum op too
     assert len(every) > 2 and any("sum" in name for name in every)
+
+
+def test_kernel_times_leave_out_record_function_regions():
+    """A record_function region (torch.optim's "Optimizer.step#AdamW.step" in every training step) is no op: its
+    self time on the CPU is Python (here a 50 ms sleep) and on the GPU its span repeats the kernels inside it. It
+    counted as an op, so a step's busy time held the optimizer's Python and wall/busy read low."""
+    import time
+
+    import torch
+
+    from sandbox.bench.kernels import kernel_times
+
+    a = torch.randn(64, 64)
+
+    def fn():
+        with torch.profiler.record_function("region"):
+            time.sleep(0.05)
+            (a @ a).sum()
+
+    times = kernel_times(fn, calls=2)
+    assert "region" not in times and any("mm" in name for name in times)
+    assert sum(times.values()) < 25  # ms per call: the ops, not the 50 ms the region spent asleep
 
 
 def test_kernel_bench_rows_give_wall_and_gpu_time_and_their_ratios(monkeypatch, capsys):
@@ -283,8 +328,15 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
      "--override model.d_model=128 is invalid: the bench sets model.d_model itself (use --widths)"),
     (["--override", "trainer.max_steps=1"],
      "--override trainer.max_steps=1 is invalid: the bench sets trainer.max_steps itself (use --steps)"),
+    # the variant sets each run's graphs: cuda_graphs=false still replayed the graphs rows from graphs (and true
+    # left the other rows op by op), without a word
+    (["--override", "cuda_graphs=false"],
+     "--override cuda_graphs=false is invalid: the bench sets cuda_graphs itself (use --variants graphs)"),
+    # the Lightning rows trained at that precision, the plain loop and the header kept the bench's
+    (["--override", "trainer.precision=bf16-mixed"], "--override trainer.precision=bf16-mixed is invalid: the bench "
+                                                     "sets trainer.precision itself (bf16-mixed on CUDA, float32 on"),
 ], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data",
-        "override-model", "override-width", "override-steps"])
+        "override-model", "override-width", "override-steps", "override-graphs", "override-precision"])
 def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, capsys, tmp_path, monkeypatch):
     """Found before any run: not a traceback after the runs (--json) or at their first step."""
     from sandbox.bench import train as bench
@@ -371,6 +423,10 @@ def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
     # one line, without argparse's usage text
     (["--output-root", ""], "argument --output-root: '' is not a path (empty)"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    # runs of an earlier command there: sandbox-train returned them as they were (or resumed them), so the bench
+    # printed a wall time of seconds and their accuracies, "all targets met"
+    (["--output-root", "{tmp}/earlier"], "--output-root {tmp}/earlier is invalid: {tmp}/earlier/quickstart already "
+                                         "holds runs, which sandbox-train would return or resume instead of training"),
     # a setting the bench gives the command itself: timed the zoology grid as the quickstart, or ran the models
     # where the bench does not read them (every target missed), or left some models out
     (["experiment=zoology"], "experiment=zoology is invalid: the bench sets experiment itself (it times "
@@ -381,17 +437,21 @@ def test_tasks_bench_bad_input_is_one_line_exit_2(argv, message, capsys):
     (["hydra.sweeper.params.model=attention"], "hydra.sweeper.params.model=attention is invalid: the bench sets "
                                                "hydra.sweeper.params.model itself"),
 ], ids=["unknown-key", "bad-value", "output-root-file", "output-root-below-a-file", "output-root-unwritable",
-        "output-root-empty", "unknown-option", "override-experiment", "override-output-root", "override-name",
-        "override-models"])
+        "output-root-empty", "unknown-option", "output-root-with-runs", "override-experiment", "override-output-root",
+        "override-name", "override-models"])
 def test_quickstart_bench_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
+    earlier_run = tmp_path / "earlier" / "quickstart" / "model=mom-0123456789ab"
+    earlier_run.mkdir(parents=True)
+    (earlier_run / "result.json").write_text("{}")
     argv = [a.format(tmp=tmp_path) for a in argv]
     if "--output-root" not in argv:
         argv += ["--output-root", str(tmp_path / "out")]
     monkeypatch.setattr(quickstart.subprocess, "run", lambda *a, **k: pytest.fail("sandbox-train ran"))
     assert exit_code(quickstart.main, argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"sandbox-bench quickstart: error: {message.format(tmp=tmp_path)}")
-    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing trained, no bench.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "file"]  # nothing trained, no bench.json
+    assert [p.name for p in (tmp_path / "earlier" / "quickstart").iterdir()] == ["model=mom-0123456789ab"]
 
 
 @pytest.mark.parametrize("argv, message", [

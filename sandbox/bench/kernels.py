@@ -14,9 +14,10 @@ the float64 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
 cache) and warm (the cache the cold process filled). Every row of ours and fla's gives the wall time of a
-forward+backward (CUDA events around the call: what a training step waits for, launches and Python included)
-beside its GPU time (its kernels' time summed, torch.profiler: the GPU's busy time, which a loaded CPU does not
-stretch), with the ratio fla/ours of each, then the longest kernels; `--no-profile` leaves the GPU time out.
+forward+backward (CUDA events around the call, the median of do_bench's calls: what a training step waits for,
+launches and Python included) beside its GPU time (its kernels' time summed, torch.profiler: the GPU's busy
+time, which a loaded CPU does not stretch), with the ratio fla/ours of each, then the longest kernels;
+`--no-profile` leaves the GPU time out.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _copy_ceiling_gbs() -> float:
 
     src = torch.empty(512 * 2**20, device="cuda", dtype=torch.uint8)
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
     return 2 * src.numel() / ms / 1e6
 
 
@@ -148,8 +149,10 @@ def _time_rule(rule, shape, x, do, ceiling) -> dict:
     row = {"rule": rule, "shape": list(shape), "max_rel_err": max(errs.values())}
     row["correct"] = all(e < 1e-2 for e in errs.values())
     ours, ref = kernels.get_op(rule, "triton"), kernels.get_op(rule, "torch")
-    row["ms_ours"] = do_bench(lambda: _fwd_bwd(ours, x, do), warmup=5, rep=50)
-    row["ms_torch"] = do_bench(lambda: _fwd_bwd(ref, x, do), warmup=1, rep=5)
+    # the median of the calls (what docs/performance.md quotes): do_bench's default is their mean, which a few
+    # slow calls on a loaded CPU pull up
+    row["ms_ours"] = do_bench(lambda: _fwd_bwd(ours, x, do), warmup=5, rep=50, return_mode="median")
+    row["ms_torch"] = do_bench(lambda: _fwd_bwd(ref, x, do), warmup=1, rep=5, return_mode="median")
     row["ms_recurrent"] = _time_recurrent(rule, x, do)
     # inputs read by forward and backward, do read, o written, their gradients written
     nbytes = 3 * sum(t.numel() * t.element_size() for t in x.values()) + 2 * do.numel() * do.element_size()
@@ -220,7 +223,10 @@ def times_by_kernel(prof, calls: int) -> dict[str, float]:
     device = DeviceType.CUDA if cuda else DeviceType.CPU
     times = {}
     for event in prof.key_averages():
-        if event.device_type == device:
+        # A user annotation (record_function, e.g. torch.optim's "Optimizer.step#AdamW.step") is a region, not an
+        # op or kernel: on the GPU its span covers the kernels inside it (counted twice) and the gaps between them;
+        # on the CPU its self time is Python. torch's own tables leave it out of the device total too.
+        if event.device_type == device and not event.is_user_annotation:
             name = event.key.removeprefix("void ").split("<")[0].split("(")[0]
             name = name.removeprefix("_").removesuffix("_kernel")
             total = event.self_device_time_total if cuda else event.self_cpu_time_total
@@ -250,7 +256,7 @@ def _time_fla(row, x, do) -> None:
 
     fla = _fla_op(row["rule"])
     row["s_fla_first_call"] = _time_once(lambda: _fwd_bwd(fla, x, do)) / 1e3
-    row["ms_fla"] = do_bench(lambda: _fwd_bwd(fla, x, do), warmup=5, rep=50)
+    row["ms_fla"] = do_bench(lambda: _fwd_bwd(fla, x, do), warmup=5, rep=50, return_mode="median")
 
 
 def _time_recurrent(rule, x, do) -> float:

@@ -49,6 +49,12 @@ def check(args) -> None:
     problem = args.output_root and write_problem(args.output_root)
     if problem:
         raise ConfigError(f"--output-root {args.output_root} cannot be written ({problem})")
+    runs = args.output_root and Path(args.output_root) / "quickstart"
+    if runs and runs.is_dir() and any(runs.iterdir()):
+        # sandbox-train returns a finished run as it is and resumes an interrupted one: the time would be seconds,
+        # and the accuracies those of runs it did not train
+        raise ConfigError(f"--output-root {args.output_root} is invalid: {runs} already holds runs, which "
+                          "sandbox-train would return or resume instead of training them; give a new or empty folder")
     problem = set_by_bench(args.overrides, SET_BY_BENCH)
     if problem:
         raise ConfigError(problem)

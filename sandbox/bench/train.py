@@ -189,7 +189,8 @@ def zoology_grid() -> dict:
 # model or width than its row says, or ran other steps than the bench's windows.
 SET_BY_BENCH = {"experiment": "--experiment", "model": "--models", "model.d_model": "--widths",
                 "task.batch_size": "--batch", "task.limit_examples": "--batch", "trainer.max_steps": "--steps",
-                "trainer.val_check_interval": "--steps"}
+                "trainer.val_check_interval": "--steps",
+                "cuda_graphs": "--variants graphs"}  # each row's variant sets the module's graphs, whatever cfg says
 
 
 def compose(args, model: str, width: int, root: str):
@@ -522,7 +523,11 @@ def parse(argv):
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if "graphs" in args.variants and not torch.cuda.is_available():
         raise BadInput("--variants graphs is invalid on this machine: CUDA graphs need a CUDA device")
-    problem = set_by_bench(args.override, {key: f"use {option}" for key, option in SET_BY_BENCH.items()})
+    # the precision too: the header says bf16-mixed on CUDA and float32 on the CPU, and the plain loop runs that,
+    # whatever the Lightning rows were given
+    settings = {key: f"use {option}" for key, option in SET_BY_BENCH.items()}
+    settings["trainer.precision"] = "bf16-mixed on CUDA, float32 on the CPU, the plain loop's too"
+    problem = set_by_bench(args.override, settings)
     if problem:
         raise BadInput(f"--override {problem}")
     problem = args.json and file_problem(args.json)
