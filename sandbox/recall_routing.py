@@ -189,7 +189,7 @@ def _device_ok(name: str) -> bool:
         device = torch.device(name)
     except RuntimeError:
         return False
-    # a GPU index past the machine's was a traceback once the first run's model was moved there
+    # a GPU index past the machine's would fail only once the first run's model is moved there
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available()
                                     and (device.index or 0) < torch.cuda.device_count())
 

@@ -41,7 +41,6 @@ from rich.markup import escape
 from rich.table import Table
 
 import tasks
-from tasks.registry import resolve as resolve_task
 from sandbox.results import (
     RESULT_FILE,
     atomic_path,
@@ -209,8 +208,7 @@ def _chance_by_length(task_json: str, seed: int) -> tuple:
     task = json.loads(task_json)
     by_length = defaultdict(list)
     for segment in tasks.capped(task["segments"]["test"], task.get("limit_examples")):
-        params = {**task["params"], **{k: v for k, v in segment.items() if k != "num_examples"}}
-        by_length[resolve_task(task["name"], params)["seq_len"]].append(segment)
+        by_length[tasks.model_shape(task["name"], [segment], **task["params"])["seq_len"]].append(segment)
     if len(by_length) < 2:
         return ()
     return tuple((f"chance_acc/seq_len={length}", tasks.chance_accuracy(task["name"], segments, seed=seed,

@@ -95,8 +95,8 @@ def stored_result(run_dir: Path) -> dict | None:
     except (OSError, ValueError) as err:
         set_aside(path, f"unreadable ({describe_error(err)})")
         return None
-    # The report's own check: a result it would skip is no run's end either (an edited `status: finished`
-    # without accuracies was returned as finished, one without test_acc stopped the command with a KeyError).
+    # The report's own check: a result it would skip (an edited `status: finished` without accuracies, one
+    # without test_acc) is no run's end either.
     if problem := result_problem(result):
         set_aside(path, problem)
         return None

@@ -318,8 +318,8 @@ class StackedRecallModule(L.LightningModule):
             if accs[p] > self.threshold:
                 self._end(r, THRESHOLD)
                 continue
-            # as EarlyStopping: patience counts validations without improvement, so a run that improved goes on
-            # (with patience 0 it stopped at every validation, its first included)
+            # as EarlyStopping: patience counts validations without improvement, so a run that improved goes on,
+            # whatever the patience (0 included)
             stale[r] = 0 if improved[r] else stale[r] + 1
             if not improved[r] and stale[r] >= self.patience:
                 self._end(r, PATIENCE)

@@ -51,8 +51,8 @@ LOGS = "logs"  # a run's metrics: <run_dir>/logs
 # sandbox-train's exit code for each status; 2 is a bad setting, and an interrupted run exits with 128 + the
 # signal's number, as a shell reports a process ended by it (130 for Ctrl-C, 143 for SIGTERM).
 EXIT_CODES = {"finished": 0, "failed": 1, "diverged": 3, "not_trained": 4}
-# The commit of the code this process runs, read once as it is imported: read when a result is written, a checkout
-# changed during the run (a pull, another branch, edits) was recorded as the code that trained it.
+# The commit of the code this process runs, read once as it is imported: the checkout may change while a run
+# trains (a pull, another branch, edits), and the result must name the code that trained it.
 CODE_COMMIT = git_commit()
 
 

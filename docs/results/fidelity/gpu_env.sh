@@ -40,12 +40,13 @@ leave_mps() {
 # run at once).
 start_runs() {
   whole_number MAX_PROCS 1 && whole_number RUN_LIMIT_S 1 && whole_number STOP_AFTER_S 0 || exit 2
-  [[ ${MPS:-auto} =~ ^(0|1|auto)$ ]] || { echo "MPS=$MPS is invalid: 0, 1 or auto (the default)" >&2; exit 2; }
+  local mps=${MPS:-auto}
+  [[ $mps =~ ^(0|1|auto)$ ]] || { echo "MPS=$MPS is invalid: 0, 1 or auto (the default)" >&2; exit 2; }
   mkdir -p "$1/logs"; runs_start=$(date +%s) mps_on=0
-  if [ "${MPS:-auto}" = 1 ] || { [ "${MPS:-auto}" = auto ] && command -v nvidia-cuda-mps-control > /dev/null; }; then
-    join_mps || exit 1; mps_on=1
-  elif [ "${MPS:-auto}" = auto ]; then
+  if [ "$mps" = auto ] && ! command -v nvidia-cuda-mps-control > /dev/null; then
     echo "no CUDA MPS on this machine: the packed runs are time-sliced"
+  elif [ "$mps" != 0 ]; then
+    join_mps || exit 1; mps_on=1
   fi
 }
 # whole_number NAME LEAST: fails, saying why, where the variable NAME is set to other than a whole number >= LEAST
