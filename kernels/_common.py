@@ -75,6 +75,10 @@ def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Di
         if B != 1:
             raise ValueError(f"cu_seqlens packs sequences along T and needs batch size B = 1, got B = {B}")
         N = cu_seqlens.numel() - 1
+        # The Triton kernels read the offsets unchecked (out of range: wrong outputs or a crash). Offsets in host
+        # memory are checked here at no cost; device ones are not read, as that would sync with the host.
+        if cu_seqlens.device.type == "cpu":
+            check_offsets(cu_seqlens.tolist(), T)
     if initial_state is not None:
         _expect("initial_state", initial_state, [N, H, K, V], "N, H, K, V")
     return Dims(B, T, H, K, V, N, K**-0.5 if scale is None else float(scale))
@@ -101,9 +105,14 @@ def sequence_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tup
     if cu_seqlens is None:
         return [(b, 0, T) for b in range(B)]
     cu = cu_seqlens.tolist()
+    check_offsets(cu, T)
+    return [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
+
+
+def check_offsets(cu: list[int], T: int) -> None:
+    """Packed sequences' offsets must rise (not strictly: empty sequences are allowed) from 0 to T."""
     if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in itertools.pairwise(cu)):
         raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {cu}")
-    return [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
 
 
 def pad_sequences(xs: list[torch.Tensor | None], cu_seqlens, B: int, T: int, multiple: int):

@@ -184,6 +184,16 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def nan_as_null(value):
+    """`value` with every NaN (an accuracy over no query) as None: NaN is not JSON, and readers other than Python's
+    (jq, JavaScript, most JSON libraries) refuse a file holding it."""
+    if isinstance(value, dict):
+        return {key: nan_as_null(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [nan_as_null(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def _device_ok(name: str) -> bool:
     try:
         device = torch.device(name)
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             model, data.inputs[chosen], data.labels[chosen], args.batch_size)
         print(f"## {folder}\n\n{table(summary)}\n")
     if args.json:
-        args.json.write_text(json.dumps(summaries, indent=1))
+        args.json.write_text(json.dumps(nan_as_null(summaries), indent=1, allow_nan=False))
     return 0
 
 

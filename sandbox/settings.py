@@ -402,6 +402,10 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
 
 def _check_model(cfg: DictConfig, shape: dict) -> None:
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    # null would build the mixer with its constructor's defaults, not conf/model/'s, and record only null
+    if not isinstance(model.get("mixer_options", {}), dict):
+        raise ConfigError(f"model.mixer_options={_show(model['mixer_options'])} is invalid: must be a mapping of the "
+                          "mixer's options, as in conf/model/ (to set one of them: model.mixer_options.KEY=VALUE)")
     given_by_task = ("self", "vocab_size", "max_seq_len")
     valid = [k for k in inspect.signature(LanguageModel.__init__).parameters if k not in given_by_task]
     unknown = sorted(set(model) - set(valid))

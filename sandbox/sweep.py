@@ -70,6 +70,8 @@ PARAM_KEYS = {"categorical": (("choices",), ("key",)),
 PARAM_FIELDS = ("key", "choices", "low", "high", "log", "at_most")
 # A study's name is its folder's name.
 STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# A number in exponent notation without a dot (1e-3), which OmegaConf and Hydra read as a float and YAML 1.1 does not.
+EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 # What a trial with seeds records of each of its runs.
 RUN_ATTRS = ("status", "best_val_acc", "test_acc")
 # A failed trial without a recorded reason is one whose worker stopped sending heartbeats.
@@ -86,7 +88,10 @@ def parse_param(text: str) -> tuple[str, dict]:
         raise ConfigError(f"--param {text!r} is invalid: use KEY=choice:A,B | KEY=int:LOW:HIGH[:log] | "
                           "KEY=float:LOW:HIGH[:log]")
     if kind == "choice":
-        return key, {"type": "categorical", "choices": [_scalar(c) for c in rest.split(",")]}
+        choices = rest.split(",")
+        if "" in choices:  # YAML reads an empty value as null: a stray comma would add a null choice
+            raise ConfigError(f"--param {text!r} is invalid: a choice is empty; give each choice (null for none)")
+        return key, {"type": "categorical", "choices": [_scalar(c) for c in choices]}
     if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] != "log"):
         raise ConfigError(f"--param {text!r} is invalid: {kind} takes LOW:HIGH or LOW:HIGH:log")
     cast = int if kind == "int" else float
@@ -99,8 +104,12 @@ def parse_param(text: str) -> tuple[str, dict]:
 
 
 def _scalar(text: str):
-    """A command-line value as YAML would read it (1 -> int, 1e-3 -> float, true -> bool)."""
-    return yaml.safe_load(text)
+    """A command-line value as the space file (OmegaConf) and Hydra read it: 1 -> int, 1e-3 -> float, true -> bool."""
+    value = yaml.safe_load(text)
+    # YAML 1.1 reads a number without a dot (1e-3) as a string, which the trial's settings then refused as no number
+    if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(text.strip()):
+        return float(text)
+    return value
 
 
 def _is_int(value) -> bool:
@@ -328,6 +337,10 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
                           "trains at each of the seeds; search seed or give seeds, not both")
     for override in [*space.get("overrides", []), *overrides]:
         key = override_key(override)
+        # compose leaves Hydra's own settings out of a trial's configuration
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            raise ConfigError(f"override {override!r} is invalid: a trial is composed without Hydra's settings "
+                              "(hydra.*), so it would change nothing; give config keys only")
         if key == "seed" and space.get("seeds"):
             raise ConfigError(f"override {override!r} is invalid: seeds={space['seeds']} sets each run's seed; "
                               "drop the override or the seeds")
@@ -456,6 +469,28 @@ def check_definition(study: optuna.Study, requested: dict) -> None:
                           "give --study-name NEW for a new study, or the space and overrides it was made with")
 
 
+def check_trial_folders(sweep_dir: Path, storage, study_name: str) -> None:
+    """A trial runs in `trials/<number>`: a folder there of a number the study has not given out is another
+    study's (its study.db removed, or another --storage), and the trial given that number would return that run's
+    result as its own (same configuration) or fail on it (another one)."""
+    trials = sweep_dir / "trials"
+    if not trials.is_dir():
+        return
+    numbers = set()
+    if storage is not None:
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+            numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
+        except KeyError:  # no such study yet
+            pass
+    foreign = sorted(p.name for p in trials.iterdir() if p.name.isdigit() and int(p.name) not in numbers)
+    if foreign:
+        raise ConfigError(f"{trials} holds trial folders {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+                          f" that study {study_name!r} did not make (its study.db removed, or another --storage): "
+                          "its new trials would take their numbers; give --study-name NEW or another --output-root, "
+                          "or remove that folder")
+
+
 def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> optuna.Study:
     # Without Optuna's "A new study created" or "Using an existing study" lines: the error of a refused study
     # is one line.
@@ -472,11 +507,14 @@ def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> o
     return study
 
 
-def open_writable_study(space: dict, url: str, overrides: list[str], setting: str) -> optuna.Study:
-    """`open_study` on the storage at `url`. One that opens but cannot be written (a read-only file or folder, a
-    full disk) is a ConfigError naming `setting`, not a traceback: a study is written from its start."""
+def open_writable_study(space: dict, url: str, overrides: list[str], setting: str, sweep_dir: Path) -> optuna.Study:
+    """`open_study` on the storage at `url`, once `check_trial_folders` has passed. One that opens but cannot be
+    written (a read-only file or folder, a full disk) is a ConfigError naming `setting`, not a traceback: a study is
+    written from its start."""
     try:
-        return open_study(space, open_storage(url, space["heartbeat"]), overrides)
+        storage = open_storage(url, space["heartbeat"])
+        check_trial_folders(sweep_dir, storage, space["study_name"])
+        return open_study(space, storage, overrides)
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
         cause = err.__cause__ or err
         cause = getattr(cause, "orig", None) or cause  # the database's words, without SQLAlchemy's SQL and links
@@ -706,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
         storage_url = args.storage
         if storage_url is not None:
             check_storage_url(storage_url)
-            study = open_writable_study(space, storage_url, args.overrides, f"--storage {storage_url!r}")
+            study = open_writable_study(space, storage_url, args.overrides, f"--storage {storage_url!r}", sweep_dir)
+        elif not (sweep_dir / "study.db").exists():  # checked before the new study.db is made
+            check_trial_folders(sweep_dir, None, space["study_name"])
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -714,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"{err.filename}); it must be a writable folder with free space") from None
         if storage_url is None:
             storage_url = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-            study = open_writable_study(space, storage_url, args.overrides, f"--output-root {args.output_root}")
+            study = open_writable_study(space, storage_url, args.overrides, f"--output-root {args.output_root}",
+                                        sweep_dir)
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2

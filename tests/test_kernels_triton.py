@@ -104,3 +104,12 @@ def test_triton_op_refuses_float64():
     x = make_inputs("deltanet", 1, 4, 1, 16, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         kernels.get_op("deltanet", "triton", "recurrent")(**x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cu", [[0, 5, 15], [0, 12, 5, 20], [1, 20]], ids=["short-of-T", "falling", "not-from-0"])
+def test_triton_op_refuses_offsets_that_do_not_rise_from_0_to_T(mode, cu):
+    """As the torch ops do: the kernels would read the offsets unchecked and return wrong outputs (or crash)."""
+    x = make_inputs("gated_deltanet", 1, 20, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T = 20"):
+        kernels.get_op("gated_deltanet", "triton", mode)(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32))

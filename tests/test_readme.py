@@ -120,8 +120,12 @@ def cheap_form(argv: list[str], out: Path, variables: dict) -> list[list[str]]:
     if program == "sandbox-sweep":
         # One trial, in this process (tests/test_sweep.py runs several workers); a PostgreSQL server is not at
         # hand, so its URL becomes a sqlite file, which Optuna opens by URL the same way.
-        storage = {"storage": f"sqlite:///{out / 'study.db'}"} if "postgresql" in " ".join(args) else {}
-        options = with_options(args, n_trials="1", workers="1", output_root=str(out), **storage)
+        # The machines of that study write their trial folders apart from the one-machine sweep's folder of the same
+        # study name, which the new study's trials would otherwise find (and be refused).
+        shared = "postgresql" in " ".join(args)
+        storage = {"storage": f"sqlite:///{out / 'study.db'}"} if shared else {}
+        root = out / "machines" if shared else out
+        options = with_options(args, n_trials="1", workers="1", output_root=str(root), **storage)
         return [[program, *options, *CHEAP_RUN]]
     if program == "sandbox-bench" and args[0] in BENCH_HELP_ONLY:
         return [[program, args[0], "--help"]]

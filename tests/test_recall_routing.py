@@ -212,3 +212,24 @@ def test_a_cuda_device_the_machine_lacks_is_one_line_before_any_work(mom_run, mo
     assert captured.out == "" and captured.err == (
         "sandbox-routing: error: --device cuda:1 is invalid on this machine: use cpu, or cuda where there is one "
         "(here: cuda:0)\n")
+
+
+def test_the_json_holds_no_nan(mom_run, tmp_path, monkeypatch, capsys):
+    """An accuracy over no query (every query met its pair, or none did) is NaN: written as such, the file was not
+    JSON (jq and JavaScript refuse it); it is null there."""
+    real = routing_of_queries
+
+    def every_query_met(*args):
+        summary = real(*args)
+        summary["layers"][0]["meets_key"]["accuracy_if_not"] = float("nan")
+        return summary
+
+    monkeypatch.setattr("sandbox.recall_routing.routing_of_queries", every_query_met)
+    assert main([str(mom_run), "--limit", "4", "--json", str(tmp_path / "r.json")]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    summary = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)[str(mom_run)]
+    assert summary["layers"][0]["meets_key"]["accuracy_if_not"] is None
+    assert "nan" in capsys.readouterr().out  # the printed table still says there was nothing to measure

@@ -91,6 +91,8 @@ BAD_SETTINGS = {
     "unknown-top-level-key": (["+foo=1"], ["foo", "seed"]),
     "unknown-trainer-key": (["+trainer.foo=1"], ["trainer.foo"]),
     "unknown-model-key": (["+model.foo=1"], ["model.foo", "d_model"]),
+    # null trained the mixer at its constructor's defaults (MoM's aux_loss_coef 1e-3, not 0.01), recorded as null
+    "mixer-options-null": (["model.mixer_options=null"], ["model.mixer_options=null", "mapping"]),
     "missing-key": (["~optim.lr"], ["optim.lr"]),
     "cuda-graphs-a-word": (["cuda_graphs=yes"], ["cuda_graphs=yes", "auto, true or false"]),
     # an accelerator this machine lacks: a traceback in Lightning (tpu), after the data was generated

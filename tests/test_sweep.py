@@ -246,6 +246,8 @@ BAD_SWEEP = {
     "space-objectives-with-test": ([], {"objectives": ["best_val_acc", "test_acc"]}, "never on test"),
     # the command line
     "param-int-not-numbers": (["--param", "model.d_model=int:a:b"], None, "model.d_model"),
+    # a stray comma: YAML read the empty choice as null, a choice of its own
+    "param-empty-choice": (["--param", "optim.weight_decay=choice:0,,1e-2"], None, "a choice is empty"),
     "param-float-low-equals-high": (["--param", "optim.weight_decay=float:0.1:0.1"], None, "optim.weight_decay"),
     "worker-index-negative": (["--worker-index", "-1"], None, "--worker-index"),
     "n-trials-not-an-integer": (["--n-trials", "two"], None, "--n-trials"),
@@ -257,6 +259,9 @@ BAD_SWEEP = {
     "param-invalid-model": (["--param", "model.mixer_options.num_heads=choice:5,1"], None, "num_heads"),
     "override-invalid-model": (["model.mixer_options.num_heads=5"], None, "num_heads"),
     "override-of-a-searched-key": (["optim.lr=1e-3"], None, "optim.lr"),
+    # a trial is composed without Hydra's settings: the override changed nothing, silently
+    "override-of-a-hydra-setting": (["hydra.launcher.stack=false"], None, "override 'hydra.launcher.stack=false'"),
+    "override-of-a-hydra-group": (["hydra/launcher=basic"], None, "override 'hydra/launcher=basic'"),
     # a study made with another definition
     "study-other-objectives": ([], {"objectives": ["best_val_acc", "state_size"]}, "objectives"),
     "study-other-param-range": ([], {"params__lr__high": 0.1}, "param lr"),
@@ -297,6 +302,24 @@ def test_bad_sweep_input_changes_nothing(case, finished_study, tmp_path, capsys)
     assert snapshot(finished_study) == before
 
 
+@pytest.mark.parametrize("how", ["study-db-removed", "other-storage"])
+def test_trial_folders_of_another_study_are_refused(how, finished_study, tmp_path, capsys):
+    """Trial folders are named by number: a new study in the same folder (its study.db removed, or another
+    --storage) gave its trial 0 the folder of the earlier trial 0, whose run it returned as its own where the
+    configuration was the same (and failed on where not: every trial of the study)."""
+    root = tmp_path / "root"
+    shutil.copytree(finished_study, root)
+    args = ["--n-trials", "1", "--output-root", str(root), *FAST]
+    if how == "study-db-removed":
+        (root / "sweeps" / "routing" / "study.db").unlink()
+    else:
+        args += ["--storage", f"sqlite:///{tmp_path / 'other.db'}"]
+    before = snapshot(root)
+    assert main(args) == 2
+    assert_one_line_naming(capsys.readouterr().err, "holds trial folders 0000 that study 'routing' did not make")
+    assert snapshot(root) == before
+
+
 def test_empty_search_space_is_rejected(tmp_path, capsys):
     path = tmp_path / "empty.yaml"
     space = yaml.safe_load((REPO / "conf" / "sweep" / "routing.yaml").read_text())
@@ -314,6 +337,16 @@ def test_parse_param():
     for text in ("optim.lr=float:1e-4", "model.d_model=int:a:b", "model.d_model=int:1.5:3", "=choice:1"):
         with pytest.raises(ConfigError):
             parse_param(text)
+
+
+def test_a_choice_in_exponent_notation_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-2 (no dot) as a string: the trial's settings then refused `optim.weight_decay=1e-2` as no
+    number, where the space file (OmegaConf), Hydra and `float:` read a float."""
+    _, spec = parse_param("optim.weight_decay=choice:0,1e-2,5E-3,1e3")
+    assert spec["choices"] == [0, 1e-2, 5e-3, 1e3] and all(not isinstance(c, str) for c in spec["choices"])
+    space = load_space("routing", ["optim.weight_decay=choice:0,1e-2"])
+    sweep.check_space(space)
+    sweep.check_trial_config(space, FAST)
 
 
 def sweep_command(root: Path, *extra: str) -> list[str]:
