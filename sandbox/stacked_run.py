@@ -197,6 +197,7 @@ class StackedRecallModule(L.LightningModule):
         self.register_buffer("ended_step", torch.full((R,), -1, dtype=torch.long))
         self.register_buffer("ended_epoch", torch.full((R,), -1, dtype=torch.long))
         self.register_buffer("diverged_step", torch.full((R,), -1, dtype=torch.long))
+        self.register_buffer("diverged_epoch", torch.full((R,), -1, dtype=torch.long))  # recorded as alone
         self.register_buffer("diverged_loss", torch.zeros(R))
         self.register_buffer("in_stack", torch.ones(R, dtype=torch.bool))  # the runs the model's weights hold
         for name, value in self.model.named_parameters():
@@ -259,10 +260,11 @@ class StackedRecallModule(L.LightningModule):
         total = loss + aux
         with torch.no_grad():  # the first non-finite loss of each run, on the device (read at validation)
             index = self._stack_index
-            step, diverged_loss = self.diverged_step[index], self.diverged_loss[index]
+            step, epoch, loss_then = (x[index] for x in (self.diverged_step, self.diverged_epoch, self.diverged_loss))
             first = (step < 0) & ~torch.isfinite(total)
             self.diverged_step.index_copy_(0, index, torch.where(first, self.global_step + 1, step))
-            self.diverged_loss.index_copy_(0, index, torch.where(first, total.float(), diverged_loss))
+            self.diverged_epoch.index_copy_(0, index, torch.where(first, self.current_epoch, epoch))
+            self.diverged_loss.index_copy_(0, index, torch.where(first, total.float(), loss_then))
         # Lightning writes a step's metrics when (step + 1) % log_every_n_steps == 0: logged only then (R runs'
         # metrics every step would cost 3 R logging calls a step), the router's too, as a run alone logs them
         metrics = {}
@@ -437,13 +439,17 @@ def stack_problem(cfg: DictConfig) -> str | None:
 STACK_PAYS = ("attention",)
 
 
+def trains_on_cuda(cfg: DictConfig) -> bool:
+    """Whether this run trains on a CUDA device of this machine."""
+    return torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+
+
 def stacks(cfg: DictConfig, stack="auto") -> bool:
     """Whether this run joins a stack under the setting `stack` (auto: where runs train on CUDA and their mixer is
     one of STACK_PAYS; true; false): its settings are valid and a stack can train it (`stack_problem`)."""
     if stack is False:
         return False
-    if stack == "auto" and not (torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-                                and cfg.model.mixer in STACK_PAYS):
+    if stack == "auto" and not (trains_on_cuda(cfg) and cfg.model.mixer in STACK_PAYS):
         return False
     try:
         check_settings(cfg)
@@ -539,11 +545,13 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
             check_same_computation(stack_dir, resume_from, earlier, now)
 
         def record(r: int, status: str, reason: str, tested: dict | None = None) -> dict:
+            # a diverged run ended at its first non-finite loss, as alone; the others at the validation that ended them
             ended_step = int(module.diverged_step[r] if status == "diverged" else module.ended_step[r])
+            ended_epoch = int(module.diverged_epoch[r] if status == "diverged" else module.ended_epoch[r])
             return result_record(
                 cfgs[r], digests[r], status, reason, trainer, best_val_acc=float(module.best_val_acc[r]),
                 tested=tested, steps=ended_step if ended_step >= 0 else trainer.global_step,
-                epochs=int(module.ended_epoch[r]) if module.ended_epoch[r] >= 0 else trainer.current_epoch,
+                epochs=ended_epoch if ended_epoch >= 0 else trainer.current_epoch,
                 model=module.model.template,
                 router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
                 backend=now["backend"],

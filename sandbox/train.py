@@ -434,9 +434,14 @@ def run_alone(cfg: DictConfig, run_dir: Path) -> float:
     try:
         result = train(cfg, run_dir)
     except ConfigError as err:
-        _config_errors.append(str(err))
-        return float("nan")
+        return bad_setting(str(err))
     return report_result(run_dir, result)
+
+
+def bad_setting(message: str) -> float:
+    """Keep a bad setting that a run found for `main` (exit code 2); the run's objective, NaN."""
+    _config_errors.append(message)
+    return float("nan")
 
 
 def report_result(run_dir: Path, result: dict) -> float:

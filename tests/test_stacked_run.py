@@ -20,7 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 import sandbox.settings
 import sandbox.stacked_run
 import sandbox.train
-from hydra_plugins.sandbox_launcher.launcher import SandboxLauncher
+from hydra_plugins.sandbox_launcher.launcher import _finish, _outcomes
 from sandbox.callbacks import RunInterrupted
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE
@@ -99,6 +99,8 @@ def test_a_diverging_run_ends_as_diverged_and_the_others_go_on(tmp_path):
     assert_same_run(alone[0], stacked[0], tmp_path / "alone" / "0", tmp_path / "stacked" / "0")
     assert stacked[1]["status"] == "diverged" and math.isnan(stacked[1]["test_acc"])
     assert stacked[1]["status_reason"].split(" at step ")[1] == alone[1]["status_reason"].split(" at step ")[1]
+    # where it diverged, as alone: not the epoch of the validation that took it out of the stack
+    assert (stacked[1]["steps"], stacked[1]["epochs"]) == (alone[1]["steps"], alone[1]["epochs"])
 
 
 def stack_checkpoint(run_dir: Path) -> dict:
@@ -218,24 +220,30 @@ def test_a_stack_refused_for_its_computation_fails_its_jobs_and_others_run_alone
 
     alone = []
     monkeypatch.setattr(sandbox.stacked_run, "train_stack", refuse)
-    monkeypatch.setattr(sandbox.train, "run_alone", lambda cfg, run_dir: alone.append(run_dir))
+    monkeypatch.setattr(sandbox.train, "train", lambda cfg, run_dir: alone.append(run_dir) or run_dir)
     jobs = [(JobReturn(), make_cfg(tmp_path, f"seed={seed}"), tmp_path / str(seed)) for seed in (0, 1)]
-    SandboxLauncher()._run(jobs)
+    outcomes = _outcomes(jobs)
     if isinstance(refusal, OtherComputation):
-        assert not alone
+        assert not alone and outcomes == [("failed", refusal)] * 2
+        _finish(jobs, outcomes)
         assert all(ret.status == JobStatus.FAILED and ret._return_value is refusal for ret, _, _ in jobs)
     else:
         assert alone == [tmp_path / "0", tmp_path / "1"]
-        assert all(ret.status == JobStatus.COMPLETED for ret, _, _ in jobs)
+        assert outcomes == [("result", run_dir) for run_dir in alone]
 
 
 @pytest.mark.parametrize("setting, named", [("hydra.launcher.stack=maybe", "hydra.launcher.stack='maybe'"),
                                             ("hydra.launcher.stack=1", "hydra.launcher.stack=1"),
-                                            ("hydra.launcher.max_runs=0", "hydra.launcher.max_runs=0")])
+                                            ("hydra.launcher.max_runs=0", "hydra.launcher.max_runs=0"),
+                                            ("hydra.launcher.processes=0", "hydra.launcher.processes=0"),
+                                            ("hydra.launcher.processes=true", "hydra.launcher.processes=True"),
+                                            ("hydra.launcher.processes=2 trainer.devices=2",
+                                             "hydra.launcher.processes=2 cannot train a job on several devices")])
 def test_bad_launcher_settings_are_one_line_errors(setting, named, tmp_path):
-    done = sandbox_train(tmp_path, "seed=0,1", setting)
+    done = sandbox_train(tmp_path, "seed=0,1", *setting.split())
     assert done.returncode == 2 and named in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not list(tmp_path.glob("train/*/")), "a job's folder was left"
 
 
 @pytest.mark.gpu

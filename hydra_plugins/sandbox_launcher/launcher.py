@@ -1,25 +1,36 @@
 """The Hydra launcher of `sandbox-train -m` (conf/hydra/launcher/sandbox.yaml): Hydra's jobs one after the other,
 except that on a GPU the runs that differ only in `seed`, `optim.lr` and `optim.weight_decay` train together as
-stacked runs (`sandbox.stacked_run`): one process, one set of kernel launches for all of them.
+stacked runs (`sandbox.stacked_run`): one process, one set of kernel launches for all of them; and that where a
+CUDA MPS daemon runs, the jobs (and stacks) train in several processes at once, their kernels sharing the GPU.
 
     sandbox-train -m experiment=zoology                          # attention stacked on a GPU, others one at a time
     sandbox-train -m experiment=zoology hydra.launcher.stack=false
     sandbox-train -m experiment=zoology hydra.launcher.max_runs=8
+    sandbox-train -m experiment=zoology hydra.launcher.processes=6
 
 Settings (hydra.launcher.*): `stack` auto (stack where the runs train on a CUDA device and stacking measured
 faster: `sandbox.stacked_run.STACK_PAYS`), true or false;
-`max_runs`, the most runs in one stack (a larger group is cut into stacks of at most this many). Every job gets
-its folder, its config and its Hydra return value as under Hydra's basic launcher. Every job's settings are
-checked before any job trains: one bad job stops the whole multirun with its error (exit 2), nothing trained and
-no job's folder left (Hydra has written the sweep's multirun.yaml by then). A stack that fails with an error is
-said so and its runs are run again one at a time, so one run's failure never loses the others; one whose
-checkpoint was written at another precision or on other kernels fails its jobs with that error, and the others
-go on.
+`max_runs`, the most runs in one stack (a larger group is cut into stacks of at most this many);
+`processes`, how many jobs or stacks train at once, each in its own process: auto (MPS_PROCESSES where the jobs
+train on one CUDA device and a CUDA MPS daemon answers, else 1) or a whole number >= 1. Without MPS the GPU
+time-slices processes, which measured no faster than one at a time (docs/results/throughput/README.md, "CUDA MPS").
+Every job gets its folder, its config and its Hydra return value as under Hydra's basic launcher. Every job's
+settings are checked before any job trains: one bad job stops the whole multirun with its error (exit 2), nothing
+trained and no job's folder left (Hydra has written the sweep's multirun.yaml by then). A stack that fails with
+an error is said so and its runs are run again one at a time, so one run's failure never loses the others; one
+whose checkpoint was written at another precision or on other kernels fails its jobs with that error, and the
+others go on. A process that dies without a word (killed, out of host memory) fails its jobs and the others go
+on; SIGTERM or SIGINT to the launcher reaches every process, each run ends interrupted with its checkpoint, and
+the multirun ends as one interrupted in a single process does.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -38,13 +49,29 @@ def _check_job(cfg: DictConfig, overrides: Sequence[str]) -> None:
         raise ConfigError(f"the job {' '.join(overrides)}: {err}") from err
 
 
+# Processes packed under MPS by `processes=auto`: 6 to 8 packed runs gave 1.28-1.55x the run-steps per second of
+# the same runs time-sliced, at d_model 64 and 256 on an H100 (docs/results/throughput/mps_h100_c32b745/).
+MPS_PROCESSES = 6
+
+
+def mps_daemon_runs() -> bool:
+    """Whether a CUDA MPS daemon answers on this machine (its control pipe, where CUDA looks for it)."""
+    return (Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").is_fifo()
+
+
+def _whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # `True` is an int too
+
+
 class SandboxLauncher(Launcher):
-    def __init__(self, stack="auto", max_runs: int = 16) -> None:
+    def __init__(self, stack="auto", max_runs: int = 16, processes="auto") -> None:
         if not (stack == "auto" or isinstance(stack, bool)):  # `in (True, False)` would take 1 and 0
             raise ValueError(f"hydra.launcher.stack={stack!r} is invalid: must be auto, true or false")
-        if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        if not _whole_number(max_runs) or max_runs < 1:
             raise ValueError(f"hydra.launcher.max_runs={max_runs!r} is invalid: must be an integer >= 1")
-        self.stack, self.max_runs = stack, max_runs
+        if not (processes == "auto" or _whole_number(processes) and processes >= 1):
+            raise ValueError(f"hydra.launcher.processes={processes!r} is invalid: must be auto or an integer >= 1")
+        self.stack, self.max_runs, self.processes = stack, max_runs, processes
         self.config = self.task_function = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -62,6 +89,7 @@ class SandboxLauncher(Launcher):
             for i, overrides in enumerate(job_overrides):
                 jobs.append(self._prepare(initial_job_idx + i, overrides))
                 _check_job(jobs[-1][1], overrides)
+            processes = self._processes([cfg for _, cfg, _ in jobs])
         except BaseException:  # before any job trained: the folders made for the jobs go again
             for _, _, run_dir in jobs:
                 runs.remove_empty_folders(runs.new_folders(run_dir))
@@ -70,10 +98,28 @@ class SandboxLauncher(Launcher):
         for i, (_, cfg, _) in enumerate(jobs):
             key = stack_key(cfg) if stacks(cfg, self.stack) else f"alone {i}"
             groups.setdefault(key, []).append(i)
-        for members in groups.values():
-            for start in range(0, len(members), self.max_runs):
-                self._run([jobs[i] for i in members[start:start + self.max_runs]])
+        units = [[jobs[i] for i in members[start:start + self.max_runs]]
+                 for members in groups.values() for start in range(0, len(members), self.max_runs)]
+        if processes == 1 or len(units) == 1:
+            for unit in units:
+                _finish(unit, _outcomes(unit))
+        else:
+            _run_packed(units, processes)
         return [ret for ret, _, _ in jobs]
+
+    def _processes(self, cfgs: list[DictConfig]) -> int:
+        """How many jobs train at once: `processes`, where auto is MPS_PROCESSES on one CUDA device under MPS."""
+        from sandbox.settings import ConfigError, one_device
+        from sandbox.stacked_run import trains_on_cuda
+
+        several = next((cfg for cfg in cfgs if not one_device(cfg.trainer)), None)
+        if self.processes == "auto":
+            packs = several is None and all(trains_on_cuda(cfg) for cfg in cfgs) and mps_daemon_runs()
+            return MPS_PROCESSES if packs else 1
+        if self.processes > 1 and several is not None:  # its strategy would launch the whole command again
+            raise ConfigError(f"hydra.launcher.processes={self.processes} cannot train a job on several devices "
+                              f"(trainer.devices={several.trainer.devices}): use processes=1")
+        return self.processes
 
     def _prepare(self, idx: int, overrides: Sequence[str]) -> tuple[JobReturn, DictConfig, Path]:
         """A job as Hydra's run_job makes it (its folder, its config; nothing trained yet)."""
@@ -92,27 +138,119 @@ class SandboxLauncher(Launcher):
         ret.status = JobStatus.UNKNOWN
         return ret, prepared["cfg"], prepared["dir"]
 
-    def _run(self, jobs: list[tuple[JobReturn, DictConfig, Path]]) -> None:
-        from sandbox.runs import say
-        from sandbox.stacked_run import train_stack
-        from sandbox.train import OtherComputation, report_result, run_alone
 
-        if len(jobs) > 1:
-            try:
-                results = train_stack([cfg for _, cfg, _ in jobs], [run_dir for _, _, run_dir in jobs])
-            except OtherComputation as err:  # its checkpoint cannot go on here, nor can its runs alone
-                for ret, _, _ in jobs:
-                    ret.return_value, ret.status = err, JobStatus.FAILED
-                return
-            except Exception as err:  # noqa: BLE001 (each run is tried alone, which reports its own error)
-                say(f"a stack of {len(jobs)} runs failed ({type(err).__name__}: {err}); running them one at a time",
-                    error=True)
-            else:
-                for (ret, _, run_dir), result in zip(jobs, results):
-                    ret.return_value, ret.status = report_result(run_dir, result), JobStatus.COMPLETED
-                return
-        for ret, cfg, run_dir in jobs:
-            try:
-                ret.return_value, ret.status = run_alone(cfg, run_dir), JobStatus.COMPLETED
-            except Exception as err:  # noqa: BLE001 (as Hydra's run_job: the sweep raises it after the others)
-                ret.return_value, ret.status = err, JobStatus.FAILED
+Job = tuple[JobReturn, DictConfig, Path]
+
+
+def _outcomes(unit: list[Job]) -> list[tuple[str, object]]:
+    """Train a unit (one job, or a stack of jobs) here; each job's outcome: ("result", its result), ("bad setting",
+    the error's line) or ("failed", the error). A signal ends it with RunInterrupted, after the interrupted runs
+    have recorded their end."""
+    from sandbox.runs import say
+    from sandbox.settings import ConfigError
+    from sandbox.stacked_run import train_stack
+    from sandbox.train import OtherComputation, train
+
+    cfgs, run_dirs = [cfg for _, cfg, _ in unit], [run_dir for _, _, run_dir in unit]
+    if len(unit) > 1:
+        try:
+            return [("result", result) for result in train_stack(cfgs, run_dirs)]
+        except OtherComputation as err:  # its checkpoint cannot go on here, nor can its runs alone
+            return [("failed", err)] * len(unit)
+        except Exception as err:  # noqa: BLE001 (each run is tried alone, which reports its own error)
+            say(f"a stack of {len(unit)} runs failed ({type(err).__name__}: {err}); running them one at a time",
+                error=True)
+    outcomes = []
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        try:
+            outcomes.append(("result", train(cfg, run_dir)))
+        except ConfigError as err:  # found in training (a checkpoint of another configuration): as sandbox-train
+            outcomes.append(("bad setting", str(err)))
+        except Exception as err:  # noqa: BLE001 (as Hydra's run_job: the sweep raises it after the others)
+            outcomes.append(("failed", err))
+    return outcomes
+
+
+def _finish(unit: list[Job], outcomes: list[tuple[str, object]]) -> None:
+    """Each job's Hydra return value and status from its outcome, its end said as `sandbox-train` says it."""
+    from sandbox.train import bad_setting, report_result
+
+    for (ret, _, run_dir), (kind, outcome) in zip(unit, outcomes):
+        if kind == "result":
+            ret.return_value, ret.status = report_result(run_dir, outcome), JobStatus.COMPLETED
+        elif kind == "bad setting":
+            ret.return_value, ret.status = bad_setting(outcome), JobStatus.COMPLETED
+        else:
+            ret.return_value, ret.status = outcome, JobStatus.FAILED
+
+
+def _train_in_child(unit: list[Job], pipe) -> None:
+    """A packed process: trains its unit and sends back the outcomes, or the signal that interrupted it."""
+    from sandbox.callbacks import RunInterrupted
+
+    os.setpgrp()  # out of the terminal's group: a Ctrl-C reaches it once, forwarded by the launcher
+    try:
+        outcomes = _outcomes(unit)
+    except RunInterrupted as stop:
+        pipe.send(("interrupted", stop.signum))
+        return
+    # an error as its type and message: not every exception pickles (its traceback is in the run's result.json)
+    pipe.send(("done", [(kind, RuntimeError(f"{type(outcome).__name__}: {outcome}") if kind == "failed" else outcome)
+                        for kind, outcome in outcomes]))
+
+
+def _run_packed(units: list[list[Job]], processes: int) -> None:
+    """The units, at most `processes` at once, each in a process of its own (spawned: CUDA cannot be forked).
+    A unit whose run folder another running unit trains waits for it (a job given twice trains once)."""
+    from sandbox.callbacks import RunInterrupted
+
+    context = multiprocessing.get_context("spawn")
+    waiting, running = list(units), {}  # running: the pipe from its process -> (process, unit)
+    signalled = []
+
+    def forward(signum, frame):  # every process ends its runs interrupted, as one process would
+        signalled.append(signum)
+        for process, _ in running.values():
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    def folders(units_) -> set[Path]:
+        return {run_dir for unit in units_ for _, _, run_dir in unit}
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while waiting or running:
+            for unit in list(waiting):
+                if len(running) < processes and not signalled and not folders([unit]) & folders(
+                        u for _, u in running.values()):
+                    waiting.remove(unit)
+                    receive, send = context.Pipe(duplex=False)
+                    process = context.Process(target=_train_in_child, args=(unit, send))
+                    process.start()
+                    send.close()  # the parent's copy: the pipe then reads EOF when the process ends
+                    running[receive] = (process, unit)
+            if not running:
+                break  # signalled before the waiting units started: they stay untrained
+            for receive in wait(list(running)):  # ready: a message, or EOF from a process that ended without one
+                process, unit = running.pop(receive)
+                try:
+                    message = receive.recv()
+                except EOFError:
+                    message = None
+                process.join()
+                if message is None:
+                    died = RuntimeError(f"the process training it ended without a result (exit code "
+                                        f"{process.exitcode}); its run folder may hold an earlier segment's")
+                    _finish(unit, [("failed", died)] * len(unit))
+                elif message[0] == "done":
+                    _finish(unit, message[1])
+                else:
+                    signalled.append(message[1])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for process, _ in running.values():  # the launcher failed: its runs end interrupted, to resume
+            process.terminate()
+            process.join()
+    if signalled:
+        raise RunInterrupted(signalled[0])
