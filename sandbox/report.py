@@ -62,7 +62,7 @@ EVIDENCE = (FINISHED, "diverged")
 RESOLVED_KEYS = {"config.trainer.precision": "precision", "config.model.backend": "backend"}
 # A row averages over seeds and selects over optimiser settings; every other key in which runs differ makes rows.
 SEED_KEY, LR_KEY, OPTIM_PREFIX = "config.seed", "config.optim.lr", "config.optim."
-EACH_OWN_SEEDS = "each one's seeds"  # a stage of `choose` that compared each setting on all its finished seeds
+TIED_WITH = ("tied with",)  # the last stage of `choose` where settings tied on every comparison: those it beat on steps
 OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
 # experiment=mad marks its runs with `suite: mad`; they are scored per task apart from the other runs.
 SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
@@ -322,14 +322,17 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
     others are compared on the seeds that every one of them finished (a setting run at three seeds against one
     seed of another compares that seed), or on all their finished seeds when they share none. A run that reached
     its early-stopping threshold counts at the threshold: by how much it passed it is where a validation happened
-    to fall, not what the setting can reach. Settings tied at the top are compared again on the seeds that they
-    all finished, where those are more (two rates that both reached the threshold on seed 0, and were both run
-    at seeds 0-2, are told apart by seeds 1 and 2); settings tied still, each on all its finished seeds (one that
-    failed a seed the others did not run falls behind); then ranked by the mean step at which their runs
-    stopped (the fewer, the better), then by how many seeds finished (a setting run at more seeds has shown it on
-    more). Interrupted, failed and untrained runs say nothing about their setting and are left out.
-    The stages: the seeds of each comparison, the first None where it was on every finished seed, EACH_OWN_SEEDS
-    where each setting's own seeds decided. (None, []) if nothing finished."""
+    to fall, not what the setting can reach. Of settings tied at the top, those run at the most seeds are
+    compared again on the seeds they all finished, where those are more (two rates that both reached the threshold
+    on seed 0, and were both run at seeds 0-2, are told apart by seeds 1 and 2; a third tied on seed 0 and run
+    there alone drops out); settings tied still are ranked by the mean step at which their runs on those seeds
+    stopped (the fewer, the better), then by how many seeds finished. So the protocol's second pass, the chosen
+    setting's seeds, never hands the choice to a tied setting run at seed 0 alone, whose row would stand on one
+    seed; its seeds that failed stay in its row. Interrupted, failed and untrained runs say nothing about their
+    setting and are left out.
+    The stages: the seeds of each comparison, the first None where it was on every finished seed; then, where
+    settings tied on every comparison, TIED_WITH and the settings the steps ranked below the chosen one.
+    (None, []) if nothing finished."""
     candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
     clean = {choice: members for choice, members in candidates.items()
              if not any(run["status"] == "diverged" for run in members)}
@@ -354,22 +357,23 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
         every = common == set.union(*(seeds[choice] for choice in pool))
         stages.append(None if not stages and (every or not common) else tuple(sorted(common, key=sort_key)))
         tied = best(pool, common)
-        if len(tied) == 1 or not common or not set.intersection(*(seeds[choice] for choice in tied)) > common:
+        if len(tied) == 1 or not common:
             break
-        pool = tied
-    # still tied: the seeds that only some of them ran count too, so one that failed a seed the others did not run
-    # falls behind
-    narrowed = best(tied, set())
-    if len(narrowed) < len(tied):
-        stages.append(EACH_OWN_SEEDS)
-        tied = narrowed
+        most = max(len(seeds[choice]) for choice in tied)
+        tested = {choice: members for choice, members in tied.items() if len(seeds[choice]) == most}
+        if not set.intersection(*(seeds[choice] for choice in tested)) > common:
+            break
+        pool = tested
 
     def rank(choice):
         steps, _ = mean_ci([run["steps"] for run in on(tied[choice], common)])
         # steps not recorded say nothing about how soon the runs stopped: such a setting never wins a tie on them
         return -math.inf if math.isnan(steps) else -steps, len(seeds[choice])
 
-    return max(tied, key=rank), stages
+    chosen = max(tied, key=rank)
+    if len(tied) > 1:
+        stages.append(TIED_WITH + tuple(choice for choice in tied if choice != chosen))
+    return chosen, stages
 
 
 def make_rows(runs: list[dict]) -> list[Row]:
@@ -401,13 +405,13 @@ def choice_cell(row: Row) -> str:
         return chosen
 
     def on(seeds):
-        if seeds == EACH_OWN_SEEDS:
-            return f" on {seeds}"
         return f" on seed{'s' * (len(seeds) > 1)} " + ", ".join(_show(seed) for seed in seeds)
 
     first, *again = row.stages
+    tied = again.pop()[len(TIED_WITH):] if again and again[-1][:len(TIED_WITH)] == TIED_WITH else ()
     return chosen + f" (best of {settings}{'' if first is None else on(first)}" + \
-        "".join(f"; of those tied there, best{on(seeds)}" for seeds in again) + ")"
+        "".join(f"; of those tied there, best{on(seeds)}" for seeds in again) + \
+        (f"; tied with {' and '.join(', '.join(_show(v) for v in choice) for choice in tied)}" if tied else "") + ")"
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -837,9 +841,13 @@ def plot_history(study: optuna.Study, complete: list, path: Path) -> None:
 
 
 def param_importances(study: optuna.Study) -> dict[str, float]:
-    """fANOVA importances; empty when the study is too small or too uniform to tell."""
+    """PED-ANOVA importances; empty when the study is too small or too uniform to tell."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len({t.value for t in complete}) < 2:  # every trial at one value: no parameter explains any difference
+        return {}
     try:
-        return optuna.importance.get_param_importances(study)
+        # named, as the plot says it: Optuna's default evaluator is not the same in every version
+        return optuna.importance.get_param_importances(study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     except (ValueError, RuntimeError, ZeroDivisionError):
         return {}
 
@@ -848,7 +856,7 @@ def plot_importances(name: str, importances: dict[str, float], path: Path) -> No
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(names) + 1.5))
     ax.barh(names, [importances[n] for n in names])
-    ax.set_xlabel("importance (fANOVA)")
+    ax.set_xlabel("importance (PED-ANOVA)")
     ax.set_title(f"Parameter importances: {name}")
     fig.tight_layout()
     save_figure(fig, path)
@@ -869,14 +877,15 @@ PROTOCOL = (
     "every setting finished (`on seed 0`: only those; a setting with more seeds does not win on them, but for a tie), "
     "a setting where a run diverged after those where none did; interrupted, failed and untrained runs say nothing "
     "about their setting. A run that reached its early-stopping threshold counts at the threshold (how far it passed "
-    "it depends on where a validation fell). Settings tied at the top are compared again on the seeds they all "
-    "finished, where those are more (`of those tied there, best on seeds 0, 1, 2`), then each on all its finished "
-    "seeds (`on each one's seeds`: one that failed a seed the others did not run falls behind), then ranked by the "
-    "mean step their runs stopped at, fewer first, then by their finished seeds, more first. Test accuracy is the mean"
-    " and 95% interval (Student's t) over the seeds at that setting, overall and per slice (every slice of every run "
-    "is in results.csv); a single seed has no interval. `runs`: finished runs at the chosen setting; `status`: every "
-    "run of the row, all settings; runs that did not finish are never averaged. A configuration run twice (same seed "
-    "and settings) counts once. "
+    "it depends on where a validation fell). Of settings tied at the top, those run at the most seeds are compared "
+    "again on the seeds they all finished, where those are more (`of those tied there, best on seeds 0, 1, 2`: a "
+    "setting tied there but run at fewer seeds drops out, so running the chosen setting's seeds never hands the "
+    "choice to one left at seed 0), then ranked by the mean step their runs on those seeds stopped at, fewer first, "
+    "then by their finished seeds, more first (`tied with 0.01`: the settings it ranked above). "
+    "Test accuracy is the mean and 95% interval (Student's t) over the seeds at that setting, overall and per slice "
+    "(every slice of every run is in results.csv); a single seed has no interval. `runs`: finished runs at the "
+    "chosen setting; `status`: every run of the row, all settings; runs that did not finish are never averaged. A "
+    "configuration run twice (same seed and settings) counts once. "
     f"`at chance`: finished runs (all settings) whose best validation accuracy stayed below the validation "
     f"set's accuracy at chance c plus {CHANCE_MARGIN} (1 - c), where c is a guess among the answers each "
     f"position's context allows (MQAR: 1/K; `?`: runs whose config does not give their validation set). "

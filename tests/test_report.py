@@ -127,6 +127,16 @@ def test_report_files(fixture_folder: Path):
         assert files[key].read_bytes()[:8] == PNG_MAGIC, key
 
 
+def test_a_study_whose_trials_all_tie_has_no_importance_plot(tmp_path):
+    """Every trial at one value (all at chance, or all at the early-stopping threshold): the importances came out
+    equal, and were plotted as if each parameter mattered as much as the others."""
+    study = optuna.create_study(study_name="flat", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: 0 * t.suggest_float("lr", 1e-4, 1e-2, log=True) + 0 * t.suggest_int("m", 1, 8) + 0.5,
+                   n_trials=12)
+    markdown, plots = study_section(study, tmp_path)
+    assert [p.name for p in plots] == ["study_flat_history.png"] and "importance" not in markdown
+
+
 def test_a_study_with_seeds_shows_each_seed_behind_the_best_mean(tmp_path):
     study = optuna.create_study(study_name="seeds", direction="maximize")
     study.set_user_attr("definition", {"seeds": [0, 1]})
@@ -502,7 +512,7 @@ def test_settings_past_the_early_stopping_threshold_tie_and_the_sooner_wins(tmp_
         write_run(tmp_path, f"c{seed}", seed=seed, lr=3e-4, val=0.985, test=0.985, steps=500)
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
-    assert cells[column(markdown, "lr")] == "0.01 (best of 3)"
+    assert cells[column(markdown, "lr")] == "0.01 (best of 3; tied with 0.001)"
 
 
 @pytest.mark.parametrize("seeded_lr", [1e-3, 1e-2])
@@ -514,7 +524,8 @@ def test_settings_tied_at_the_threshold_and_in_steps_go_to_the_one_with_more_see
             write_run(tmp_path, f"{lr}-{seed}", seed=seed, lr=lr, val=0.995, test=0.99, steps=500)
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
-    assert cells[column(markdown, "lr")] == f"{seeded_lr:g} (best of 2 on seed 0)"
+    tie = "of those tied there, best on seeds 0, 1, 2"
+    assert cells[column(markdown, "lr")] == f"{seeded_lr:g} (best of 2 on seed 0; {tie})"
     assert cells[column(markdown, "runs")] == "3"
 
 
@@ -532,17 +543,18 @@ def test_settings_tied_on_seed_0_are_told_apart_by_the_seeds_they_share(tmp_path
     assert cells[column(markdown, "runs")] == "3"
 
 
-def test_a_tied_setting_that_failed_a_seed_the_others_did_not_run_falls_behind(tmp_path):
-    """Seed 0 reached the threshold at step 500 at every rate; 3e-3 and 1e-2 ran seeds 1 (and 2) too, and 1e-2
-    failed its seed 2: 3e-3 wins (1e-2 has the most seeds, which decided the tie before)."""
-    write_run(tmp_path, "a0", seed=0, lr=1e-3, val=0.995, test=0.99, steps=500)
-    for seed in (0, 1):
-        write_run(tmp_path, f"b{seed}", seed=seed, lr=3e-3, val=0.995, test=0.99, steps=500)
+def test_the_chosen_setting_keeps_the_choice_after_its_seeds_over_settings_tied_at_seed_0(tmp_path):
+    """Seed 0 reached the threshold at every rate, 1e-2 soonest; 1e-2 then ran seeds 1 and 2 (the protocol's
+    second pass), and seed 2 failed. 1e-2 stays chosen, its failure in its row: had each rate been judged on its
+    own seeds, the choice would go to a rate run at seed 0 alone, and the row would stand on one seed."""
+    write_run(tmp_path, "a0", seed=0, lr=1e-3, val=0.995, test=0.99, steps=1000)
+    write_run(tmp_path, "b0", seed=0, lr=3e-3, val=0.995, test=0.99, steps=800)
     for seed, val in enumerate([0.995, 0.995, 0.3]):
         write_run(tmp_path, f"c{seed}", seed=seed, lr=1e-2, val=val, test=val, steps=500)
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
-    assert cells[column(markdown, "lr")] == "0.003 (best of 3 on seed 0; of those tied there, best on each one's seeds)"
+    assert cells[column(markdown, "lr")] == "0.01 (best of 3 on seed 0; of those tied there, best on seeds 0, 1, 2)"
+    assert cells[column(markdown, "runs")] == "3"
 
 
 def test_settings_that_share_no_seed_are_not_compared_again_on_fewer(tmp_path):
@@ -556,7 +568,7 @@ def test_settings_that_share_no_seed_are_not_compared_again_on_fewer(tmp_path):
     write_run(tmp_path, "c3", seed=3, lr=1e-2, val=0.5, test=0.5)
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
-    assert cells[column(markdown, "lr")] == "0.003 (best of 3)"
+    assert cells[column(markdown, "lr")] == "0.003 (best of 3; tied with 0.001)"
 
 
 def test_seeds_far_apart_are_listed_with_the_step_each_left_chance(tmp_path):
@@ -737,7 +749,7 @@ def test_a_setting_whose_steps_are_not_recorded_does_not_win_a_tie(tmp_path):
         write_run(tmp_path, f"b{seed}", seed=seed, lr=1e-2, val=0.995, test=0.99, steps=750)
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
-    assert cells[column(markdown, "lr")] == "0.01 (best of 2)"
+    assert cells[column(markdown, "lr")] == "0.01 (best of 2; tied with 0.001)"
 
 
 def test_a_run_without_an_early_stopping_threshold_is_checked_for_a_rising_curve(tmp_path):
