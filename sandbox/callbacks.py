@@ -122,6 +122,11 @@ class StopOnDivergence(L.Callback):
             raise Diverged(f"training loss {float(loss):.4g} at step {trainer.global_step}")
 
 
+class RunPruned(Exception):
+    """A search's pruner stopped the run at a validation (it was behind the search's other trials there): the run
+    records `pruned`, not a failure, and the exception goes on to the search."""
+
+
 class RunInterrupted(BaseException):
     """SIGTERM or SIGINT ended the run. A BaseException, like KeyboardInterrupt, so that no `except Exception`
     takes it for a failure."""

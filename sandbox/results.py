@@ -20,9 +20,9 @@ RESULT_FILE = "result.json"
 # same kernels). Everything else, defaults included, is part of the run's identity.
 NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger", "cuda_graphs")
 # How a run ended: `status` in result.json, with a short `status_reason`.
-STATUSES = ("finished", "diverged", "not_trained", "interrupted", "failed")
+STATUSES = ("finished", "diverged", "not_trained", "pruned", "interrupted", "failed")
 # The ends that running the same command again returns as they are; an interrupted or failed run resumes.
-TERMINAL = ("finished", "diverged", "not_trained")
+TERMINAL = ("finished", "diverged", "not_trained", "pruned")
 
 
 def _field(result: dict, dotted: str):

@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.backbone import common_part
 from sandbox import runs
-from sandbox.callbacks import Interruption, RunIdentity, RunInterrupted, computation, run_key, split_run_key
+from sandbox.callbacks import (Interruption, RunIdentity, RunInterrupted, RunPruned, computation, run_key,
+                               split_run_key)
 from sandbox.data import RecallDataModule
 from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, config_hash, write_json_atomic
@@ -576,6 +577,10 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "interrupted", reason))
             say(f"{stack_dir}: interrupted by {reason}; run the same command to resume", error=True)
             raise RunInterrupted(interruption.signum) from None
+        except RunPruned as err:  # the search's pruner judged the stack by its first run: each run records it
+            for r in range(len(cfgs)):
+                write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "pruned", str(err)))
+            raise
         except Exception as err:
             for r in range(len(cfgs)):
                 write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "failed", runs.describe_error(err)))

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from sandbox.callbacks import RunInterrupted, run_key
+from sandbox.callbacks import RunInterrupted, RunPruned, run_key
 from sandbox.results import flatten, folder_problem, identity_key, stopping_threshold
 from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
@@ -523,6 +523,10 @@ def open_writable_study(space: dict, url: str, overrides: list[str], setting: st
 
 
 # ---- the trial ----
+class Pruned(RunPruned, optuna.TrialPruned):
+    """The pruner stopped the trial: its run records `pruned` (RunPruned), Optuna marks the trial PRUNED."""
+
+
 class PruneAtValidation(L.Callback):
     """Reports validation accuracy to the trial at every validation, its step the global step, and stops
     the trial when the pruner finds it behind the finished trials at that step. In a stack, the accuracy of
@@ -538,7 +542,7 @@ class PruneAtValidation(L.Callback):
             return
         self.trial.report(float(acc), step=trainer.global_step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {trainer.global_step}")
+            raise Pruned(f"pruned at step {trainer.global_step}")
 
 
 def make_objective(space: dict, overrides: list[str], sweep_dir: Path):

@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sandbox import runs
 from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interruption, RunIdentity, RunInterrupted,
-                               StopOnDivergence, ThroughputMonitor, computation)
+                               RunPruned, StopOnDivergence, ThroughputMonitor, computation)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
@@ -50,7 +50,7 @@ OBJECTIVE = "best_val_acc"
 LOGS = "logs"  # a run's metrics: <run_dir>/logs
 # sandbox-train's exit code for each status; 2 is a bad setting, and an interrupted run exits with 128 + the
 # signal's number, as a shell reports a process ended by it (130 for Ctrl-C, 143 for SIGTERM).
-EXIT_CODES = {"finished": 0, "failed": 1, "diverged": 3, "not_trained": 4}
+EXIT_CODES = {"finished": 0, "failed": 1, "diverged": 3, "not_trained": 4, "pruned": 5}
 # The commit of the code this process runs, read once as it is imported: the checkout may change while a run
 # trains (a pull, another branch, edits), and the result must name the code that trained it.
 CODE_COMMIT = git_commit()
@@ -250,7 +250,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     except RunInterrupted as stop:
         say(f"{run_dir}: interrupted by {stop} before training; run the same command to run it", error=True)
         raise
-    resume_from, tested, earlier, fitted = None, None, None, False
+    resume_from, tested, earlier, fitted, pruned = None, None, None, False, None
     try:
         resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
         if resume_from is None and trainer.is_global_zero:
@@ -269,6 +269,8 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
     except Diverged as err:
         status, reason = "diverged", str(err)
+    except RunPruned as err:
+        status, reason, pruned = "pruned", str(err), err
     except (SIGTERMException, RunInterrupted):
         status, reason = "interrupted", interrupted_reason(interruption, trainer)
     except ConfigError:  # nothing ran: the folder stays as the earlier segment left it
@@ -296,6 +298,8 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         raise RunInterrupted(interruption.signum)
     if status != "finished":
         say(f"{run_dir}: {status.replace('_', ' ')}: {reason} (recorded in {RESULT_FILE})", error=True)
+    if pruned is not None:  # the search that pruned it is told so
+        raise pruned
     stop_if_signalled(run_dir, interruption)
     return result
 

@@ -599,17 +599,20 @@ def test_no_seeds_apart_section_when_seeds_agree(tmp_path):
     assert "## Seeds apart" not in report(tmp_path)["markdown"].read_text()
 
 
-def test_an_interrupted_run_says_nothing_about_its_setting(tmp_path):
+@pytest.mark.parametrize("status, val", [("interrupted", None), ("pruned", 0.95)])
+def test_an_interrupted_or_pruned_run_says_nothing_about_its_setting(status, val, tmp_path):
+    """Neither is compared nor averaged: a pruned run's best validation accuracy is of the steps before the
+    search's pruner stopped it, and is never tested."""
     for seed in range(3):
-        interrupted = seed == 2
-        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=None if interrupted else 0.9,
-                  test=None if interrupted else 0.9, status="interrupted" if interrupted else "finished")
+        ended = seed == 2
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=val if ended else 0.9,
+                  test=None if ended else 0.9, status=status if ended else "finished")
         write_run(tmp_path, f"b{seed}", seed=seed, lr=1e-2, val=0.5, test=0.5)
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
     assert cells[column(markdown, "lr")] == "0.001 (best of 2 on seeds 0, 1)"
     assert cells[column(markdown, "runs")] == "2"
-    assert cells[column(markdown, "status")] == "5 finished, 1 interrupted"
+    assert cells[column(markdown, "status")] == f"5 finished, 1 {status}"
 
 
 def test_runs_of_another_precision_or_backend_are_rows_apart(tmp_path):

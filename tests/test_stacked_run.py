@@ -21,7 +21,7 @@ import sandbox.settings
 import sandbox.stacked_run
 import sandbox.train
 from hydra_plugins.sandbox_launcher.launcher import _finish, _outcomes
-from sandbox.callbacks import RunInterrupted
+from sandbox.callbacks import RunInterrupted, RunPruned
 from sandbox.module import RecallModule
 from sandbox.results import RESULT_FILE
 from sandbox.settings import ConfigError
@@ -101,6 +101,31 @@ def test_a_diverging_run_ends_as_diverged_and_the_others_go_on(tmp_path):
     assert stacked[1]["status_reason"].split(" at step ")[1] == alone[1]["status_reason"].split(" at step ")[1]
     # where it diverged, as alone: not the epoch of the validation that took it out of the stack
     assert (stacked[1]["steps"], stacked[1]["epochs"]) == (alone[1]["steps"], alone[1]["epochs"])
+
+
+class PruneAtFirstValidation(L.Callback):
+    """A search's pruner, as sandbox-sweep's: stops the run at its first validation."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            raise RunPruned(f"pruned at step {trainer.global_step}")
+
+
+def test_a_pruned_run_records_pruned_alone_and_in_a_stack(tmp_path):
+    """Alone and in a stack, the runs a pruner stopped record `pruned` at that step (they were `failed`, with the
+    pruner's exception as a traceback), and the exception reaches the search."""
+    jobs = [("seed=0",), ("seed=1",)]
+    with pytest.raises(RunPruned):
+        train(make_cfg(tmp_path, *jobs[0]), tmp_path / "alone", extra_callbacks=[PruneAtFirstValidation()])
+    with pytest.raises(RunPruned):
+        train_stack([make_cfg(tmp_path, *job) for job in jobs], [tmp_path / "stacked" / str(i) for i in range(2)],
+                    extra_callbacks=[PruneAtFirstValidation()])
+    for run_dir in (tmp_path / "alone", tmp_path / "stacked" / "0", tmp_path / "stacked" / "1"):
+        result = json.loads((run_dir / RESULT_FILE).read_text())
+        assert (result["status"], result["status_reason"], result["steps"]) == ("pruned", "pruned at step 10", 10)
+        assert math.isnan(result["test_acc"])
+    # the same command returns a pruned run as it is: the pruner's decision stands
+    assert train(make_cfg(tmp_path, *jobs[0]), tmp_path / "alone")["status"] == "pruned"
 
 
 def stack_checkpoint(run_dir: Path) -> dict:

@@ -4,6 +4,7 @@ a killed worker, a signalled sweep."""
 import contextlib
 import hashlib
 import json
+import math
 import logging
 import os
 import shutil
@@ -127,9 +128,12 @@ def test_median_pruning_stops_bad_trials_at_a_validation(tmp_path):
         assert sorted(trial.intermediate_values) == every_validation
     assert bad.state == TrialState.PRUNED
     assert max(bad.intermediate_values) < budget
-    # The pruned run's folder records how it ended, never as a finished result that a report would average.
+    # The pruned run's folder records how it ended: pruned where the pruner stopped it (it was recorded as failed,
+    # with a traceback), never as a finished result that a report would average.
     stopped = json.loads((Path(bad.user_attrs["run_dir"]) / "result.json").read_text())
-    assert stopped["status"] != "finished" and "TrialPruned" in stopped["status_reason"]
+    pruned_at = max(bad.intermediate_values)
+    assert (stopped["status"], stopped["status_reason"]) == ("pruned", f"pruned at step {pruned_at}")
+    assert stopped["steps"] == pruned_at and math.isnan(stopped["test_acc"])
 
 
 @pytest.mark.parametrize("objectives", [["state_size"], ["wall_time_s"], ["best_val_acc", "state_size"]])
