@@ -43,6 +43,7 @@ from rich.table import Table
 import tasks
 from sandbox.results import (
     RESULT_FILE,
+    WORKER_LOST,
     atomic_path,
     collect_results,
     flatten,
@@ -805,7 +806,7 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
                  else f"Best trials ({len(best)} tie at the best value):")
         lines += [title, markdown_table(header, body)]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    lines += [f"- trial {t.number} failed: {t.user_attrs.get('fail_reason', 'no reason recorded')}" for t in failed]
+    lines += [f"- trial {t.number} failed: {t.user_attrs.get('fail_reason', WORKER_LOST)}" for t in failed]
     plots = []
     if complete and not multi:
         path = out / f"study_{study.study_name}_history.png"

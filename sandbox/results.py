@@ -23,6 +23,8 @@ NOT_IDENTITY = ("output_root", "name", "callbacks.progress", "logger", "cuda_gra
 STATUSES = ("finished", "diverged", "not_trained", "pruned", "interrupted", "failed")
 # The ends that running the same command again returns as they are; an interrupted or failed run resumes.
 TERMINAL = ("finished", "diverged", "not_trained", "pruned")
+# A failed trial of a study without a recorded reason is one whose worker stopped sending heartbeats.
+WORKER_LOST = "its worker stopped (killed, interrupted or cut off from the storage) before the trial finished"
 
 
 def _field(result: dict, dotted: str):

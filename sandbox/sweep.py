@@ -48,7 +48,7 @@ from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
 from sandbox.callbacks import RunInterrupted, RunPruned, run_key
-from sandbox.results import flatten, folder_problem, identity_key, stopping_threshold
+from sandbox.results import WORKER_LOST, flatten, folder_problem, identity_key, stopping_threshold
 from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
 
@@ -74,8 +74,6 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 # What a trial with seeds records of each of its runs.
 RUN_ATTRS = ("status", "best_val_acc", "test_acc")
-# A failed trial without a recorded reason is one whose worker stopped sending heartbeats.
-WORKER_LOST = "its worker stopped (killed, interrupted or cut off from the storage) before the trial finished"
 
 
 # ---- the search space ----

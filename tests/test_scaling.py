@@ -2,6 +2,7 @@
 two "machines", and four workers on one sqlite study with one of them killed mid-trial."""
 
 import glob
+import io
 import json
 import os
 import re
@@ -20,7 +21,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
+from rich.console import Console
 
+from sandbox.report import report
 from sandbox.sweep import WORKER_LOST, open_storage
 from sandbox.train import CONF_DIR, train
 
@@ -177,5 +180,8 @@ def test_four_workers_on_sqlite_one_killed_mid_trial(tmp_path):
         assert trials[number].state == TrialState.COMPLETE
         assert Path(trials[number].user_attrs["run_dir"], "result.json").read_bytes() == contents
     assert_each_trial_ran_once(trials)
+    # the report gives the killed trial the reason the sweep gave it
+    markdown = report(tmp_path / "sweeps" / "routing", tmp_path / "report", console=Console(file=io.StringIO()))
+    assert f"trial {killed.number} failed: {WORKER_LOST}" in markdown["markdown"].read_text()
     # the 6 trials (the killed one and its retry counting once) completed, bar a failed retry
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) >= 5 + (retry.state == TrialState.COMPLETE)
