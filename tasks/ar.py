@@ -14,7 +14,7 @@ Slices: `num_kv_pairs`, `seq_len`, `query_pair` (the queried pair's index in the
 
 import numpy as np
 
-from tasks.common import check_bool, check_int, constant_slice, new_sequences, sample_distinct
+from tasks.common import check_bool, check_int, check_vocab_size, constant_slice, new_sequences, sample_distinct
 
 DEFAULTS = {"vocab_size": 8192, "seq_len": 64, "num_kv_pairs": 16, "random_filler": False}
 
@@ -23,7 +23,7 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, random_filler) -> None:
     check_int("ar", "seq_len", seq_len, 3)
     check_int("ar", "num_kv_pairs", num_kv_pairs, 1, (seq_len - 1) // 2,
               f"(seq_len - 1) // 2 for seq_len={seq_len}")
-    check_int("ar", "vocab_size", vocab_size, 2 * num_kv_pairs + 2, None,
+    check_vocab_size("ar", vocab_size, 2 * num_kv_pairs + 2,
               f"keys need num_kv_pairs={num_kv_pairs} distinct tokens in [1, vocab_size // 2)")
     check_bool("ar", "random_filler", random_filler)
 

@@ -16,6 +16,7 @@ import numpy as np
 
 IGNORE = -100
 FILLER = 0  # the filler token (unless `random_filler`), also the padding of mixtures
+MAX_VOCAB_SIZE = 2**62  # tokens are int64, and numpy draws integers only below 2**63
 
 
 def physical_memory() -> int | None:
@@ -36,6 +37,13 @@ def check_int(where: str, name: str, value, low: int, high: int | None = None, w
     upper = f" <= {high}" if high is not None else ""
     because = f" ({why})" if why else ""
     raise ValueError(f"{where}: {name}={value!r} is out of range; valid: integer {low} <= {name}{upper}{because}")
+
+
+def check_vocab_size(where: str, vocab_size, low: int, why: str) -> None:
+    """`check_int` of vocab_size >= low (`why` says where low comes from), then of its upper bound: a larger one
+    failed inside numpy with a message that named no setting, or a traceback."""
+    check_int(where, "vocab_size", vocab_size, low, None, why)
+    check_int(where, "vocab_size", vocab_size, low, MAX_VOCAB_SIZE, "tokens are int64")
 
 
 def check_float(where: str, name: str, value, low: float, high: float, *, include_low: bool,
@@ -131,7 +139,7 @@ LABELS_AT = ("every", "last")
 def check_state_tracking(where: str, *, vocab_size, seq_len, num_symbols: int, labels_at) -> None:
     """The checks shared by the state-tracking tasks, whose tokens are 1 .. num_symbols (0 stays the filler)."""
     check_int(where, "seq_len", seq_len, 1)
-    check_int(where, "vocab_size", vocab_size, num_symbols + 1, None,
+    check_vocab_size(where, vocab_size, num_symbols + 1,
               f"tokens 1 .. {num_symbols} for the inputs and states, 0 kept for padding")
     check_choice(where, "labels_at", labels_at, LABELS_AT)
 

@@ -25,6 +25,7 @@ import numpy as np
 from tasks.common import (
     check_float,
     check_int,
+    check_vocab_size,
     constant_slice,
     new_sequences,
     power_law_slots,
@@ -47,7 +48,7 @@ def largest_motif_size(num_tokens: int) -> int:
 
 def validate(*, vocab_size, seq_len, num_kv_pairs, key_motif_size, value_motif_size, power_a) -> None:
     where = "fuzzy_recall"
-    check_int(where, "vocab_size", vocab_size, 4, None, "keys from [1, vocab_size // 2) need one token")
+    check_vocab_size(where, vocab_size, 4, "keys from [1, vocab_size // 2) need one token")
     num_keys, num_values = vocab_size // 2 - 1, vocab_size - vocab_size // 2
     check_int(where, "key_motif_size", key_motif_size, 1, largest_motif_size(num_keys),
               f"fewer than 2**62 motifs of {num_keys} key tokens for vocab_size={vocab_size}")

@@ -16,13 +16,17 @@ Slices: `seq_len`.
 
 import numpy as np
 
-from tasks.common import check_int, constant_slice, new_sequences
+from tasks.common import check_int, check_vocab_size, constant_slice, new_sequences, physical_memory
 
 DEFAULTS = {"vocab_size": 256, "seq_len": 32, "map_seed": 0}
 
 
 def validate(*, vocab_size, seq_len, map_seed) -> None:
-    check_int("memorization", "vocab_size", vocab_size, 4, None, "keys from [1, vocab_size // 2) need one token")
+    check_vocab_size("memorization", vocab_size, 4, "keys from [1, vocab_size // 2) need one token")
+    memory = physical_memory()
+    if memory is not None:  # the map is made as about 3 int64 arrays of vocab_size // 2 entries: 12 bytes a token
+        check_int("memorization", "vocab_size", vocab_size, 4, memory // 16,
+                  f"what this machine's {memory / 2**30:.0f} GiB holds for the map")
     check_int("memorization", "seq_len", seq_len, 2)
     check_int("memorization", "map_seed", map_seed, 0)
 

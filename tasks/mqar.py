@@ -23,6 +23,7 @@ from tasks.common import (
     check_bool,
     check_float,
     check_int,
+    check_vocab_size,
     constant_slice,
     new_sequences,
     power_law_slots,
@@ -36,7 +37,7 @@ DEFAULTS = {"vocab_size": 8192, "seq_len": 64, "num_kv_pairs": 4, "power_a": 0.0
 def validate(*, vocab_size, seq_len, num_kv_pairs, power_a, random_filler) -> None:
     check_int("mqar", "seq_len", seq_len, 4)
     check_int("mqar", "num_kv_pairs", num_kv_pairs, 1, seq_len // 4, f"seq_len // 4 for seq_len={seq_len}")
-    check_int("mqar", "vocab_size", vocab_size, 2 * num_kv_pairs + 2, None,
+    check_vocab_size("mqar", vocab_size, 2 * num_kv_pairs + 2,
               f"keys need num_kv_pairs={num_kv_pairs} distinct tokens in [1, vocab_size // 2)")
     check_float("mqar", "power_a", power_a, 0.0, 1.0, include_low=False, include_high=True)
     check_bool("mqar", "random_filler", random_filler)

@@ -22,6 +22,7 @@ from tasks.common import (
     check_bool,
     check_float,
     check_int,
+    check_vocab_size,
     constant_slice,
     new_sequences,
     random_permutations,
@@ -40,7 +41,7 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, noise_fraction, random_filler
     check_int("noisy_ar", "seq_len", seq_len, 3)
     check_int("noisy_ar", "num_kv_pairs", num_kv_pairs, 1, (seq_len - 1) // 2,
               f"(seq_len - 1) // 2 for seq_len={seq_len}")
-    check_int("noisy_ar", "vocab_size", vocab_size, max(2 * num_kv_pairs + 2, 4 * num_kv_pairs - 1), None,
+    check_vocab_size("noisy_ar", vocab_size, max(2 * num_kv_pairs + 2, 4 * num_kv_pairs - 1),
               f"num_kv_pairs={num_kv_pairs} distinct keys in [1, vocab_size // 2) and values in "
               "[vocab_size // 2, 3 * vocab_size // 4)")
     check_float("noisy_ar", "noise_fraction", noise_fraction, 0.0, 1.0, include_low=True, include_high=False)

@@ -23,6 +23,7 @@ from tasks.common import (
     check_bool,
     check_float,
     check_int,
+    check_vocab_size,
     constant_slice,
     new_sequences,
     power_law_slots,
@@ -51,7 +52,7 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, overwrite_fraction, power_a, 
               f"overwrite_fraction={overwrite_fraction}")
     r = num_overwritten(num_kv_pairs, overwrite_fraction)
     smallest = max(2 * num_kv_pairs + 2, 2 * (num_kv_pairs + r) - 1)
-    check_int(where, "vocab_size", vocab_size, smallest, None,
+    check_vocab_size(where, vocab_size, smallest,
               f"num_kv_pairs={num_kv_pairs} distinct keys in [1, vocab_size // 2) and {num_kv_pairs + r} "
               "distinct values in [vocab_size // 2, vocab_size)")
     check_float(where, "power_a", power_a, 0.0, 1.0, include_low=False, include_high=True)

@@ -33,7 +33,7 @@ from tasks import (
     s5,
     selective_copying,
 )
-from tasks.common import FILLER, IGNORE, check_int
+from tasks.common import FILLER, IGNORE, check_int, physical_memory
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ def make(name: str, *, num_examples: int, seed: int, **params) -> TaskData:
     full = resolve(name, params)
     check_int(name, "num_examples", num_examples, 1)
     check_int(name, "seed", seed, 0)
+    check_fits_memory(name, "num_examples", num_examples, full["seq_len"])
     return _task_data(*get(name).generate(np.random.default_rng(seed), num_examples, **full))
 
 
@@ -162,10 +163,23 @@ def _mixture_parts(name: str, segments: list[dict], seed: int, common_params: di
             plans.append((num_examples, resolve(name, params)))
         except ValueError as error:
             raise ValueError(f"segment {i}: {error}") from None
+    check_fits_memory(name, "the segments' num_examples summed", sum(n for n, _ in plans),
+                      max(params["seq_len"] for _, params in plans))
     children = np.random.SeedSequence(seed).spawn(len(plans))
     parts = [get(name).generate(np.random.default_rng(child), num_examples, **params)
              for child, (num_examples, params) in zip(children, plans)]
     return plans, parts
+
+
+def check_fits_memory(name: str, what: str, num_examples: int, seq_len: int) -> None:
+    """Refuse, before drawing anything, more examples of `seq_len` tokens than this machine's memory holds (once a
+    MemoryError traceback, or the OOM killer): making and padding a dataset peaks at about 5 int64 arrays of its
+    size (measured with tracemalloc over every task), 6 here for margin."""
+    memory = physical_memory()
+    if memory is not None:
+        holds = f"what this machine's {memory / 2**30:.0f} GiB holds"
+        check_int(name, "seq_len", seq_len, 1, memory // (6 * 8), f"{holds} for one example")
+        check_int(name, what, num_examples, 1, memory // (6 * 8 * seq_len), f"{holds} at seq_len={seq_len}")
 
 
 def pad_right(rows: np.ndarray, width: int, value: int) -> np.ndarray:

@@ -15,7 +15,7 @@ Slices: `num_tokens_to_copy`, `seq_len`.
 
 import numpy as np
 
-from tasks.common import check_int, constant_slice, new_sequences, sample_distinct
+from tasks.common import check_int, check_vocab_size, constant_slice, new_sequences, sample_distinct
 
 DEFAULTS = {"vocab_size": 16, "seq_len": 256, "num_tokens_to_copy": 16}
 SEPARATOR = 1
@@ -24,7 +24,7 @@ FIRST_DATA_TOKEN = 2
 
 def validate(*, vocab_size, seq_len, num_tokens_to_copy) -> None:
     where = "selective_copying"
-    check_int(where, "vocab_size", vocab_size, FIRST_DATA_TOKEN + 1, None,
+    check_vocab_size(where, vocab_size, FIRST_DATA_TOKEN + 1,
               "0 is the blank, 1 the separator, data tokens from [2, vocab_size)")
     check_int(where, "seq_len", seq_len, 3)
     check_int(where, "num_tokens_to_copy", num_tokens_to_copy, 1, (seq_len - 1) // 2,

@@ -190,3 +190,37 @@ def test_run_with_a_test_segment_of_its_own_vocabulary_and_default_length(tmp_pa
                             "task.segments.test=[{num_kv_pairs: 4, num_examples: 16}, "
                             "{seq_len: 128, num_kv_pairs: 8, vocab_size: 256, num_examples: 16}]"), tmp_path / "run")
     assert {"seq_len=64", "seq_len=128"} <= set(result["test_acc_per_slice"])
+
+
+@pytest.mark.parametrize("name", tasks.available())
+def test_a_vocabulary_past_int64_tokens_is_refused_naming_it(name):
+    """A vocab_size of 2**64 was a traceback (OverflowError) and 10**20 numpy's 'high is out of bounds for int64',
+    which named no setting."""
+    for vocab_size in (10**20, 2**64):
+        with pytest.raises(ValueError, match=rf"{name}: vocab_size={vocab_size} is out of range; valid: integer "
+                                             rf"\d+ <= vocab_size <= {2**62} \(tokens are int64\)"):
+            tasks.make(name, num_examples=2, seed=0, vocab_size=vocab_size)
+    if name != "memorization":  # the largest still works (memorization's map is bounded by memory, below)
+        motifs = {"key_motif_size": 1, "value_motif_size": 1} if name == "fuzzy_recall" else {}
+        data = tasks.make(name, num_examples=2, seed=0, vocab_size=2**62, **motifs)
+        assert data.inputs.max() < 2**62
+
+
+def test_a_memorization_map_past_memory_is_refused(monkeypatch):
+    """The map is an array of vocab_size // 2 entries: vocab_size=10**10 was numpy's MemoryError traceback."""
+    monkeypatch.setattr(registry.memorization, "physical_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"memorization: vocab_size=10000000000 is out of range; .*holds for the map"):
+        tasks.make("memorization", num_examples=1, seed=0, vocab_size=10**10)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tasks.make("mqar", num_examples=2 * 10**9, seed=0),
+    lambda: tasks.make_mixture("mqar", [{"num_examples": 10**9}, {"num_examples": 10**9, "seq_len": 128}], seed=0),
+    lambda: tasks.make("s5", num_examples=1, seed=0, seq_len=10**12),
+], ids=["examples", "mixture", "length"])
+def test_a_dataset_past_memory_is_refused_before_drawing(make, monkeypatch):
+    """More examples (or a longer one) than memory holds was a MemoryError traceback or the OOM killer, after
+    validation said the settings were fine."""
+    monkeypatch.setattr(registry, "physical_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"is out of range; valid: integer 1 <= .* \(what this machine's 1 GiB holds"):
+        make()
