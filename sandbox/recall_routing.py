@@ -111,11 +111,18 @@ def mom_runs(path: Path) -> dict[Path, dict]:
         raise ValueError(f"{file} cannot be read: {why}")
 
     results = collect_results(path, on_skip=unreadable)
-    # a run trained in a stack keeps its best weights in the stack's checkpoint: a best.ckpt in its own folder is
-    # of an earlier segment that ran alone
-    readable = [r for r in results if "stack" not in r and (Path(r["run_dir"]) / BEST).is_file()
-                and r["config"]["model"]["mixer"] == "mom"
-                and (r["config"].get("task") or {}).get("name") in RECALL_TASKS]
+    moms = [r for r in results if r["config"]["model"]["mixer"] == "mom"
+            and (r["config"].get("task") or {}).get("name") in RECALL_TASKS]
+    readable = []
+    for r in moms:
+        # a run trained in a stack keeps its best weights in the stack's checkpoint: a best.ckpt in its own folder
+        # is of an earlier segment that ran alone
+        why = ("it was trained in a stack, whose checkpoint holds its best weights" if "stack" in r
+               else None if (Path(r["run_dir"]) / BEST).is_file() else f"it has no {BEST}")
+        if why is None:
+            readable.append(r)
+        elif status_of(r) == "finished":  # named, so that the runs printed are not taken for all of them
+            print(f"sandbox-routing: warning: {r['run_dir']} left out: {why}", file=sys.stderr)
     # an interrupted, failed or diverged run's best.ckpt is of a training cut short: named, never read as trained
     for r in readable:
         if status_of(r) != "finished":

@@ -154,15 +154,24 @@ def test_damaged_run_is_one_line_before_any_run_is_read(case, mom_run, tmp_path,
 
 
 def test_a_run_trained_in_a_stack_is_not_read_from_an_earlier_best_checkpoint(mom_run, tmp_path, capsys):
-    """Its result says it trained in a stack: the best.ckpt in its folder is of a segment that ran alone before."""
-    run = tmp_path / "stacked"
+    """Its result says it trained in a stack: the best.ckpt in its folder is of a segment that ran alone before. It
+    is named in a warning (it was left out without a word, so the runs printed looked like all of them), and the
+    run beside it is read."""
+    runs = tmp_path / "runs"
+    shutil.copytree(mom_run, runs / "a-alone")
+    run = runs / "b-stacked"
     shutil.copytree(mom_run, run)
     result = json.loads((run / "result.json").read_text())
     result["stack"] = {"folder": str(tmp_path / ".stacks" / "abc"), "runs": 2}
     (run / "result.json").write_text(json.dumps(result))
-    assert main([str(tmp_path), "--limit", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "holds no finished MoM run" in err and "stack" in err and len(err.strip().splitlines()) == 1
+    assert main([str(runs), "--limit", "4"]) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if line.startswith("## ")] == [f"## {runs / 'a-alone'}"]
+    assert captured.err == (f"sandbox-routing: warning: {run} left out: it was trained in a stack, whose checkpoint "
+                            "holds its best weights\n")
+    assert main([str(run), "--limit", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "holds no finished MoM run" in err[1] and "stack" in err[1]
 
 
 def test_a_run_of_a_task_without_pairs_to_recall_is_not_read(mom_run, tmp_path, capsys):
