@@ -214,7 +214,7 @@ def test_unreadable_files_are_named_skipped_and_the_rest_reported(tmp_path, caps
     assert len(warnings) == len(names)
     for name in names:
         assert any(f"/{name}/" in line and "skipped" in line for line in warnings), name
-    valid = "valid: finished, diverged, not_trained, interrupted, failed (absent: finished)"
+    valid = "valid: finished, diverged, not_trained, pruned, interrupted, failed (absent: finished)"
     for value in ("'weird'", "3", "None"):
         assert any(f"skipped: status={value} is not a status; {valid}" in line for line in warnings), value
     assert any("/folder_db/study.db skipped: a folder, not a database file" in line for line in warnings)
