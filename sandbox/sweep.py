@@ -474,6 +474,8 @@ def check_trial_folders(sweep_dir: Path, storage, study_name: str) -> None:
     trials = sweep_dir / "trials"
     if not trials.is_dir():
         return
+    # the folders before the study's numbers: a folder that another worker makes in between has its number already
+    folders = [p.name for p in trials.iterdir() if p.name.isdigit()]
     numbers = set()
     if storage is not None:
         try:
@@ -481,7 +483,7 @@ def check_trial_folders(sweep_dir: Path, storage, study_name: str) -> None:
             numbers = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
         except KeyError:  # no such study yet
             pass
-    foreign = sorted(p.name for p in trials.iterdir() if p.name.isdigit() and int(p.name) not in numbers)
+    foreign = sorted(name for name in folders if int(name) not in numbers)
     if foreign:
         raise ConfigError(f"{trials} holds trial folders {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
                           f" that study {study_name!r} did not make (its study.db removed, or another --storage): "
