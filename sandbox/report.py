@@ -63,7 +63,6 @@ EVIDENCE = (FINISHED, "diverged")
 RESOLVED_KEYS = {"config.trainer.precision": "precision", "config.model.backend": "backend"}
 # A row averages over seeds and selects over optimiser settings; every other key in which runs differ makes rows.
 SEED_KEY, LR_KEY, OPTIM_PREFIX = "config.seed", "config.optim.lr", "config.optim."
-TIED_WITH = ("tied with",)  # the last stage of `choose` where settings tied on every comparison: those it beat on steps
 OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
 # experiment=mad marks its runs with `suite: mad`; they are scored per task apart from the other runs.
 SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
@@ -259,6 +258,7 @@ class Row:
     choice: tuple | None
     chosen: list[dict]
     stages: list  # the seeds of each comparison of settings (`choose`)
+    tied_with: tuple  # the settings tied with the choice on every comparison, ranked below it by steps
 
     def stat(self, metric: str) -> tuple[float, float]:
         return mean_ci([run.get(metric) for run in self.chosen])
@@ -317,7 +317,7 @@ def by_choice(runs: list[dict], tuned: list[str]) -> dict[tuple, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: [sort_key(v) for v in item[0]]))
 
 
-def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
+def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list, tuple]:
     """The optimiser setting with the highest mean best validation accuracy (never test accuracy), and the seeds
     it was compared on at each stage (below). A setting where a run diverged loses to any where none did. The
     others are compared on the seeds that every one of them finished (a setting run at three seeds against one
@@ -331,15 +331,15 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
     setting's seeds, never hands the choice to a tied setting run at seed 0 alone, whose row would stand on one
     seed; its seeds that failed stay in its row. Interrupted, failed and untrained runs say nothing about their
     setting and are left out.
-    The stages: the seeds of each comparison, the first None where it was on every finished seed; then, where
-    settings tied on every comparison, TIED_WITH and the settings the steps ranked below the chosen one.
-    (None, []) if nothing finished."""
+    Also the stages: the seeds of each comparison, the first None where it was on every finished seed; and the
+    settings tied with the chosen one on every comparison, which the steps ranked below it. (None, [], ()) if
+    nothing finished."""
     candidates = {choice: members for choice, members in by_choice(runs, tuned).items() if finished(members)}
     clean = {choice: members for choice, members in candidates.items()
              if not any(run["status"] == "diverged" for run in members)}
     pool = clean or candidates
     if not pool:
-        return None, []
+        return None, [], ()
     seeds = {choice: {run.get(SEED_KEY) for run in finished(members)} for choice, members in pool.items()}
 
     def on(members, common):
@@ -372,9 +372,7 @@ def choose(runs: list[dict], tuned: list[str]) -> tuple[tuple | None, list]:
         return -math.inf if math.isnan(steps) else -steps, len(seeds[choice])
 
     chosen = max(tied, key=rank)
-    if len(tied) > 1:
-        stages.append(TIED_WITH + tuple(choice for choice in tied if choice != chosen))
-    return chosen, stages
+    return chosen, stages, tuple(choice for choice in tied if choice != chosen)
 
 
 def make_rows(runs: list[dict]) -> list[Row]:
@@ -384,10 +382,10 @@ def make_rows(runs: list[dict]) -> list[Row]:
         groups[tuple(repr(comparable(run.get(k, ABSENT))) for k in keys)].append(run)
     rows = []
     for members in groups.values():
-        choice, stages = choose(members, tuned)
+        choice, stages, tied_with = choose(members, tuned)
         chosen = [run for run in finished(members) if tuple(comparable(run.get(k)) for k in tuned) == choice]
         rows.append(Row(members[0]["model"], {k: members[0].get(k, ABSENT) for k in keys}, members, tuned, choice,
-                        chosen, stages))
+                        chosen, stages, tied_with))
     return sorted(rows, key=lambda row: (row.label, *(sort_key(v) for v in row.values.values())))
 
 
@@ -409,10 +407,10 @@ def choice_cell(row: Row) -> str:
         return f" on seed{'s' * (len(seeds) > 1)} " + ", ".join(_show(seed) for seed in seeds)
 
     first, *again = row.stages
-    tied = again.pop()[len(TIED_WITH):] if again and again[-1][:len(TIED_WITH)] == TIED_WITH else ()
+    tied = " and ".join(", ".join(_show(v) for v in choice) for choice in row.tied_with)
     return chosen + f" (best of {settings}{'' if first is None else on(first)}" + \
         "".join(f"; of those tied there, best{on(seeds)}" for seeds in again) + \
-        (f"; tied with {' and '.join(', '.join(_show(v) for v in choice) for choice in tied)}" if tied else "") + ")"
+        (f"; tied with {tied}" if tied else "") + ")"
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
