@@ -11,21 +11,11 @@ import sys
 import time
 
 import tasks
-from tasks.common import check_int, physical_memory
+from tasks.common import check_int
+from tasks.registry import check_fits_memory
 
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 MQAR_LIKE = ("ar", "mqar", "noisy_ar", "overwrite_mqar")  # the tasks that take all four settings
-
-
-def most_examples() -> tuple[int | None, str]:
-    """The most examples of the longest setting this machine's memory holds, and why (None where the system does
-    not give its memory): generating one peaks at about 3 int64 arrays of its length (inputs and labels,
-    measured), 4 here for margin."""
-    memory = physical_memory()
-    if memory is None:
-        return None, ""
-    longest = max(seq_len for seq_len, _ in SETTINGS)
-    return memory // (4 * 8 * longest), f"what this machine's {memory / 2**30:.0f} GiB holds at seq_len={longest}"
 
 
 def main(argv: list[str] | None = None, prog: str = "sandbox-bench tasks") -> int:
@@ -37,7 +27,8 @@ def main(argv: list[str] | None = None, prog: str = "sandbox-bench tasks") -> in
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:  # before any generation: one line, as for the other bad settings
-        check_int(args.task, "num_examples", args.num_examples, 1, *most_examples())
+        check_int(args.task, "num_examples", args.num_examples, 1)
+        check_fits_memory(args.task, "num_examples", args.num_examples, max(seq_len for seq_len, _ in SETTINGS))
         check_int(args.task, "seed", args.seed, 0)
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
