@@ -42,6 +42,7 @@ from rich.table import Table
 
 import tasks
 from sandbox.results import (
+    LOGS,
     RESULT_FILE,
     WORKER_LOST,
     atomic_path,
@@ -110,7 +111,7 @@ def val_curve(run_dir: str) -> list[tuple[int, float]]:
     """The run's validation accuracy by step, from its logs/metrics.csv; empty when it has none, or one that cannot
     be read or holds a value that is not an accuracy (nan, inf: a damaged file, whose maxima would mislead)."""
     try:
-        with open(Path(run_dir) / "logs" / "metrics.csv", newline="") as f:
+        with open(Path(run_dir) / LOGS / "metrics.csv", newline="") as f:
             curve = sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
                            if line.get("val/acc") and line.get("step"))
     except (OSError, ValueError, csv.Error):
@@ -1025,7 +1026,7 @@ def folders_without_result(folder: Path) -> list[Path]:
     """The run folders below `folder` (not hidden ones, like a stack's own) that hold checkpoints or a metrics log
     but no result.json: runs killed before they could write one, or still running."""
     marked = {p.parent for p in folder.rglob("checkpoints") if p.is_dir()}
-    marked |= {p.parent.parent for p in folder.rglob("metrics.csv") if p.parent.name == "logs"}
+    marked |= {p.parent.parent for p in folder.rglob("metrics.csv") if p.parent.name == LOGS}
     return sorted(path for path in marked if not (path / RESULT_FILE).exists()
                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RESULT_FILE = "result.json"
+LOGS = "logs"  # a run's metrics: <run_dir>/logs/metrics.csv
 # Config keys that cannot change what a run computes: where it is written, under which name, how progress and
 # metrics are displayed and logged, whether its kernels are launched one by one or replayed from CUDA graphs (the
 # same kernels). Everything else, defaults included, is part of the run's identity.

@@ -41,13 +41,12 @@ from sandbox.callbacks import (Diverged, EpochLines, FolderCheckpoint, Interrupt
                                RunPruned, StopOnDivergence, ThroughputMonitor, computation)
 from sandbox.data import RecallDataModule
 from sandbox.module import RecallModule
-from sandbox.results import RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
+from sandbox.results import LOGS, RESULT_FILE, config_hash, git_commit, status_of, versions, write_json_atomic
 from sandbox.runs import UNWRITABLE, say
 from sandbox.settings import ConfigError, check_settings, one_line, trainer_arguments, uses_cuda_graphs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OBJECTIVE = "best_val_acc"
-LOGS = "logs"  # a run's metrics: <run_dir>/logs
 # sandbox-train's exit code for each status; 2 is a bad setting, and an interrupted run exits with 128 + the
 # signal's number, as a shell reports a process ended by it (130 for Ctrl-C, 143 for SIGTERM).
 EXIT_CODES = {"finished": 0, "failed": 1, "diverged": 3, "not_trained": 4, "pruned": 5}
