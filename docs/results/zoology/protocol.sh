@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Zoology's protocol at one width through `sandbox-train -m` on one GPU: seed 0 at every model and rate of
+# experiment=zoology (the sandbox launcher packs the jobs as processes under the CUDA MPS daemon, attention's
+# rates stacked), then seeds 1 and 2 at the rate the report chooses on seed 0 (chosen_rates.py; run.sh).
+#   bash docs/results/zoology/protocol.sh WIDTH
+#   STOP_AFTER_S=500 bash docs/results/zoology/protocol.sh WIDTH   runs end with a checkpoint 500 s after the start;
+#     the same command given again resumes them (finished runs are returned as they are) and goes on
+#   PROCESSES=12 ...   jobs at once (default: 10 where the GPU has under 100 GB, else 18)
+#   OVERRIDES="trainer.max_steps=3000" ...   more Hydra overrides for every run; ROOT as in run.sh (default /tmp/zoology)
+# Writes $OUT/zoology_d${WIDTH}_protocol.tar.gz (result.json, metrics.csv and logs of every run).
+[[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "protocol.sh: error: WIDTH '$1' is invalid: a whole number >= 1 (model.d_model)" >&2; exit 2; }
+[ -z "$PROCESSES" ] || [[ $PROCESSES =~ ^[1-9][0-9]*$ ]] ||
+  { echo "protocol.sh: error: PROCESSES=$PROCESSES is invalid: a whole number >= 1" >&2; exit 2; }
+source docs/results/fidelity/gpu_env.sh
+width=$1 root=${ROOT:-/tmp/zoology}
+# held per process: 4.2-4.3 GiB at width 64, up to 8.9 at 256 (d256/README.md)
+memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+processes=${PROCESSES:-$(( memory_mib > 100000 ? 18 : 10 ))}
+start_runs $root
+left() { echo $(( ${STOP_AFTER_S:-100000} - ($(date +%s) - runs_start) )); }
+echo "== $(date -u +%FT%TZ) seed 0, every model and rate, $processes processes $OVERRIDES" >> $root/logs/seed0-d$width.log
+timeout -s TERM "$(left)" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+  model.d_model=$width seed=0 hydra.launcher.processes=$processes $OVERRIDES >> $root/logs/seed0-d$width.log 2>&1
+status=$?
+echo "seed 0 pass: exit code $status"
+if [ $status -eq 0 ] && [ "$(left)" -ge 60 ]; then
+  chosen=$(python docs/results/zoology/chosen_rates.py $root/zoology)
+  echo "chosen on seed 0: $chosen"
+  # run.sh joins the same MPS daemon and packs into its own ROOT's logs, beside this one's runs
+  ROOT=$root STOP_AFTER_S=$(left) MAX_PROCS=$processes bash docs/results/zoology/run.sh $width 1,2 $chosen
+fi
+finish_runs $root "$OUT/zoology_d${width}_protocol.tar.gz"
