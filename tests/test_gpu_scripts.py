@@ -55,9 +55,10 @@ def test_run_limit_starts_no_run_and_says_why(elapsed, env, named):
 
 
 def run_script(tmp_path, argv: list[str], python: str = "", **env: str) -> subprocess.CompletedProcess:
-    """A script of docs/results/ (zoology/run.sh, mad/run.sh) run in `tmp_path` with gpu_env.sh's functions (not
-    its package install), the repo's conf/, and a `python` that appends its arguments to `tmp_path`/calls, then
-    runs `python` (bash), then prints a run's last line."""
+    """A script of docs/results/ (zoology/run.sh, zoology/protocol.sh, mad/run.sh) run in `tmp_path` with
+    gpu_env.sh's functions (not its package install), the repo's conf/, an `nvidia-smi` that gives an 80 GB card,
+    and a `python` that appends its arguments to `tmp_path`/calls, then runs `python` (bash), then prints a run's
+    last line."""
     command, kwargs = script_command(tmp_path, argv, python, **env)
     return subprocess.run(command, **kwargs, capture_output=True, text=True, timeout=60)
 
@@ -67,12 +68,15 @@ def script_command(tmp_path, argv: list[str], python: str = "", **env: str) -> t
     functions = GPU_ENV.read_text().split("\nexport PYTHONPATH=", 1)[1].split("\n", 1)[1]
     for script, text in [("docs/results/fidelity/gpu_env.sh", functions),
                          *((s, (REPO / s).read_text()) for s in ("docs/results/zoology/run.sh",
+                                                                  "docs/results/zoology/protocol.sh",
                                                                   "docs/results/mad/run.sh")),
+                         ("bin/nvidia-smi", "#!/usr/bin/env bash\necho 81559\n"),
                          ("bin/python", f'#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n{python}\n'
                                         'echo "sandbox-train: run: best val acc 0.99, test acc 0.99"\n')]:
         (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / script).write_text(text)
-    (tmp_path / "bin/python").chmod(0o755)
+    for program in ("python", "nvidia-smi"):
+        (tmp_path / "bin" / program).chmod(0o755)
     if not (tmp_path / "conf").exists():  # a second command in the same place
         (tmp_path / "conf").symlink_to(REPO / "conf")
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "ROOT": str(tmp_path / "runs"),
@@ -183,9 +187,13 @@ MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linea
     (["mad/run.sh", "mad_recall", "mom"], {"MAX_PROCS": "abc"}, "MAX_PROCS=abc is invalid: a whole number >= 1"),
     (["zoology/run.sh", "64", "0", "mom:1e-3"], {"RUN_LIMIT_S": "9m"}, "RUN_LIMIT_S=9m is invalid"),
     (["mad/run.sh", "mad_recall", "mom"], {"MPS": "yes"}, "MPS=yes is invalid: 0, 1 or auto (the default)"),
+    (["zoology/protocol.sh"], {}, "protocol.sh: error: WIDTH '' is invalid: a whole number >= 1 (model.d_model)"),
+    (["zoology/protocol.sh", "64"], {"PROCESSES": "0"}, "protocol.sh: error: PROCESSES=0 is invalid: a whole number"),
+    (["zoology/protocol.sh", "64"], {"STOP_AFTER_S": "9m"}, "STOP_AFTER_S=9m is invalid"),
 ], ids=["zoology-nothing", "width-a-word", "seeds-empty", "no-runs", "model-typo", "rate-a-word", "rate-missing",
         "stacked-model-typo", "mad-nothing", "task-typo", "no-model", "mad-model-typo",
-        "max-procs-0", "max-procs-a-word", "run-limit-a-word", "mps-a-word"])
+        "max-procs-0", "max-procs-a-word", "run-limit-a-word", "mps-a-word", "protocol-nothing",
+        "protocol-processes-0", "protocol-stop-a-word"])
 def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, message, tmp_path):
     """Each was passed on to every run's sandbox-train, which failed it in its log after the runs before it had
     started; or nothing ran and an empty tarball was written, exit code 0."""
@@ -194,3 +202,31 @@ def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, mess
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
     assert not (tmp_path / "calls").exists() and not (tmp_path / "runs").exists()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+CHOOSE = 'if [[ $1 == */chosen_rates.py ]]; then echo "mom:0.01 attention:0.0022"; exit; fi\n'
+
+
+def test_protocol_runs_seed_0_then_seeds_1_and_2_at_the_chosen_rates(tmp_path):
+    """protocol.sh: one `sandbox-train -m` for seed 0 at every model and rate, then run.sh at the rates that
+    chosen_rates.py reads from the runs, seeds 1 and 2, packed as many at once."""
+    done = run_script(tmp_path, ["docs/results/zoology/protocol.sh", "128"], CHOOSE, MPS="0")
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("-m sandbox.train -m experiment=zoology ") and "model.d_model=128 seed=0 " \
+        "hydra.launcher.processes=10" in calls[0]
+    assert calls[1] == f"docs/results/zoology/chosen_rates.py {tmp_path / 'runs'}/zoology"
+    seeds = sorted(re.search(r"model=(\S+) optim.lr=(\S+) seed=(\d)", call).groups() for call in calls[2:])
+    assert seeds == [("attention", "0.0022", "1"), ("attention", "0.0022", "2"), ("mom", "0.01", "1"),
+                     ("mom", "0.01", "2")]
+    assert (tmp_path / "out" / "zoology_d128_protocol.tar.gz").exists()
+
+
+def test_protocol_chooses_nothing_while_seed_0_is_unfinished(tmp_path):
+    """A seed-0 pass stopped by STOP_AFTER_S (its launcher exits 143, the runs checkpointed) starts no seeds:
+    a choice among the rates that finished could change when the others do. The same command resumes."""
+    done = run_script(tmp_path, ["docs/results/zoology/protocol.sh", "64"], CHOOSE + "exit 143", MPS="0")
+    assert done.returncode == 0, done.stderr
+    assert "seed 0 pass: exit code 143" in done.stdout
+    assert [call.split()[:2] for call in (tmp_path / "calls").read_text().splitlines()] == [["-m", "sandbox.train"]]
+    assert (tmp_path / "out" / "zoology_d64_protocol.tar.gz").exists()
