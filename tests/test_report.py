@@ -854,3 +854,21 @@ def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
     assert line["chance per length"] == f"{(1 + 63 / 120) / 64:.3f} / {(1 + 255 / 120) / 256:.3f}"
     (row,) = csv.DictReader(open(files["csv"]))
     assert float(row["chance_acc/seq_len=256"]) == pytest.approx((1 + 255 / 120) / 256)
+
+
+def chosen_rates(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "docs/results/zoology/chosen_rates.py", str(folder)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True)
+
+
+def test_chosen_rates_gives_the_report_s_choice_once_every_rate_finished_seed_0(tmp_path):
+    """docs/results/zoology/chosen_rates.py, which protocol.sh runs seeds 1 and 2 at: per model the rate of the
+    best validation on seed 0; a model one of whose rates has not finished seed 0 gets no rate yet."""
+    for lr, val in [(1e-3, 0.5), (1e-2, 0.8)]:
+        write_run(tmp_path, f"model.d_model=64,model=gla,optim.lr={lr},seed=0", "gla", lr=lr, val=val)
+    for lr, val, status in [(1e-3, 0.9, "finished"), (1e-2, 0.2, "interrupted")]:
+        write_run(tmp_path, f"model.d_model=64,model=mom,optim.lr={lr},seed=0", "mom", lr=lr, val=val,
+                  status=status)
+    done = chosen_rates(tmp_path)
+    assert done.stdout.split() == ["gla:0.01"]
+    assert "not every rate finished on seed 0" in done.stderr and done.stderr.startswith("mom")
