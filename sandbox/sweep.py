@@ -779,6 +779,11 @@ def main(argv: list[str] | None = None) -> int:
         if signum is not None:
             return interrupted(signum, space, ", passed on to its workers")
     print(summarise(study, space["objectives"]))
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    if TrialState.FAIL in states and TrialState.COMPLETE not in states:  # a search with no result is no success
+        print(f"sandbox-sweep: error: every finished trial of study {space['study_name']} failed (reasons above)",
+              file=sys.stderr)
+        return 1
     failed = [f"worker {args.worker_index + i} exited with code {code}" for i, code in enumerate(codes) if code]
     if failed:  # a worker that died took its running trial with it (failed once its heartbeat is stale)
         print(f"sandbox-sweep: error: {', '.join(failed)}; the study holds the other workers' trials", file=sys.stderr)

@@ -93,6 +93,22 @@ def test_failing_trials_do_not_stop_the_study(tmp_path, caplog, monkeypatch):
     assert "does not divide" in line and traceback is None
 
 
+def test_a_sweep_whose_every_trial_failed_exits_1(tmp_path, capsys):
+    """Every trial invalid (pairs of values the checks before the study pass, as in the test above): the summary
+    lists each failure, and the command fails (it exited 0, as if the search had a result)."""
+    (tmp_path / "sweeps" / "routing").mkdir(parents=True)
+    study = optuna.create_study(study_name="routing", direction="maximize",
+                                storage=f"sqlite:///{tmp_path / 'sweeps' / 'routing' / 'study.db'}")
+    for heads in (4, 8):
+        study.enqueue_trial({"model.d_model": 66, "model.mixer_options.num_heads": heads})
+    args = ["--space", "routing", "--n-trials", "2", "--output-root", str(tmp_path), "--param",
+            "model.d_model=choice:64,66", "--param", "model.mixer_options.num_heads=choice:1,4,8", *FAST]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert out.count("does not divide d_model=66") == 2
+    assert err.strip() == "sandbox-sweep: error: every finished trial of study routing failed (reasons above)"
+
+
 # A task that a good learning rate starts to learn within a few steps: validation every VALIDATE_EVERY steps.
 VALIDATE_EVERY = 2
 TINY_TASK = ["task.params.vocab_size=32", "task.segments.train=[{seq_len: 16, num_kv_pairs: 2, num_examples: 96}]",
