@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_stacked_run import REPO, SMALL, assert_same_run, sandbox_train
 
 GRID = ("model=attention,gated_deltanet", "seed=0", "hydra.launcher.stack=false")
@@ -82,3 +84,87 @@ def test_a_packed_process_that_dies_fails_its_own_job_only(tmp_path):
     assert "ended without a result (exit code -9)" in err
     assert out.count("best val acc") == 1  # the other run finished
     assert [r["status"] for r in results(tmp_path).values()] == ["finished"]
+
+
+def patched(tmp_path: Path, code: str) -> dict:
+    """The environment of a command whose launcher and packed processes first run `code` (a sitecustomize)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+SHORT = ("model=gated_deltanet", "seed=0,1", "hydra.launcher.stack=false", "trainer.max_steps=20")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_jobs_are_prepared_stops_before_any_trains(signum, tmp_path):
+    """Ctrl-C or SIGTERM while the launcher composes and checks the jobs: it was a KeyboardInterrupt traceback (or
+    a bogus one-line error, exit 2, where it landed inside OmegaConf) and SIGTERM killed the launcher, leaving the
+    jobs' folders; now the command stops as interrupted, nothing trained, no job's folder left."""
+    env = patched(tmp_path, f"""
+import os
+import sandbox.settings
+check = sandbox.settings.check_settings
+def signalled(cfg):  # as the launcher checks its first job
+    if os.environ.pop("SIGNAL_IN_CHECK", None):
+        os.kill(os.getpid(), {int(signum)})
+    check(cfg)
+sandbox.settings.check_settings = signalled
+""")
+    env["SIGNAL_IN_CHECK"] = "1"
+    done = subprocess.run([sys.executable, "-m", "sandbox.train", "-m", *SMALL, f"output_root={tmp_path}",
+                           "hydra.launcher.processes=2", *SHORT], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "before any job trained" in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.glob("train/*/")), "a job's folder was left"
+
+
+def test_sigterm_as_the_launcher_starts_a_process_interrupts_it_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to the launcher just after it started its first packed process, before that process was among those
+    it passes signals on to: the process was not told, and its run trained on to its end. Now it is stopped too,
+    and the same command trains both runs."""
+    env = patched(tmp_path, """
+import os, signal
+from multiprocessing.context import SpawnProcess
+start = SpawnProcess.start
+def signalled(self):
+    start(self)
+    if os.environ.pop("SIGNAL_AS_IT_STARTS", None):
+        os.kill(os.getpid(), signal.SIGTERM)
+SpawnProcess.start = signalled
+""")
+    command = [sys.executable, "-m", "sandbox.train", "-m", *SMALL, f"output_root={tmp_path}",
+               "hydra.launcher.processes=2", *SHORT]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**env, "SIGNAL_AS_IT_STARTS": "1"},
+                           timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert "best val acc" not in first.stdout
+    assert all(r["status"] == "interrupted" for r in results(tmp_path).values()), results(tmp_path)
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["status"] for r in results(tmp_path).values()] == ["finished"] * 2
+
+
+def test_a_job_that_fails_in_a_packed_process_shows_its_traceback(tmp_path):
+    """Run one at a time, a failing job's traceback names where it failed; packed, only `RuntimeError: RuntimeError:
+    injected crash` and the launcher's frames came back (the traceback is in no result.json either). Lightning's
+    info lines, silenced by the job's logging settings one at a time, are silenced in the packed processes too."""
+    env = patched(tmp_path, """
+import sandbox.module
+real = sandbox.module.RecallModule.training_step
+def crashing_step(self, batch, batch_idx):
+    if self.global_step == 3 and "seed=1" in str(self.trainer.default_root_dir):
+        raise RuntimeError("injected crash")
+    return real(self, batch, batch_idx)
+sandbox.module.RecallModule.training_step = crashing_step
+""")
+    done = subprocess.run([sys.executable, "-m", "sandbox.train", "-m", *SMALL, f"output_root={tmp_path}",
+                           "hydra.launcher.processes=2", *SHORT], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "in crashing_step" in done.stderr and "RuntimeError: injected crash" in done.stderr, done.stderr[-3000:]
+    assert done.stdout.count("best val acc") == 1
+    assert sorted(r["status"] for r in results(tmp_path).values()) == ["failed", "finished"]
+    assert "GPU available" not in done.stdout + done.stderr

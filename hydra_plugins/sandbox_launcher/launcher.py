@@ -21,14 +21,17 @@ an error is said so and its runs are run again one at a time, so one run's failu
 whose checkpoint was written at another precision or on other kernels fails its jobs with that error, and the
 others go on. A process that dies without a word (killed, out of host memory) fails its jobs and the others go
 on; SIGTERM or SIGINT to the launcher reaches every process, each run ends interrupted with its checkpoint, and
-the multirun ends as one interrupted in a single process does.
+the multirun ends as one interrupted in a single process does (one while the jobs are composed and checked stops the
+command before any trains). A failing job's error carries the traceback of the process that trained it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -59,6 +62,23 @@ def mps_daemon_runs() -> bool:
     return (Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").is_fifo()
 
 
+# The signals that interrupt a multirun (sandbox.callbacks.Interruption).
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_kept():
+    """SIGTERM and SIGINT only noted (the list yielded) while this runs: a KeyboardInterrupt raised anywhere, as in
+    OmegaConf halfway through composing a job, could leave a broken config and report it as a bad setting."""
+    signalled = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: signalled.append(signum)) for signum in SIGNALS}
+    try:
+        yield signalled
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _whole_number(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # `True` is an int too
 
@@ -79,6 +99,7 @@ class SandboxLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from sandbox import runs
+        from sandbox.callbacks import RunInterrupted
         from sandbox.stacked_run import stack_key, stacks
 
         setup_globals()
@@ -86,10 +107,17 @@ class SandboxLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = []
         try:
-            for i, overrides in enumerate(job_overrides):
-                jobs.append(self._prepare(initial_job_idx + i, overrides))
-                _check_job(jobs[-1][1], overrides)
-            processes = self._processes([cfg for _, cfg, _ in jobs])
+            with _signals_kept() as signalled:  # a signal stops the command between two jobs
+                for i, overrides in enumerate(job_overrides):
+                    if signalled:
+                        break
+                    jobs.append(self._prepare(initial_job_idx + i, overrides))
+                    _check_job(jobs[-1][1], overrides)
+                processes = self._processes([cfg for _, cfg, _ in jobs])
+            if signalled:
+                runs.say(f"interrupted by {signal.Signals(signalled[0]).name} before any job trained; run the same "
+                         "command to run them", error=True)
+                raise RunInterrupted(signalled[0])
         except BaseException:  # before any job trained: the folders made for the jobs go again
             for _, _, run_dir in jobs:
                 runs.remove_empty_folders(runs.new_folders(run_dir))
@@ -186,17 +214,31 @@ def _finish(unit: list[Job], outcomes: list[tuple[str, object]]) -> None:
 
 def _train_in_child(unit: list[Job], pipe) -> None:
     """A packed process: trains its unit and sends back the outcomes, or the signal that interrupted it."""
+    os.setpgrp()  # out of the terminal's group: a Ctrl-C reaches it once, forwarded by the launcher
+    ret = unit[0][0]
+    configure_log(ret.hydra_cfg.hydra.job_logging, ret.hydra_cfg.hydra.verbose)  # as Hydra's run_job does
     from sandbox.callbacks import RunInterrupted
 
-    os.setpgrp()  # out of the terminal's group: a Ctrl-C reaches it once, forwarded by the launcher
+    def stop(signum, frame):  # outside a run (before it, between two): as a run stops before training
+        raise RunInterrupted(signum)
+
+    for signum in SIGNALS:
+        signal.signal(signum, stop)
     try:
         outcomes = _outcomes(unit)
-    except RunInterrupted as stop:
-        pipe.send(("interrupted", stop.signum))
+    except RunInterrupted as stopped:
+        pipe.send(("interrupted", stopped.signum))
         return
-    # an error as its type and message: not every exception pickles (its traceback is in the run's result.json)
-    pipe.send(("done", [(kind, RuntimeError(f"{type(outcome).__name__}: {outcome}") if kind == "failed" else outcome)
-                        for kind, outcome in outcomes]))
+    for signum in SIGNALS:  # its runs have ended, recorded: the message goes whole (the launcher knows its signal)
+        signal.signal(signum, signal.SIG_IGN)
+    pipe.send(("done", [(kind, _sendable(outcome) if kind == "failed" else outcome) for kind, outcome in outcomes]))
+
+
+def _sendable(err: BaseException) -> RuntimeError:
+    """An error of a packed process as its type, message and traceback (not every exception pickles, and the
+    traceback shows where it failed, as one raised in the launcher's process does)."""
+    return RuntimeError(f"{type(err).__name__}: {err}\n\nIn the process that trained it:\n"
+                        + "".join(traceback.format_exception(err)))
 
 
 def _run_packed(units: list[list[Job]], processes: int) -> None:
@@ -217,7 +259,7 @@ def _run_packed(units: list[list[Job]], processes: int) -> None:
     def folders(units_) -> set[Path]:
         return {run_dir for unit in units_ for _, _, run_dir in unit}
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
     try:
         while waiting or running:
             for unit in list(waiting):
@@ -229,6 +271,8 @@ def _run_packed(units: list[list[Job]], processes: int) -> None:
                     process.start()
                     send.close()  # the parent's copy: the pipe then reads EOF when the process ends
                     running[receive] = (process, unit)
+                    if signalled:  # came as it started, before `forward` could see it
+                        os.kill(process.pid, signalled[0])
             if not running:
                 break  # signalled before the waiting units started: they stay untrained
             for receive in wait(list(running)):  # ready: a message, or EOF from a process that ended without one
