@@ -599,22 +599,31 @@ def width_series(rows: list[Row], runs: list[dict]) -> dict[str, list[Row]]:
     return dict(series)
 
 
-def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -> bool:
-    """One panel for all test examples and one per setting; a point per row (its chosen-lr mean and 95%
-    interval), a line per configuration through its widths (rows that differ in d_model only), coloured by model
-    family, each configuration of a family with its own marker and line style."""
-    plotted = [row for row in rows if row.chosen and row.chosen[0]["state_size"] is not None]
-    if not plotted:
-        return False
-    panels = ["test_acc", *setting_columns(runs)]
-    colors = _family_colors(plotted)
-    series = width_series(plotted, runs)
+def series_styles(rows: list[Row], runs: list[dict]) -> dict[str, dict]:
+    """A style per configuration (`width_series` of the rows with a chosen setting), the same in every plot: the
+    colour of its model family, and its own marker and line style within the family (a colour cycle alone repeats
+    after ten lines, and two models drawn alike cannot be told apart)."""
+    drawn = [row for row in rows if row.chosen]
+    colors = _family_colors(drawn)
     styles, seen_in_family = {}, defaultdict(int)
-    for name, members in series.items():
+    for name, members in width_series(drawn, runs).items():
         family = members[0].chosen[0]["family"]
         i = seen_in_family[family]
         seen_in_family[family] += 1
         styles[name] = dict(color=colors[family], marker="os^vDP*X"[i % 8], linestyle=["-", "--", ":", "-."][i % 4])
+    return styles
+
+
+def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -> bool:
+    """One panel for all test examples and one per setting; a point per row (its chosen-lr mean and 95%
+    interval), a line per configuration through its widths (rows that differ in d_model only), styled by
+    `series_styles`."""
+    plotted = [row for row in rows if row.chosen and row.chosen[0]["state_size"] is not None]
+    if not plotted:
+        return False
+    panels = ["test_acc", *setting_columns(runs)]
+    series = width_series(plotted, runs)
+    styles = series_styles(rows, runs)
     cols = min(3, len(panels))
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.4 * cols + 3.2, 4.0 * math.ceil(
         len(panels) / cols)), squeeze=False, sharey=True)
@@ -643,7 +652,8 @@ def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -
 
 
 def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> bool:
-    """A line per row across the num_kv_pairs slices (chosen-lr mean and 95% interval), a panel per width."""
+    """A line per row across the num_kv_pairs slices (chosen-lr mean and 95% interval), a panel per width, styled
+    as its configuration in the state-size plot (`series_styles`)."""
     # a slice whose K is not a whole number (a hand-edited result) has no place on this axis: it stays in the table
     columns = [c for c in slice_columns(runs) if c.startswith("test_acc/num_kv_pairs=")
                and c.split("=")[-1].isdigit() and int(c.split("=")[-1]) > 0]
@@ -653,19 +663,23 @@ def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> boo
     pairs = [int(c.split("=")[-1]) for c in columns]
     widths = sorted({row.chosen[0].get(WIDTH_KEY) for row in plotted}, key=sort_key)
     keys = [k for k in shown_keys(runs) if k != WIDTH_KEY]
+    styles = series_styles(rows, runs)
     fig, axes = plt.subplots(1, len(widths), figsize=(5.2 * len(widths) + 3.2, 4.4), squeeze=False, sharey=True)
+    legend = {}
     for ax, width in zip(axes[0], widths):
         for row in (r for r in plotted if r.chosen[0].get(WIDTH_KEY) == width):
             stats = [row.stat(c) for c in columns]
-            ax.errorbar(pairs, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
-                        label=row_name(row, keys))
+            name = row_name(row, keys)
+            legend[name] = ax.errorbar(pairs, [m for m, _ in stats], yerr=[h for _, h in stats], capsize=3,
+                                       label=name, **styles[name])
         ax.set_xscale("log", base=2)
         ax.set_xticks(pairs, [str(p) for p in pairs])
         ax.set_xlabel("key-value pairs in the context")
         ax.set_title(f"d_model {_show(width)}")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+    # one legend for every panel, beside them: inside a panel it hid the lines
+    axes[0][-1].legend(legend.values(), legend.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     axes[0][0].set_ylabel("test accuracy (chosen lr, mean ± 95%)")
     fig.suptitle("Accuracy against number of key-value pairs")
     fig.tight_layout()
@@ -1004,20 +1018,27 @@ def task_headings(records: list[dict], tasks: list[str]) -> list[str]:
 
 def plot_mad_scores(records: list[dict], path: Path) -> None:
     """A heat map of the scores, a line per model (labelled with its state size), a column per task."""
-    tasks, _, grid = mad_pivot(records)
+    tasks, model_columns, grid = mad_pivot(records)
     scores = [[by_task[t]["score"] if t in by_task else math.nan for t in tasks] for _, _, by_task in grid]
-    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 5.0, 0.55 * len(grid) + 2.0))
-    image = ax.imshow(scores, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    # the model columns by name (a bare `True` or `5` says nothing), as in the legends of the other plots
+    names = [" ".join([_show(label), *(f"{name}={_show(v)}" for name, v in zip(model_columns[1:], values)
+                                       if v != ABSENT)]) for (label, *values), _, _ in grid]
+    # wide enough for the longest name beside the cells (7-point text, about 0.06 inch a character)
+    width = 1.2 * len(tasks) + 2.5 + 0.06 * max(len(name) for name in names)
+    fig, ax = plt.subplots(figsize=(width, 0.55 * len(grid) + 2.0))
+    # a cell without a score (not run, or none finished) in light grey with black text, apart from the scale
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = ax.imshow(scores, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
     for i, (_, _, by_task) in enumerate(grid):
         for j, task in enumerate(tasks):
             score = scores[i][j]
             ax.text(j, i, score_cell(by_task.get(task)).replace(" (", "\n("), ha="center", va="center", fontsize=7,
-                    color="white" if math.isnan(score) or score < 0.6 else "black")
+                    color="black" if math.isnan(score) or score >= 0.6 else "white")
     ax.set_xticks(range(len(tasks)), task_headings(records, tasks), rotation=30, ha="right")
-    ax.set_yticks(range(len(grid)), [" ".join(_show(v) for v in model) + f"\nstate size {size}"
-                                     for model, size, _ in grid], fontsize=7)
-    fig.colorbar(image, ax=ax, label="mean test accuracy over the task's settings")
-    ax.set_title("MAD score per task (each setting at its optimiser setting chosen on validation)", fontsize=9)
+    ax.set_yticks(range(len(grid)), [f"{name}\nstate size {size}" for name, (_, size, _) in zip(names, grid)],
+                  fontsize=7)
+    fig.colorbar(image, ax=ax).set_label("mean test accuracy over the task's settings", fontsize=8)
+    fig.suptitle("MAD score per task (each setting at its optimiser setting chosen on validation)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib.colors
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
@@ -296,6 +297,36 @@ def test_state_size_plot_draws_a_configuration_across_its_widths(tmp_path):
     assert sorted(widths.values()) == [[16], [16, 32, 64], [16, 32, 64], [16, 32, 64], [16, 32, 64]]
     for rows in series.values():
         assert len({(r.label, str(r.values.get("config.model.mixer_options.expand_v"))) for r in rows}) == 1
+
+
+def drawn_figures(monkeypatch) -> dict:
+    """The report's figures by file name, kept open instead of saved."""
+    figures = {}
+    monkeypatch.setattr("sandbox.report.save_figure", lambda fig, path: figures.__setitem__(Path(path).name, fig))
+    return figures
+
+
+def test_pairs_plot_gives_every_row_its_own_style_as_the_state_size_plot_does(tmp_path, monkeypatch):
+    """Twelve configurations (Zoology's models at one width): the pairs plot drew them in matplotlib's ten-colour
+    cycle, so attention and the eleventh row shared a colour and marker and a legend entry could not be told
+    apart. Each line is now styled as in the state-size plot: unique, and alike in both plots."""
+    slices = {"num_kv_pairs=4": 0.9, "num_kv_pairs=8": 0.8}
+    for i in range(4):
+        write_run(tmp_path, f"gdn{i}", options={"expand_v": i + 1}, slices=slices)
+        write_run(tmp_path, f"mom{i}", "mom", options={"num_memories": 2 ** (i + 1)}, slices=slices)
+    for mixer in ("attention", "gla", "deltanet", "linear_attention"):
+        write_run(tmp_path, mixer, mixer, slices=slices)
+    figures = drawn_figures(monkeypatch)
+    report(tmp_path)
+
+    def styles(name):
+        ax = next(ax for ax in figures[name].axes if ax.get_legend_handles_labels()[1])
+        return {label: (handle[0].get_color(), handle[0].get_marker(), handle[0].get_linestyle())
+                for handle, label in zip(*ax.get_legend_handles_labels())}
+
+    pairs = styles("accuracy_vs_kv_pairs.png")
+    assert len(pairs) == 12 and len(set(pairs.values())) == 12
+    assert pairs == styles("accuracy_vs_state_size.png")
 
 
 def test_learning_rate_is_chosen_on_validation_not_test(tmp_path):
@@ -823,6 +854,25 @@ def test_a_mad_task_whose_every_setting_diverged_says_so_rather_than_looking_not
     assert table["gla"]["noisy_ar (1 setting)"] == "— (0 of 1)"
     assert table["gla"]["selective_copying (1 setting)"] == "—"
     assert table["attention"]["noisy_ar (1 setting)"] not in ("—", "— (0 of 1)")
+
+
+def test_mad_heat_map_shows_the_cells_of_tasks_not_run_or_not_finished_and_names_the_model_columns(tmp_path,
+                                                                                                  monkeypatch):
+    """A task a model never ran (`—`) or ran without a finished setting (`— (0 of 1)`) has no score: its cell was
+    drawn white on the white of a missing value, so the PNG showed nothing there; and a model column (expand_v)
+    was shown by its value alone, `gla 5`, which does not say what 5 is."""
+    write_mad_grid(tmp_path, [("mqar", 16), ("noisy_ar", 32)], ["attention", "gla"],
+                   diverged={("noisy_ar", 32, "gla")})
+    write_mad_grid(tmp_path / "copy", [("selective_copying", 16)], ["attention"])
+    write_run(tmp_path, "wide", "gla", task=mad_task("mqar", 16), suite="mad", options={"expand_v": 5})
+    figures = drawn_figures(monkeypatch)
+    report(tmp_path)
+    (ax, _) = figures["mad_scores.png"].axes
+    cells = {text.get_text(): text for text in ax.texts}
+    for cell in ("—", "—\n(0 of 1)"):
+        assert matplotlib.colors.to_rgb(cells[cell].get_color()) != (1.0, 1.0, 1.0), cell
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    assert any(label.startswith("gla expand_v=5\n") for label in labels), labels
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, 1.5])
