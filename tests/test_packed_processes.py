@@ -168,3 +168,32 @@ sandbox.module.RecallModule.training_step = crashing_step
     assert done.stdout.count("best val acc") == 1
     assert sorted(r["status"] for r in results(tmp_path).values()) == ["failed", "finished"]
     assert "GPU available" not in done.stdout + done.stderr
+
+
+def test_a_multirun_given_again_returns_its_ended_runs_without_starting_processes(tmp_path):
+    """Resuming a packed grid: the runs that ended are returned by the launcher itself; each used to get a process
+    of its own, whose start and imports cost 15-25 s on the GPU machine (two minutes of idle GPU for a grid of 48).
+    The runs left to train still get one each."""
+    counted = patched(tmp_path, """
+import os
+from multiprocessing.context import SpawnProcess
+start = SpawnProcess.start
+def counted(self):
+    with open(os.environ["STARTS"], "a") as starts:
+        starts.write("start\\n")
+    start(self)
+SpawnProcess.start = counted
+""")
+    starts = tmp_path / "starts"
+    grid = ["model=gated_deltanet", "seed=0,1,2,3", "hydra.launcher.stack=false", "trainer.max_steps=20"]
+    first = sandbox_train(tmp_path, *grid, "hydra.launcher.processes=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    for seed in (2, 3):  # as runs whose command was killed before they recorded their end
+        (next((tmp_path / "train").glob(f"*seed={seed}*")) / "result.json").unlink()
+    again = subprocess.run([sys.executable, "-m", "sandbox.train", "-m", *SMALL, f"output_root={tmp_path}", *grid,
+                            "hydra.launcher.processes=2"], cwd=REPO, capture_output=True, text=True,
+                           env={**counted, "STARTS": str(starts)}, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already finished") == 2 and again.stdout.count("best val acc") == 4
+    assert starts.read_text().split() == ["start"] * 2
+    assert [r["status"] for r in results(tmp_path).values()] == ["finished"] * 4
