@@ -905,7 +905,8 @@ PROTOCOL = (
     f"position's context allows (MQAR: 1/K; `?`: runs whose config does not give their validation set). "
     f"`still rising`: runs at the chosen setting whose best validation accuracy grew by more than {FLAT_RISE} "
     f"over the last {FLAT_TAIL:.0%} of their steps without reaching the early-stopping threshold, so longer "
-    "training may change them (`?`: too few validations to tell).")
+    "training may change them (`?`: too few validations to tell). `state_size`: the values a model holds for one "
+    "sequence, all layers (attention: its KV cache at the longest sequence of the run's splits).")
 
 MAD_PROTOCOL = (
     "MAD's protocol (Poli et al. 2024) on the runs of `experiment=mad`: a setting is one configuration of a task "
