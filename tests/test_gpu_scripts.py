@@ -207,19 +207,21 @@ def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, mess
 CHOOSE = 'if [[ $1 == */chosen_rates.py ]]; then echo "mom:0.01 attention:0.0022"; exit; fi\n'
 
 
-def test_protocol_runs_seed_0_then_seeds_1_and_2_at_the_chosen_rates(tmp_path):
+@pytest.mark.parametrize("width, processes", [("64", 14), ("128", 11), ("256", 7)])
+def test_protocol_runs_seed_0_then_seeds_1_and_2_at_the_chosen_rates(width, processes, tmp_path):
     """protocol.sh: one `sandbox-train -m` for seed 0 at every model and rate, then run.sh at the rates that
-    chosen_rates.py reads from the runs, seeds 1 and 2, packed as many at once."""
-    done = run_script(tmp_path, ["docs/results/zoology/protocol.sh", "128"], CHOOSE, MPS="0")
+    chosen_rates.py reads from the runs, seeds 1 and 2, packed as many at once as an 80 GB card holds at the width
+    (an H100 held about eight width-256 runs)."""
+    done = run_script(tmp_path, ["docs/results/zoology/protocol.sh", width], CHOOSE, MPS="0")
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[0].startswith("-m sandbox.train -m experiment=zoology ") and "model.d_model=128 seed=0 " \
-        "hydra.launcher.processes=10" in calls[0]
+    assert calls[0].startswith("-m sandbox.train -m experiment=zoology ") and f"model.d_model={width} seed=0 " \
+        f"hydra.launcher.processes={processes}" in calls[0]
     assert calls[1] == f"docs/results/zoology/chosen_rates.py {tmp_path / 'runs'}/zoology"
     seeds = sorted(re.search(r"model=(\S+) optim.lr=(\S+) seed=(\d)", call).groups() for call in calls[2:])
     assert seeds == [("attention", "0.0022", "1"), ("attention", "0.0022", "2"), ("mom", "0.01", "1"),
                      ("mom", "0.01", "2")]
-    assert (tmp_path / "out" / "zoology_d128_protocol.tar.gz").exists()
+    assert (tmp_path / "out" / f"zoology_d{width}_protocol.tar.gz").exists()
 
 
 def test_protocol_chooses_nothing_while_seed_0_is_unfinished(tmp_path):

@@ -5,7 +5,7 @@
 #   bash docs/results/zoology/protocol.sh WIDTH
 #   STOP_AFTER_S=500 bash docs/results/zoology/protocol.sh WIDTH   runs end with a checkpoint 500 s after the start;
 #     the same command given again resumes them (finished runs are returned as they are) and goes on
-#   PROCESSES=12 ...   jobs at once (default: 10 where the GPU has under 100 GB, else 18)
+#   PROCESSES=12 ...   jobs at once (default: as many as the GPU's memory holds at this width, at most 18)
 #   OVERRIDES="trainer.max_steps=3000" ...   more Hydra overrides for every run; ROOT as in run.sh (default /tmp/zoology)
 # Writes $OUT/zoology_d${WIDTH}_protocol.tar.gz (result.json, metrics.csv and logs of every run).
 [[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "protocol.sh: error: WIDTH '$1' is invalid: a whole number >= 1 (model.d_model)" >&2; exit 2; }
@@ -13,9 +13,12 @@
   { echo "protocol.sh: error: PROCESSES=$PROCESSES is invalid: a whole number >= 1" >&2; exit 2; }
 source docs/results/fidelity/gpu_env.sh
 width=$1 root=${ROOT:-/tmp/zoology}
-# held per process: 4.2-4.3 GiB at width 64, up to 8.9 at 256 (d256/README.md)
+# GPU memory a process held: 4.2-4.3 GiB at width 64, up to 5.6 at 128 (../zoology_6000_steps/d128/logs/console),
+# up to 8.9 at 256 (d256/README.md): about 3500 MiB + 24 MiB per unit of width. As many as fit in 90% of the card,
+# at most 18 (the GPU is full long before).
 memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
-processes=${PROCESSES:-$(( memory_mib > 100000 ? 18 : 10 ))}
+fit=$(( memory_mib * 9 / 10 / (3500 + 24 * width) ))
+processes=${PROCESSES:-$(( fit > 18 ? 18 : fit < 1 ? 1 : fit ))}
 start_runs $root
 left() { echo $(( ${STOP_AFTER_S:-100000} - ($(date +%s) - runs_start) )); }
 echo "== $(date -u +%FT%TZ) seed 0, every model and rate, $processes processes $OVERRIDES" >> $root/logs/seed0-d$width.log
