@@ -520,7 +520,8 @@ def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = 
     body = []
     for row in rows:
         known = [run["still_rising"] for run in row.chosen if run["still_rising"] is not None]
-        rising = f"{sum(known)} of {len(known)}" if known else "?"
+        unknown = len(row.chosen) - len(known)  # as `at chance`: a seed whose curve cannot tell is counted, as `?`
+        rising = f"{sum(known)} of {len(known)}" + (f" (? {unknown})" if unknown else "") if known else "?"
         cells = [row.label, *(_show(row.values[k]) for k in keys), choice_cell(row), str(len(row.chosen)),
                  _status_cell(row.runs), _chance_cell(row.runs), rising]
         cells += [_mean_cell(*row.stat(metric)) for metric in ["test_acc", *slices]]
