@@ -1,7 +1,8 @@
 """The Hydra launcher of `sandbox-train -m` (conf/hydra/launcher/sandbox.yaml): Hydra's jobs one after the other,
 except that on a GPU the runs that differ only in `seed`, `optim.lr` and `optim.weight_decay` train together as
 stacked runs (`sandbox.stacked_run`): one process, one set of kernel launches for all of them; and that where a
-CUDA MPS daemon runs, the jobs (and stacks) train in several processes at once, their kernels sharing the GPU.
+CUDA MPS daemon runs, the jobs (and stacks) train in several processes at once, their kernels sharing the GPU
+(jobs whose runs have ended, as in a multirun given again, are returned by the launcher itself).
 
     sandbox-train -m experiment=zoology                          # attention stacked on a GPU, others one at a time
     sandbox-train -m experiment=zoology hydra.launcher.stack=false
