@@ -35,9 +35,10 @@ Triton op, conv and norms on `triton` (each one launch for all the runs, `kernel
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or
-returns the tensors). When the caller sets `stats_positions` (bool [..., T], as x's leading dims) before a
-forward, the loads over those positions alone are kept too (`content_load_m{j}`): the sandbox counts its tasks'
-own tokens there, where the loads over every position are mostly those of the filler token.
+returns the tensors). They are of the last forward, over every position of x, a batch's padding included. When the
+caller sets `stats_positions` (bool [..., T], as x's leading dims) before a forward, the loads over those positions
+alone are kept too (`content_load_m{j}`): the sandbox counts its tasks' own tokens there, where the loads over every
+position are mostly those of the filler token.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class MoM(nn.Module):
         aux = M * (routed * mean_prob).sum()
         load = routed / self.top_k  # f_m, sums to 1
         self.aux_loss = self.aux_loss_coef * aux
-        entropy = -torch.special.xlogy(probs, probs).sum(-1).mean()
+        entropy = torch.special.entr(probs).sum(-1).mean()  # -p ln p per term: 0, never -0.0, for p = 1
         self._stats = {"load": load.detach(), "router_entropy": entropy.detach(), "aux_loss": aux.detach()}
         if self.stats_positions is not None:
             counted = self.stats_positions.flatten().to(slots.dtype)  # a weighted mean: no host read of the count

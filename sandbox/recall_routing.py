@@ -11,7 +11,8 @@ often they meet, what top-k of M routed independently would give, and the accura
 pair and at those that do not.
 
 It runs the run's best checkpoint (`checkpoints/best.ckpt`) on its split (test by default), regenerated from the
-config in `result.json`, on the CPU unless `--device` says otherwise.
+config in `result.json`, on the CPU unless `--device` says otherwise (a run trained on the Triton kernels on the
+PyTorch reference there).
 """
 
 from __future__ import annotations
@@ -167,7 +168,10 @@ def weights_problem(folder: Path, config: dict) -> str | None:
 
 
 def load_run(folder: Path, config: dict, device: str):
-    """The run's model on its best weights, and its data."""
+    """The run's model on its best weights, and its data. A run trained on the Triton kernels (a GPU's) runs on the
+    PyTorch reference off CUDA: the same computation, where Triton would refuse the device."""
+    if config["model"].get("backend") == "triton" and torch.device(device).type != "cuda":
+        config = {**config, "model": {**config["model"], "backend": "torch"}}
     module, datamodule = run_module(config)
     state = torch.load(folder / BEST, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)

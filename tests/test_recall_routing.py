@@ -242,3 +242,22 @@ def test_the_json_holds_no_nan(mom_run, tmp_path, monkeypatch, capsys):
     summary = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)[str(mom_run)]
     assert summary["layers"][0]["meets_key"]["accuracy_if_not"] is None
     assert "nan" in capsys.readouterr().out  # the printed table still says there was nothing to measure
+
+
+def test_a_run_trained_on_the_triton_kernels_is_measured_on_the_cpu(mom_run, tmp_path, monkeypatch, capsys):
+    """A run trained with model.backend=triton (on a GPU) was a traceback after the checks on the CPU, the default
+    --device: its model asked for Triton there. It is measured on the PyTorch reference, the same computation."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a machine without a GPU outside the tests
+    assert main([str(mom_run), "--limit", "8", "--json", str(tmp_path / "torch.json")]) == 0
+    run = tmp_path / "triton"
+    shutil.copytree(mom_run, run)
+    _config_edit(lambda config: config["model"].update(backend="triton"))(run)
+    best = run / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, weights_only=True)
+    checkpoint["config_hash"] = json.loads((run / "result.json").read_text())["config_hash"]  # as that run wrote it
+    torch.save(checkpoint, best)
+    assert main([str(run), "--limit", "8", "--json", str(tmp_path / "triton.json")]) == 0
+    capsys.readouterr()
+    [on_torch] = json.loads((tmp_path / "torch.json").read_text()).values()
+    [on_triton] = json.loads((tmp_path / "triton.json").read_text()).values()
+    assert on_triton == on_torch
