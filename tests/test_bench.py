@@ -335,8 +335,15 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
     # the Lightning rows trained at that precision, the plain loop and the header kept the bench's
     (["--override", "trainer.precision=bf16-mixed"], "--override trainer.precision=bf16-mixed is invalid: the bench "
                                                      "sets trainer.precision itself (bf16-mixed on CUDA, float32 on"),
+    # a value given twice: two rows of one label, the ratios against whichever came last
+    (["--variants", "none", "none"], "--variants none is invalid: given twice"),
+    (["--models", "attention", "mom", "attention"], "--models attention is invalid: given twice"),
+    (["--modes", "stacked", "--stacked", "2", "2"], "--stacked 2 is invalid: given twice"),
+    (["--plain-models", "attention", "attention"], "--plain-models attention is invalid: given twice"),
+    (["--widths", "64", "64"], "--widths 64 is invalid: given twice"),
 ], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data",
-        "override-model", "override-width", "override-steps", "override-graphs", "override-precision"])
+        "override-model", "override-width", "override-steps", "override-graphs", "override-precision", "variants-twice",
+        "models-twice", "stacked-twice", "plain-models-twice", "widths-twice"])
 def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, capsys, tmp_path, monkeypatch):
     """Found before any run: not a traceback after the runs (--json) or at their first step."""
     from sandbox.bench import train as bench
@@ -348,6 +355,63 @@ def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, c
     captured = capsys.readouterr()
     assert_one_error_line(captured.err, f"sandbox-bench train: error: {message}")
     assert captured.out == "" and list(tmp_path.iterdir()) == []  # nothing run or written
+
+
+def test_train_bench_a_failing_run_is_one_line_and_the_others_go_on(tmp_path, capsys, monkeypatch):
+    """A run that raises (out of memory at a large width) is said on one line, in --json too, the runs after it
+    are measured, exit code 1 (as a failed packed run): it was a traceback that ended the command there."""
+    from sandbox.bench import train as bench
+
+    run_lightning = bench.run_lightning
+
+    def fails_for_all(args, model, width, variant, barrier=None):
+        if variant == "all":
+            raise RuntimeError("out of memory")
+        return run_lightning(args, model, width, variant, barrier)
+
+    monkeypatch.setattr(bench, "run_lightning", fails_for_all)
+    out = tmp_path / "train.json"
+    argv = ["--models", "attention", "--widths", "16", "--modes", "alone", "plain", "--variants", "all", "none",
+            "--ablate-at", "--warmup", "0", "--steps", "1", "--profile-steps", "1", "--batch", "2",
+            "--experiment", "quickstart", "--override", "model.n_layers=1", "--json", str(out)]
+    assert bench.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "alone attention d 16 all: failed: RuntimeError: out of memory\n" in printed
+    record = json.loads(out.read_text())
+    assert [(r["mode"], r["variant"]) for r in record["rows"]] == [("alone", "none"), ("plain", "all")]
+    assert record["failed"] == ["alone attention d 16 all: failed: RuntimeError: out of memory"]
+
+
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_train_bench_stopped_by_a_signal_says_so(signum, tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM in a run: one line naming the signal and the rows measured (in --json), exit code
+    128 + the signal. Ctrl-C in Lightning's fit was exit code 1 without a word (a KeyboardInterrupt traceback
+    elsewhere); SIGTERM killed it without a word."""
+    import signal
+
+    from sandbox.bench import train as bench
+
+    calls = []
+    step_start = bench.Windows.step_start
+
+    def signal_in_the_second_run(self):
+        calls.append(self.n)
+        if len(calls) == 5:  # the first run's 3 calls, then the second run's second step
+            os.kill(os.getpid(), signum)
+        step_start(self)
+
+    monkeypatch.setattr(bench.Windows, "step_start", signal_in_the_second_run)
+    out = tmp_path / "train.json"
+    argv = ["--models", "attention", "--widths", "16", "--modes", "alone", "--variants", "none", "all", "--ablate-at",
+            "--warmup", "0", "--steps", "1", "--profile-steps", "1", "--batch", "2", "--experiment", "quickstart",
+            "--override", "model.n_layers=1", "--json", str(out)]
+    previous = signal.getsignal(signum)
+    assert bench.main(argv) == 128 + signum
+    name = signal.Signals(signum).name
+    assert_one_error_line(capsys.readouterr().err, f"sandbox-bench train: interrupted by {name} after 1 of 2 rows "
+                                                   f"(in {out})")
+    assert [row["variant"] for row in json.loads(out.read_text())["rows"]] == ["none"]
+    assert signal.getsignal(signum) == previous  # the command's handlers are its own
 
 
 @pytest.mark.parametrize("name, argv, message", [
@@ -369,10 +433,15 @@ def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, c
     ("kernels", ["--fla-compile-only", "--json", "k.json"], "--fla-compile-only is invalid with --json"),
     ("mom", ["--fla-compile-only", "--no-fla"], "--fla-compile-only is invalid with --no-fla"),
     ("mom", ["--fla-compile-only", "--json", "m.json"], "--fla-compile-only is invalid with --json"),
+    # a value given twice: on a GPU two rows of one label (mom: fla compiled twice, its row printed twice)
+    ("kernels", ["--rules", "gla", "gla"], "--rules gla is invalid: given twice"),
+    ("kernels", ["--shape", "1,64,1,16,16", "--shape", "1,64,1,16,16"], "--shape 1,64,1,16,16 is invalid: given twice"),
+    ("mom", ["--shapes", "paper", "paper"], "--shapes paper is invalid: given twice"),
 ], ids=["kernels-shape-of-three", "kernels-fla-jobs-0", "kernels-json-unwritable", "kernels-unknown-option",
         "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option", "kernels-json-empty",
         "mom-json-empty", "kernels-compile-only-no-fla", "kernels-compile-only-first-call",
-        "kernels-compile-only-json", "mom-compile-only-no-fla", "mom-compile-only-json"])
+        "kernels-compile-only-json", "mom-compile-only-no-fla", "mom-compile-only-json", "kernels-rules-twice",
+        "kernels-shape-twice", "mom-shapes-twice"])
 def test_gpu_bench_bad_input_is_one_line_exit_2_on_any_machine(name, argv, message, capsys):
     """Checked before the GPU is asked for, so on any machine: not a ZeroDivisionError, a ValueError or a failed
     write after the timings on a GPU, nor argparse's usage text."""

@@ -19,6 +19,16 @@ def set_by_bench(overrides: list[str], settings: dict[str, str]) -> str | None:
     return None
 
 
+def repeated_problem(option: str, values) -> str | None:
+    """The first of `values` given twice to `option`: it would be measured twice, as two rows of one label."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            return f"{option} {value} is invalid: given twice"
+        seen.add(value)
+    return None
+
+
 def compile_only_problem(given: dict[str, object]) -> str | None:
     """`--fla-compile-only` times nothing: the first option of `given` (name: its value) that is set would be
     dropped without a word."""

@@ -283,6 +283,11 @@ def _time_once(fn) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
+def _shape_text(shape) -> str:
+    """As `--shape` takes it."""
+    return ",".join(map(str, shape))
+
+
 def _shape_label(shape) -> str:
     return "x".join(map(str, shape))
 
@@ -357,7 +362,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.rules import RULES
-    from sandbox.bench import compile_only_problem
+    from sandbox.bench import compile_only_problem, repeated_problem
     from sandbox.results import file_problem, path_argument
     from tasks.cli import OneLineParser
 
@@ -378,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fla_jobs < 1:
         parser.error(f"--fla-jobs {args.fla_jobs} is invalid: must be >= 1")
+    problem = repeated_problem("--rules", args.rules) or repeated_problem("--shape", map(_shape_text, args.shape or []))
+    if problem:
+        parser.error(problem)
     problem = args.json and file_problem(args.json)
     if problem:
         parser.error(f"--json {args.json} is invalid: {problem}")

@@ -280,7 +280,7 @@ def _print_fla(row: dict, fla: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sandbox.bench import compile_only_problem
+    from sandbox.bench import compile_only_problem, repeated_problem
     from sandbox.results import file_problem, path_argument
     from tasks.cli import OneLineParser
 
@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps {args.reps} is invalid: must be >= 1")
+    problem = repeated_problem("--shapes", args.shapes)
+    if problem:
+        parser.error(problem)
     if not args.fla_timeout > 0:
         parser.error(f"--fla-timeout {args.fla_timeout} is invalid: must be a number of seconds > 0")
     problem = args.json and file_problem(args.json)

@@ -26,7 +26,9 @@ tokens/s, and runs per GPU-hour for the grid of `--grid-runs` runs of `--grid-st
 experiment=zoology's grid and steps, read from its yaml), counting training steps only (no validation or test); then the
 ratios between variants and modes measured in this run. `--json` gets every row, rewritten after each.
 Each process generates its data once (every segment capped at a few more examples than a run takes batches)
-and a run ends before its first validation.
+and a run ends before its first validation. A run that fails is one line among the rows (and under `failed` in
+`--json`), the others go on, exit code 1; Ctrl-C or SIGTERM stops the bench with a line of the rows measured, exit
+code 130 or 143.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -50,6 +53,19 @@ MODES = ("alone", "packed", "stacked", "plain")
 
 class BadInput(ValueError):
     """A setting of this benchmark that cannot run; one line, exit code 2."""
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM, raised where the bench is so that it stops and says so: not a KeyboardInterrupt,
+    which Lightning's fit turns into exit code 1 without a word."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 # The variants that are several levers (or none); every other variant is its one lever.
@@ -373,9 +389,9 @@ def _packed_child(args, plan, barrier, queue, parent: int) -> None:
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
-def run_packed(args, plan, report) -> bool:
-    """Every (model, width, variant) of `plan` as `args.packed` processes at once, one row each; False when a
-    process failed (the rows after it are not run)."""
+def run_packed(args, plan, report, fail) -> None:
+    """Every (model, width, variant) of `plan` as `args.packed` processes at once, one row each; a process that
+    failed goes to `fail` (the rows after it are not run)."""
     import multiprocessing as mp
     import queue as queues
 
@@ -385,7 +401,6 @@ def run_packed(args, plan, report) -> bool:
                 for _ in range(args.packed)]
     for child in children:
         child.start()
-    ok = True
     for model, width, variant in plan:
         try:
             rows = [queue.get(timeout=900) for _ in children]
@@ -393,8 +408,7 @@ def run_packed(args, plan, report) -> bool:
             rows = [{"error": "no result within 900 s"}]
         errors = [r["error"] for r in rows if "error" in r]
         if errors:
-            print(f"packed x{args.packed} {model} d {width} {variant}: failed: {errors[0]}", flush=True)
-            ok = False
+            fail(f"packed x{args.packed} {model} d {width} {variant}", errors[0])
             break
         # the rate of all of them: every timed step over the span from the first start to the last end
         start, end = min(r["clock"][0] for r in rows), max(r["clock"][1] for r in rows)
@@ -412,7 +426,6 @@ def run_packed(args, plan, report) -> bool:
         child.join(timeout=60)
         if child.is_alive():
             child.kill()
-    return ok
 
 
 # ---- printing ----
@@ -473,7 +486,7 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv):
     import torch
 
-    from sandbox.bench import set_by_bench
+    from sandbox.bench import repeated_problem, set_by_bench
     from sandbox.results import file_problem, path_argument
 
     parser = _Parser(prog="sandbox-bench train", description=__doc__.split("\n\n")[0])
@@ -508,6 +521,10 @@ def parse(argv):
         for value in values:
             if value not in valid:
                 raise BadInput(f"--{name} {value} is invalid: choose from {', '.join(valid)}")
+    for name in ("models", "widths", "modes", "variants", "ablate_at", "packed_widths", "stacked", "plain_models"):
+        problem = repeated_problem(f"--{name.replace('_', '-')}", getattr(args, name))
+        if problem:
+            raise BadInput(problem)
     for name in ("widths", "ablate_at", "packed_widths"):
         for width in getattr(args, name):
             if width < 1:
@@ -573,16 +590,39 @@ def check_configs(args, steps: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    record = {"argv": argv, "rows": []}
     try:
-        args = parse(sys.argv[1:] if argv is None else argv)
-        steps = plan(args)
-        check_configs(args, steps)
-    except BadInput as err:
-        print(f"sandbox-bench train: error: {err}", file=sys.stderr)
-        return 2
+        try:
+            args = parse(argv)
+            steps = plan(args)
+            check_configs(args, steps)
+        except BadInput as err:
+            print(f"sandbox-bench train: error: {err}", file=sys.stderr)
+            return 2
+        record["planned"] = sum(len(runs) for _, runs in steps)
+        return measure(args, steps, record)
+    except Interrupted as stop:
+        if "planned" not in record:
+            where = "before any run"
+        else:  # the rows measured are in --json already: it is rewritten after each
+            where = f"after {len(record['rows'])} of {record['planned']} rows"
+            where += f" (in {args.json})" if args.json is not None and record["rows"] else ""
+        print(f"sandbox-bench train: interrupted by {stop} {where}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def measure(args, steps: list, record: dict) -> int:
+    """Every run of `steps`, each row printed and added to `record` (and --json) as it is measured; the exit
+    code."""
     import torch
 
     from sandbox.results import write_json_atomic
+    from sandbox.train import one_line
 
     _quiet_lightning()
     cuda = torch.cuda.is_available()
@@ -590,8 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}, torch {torch.__version__}; {'bf16-mixed' if cuda else 'float32'}; "
           f"grid: {args.grid_runs} runs x {args.grid_steps} steps (training steps only); busy = "
           f"{'CUDA kernels summed' if cuda else 'CPU ops summed (no GPU)'} per step", flush=True)
-    record = {"device": device, "torch": torch.__version__, "grid": {"runs": args.grid_runs, "steps": args.grid_steps},
-              "argv": sys.argv[1:] if argv is None else argv, "rows": []}
+    record.update(device=device, torch=torch.__version__, grid={"runs": args.grid_runs, "steps": args.grid_steps})
 
     def report(row: dict) -> None:
         record["rows"].append(row)
@@ -599,21 +638,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             write_json_atomic(args.json, record)
 
-    packed_ok = True
+    def fail(label: str, error: str) -> None:
+        """A run that failed (out of memory at a large width, say): said on one line, the others go on."""
+        record.setdefault("failed", []).append(f"{label}: failed: {error}")
+        print(record["failed"][-1], flush=True)
+        if args.json is not None:
+            write_json_atomic(args.json, record)
+
     for mode, runs in steps:
         if mode == "packed":
-            packed_ok = run_packed(args, runs, report) and packed_ok
+            run_packed(args, runs, report, fail)
             continue
         for model, width, variant in runs:
-            if mode == "plain":
-                report(run_plain(args, model, width))
-            else:
-                report({"alone": run_lightning, "stacked": run_stacked}[mode](args, model, width, variant))
+            # as the row would be named; a stacked row's "variant" is its number of runs, at variant all
+            label = f"{mode} {model} d {width} {variant}"
+            if mode == "stacked":
+                label = f"stacked x{variant} {model} d {width} all"
+            try:
+                if mode == "plain":
+                    report(run_plain(args, model, width))
+                else:
+                    report({"alone": run_lightning, "stacked": run_stacked}[mode](args, model, width, variant))
+            except Exception as err:
+                fail(label, f"{type(err).__name__}: {one_line(err)}")
     record["ratios"] = ratios(record["rows"])
     print("\n".join(["ratios (steps/s, measured in this run):", *record["ratios"]]))
     if args.json is not None:
         write_json_atomic(args.json, record)
-    return 0 if packed_ok else 1
+    return 1 if "failed" in record else 0
 
 
 if __name__ == "__main__":
