@@ -114,13 +114,30 @@ def add_eval_counts(sums: dict, loss, hits, mask, bins, num_bins: int) -> None:
         sums["slice_count"].view(-1).index_add_(0, index, per_example_count.flatten())
 
 
+def add_router_sums(sums: dict, router: dict[str, torch.Tensor], inputs: torch.Tensor) -> None:
+    """Add an evaluation batch's router statistics of R runs ({name: [R]}; inputs [R, B, T]) to their sums, each
+    weighted by the positions it is over (content loads: the tokens that are not filler; the others: every
+    position), so that a split's statistics are those of all its batches, not of its last one (aux_loss: the
+    batches' balance losses, weighted alike)."""
+    content = (inputs != FILLER).flatten(1).sum(1).double()
+    every = torch.full_like(content, inputs[0].numel())
+    for name, value in router.items():
+        weight = content if name.rsplit("/", 1)[-1].startswith("content_load") else every
+        for key, add in ((f"router/{name}", value.double() * weight), (f"router_weight/{name}", weight)):
+            sums[key] = sums[key] + add if key in sums else add
+
+
 def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Each run's metrics from its evaluation sums: {prefix}/loss, {prefix}/acc and {prefix}/acc/<slice>."""
+    """Each run's metrics from its evaluation sums: {prefix}/loss, {prefix}/acc, {prefix}/acc/<slice>, and the
+    router statistics over the split (router/<name>, as training logs them)."""
     count = sums["count"].clamp(min=1)
     loss, acc = (sums["loss"] / count).float(), (sums["hits"] / count).float()
     slice_acc = (sums["slice_hits"] / sums["slice_count"].clamp(min=1)).float()
+    router = {key: (sums[key] / sums[key.replace("router/", "router_weight/", 1)].clamp(min=1)).float()
+              for key in sums if key.startswith("router/")}
     return [{f"{prefix}/loss": loss[r], f"{prefix}/acc": acc[r],
-             **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels)}}
+             **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels)},
+             **{key: value[r] for key, value in router.items()}}
             for r in range(len(count))]
 
 
@@ -175,6 +192,8 @@ class RecallModule(L.LightningModule):
         inputs, labels, bins = batch
         loss, _, hits, mask = self(inputs, labels)
         add_eval_counts(self._sums, loss[None], hits[None], mask[None], bins[None], len(self._slice_labels()))
+        add_router_sums(self._sums, {k: v[None] for k, v in self.model.router_stats(as_tensors=True).items()},
+                        inputs[None])
 
     def _slice_labels(self) -> list[str]:
         split = "test" if self.trainer.testing else "val"
@@ -188,7 +207,6 @@ class RecallModule(L.LightningModule):
         self.log_dict(eval_metrics(sums, prefix, self._slice_labels())[0], sync_dist=False)
         if prefix == "val":
             self.log_dict({f"diag/{k}": v for k, v in self.model.embedding_stats().items()})
-            self.log_dict({f"router/{k}": v for k, v in self.model.router_stats(as_tensors=True).items()})
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)

@@ -35,13 +35,13 @@ from sandbox import runs
 from sandbox.callbacks import (Interruption, RunIdentity, RunInterrupted, RunPruned, computation, run_key,
                                split_run_key)
 from sandbox.data import RecallDataModule
-from sandbox.module import WarmupCosine, add_eval_counts, eval_metrics, most_labelled
+from sandbox.module import WarmupCosine, add_eval_counts, add_router_sums, eval_metrics, most_labelled
 from sandbox.results import RESULT_FILE, config_hash, write_json_atomic
 from sandbox.runs import say
 from sandbox.settings import FLOAT16, ConfigError, check_settings, one_device
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
 from sandbox.train import (build_data, build_module, check_same_computation, fit_status, interrupted_reason,
-                           make_trainer, result_record, run_logger, stop_if_signalled)
+                           make_trainer, result_record, result_router, run_logger, stop_if_signalled)
 from tasks import SPLITS
 
 # The settings in which the runs of one stack may differ; everything else must be equal.
@@ -283,6 +283,7 @@ class StackedRecallModule(L.LightningModule):
     def _eval_step(self, batch):
         loss, _, hits, mask, bins = self._forward(batch)
         add_eval_counts(self._sums, loss, hits, mask, bins, len(self._slice_labels()))
+        add_router_sums(self._sums, self._router[0], self._of_stack(batch)[0])
 
     def _slice_labels(self) -> list[str]:
         split = "test" if self.trainer.testing else "val"
@@ -314,7 +315,6 @@ class StackedRecallModule(L.LightningModule):
             p = self._position[r]
             logged.update({run_key(r, k): v for k, v in metrics[p].items()})
             logged.update({run_key(r, f"diag/{k}"): v[p] for k, v in diag.items()})
-            logged.update({run_key(r, f"router/{k}"): v for k, v in self.router_of(r).items()})
             improved[r] = accs[p] > best[r]
             if improved[r]:
                 best[r] = accs[p]
@@ -554,7 +554,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
                 tested=tested, steps=ended_step if ended_step >= 0 else trainer.global_step,
                 epochs=ended_epoch if ended_epoch >= 0 else trainer.current_epoch,
                 model=module.model.template,
-                router={k: float(v) for k, v in module.router_of(r).items()}, max_seq_len=datamodule.max_seq_len,
+                router=result_router(tested, {k: float(v) for k, v in module.router_of(r).items()}),
+                max_seq_len=datamodule.max_seq_len,
                 backend=now["backend"],
                 cuda_graphs=False, resumed=resume_from is not None, earlier=earlier[r], start=start,
                 stack={"folder": str(stack_dir), "runs": len(cfgs)})

@@ -376,9 +376,17 @@ def _result(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.T
     best_score = trainer.checkpoint_callback.best_model_score
     return result_record(cfg, digest, status, reason, trainer, best_val_acc=best_score,
                          tested=tested, steps=trainer.global_step, epochs=trainer.current_epoch, model=module.model,
-                         router=module.model.router_stats(), max_seq_len=datamodule.max_seq_len,
+                         router=result_router(tested, module.model.router_stats()), max_seq_len=datamodule.max_seq_len,
                          backend=computation(trainer, cfg.model.backend)["backend"],
                          cuda_graphs=module.cuda_graphs, resumed=resumed, earlier=earlier, start=start)
+
+
+def result_router(tested: dict | None, last_forward: dict) -> dict:
+    """A run's router statistics for its result: over the test split where it was tested (its best weights),
+    else those of its last forward."""
+    if tested is None:
+        return last_forward
+    return {k.removeprefix("router/"): float(v) for k, v in tested.items() if k.startswith("router/")}
 
 
 def result_record(cfg: DictConfig, digest: str, status: str, reason: str, trainer: L.Trainer, *, best_val_acc,

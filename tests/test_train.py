@@ -203,6 +203,34 @@ def test_router_statistics_in_metrics_csv_are_those_of_their_rows_step(tmp_path)
             assert float(row[f"router/{key}"]) == pytest.approx(value, abs=1e-6), (row["step"], key)
 
 
+class RouterStatsByTestBatch(L.Callback):
+    """Each test batch's router statistics (of its own forward), positions and positions not filler."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        inputs = batch[0]
+        self.batches.append((pl_module.model.router_stats(), inputs.numel(), int((inputs != 0).sum())))
+
+
+def test_result_router_statistics_are_those_of_the_whole_test_split(tmp_path):
+    """result.json's router statistics are over every test batch, each weighted by the positions it counts (the
+    non-filler ones for content loads); they were those of the last batch alone, here the 16 examples of the last
+    segment (L 32, padded), as were the validation rows' of metrics.csv."""
+    recorded = RouterStatsByTestBatch()
+    segments = "[{seq_len: 64, num_kv_pairs: 4, num_examples: 32}, {seq_len: 32, num_kv_pairs: 2, num_examples: 16}]"
+    result = train(make_cfg("model=mom", "model.n_layers=1", "debug=fast", "trainer.limit_test_batches=1.0",
+                            f"task.segments.test={segments}"), tmp_path, extra_callbacks=[recorded])
+    assert len(recorded.batches) == 3
+    last = recorded.batches[-1][0]
+    for key, value in result["router"].items():
+        weights = [content if "content_load" in key else positions for _, positions, content in recorded.batches]
+        expected = sum(stats[key] * w for (stats, _, _), w in zip(recorded.batches, weights)) / sum(weights)
+        assert value == pytest.approx(expected, abs=1e-6), key
+    assert max(abs(result["router"][key] - last[key]) for key in last) > 1e-3  # the last batch alone differs
+
+
 def test_run_started_again_from_scratch_starts_a_fresh_metrics_file(tmp_path, monkeypatch):
     """Without a checkpoint to resume from, an interrupted run trains from step 0: its metrics.csv and wall time
     are of that segment alone."""
