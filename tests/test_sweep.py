@@ -555,8 +555,9 @@ def test_a_trial_whose_run_did_not_finish_fails_whatever_its_objectives(tmp_path
     space = edit_routing(study_name="fast", objectives=["wall_time_s"])
     path = tmp_path / "fast.yaml"
     path.write_text(yaml.safe_dump(space))
+    # its only trial failed: the study has no result (test_a_sweep_whose_every_trial_failed_exits_1)
     assert main(["--space", str(path), "--n-trials", "1", "--seeds", "0,1", "--output-root", str(tmp_path),
-                 *FAST]) == 0
+                 *FAST]) == 1
     (trial,) = load_study(tmp_path, "fast").get_trials()
     assert trial.state == TrialState.FAIL
     assert "seed 1: diverged" in trial.user_attrs["fail_reason"], trial.user_attrs["fail_reason"]
