@@ -119,12 +119,19 @@ def add_router_sums(sums: dict, router: dict[str, torch.Tensor], inputs: torch.T
     weighted by the positions it is over (content loads: the tokens that are not filler; the others: every
     position), so that a split's statistics are those of all its batches, not of its last one (aux_loss: the
     batches' balance losses, weighted alike)."""
+    if not router:
+        return
     content = (inputs != FILLER).flatten(1).sum(1).double()
-    every = torch.full_like(content, inputs[0].numel())
+    weights = {"router_positions": torch.full_like(content, inputs[0].numel()), "router_content": content}
+    for key, weight in weights.items():
+        sums[key] = sums.get(key, 0) + weight
     for name, value in router.items():
-        weight = content if name.rsplit("/", 1)[-1].startswith("content_load") else every
-        for key, add in ((f"router/{name}", value.double() * weight), (f"router_weight/{name}", weight)):
-            sums[key] = sums[key] + add if key in sums else add
+        sums[f"router/{name}"] = sums.get(f"router/{name}", 0) + value.double() * weights[_router_weight(name)]
+
+
+def _router_weight(name: str) -> str:
+    """The sum of positions a router statistic of `add_router_sums` is weighted by."""
+    return "router_content" if name.rsplit("/", 1)[-1].startswith("content_load") else "router_positions"
 
 
 def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -133,7 +140,7 @@ def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[
     count = sums["count"].clamp(min=1)
     loss, acc = (sums["loss"] / count).float(), (sums["hits"] / count).float()
     slice_acc = (sums["slice_hits"] / sums["slice_count"].clamp(min=1)).float()
-    router = {key: (sums[key] / sums[key.replace("router/", "router_weight/", 1)].clamp(min=1)).float()
+    router = {key: (sums[key] / sums[_router_weight(key)].clamp(min=1)).float()
               for key in sums if key.startswith("router/")}
     return [{f"{prefix}/loss": loss[r], f"{prefix}/acc": acc[r],
              **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels)},

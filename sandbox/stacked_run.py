@@ -237,11 +237,11 @@ class StackedRecallModule(L.LightningModule):
             return batch
         return tuple(x.index_select(0, self._stack_index.to(x.device)) for x in batch)
 
-    def _forward(self, batch):
-        inputs, labels, bins = self._of_stack(batch)
+    def _forward(self, inputs, labels):
+        """The losses of the stack's rows of a batch (`_of_stack`); its router statistics kept."""
         loss, aux, hits, mask, router = self.model.losses(inputs, labels, self.max_labels)
         self._router = ({key: value.detach() for key, value in router.items()}, self._position)  # no graph kept
-        return loss, aux, hits, mask, bins
+        return loss, aux, hits, mask
 
     def router_of(self, run: int) -> dict[str, torch.Tensor]:
         """Run `run`'s router statistics of its last forward ({} before any)."""
@@ -257,7 +257,8 @@ class StackedRecallModule(L.LightningModule):
         self.trainer.logger.ended = {r: (int(self.ended_step[r]), int(self.ended_epoch[r])) for r in ended}
 
     def training_step(self, batch, batch_idx):
-        loss, aux, hits, mask, _ = self._forward(batch)
+        inputs, labels, _ = self._of_stack(batch)
+        loss, aux, hits, mask = self._forward(inputs, labels)
         total = loss + aux
         with torch.no_grad():  # the first non-finite loss of each run, on the device (read at validation)
             index = self._stack_index
@@ -281,9 +282,10 @@ class StackedRecallModule(L.LightningModule):
 
     # ---- evaluation ----
     def _eval_step(self, batch):
-        loss, _, hits, mask, bins = self._forward(batch)
+        inputs, labels, bins = self._of_stack(batch)
+        loss, _, hits, mask = self._forward(inputs, labels)
         add_eval_counts(self._sums, loss, hits, mask, bins, len(self._slice_labels()))
-        add_router_sums(self._sums, self._router[0], self._of_stack(batch)[0])
+        add_router_sums(self._sums, self._router[0], inputs)
 
     def _slice_labels(self) -> list[str]:
         split = "test" if self.trainer.testing else "val"

@@ -408,7 +408,7 @@ def run_packed(args, plan, report, fail) -> None:
             rows = [{"error": "no result within 900 s"}]
         errors = [r["error"] for r in rows if "error" in r]
         if errors:
-            fail(f"packed x{args.packed} {model} d {width} {variant}", errors[0])
+            fail(f"{_mode_name('packed', args.packed)} {model} d {width} {variant}", errors[0])
             break
         # the rate of all of them: every timed step over the span from the first start to the last end
         start, end = min(r["clock"][0] for r in rows), max(r["clock"][1] for r in rows)
@@ -429,9 +429,13 @@ def run_packed(args, plan, report, fail) -> None:
 
 
 # ---- printing ----
+def _mode_name(mode: str, count) -> str:
+    """A row's mode as printed: packed and stacked rows with their number of processes or runs."""
+    return f"{mode} x{count}" if mode in ("packed", "stacked") else mode
+
+
 def _describe(row: dict, grid_runs: int) -> str:
-    mode = {"packed": f"packed x{row.get('processes')}", "stacked": f"stacked x{row.get('runs')}"}.get(row["mode"],
-                                                                                                   row["mode"])
+    mode = _mode_name(row["mode"], row.get("processes") if row["mode"] == "packed" else row.get("runs"))
     syncs = row.get("syncs_per_step")
     text = (f"{mode:10s} {row['model']:15s} d {row['d_model']:4d} {row['variant']:12s} "
             f"wall {row['wall_ms']:8.2f} ms  busy {row['busy_ms']:8.2f} ms  wall/busy {row['wall_over_busy']:5.2f}  "
@@ -651,9 +655,8 @@ def measure(args, steps: list, record: dict) -> int:
             continue
         for model, width, variant in runs:
             # as the row would be named; a stacked row's "variant" is its number of runs, at variant all
-            label = f"{mode} {model} d {width} {variant}"
-            if mode == "stacked":
-                label = f"stacked x{variant} {model} d {width} all"
+            label = (f"{_mode_name(mode, variant)} {model} d {width} all" if mode == "stacked"
+                     else f"{mode} {model} d {width} {variant}")
             try:
                 if mode == "plain":
                     report(run_plain(args, model, width))
