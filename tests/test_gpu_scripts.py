@@ -184,7 +184,9 @@ MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linea
      f"mad/run.sh: error: model 'mamba' is invalid: choose one of {MODELS}"),
     # MAX_PROCS=0 waited forever, MAX_PROCS=abc started every run at once
     (["zoology/run.sh", "64", "0", "mom:1e-3"], {"MAX_PROCS": "0"}, "MAX_PROCS=0 is invalid: a whole number >= 1"),
-    (["mad/run.sh", "mad_recall", "mom"], {"MAX_PROCS": "abc"}, "MAX_PROCS=abc is invalid: a whole number >= 1"),
+    (["zoology/run.sh", "64", "0", "mom:1e-3"], {"MAX_PROCS": "abc"}, "MAX_PROCS=abc is invalid: a whole number >= 1"),
+    (["mad/run.sh", "mad_recall", "mom"], {"PROCESSES": "abc"},
+     "mad/run.sh: error: PROCESSES=abc is invalid: a whole number >= 1"),
     (["zoology/run.sh", "64", "0", "mom:1e-3"], {"RUN_LIMIT_S": "9m"}, "RUN_LIMIT_S=9m is invalid"),
     (["mad/run.sh", "mad_recall", "mom"], {"MPS": "yes"}, "MPS=yes is invalid: 0, 1 or auto (the default)"),
     (["zoology/protocol.sh"], {}, "protocol.sh: error: WIDTH '' is invalid: a whole number >= 1 (model.d_model)"),
@@ -192,7 +194,7 @@ MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linea
     (["zoology/protocol.sh", "64"], {"STOP_AFTER_S": "9m"}, "STOP_AFTER_S=9m is invalid"),
 ], ids=["zoology-nothing", "width-a-word", "seeds-empty", "no-runs", "model-typo", "rate-a-word", "rate-missing",
         "stacked-model-typo", "mad-nothing", "task-typo", "no-model", "mad-model-typo",
-        "max-procs-0", "max-procs-a-word", "run-limit-a-word", "mps-a-word", "protocol-nothing",
+        "max-procs-0", "max-procs-a-word", "mad-processes-a-word", "run-limit-a-word", "mps-a-word", "protocol-nothing",
         "protocol-processes-0", "protocol-stop-a-word"])
 def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, message, tmp_path):
     """Each was passed on to every run's sandbox-train, which failed it in its log after the runs before it had
@@ -232,3 +234,18 @@ def test_protocol_chooses_nothing_while_seed_0_is_unfinished(tmp_path):
     assert "seed 0 pass: exit code 143" in done.stdout
     assert [call.split()[:2] for call in (tmp_path / "calls").read_text().splitlines()] == [["-m", "sandbox.train"]]
     assert (tmp_path / "out" / "zoology_d64_protocol.tar.gz").exists()
+
+
+@pytest.mark.parametrize("env, processes", [({}, 16), ({"PROCESSES": "5"}, 5)])
+def test_mad_parts_are_one_multirun_packed_by_the_launcher(env, processes, tmp_path):
+    """mad/run.sh: the tasks x models given, with the further overrides, as one `sandbox-train -m` whose jobs
+    the sandbox launcher packs as processes (not one shell process per run); its exit code is said."""
+    done = run_script(tmp_path, ["docs/results/mad/run.sh", "mad_recall,mad_recall_v128", "attention,mom",
+                                 "optim.lr=5.0e-4,1.0e-3", "seed=0"], "exit 143", MPS="0", **env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "-m sandbox.train -m experiment=mad task=mad_recall,mad_recall_v128 model=attention,mom "
+        f"optim.lr=5.0e-4,1.0e-3 seed=0 output_root={tmp_path / 'runs'} callbacks.progress=lines "
+        f"hydra.launcher.processes={processes}"]
+    assert "multirun: exit code 143" in done.stdout
+    assert (tmp_path / "out" / "mad.tar.gz").exists()

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Parts of `sandbox-train -m experiment=mad` on one GPU machine, one process per (task setting, model), all packed
-# at once, every run with the same further overrides (an optimiser point of MAD's grid, a seed, ...).
+# Parts of `sandbox-train -m experiment=mad` on one GPU machine: the tasks x models given, every job with the same
+# further overrides (an optimiser point of MAD's grid, several as comma lists, a seed, ...), as one multirun whose
+# jobs the sandbox launcher packs as processes under the CUDA MPS daemon.
 #   bash docs/results/mad/run.sh TASK,... MODEL,... [OVERRIDE ...]
-#   e.g. run.sh mad_recall,mad_fuzzy attention,mom optim.lr=1.0e-3 optim.weight_decay=0.0 seed=0
-# Run again with the same arguments while the machine is warm, it resumes the runs a time limit stopped
-# (RUN_LIMIT_S, STOP_AFTER_S: run_limit in gpu_env.sh) from their checkpoints, starts those that did not start,
-# and leaves finished ones as they are.
+#   e.g. run.sh mad_recall,mad_fuzzy attention,mom optim.lr=5.0e-4,1.0e-3 optim.weight_decay=0.0 seed=0
+#   PROCESSES=16 ...   jobs at once (default 16: an H100 held 30 of MAD's baseline runs at once)
+#   STOP_AFTER_S=500 ...   runs end with a checkpoint 500 s after the start; the same command given again while the
+#     machine is warm resumes them from their checkpoints and leaves finished ones as they are. ROOT: where the
+#     runs go (default /tmp/mad).
 # Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run).
 # The arguments are checked before anything is installed or started (one line, exit code 2): a typo'd task or
-# model would otherwise fail in its runs' logs after the runs before it had started.
+# model would otherwise fail its jobs after the jobs before them had trained.
 bad() { echo "mad/run.sh: error: $*" >&2; exit 2; }
 names_ok() {  # names_ok GROUP NAME,...: each a config of conf/GROUP
   [ -n "${2//,/}" ] || bad "no $1 given: run.sh TASK,... MODEL,... [OVERRIDE ...]"
@@ -18,15 +20,15 @@ names_ok() {  # names_ok GROUP NAME,...: each a config of conf/GROUP
   done
 }
 names_ok task "$1" && names_ok model "$2"
+[ -z "$PROCESSES" ] || [[ $PROCESSES =~ ^[1-9][0-9]*$ ]] || bad "PROCESSES=$PROCESSES is invalid: a whole number >= 1"
 source docs/results/fidelity/gpu_env.sh
 tasks=$1 models=$2; shift 2
-root=/tmp/mad
+root=${ROOT:-/tmp/mad}
 start_runs $root
-for task in ${tasks//,/ }; do
-  for model in ${models//,/ }; do
-    limit=$(run_limit) || break 2
-    timeout $limit python -m sandbox.train -m experiment=mad task=$task model=$model "$@" \
-      output_root=$root callbacks.progress=lines >> $root/logs/$task-$model.log 2>&1 &
-  done
-done
+if limit=$(RUN_LIMIT_S=1000000 run_limit); then  # the multirun's time: what STOP_AFTER_S leaves
+  echo "== $(date -u +%FT%TZ) task=$tasks model=$models $* (${PROCESSES:-16} processes)" >> $root/logs/mad.log
+  timeout -s TERM "$limit" python -m sandbox.train -m experiment=mad task=$tasks model=$models "$@" \
+    output_root=$root callbacks.progress=lines hydra.launcher.processes=${PROCESSES:-16} >> $root/logs/mad.log 2>&1
+  echo "multirun: exit code $?"
+fi
 finish_runs $root "$OUT/mad.tar.gz"
