@@ -236,7 +236,7 @@ def test_protocol_chooses_nothing_while_seed_0_is_unfinished(tmp_path):
     assert (tmp_path / "out" / "zoology_d64_protocol.tar.gz").exists()
 
 
-@pytest.mark.parametrize("env, processes", [({}, 16), ({"PROCESSES": "5"}, 5)])
+@pytest.mark.parametrize("env, processes", [({}, 12), ({"PROCESSES": "5"}, 5)])
 def test_mad_parts_are_one_multirun_packed_by_the_launcher(env, processes, tmp_path):
     """mad/run.sh: the tasks x models given, with the further overrides, as one `sandbox-train -m` whose jobs
     the sandbox launcher packs as processes (not one shell process per run); its exit code is said."""

@@ -4,7 +4,8 @@
 # jobs the sandbox launcher packs as processes under the CUDA MPS daemon.
 #   bash docs/results/mad/run.sh TASK,... MODEL,... [OVERRIDE ...]
 #   e.g. run.sh mad_recall,mad_fuzzy attention,mom optim.lr=5.0e-4,1.0e-3 optim.weight_decay=0.0 seed=0
-#   PROCESSES=16 ...   jobs at once (default 16: an H100 held 30 of MAD's baseline runs at once)
+#   PROCESSES=8 ...   processes at once (default 12: on an H100, 20 of fuzzy and noisy recall's ran out of memory,
+#     12 did not; attention's optimiser points of one task setting train as one stacked process)
 #   STOP_AFTER_S=500 ...   runs end with a checkpoint 500 s after the start; the same command given again while the
 #     machine is warm resumes them from their checkpoints and leaves finished ones as they are. ROOT: where the
 #     runs go (default /tmp/mad).
@@ -26,9 +27,9 @@ tasks=$1 models=$2; shift 2
 root=${ROOT:-/tmp/mad}
 start_runs $root
 if limit=$(RUN_LIMIT_S=1000000 run_limit); then  # the multirun's time: what STOP_AFTER_S leaves
-  echo "== $(date -u +%FT%TZ) task=$tasks model=$models $* (${PROCESSES:-16} processes)" >> $root/logs/mad.log
+  echo "== $(date -u +%FT%TZ) task=$tasks model=$models $* (${PROCESSES:-12} processes)" >> $root/logs/mad.log
   timeout -s TERM "$limit" python -m sandbox.train -m experiment=mad task=$tasks model=$models "$@" \
-    output_root=$root callbacks.progress=lines hydra.launcher.processes=${PROCESSES:-16} >> $root/logs/mad.log 2>&1
+    output_root=$root callbacks.progress=lines hydra.launcher.processes=${PROCESSES:-12} >> $root/logs/mad.log 2>&1
   echo "multirun: exit code $?"
 fi
 finish_runs $root "$OUT/mad.tar.gz"
