@@ -577,7 +577,8 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
         except (SIGTERMException, RunInterrupted):
             reason = interrupted_reason(interruption, trainer)
             for r in range(len(cfgs)):
-                write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "interrupted", reason))
+                run_reason = _interrupted_run_reason(reason, cfgs[r], trainer, module, r)
+                write_json_atomic(run_dirs[r] / RESULT_FILE, record(r, "interrupted", run_reason))
             say(f"{stack_dir}: interrupted by {reason}; run the same command to resume", error=True)
             raise RunInterrupted(interruption.signum) from None
         except RunPruned as err:  # the search's pruner judged the stack by its first run: each run records it
@@ -596,6 +597,17 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
         results[todo[r]] = result
     stop_if_signalled(stack_dir, interruption)
     return [results[i] for i in sorted(results)]
+
+
+def _interrupted_run_reason(reason: str, cfg: DictConfig, trainer: L.Trainer, module: StackedRecallModule,
+                            run: int) -> str:
+    """The interrupted stack's `reason` for run `run`; a run that had already ended adds where and how, since the
+    signal's step is the stack's, not the step the run stopped at."""
+    if int(module.ended_how[run]) == RUNNING and int(module.diverged_step[run]) < 0:
+        return reason
+    status, why = _status(cfg, trainer, module, run)
+    ended = int(module.diverged_step[run] if status == "diverged" else module.ended_step[run])
+    return f"{reason} (this run had ended at step {ended}: {why}; the stack records it when it ends)"
 
 
 def _status(cfg: DictConfig, trainer: L.Trainer, module: StackedRecallModule, run: int) -> tuple[str, str]:

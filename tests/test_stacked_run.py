@@ -163,6 +163,10 @@ def test_an_interrupted_stack_resumes_where_it_stopped(jobs, stop, in_stack, tmp
         (d / "result.json").write_text(json.dumps(interrupted))
     checkpoint = stack_checkpoint(dirs[0])
     assert checkpoint["state_dict"]["in_stack"].tolist() == in_stack
+    for d, w, running in zip(dirs, whole, in_stack):  # the signal's step is the stack's: an ended run says its own
+        reason = json.loads((d / "result.json").read_text())["status_reason"]
+        assert reason.startswith(f"SIGTERM at step {stop + 1}: "), reason  # at the end of the step it came in
+        assert (f"(this run had ended at step {w['steps']}: " in reason) != running, reason
     assert checkpoint["state_dict"]["model.embed/weight"].shape[0] == n  # every run, whichever are in the stack
     monkeypatch.setattr(StackedRecallModule, "training_step", step)
     started = time.perf_counter()
