@@ -396,12 +396,15 @@ def tuned_names(tuned: list[str]) -> list[str]:
 
 def choice_cell(row: Row) -> str:
     """The row's chosen optimiser setting, of how many it was chosen, and on which seeds when not all; then how
-    many tied there and the seeds they were compared on again."""
+    many tied there and the seeds they were compared on again; and how many settings had no run to compare."""
     if row.choice is None:
         return ABSENT
-    settings = len(by_choice(row.runs, row.tuned))
+    groups = by_choice(row.runs, row.tuned)
+    # a setting whose runs all failed or were interrupted was not compared: it is not one the choice was made of
+    settings = sum(any(run["status"] in EVIDENCE for run in members) for members in groups.values())
+    others = len(groups) - settings
     chosen = ", ".join(_show(v) for v in row.choice)
-    if settings == 1:
+    if len(groups) == 1:
         return chosen
 
     def on(seeds):
@@ -411,7 +414,8 @@ def choice_cell(row: Row) -> str:
     tied = " and ".join(", ".join(_show(v) for v in choice) for choice in row.tied_with)
     return chosen + f" (best of {settings}{'' if first is None else on(first)}" + \
         "".join(f"; of those tied there, best{on(seeds)}" for seeds in again) + \
-        (f"; tied with {tied}" if tied else "") + ")"
+        (f"; tied with {tied}" if tied else "") + \
+        (f"; {others} other{'s' * (others > 1)} without a finished or diverged run" if others else "") + ")"
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -911,7 +915,8 @@ PROTOCOL = (
 
 MAD_PROTOCOL = (
     "MAD's protocol (Poli et al. 2024) on the runs of `experiment=mad`: a setting is one configuration of a task "
-    "(vocabulary, length, training-set size, noise, ...). Each setting of each model is a row as above: its "
+    "(vocabulary, length, training-set size, noise, ...). Each setting of each model is a row of the settings "
+    "table below, made by the protocol of every table of rows (given once, with the first): its "
     "optimiser setting (learning rate x weight decay) chosen on validation (MAD chose on test), its accuracy the "
     "mean test accuracy over seeds there. A task's score is the mean of its settings' accuracies over the settings "
     "these runs hold (their number beside the task's name; MAD's full grid has more); `k of n`: only k of them "
@@ -1149,11 +1154,16 @@ def run_sections(runs: list[dict], out: Path, sections: list[str], files: dict) 
     write_csv(runs, files["csv"])
     mad = [run for run in runs if run.get(SUITE_KEY) == MAD_SUITE]
     others = [run for run in runs if run.get(SUITE_KEY) != MAD_SUITE]
-    tables, sensitivity = [], []
+    tables, sensitivity, mad_sensitivity = [], [], []
     if others:
         tables.append(configuration_sections(others, out, sections, files, sensitivity))
     if mad:
-        tables.append(mad_sections(mad, out, sections, files, sensitivity))
+        tables.append(mad_sections(mad, out, sections, files, mad_sensitivity))
+    if others and mad:  # one file holds both sections' records, whose columns alone may not tell them apart
+        sensitivity = [{"suite": ABSENT, **r} for r in sensitivity] + \
+            [{"suite": MAD_SUITE, **r} for r in mad_sensitivity]
+    else:
+        sensitivity += mad_sensitivity
     files["lr_csv"] = out / "lr_sensitivity.csv"
     write_csv(sensitivity, files["lr_csv"])
     unfinished = [run for run in runs if run["status"] != FINISHED]
@@ -1207,8 +1217,10 @@ def mad_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
     scores = mad_table(records)
     sections += ["## MAD: one score per task and model (mean test accuracy over the task's settings)",
                  MAD_PROTOCOL, markdown_table(*scores), "![MAD scores](mad_scores.png)",
-                 f"### MAD settings: test accuracy at the {optim_phrase(tuned_keys(runs))} chosen on validation",
-                 markdown_table(*settings_table(rows, runs))]
+                 f"### MAD settings: test accuracy at the {optim_phrase(tuned_keys(runs))} chosen on validation"]
+    if PROTOCOL not in sections:  # MAD's runs alone: no table of the other runs above says what the columns mean
+        sections.append(PROTOCOL)
+    sections.append(markdown_table(*settings_table(rows, runs)))
     sensitivity += optim_records(rows, runs)
     return "MAD: mean test accuracy over each task's settings", scores
 

@@ -923,3 +923,43 @@ def test_chosen_rates_gives_the_report_s_choice_once_every_rate_finished_seed_0(
     done = chosen_rates(tmp_path)
     assert done.stdout.split() == ["gla:0.01"]
     assert "not every rate finished on seed 0" in done.stderr and done.stderr.startswith("mom")
+
+
+def test_a_mad_only_report_defines_the_columns_of_its_settings_table(tmp_path):
+    """The MAD section said its settings were rows "as above", and a report of MAD's runs alone has nothing above
+    it: `at chance`, `still rising`, `runs`, `tied with` were left undefined. The protocol is given once, with the
+    first table that needs it."""
+    write_mad_grid(tmp_path, [("mqar", 16)], ["attention"])
+    markdown = report(tmp_path)["markdown"].read_text()
+    assert markdown.count("`at chance`: finished runs") == 1
+    assert markdown.index("`at chance`: finished runs") > markdown.index("### MAD settings")
+    for seed in range(2):
+        write_run(tmp_path / "zoology", f"s{seed}", seed=seed)
+    markdown = report(tmp_path)["markdown"].read_text()
+    assert markdown.count("`at chance`: finished runs") == 1
+    assert markdown.index("`at chance`: finished runs") < markdown.index("## MAD")
+
+
+def test_a_setting_whose_runs_all_failed_is_not_counted_among_those_the_choice_was_made_of(tmp_path):
+    """MAD's in-context recall at L 1024: DeltaNet at lr 5e-4 ran out of memory as it started, so its setting
+    stands on lr 1e-3 alone; the cell said `0.001 (best of 2)`, a choice on validation that was not made."""
+    task = mad_task("mqar", 16)
+    write_run(tmp_path, "done", "deltanet", lr=1e-3, weight_decay=0.0, task=task, suite="mad")
+    write_run(tmp_path, "oom", "deltanet", lr=5e-4, weight_decay=0.0, task=task, suite="mad", status="failed",
+              val=None, test=None)
+    write_run(tmp_path, "lost", "deltanet", lr=1e-4, weight_decay=0.0, task=task, suite="mad", status="diverged",
+              val=0.0, test=0.0)
+    section = report(tmp_path)["markdown"].read_text().split("### MAD settings")[1]
+    assert "| 0.001 (best of 2; 1 other without a finished or diverged run) |" in section
+    (tmp_path / "lost" / "result.json").unlink()
+    section = report(tmp_path)["markdown"].read_text().split("### MAD settings")[1]
+    assert "| 0.001 (best of 1; 1 other without a finished or diverged run) |" in section
+
+
+def test_lr_sensitivity_tells_mad_s_rows_from_the_other_runs_rows(tmp_path):
+    """MAD's runs beside Zoology's: lr_sensitivity.csv held both sections' records; with one configuration in
+    each, attention's records of the two read alike (model, lr, chosen, ...), with different accuracies."""
+    write_run(tmp_path / "zoology", "a", "attention", val=0.2)
+    write_run(tmp_path / "mad", "a", "attention", val=0.8, task=mad_task("mqar", 16), suite="mad")
+    records = list(csv.DictReader(open(report(tmp_path)["lr_csv"])))
+    assert sorted((r["suite"], float(r["best_val_acc"])) for r in records) == [("mad", 0.8), ("—", 0.2)]
