@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import kernels
 from models import MIXERS, LanguageModel, build_model
 from tasks.common import physical_memory
-from tasks.registry import available, model_shape, resolve
+from tasks.registry import available, check_shared, model_shape, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
 
 
@@ -397,7 +397,13 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
         key = shadowed[0]
         raise ConfigError(f"task.params.{key}={_show(params[key])} is never read: every segment of task.segments "
                           f"sets its own {key}; set it in the segments, or remove it from them")
-    return model_shape(task.name, [s for split in SPLITS for s in segments[split]], **params), sizes
+    every = [s for split in SPLITS for s in segments[split]]
+    try:  # across the splits: a test segment from another memorization map would test what training never saw
+        check_shared(task.name, every, [f"task.segments.{split}[{i}]" for split in SPLITS
+                                        for i in range(len(segments[split]))], **params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return model_shape(task.name, every, **params), sizes
 
 
 def _check_model(cfg: DictConfig, shape: dict) -> None:

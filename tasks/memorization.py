@@ -10,7 +10,8 @@ Parameters: vocabulary V = `vocab_size`, length L = `seq_len`, `map_seed`.
   for odd L, the last position are filler with label -100.
 
 The values never appear in the inputs: they can only be learnt from the training set, into the weights.
-Needs L >= 2 and V >= 4.
+Needs L >= 2 and V >= 4, and one `vocab_size` and `map_seed` for all segments (`SHARED`): a segment with its own
+would be drawn from another map.
 Slices: `seq_len`.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 from tasks.common import check_int, check_vocab_size, constant_slice, new_sequences, physical_memory
 
 DEFAULTS = {"vocab_size": 256, "seq_len": 32, "map_seed": 0}
+SHARED = ("vocab_size", "map_seed")  # the map is a function of these: every segment of every split must agree
 
 
 def validate(*, vocab_size, seq_len, map_seed) -> None:

@@ -31,8 +31,20 @@ def chance(*, seq_len, modulus, labels_at, **_) -> float:
     return state_chance(1 / modulus, seq_len=seq_len, labels_at=labels_at)
 
 
+def running_sums(residues: np.ndarray, modulus: int) -> np.ndarray:
+    """int64 [N, L]: (x_0 + ... + x_t) mod m. A cumulative sum passes int64 once (m - 1) L >= 2**63 (m goes up to
+    2**62 - 1), so it runs over blocks short enough that a block's sum plus the state carried into it never does."""
+    block = max(1, (2**63 - 1) // modulus - 1)  # (block + 1) (m - 1) < 2**63
+    states = np.empty_like(residues)
+    carried = np.zeros((residues.shape[0], 1), dtype=np.int64)
+    for start in range(0, residues.shape[1], block):
+        states[:, start:start + block] = (carried + np.cumsum(residues[:, start:start + block], axis=1)) % modulus
+        carried = states[:, start + block - 1:start + block]
+    return states
+
+
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, modulus, labels_at):
     residues = rng.integers(0, modulus, size=(num_examples, seq_len))
-    states = np.cumsum(residues, axis=1) % modulus
+    states = running_sums(residues, modulus)
     slices = {"modulus": constant_slice(num_examples, modulus), "seq_len": constant_slice(num_examples, seq_len)}
     return 1 + residues, state_labels(states, labels_at), slices

@@ -42,11 +42,19 @@ def num_overwritten(num_kv_pairs: int, overwrite_fraction: float) -> int:
 def validate(*, vocab_size, seq_len, num_kv_pairs, overwrite_fraction, power_a, random_filler) -> None:
     where = "overwrite_mqar"
     check_float(where, "overwrite_fraction", overwrite_fraction, 0.0, 1.0, include_low=True, include_high=True)
-    check_int(where, "seq_len", seq_len, 4)
-    # L >= 4K + 2R with R = round(r K): find the largest K that fits.
-    most = seq_len // 4
-    while most > 0 and 4 * most + 2 * num_overwritten(most, overwrite_fraction) > seq_len:
-        most -= 1
+    # the least L of one pair: below it no K fits, and num_kv_pairs' range would read 1 .. 0
+    check_int(where, "seq_len", seq_len, 4 + 2 * num_overwritten(1, overwrite_fraction), None,
+              f"one pair, its overwrite at overwrite_fraction={overwrite_fraction} and its query")
+    # L >= 4K + 2R with R = round(r K): the largest K that fits, by bisection (4K + 2R grows with K); a count down
+    # from L // 4 takes minutes at large L, and runs before the memory check that refuses such an L.
+    low, high = 0, seq_len // 4  # K = low fits (or is 0), K = high + 1 does not
+    while low < high:
+        mid = (low + high + 1) // 2
+        if 4 * mid + 2 * num_overwritten(mid, overwrite_fraction) <= seq_len:
+            low = mid
+        else:
+            high = mid - 1
+    most = low
     check_int(where, "num_kv_pairs", num_kv_pairs, 1, most,
               f"needs seq_len >= 4K + 2 round(overwrite_fraction K) for seq_len={seq_len}, "
               f"overwrite_fraction={overwrite_fraction}")

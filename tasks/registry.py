@@ -43,11 +43,13 @@ class Task:
     chance: Callable[..., float]  # (**params) -> the accuracy of a guess that learnt the format, not the task
     defaults: dict
     summary: str
+    shared: tuple = ()  # params that every segment of every split must give the same value (`check_shared`)
 
     @classmethod
     def of(cls, module, summary: str) -> "Task":
-        """The task that `module` defines (its generate, validate, chance and DEFAULTS)."""
-        return cls(module.generate, module.validate, module.chance, module.DEFAULTS, summary)
+        """The task that `module` defines (its generate, validate, chance, DEFAULTS and SHARED, if any)."""
+        return cls(module.generate, module.validate, module.chance, module.DEFAULTS, summary,
+                   getattr(module, "SHARED", ()))
 
 
 TASKS = {
@@ -101,6 +103,23 @@ def resolve(name: str, params: dict) -> dict:
     full = {**task.defaults, **params}
     task.validate(**full)
     return full
+
+
+def check_shared(name: str, segments: list[dict], labels: list[str] | None = None, **common_params) -> None:
+    """Refuse segments (of one split or of all) that differ in a param of the task's `shared`: memorization's map
+    is a function of vocab_size and map_seed, and a segment with its own was drawn from another map (within a
+    split, other labels for the same keys; in val or test, a map that training never saw). `labels` name the
+    segments in the message (default: segment 0, 1, ...)."""
+    task = get(name)
+    labels = labels or [f"segment {i}" for i in range(len(segments))]
+    for key in task.shared:
+        values = [{**task.defaults, **common_params, **segment}.get(key) for segment in segments]
+        for label, value in zip(labels, values):
+            if value != values[0]:
+                raise ValueError(f"{name}: {label} has {key}={value!r}, {labels[0]} {key}={values[0]!r}; valid: one "
+                                 f"{key} for every segment of every split, set in the task's params and not in a "
+                                 f"segment ({name} draws the one map of all its examples from "
+                                 f"{' and '.join(task.shared)})")
 
 
 def model_shape(name: str, segments: list[dict], **common_params) -> dict[str, int]:
@@ -163,6 +182,7 @@ def _mixture_parts(name: str, segments: list[dict], seed: int, common_params: di
             plans.append((num_examples, resolve(name, params)))
         except ValueError as error:
             raise ValueError(f"segment {i}: {error}") from None
+    check_shared(name, segments, **common_params)
     check_fits_memory(name, "the segments' num_examples summed", sum(n for n, _ in plans),
                       max(params["seq_len"] for _, params in plans))
     children = np.random.SeedSequence(seed).spawn(len(plans))

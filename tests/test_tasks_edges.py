@@ -224,3 +224,86 @@ def test_a_dataset_past_memory_is_refused_before_drawing(make, monkeypatch):
     monkeypatch.setattr(registry, "physical_memory", lambda: 2**30)
     with pytest.raises(ValueError, match=r"is out of range; valid: integer 1 <= .* \(what this machine's 1 GiB holds"):
         make()
+
+
+# ---------------------------------------------------------------- found in review
+
+
+def test_modular_sum_labels_where_the_running_sum_passes_int64():
+    """With a modulus near 2**62 the running sum passed int64 after a few tokens: cumsum wrapped around and the
+    labels were off by 2**64 mod m from there on."""
+    modulus, length = 2**62 - 1, 40
+    data = tasks.make("modular_sum", num_examples=20, seed=0, vocab_size=2**62, modulus=modulus, seq_len=length)
+    for row, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+        expected = [1 + state for state in expected_states(row, lambda s, token: (s + token - 1) % modulus, 0)]
+        assert labels == expected
+
+
+def test_overwrite_mqar_bound_on_pairs_is_found_at_once(monkeypatch):
+    """The largest num_kv_pairs was found by counting down from seq_len // 4: seq_len=10**12 ran for minutes
+    before the memory check could refuse it. The bisection must give the same bound as counting down."""
+    calls = []
+    counted = registry.overwrite_mqar.num_overwritten
+
+    def num_overwritten(k, r):
+        calls.append(k)
+        if len(calls) > 1000:
+            raise AssertionError("the bound is searched one K at a time")
+        return counted(k, r)
+
+    monkeypatch.setattr(registry.overwrite_mqar, "num_overwritten", num_overwritten)
+    monkeypatch.setattr(registry, "physical_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"overwrite_mqar: seq_len=1000000000000 is out of range; .*1 GiB holds"):
+        tasks.make("overwrite_mqar", num_examples=1, seed=0, seq_len=10**12, overwrite_fraction=1.0)
+    monkeypatch.undo()
+    for r in (0.0, 0.25, 1 / 3, 0.5, 0.75, 1.0):
+        for length in range(6, 120):
+            most = length // 4
+            while 4 * most + 2 * counted(most, r) > length:
+                most -= 1
+            registry.resolve("overwrite_mqar", {"seq_len": length, "num_kv_pairs": most, "overwrite_fraction": r})
+            with pytest.raises(ValueError, match=rf"num_kv_pairs={most + 1} is out of range; valid: integer 1 <= "
+                                                 rf"num_kv_pairs <= {most} "):
+                registry.resolve("overwrite_mqar", {"seq_len": length, "num_kv_pairs": most + 1,
+                                                    "overwrite_fraction": r})
+
+
+def test_overwrite_mqar_too_short_for_one_pair_names_seq_len():
+    """seq_len=5 with every key overwritten holds no pair: the message said `1 <= num_kv_pairs <= 0`."""
+    with pytest.raises(ValueError, match=r"overwrite_mqar: seq_len=5 is out of range; valid: integer 6 <= seq_len"):
+        tasks.make("overwrite_mqar", num_examples=1, seed=0, seq_len=5, num_kv_pairs=1, overwrite_fraction=1.0)
+    assert len(tasks.make("overwrite_mqar", num_examples=1, seed=0, seq_len=6, num_kv_pairs=1,
+                          overwrite_fraction=1.0)) == 1
+
+
+@pytest.mark.parametrize("segments,params,named", [
+    ([{"num_examples": 4}, {"num_examples": 4, "map_seed": 3}], {}, "segment 1 has map_seed=3, segment 0 map_seed=0"),
+    ([{"num_examples": 4}, {"num_examples": 4, "vocab_size": 512}], {"vocab_size": 256},
+     "segment 1 has vocab_size=512, segment 0 vocab_size=256"),
+], ids=["map-seed", "vocab-size"])
+def test_memorization_segments_of_another_map_are_refused(segments, params, named):
+    """A memorization segment with its own map_seed or vocab_size was drawn from another map: the same key had
+    two values in one split."""
+    with pytest.raises(ValueError, match=rf"memorization: {named}; valid: one \w+ for every segment of every split"):
+        tasks.make_mixture("memorization", segments, seed=0, **params)
+    with pytest.raises(ValueError, match=named):
+        tasks.check_shared("memorization", segments, **params)
+    tasks.check_shared("memorization", [{"num_examples": 4, "seq_len": 8}, {"num_examples": 4}], map_seed=2)
+    tasks.check_shared("mqar", [{"vocab_size": 64}, {"vocab_size": 128}])  # no shared params: any mixture
+
+
+@pytest.mark.parametrize("split, segments, named", [
+    ("train", "[{seq_len: 32, num_examples: 8}, {seq_len: 32, num_examples: 8, map_seed: 3}]",
+     "task.segments.train[1] has map_seed=3"),
+    # another split's map: the test would be of a map that training never saw
+    ("test", "[{seq_len: 32, num_examples: 8, vocab_size: 512}]", "task.segments.test[0] has vocab_size=512"),
+], ids=["within-a-split", "across-splits"])
+def test_sandbox_train_refuses_a_memorization_segment_of_another_map(split, segments, named, monkeypatch, tmp_path,
+                                                                      capsys):
+    from test_faults import train_cli
+
+    code = train_cli(monkeypatch, *FAST, "task=memorization", f"output_root={tmp_path}",
+                     f"task.segments.{split}={segments}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and named in err[0], err
+    assert not list(tmp_path.rglob("*.json"))
