@@ -923,8 +923,9 @@ MAD_PROTOCOL = (
     "have finished runs of that model, and the score is their mean (`— (0 of n)`: it ran the task and none "
     "finished; `—` alone: it did not run the task). State size: the "
     "values a model holds for one sequence, all layers (attention: its KV cache at the setting's longest "
-    "sequence, so a range over settings). Per-setting accuracies, with every length a state-tracking task was "
-    "tested at, follow the scores; the validation accuracy of every optimiser setting is in lr_sensitivity.csv.")
+    "sequence, so a range over settings). A setting tested at several lengths (state tracking, length "
+    "extrapolation) counts as the mean of its accuracies at each length, every length alike. Per-setting "
+    "accuracies, with every length a state-tracking task was tested at, follow the scores; the validation accuracy of every optimiser setting is in lr_sensitivity.csv.")
 
 # The fields of a MAD score record that are not the model's.
 SCORE_FIELDS = ("task", "settings_scored", "settings", "score", "state_size_min", "state_size_max")
@@ -958,6 +959,16 @@ def settings_table(rows: list[Row], runs: list[dict]) -> tuple[list, list]:
     return header, body
 
 
+def setting_accuracy(row: Row) -> float:
+    """A setting's accuracy in its task's score: its test accuracy; for one tested at several lengths (length
+    extrapolation), the mean of its accuracies at each length, every length alike (the pooled test accuracy
+    weighs a length by its labelled positions: 256 four times 64)."""
+    lengths = [k for k in row.chosen[0] if k.startswith("test_acc/seq_len=")]
+    if len(lengths) > 1:
+        return statistics.fmean(row.stat(k)[0] for k in lengths)
+    return row.stat("test_acc")[0]
+
+
 def mad_score_records(rows: list[Row], runs: list[dict]) -> list[dict]:
     """One record per task and model: the score (the mean over the task's settings of each setting's test
     accuracy at its chosen optimiser setting), how many of the task's settings it covers, and the state size.
@@ -970,7 +981,7 @@ def mad_score_records(rows: list[Row], runs: list[dict]) -> list[dict]:
         groups[(task, row.label, *(sort_key(row.values[k]) for k in model_keys))].append(row)
     records = []
     for (task, label, *_), members in sorted(groups.items()):
-        accuracies = [row.stat("test_acc")[0] for row in members if row.chosen]
+        accuracies = [setting_accuracy(row) for row in members if row.chosen]
         sizes = [run["state_size"] for row in members for run in (row.chosen or row.runs)
                  if run.get("state_size") is not None]
         records.append({"task": task, "model": label,

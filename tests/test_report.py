@@ -889,7 +889,7 @@ def test_a_curve_with_a_validation_that_is_not_an_accuracy_tells_nothing(bad, tm
 
 def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
     """State tracking trained at L = 64 and tested at 64 and 256: the settings table gives the test accuracy at
-    each length and the test set's chance at each (S5: the first state is read from the input, so chance is
+    each length and the test set's chance at each, and the score their mean (S5: the first state is read from the input, so chance is
     (1 + 63/120)/64 at 64 and (1 + 255/120)/256 at 256): S5's untrained 0.025 and 0.012 are at chance."""
     s5 = {"name": "s5", "params": {"vocab_size": 121, "labels_at": "every"},
           "segments": {"val": [{"seq_len": 64, "num_examples": 8}],
@@ -905,6 +905,9 @@ def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
     assert line["chance per length"] == f"{(1 + 63 / 120) / 64:.3f} / {(1 + 255 / 120) / 256:.3f}"
     (row,) = csv.DictReader(open(files["csv"]))
     assert float(row["chance_acc/seq_len=256"]) == pytest.approx((1 + 255 / 120) / 256)
+    # the task's score: each length alike, not the pooled test accuracy (0.014, which weighs 256 four times 64)
+    (score,) = csv.DictReader(open(files["mad_csv"]))
+    assert float(score["score"]) == pytest.approx((0.025 + 0.012) / 2)
 
 
 def chosen_rates(folder: Path) -> subprocess.CompletedProcess:
