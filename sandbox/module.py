@@ -135,15 +135,17 @@ def _router_weight(name: str) -> str:
 
 
 def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Each run's metrics from its evaluation sums: {prefix}/loss, {prefix}/acc, {prefix}/acc/<slice>, and the
-    router statistics over the split (router/<name>, as training logs them)."""
+    """Each run's metrics from its evaluation sums: {prefix}/loss, {prefix}/acc, {prefix}/acc/<slice> of each slice
+    with a labelled position evaluated (a split cut by limit_*_batches may have none of a slice: no accuracy, not
+    0), and the router statistics over the split (router/<name>, as training logs them)."""
     count = sums["count"].clamp(min=1)
     loss, acc = (sums["loss"] / count).float(), (sums["hits"] / count).float()
     slice_acc = (sums["slice_hits"] / sums["slice_count"].clamp(min=1)).float()
+    evaluated = (sums["slice_count"] > 0).tolist()
     router = {key: (sums[key] / sums[_router_weight(key)].clamp(min=1)).float()
               for key in sums if key.startswith("router/")}
     return [{f"{prefix}/loss": loss[r], f"{prefix}/acc": acc[r],
-             **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels)},
+             **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels) if evaluated[r][i]},
              **{key: value[r] for key, value in router.items()}}
             for r in range(len(count))]
 

@@ -39,7 +39,8 @@ def test_every_experiment_runs_fast(experiment, tmp_path):
 
 
 def test_result_file_contents(tmp_path):
-    cfg = make_cfg("model=mom", "debug=fast", "task.segments.test=[{seq_len: 64, num_kv_pairs: 4, num_examples: 64},"
+    cfg = make_cfg("model=mom", "debug=fast", "task.eval_batch_size=128",  # the whole test in debug=fast's one batch
+                   "task.segments.test=[{seq_len: 64, num_kv_pairs: 4, num_examples: 64},"
                    "{seq_len: 32, num_kv_pairs: 2, num_examples: 64}]")
     run_dir = tmp_path / "run"
     result = train(cfg, run_dir)
@@ -296,3 +297,13 @@ def test_mqar_trains_with_the_triton_kernels_on_gpu(model, tmp_path):
     print(f"{model}: {result['steps']} steps, {result['wall_time_s']:.0f} s, test acc {result['test_acc']:.4f}")
     assert result["backend"] == "triton" and result["cuda_graphs"]
     assert result["test_acc"] >= 0.98, result
+
+
+def test_a_slice_the_test_never_reached_has_no_accuracy(tmp_path):
+    """A test cut by limit_test_batches to its first batch, all of the first segment (L = 64): the L = 32 slice
+    has no labelled position evaluated, and its accuracy was written as 0.0, a result that looked measured."""
+    cfg = make_cfg("debug=fast", "trainer.limit_test_batches=1", "task.eval_batch_size=16",
+                   "task.segments.test=[{seq_len: 64, num_kv_pairs: 4, num_examples: 32},"
+                   "{seq_len: 32, num_kv_pairs: 2, num_examples: 32}]")
+    result = train(cfg, tmp_path / "run")
+    assert set(result["test_acc_per_slice"]) == {"num_kv_pairs=4", "seq_len=64"}
