@@ -4,11 +4,12 @@ MoM runs below it are each read).
 A MoM memory is read only at the tokens routed to it, so a query can recall a key-value pair only from a memory
 that its own token and the token that wrote the pair were both routed to (or from the shared memory, which every
 token writes and reads). For every labelled position of a recall task (MQAR and the other tasks whose query token
-appeared earlier followed by the answer), this finds the pair in the context (the latest earlier position holding
-the query's token, followed by the label), then, per MoM layer, whether the query's routed memories meet those of
-the pair's key and of its value (the short conv lets the value's position write the key with it). It reports how
-often they meet, what top-k of M routed independently would give, and the accuracy at the queries that meet their
-pair and at those that do not.
+appeared earlier followed by the answer), this finds the pair in the context (the earliest position holding the
+query's token, followed by the label; on fuzzy recall, whose keys and values are motifs of several tokens, the one
+whose tokens before it agree longest with the query's), then, per MoM layer, whether the query's routed memories
+meet those of the pair's key and of its value (the short conv lets the value's position write the key with it). It
+reports how often they meet, what top-k of M routed independently would give, and the accuracy at the queries that
+meet their pair and at those that do not.
 
 It runs the run's best checkpoint (`checkpoints/best.ckpt`) on its split (test by default), regenerated from the
 config in `result.json`, on the CPU unless `--device` says otherwise (a run trained on the Triton kernels on the
@@ -36,15 +37,35 @@ BEST = Path("checkpoints") / "best.ckpt"
 RECALL_TASKS = ("ar", "fuzzy_recall", "mqar", "noisy_ar", "overwrite_mqar")
 
 
-def pair_positions(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_positions(inputs: torch.Tensor, labels: torch.Tensor,
+                   motifs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each labelled position (b, q), in row-major order: (b, q, p) with p the position of its pair's key, the
-    latest p < q - 1 with inputs[b, p] == inputs[b, q] and inputs[b, p + 1] == labels[b, q], or -1 where there is
-    none. Three 1-d tensors."""
+    earliest p < q - 1 with inputs[b, p] == inputs[b, q] and inputs[b, p + 1] == labels[b, q], or -1 where there is
+    none. Three 1-d tensors.
+
+    The earliest, as the context comes first: a later match is filler (`random_filler`: at V = 16, 9% of MQAR's
+    queries had a filler bigram after the context equal to their pair) or another query's tokens. With `motifs`
+    (keys and values of several tokens, fuzzy_recall), of those matches the ones whose tokens before p agree longest
+    with those before q: the query's whole key motif and the value tokens before the label, where a bigram alone also
+    matches other pairs' motifs sharing it."""
     rows, queries = (labels != IGNORE).nonzero(as_tuple=True)
-    t = torch.arange(inputs.shape[1] - 1)
-    match = ((inputs[rows, :-1] == inputs[rows, queries, None]) & (inputs[rows, 1:] == labels[rows, queries, None])
+    T = inputs.shape[1]
+    t = torch.arange(T - 1)
+    x = inputs[rows]
+    match = ((x[:, :-1] == inputs[rows, queries, None]) & (x[:, 1:] == labels[rows, queries, None])
              & (t < queries[:, None] - 1))
-    return rows, queries, torch.where(match, t, -1).max(1).values
+    if motifs:
+        agree, length = match.clone(), match.long()
+        for back in range(1, T):  # do the tokens `back` before p and before q agree too (as long as all nearer did)
+            before = torch.nn.functional.pad(x, (back, 0), value=-1)[:, :T - 1]
+            at_query = torch.where(queries >= back, x[torch.arange(len(x)), (queries - back).clamp(min=0)], -2)
+            agree &= before == at_query[:, None]
+            if not agree.any():
+                break
+            length += agree
+        match &= length == length.max(1, keepdim=True).values
+    first = torch.where(match, t, T).min(1).values
+    return rows, queries, torch.where(first < T, first, -1)
 
 
 def chance_overlap(memories: int, top_k: int) -> float:
@@ -52,9 +73,10 @@ def chance_overlap(memories: int, top_k: int) -> float:
     return 1 - math.comb(memories - top_k, top_k) / math.comb(memories, top_k)
 
 
-def routing_of_queries(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict:
+def routing_of_queries(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                       motifs: bool = False) -> dict:
     """Per MoM layer, for the queries whose pair is in the context: whether the query meets the pair's key and
-    value in a routed memory, and whether it was predicted right."""
+    value in a routed memory, and whether it was predicted right. `motifs`: as in `pair_positions`."""
     layers = [module for module in model.modules() if isinstance(module, MoM)]
     if not layers:
         raise ValueError("the run's model has no MoM layer: nothing is routed")
@@ -70,7 +92,7 @@ def routing_of_queries(model, inputs: torch.Tensor, labels: torch.Tensor, batch_
                 x, y = inputs[start:start + batch_size], labels[start:start + batch_size]
                 masks.clear()
                 logits = model(x.to(device), label_mask=(y != IGNORE).to(device)).logits.cpu()  # row-major
-                rows, queries, keys = pair_positions(x, y)
+                rows, queries, keys = pair_positions(x, y, motifs)
                 found = keys >= 0
                 found_all += int(found.sum())
                 rows, queries, keys = rows[found], queries[found], keys[found]
@@ -246,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         data = datamodule.datasets[args.split]
         chosen = torch.linspace(0, len(data) - 1, min(args.limit, len(data))).round().long()
         summaries[str(folder)] = summary = routing_of_queries(
-            model, data.inputs[chosen], data.labels[chosen], args.batch_size)
+            model, data.inputs[chosen], data.labels[chosen], args.batch_size,
+            motifs=config["task"]["name"] == "fuzzy_recall")
         print(f"## {folder}\n\n{table(summary)}\n")
     if args.json:
         args.json.write_text(json.dumps(nan_as_null(summaries), indent=1, allow_nan=False))

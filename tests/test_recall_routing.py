@@ -16,15 +16,50 @@ from commands import exit_code
 from test_train import make_cfg
 
 
-def test_pair_positions_finds_the_latest_earlier_key_followed_by_the_answer():
+def test_pair_positions_finds_the_earliest_key_followed_by_the_answer():
     inputs = torch.tensor([[5, 9, 7, 8, 5, 9, 0, 5, 7, 3],
                            [1, 2, 3, 4, 0, 0, 3, 0, 1, 0]])
     labels = torch.full_like(inputs, IGNORE)
-    labels[0, 7], labels[0, 8], labels[0, 9] = 9, 8, 4  # 5 -> 9 at 0 and 4: the latest; 7 -> 8 at 2; 3 -> 4 nowhere
+    labels[0, 7], labels[0, 8], labels[0, 9] = 9, 8, 4  # 5 -> 9 at 0 and 4: the earliest; 7 -> 8 at 2; 3 -> 4 nowhere
     labels[1, 6], labels[1, 8], labels[1, 1] = 4, 2, 2  # 3 -> 4 at 2; 1 -> 2 at 0; position 1 has nothing before
     rows, queries, keys = pair_positions(inputs, labels)
     assert rows.tolist() == [0, 0, 0, 1, 1, 1] and queries.tolist() == [7, 8, 9, 1, 6, 8]
-    assert keys.tolist() == [4, 2, -1, -1, 2, 0]
+    assert keys.tolist() == [0, 2, -1, -1, 2, 0]
+
+
+def _fuzzy_pair(inputs, slices, b, q):
+    """The position, in the context, of the pair's token that the fuzzy-recall query at (b, q) recalls from, as
+    tasks/fuzzy_recall.py lays it out: K pairs of w = 6 tokens (key motif of 3, value motif of 3), then query slots
+    of w (the key motif, the value's first tokens, filler)."""
+    K, w, m = int(slices["num_kv_pairs"][b]), 6, 3
+    start = K * w + (q - K * w) // w * w
+    [pair] = [i for i in range(K) if inputs[b, i * w:i * w + m].tolist() == inputs[b, start:start + m].tolist()]
+    return pair * w + q - start
+
+
+@pytest.mark.parametrize("name, params", [
+    ("mqar", {"vocab_size": 16, "seq_len": 128, "num_kv_pairs": 7, "random_filler": True}),
+    ("overwrite_mqar", {"vocab_size": 32, "seq_len": 128, "num_kv_pairs": 8, "random_filler": True}),
+    ("ar", {"vocab_size": 16, "seq_len": 128, "num_kv_pairs": 7, "random_filler": True}),
+    ("fuzzy_recall", {"vocab_size": 16, "seq_len": 128, "num_kv_pairs": 8}),  # MAD's fuzzy recall
+])
+def test_pair_positions_find_the_pair_of_the_context_that_each_query_recalls(name, params):
+    """With random filler at a small vocabulary a bigram after the context often equals a query's pair (9% of the
+    MQAR queries here), and fuzzy recall's motifs share bigrams with other pairs' and with earlier queries' (one
+    query in ten): the latest match, taken as the pair, was filler or another pair, and its routing was counted."""
+    import tasks
+
+    data = tasks.make(name, num_examples=100, seed=0, **params)
+    inputs, labels = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+    rows, queries, keys = pair_positions(inputs, labels, motifs=name == "fuzzy_recall")
+    assert len(keys) == int((labels != IGNORE).sum())
+    for b, q, p in zip(rows.tolist(), queries.tolist(), keys.tolist()):
+        if name == "fuzzy_recall":
+            assert p == _fuzzy_pair(inputs, data.slices, b, q)
+        else:  # the context's one pair of the query's key and its label (an overwritten key's latest)
+            overwritten = int(data.slices["overwritten"][b]) if "overwritten" in data.slices else 0
+            context = 2 * (int(data.slices["num_kv_pairs"][b]) + overwritten)
+            assert p < context and inputs[b, p] == inputs[b, q] and inputs[b, p + 1] == labels[b, q]
 
 
 @pytest.mark.parametrize("memories, top_k", [(4, 2), (8, 2), (4, 1), (2, 2), (5, 3)])
@@ -228,8 +263,8 @@ def test_the_json_holds_no_nan(mom_run, tmp_path, monkeypatch, capsys):
     JSON (jq and JavaScript refuse it); it is null there."""
     real = routing_of_queries
 
-    def every_query_met(*args):
-        summary = real(*args)
+    def every_query_met(*args, **kwargs):
+        summary = real(*args, **kwargs)
         summary["layers"][0]["meets_key"]["accuracy_if_not"] = float("nan")
         return summary
 
