@@ -341,9 +341,16 @@ def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_pat
     (["--modes", "stacked", "--stacked", "2", "2"], "--stacked 2 is invalid: given twice"),
     (["--plain-models", "attention", "attention"], "--plain-models attention is invalid: given twice"),
     (["--widths", "64", "64"], "--widths 64 is invalid: given twice"),
+    # the rows timed a batch as a step (runs per GPU-hour twice too many at 2), the plain loop one step a batch
+    (["--override", "+trainer.accumulate_grad_batches=2"], "--override +trainer.accumulate_grad_batches=2 is invalid: "
+                                                           "the bench sets trainer.accumulate_grad_batches itself"),
+    # every DDP process printed its rows and wrote --json: one run on two devices counted as a run per device
+    (["--override", "trainer=ddp"], "--override trainer=ddp is invalid: the bench sets trainer itself (one device"),
+    (["--override", "trainer.devices=2"], "--override trainer.devices=2 is invalid: the bench sets trainer.devices"),
 ], ids=["json-unwritable-folder", "json-a-folder", "override-bad-value", "override-bad-seed", "batch-above-the-data",
         "override-model", "override-width", "override-steps", "override-graphs", "override-precision", "variants-twice",
-        "models-twice", "stacked-twice", "plain-models-twice", "widths-twice"])
+        "models-twice", "stacked-twice", "plain-models-twice", "widths-twice", "override-accumulation", "override-ddp",
+        "override-devices"])
 def test_small_train_bench_bad_input_is_one_line_before_any_run(argv, message, capsys, tmp_path, monkeypatch):
     """Found before any run: not a traceback after the runs (--json) or at their first step."""
     from sandbox.bench import train as bench
@@ -421,6 +428,9 @@ def test_train_bench_stopped_by_a_signal_says_so(signum, tmp_path, capsys, monke
     ("kernels", ["--bogus"], "unrecognized arguments: --bogus"),
     ("mom", ["--reps", "0"], "--reps 0 is invalid: must be >= 1"),
     ("mom", ["--fla-timeout", "0"], "--fla-timeout 0.0 is invalid: must be a number of seconds > 0"),
+    # an OverflowError traceback from subprocess's wait on a GPU, after every timing of ours
+    ("mom", ["--fla-timeout", "inf"], "--fla-timeout inf is invalid: must be a number of seconds > 0 and at most 1e6"),
+    ("mom", ["--fla-timeout", "1e7"], "--fla-timeout 10000000.0 is invalid: must be a number of seconds > 0 and at"),
     ("mom", ["--json", "."], "--json . is invalid: it is a folder"),
     ("mom", ["--bogus"], "unrecognized arguments: --bogus"),
     # no file was written, without a word
@@ -438,7 +448,8 @@ def test_train_bench_stopped_by_a_signal_says_so(signum, tmp_path, capsys, monke
     ("kernels", ["--shape", "1,64,1,16,16", "--shape", "1,64,1,16,16"], "--shape 1,64,1,16,16 is invalid: given twice"),
     ("mom", ["--shapes", "paper", "paper"], "--shapes paper is invalid: given twice"),
 ], ids=["kernels-shape-of-three", "kernels-fla-jobs-0", "kernels-json-unwritable", "kernels-unknown-option",
-        "mom-reps-0", "mom-fla-timeout-0", "mom-json-a-folder", "mom-unknown-option", "kernels-json-empty",
+        "mom-reps-0", "mom-fla-timeout-0", "mom-fla-timeout-inf", "mom-fla-timeout-too-long", "mom-json-a-folder",
+        "mom-unknown-option", "kernels-json-empty",
         "mom-json-empty", "kernels-compile-only-no-fla", "kernels-compile-only-first-call",
         "kernels-compile-only-json", "mom-compile-only-no-fla", "mom-compile-only-json", "kernels-rules-twice",
         "kernels-shape-twice", "mom-shapes-twice"])

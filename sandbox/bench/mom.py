@@ -303,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     problem = repeated_problem("--shapes", args.shapes)
     if problem:
         parser.error(problem)
-    if not args.fla_timeout > 0:
-        parser.error(f"--fla-timeout {args.fla_timeout} is invalid: must be a number of seconds > 0")
+    # subprocess's wait overflows past about 2**31 ms (inf too): a traceback after every timing of ours
+    if not 0 < args.fla_timeout <= 1e6:
+        parser.error(f"--fla-timeout {args.fla_timeout} is invalid: must be a number of seconds > 0 and at most 1e6")
     problem = args.json and file_problem(args.json)
     if problem:
         parser.error(f"--json {args.json} is invalid: {problem}")

@@ -548,6 +548,11 @@ def parse(argv):
     # whatever the Lightning rows were given
     settings = {key: f"use {option}" for key, option in SET_BY_BENCH.items()}
     settings["trainer.precision"] = "bf16-mixed on CUDA, float32 on the CPU, the plain loop's too"
+    # a step is one batch on one device, as the plain loop and --grid-steps count them: with accumulation the rows
+    # timed batches as steps, and under DDP every process printed its own rows (one run's on several devices)
+    settings["trainer.accumulate_grad_batches"] = "one batch a step, as the plain loop and --grid-steps; use --batch"
+    settings.update(dict.fromkeys(("trainer", "trainer.devices", "trainer.strategy", "trainer.num_nodes"),
+                                  "one device a run, as runs per GPU-hour count"))
     problem = set_by_bench(args.override, settings)
     if problem:
         raise BadInput(f"--override {problem}")
