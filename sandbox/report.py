@@ -925,7 +925,8 @@ MAD_PROTOCOL = (
     "values a model holds for one sequence, all layers (attention: its KV cache at the setting's longest "
     "sequence, so a range over settings). A setting tested at several lengths (state tracking, length "
     "extrapolation) counts as the mean of its accuracies at each length, every length alike. Per-setting "
-    "accuracies, with every length a state-tracking task was tested at, follow the scores; the validation accuracy of every optimiser setting is in lr_sensitivity.csv.")
+    "accuracies, with every length a state-tracking task was tested at, follow the scores; the validation "
+    "accuracy of every optimiser setting is in lr_sensitivity.csv.")
 
 # The fields of a MAD score record that are not the model's.
 SCORE_FIELDS = ("task", "settings_scored", "settings", "score", "state_size_min", "state_size_max")

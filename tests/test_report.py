@@ -889,8 +889,9 @@ def test_a_curve_with_a_validation_that_is_not_an_accuracy_tells_nothing(bad, tm
 
 def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
     """State tracking trained at L = 64 and tested at 64 and 256: the settings table gives the test accuracy at
-    each length and the test set's chance at each, and the score their mean (S5: the first state is read from the input, so chance is
-    (1 + 63/120)/64 at 64 and (1 + 255/120)/256 at 256): S5's untrained 0.025 and 0.012 are at chance."""
+    each length and the test set's chance at each, and the score their mean (S5: the first state is read from
+    the input, so chance is (1 + 63/120)/64 at 64 and (1 + 255/120)/256 at 256): S5's untrained 0.025 and 0.012
+    are at chance."""
     s5 = {"name": "s5", "params": {"vocab_size": 121, "labels_at": "every"},
           "segments": {"val": [{"seq_len": 64, "num_examples": 8}],
                        "test": [{"seq_len": 64, "num_examples": 8}, {"seq_len": 256, "num_examples": 8}]}}
