@@ -89,7 +89,14 @@ def parse_param(text: str) -> tuple[str, dict]:
         choices = rest.split(",")
         if "" in choices:  # YAML reads an empty value as null: a stray comma would add a null choice
             raise ConfigError(f"--param {text!r} is invalid: a choice is empty; give each choice (null for none)")
-        return key, {"type": "categorical", "choices": [_scalar(c) for c in choices]}
+        values = []
+        for choice in choices:
+            try:
+                values.append(_scalar(choice))
+            except yaml.YAMLError:  # [64, '64, *x: YAML's syntax, not a value
+                raise ConfigError(f"--param {text!r} is invalid: choice {choice!r} cannot be read as a value; give "
+                                  "plain values separated by commas, e.g. choice:64,128 or choice:a,b") from None
+        return key, {"type": "categorical", "choices": values}
     if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] != "log"):
         raise ConfigError(f"--param {text!r} is invalid: {kind} takes LOW:HIGH or LOW:HIGH:log")
     cast = int if kind == "int" else float
@@ -308,6 +315,11 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
+def is_hydra_key(key: str) -> bool:
+    """A key of Hydra's own settings, which compose leaves out of a trial's configuration."""
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
 def compose_trial(space: dict, overrides: list[str], chosen: dict) -> DictConfig:
     """A trial's configuration: the space's overrides, the command's, then the trial's params."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -333,10 +345,13 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
     if space.get("seeds") and "seed" in searched:
         raise ConfigError(f"sweep param {searched['seed']} is invalid with seeds={space['seeds']}: every trial "
                           "trains at each of the seeds; search seed or give seeds, not both")
+    for key, name in searched.items():
+        if is_hydra_key(key):  # its values would all train the same configuration
+            raise ConfigError(f"sweep param {name}: key {key} is invalid: a trial is composed without Hydra's "
+                              "settings (hydra.*), so searching it would change nothing; search config keys only")
     for override in [*space.get("overrides", []), *overrides]:
         key = override_key(override)
-        # compose leaves Hydra's own settings out of a trial's configuration
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        if is_hydra_key(key):
             raise ConfigError(f"override {override!r} is invalid: a trial is composed without Hydra's settings "
                               "(hydra.*), so it would change nothing; give config keys only")
         if key == "seed" and space.get("seeds"):
@@ -391,6 +406,9 @@ def check_storage_url(url: str) -> None:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return  # open_storage says what is wrong with it
+    except ValueError as err:  # a port that is no number (sqlite://:memory:), raised past SQLAlchemy's own errors
+        raise ConfigError(f"--storage {url!r} is invalid: it cannot be read as a URL ({err}); give an Optuna storage "
+                          "URL such as sqlite:///path/study.db or postgresql+psycopg://user@host/db") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise ConfigError(f"--storage {url!r} is invalid: an in-memory database cannot hold a study across workers "
                           "and processes (it is lost when the command ends); give a file path, "
@@ -629,6 +647,22 @@ def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: P
     study = open_study(space, open_storage(storage_url, space["heartbeat"]), overrides, worker)
     objective = make_objective(space, overrides, sweep_dir)
     logging.getLogger("optuna.study._optimize").addFilter(ONE_LINE_FAILURES)
+    # A signal outside a run (composing a trial, sampling, waiting for other workers' trials) stops the worker as
+    # one in a run does, its trial left RUNNING to be run again: Optuna records a KeyboardInterrupt as the trial
+    # failing (never run again), and SIGTERM's default ends the worker without a word.
+    previous = {signum: signal.signal(signum, stop_worker) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_trials(study, objective, space)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_worker(signum, frame):
+    raise RunInterrupted(signum)
+
+
+def run_trials(study: optuna.Study, objective, space: dict) -> None:
     while True:
         # Fail (and queue a retry of) trials whose worker died, before counting them as running.
         optuna.storages.fail_stale_trials(study)

@@ -282,6 +282,16 @@ BAD_SWEEP = {
     # a trial is composed without Hydra's settings: the override changed nothing, silently
     "override-of-a-hydra-setting": (["hydra.launcher.stack=false"], None, "override 'hydra.launcher.stack=false'"),
     "override-of-a-hydra-group": (["hydra/launcher=basic"], None, "override 'hydra/launcher=basic'"),
+    # a searched Hydra setting: every trial trained the same configuration, silently
+    "param-of-a-hydra-setting": (["--param", "hydra.job.chdir=choice:true,false"], None,
+                                 "sweep param hydra.job.chdir: key hydra.job.chdir is invalid"),
+    # YAML syntax in a choice (brackets, an unclosed quote, an alias) was a yaml traceback
+    "param-choice-in-brackets": (["--param", "model.d_model=choice:[64,128]"], None, "choice '[64' cannot be read"),
+    "param-choice-unclosed-quote": (["--param", "suite=choice:'64"], None, "--param \"suite=choice:'64\" is invalid"),
+    "param-choice-an-alias": (["--param", "suite=choice:*x"], None, "choice '*x' cannot be read"),
+    # a port that is no number was a ValueError traceback from SQLAlchemy
+    "storage-port-not-a-number": (["--storage", "sqlite://:memory:"], None,
+                                  "--storage 'sqlite://:memory:' is invalid: it cannot be read as a URL"),
     # a study made with another definition
     "study-other-objectives": ([], {"objectives": ["best_val_acc", "state_size"]}, "objectives"),
     "study-other-param-range": ([], {"params__lr__high": 0.1}, "param lr"),
@@ -645,3 +655,25 @@ def test_trials_past_the_early_stopping_threshold_tie_at_it(tmp_path, monkeypatc
     study = optuna.create_study(direction="maximize")
     study.optimize(sweep.make_objective(space, [], tmp_path), n_trials=2)
     assert [trial.value for trial in study.trials] == [0.99, 0.99]
+
+
+def test_a_signal_outside_a_run_stops_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a trial is composed (outside its run, which handles signals itself): the sweep stops as in a
+    run, one line and exit code 130, its trial RUNNING, to be run again. It was a KeyboardInterrupt traceback,
+    and Optuna recorded the trial as failed, never to be run again."""
+    real = sweep.train_trial
+
+    def signalled(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_trial", signalled)
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        code = main(["--n-trials", "1", "--output-root", str(tmp_path), *FAST])
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt traceback")
+    assert code == 130
+    assert capsys.readouterr().err.strip().startswith("sandbox-sweep: interrupted by SIGINT: run the same command")
+    assert [t.state for t in load_study(tmp_path).get_trials()] == [TrialState.RUNNING]
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers  # restored
