@@ -45,8 +45,8 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, overwrite_fraction, power_a, 
     # the least L of one pair: below it no K fits, and num_kv_pairs' range would read 1 .. 0
     check_int(where, "seq_len", seq_len, 4 + 2 * num_overwritten(1, overwrite_fraction), None,
               f"one pair, its overwrite at overwrite_fraction={overwrite_fraction} and its query")
-    # L >= 4K + 2R with R = round(r K): the largest K that fits, by bisection (4K + 2R grows with K); a count down
-    # from L // 4 takes minutes at large L, and runs before the memory check that refuses such an L.
+    # L >= 4K + 2R with R = round(r K): the largest K that fits, by bisection (4K + 2R grows with K), so that it
+    # takes no time even at an L that the memory check after it refuses
     low, high = 0, seq_len // 4  # K = low fits (or is 0), K = high + 1 does not
     while low < high:
         mid = (low + high + 1) // 2
