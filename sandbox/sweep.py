@@ -393,8 +393,13 @@ def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
         except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
             lost_race = "already exists" in str(err) or isinstance(err, sqlalchemy.exc.IntegrityError)
             if attempt == 2 or not lost_race:
-                raise ConfigError(f"--storage {url!r} cannot be opened: {one_line(err)}") from err
+                raise ConfigError(f"--storage {shown_url(url)!r} cannot be opened: {one_line(err)}") from err
             time.sleep(1 + attempt)
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as messages print it: its password masked (a shared terminal, a CI log)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def check_storage_url(url: str) -> None:
@@ -407,8 +412,9 @@ def check_storage_url(url: str) -> None:
     except sqlalchemy.exc.ArgumentError:
         return  # open_storage says what is wrong with it
     except ValueError as err:  # a port that is no number (sqlite://:memory:), raised past SQLAlchemy's own errors
-        raise ConfigError(f"--storage {url!r} is invalid: it cannot be read as a URL ({err}); give an Optuna storage "
-                          "URL such as sqlite:///path/study.db or postgresql+psycopg://user@host/db") from None
+        raise ConfigError(f"--storage {shown_url(url)!r} is invalid: it cannot be read as a URL ({err}); give an "
+                          "Optuna storage URL such as sqlite:///path/study.db or postgresql+psycopg://user@host/db"
+                          ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise ConfigError(f"--storage {url!r} is invalid: an in-memory database cannot hold a study across workers "
                           "and processes (it is lost when the command ends); give a file path, "
@@ -782,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
         storage_url = args.storage
         if storage_url is not None:
             check_storage_url(storage_url)
-            study = open_writable_study(space, storage_url, args.overrides, f"--storage {storage_url!r}", sweep_dir)
+            study = open_writable_study(space, storage_url, args.overrides, f"--storage {shown_url(storage_url)!r}",
+                                        sweep_dir)
         elif not (sweep_dir / "study.db").exists():  # checked before the new study.db is made
             check_trial_folders(sweep_dir, None, space["study_name"])
         try:

@@ -677,3 +677,13 @@ def test_a_signal_outside_a_run_stops_the_sweep_in_one_line(tmp_path, monkeypatc
     assert capsys.readouterr().err.strip().startswith("sandbox-sweep: interrupted by SIGINT: run the same command")
     assert [t.state for t in load_study(tmp_path).get_trials()] == [TrialState.RUNNING]
     assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers  # restored
+
+
+def test_a_storage_url_s_password_is_not_printed(tmp_path, capsys):
+    """A PostgreSQL URL that cannot be opened was printed whole in the error line, its password with it (a
+    shared terminal, a CI log)."""
+    url = "postgresql://me:secret@127.0.0.1:1/db"
+    assert main(["--n-trials", "1", "--output-root", str(tmp_path), *FAST, "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_naming(err, "--storage 'postgresql://me:***@127.0.0.1:1/db' cannot be opened")
+    assert "secret" not in err
