@@ -5,7 +5,8 @@
     tasks.make_mixture(name, segments, *, seed, **common_params)
     tasks.chance_accuracy(name, segments, *, seed, **common_params) -> a guess's accuracy on that mixture
     tasks.model_shape(name, segments, **common_params)  -> the largest vocab_size and seq_len of the segments
-    tasks.check_shared(name, segments, **common_params) -> refuses segments that differ where all must agree
+    tasks.check_shared(name, segments, labels=None, **common_params) -> refuses segments that differ where all must
+                                                        agree (a memorization map's vocab_size and map_seed)
     tasks.split_seed(seed, split); tasks.make_split(name, split, *, num_examples | segments, seed, **params)
     tasks.overlap(a, b)                                 -> indices of b's examples whose inputs occur in a
 
@@ -15,16 +16,8 @@ tracking (parity.py, modular_sum.py, s5.py). Why MAD's compression task is not h
 """
 
 from tasks.common import FILLER, IGNORE
-from tasks.registry import (
-    TaskData,
-    available,
-    chance_accuracy,
-    check_shared,
-    defaults,
-    make,
-    make_mixture,
-    model_shape,
-)
+from tasks.registry import (TaskData, available, chance_accuracy, check_shared, defaults, make, make_mixture,
+                            model_shape)
 from tasks.splits import SPLITS, capped, make_split, overlap, split_seed
 
 __all__ = ["FILLER", "IGNORE", "SPLITS", "TaskData", "available", "capped", "chance_accuracy", "check_shared",

@@ -283,13 +283,9 @@ def _time_once(fn) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
-def _shape_text(shape) -> str:
-    """As `--shape` takes it."""
-    return ",".join(map(str, shape))
-
-
-def _shape_label(shape) -> str:
-    return "x".join(map(str, shape))
+def _shape_label(shape, sep: str = "x") -> str:
+    """A shape as the rows name it (sep "," as `--shape` takes it)."""
+    return sep.join(map(str, shape))
 
 
 def _print_row(row):
@@ -383,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fla_jobs < 1:
         parser.error(f"--fla-jobs {args.fla_jobs} is invalid: must be >= 1")
-    problem = repeated_problem("--rules", args.rules) or repeated_problem("--shape", map(_shape_text, args.shape or []))
+    shapes = [_shape_label(shape, ",") for shape in args.shape or []]
+    problem = repeated_problem("--rules", args.rules) or repeated_problem("--shape", shapes)
     if problem:
         parser.error(problem)
     problem = args.json and file_problem(args.json)

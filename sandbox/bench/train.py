@@ -641,18 +641,20 @@ def measure(args, steps: list, record: dict) -> int:
           f"{'CUDA kernels summed' if cuda else 'CPU ops summed (no GPU)'} per step", flush=True)
     record.update(device=device, torch=torch.__version__, grid={"runs": args.grid_runs, "steps": args.grid_steps})
 
+    def save() -> None:  # after each row: an interrupted bench keeps the rows it measured
+        if args.json is not None:
+            write_json_atomic(args.json, record)
+
     def report(row: dict) -> None:
         record["rows"].append(row)
         print(_describe(row, args.grid_runs), flush=True)
-        if args.json is not None:
-            write_json_atomic(args.json, record)
+        save()
 
     def fail(label: str, error: str) -> None:
         """A run that failed (out of memory at a large width, say): said on one line, the others go on."""
         record.setdefault("failed", []).append(f"{label}: failed: {error}")
         print(record["failed"][-1], flush=True)
-        if args.json is not None:
-            write_json_atomic(args.json, record)
+        save()
 
     for mode, runs in steps:
         if mode == "packed":
@@ -671,8 +673,7 @@ def measure(args, steps: list, record: dict) -> int:
                 fail(label, f"{type(err).__name__}: {one_line(err)}")
     record["ratios"] = ratios(record["rows"])
     print("\n".join(["ratios (steps/s, measured in this run):", *record["ratios"]]))
-    if args.json is not None:
-        write_json_atomic(args.json, record)
+    save()
     return 1 if "failed" in record else 0
 
 

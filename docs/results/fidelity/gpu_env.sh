@@ -75,6 +75,9 @@ run_limit() {
   fi
   echo "$left"
 }
+# multirun_limit: run_limit for a `sandbox-train -m` that packs many runs itself: what STOP_AFTER_S leaves, with
+# no limit of a run's own (none when under a minute is left).
+multirun_limit() { RUN_LIMIT_S=1000000 run_limit; }
 # out_of_memory LOG: whether the run whose console output is LOG failed for want of GPU memory in its last start
 # (the part after LOG's last "== " header; packed runs share the memory: one that starts when the others have
 # grown can find none left).

@@ -26,7 +26,7 @@ source docs/results/fidelity/gpu_env.sh
 tasks=$1 models=$2; shift 2
 root=${ROOT:-/tmp/mad}
 start_runs $root
-if limit=$(RUN_LIMIT_S=1000000 run_limit); then  # the multirun's time: what STOP_AFTER_S leaves
+if limit=$(multirun_limit); then
   echo "== $(date -u +%FT%TZ) task=$tasks model=$models $* (${PROCESSES:-12} processes)" >> $root/logs/mad.log
   timeout -s TERM "$limit" python -m sandbox.train -m experiment=mad task=$tasks model=$models "$@" \
     output_root=$root callbacks.progress=lines hydra.launcher.processes=${PROCESSES:-12} >> $root/logs/mad.log 2>&1

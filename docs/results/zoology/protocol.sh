@@ -20,17 +20,15 @@ memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits |
 fit=$(( memory_mib * 9 / 10 / (3500 + 24 * width) ))
 processes=${PROCESSES:-$(( fit > 18 ? 18 : fit < 1 ? 1 : fit ))}
 start_runs $root
-# a pass's time: what STOP_AFTER_S leaves (run_limit, no limit of its own); none when under a minute is left
-left() { RUN_LIMIT_S=1000000 run_limit; }
 status=1
-if limit=$(left); then
+if limit=$(multirun_limit); then
   echo "== $(date -u +%FT%TZ) seed 0, every model and rate, $processes processes $OVERRIDES" >> $root/logs/seed0-d$width.log
   timeout -s TERM "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
     model.d_model=$width seed=0 hydra.launcher.processes=$processes $OVERRIDES >> $root/logs/seed0-d$width.log 2>&1
   status=$?
   echo "seed 0 pass: exit code $status"
 fi
-if [ $status -eq 0 ] && limit=$(left); then
+if [ $status -eq 0 ] && limit=$(multirun_limit); then
   chosen=$(python docs/results/zoology/chosen_rates.py $root/zoology)
   echo "chosen on seed 0: $chosen"
   # run.sh joins the same MPS daemon and packs into its own ROOT's logs, beside this one's runs
