@@ -936,11 +936,16 @@ def optim_phrase(tuned: list[str]) -> str:
     return " and ".join(OPTIM_NAMES.get(name, name) for name in tuned_names(tuned))
 
 
+def tested_lengths(run: dict) -> list[str]:
+    """The run's test accuracies per length, `test_acc/seq_len=L`."""
+    return [k for k in run if k.startswith("test_acc/seq_len=")]
+
+
 def length_columns(runs: list[dict]) -> list[str]:
     """The `seq_len` slices of the runs tested at more than one length (length extrapolation)."""
     columns = set()
     for run in runs:
-        lengths = [k for k in run if k.startswith("test_acc/seq_len=")]
+        lengths = tested_lengths(run)
         if len(lengths) > 1:
             columns.update(lengths)
     return sorted(columns, key=lambda k: _number(k.split("=")[-1]))
@@ -964,7 +969,7 @@ def setting_accuracy(row: Row) -> float:
     """A setting's accuracy in its task's score: its test accuracy; for one tested at several lengths (length
     extrapolation), the mean of its accuracies at each length, every length alike (the pooled test accuracy
     weighs a length by its labelled positions: 256 four times 64)."""
-    lengths = [k for k in row.chosen[0] if k.startswith("test_acc/seq_len=")]
+    lengths = tested_lengths(row.chosen[0])
     if len(lengths) > 1:
         return statistics.fmean(row.stat(k)[0] for k in lengths)
     return row.stat("test_acc")[0]
