@@ -100,7 +100,10 @@ def resolve(name: str, params: dict) -> dict:
     unknown = sorted(set(params) - set(task.defaults))
     if unknown:
         raise ValueError(f"{name}: unknown parameter(s) {unknown}; valid: {sorted(task.defaults)}")
-    full = {**task.defaults, **params}
+    # numpy scalars (a sweep over np.arange) become Python ones: their fixed-width arithmetic wrapped round in the
+    # checks and the generators (fuzzy_recall's motif counts, the memory bounds), letting through bad settings
+    full = {key: value.item() if isinstance(value, np.generic) else value
+            for key, value in {**task.defaults, **params}.items()}
     task.validate(**full)
     return full
 

@@ -6,6 +6,7 @@ stream. Different streams can still produce the same example by chance (likely o
 or lengths): `overlap` finds such examples.
 """
 
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
@@ -41,7 +42,7 @@ def capped(segments: list[dict], limit_examples: int | None) -> list[dict]:
     for s in segments:
         if not isinstance(s, Mapping):
             out.append(s)
-        elif limit_examples is not None and isinstance(s.get("num_examples"), int):
+        elif limit_examples is not None and isinstance(s.get("num_examples"), numbers.Integral):  # numpy's too
             out.append({**s, "num_examples": min(s["num_examples"], limit_examples)})
         else:
             out.append(dict(s))

@@ -307,3 +307,27 @@ def test_sandbox_train_refuses_a_memorization_segment_of_another_map(split, segm
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and named in err[0], err
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_numpy_integer_params_are_checked_and_drawn_as_python_integers():
+    """Settings from a numpy sweep (np.int64, np.int32) were checked in fixed-width arithmetic that wrapped round:
+    fuzzy_recall took key_motif_size=7 at vocab_size=4096 (2047 ** 7 motifs, past 2**62) and drew its keys from
+    overflowed numbers, and np.int32 settings were an OverflowError in the memory check."""
+    with pytest.raises(ValueError, match=r"fuzzy_recall: key_motif_size=7 is out of range; valid: integer 1 <= "
+                                         r"key_motif_size <= 5 "):
+        tasks.make("fuzzy_recall", num_examples=2, seed=0, vocab_size=np.int64(4096), key_motif_size=np.int64(7),
+                   seq_len=np.int64(400), num_kv_pairs=np.int64(2))
+    rng = np.random.default_rng(7)
+    for name in tasks.available():
+        p = random_settings(name, rng)
+        expected = tasks.make(name, num_examples=4, seed=0, **p)
+        for kind in (np.int64, np.int32):
+            as_numpy = {key: kind(v) if isinstance(v, int) and not isinstance(v, bool) else v for key, v in p.items()}
+            data = tasks.make(name, num_examples=4, seed=0, **as_numpy)
+            assert np.array_equal(data.inputs, expected.inputs) and np.array_equal(data.labels, expected.labels)
+
+
+def test_capped_caps_a_numpy_num_examples():
+    """`capped` checked for a Python int: an np.int64 num_examples was left whole, past limit_examples."""
+    assert tasks.capped([{"num_examples": np.int64(1000)}, {"num_examples": 3}], 8) == [{"num_examples": 8},
+                                                                                        {"num_examples": 3}]
