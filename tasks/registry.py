@@ -148,13 +148,17 @@ def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params)
     Each segment dict holds `num_examples` and the params that vary (e.g. `seq_len`, `num_kv_pairs`);
     they override `common_params`. Segment i draws from the i-th child of `SeedSequence(seed)`. Examples
     shorter than the longest are right-padded with input 0 and label -100; the `seq_len` slice keeps each
-    example's own length.
+    example's own length. Where segments differ in a param that no slice of the task names (a noise level, a
+    vocabulary), a `segment` slice (the segment's index) keeps their accuracies apart.
     """
     plans, parts = _mixture_parts(name, segments, seed, common_params)
     width = max(params["seq_len"] for _, params in plans)
     inputs = np.concatenate([pad_right(x, width, FILLER) for x, _, _ in parts])
     labels = np.concatenate([pad_right(y, width, IGNORE) for _, y, _ in parts])
     slices = {key: np.concatenate([s[key] for _, _, s in parts]) for key in parts[0][2]}
+    varying = {key for key, value in plans[0][1].items() if any(params[key] != value for _, params in plans)}
+    if varying - set(slices):
+        slices["segment"] = np.concatenate([np.full(len(x), i) for i, (x, _, _) in enumerate(parts)])
     return _task_data(inputs, labels, slices)
 
 

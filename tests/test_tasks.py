@@ -258,6 +258,17 @@ def test_mixture():
     assert np.array_equal(data.inputs, again.inputs)
 
 
+def test_mixture_segments_differing_in_an_unsliced_param_get_a_segment_slice():
+    """Two noise levels at one length and K would otherwise be one slice, their accuracies pooled."""
+    segments = [{"num_examples": 5, "noise_fraction": 0.0}, {"num_examples": 7, "noise_fraction": 0.5},
+                {"num_examples": 3, "noise_fraction": 0.0}]
+    data = tasks.make_mixture("noisy_ar", segments, seed=0)
+    assert data.slices["segment"].tolist() == [0] * 5 + [1] * 7 + [2] * 3
+    by_k = [{"num_examples": 5, "num_kv_pairs": 4}, {"num_examples": 5, "num_kv_pairs": 8}]
+    sliced = tasks.make_mixture("mqar", by_k, seed=0)
+    assert "segment" not in sliced.slices, "K has its own slice"
+
+
 def test_split_seeds_are_disjoint():
     ranges = {split: (tasks.split_seed(0, split), tasks.split_seed(999_999, split)) for split in tasks.SPLITS}
     ordered = sorted(ranges.values())
