@@ -288,11 +288,21 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     assert f"(grid {10 / rows[0]['runs_per_gpu_hour']:5.2f} GPU-h)" in printed
 
 
+def test_train_bench_ablates_on_the_cpu_only_the_levers_that_act_there():
+    """Fused AdamW is CUDA's: a `fused` row on the CPU would time none's step and print a ratio for nothing."""
+    from sandbox.bench import train as bench
+
+    args = bench.parse(["--models", "attention", "--widths", "16", "--modes", "alone", "--variants", "none",
+                        "--ablate-at", "16"])
+    assert [variant for _, runs in bench.plan(args) for _, _, variant in runs] == ["none", "nosync", "device_data"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps 0 is invalid: must be >= 1"),
     (["--models", "gla"], "--models gla is invalid: choose from attention, gated_deltanet, mom"),
     (["--variants", "fast"], "--variants fast is invalid: choose from none, fused, nosync, device_data, all, graphs"),
     (["--variants", "graphs"], "--variants graphs is invalid on this machine: CUDA graphs need a CUDA device"),
+    (["--variants", "none", "fused"], "--variants fused is invalid on this machine: fused AdamW runs on CUDA only"),
     (["--widths", "wide"], "argument --widths: invalid int value: 'wide'"),
     (["--modes", "packed", "--packed", "0"], "--packed 0 is invalid: must be >= 1"),
     (["--modes", "stacked", "--stacked", "0"], "--stacked 0 is invalid: must be >= 1"),
@@ -301,8 +311,8 @@ def test_train_bench_times_every_mode_and_writes_its_rows(tmp_path, capsys):
     (["--models", "mom", "--widths", "65", "--override", "model.mixer_options.num_heads=2"],
      "model=mom model.d_model=65: "),
     (["--json", ""], "argument --json: '' is not a path (empty)"),
-], ids=["steps", "model", "variant", "graphs-on-cpu", "width-type", "packed", "stacked", "json-folder", "override",
-        "width-heads", "json-empty"])
+], ids=["steps", "model", "variant", "graphs-on-cpu", "fused-on-cpu", "width-type", "packed", "stacked",
+        "json-folder", "override", "width-heads", "json-empty"])
 def test_train_bench_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     from sandbox.bench import train as bench
 

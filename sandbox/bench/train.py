@@ -13,7 +13,7 @@ on the CPU). For each model (`--models`) and width (`--widths`), in three modes:
   plain   a bare PyTorch loop of the same model (the module's loss, fused AdamW on CUDA, the schedule and
           clipping, batches gathered on the device; no Lightning, no logging): the yardstick.
 Variants name the training-step levers that are on (`none`: none of them): `fused` (fused
-AdamW on CUDA), `nosync` (no host reads inside a step: RecallModule's step against the bench's `HostReads`),
+AdamW, on CUDA only), `nosync` (no host reads inside a step: RecallModule's step against the bench's `HostReads`),
 `device_data` (the training set held on the device, RecallDataModule's `device_data`); `all` is the three;
 `graphs` is `all` with the loss's forward and backward replayed from CUDA graphs (`cuda_graphs=true`, CUDA only).
 `--variants` run at every width, `--ablate-at` adds each single lever at the widths given.
@@ -544,6 +544,9 @@ def parse(argv):
         raise BadInput(f"--packed {args.packed} is invalid: must be >= 1 (or leave packed out of --modes)")
     if "graphs" in args.variants and not torch.cuda.is_available():
         raise BadInput("--variants graphs is invalid on this machine: CUDA graphs need a CUDA device")
+    if "fused" in args.variants and not torch.cuda.is_available():
+        raise BadInput("--variants fused is invalid on this machine: fused AdamW runs on CUDA only (its row would "
+                       "time none's step)")
     # the precision too: the header says bf16-mixed on CUDA and float32 on the CPU, and the plain loop runs that,
     # whatever the Lightning rows were given
     settings = {key: f"use {option}" for key, option in SET_BY_BENCH.items()}
@@ -566,11 +569,15 @@ def plan(args) -> list[tuple[str, list[tuple]]]:
     """(mode, its runs as (model, width, variant; for stacked, the number of runs)) in the order they run: width
     by width as given, each width's runs alone, then packed, stacked, plain, so that a run cut short has whole
     widths."""
+    import torch
+
     widths = list(dict.fromkeys([*args.widths, *args.ablate_at, *args.packed_widths]))
+    # fused AdamW is CUDA's: on the CPU its row would time none's step under another name
+    levers = [lever for lever in LEVERS if lever != "fused" or torch.cuda.is_available()]
     steps = []
     for w in widths:
         alone = [(m, w, v) for m in args.models for v in (args.variants if w in args.widths else [])]
-        ablated = LEVERS if w in args.ablate_at else []
+        ablated = levers if w in args.ablate_at else []
         alone += [(m, w, v) for m in args.models for v in ablated if (m, w, v) not in alone]
         packed = [(m, w, v) for m in args.models for v in args.variants] if w in args.packed_widths else []
         stacked = [(m, w, r) for m in args.models for r in args.stacked] if w in args.widths else []
