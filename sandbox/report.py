@@ -109,14 +109,25 @@ def model_family(config: dict) -> str:
 
 def val_curve(run_dir: str) -> list[tuple[int, float]]:
     """The run's validation accuracy by step, from its logs/metrics.csv; empty when it has none, or one that cannot
-    be read or holds a value that is not an accuracy (nan, inf: a damaged file, whose maxima would mislead)."""
+    be read, holds no validation or a value that is not an accuracy (nan, inf: a damaged file, whose maxima would
+    mislead); such a file is named in a warning, as its run's curve checks read `?`, as without one."""
+    path = Path(run_dir) / LOGS / "metrics.csv"
     try:
-        with open(Path(run_dir) / LOGS / "metrics.csv", newline="") as f:
+        with open(path, newline="") as f:
             curve = sorted((int(line["step"]), float(line["val/acc"])) for line in csv.DictReader(f)
                            if line.get("val/acc") and line.get("step"))
-    except (OSError, ValueError, csv.Error):
+    except FileNotFoundError:
         return []
-    return curve if all(0 <= acc <= 1 for _, acc in curve) else []
+    except (OSError, ValueError, csv.Error) as err:
+        problem = f"cannot be read ({err})"
+    else:
+        if curve and all(0 <= acc <= 1 for _, acc in curve):
+            return curve
+        # a finished run validated: a file without its validations is cut short or another's
+        problem = "holds a validation accuracy that is not in [0, 1] (nan, inf?)" if curve else "holds no val/acc"
+    print(f"sandbox-report: warning: {path} {problem}: its run's curve is not read (still rising, left chance: ?)",
+          file=sys.stderr)
+    return []
 
 
 def val_rise(curve: list[tuple[int, float]], steps: int | None = None) -> float | None:
@@ -526,7 +537,10 @@ def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = 
         known = [run["still_rising"] for run in row.chosen if run["still_rising"] is not None]
         unknown = len(row.chosen) - len(known)  # as `at chance`: a seed whose curve cannot tell is counted, as `?`
         rising = f"{sum(known)} of {len(known)}" + (f" (? {unknown})" if unknown else "") if known else "?"
-        cells = [row.label, *(_show(row.values[k]) for k in keys), choice_cell(row), str(len(row.chosen)),
+        # the chosen setting's seeds that did not finish are not in its mean: named here, not only among all settings'
+        left_out = [run for run in by_choice(row.runs, row.tuned).get(row.choice, []) if run["status"] != FINISHED]
+        runs_cell = str(len(row.chosen)) + (f" (+ {_status_cell(left_out)})" if left_out else "")
+        cells = [row.label, *(_show(row.values[k]) for k in keys), choice_cell(row), runs_cell,
                  _status_cell(row.runs), _chance_cell(row.runs), rising]
         cells += [_mean_cell(*row.stat(metric)) for metric in ["test_acc", *slices]]
         state_size = (row.chosen or row.runs)[0].get("state_size")
@@ -619,6 +633,11 @@ def series_styles(rows: list[Row], runs: list[dict]) -> dict[str, dict]:
     return styles
 
 
+def chosen_names(runs: list[dict]) -> str:
+    """The optimiser keys chosen per row, for the plots' labels: `lr`, or `lr, weight_decay` where both are."""
+    return ", ".join(tuned_names(tuned_keys(runs)))
+
+
 def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -> bool:
     """One panel for all test examples and one per setting; a point per row (its chosen-lr mean and 95%
     interval), a line per configuration through its widths (rows that differ in d_model only), styled by
@@ -646,7 +665,7 @@ def plot_accuracy_vs_state_size(rows: list[Row], runs: list[dict], path: Path) -
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy (chosen lr, mean ± 95%)")
+        ax.set_ylabel(f"test accuracy (chosen {chosen_names(runs)}, mean ± 95%)")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -685,7 +704,7 @@ def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> boo
         ax.grid(alpha=0.3)
     # one legend for every panel, beside them: inside a panel it hid the lines
     axes[0][-1].legend(legend.values(), legend.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    axes[0][0].set_ylabel("test accuracy (chosen lr, mean ± 95%)")
+    axes[0][0].set_ylabel(f"test accuracy (chosen {chosen_names(runs)}, mean ± 95%)")
     fig.suptitle("Accuracy against number of key-value pairs")
     fig.tight_layout()
     save_figure(fig, path)
@@ -747,8 +766,8 @@ def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(routed):]:
         ax.axis("off")
-    fig.suptitle(f"MoM memory load per layer at the chosen lr,\n{LOADS[kind]}\n(dashed: uniform; dots: runs)",
-                 fontsize=10)
+    fig.suptitle(f"MoM memory load per layer at the chosen {chosen_names(runs)},\n{LOADS[kind]}\n"
+                 "(dashed: uniform; dots: runs)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     return True
@@ -903,7 +922,8 @@ PROTOCOL = (
     "then by their finished seeds, more first (`tied with 0.01`: the settings it ranked above). "
     "Test accuracy is the mean and 95% interval (Student's t) over the seeds at that setting, overall and per slice "
     "(every slice of every run is in results.csv); a single seed has no interval. `runs`: finished runs at the "
-    "chosen setting; `status`: every run of the row, all settings; runs that did not finish are never averaged. A "
+    "chosen setting (`+ 1 diverged`: its runs that did not finish, left out of the mean); `status`: every run of the "
+    "row, all settings; runs that did not finish are never averaged. A "
     "configuration run twice (same seed and settings) counts once. "
     f"`at chance`: finished runs (all settings) whose best validation accuracy stayed below the validation "
     f"set's accuracy at chance c plus {CHANCE_MARGIN} (1 - c), where c is a guess among the answers each "

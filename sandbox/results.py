@@ -215,7 +215,8 @@ def _number(value) -> bool:
 FIELDS = {
     # values in the state; plotted on a log axis, where an infinite one is silently left out
     "state_size": ("a finite number >= 1", lambda v: _number(v) and 1 <= v < math.inf),
-    "steps": ("a number", _number),
+    # a count of steps: averaged over seeds to rank tied settings, where inf fails (and nan would drop out)
+    "steps": ("a finite number >= 0", lambda v: _number(v) and 0 <= v < math.inf),
     "git_commit": ("a string", lambda v: isinstance(v, str)),
     "earlier_git_commits": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
     "stack": ("a mapping", lambda v: isinstance(v, dict)),
@@ -228,8 +229,8 @@ FIELDS = {
 
 def result_problem(result) -> str | None:
     """Why a parsed result.json cannot be reported (not an object, no model config, an unknown status, metrics
-    not numbers, an accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice, a
-    field of FIELDS of another type), or None if it can. Other statuses may lack the accuracies."""
+    not numbers, an accuracy outside [0, 1], a finished run without finite accuracies, overall and per slice, or
+    router statistics, a field of FIELDS of another type), or None if it can. Other statuses may lack the accuracies."""
     if not isinstance(result, dict) or not result:
         return "not a result (an empty or non-object JSON value)"
     config = result.get("config")
@@ -248,6 +249,10 @@ def result_problem(result) -> str | None:
             return f"{key} is not a mapping of numbers"
     accuracies = {key: result.get(key) for key in ("best_val_acc", "test_acc")}
     accuracies.update({f"test_acc_per_slice[{k!r}]": v for k, v in result.get("test_acc_per_slice", {}).items()})
+    # a finished run's router statistics are averaged over seeds: inf fails there, nan would drop out unnoticed
+    for key, value in result.get("router", {}).items():
+        if finished and not math.isfinite(value):
+            return f"status finished but router[{key!r}]={value!r}"
     for key, value in accuracies.items():
         if value is not None and not _number(value):
             return f"{key}={value!r} is not a number"

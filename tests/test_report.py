@@ -249,12 +249,26 @@ def test_status_is_shown_and_only_finished_runs_are_averaged(tmp_path):
     lines = {cells[0]: cells for cells in summary_lines(markdown)}
     status, runs, acc = column(markdown, "status"), column(markdown, "runs"), column(markdown, "test_acc")
     assert lines["gated_deltanet"][status] == "2 finished, 1 diverged, 1 interrupted"
-    assert lines["gated_deltanet"][runs] == "2"
+    assert lines["gated_deltanet"][runs] == "2 (+ 1 diverged, 1 interrupted)"
     assert lines["gated_deltanet"][acc].startswith(f"{statistics.fmean([0.8, 0.6]):.3f} ± ")
     assert lines["gla"][status] == "2 diverged" and lines["gla"][acc] == "—"
     assert "loss nan at step 40" in markdown.split("## Runs that did not finish")[1]
     statuses = {row["run_dir"]: row["status"] for row in csv.DictReader(open(files["csv"]))}
     assert statuses[str(tmp_path / "s1")] == "finished" and statuses[str(tmp_path / "s3")] == "interrupted"
+
+
+def test_the_chosen_setting_s_seeds_that_did_not_finish_are_named_beside_its_mean(tmp_path):
+    """Every rate has a seed that diverged, so the choice is among them: the mean at 1e-3 is over its two finished
+    seeds, and its third, diverged, was told only in `status`, mixed with the other rate's."""
+    for seed in range(3):
+        write_run(tmp_path, f"a{seed}", seed=seed, lr=1e-3, val=0.9, test=0.9, status="diverged" if seed == 2 else None)
+        write_run(tmp_path, f"b{seed}", seed=seed, lr=3e-3, val=0.5, test=0.5, status="diverged" if seed == 1 else None)
+    write_run(tmp_path, "a3", seed=3, lr=1e-3, val=None, test=None, status="failed")
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "lr")].startswith("0.001 ")
+    assert cells[column(markdown, "runs")] == "2 (+ 1 diverged, 1 failed)"
+    assert cells[column(markdown, "status")] == "4 finished, 2 diverged, 1 failed"
 
 
 def test_results_csv_says_how_many_runs_shared_a_stacked_run_s_wall_time(tmp_path):
@@ -327,6 +341,20 @@ def test_pairs_plot_gives_every_row_its_own_style_as_the_state_size_plot_does(tm
     pairs = styles("accuracy_vs_kv_pairs.png")
     assert len(pairs) == 12 and len(set(pairs.values())) == 12
     assert pairs == styles("accuracy_vs_state_size.png")
+
+
+def test_plots_name_every_optimiser_key_chosen_on_validation(tmp_path, monkeypatch):
+    """Learning rate x weight decay chosen per row: the plots' axes said `chosen lr`, as if the weight decay were
+    one for all."""
+    router = {f"layer0/load_m{m}": 0.25 for m in range(4)}
+    for lr, wd in itertools.product((1e-3, 3e-3), (0.0, 0.1)):
+        write_run(tmp_path, f"{lr}-{wd}", "mom", lr=lr, weight_decay=wd, router=router,
+                  slices={"num_kv_pairs=4": 0.9, "num_kv_pairs=8": 0.8})
+    figures = drawn_figures(monkeypatch)
+    report(tmp_path)
+    for name in ("accuracy_vs_state_size.png", "accuracy_vs_kv_pairs.png"):
+        assert figures[name].axes[0].get_ylabel() == "test accuracy (chosen lr, weight_decay, mean ± 95%)"
+    assert "at the chosen lr, weight_decay," in figures["memory_load.png"]._suptitle.get_text()
 
 
 def test_learning_rate_is_chosen_on_validation_not_test(tmp_path):
@@ -643,7 +671,7 @@ def test_an_interrupted_or_pruned_run_says_nothing_about_its_setting(status, val
     markdown = report(tmp_path)["markdown"].read_text()
     (cells,) = summary_lines(markdown)
     assert cells[column(markdown, "lr")] == "0.001 (best of 2 on seeds 0, 1)"
-    assert cells[column(markdown, "runs")] == "2"
+    assert cells[column(markdown, "runs")] == f"2 (+ 1 {status})"
     assert cells[column(markdown, "status")] == f"5 finished, 1 {status}"
 
 
@@ -679,7 +707,10 @@ def test_accuracies_that_are_not_accuracies_are_skipped(tmp_path, capsys):
     ("stack", [2], "stack=[2] is not a mapping"),
     ("earlier_git_commits", 3, "earlier_git_commits=3 is not a list of strings"),
     ("git_commit", ["abc"], "git_commit=['abc'] is not a string"),
-    ("steps", "many", "steps='many' is not a number"),
+    ("steps", "many", "steps='many' is not a finite number >= 0"),
+    ("steps", math.inf, "steps=inf is not a finite number >= 0"),  # was a traceback when it ranked a tie
+    ("router", {"layer0/load_m0": math.inf}, "status finished but router['layer0/load_m0']=inf"),  # traceback too
+    ("router", {"layer0/load_m0": math.nan}, "status finished but router['layer0/load_m0']=nan"),  # dropped out
     ("state_size", -1, "state_size=-1 is not a finite number >= 1"),  # was a log-scale warning from matplotlib
     ("state_size", math.inf, "state_size=inf is not a finite number >= 1"),  # was left out of the plot silently
     ("config.model.mixer_options", "x", "config.model.mixer_options='x' is not a mapping"),
@@ -885,6 +916,23 @@ def test_a_curve_with_a_validation_that_is_not_an_accuracy_tells_nothing(bad, tm
     write_run(tmp_path, "odd", val=0.9, curve=[(s, bad if s == 100 else 0.6 + 0.3 * (s >= 900)) for s in steps])
     (row,) = csv.DictReader(open(report(tmp_path)["csv"]))
     assert (row["still_rising"], row["val_rise_last_quarter"], row["left_chance_step"]) == ("", "", "")
+
+
+def test_a_metrics_csv_that_cannot_be_read_is_named_and_its_run_kept(tmp_path, capsys):
+    """A damaged logs/metrics.csv read as `?`, like a run without one, and nothing said which file or why."""
+    damaged = {"binary": b"\xff\xfe\x00garbage", "empty": b"", "nan": b"step,val/acc\n100,nan\n",
+               "text": b"step,val/acc\n100,high\n"}
+    for seed, (name, content) in enumerate(damaged.items()):
+        (write_run(tmp_path, name, seed=seed, curve=[(100, 0.5)]) / "logs" / "metrics.csv").write_bytes(content)
+    write_run(tmp_path, "good", seed=9, curve=[(100, 0.5), (1000, 0.9)])
+    assert main([str(tmp_path)]) == 0
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == len(damaged)
+    for name, line in zip(sorted(damaged), warnings):
+        assert line.startswith(f"sandbox-report: warning: {tmp_path / name / 'logs' / 'metrics.csv'} ")
+    rows = {Path(row["run_dir"]).name: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert sorted(rows) == sorted([*damaged, "good"]) and rows["good"]["left_chance_step"] == "100"
+    assert all(rows[name]["left_chance_step"] == "" for name in damaged)
 
 
 def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
