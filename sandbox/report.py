@@ -499,6 +499,14 @@ def _mean_cell(mean: float, half: float) -> str:
     return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
 
 
+def _stat_cell(row: Row, metric: str) -> str:
+    """The row's mean and interval of `metric`, with the seeds it is over where some chosen seed lacks it (a
+    slice its test split did not hold, a result of older code): the `runs` cell would overstate its n."""
+    counted = sum(run.get(metric) is not None and not math.isnan(run[metric]) for run in row.chosen)
+    cell = _mean_cell(*row.stat(metric))
+    return cell + (f" ({counted} of {len(row.chosen)} seeds)" if 0 < counted < len(row.chosen) else "")
+
+
 def _status_cell(runs: list[dict]) -> str:
     counts = Counter(run["status"] for run in runs)
     return ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (s != FINISHED, s)))
@@ -542,7 +550,7 @@ def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = 
         runs_cell = str(len(row.chosen)) + (f" (+ {_status_cell(left_out)})" if left_out else "")
         cells = [row.label, *(_show(row.values[k]) for k in keys), choice_cell(row), runs_cell,
                  _status_cell(row.runs), _chance_cell(row.runs), rising]
-        cells += [_mean_cell(*row.stat(metric)) for metric in ["test_acc", *slices]]
+        cells += [_stat_cell(row, metric) for metric in ["test_acc", *slices]]
         state_size = (row.chosen or row.runs)[0].get("state_size")
         cells.append(_cell(state_size))
         body.append(cells)

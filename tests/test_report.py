@@ -271,6 +271,19 @@ def test_the_chosen_setting_s_seeds_that_did_not_finish_are_named_beside_its_mea
     assert cells[column(markdown, "status")] == "4 finished, 2 diverged, 1 failed"
 
 
+def test_a_slice_mean_over_fewer_seeds_than_the_row_says_so(tmp_path):
+    """Seed 2's test split held no K = 8 example: the K = 8 mean is over two seeds, not the three of `runs`."""
+    for seed in range(3):
+        slices = {"num_kv_pairs=4": 0.9, **({} if seed == 2 else {"num_kv_pairs=8": 0.8}),
+                  "num_kv_pairs=16": 0.7}
+        write_run(tmp_path, f"s{seed}", seed=seed, slices=slices)
+    markdown = report(tmp_path)["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "runs")] == "3"
+    assert cells[column(markdown, "num_kv_pairs=8")] == "0.800 ± 0.000 (2 of 3 seeds)"
+    assert cells[column(markdown, "num_kv_pairs=4")] == "0.900 ± 0.000"
+
+
 def test_results_csv_says_how_many_runs_shared_a_stacked_run_s_wall_time(tmp_path):
     write_run(tmp_path, "alone", seed=0)
     write_run(tmp_path, "stacked", seed=1, stack={"folder": "x/.stacks/abc", "runs": 4})
