@@ -109,17 +109,26 @@ class RunIdentity(L.Callback):
 
 
 class Diverged(Exception):
-    """The training loss was not finite."""
+    """The training or validation loss was not finite."""
 
 
 class StopOnDivergence(L.Callback):
-    """Ends training at the first step whose loss is not finite on any process, by raising Diverged: the
-    weights are then not finite either, so nothing after that step is worth running or keeping."""
+    """Ends training at the first step whose loss (or validation loss) is not finite on any process, by raising
+    Diverged: the weights are then not finite either, so nothing after that step is worth running or keeping."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].detach()
         if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             raise Diverged(f"training loss {float(loss):.4g} at step {trainer.global_step}")
+
+    def on_validation_end(self, trainer, pl_module):
+        # An update that makes the weights non-finite shows in the next step's loss, except the last step's, whose
+        # weights only a validation sees: without this the run would end "finished", tested on an earlier best.
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None:
+            return
+        if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            raise Diverged(f"validation loss {float(loss):.4g} at step {trainer.global_step}")
 
 
 class RunPruned(Exception):

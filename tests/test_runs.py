@@ -194,6 +194,22 @@ def test_divergence_stops_the_run_is_recorded_and_not_repeated(tmp_path, monkeyp
     assert read_result(tmp_path) == result
 
 
+def test_weights_made_non_finite_by_the_last_step_are_diverged_not_finished(tmp_path, monkeypatch):
+    # The last step's update is seen by no training loss (lr 1e8 on MoM did this): only its validation shows it.
+    def nan_weights_after_last_step(self, outputs, batch, batch_idx):
+        if self.global_step == 12:  # the last of SMALL: 3 epochs of 4 steps
+            with torch.no_grad():
+                next(self.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(RecallModule, "on_train_batch_end", nan_weights_after_last_step, raising=False)
+    command = [*SMALL, f"output_root={tmp_path}"]
+    assert train_cli(monkeypatch, *command) == 3
+    result = read_result(tmp_path)
+    assert result["status"] == "diverged", result["status"]
+    assert result["status_reason"] == "validation loss nan at step 12"
+    assert math.isnan(result["test_acc"]) and math.isnan(result["best_val_acc"])
+
+
 def test_run_without_a_training_step_or_a_validation_is_not_trained(tmp_path, monkeypatch, capsys):
     # Settings that make such a run are refused before any work (sandbox/settings.py) ...
     assert train_cli(monkeypatch, *FAST, "trainer.limit_train_batches=0", f"output_root={tmp_path}") == 2
