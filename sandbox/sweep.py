@@ -669,12 +669,30 @@ def stop_worker(signum, frame):
 
 
 def run_trials(study: optuna.Study, objective, space: dict) -> None:
+    ran = []  # the trial the last optimize gave the objective
+
+    def tracked(trial):
+        ran.append(trial.number)
+        return objective(trial)
+
     while True:
         # Fail (and queue a retry of) trials whose worker died, before counting them as running.
         optuna.storages.fail_stale_trials(study)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if trial_count(study) < space["n_trials"] or waiting:
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            ran.clear()
+            try:
+                study.optimize(tracked, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            except Exception:
+                # Optuna cannot record a trial that another worker failed while this one ran it: its heartbeat
+                # went stale (this worker paused, or another command's grace_s is shorter), and its retry stands
+                # for it. The worker goes on with the study.
+                if not ran or not study.get_trials(deepcopy=False)[ran[0]].state.is_finished():
+                    raise
+                print(f"sandbox-sweep: trial {ran[0]} was failed by another worker while this one ran it (its "
+                      f"heartbeat was older than heartbeat.grace_s={space['heartbeat']['grace_s']}: this worker "
+                      "paused, or another command gave a shorter grace_s); its result is not recorded, its retry "
+                      "stands for it", file=sys.stderr)
         elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             time.sleep(min(2, space["heartbeat"]["interval_s"]))
         else:

@@ -395,6 +395,25 @@ def test_a_worker_that_died_fails_the_sweep_after_its_summary(tmp_path, monkeypa
                            "trials")
 
 
+def test_a_trial_another_worker_failed_meanwhile_is_one_line_and_the_worker_goes_on(tmp_path, capsys):
+    """Another worker fails a trial whose heartbeat went stale (this worker paused, or its command gave a shorter
+    grace_s) while this worker still runs it: Optuna then cannot record it (an AssertionError ended the worker)."""
+    heartbeat = {"interval_s": 1, "grace_s": 2}
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat)
+    study = optuna.create_study(storage=storage, study_name="s")
+
+    def objective(trial):
+        if trial.number == 0:  # as the other worker's fail_stale_trials, while this one trains
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return 0.5
+
+    sweep.run_trials(study, objective, {"n_trials": 2, "heartbeat": heartbeat})
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    err = capsys.readouterr().err
+    assert "sandbox-sweep: trial 0 was failed by another worker while this one ran it" in err
+    assert "Traceback" not in err
+
+
 def test_two_workers_share_one_study(tmp_path):
     proc = subprocess.run(sweep_command(tmp_path, "--n-trials", "4", "--workers", "2"), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
