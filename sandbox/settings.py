@@ -19,7 +19,7 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from omegaconf import DictConfig, OmegaConf
 
 import kernels
@@ -156,6 +156,7 @@ ADDED_TRAINER_SETTINGS: dict[str, Rule] = {
     "trainer.accumulate_grad_batches": integer(1),
     "trainer.min_epochs": nullable(integer(0)),
     "trainer.min_steps": nullable(integer(0)),
+    "trainer.overfit_batches": Rule(lambda v: (_is_number(v) and v == 0) or BATCHES.ok(v), f"0 (off), {BATCHES.valid}"),
     "trainer.fast_dev_run": Rule(lambda v: v in (False, 0),
                                  "false: debug=fast runs any configuration on a few batches, and records it"),
     "trainer.deterministic": Rule(lambda v: v is None or isinstance(v, bool) or v == "warn",
@@ -185,10 +186,11 @@ def check_settings(cfg: DictConfig) -> None:
         if key in settings:
             _check_value(key, settings[key], rule)
     _check_machine(settings)
+    _check_interval(settings)  # before Lightning's own message on it, which names no setting
     shape, sizes = _check_task(cfg)
     _check_model(cfg, shape)
-    _check_schedule(settings, sizes)
-    _check_trainer(cfg)  # last: the sandbox's own messages say more than Lightning's on the same setting
+    processes = _check_trainer(cfg)
+    _check_schedule(settings, sizes, processes)  # after: each process evaluates its own share of the data
 
 
 def check_run_folder(cfg: DictConfig) -> None:
@@ -207,7 +209,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path not in DELEGATED:
+        # a trainer.KEY is one Lightning argument, whatever its value (max_time={minutes: 5})
+        if isinstance(value, dict) and path not in DELEGATED and prefix != "trainer.":
             flat.update(_flatten(value, f"{path}."))
         else:
             flat[path] = value
@@ -303,10 +306,10 @@ def trainer_arguments(cfg: DictConfig) -> dict:
     return {**trainer, "enable_model_summary": False, "use_distributed_sampler": False}
 
 
-def _check_trainer(cfg: DictConfig) -> None:
+def _check_trainer(cfg: DictConfig) -> int:
     """Lightning's own checks of its arguments, which it makes as a trainer is built: here on one built and
     dropped, with the kinds of logger and callbacks that sandbox.train gives it, so that they come before any data
-    is made, and before any job of a multirun or trial of a sweep trains."""
+    is made, and before any job of a multirun or trial of a sweep trains. Returns the number of processes."""
     trainer = trainer_arguments(cfg)
     for key in ("deterministic", "benchmark"):  # checked above; Lightning would set torch's global flags from them
         trainer.pop(key, None)
@@ -325,10 +328,15 @@ def _check_trainer(cfg: DictConfig) -> None:
                                                 if added else "")) from err
     finally:
         quiet.setLevel(level)
+    timer = next((c for c in built.callbacks if isinstance(c, Timer)), None)
+    if timer is not None and timer.time_remaining() <= 0:  # a run that would stop before its first step
+        raise ConfigError(f"trainer.max_time={_show(cfg.trainer.max_time)} is invalid: must be a duration > 0 "
+                          "(DD:HH:MM:SS, or e.g. {hours: 1}), or null for no limit")
     processes = built.num_devices * built.num_nodes
     if cfg.task.batch_size % processes:
         raise ConfigError(f"task.batch_size={cfg.task.batch_size} is invalid with {processes} processes: it is the "
                           f"global batch and must be a multiple of {processes}")
+    return processes
 
 
 def one_device(trainer) -> bool:
@@ -440,44 +448,80 @@ def _limited(batches: int, limit: int | float) -> int:
     return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
 
-def _check_schedule(settings: dict, sizes: dict[str, int]) -> None:
+def _check_interval(settings: dict) -> None:
+    interval = settings["trainer.val_check_interval"]
+    if settings["trainer.check_val_every_n_epoch"] is None and not isinstance(interval, int):
+        raise ConfigError(f"trainer.val_check_interval={interval} is invalid with "
+                          "trainer.check_val_every_n_epoch=null: must be a number of steps (an integer >= 1)")
+
+
+def _steps_before(batch: int, per_epoch: int, accumulate: int) -> int:
+    """Optimizer steps taken before training batch `batch` (counted from 1 across epochs): Lightning steps after
+    every `accumulate` batches and after an epoch's last."""
+    epochs, within = divmod(batch - 1, per_epoch)
+    return epochs * -(-per_epoch // accumulate) + within // accumulate
+
+
+def _check_schedule(settings: dict, sizes: dict[str, int], processes: int) -> None:
     """A run must train, validate (the best checkpoint and early stopping read val/acc) and test."""
     batch_size = settings["task.batch_size"]
     eval_batch_size = settings["task.eval_batch_size"] or batch_size
+    small = [split for split in SPLITS if sizes[split] < processes]
+    if small:  # else a process has no batch of that split, a traceback in Lightning's fit
+        raise ConfigError(f"task.segments.{small[0]} has {sizes[small[0]]} examples (under task.limit_examples), "
+                          f"fewer than the {processes} processes, each of which takes its own share: give it at "
+                          f"least {processes}")
     # The train loader drops a last partial batch unless the set is smaller than a batch; the global batch
-    # splits evenly over processes, so the count is the same with any number of them. Evaluation batches are
-    # counted for one process.
-    full = {"train": max(sizes["train"] // batch_size, 1),
-            "val": -(-sizes["val"] // eval_batch_size), "test": -(-sizes["test"] // eval_batch_size)}
+    # splits evenly over processes, so the count is the same with any number of them. Each process evaluates its
+    # own share of the evaluation sets, the smallest of them sizes[split] // processes.
+    full = {"train": max(sizes["train"] // batch_size, 1), "val": -(-(sizes["val"] // processes) // eval_batch_size),
+            "test": -(-(sizes["test"] // processes) // eval_batch_size)}
+    # Lightning's overfit_batches replaces the train and validation limits
+    limit_keys = {split: f"trainer.limit_{split}_batches" for split in SPLITS}
+    if settings.get("trainer.overfit_batches", 0):
+        limit_keys.update(train="trainer.overfit_batches", val="trainer.overfit_batches")
     batches = {}
     for split, batches_per_epoch in full.items():
-        key = f"trainer.limit_{split}_batches"
+        key = limit_keys[split]
         batches[split] = _limited(batches_per_epoch, settings[key])
         if batches[split] == 0:
-            raise ConfigError(f"{key}={settings[key]} leaves none of the {batches_per_epoch} {split} batches "
+            of_each = f" of each of the {processes} processes" if processes > 1 else ""
+            raise ConfigError(f"{key}={settings[key]} leaves none of the {batches_per_epoch} {split} batches{of_each} "
                               f"({settings[key]} * {batches_per_epoch} < 1): use a fraction >= 1/{batches_per_epoch} "
                               "or a number of batches (an integer >= 1)")
     per_epoch = batches["train"]
     interval, every_n_epochs = settings["trainer.val_check_interval"], settings["trainer.check_val_every_n_epoch"]
-    if every_n_epochs is None:
-        if not isinstance(interval, int):
-            raise ConfigError(f"trainer.val_check_interval={interval} is invalid with "
-                              "trainer.check_val_every_n_epoch=null: must be a number of steps (an integer >= 1)")
+    if every_n_epochs is None:  # an integer (_check_interval)
         first_validation = interval
     else:
         if isinstance(interval, int) and interval > per_epoch:
+            overfit = (f" (trainer.overfit_batches={settings['trainer.overfit_batches']})"
+                       if limit_keys["train"] == "trainer.overfit_batches" else "")
             raise ConfigError(f"trainer.val_check_interval={interval} is more than the {per_epoch} training batches "
-                              f"of an epoch: use at most {per_epoch}, a fraction of an epoch in (0, 1], or "
+                              f"of an epoch{overfit}: use at most {per_epoch}, a fraction of an epoch in (0, 1], or "
                               "trainer.check_val_every_n_epoch=null to count steps across epochs")
         within_epoch = interval if isinstance(interval, int) else max(1, int(per_epoch * interval))
         first_validation = (every_n_epochs - 1) * per_epoch + within_epoch
+    # Validation counts training batches, max_steps optimizer steps: with gradient accumulation they differ.
+    accumulate = settings.get("trainer.accumulate_grad_batches", 1)
+    validation_step = _steps_before(first_validation, per_epoch, accumulate) + 1
     max_epochs, max_steps = settings["trainer.max_epochs"], settings["trainer.max_steps"]
-    if max_steps != -1 and max_steps < first_validation:
+    if max_steps != -1 and max_steps < validation_step:
         raise ConfigError(f"trainer.max_steps={max_steps} ends training before its first validation (at step "
-                          f"{first_validation}): must be >= {first_validation}, or validate sooner "
+                          f"{validation_step}): must be >= {validation_step}, or validate sooner "
                           "(trainer.val_check_interval)")
     if max_epochs * per_epoch < first_validation:
         epoch = -(-first_validation // per_epoch)
         raise ConfigError(f"trainer.max_epochs={max_epochs} ends training before its first validation (in epoch "
-                          f"{epoch}, at step {first_validation}): must be >= {epoch}, or validate sooner "
+                          f"{epoch}, at step {validation_step}): must be >= {epoch}, or validate sooner "
                           "(trainer.check_val_every_n_epoch, trainer.val_check_interval)")
+    # Lightning stops at the max lengths whatever the min ones: a min beyond them would be dropped without a word.
+    steps_per_epoch = -(-per_epoch // accumulate)
+    most_steps = max_epochs * steps_per_epoch if max_steps == -1 else min(max_steps, max_epochs * steps_per_epoch)
+    min_steps, min_epochs = settings.get("trainer.min_steps") or 0, settings.get("trainer.min_epochs") or 0
+    for key, least, steps in (("trainer.min_steps", min_steps, min_steps),
+                              ("trainer.min_epochs", min_epochs, min_epochs * steps_per_epoch)):
+        if steps > most_steps:
+            raise ConfigError(f"{key}={least} is never met: the run stops after at most {most_steps} steps "
+                              f"({steps_per_epoch} an epoch; trainer.max_steps={max_steps}, trainer.max_epochs="
+                              f"{max_epochs}): lower it, or raise those")

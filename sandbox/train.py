@@ -26,7 +26,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar, Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -342,21 +342,27 @@ def fit_status(cfg: DictConfig, trainer: L.Trainer, validated: bool, stopped: st
     """finished, or not_trained for a fit that took no step or never `validated`; and why it ended (`stopped`
     early at the "threshold" or for "patience", or None)."""
     steps = trainer.global_step
+    # Lightning's Timer (+trainer.max_time) may stop a run before its other limits: the reason then names it
+    timer = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer)), None)
+    out_of_time = timer is not None and timer.time_remaining() <= 0
+    time_limit = f"trainer.max_time={cfg.trainer.get('max_time')}"
     if steps == 0:
-        return "not_trained", "it took no training step (trainer.limit_train_batches, task.limit_examples)"
+        why = f"{time_limit} ran out" if out_of_time else "trainer.limit_train_batches, task.limit_examples"
+        return "not_trained", f"it took no training step ({why})"
     if not validated:
         return "not_trained", (f"it never validated in its {steps} steps (trainer.val_check_interval="
                                f"{cfg.trainer.val_check_interval}, trainer.check_val_every_n_epoch="
                                f"{cfg.trainer.check_val_every_n_epoch}, trainer.limit_val_batches="
-                               f"{cfg.trainer.limit_val_batches})")
+                               f"{cfg.trainer.limit_val_batches}" + (f", {time_limit}" if out_of_time else "") + ")")
     early = {"threshold": "validation accuracy reached callbacks.early_stopping."
                           f"threshold={cfg.callbacks.early_stopping.threshold}",
              "patience": "validation accuracy stopped improving (callbacks."
                          f"early_stopping.patience={cfg.callbacks.early_stopping.patience})"}
     reason = early.get(stopped)
-    if reason is None:
-        reason = (f"reached trainer.max_steps={trainer.max_steps}" if steps == trainer.max_steps
-                  else f"reached trainer.max_epochs={trainer.max_epochs}")
+    if reason is None and steps == trainer.max_steps:
+        reason = f"reached trainer.max_steps={trainer.max_steps}"
+    elif reason is None:
+        reason = f"reached {time_limit}" if out_of_time else f"reached trainer.max_epochs={trainer.max_epochs}"
     return "finished", reason
 
 

@@ -104,6 +104,21 @@ BAD_SETTINGS = {
     "model-past-memory": (["model.d_model=100000000"], ["d_model=100000000", "memory"]),
     # a Lightning argument of the wrong type: a traceback (AttributeError) once the data was generated
     "trainer-argument-wrong-type": (["+trainer.max_time=5"], ["trainer.max_time=5"]),
+    # a least length Lightning never reaches, as it stops at the max ones first: taken without a word
+    "min-steps-never-met": (["+trainer.min_steps=100", "trainer.max_steps=2"], ["trainer.min_steps=100"]),
+    "min-epochs-never-met": (["+trainer.min_epochs=5"], ["trainer.min_epochs=5"]),
+    # a time limit of nothing: recorded as not trained "(trainer.limit_train_batches, task.limit_examples)"
+    "max-time-zero": (["+trainer.max_time=00:00:00:00"], ["trainer.max_time=00:00:00:00"]),
+    # overfit_batches replaces the train and validation limits: a traceback in Lightning's fit, the data made
+    "overfit-batches-below-interval": (["+trainer.overfit_batches=1", "trainer.val_check_interval=2"],
+                                       ["trainer.val_check_interval=2", "trainer.overfit_batches=1"]),
+    # each process evaluates its own shard: a traceback in Lightning's fit (or, for test, after training)
+    "eval-split-smaller-than-processes": (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                           "task.segments.val=[{seq_len: 64, num_kv_pairs: 4, num_examples: 1}]"],
+                                          ["task.segments.val", "2 processes"]),
+    "eval-fraction-of-a-process-shard": (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                          "task.segments.test=[{seq_len: 64, num_kv_pairs: 4, num_examples: 32}]",
+                                          "trainer.limit_test_batches=0.5"], ["trainer.limit_test_batches=0.5"]),
 }
 # On a machine without CUDA (as the tests make it): settings that need a GPU.
 BAD_WITHOUT_CUDA = {
@@ -222,6 +237,10 @@ def test_shipped_configs_pass_the_checks(choice):
     ["model=deltanet", "model.mixer_options.allow_neg_eigval=true"], ["model.mixer_options.allow_neg_eigval=true"],
     ["+trainer.num_nodes=1"], ["+trainer.fast_dev_run=false"], ["+trainer.min_epochs=0"], ["name=2024"],
     ["name=run.1"], ["trainer.strategy=ddp"],
+    # validation counts training batches, max_steps optimizer steps: batch 4 is step 2 when accumulating 2
+    ["+trainer.accumulate_grad_batches=2", "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=4",
+     "trainer.max_steps=2", "trainer.max_epochs=2"],
+    ["+trainer.max_time={minutes: 5}"], ["+trainer.overfit_batches=1"], ["+trainer.min_steps=2", "trainer.max_steps=2"],
 ], ids=lambda overrides: " ".join(overrides))
 def test_valid_edge_settings_pass_the_checks(overrides):
     check_settings(compose_train("debug=fast", *overrides))

@@ -307,3 +307,22 @@ def test_a_slice_the_test_never_reached_has_no_accuracy(tmp_path):
                    "{seq_len: 32, num_kv_pairs: 2, num_examples: 32}]")
     result = train(cfg, tmp_path / "run")
     assert set(result["test_acc_per_slice"]) == {"num_kv_pairs=4", "seq_len=64"}
+
+
+def test_a_run_stopped_by_its_time_limit_says_so():
+    """+trainer.max_time stops a run through Lightning's Timer: its reason was `reached trainer.max_epochs=1000`."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from sandbox.train import fit_status
+
+    cfg = make_cfg("+trainer.max_time=00:00:00:05", "trainer.max_epochs=1000")
+    timer = Timer(duration="00:00:00:05")
+    timer.load_state_dict({"time_elapsed": {"train": 6.0}})  # its time spent
+    trainer = SimpleNamespace(global_step=34, max_steps=-1, max_epochs=1000, current_epoch=9, callbacks=[timer])
+    assert fit_status(cfg, trainer, validated=True, stopped=None) == ("finished",
+                                                                      "reached trainer.max_time=00:00:00:05")
+    status, reason = fit_status(cfg, SimpleNamespace(**{**vars(trainer), "global_step": 0}), validated=False,
+                                stopped=None)
+    assert status == "not_trained" and "trainer.max_time=00:00:00:05" in reason
