@@ -109,26 +109,24 @@ class RunIdentity(L.Callback):
 
 
 class Diverged(Exception):
-    """The training or validation loss was not finite."""
+    """The training loss, or the weights after the last step, were not finite."""
 
 
 class StopOnDivergence(L.Callback):
-    """Ends training at the first step whose loss (or validation loss) is not finite on any process, by raising
-    Diverged: the weights are then not finite either, so nothing after that step is worth running or keeping."""
+    """Ends training at the first step whose loss is not finite on any process, by raising Diverged: the
+    weights are then not finite either, so nothing after that step is worth running or keeping."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].detach()
         if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             raise Diverged(f"training loss {float(loss):.4g} at step {trainer.global_step}")
 
-    def on_validation_end(self, trainer, pl_module):
-        # An update that makes the weights non-finite shows in the next step's loss, except the last step's, whose
-        # weights only a validation sees: without this the run would end "finished", tested on an earlier best.
-        loss = trainer.callback_metrics.get("val/loss")
-        if trainer.sanity_checking or loss is None:
-            return
-        if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
-            raise Diverged(f"validation loss {float(loss):.4g} at step {trainer.global_step}")
+    def on_train_end(self, trainer, pl_module):
+        # The last step's update is seen by no training loss: weights it made non-finite would leave the run
+        # "finished", tested on an earlier best checkpoint.
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        if trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            raise Diverged(f"weights not finite after step {trainer.global_step}")
 
 
 class RunPruned(Exception):

@@ -7,7 +7,8 @@ holds the runs' folders (`<output_root>/<name>/` for `sandbox-train -m`).
 What a run alone gets from Lightning's callbacks, the module does per run: the best weights on val/acc (kept as
 buffers; the test runs on them), early stopping (`callbacks.early_stopping`, with EarlyStopping's rules: stop when
 val/acc > threshold, or after `patience` validations without a strict improvement) and divergence (a non-finite
-training loss ends the run as `diverged`, with the step and loss; found on the device, read at validation).
+training loss ends the run as `diverged`, with the step and loss; found on the device, read at validation; or
+weights that the last step's update made non-finite, checked at the end).
 A run that has ended leaves the stack at that validation (its weights, moments and batches are taken out of the
 step), and nothing more is logged for it; the stack stops when every run has ended. The stack's checkpoint holds
 every run (each ended run on its best weights) and which runs are still in it. Stacks run on one device. On the
@@ -200,6 +201,8 @@ class StackedRecallModule(L.LightningModule):
         self.register_buffer("diverged_step", torch.full((R,), -1, dtype=torch.long))
         self.register_buffer("diverged_epoch", torch.full((R,), -1, dtype=torch.long))  # recorded as alone
         self.register_buffer("diverged_loss", torch.zeros(R))
+        # the last step's update is seen by no training loss: its weights are checked at the end (on_train_end)
+        self.register_buffer("diverged_after_last_step", torch.zeros(R, dtype=torch.bool))
         self.register_buffer("in_stack", torch.ones(R, dtype=torch.bool))  # the runs the model's weights hold
         for name, value in self.model.named_parameters():
             self.register_buffer(f"best/{name}", value.detach().clone())
@@ -358,6 +361,16 @@ class StackedRecallModule(L.LightningModule):
         self.in_stack.fill_(False)
         self.in_stack[self._running] = True
         self._refresh_stack()
+
+    def on_train_end(self):
+        # as StopOnDivergence alone: a run whose weights the last step's update made non-finite diverged there
+        params = self.model.stacked().values()
+        finite = torch.stack([torch.isfinite(p.flatten(1)).all(1) for p in params]).all(0).tolist()
+        for r in self._running:
+            if not finite[self._position[r]] and int(self.diverged_step[r]) < 0:
+                self.diverged_step[r], self.diverged_epoch[r] = self.global_step, self.current_epoch
+                self.diverged_after_last_step[r] = True
+                self._end(r, DIVERGED)
 
     def _end(self, run: int, how: int) -> None:
         self.ended_how[run] = how
@@ -614,6 +627,8 @@ def _status(cfg: DictConfig, trainer: L.Trainer, module: StackedRecallModule, ru
     """Run `run`'s status and reason, worded as `sandbox.train` words a run alone."""
     if int(module.diverged_step[run]) >= 0:
         loss, step = float(module.diverged_loss[run]), int(module.diverged_step[run])
+        if bool(module.diverged_after_last_step[run]):
+            return "diverged", f"weights not finite after step {step}"
         return "diverged", f"training loss {loss:.4g} at step {step}"
     stopped = {THRESHOLD: "threshold", PATIENCE: "patience"}.get(int(module.ended_how[run]))
     return fit_status(cfg, trainer, validated=math.isfinite(float(module.best_val_acc[run])), stopped=stopped)

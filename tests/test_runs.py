@@ -195,7 +195,7 @@ def test_divergence_stops_the_run_is_recorded_and_not_repeated(tmp_path, monkeyp
 
 
 def test_weights_made_non_finite_by_the_last_step_are_diverged_not_finished(tmp_path, monkeypatch):
-    # The last step's update is seen by no training loss (lr 1e8 on MoM did this): only its validation shows it.
+    # The last step's update is seen by no training loss (lr 1e8 on MoM did this), only by the weights at the end.
     def nan_weights_after_last_step(self, outputs, batch, batch_idx):
         if self.global_step == 12:  # the last of SMALL: 3 epochs of 4 steps
             with torch.no_grad():
@@ -206,7 +206,7 @@ def test_weights_made_non_finite_by_the_last_step_are_diverged_not_finished(tmp_
     assert train_cli(monkeypatch, *command) == 3
     result = read_result(tmp_path)
     assert result["status"] == "diverged", result["status"]
-    assert result["status_reason"] == "validation loss nan at step 12"
+    assert result["status_reason"] == "weights not finite after step 12"
     assert math.isnan(result["test_acc"]) and math.isnan(result["best_val_acc"])
 
 

@@ -103,6 +103,30 @@ def test_a_diverging_run_ends_as_diverged_and_the_others_go_on(tmp_path):
     assert (stacked[1]["steps"], stacked[1]["epochs"]) == (alone[1]["steps"], alone[1]["epochs"])
 
 
+def test_weights_made_non_finite_by_the_last_step_end_the_run_diverged_as_alone(tmp_path, monkeypatch):
+    """The last step's update is seen by no training loss (and here by no validation): alone and in a stack the run
+    ends diverged there (it was `finished`, tested on an earlier best)."""
+    def nan_weights_after_last_step(module, run):
+        def hook(self, outputs, batch, batch_idx):
+            if self.global_step == 40:
+                with torch.no_grad():
+                    weight = next(self.parameters())
+                    weight[run if isinstance(self, StackedRecallModule) else ...] = float("nan")
+        return hook
+
+    monkeypatch.setattr(RecallModule, "on_train_batch_end", nan_weights_after_last_step(RecallModule, 0),
+                        raising=False)
+    alone = train(make_cfg(tmp_path, "optim.lr=1e-2"), tmp_path / "alone")
+    monkeypatch.setattr(StackedRecallModule, "on_train_batch_end", nan_weights_after_last_step(StackedRecallModule, 1),
+                        raising=False)
+    jobs = [("optim.lr=3e-3",), ("optim.lr=1e-2",)]
+    stacked = train_stack([make_cfg(tmp_path, *job) for job in jobs], [tmp_path / "stacked" / str(i) for i in range(2)])
+    assert (alone["status"], alone["status_reason"]) == ("diverged", "weights not finite after step 40")
+    assert stacked[0]["status"] == "finished"
+    assert all(stacked[1][key] == alone[key] for key in ("status", "status_reason", "steps", "epochs"))
+    assert math.isnan(stacked[1]["test_acc"])
+
+
 class PruneAtFirstValidation(L.Callback):
     """A search's pruner, as sandbox-sweep's: stops the run at its first validation."""
 
