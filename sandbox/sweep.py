@@ -686,8 +686,8 @@ def run_trials(study: optuna.Study, objective, space: dict) -> None:
             except Exception:
                 # Optuna cannot record a trial that another worker failed while this one ran it: its heartbeat
                 # went stale (this worker paused, or another command's grace_s is shorter), and its retry stands
-                # for it. The worker goes on with the study.
-                if not ran or not study.get_trials(deepcopy=False)[ran[0]].state.is_finished():
+                # for it. The worker goes on with the study. (A signal, RunInterrupted, is no Exception.)
+                if not ran or study.get_trials(deepcopy=False)[ran[0]].state != TrialState.FAIL:
                     raise
                 print(f"sandbox-sweep: trial {ran[0]} was failed by another worker while this one ran it (its "
                       f"heartbeat was older than heartbeat.grace_s={space['heartbeat']['grace_s']}: this worker "
