@@ -3,8 +3,11 @@ how long a packed run may train and whether it starts at all, gives the limits i
 ran out of GPU memory run again. Device time is scarce: a script that fails there costs a command.
 """
 
+import json
 import re
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -192,10 +195,14 @@ MODELS = "attention deltanet gated_deltanet gated_deltanet_equal_state gla linea
     (["zoology/protocol.sh"], {}, "protocol.sh: error: WIDTH '' is invalid: a whole number >= 1 (model.d_model)"),
     (["zoology/protocol.sh", "64"], {"PROCESSES": "0"}, "protocol.sh: error: PROCESSES=0 is invalid: a whole number"),
     (["zoology/protocol.sh", "64"], {"STOP_AFTER_S": "9m"}, "STOP_AFTER_S=9m is invalid"),
+    # output_root=/tmp/a,b swept output_root: every run trained in /tmp/a and in ./b, the tarball had neither
+    (["zoology/protocol.sh", "64"], {"ROOT": "/tmp/a,b"}, "ROOT=/tmp/a,b is invalid: a path of letters"),
+    (["zoology/run.sh", "64", "0", "mom:1e-3"], {"ROOT": "/tmp/my runs"}, "ROOT=/tmp/my runs is invalid"),
+    (["mad/run.sh", "mad_recall", "mom"], {"ROOT": "/tmp/a,b"}, "ROOT=/tmp/a,b is invalid"),
 ], ids=["zoology-nothing", "width-a-word", "seeds-empty", "no-runs", "model-typo", "rate-a-word", "rate-missing",
         "stacked-model-typo", "mad-nothing", "task-typo", "no-model", "mad-model-typo",
         "max-procs-0", "max-procs-a-word", "mad-processes-a-word", "run-limit-a-word", "mps-a-word", "protocol-nothing",
-        "protocol-processes-0", "protocol-stop-a-word"])
+        "protocol-processes-0", "protocol-stop-a-word", "protocol-root-a-comma", "root-a-space", "mad-root-a-comma"])
 def test_bad_script_arguments_are_one_line_exit_2_before_any_run(argv, env, message, tmp_path):
     """Each was passed on to every run's sandbox-train, which failed it in its log after the runs before it had
     started; or nothing ran and an empty tarball was written, exit code 0."""
@@ -249,3 +256,95 @@ def test_mad_parts_are_one_multirun_packed_by_the_launcher(env, processes, tmp_p
         f"hydra.launcher.processes={processes}"]
     assert "multirun: exit code 143" in done.stdout
     assert (tmp_path / "out" / "mad.tar.gz").exists()
+
+
+@pytest.mark.parametrize("seed0_exit, seeds_run, exit_code", [
+    ("3", True, 0),    # every run ended, some diverged: the choice ranks their rates lower and goes on
+    ("1", False, 1),   # a run failed: the same command trains it again, nothing chosen
+    ("2", False, 1),   # a bad setting
+    ("124", False, 0),  # STOP_AFTER_S: resumed by the same command
+])
+def test_protocol_goes_on_where_seed_0_ended_and_fails_where_it_failed(seed0_exit, seeds_run, exit_code, tmp_path):
+    """A seed-0 pass that ended with a diverged run (sandbox-train exit code 3) was taken for an unfinished one: the
+    seeds never ran, at every resume; and a seed-0 pass that failed (exit code 1 or 2) left the script at exit
+    code 0."""
+    done = run_script(tmp_path, ["docs/results/zoology/protocol.sh", "64"],
+                      CHOOSE + f'if [[ "$*" == *" seed=0 "* ]]; then exit {seed0_exit}; fi', MPS="0")
+    assert done.returncode == exit_code, done.stdout + done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert any("seed=1" in call for call in calls) == seeds_run, calls
+    assert (tmp_path / "out" / "zoology_d64_protocol.tar.gz").exists()
+
+
+def test_runs_that_failed_fail_the_script_and_are_named(tmp_path):
+    """zoology/run.sh exited 0 whatever its runs did (the background runs' exit codes were never looked at); a run
+    stopped by its limit (124) or diverged (3) is no failure. protocol.sh passes the failure on."""
+    python = ('if [[ "$*" == *seed=1* ]]; then exit 1; fi\n'
+              'if [[ "$*" == *seed=2* ]]; then exit 124; fi\n'
+              'if [[ "$*" == *seed=3* ]]; then exit 3; fi')
+    done = run_script(tmp_path, ["docs/results/zoology/run.sh", "64", "0,1,2,3", "attention:1.0e-3"], python)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed (the same command runs them again): attention-1.0e-3-d64-s1.log" in done.stdout
+    assert (tmp_path / "out" / "zoology_d64_s0_1_2_3.tar.gz").exists()
+    protocol = run_script(tmp_path, ["docs/results/zoology/protocol.sh", "64"],
+                          CHOOSE + 'if [[ "$*" == *seed=1* ]]; then exit 1; fi', MPS="0")
+    assert protocol.returncode == 1 and "failed (the same command runs them again)" in protocol.stdout
+
+
+REPORTED_RUNS = REPO / "docs" / "results" / "zoology_6000_steps" / "d256" / "runs"
+
+
+def chosen_rates(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "docs/results/zoology/chosen_rates.py", str(folder)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("statuses, chosen", [
+    ({"0.01": "diverged"}, "report"),                          # the report ranks the diverged rate below the others
+    ({"0.01": "interrupted"}, None),                           # it could still win when it finishes
+    ({lr: "diverged" for lr in ("0.0001", "0.00046", "0.0022", "0.01")}, None),  # nothing to choose
+])
+def test_chosen_rates_chooses_as_the_report_does(statuses, chosen, tmp_path):
+    """chosen_rates.py on attention's four seed-0 runs of width 256, some of them set to other statuses: where a rate
+    diverged on seed 0 it printed no choice (every resume of protocol.sh again), where the report chose one."""
+    from sandbox.report import make_rows, to_runs
+    from sandbox.results import collect_results
+
+    for run in REPORTED_RUNS.glob("model.d_model=256,model=attention,*"):
+        shutil.copytree(run, tmp_path / run.name)
+        lr = re.search(r"optim\.lr=([^,]+)", run.name).group(1)
+        if lr in statuses:
+            result = json.loads((tmp_path / run.name / "result.json").read_text())
+            result["status"] = statuses[lr]
+            for key in ("best_val_acc", "test_acc", "test_loss"):
+                result[key] = float("nan")
+            (tmp_path / run.name / "result.json").write_text(json.dumps(result))
+    done = chosen_rates(tmp_path)
+    assert done.returncode == 0, done.stderr
+    if chosen is None:
+        assert done.stdout.strip() == "" and "attention (d_model 256): " in done.stderr
+    else:
+        [row] = make_rows(to_runs(collect_results(tmp_path)))
+        assert row.choice is not None and done.stdout.split() == [f"attention:{row.choice[0]}"]
+
+
+@pytest.mark.parametrize("multirun_exit, exit_code", [("1", 1), ("2", 1), ("3", 0), ("124", 0)])
+def test_mad_fails_where_its_multirun_failed(multirun_exit, exit_code, tmp_path):
+    """mad/run.sh said the multirun's exit code and exited 0 whatever it was; a failed run or a bad setting is
+    exit code 1 now, diverged runs (3) and a stop by STOP_AFTER_S (124) are not."""
+    done = run_script(tmp_path, ["docs/results/mad/run.sh", "mad_recall", "attention"], f"exit {multirun_exit}",
+                      MPS="0")
+    assert done.returncode == exit_code, done.stdout + done.stderr
+    assert f"multirun: exit code {multirun_exit}" in done.stdout
+    assert (tmp_path / "out" / "mad.tar.gz").exists()
+
+
+def test_chosen_rates_fails_where_a_folder_name_does_not_give_the_model(tmp_path):
+    """A run folder's name is cut at 120 bytes: with long overrides before `model=` (sorted by key) it gave
+    `gated_del...` as the model to run.sh (or crashed with an AttributeError where `model=` was cut off)."""
+    for run in REPORTED_RUNS.glob("model.d_model=256,model=gated_deltanet,*"):
+        name = "callbacks.early_stopping.patience=2000,callbacks.early_stopping.threshold=0.999,logger.kind=csv," \
+               + run.name[:38] + "...-" + run.name.rsplit("-", 1)[1]
+        shutil.copytree(run, tmp_path / name)
+    done = chosen_rates(tmp_path)
+    assert done.returncode == 1 and "its folder's name gives no model" in done.stderr, done.stdout + done.stderr

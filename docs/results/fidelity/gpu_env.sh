@@ -37,9 +37,12 @@ leave_mps() {
 }
 # start_runs stops the script (exit code 2, nothing started) on a MAX_PROCS, RUN_LIMIT_S, STOP_AFTER_S or MPS that
 # run_limit, wait_for_slot and the daemon cannot use (MAX_PROCS=0 would wait forever, MAX_PROCS=abc start every
-# run at once).
+# run at once), and on a ROOT that is no plain path as a Hydra override value (output_root=$ROOT): a comma made a
+# multirun sweep output_root, each run trained once in each folder; a space split it.
 start_runs() {
   whole_number MAX_PROCS 1 && whole_number RUN_LIMIT_S 1 && whole_number STOP_AFTER_S 0 || exit 2
+  [ -z "$ROOT" ] || [[ $ROOT =~ ^[A-Za-z0-9_./+@%-]+$ ]] ||
+    { echo "ROOT=$ROOT is invalid: a path of letters, digits and _ . / + @ % - (Hydra's output_root)" >&2; exit 2; }
   local mps=${MPS:-auto}
   [[ $mps =~ ^(0|1|auto)$ ]] || { echo "MPS=$MPS is invalid: 0, 1 or auto (the default)" >&2; exit 2; }
   mkdir -p "$1/logs"; runs_start=$(date +%s) mps_on=0

@@ -9,7 +9,7 @@
 #   STOP_AFTER_S=500 ...   runs end with a checkpoint 500 s after the start; the same command given again while the
 #     machine is warm resumes them from their checkpoints and leaves finished ones as they are. ROOT: where the
 #     runs go (default /tmp/mad).
-# Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run).
+# Writes $OUT/mad.tar.gz (result.json, metrics.csv and logs of every run). Exit code 1 where a run failed.
 # The arguments are checked before anything is installed or started (one line, exit code 2): a typo'd task or
 # model would otherwise fail its jobs after the jobs before them had trained.
 bad() { echo "mad/run.sh: error: $*" >&2; exit 2; }
@@ -30,6 +30,10 @@ if limit=$(multirun_limit); then
   echo "== $(date -u +%FT%TZ) task=$tasks model=$models $* (${PROCESSES:-12} processes)" >> $root/logs/mad.log
   timeout -s TERM "$limit" python -m sandbox.train -m experiment=mad task=$tasks model=$models "$@" \
     output_root=$root callbacks.progress=lines hydra.launcher.processes=${PROCESSES:-12} >> $root/logs/mad.log 2>&1
-  echo "multirun: exit code $?"
+  status=$?
+  echo "multirun: exit code $status"
 fi
-finish_runs $root "$OUT/mad.tar.gz"
+# exit code 1 where the multirun failed (a run failed, a bad setting): not where every run ended (sandbox-train's 0, 3,
+# 4, 5: finished, diverged, not trained, pruned) or where STOP_AFTER_S or a signal stopped it (124, 130, 143: resumed
+# by the same command)
+finish_runs $root "$OUT/mad.tar.gz" && [[ ${status:-0} =~ ^(0|3|4|5|124|130|143)$ ]]

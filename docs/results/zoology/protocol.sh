@@ -8,6 +8,8 @@
 #   PROCESSES=12 ...   jobs at once (default: as many as the GPU's memory holds at this width, at most 18)
 #   OVERRIDES="trainer.max_steps=3000" ...   more Hydra overrides for every run; ROOT as in run.sh (default /tmp/zoology)
 # Writes $OUT/zoology_d${WIDTH}_protocol.tar.gz (result.json, metrics.csv and logs of every run).
+# Exit code 1 where the seed-0 pass failed (a run failed, a bad setting), or the choice or the seeds pass did; 0 when
+# STOP_AFTER_S stopped it (the same command resumes) and when runs diverged (the choice ranks their rates lower).
 [[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "protocol.sh: error: WIDTH '$1' is invalid: a whole number >= 1 (model.d_model)" >&2; exit 2; }
 [ -z "$PROCESSES" ] || [[ $PROCESSES =~ ^[1-9][0-9]*$ ]] ||
   { echo "protocol.sh: error: PROCESSES=$PROCESSES is invalid: a whole number >= 1" >&2; exit 2; }
@@ -20,18 +22,28 @@ memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits |
 fit=$(( memory_mib * 9 / 10 / (3500 + 24 * width) ))
 processes=${PROCESSES:-$(( fit > 18 ? 18 : fit < 1 ? 1 : fit ))}
 start_runs $root
-status=1
+code=0  # this script's: 1 where the seed-0 pass, the choice or the seeds pass failed
 if limit=$(multirun_limit); then
   echo "== $(date -u +%FT%TZ) seed 0, every model and rate, $processes processes $OVERRIDES" >> $root/logs/seed0-d$width.log
   timeout -s TERM "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
     model.d_model=$width seed=0 hydra.launcher.processes=$processes $OVERRIDES >> $root/logs/seed0-d$width.log 2>&1
   status=$?
   echo "seed 0 pass: exit code $status"
+  # sandbox-train's exit code: 0 every run finished; 3, 4, 5 every run ended, some diverged, not trained or pruned
+  # (rates the report ranks below the others: the choice goes on); 124 (timeout), 130, 143: stopped, the runs
+  # checkpointed, the same command resumes them; anything else: failed (a run, a setting)
+  case $status in
+    0|3|4|5)
+      if limit=$(multirun_limit); then
+        chosen=$(python docs/results/zoology/chosen_rates.py $root/zoology) || code=1
+        echo "chosen on seed 0: $chosen"
+        # run.sh joins the same MPS daemon and packs into its own ROOT's logs, beside this one's runs
+        [ -z "$chosen" ] || ROOT=$root STOP_AFTER_S=$limit MAX_PROCS=$processes bash docs/results/zoology/run.sh \
+          $width 1,2 $chosen || code=1
+      fi ;;
+    124|130|143) ;;
+    *) code=1 ;;
+  esac
 fi
-if [ $status -eq 0 ] && limit=$(multirun_limit); then
-  chosen=$(python docs/results/zoology/chosen_rates.py $root/zoology)
-  echo "chosen on seed 0: $chosen"
-  # run.sh joins the same MPS daemon and packs into its own ROOT's logs, beside this one's runs
-  ROOT=$root STOP_AFTER_S=$limit MAX_PROCS=$processes bash docs/results/zoology/run.sh $width 1,2 $chosen
-fi
-finish_runs $root "$OUT/zoology_d${width}_protocol.tar.gz"
+finish_runs $root "$OUT/zoology_d${width}_protocol.tar.gz" || code=1
+exit $code

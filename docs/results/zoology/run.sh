@@ -45,17 +45,32 @@ train() {  # train LIMIT LOG OVERRIDE...: one `sandbox-train -m experiment=zoolo
   local limit=$1 log=$2; shift 2
   # appended under a header: a command given again to resume keeps what the earlier ones printed
   echo "== $(date -u +%FT%TZ) $* $OVERRIDES" >> "$log"
-  timeout "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
-    model.d_model=$width "$@" $OVERRIDES >> "$log" 2>&1 &
+  { timeout "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
+      model.d_model=$width "$@" $OVERRIDES; echo "run.sh: exit code $?"; } >> "$log" 2>&1 &
+}
+# failed LOG: whether the run whose console output is LOG failed in its last start (a run failed, a bad setting): not
+# finished, diverged, not trained, pruned (sandbox-train's 0, 3, 4, 5) nor stopped by its limit (124) to resume
+failed() {
+  local code; code=$(tac "$1" | sed '/^== /q' | sed -n 's/^run\.sh: exit code //p' | head -n 1)
+  [[ -n $code && ! $code =~ ^(0|3|4|5|124)$ ]]
+}
+# say_failed LOG...: after finish_runs, exit code 1 (naming them) where runs started by this command failed
+say_failed() {
+  local log bad=()
+  for log in "$@"; do failed "$log" && bad+=("${log##*/}"); done
+  [ ${#bad[@]} -eq 0 ] || { echo "failed (the same command runs them again): ${bad[*]}"; exit 1; }
 }
 if [ "${jobs[0]}" = stacked ]; then
   stacked=("${jobs[@]:1}"); [ ${#stacked[@]} -eq 0 ] && stacked=("${models[@]}")
   start_runs $root
+  logs=()
   for m in "${stacked[@]}"; do
     limit=$(run_limit) || break
-    train "$limit" "$root/logs/$m-d$width-stacked.log" model=$m seed=$seeds hydra.launcher.stack=true
+    logs+=("$root/logs/$m-d$width-stacked.log")
+    train "$limit" "${logs[-1]}" model=$m seed=$seeds hydra.launcher.stack=true
   done
-  finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}_stacked.tar.gz"
+  finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}_stacked.tar.gz" || exit 1
+  say_failed "${logs[@]}"
   exit
 fi
 if [ "${jobs[0]}" = all ]; then
@@ -70,9 +85,11 @@ start() {  # the runs given, at most MAX_PROCS at once; returns when the last ha
     m=${run%%:*} rest=${run#*:}
     wait_for_slot
     limit=$(run_limit) || return 0
+    started[$run]=1
     train "$limit" "$(log_of "$run")" model=$m optim.lr=${rest%:*} seed=${rest##*:}
   done
 }
+declare -A started  # the runs this command started
 start_runs $root
 start "${runs[@]}"
 wait
@@ -82,4 +99,5 @@ if [ ${#again[@]} -gt 0 ]; then
   echo "out of GPU memory, run again: ${again[*]}"
   MAX_PROCS=$(( (${MAX_PROCS:-12} + 1) / 2 )) start "${again[@]}"
 fi
-finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz"
+finish_runs $root "$OUT/zoology_d${width}_s${seeds//,/_}.tar.gz" || exit 1
+say_failed $(for run in "${!started[@]}"; do log_of "$run"; done)
