@@ -211,7 +211,8 @@ class FusedRecurrentFunction(torch.autograd.Function):
         V = v.shape[-1]
         NV = triton.cdiv(V, BV)
         rows = B * T * H
-        do = do.contiguous()
+        # the kernels read do and dht as contiguous; a loss such as ht.sum() hands in an expanded (stride 0) dht
+        do, dht = do.contiguous(), _flat(dht)
         varlen = cu_seqlens is not None
         f32 = {"device": q.device, "dtype": torch.float32}
         dk_part = empty(NV, B, T, H, K, **f32)

@@ -140,6 +140,9 @@ class LanguageModel(nn.Module):
         if tie_embeddings and head_init != "random":
             raise ValueError(f"head_init={head_init!r} needs tie_embeddings=false (a tied output layer is E)")
         check_flag("detach_head", detach_head)
+        if mixer_options is not None and not isinstance(mixer_options, Mapping):  # dict() would fail obscurely
+            raise ValueError(f"mixer_options={mixer_options!r} is not valid; it must be a mapping of option names "
+                             f"to values (valid keys: {sorted(mixer_option_defaults(mixer))})")  # fmt: skip
         options = dict(mixer_options or {})
         valid = mixer_option_defaults(mixer)
         unknown = sorted(set(options) - set(valid))

@@ -100,6 +100,24 @@ def test_triton_op_without_initial_or_final_state(mode):
     assert all(torch.isfinite(t.grad).all() for t in x.values())
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", ["gla", "gated_deltanet"])
+def test_triton_op_final_state_gradient_of_any_layout(rule, mode):
+    """A loss such as ht.sum() hands the backward an expanded (stride 0) dht, which the kernels once read as
+    contiguous: every gradient came out wrong (or NaN)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cu = torch.tensor([0, 3, 3, 11], dtype=torch.int32, device=device)
+    x64 = make_inputs(rule, 1, 11, 2, 16, 16, dtype=torch.float64, device=device, initial_state=True, N=3)
+    x = {n: t.detach().float().requires_grad_() for n, t in x64.items()}
+    ref = kernels.get_op(rule, "torch", "recurrent")(**x64, output_final_state=True, cu_seqlens=cu)
+    o, ht = kernels.get_op(rule, "triton", mode)(**x, output_final_state=True, cu_seqlens=cu)
+    do = torch.randn_like(ref[0])
+    ref_grads = torch.autograd.grad((ref[0] * do).sum() + ref[1].sum(), list(x64.values()))
+    grads = torch.autograd.grad((o * do.float()).sum() + ht.sum(), list(x.values()))
+    errors = {f"d{n}": rel_err(got, want) for n, got, want in zip(x, grads, ref_grads)}
+    assert not {n: e for n, e in errors.items() if not e < 1e-4}, errors
+
+
 def test_triton_op_refuses_float64():
     x = make_inputs("deltanet", 1, 4, 1, 16, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):

@@ -215,6 +215,8 @@ def test_state_sizes():
         ({"mixer": "mom", "mixer_options": {"shared_memory": "yes"}}, "shared_memory", "true or false"),
         ({"mixer": "mom", "mixer_options": {"aux_loss_coef": -1.0}}, "aux_loss_coef", ">= 0"),
         ({"mixer": "attention", "d_model": 0}, "d_model", ">= 1"),
+        ({"mixer": "mom", "mixer_options": ["top_k"]}, "mixer_options", "mapping"),
+        ({"mixer": "gla", "mixer_options": 2}, "mixer_options", "num_heads"),
     ],
 )
 def test_bad_config(kwargs, key, valid):

@@ -95,7 +95,9 @@ class ChunkFunction(torch.autograd.Function):
         t = tiles(K, V, delta, q.dtype)
         f32 = {"device": q.device, "dtype": torch.float32}
         rows = B * T * H
+        # the kernels read do and dht as contiguous; a loss such as ht.sum() hands in an expanded (stride 0) dht
         do = do.contiguous()
+        dht = None if dht is None else dht.contiguous()
         common = {"H": H, "K": K, "C": C, "DOT": t.dot}
 
         dH = empty(NC, H, K, V, **f32)
