@@ -979,7 +979,7 @@ def chosen_rates(folder: Path) -> subprocess.CompletedProcess:
 
 def test_chosen_rates_gives_the_report_s_choice_once_every_rate_finished_seed_0(tmp_path):
     """docs/results/zoology/chosen_rates.py, which protocol.sh runs seeds 1 and 2 at: per model the rate of the
-    best validation on seed 0; a model one of whose rates has not finished seed 0 gets no rate yet."""
+    best validation on seed 0; a model one of whose rates has not ended seed 0 (interrupted) gets no rate yet."""
     for lr, val in [(1e-3, 0.5), (1e-2, 0.8)]:
         write_run(tmp_path, f"model.d_model=64,model=gla,optim.lr={lr},seed=0", "gla", lr=lr, val=val)
     for lr, val, status in [(1e-3, 0.9, "finished"), (1e-2, 0.2, "interrupted")]:
@@ -987,7 +987,7 @@ def test_chosen_rates_gives_the_report_s_choice_once_every_rate_finished_seed_0(
                   status=status)
     done = chosen_rates(tmp_path)
     assert done.stdout.split() == ["gla:0.01"]
-    assert "not every rate finished on seed 0" in done.stderr and done.stderr.startswith("mom")
+    assert "not every rate has ended on seed 0" in done.stderr and done.stderr.startswith("mom")
 
 
 def test_a_mad_only_report_defines_the_columns_of_its_settings_table(tmp_path):
