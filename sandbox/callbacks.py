@@ -124,7 +124,7 @@ class StopOnDivergence(L.Callback):
     def on_train_end(self, trainer, pl_module):
         # The last step's update is seen by no training loss: weights it made non-finite would leave the run
         # "finished", tested on an earlier best checkpoint.
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in pl_module.parameters()]).all())  # one read
         if trainer.strategy.reduce_boolean_decision(not finite, all=False):
             raise Diverged(f"weights not finite after step {trainer.global_step}")
 

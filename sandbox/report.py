@@ -429,9 +429,14 @@ def choice_cell(row: Row) -> str:
         (f"; {others} other{'s' * (others > 1)} without a finished or diverged run" if others else "") + ")"
 
 
+def known(values: list) -> list[float]:
+    """The values a mean is over: those given, and not NaN."""
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of its 95% interval (Student's t); NaN for a single value, which has none."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = known(values)
     if not values:
         return float("nan"), float("nan")
     if len(values) == 1:
@@ -502,7 +507,7 @@ def _mean_cell(mean: float, half: float) -> str:
 def _stat_cell(row: Row, metric: str) -> str:
     """The row's mean and interval of `metric`, with the seeds it is over where some chosen seed lacks it (a
     slice its test split did not hold, a result of older code): the `runs` cell would overstate its n."""
-    counted = sum(run.get(metric) is not None and not math.isnan(run[metric]) for run in row.chosen)
+    counted = len(known([run.get(metric) for run in row.chosen]))
     cell = _mean_cell(*row.stat(metric))
     return cell + (f" ({counted} of {len(row.chosen)} seeds)" if 0 < counted < len(row.chosen) else "")
 

@@ -416,8 +416,8 @@ def check_storage_url(url: str) -> None:
                           "Optuna storage URL such as sqlite:///path/study.db or postgresql+psycopg://user@host/db"
                           ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ConfigError(f"--storage {url!r} is invalid: an in-memory database cannot hold a study across workers "
-                          "and processes (it is lost when the command ends); give a file path, "
+        raise ConfigError(f"--storage {shown_url(url)!r} is invalid: an in-memory database cannot hold a study "
+                          "across workers and processes (it is lost when the command ends); give a file path, "
                           "sqlite:///path/study.db")
 
 
@@ -542,7 +542,7 @@ def open_writable_study(space: dict, url: str, overrides: list[str], setting: st
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
         cause = err.__cause__ or err
         cause = getattr(cause, "orig", None) or cause  # the database's words, without SQLAlchemy's SQL and links
-        raise ConfigError(f"{setting} cannot be written ({one_line(cause)}: {url}); it must be a writable "
+        raise ConfigError(f"{setting} cannot be written ({one_line(cause)}: {shown_url(url)}); it must be a writable "
                           "storage (folder and file) with free space") from None
 
 

@@ -84,7 +84,13 @@ multirun_limit() { RUN_LIMIT_S=1000000 run_limit; }
 # out_of_memory LOG: whether the run whose console output is LOG failed for want of GPU memory in its last start
 # (the part after LOG's last "== " header; packed runs share the memory: one that starts when the others have
 # grown can find none left).
-out_of_memory() { [ -f "$1" ] && tac "$1" | sed '/^== /q' | grep -q "torch.OutOfMemoryError"; }
+out_of_memory() { [ -f "$1" ] && last_start "$1" | grep -q "torch.OutOfMemoryError"; }
+# last_start LOG: LOG's lines since its last "== " header (the last start of its run), newest first
+last_start() { tac "$1" | sed '/^== /q'; }
+# sandbox-train's exit code: every run ended (0 finished; 3, 4, 5 some diverged, not trained or pruned), or stopped
+# by STOP_AFTER_S, a run's limit or a signal (124, 130, 143: the same command resumes); anything else, a failure
+runs_ended() { [[ $1 =~ ^(0|3|4|5)$ ]]; }
+runs_stopped() { [[ $1 =~ ^(124|130|143)$ ]]; }
 wait_for_slot() { while [ "$(jobs -rp | wc -l)" -ge "${MAX_PROCS:-12}" ]; do wait -n; done; }
 finish_runs() {
   wait

@@ -33,7 +33,5 @@ if limit=$(multirun_limit); then
   status=$?
   echo "multirun: exit code $status"
 fi
-# exit code 1 where the multirun failed (a run failed, a bad setting): not where every run ended (sandbox-train's 0, 3,
-# 4, 5: finished, diverged, not trained, pruned) or where STOP_AFTER_S or a signal stopped it (124, 130, 143: resumed
-# by the same command)
-finish_runs $root "$OUT/mad.tar.gz" && [[ ${status:-0} =~ ^(0|3|4|5|124|130|143)$ ]]
+# exit code 1 where the multirun failed (a run failed, a bad setting), not where its runs ended or were stopped
+finish_runs $root "$OUT/mad.tar.gz" && { runs_ended ${status:-0} || runs_stopped ${status:-0}; }

@@ -29,21 +29,19 @@ if limit=$(multirun_limit); then
     model.d_model=$width seed=0 hydra.launcher.processes=$processes $OVERRIDES >> $root/logs/seed0-d$width.log 2>&1
   status=$?
   echo "seed 0 pass: exit code $status"
-  # sandbox-train's exit code: 0 every run finished; 3, 4, 5 every run ended, some diverged, not trained or pruned
-  # (rates the report ranks below the others: the choice goes on); 124 (timeout), 130, 143: stopped, the runs
-  # checkpointed, the same command resumes them; anything else: failed (a run, a setting)
-  case $status in
-    0|3|4|5)
-      if limit=$(multirun_limit); then
-        chosen=$(python docs/results/zoology/chosen_rates.py $root/zoology) || code=1
-        echo "chosen on seed 0: $chosen"
-        # run.sh joins the same MPS daemon and packs into its own ROOT's logs, beside this one's runs
-        [ -z "$chosen" ] || ROOT=$root STOP_AFTER_S=$limit MAX_PROCS=$processes bash docs/results/zoology/run.sh \
-          $width 1,2 $chosen || code=1
-      fi ;;
-    124|130|143) ;;
-    *) code=1 ;;
-  esac
+  # every run ended: the choice goes on (rates with diverged runs rank below the others); stopped: the same command
+  # resumes; anything else failed (a run, a setting)
+  if runs_ended $status; then
+    if limit=$(multirun_limit); then
+      chosen=$(python docs/results/zoology/chosen_rates.py $root/zoology) || code=1
+      echo "chosen on seed 0: $chosen"
+      # run.sh joins the same MPS daemon and packs into its own ROOT's logs, beside this one's runs
+      [ -z "$chosen" ] || ROOT=$root STOP_AFTER_S=$limit MAX_PROCS=$processes bash docs/results/zoology/run.sh \
+        $width 1,2 $chosen || code=1
+    fi
+  elif ! runs_stopped $status; then
+    code=1
+  fi
 fi
 finish_runs $root "$OUT/zoology_d${width}_protocol.tar.gz" || code=1
 exit $code

@@ -48,11 +48,10 @@ train() {  # train LIMIT LOG OVERRIDE...: one `sandbox-train -m experiment=zoolo
   { timeout "$limit" python -m sandbox.train -m experiment=zoology output_root=$root callbacks.progress=lines \
       model.d_model=$width "$@" $OVERRIDES; echo "run.sh: exit code $?"; } >> "$log" 2>&1 &
 }
-# failed LOG: whether the run whose console output is LOG failed in its last start (a run failed, a bad setting): not
-# finished, diverged, not trained, pruned (sandbox-train's 0, 3, 4, 5) nor stopped by its limit (124) to resume
+# failed LOG: whether the run whose console output is LOG failed in its last start (a run failed, a bad setting)
 failed() {
-  local code; code=$(tac "$1" | sed '/^== /q' | sed -n 's/^run\.sh: exit code //p' | head -n 1)
-  [[ -n $code && ! $code =~ ^(0|3|4|5|124)$ ]]
+  local code; code=$(last_start "$1" | sed -n 's/^run\.sh: exit code //p' | head -n 1)
+  [ -n "$code" ] && ! runs_ended "$code" && ! runs_stopped "$code"
 }
 # say_failed LOG...: after finish_runs, exit code 1 (naming them) where runs started by this command failed
 say_failed() {
