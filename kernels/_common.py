@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Di
     """Validate the uniform op signature for `rule` (its name); returns the problem's sizes and the resolved scale."""
     spec = get_rule(rule)
     g_layout, takes_beta = spec.gate, spec.delta
+    _check_tensors(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, cu_seqlens=cu_seqlens)
     if q.dim() != 4:
         raise ValueError(f"q must have shape [B, T, H, K], got {_shape(q)}")
     B, T, H, K = q.shape
@@ -52,6 +55,11 @@ def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Di
     if v.dim() != 4 or _shape(v)[:3] != [B, T, H]:
         raise ValueError(f"v must have shape [B, T, H, V] with [B, T, H] = {[B, T, H]}, got {_shape(v)}")
     V = v.shape[3]
+    if min(B, H, K, V) < 1:  # K = 0 divided by zero in the scale, B = 0 or H = 0 failed in the torch forms' reshapes
+        raise ValueError(f"q, k, v need B, H, K, V >= 1 (T may be 0), got [B, T, H, K] = {[B, T, H, K]}, V = {V}")
+    finite = isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)
+    if scale is not None and not finite:  # a NaN scale made every output NaN
+        raise ValueError(f"scale={scale!r} is not valid; it must be a finite number, or None for K ** -0.5")
     if g_layout is None and g is not None:
         raise ValueError(f"{rule} takes no g (log decays); got g of shape {_shape(g)}")
     if g_layout is not None:
@@ -82,6 +90,20 @@ def check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens) -> Di
     if initial_state is not None:
         _expect("initial_state", initial_state, [N, H, K, V], "N, H, K, V")
     return Dims(B, T, H, K, V, N, K**-0.5 if scale is None else float(scale))
+
+
+def _check_tensors(**named) -> None:
+    """Every argument given is a tensor on q's device (the Triton kernels would read another device's memory as
+    their own), the data a floating-point one: an integer q, k or v was computed on as if it were float."""
+    for name, x in named.items():
+        if x is None and name not in ("q", "k", "v"):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != named["q"].device:
+            raise ValueError(f"{name} is on {x.device}, q on {named['q'].device}: every tensor must be on q's device")
+        if name != "cu_seqlens" and not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 def check_triton_inputs(q: torch.Tensor) -> None:

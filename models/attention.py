@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.runs import fold_runs
-from models.common import ShortConv, check_backend, check_flag, check_int, head_layout
+from models.common import ShortConv, check_backend, check_flag, check_input, check_int, head_layout
 
 
 class Attention(nn.Module):
@@ -61,6 +61,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(K, eps=1e-5) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.d_model)
         B, T, _ = x.shape
         qkv = self.qkv_conv(self.qkv_proj(x))
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -73,6 +74,7 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
+        check_int("batch_size", batch_size)
         p = self.qkv_proj.weight
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=p.device, dtype=p.dtype)
         conv = self.qkv_conv.init_state(batch_size, device=p.device, dtype=p.dtype)
@@ -80,6 +82,7 @@ class Attention(nn.Module):
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x [B, d_model] -> (y [B, d_model], cache with this token appended)."""
+        check_input(x, self.d_model, step=True, batch=state["k"].shape[0])
         B = x.shape[0]
         qkv, conv = self.qkv_conv.step(self.qkv_proj(x), state["conv"])
         q, k, v = qkv.view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # [B, H, 1, K]

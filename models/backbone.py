@@ -18,7 +18,9 @@ token shares, which softmax ignores); `head_init="embedding"` starts an untied o
 `detach_head` keeps the output loss from training the output layer (E itself when tied).
 
 Norms are RMSNorm, the MLP is SwiGLU. `build_model` validates the settings (unknown mixer or mixer option:
-ValueError naming the key and the valid values) and records the resolved arguments in `model.config`.
+ValueError naming the key and the valid values) and records the resolved arguments in `model.config`. `forward`
+and `step` check their inputs before any work (`check_ids`: dtype, shape, an empty batch or sequence refused, the
+ids' range on the CPU), the mixers theirs (`models.common.check_input`).
 """
 
 from __future__ import annotations
@@ -204,7 +206,10 @@ class LanguageModel(nn.Module):
         return weight - weight.mean(0) if self.config["center_embeddings"] else weight
 
     def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embedding_weight())
+        try:
+            h = F.embedding(input_ids, self.embedding_weight())
+        except IndexError:  # on the CPU; the ids are not read before, which on CUDA would sync every forward
+            raise _out_of_range("input_ids", input_ids, self.config["vocab_size"], "vocab_size") from None
         if self.positions is not None:
             end = start + (input_ids.shape[1] if input_ids.dim() == 2 else 1)
             if end > self.config["max_seq_len"]:
@@ -218,6 +223,15 @@ class LanguageModel(nn.Module):
         """input_ids [B, T] int64; label_mask [B, T] bool, or label_index [N] int64 (flat positions b T + t, in
         the order given: a count the caller fixes, where a mask's selection reads its count from the device),
         or neither. stats_positions [B, T] bool: the positions that the routers' content loads count (MoM)."""
+        check_ids("input_ids", input_ids, "B, T")
+        for name, mask in (("label_mask", label_mask), ("stats_positions", stats_positions)):
+            if mask is not None and (mask.shape != input_ids.shape or mask.dtype != torch.bool):
+                raise ValueError(f"{name} must be a bool tensor of shape {list(input_ids.shape)}, "
+                                 f"got {mask.dtype} of shape {list(mask.shape)}")  # fmt: skip
+        if label_index is not None:
+            if label_mask is not None:
+                raise ValueError("give label_mask or label_index, not both: each selects the labelled positions")
+            check_ids("label_index", label_index, "N", empty=True)
         routers = [block.mixer for block in self.blocks if hasattr(block.mixer, "stats_positions")]
         for router in routers:
             router.stats_positions = stats_positions
@@ -227,13 +241,11 @@ class LanguageModel(nn.Module):
         for router in routers:  # not kept past the forward (under vmap it would be a batched tensor)
             router.stats_positions = None
         if label_index is not None:
-            h = h.flatten(0, 1)[label_index]
+            try:
+                h = h.flatten(0, 1)[label_index]
+            except IndexError:  # on the CPU, as in `_embed`
+                raise _out_of_range("label_index", label_index, input_ids.numel(), "B * T") from None
         if label_mask is not None:
-            if label_mask.shape != input_ids.shape or label_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"label_mask must be a bool tensor of shape {list(input_ids.shape)}, "
-                    f"got {label_mask.dtype} of shape {list(label_mask.shape)}"
-                )
             h = h[label_mask]
         logits = self.logits(self.norm(h))
         aux = torch.zeros((), device=logits.device)
@@ -272,6 +284,7 @@ class LanguageModel(nn.Module):
 
     def step(self, input_ids: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One token per sequence: input_ids [B] -> (logits [B, V], new state)."""
+        check_ids("input_ids", input_ids, "B")
         h = self._embed(input_ids, state["position"])
         layers = []
         for block, layer_state in zip(self.blocks, state["layers"]):
@@ -280,10 +293,30 @@ class LanguageModel(nn.Module):
         return self.logits(self.norm(h)), {"position": state["position"] + 1, "layers": layers}
 
     def state_size(self, seq_len: int) -> int:
+        check_int("seq_len", seq_len, low=0)
         return sum(block.mixer.state_size(seq_len) for block in self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_ids(name: str, ids, letters: str, empty: bool = False) -> None:
+    """Integer ids of shape [letters], every size >= 1 (`empty`: sizes may be 0). An empty batch or sequence is
+    refused: it failed in a reshape deep in the mixers (and MoM's load statistics would be NaN). Their values are
+    not read (on CUDA that would sync every forward): an id out of range is named where it is used
+    (`_out_of_range`, on the CPU; on CUDA the embedding stops with a device-side assert)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an int64 (or int32) tensor [{letters}], got {got}")
+    if ids.dim() != letters.count(",") + 1 or (not empty and 0 in ids.shape):
+        sizes = "" if empty else " with every size >= 1"
+        raise ValueError(f"{name} must have shape [{letters}]{sizes}, got {list(ids.shape)}")
+
+
+def _out_of_range(name: str, ids: torch.Tensor, high: int, high_name: str) -> ValueError:
+    """The error for ids that indexing refused (read now that it failed: the cost no longer matters)."""
+    low, top = (int(x) for x in torch.aminmax(ids))
+    return ValueError(f"{name} must lie in [0, {high_name}={high}), got values from {low} to {top}")
 
 
 def common_part(weight: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Small pieces the mixers share: argument checks, the check of the backend setting, and the short causal
+"""Small pieces the mixers share: argument and input checks, the check of the backend setting, and the short causal
 convolution and the gated per-head RMSNorm as modules (their PyTorch forms are in `kernels/conv_torch.py` and
 `kernels/norms_torch.py`, beside their Triton forms).
 """
@@ -81,6 +81,22 @@ def value_dim(head_dim: int, expand_v: float) -> int:
             f"expand_v={expand_v!r} is not valid: head_dim * expand_v = {dv} must be a positive integer"
         )
     return int(dv)
+
+
+# --- a mixer's input (checked at the entry of each forward and step) ----------------------------------
+
+
+def check_input(x, d_model: int, *, step: bool = False, batch: int | None = None) -> None:
+    """A mixer's input: a floating-point tensor [B, T, d_model] (`step`: [B, d_model], B the state's `batch`), every
+    size >= 1. Shapes only (no host sync); they failed deep in a reshape, a matmul or a kernel instead."""
+    letters = "[B, d_model]" if step else "[B, T, d_model]"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor {letters}, got {got}")
+    if x.dim() != (2 if step else 3) or x.shape[-1] != d_model or 0 in x.shape:
+        raise ValueError(f"x must have shape {letters} with d_model={d_model} and every size >= 1, got {list(x.shape)}")
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"the input has batch size {x.shape[0]}, the state {batch}: use init_state({x.shape[0]})")
 
 
 # --- the backend setting and the compute dtype -------------------------------------------------------

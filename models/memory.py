@@ -43,6 +43,7 @@ from models.common import (
     ShortConv,
     check_backend,
     check_flag,
+    check_input,
     check_int,
     compute_dtype,
     head_layout,
@@ -178,9 +179,11 @@ class MemoryMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d_model] -> y [B, T, d_model]."""
+        check_input(x, self.d_model)
         return routing.dense(self, x, None, kernels.resolve_backend(self.backend, x.device))
 
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
+        check_int("batch_size", batch_size)
         p = self.q_proj.weight
         n, H, K, V = self.num_slots, self.num_heads, self.key_dim, self.value_dim
         return {
@@ -192,6 +195,7 @@ class MemoryMixer(nn.Module):
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x [B, d_model] -> (y [B, d_model], new state)."""
+        check_input(x, self.d_model, step=True, batch=state["S"].shape[0])
         return routing.dense_step(self, x, state, None, kernels.resolve_backend(self.backend, x.device))
 
     def state_size(self, seq_len: int) -> int:

@@ -52,7 +52,7 @@ from torch import nn
 
 import kernels
 from kernels.runs import batched
-from models.common import check_choice, check_flag, check_int, check_number, compute_dtype
+from models.common import check_choice, check_flag, check_input, check_int, check_number, compute_dtype
 from models.memory import MemoryMixer
 from models.routing import Routing, dense, dense_step, packed, packed_step
 
@@ -126,6 +126,7 @@ class MoM(nn.Module):
         return probs, Routing.top_k(index, top / top.sum(-1, keepdim=True), self.num_memories, self.shared_memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.memory.d_model)
         backend = kernels.resolve_backend(self.backend, x.device)
         probs, routing = self.route(x)
         # stacked runs (under vmap) take the dense form: the packed one's kernels take each run's weights
@@ -167,6 +168,7 @@ class MoM(nn.Module):
 
         On the triton backend without autograd (decoding), only the selected memories' states are read and
         written, in place; with autograd on, the reference step (a new state, all memories computed)."""
+        check_input(x, self.memory.d_model, step=True, batch=state["S"].shape[0])
         backend = kernels.resolve_backend(self.backend, x.device)
         _, routing = self.route(x)
         if backend == "triton" and not torch.is_grad_enabled():

@@ -170,3 +170,33 @@ def test_declaring_a_rule_refuses_what_the_kernels_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="update is not the form that the kernels compute for gate='head'"):
         rules.declare("undecayed", gate="head", delta=False, update=rules.get_rule("linear_attention").update)
     assert set(rules.RULES) == set(kernels.RULES)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", kernels.MODES)
+def test_bad_tensors_name_the_argument(backend, mode):
+    """Checked before any work, as the shapes are: on the torch forms these failed in a reshape or a division, or
+    computed a NaN or an integer input silently; the Triton kernels would read a tensor of another device."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        kernels.resolve_backend("triton", torch.device("cpu"))  # under TRITON_INTERPRET=1 (conftest)
+    x = {n: t.detach() for n, t in make_inputs("gated_deltanet", 1, 8, 2, 16, 16).items()}
+    op = kernels.get_op("gated_deltanet", backend, mode)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor, got list"):
+        op(**x, cu_seqlens=[0, 8])
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got ndarray"):
+        op(**{**x, "q": x["q"].numpy()})
+    with pytest.raises(TypeError, match="k must be a floating-point tensor, got torch.int64"):
+        op(**{**x, "k": x["k"].long()})
+    with pytest.raises(ValueError, match="beta is on meta, q on cpu"):
+        op(**{**x, "beta": x["beta"].to("meta")})
+    with pytest.raises(ValueError, match="cu_seqlens is on meta, q on cpu"):
+        op(**x, cu_seqlens=torch.tensor([0, 8], device="meta"))
+    with pytest.raises(ValueError, match="scale=nan is not valid; it must be a finite number"):
+        op(**x, scale=float("nan"))
+    for index in (0, 2, 3):  # B, H, K
+        with pytest.raises(ValueError, match=r"q, k, v need B, H, K, V >= 1 \(T may be 0\)"):
+            op(**{n: t.narrow(index, 0, 0) if (index < 3 or n in ("q", "k")) and t.dim() > index else t
+                  for n, t in x.items()})  # fmt: skip
+    o, _ = op(**{n: t[:, :0] for n, t in x.items()})  # T = 0 is no error: an empty output
+    assert o.shape == (1, 0, 2, 16)

@@ -444,3 +444,61 @@ def test_negative_eigenvalues_need_a_delta_rule(rule):
         make(rule, allow_neg_eigval=True)
     with pytest.raises(ValueError, match="allow_neg_eigval"):
         make("mom", rule=rule, allow_neg_eigval=True)
+
+
+_IDS = torch.arange(10).view(2, 5)  # vocab_size 16 below
+# id: (call on the model, exception, message naming the argument and what is valid)
+BAD_FORWARD_INPUTS = {
+    "empty-sequence": (lambda lm: lm(_IDS[:, :0]), ValueError,
+                       r"input_ids must have shape \[B, T\] with every size >= 1, got \[2, 0\]"),
+    "empty-batch": (lambda lm: lm(_IDS[:0]), ValueError, r"input_ids must have shape \[B, T\] .*got \[0, 5\]"),
+    "ids-1d": (lambda lm: lm(_IDS[0]), ValueError, r"input_ids must have shape \[B, T\]"),
+    "ids-float": (lambda lm: lm(_IDS.float()), TypeError, "input_ids must be an int64 .*got torch.float32"),
+    "ids-list": (lambda lm: lm(_IDS.tolist()), TypeError, "input_ids must be an int64 .*got list"),
+    "id-past-vocab": (lambda lm: lm(_IDS + 7), ValueError,
+                      r"input_ids must lie in \[0, vocab_size=16\), got values from 7 to 16"),
+    "id-negative": (lambda lm: lm(_IDS - 1), ValueError,
+                    r"input_ids must lie in \[0, vocab_size=16\), got values from -1 to 8"),
+    "label-index-past-end": (lambda lm: lm(_IDS, label_index=torch.tensor([0, 10])), ValueError,
+                             r"label_index must lie in \[0, B \* T=10\)"),
+    "label-index-and-mask": (lambda lm: lm(_IDS, label_index=torch.tensor([0]), label_mask=_IDS > 0), ValueError,
+                             "label_mask or label_index, not both"),
+    "stats-positions-shape": (lambda lm: lm(_IDS, stats_positions=_IDS[:, :4] > 0), ValueError,
+                              r"stats_positions must be a bool tensor of shape \[2, 5\]"),
+    "step-ids-2d": (lambda lm: lm.step(_IDS[:, :1], lm.init_state(2)), ValueError, r"input_ids must have shape \[B\]"),
+    "step-batch-not-the-state's": (lambda lm: lm.step(_IDS[:1, 0], lm.init_state(2)), ValueError,
+                                   r"batch size 1, the state 2: use init_state\(1\)"),
+    "init-state-zero": (lambda lm: lm.init_state(0), ValueError,
+                        "batch_size=0 is not valid; it must be an integer >= 1"),
+    "state-size-negative": (lambda lm: lm.state_size(-1), ValueError, "seq_len=-1 is not valid"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mixer", list(models.MIXERS))
+@pytest.mark.parametrize("case", list(BAD_FORWARD_INPUTS))
+def test_bad_forward_input_is_refused_naming_it(mixer, case):
+    """Every model refuses bad inputs at its entry, in one line naming the argument: an empty batch or sequence
+    failed in a reshape deep in the mixers (for MoM its load statistics would be NaN), ids past the vocabulary in
+    the embedding (on CUDA: a device-side assert), a wrong shape in an unpack, a matmul or a cat."""
+    call, error, message = BAD_FORWARD_INPUTS[case]
+    torch.manual_seed(0)
+    options = {} if mixer == "attention" else {"num_heads": H}
+    lm = build_model(vocab_size=16, max_seq_len=8, mixer=mixer, d_model=D, backend="torch", mixer_options=options)
+    with pytest.raises(error, match=message):
+        call(lm)
+
+
+@pytest.mark.parametrize("mixer", list(models.MIXERS))
+def test_bad_mixer_input_is_refused_naming_it(mixer):
+    m = make(mixer)
+    x = randn(2, 5, D)
+    with pytest.raises(ValueError, match=rf"x must have shape \[B, T, d_model\] with d_model={D} .*got \[2, 5, 7\]"):
+        m(x[..., :7])
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, d_model\] .*got \[2, 0, 8\]"):
+        m(x[:, :0])
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, d_model\] .*got \[5, 8\]"):
+        m(x[0])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        m(x.long())
+    with pytest.raises(ValueError, match=r"x must have shape \[B, d_model\]"):
+        m.step(x[:, 0, :7], m.init_state(2))
