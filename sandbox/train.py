@@ -144,7 +144,9 @@ class ResumableCSVLogger(CSVLogger):
 
 class _ResumableWriter(ExperimentWriter):
     """Lightning's writer deletes an existing metrics.csv; this one keeps it and, at its first save, drops the
-    rows that this segment writes again: those at or after the first step it logs."""
+    rows that this segment writes again: the test's, and those at or after the first step it trains or validates.
+    The test's row does not count: a run resumed with nothing left to train (stopped in a last step that
+    validated) logs it at that step, whose training and validation rows are the earlier segment's."""
 
     def _check_log_dir_exists(self) -> None:  # called by __init__ instead of Lightning's, which deletes the file
         self._continues = self._fs.isfile(self.metrics_file_path)
@@ -152,16 +154,21 @@ class _ResumableWriter(ExperimentWriter):
     def save(self) -> None:
         if self._continues and self.metrics:
             self._continues = False
-            first = min(row["step"] for row in self.metrics)
+            first = min((row["step"] for row in self.metrics if not _tested(row)), default=math.inf)
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 reader = csv.DictReader(file)
-                kept = [row for row in reader if _step(row) < first]
+                kept = [row for row in reader if _step(row) < first and not _tested(row)]
                 self.metrics_keys = list(reader.fieldnames or [])
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(kept)
         super().save()
+
+
+def _tested(row: dict) -> bool:
+    """A row of the test's metrics (a row read back from the file has every column, most of them empty)."""
+    return any(key.startswith("test/") and value not in ("", None) for key, value in row.items())
 
 
 def _step(row: dict) -> float:

@@ -178,6 +178,30 @@ def test_resumed_run_keeps_its_earlier_metrics_time_and_commits(step, tmp_path, 
     assert resumed["earlier_git_commits"] == ["def", "abc"]
 
 
+def test_a_run_stopped_in_its_last_step_keeps_that_step_s_rows_in_metrics_csv(tmp_path, monkeypatch):
+    """Stopped in its last step, which validates: the run resumes from that validation's checkpoint with nothing
+    left to train, and its first row is the test's, at that step. metrics.csv dropped the earlier segment's rows
+    at or after this segment's first one: the last step's training row and the validation that chose the tested
+    checkpoint."""
+    cfg = [*RESUMED, "trainer.val_check_interval=4", "trainer.log_every_n_steps=4"]  # 8 batches an epoch
+    whole = train(make_cfg(*cfg), tmp_path / "whole")
+    assert [row["step"] for row in metrics_rows(tmp_path / "whole") if row.get("val/acc")][-1] == "39"
+    run_dir = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        stop_at(patch, 39)
+        with pytest.raises(BaseException, match="SIGTERM"):
+            train(make_cfg(*cfg), run_dir)
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
+    resumed = train(make_cfg(*cfg), run_dir)
+    assert resumed["status"] == "finished" and resumed["test_acc"] == whole["test_acc"]
+    rows, whole_rows = metrics_rows(run_dir), metrics_rows(tmp_path / "whole")
+    assert rows[:-1] == whole_rows[:-1]
+    # the test's row: the same metrics, at step 39 where the whole run's is at 40 (Lightning's logging step,
+    # restored from the checkpoint written in step 40's validation, is that of the validation's row)
+    assert {k: v for k, v in rows[-1].items() if k.startswith("test/")} == {
+        k: v for k, v in whole_rows[-1].items() if k.startswith("test/")} != {}
+
+
 class RouterStatsByStep(L.Callback):
     """The router statistics of each training step's forward, by the step's row in metrics.csv (0-based)."""
 
