@@ -8,13 +8,14 @@
 A search space (conf/sweep/<space>.yaml) names the study, its objectives, trial count, sampler, pruner,
 the base overrides of every trial and the parameters with their distributions. Before any trial, the space
 and one trial's configuration are checked (a bad key or value is one line, exit code 2). The study lives in
-a sqlite file in the sweep's folder unless --storage gives another Optuna storage URL (e.g. PostgreSQL), so
-workers on one machine or many can share it, and running the command again continues it with new trials:
-the trial count is the study's total. The study keeps its definition (objectives, params, overrides, seeds
-and the first trial's configuration, so that an edited config file shows); a command asking for another one
-is refused. The pruner sees every validation; a pruned trial is PRUNED, and a trial that raises, runs out of
-memory or has a run (any one of its seeds) that did not finish, whatever its objectives, is recorded as failed
-with its reason.
+a sqlite file in the sweep's folder unless --storage (or $SANDBOX_SWEEP_STORAGE, which keeps a password off the
+command line) gives another Optuna storage URL (e.g. PostgreSQL), so workers on one machine or many can share
+it, and running the command again continues it with new trials: the trial count is the study's total. The
+study keeps its definition (objectives, params, overrides, seeds, heartbeat and the first trial's
+configuration, so that an edited config file shows), the first one stored where commands start at once; a
+command asking for another one is refused. The pruner sees every validation; a pruned trial is PRUNED, and a
+trial that raises, runs out of memory or has a run (any one of its seeds) that did not finish, whatever its
+objectives, is recorded as failed with its reason.
 
 With `seeds` (the space's list, or --seeds), a trial trains its configuration at every seed, each run in
 `trials/<number>/seed<seed>/`, and scores the means of its objectives over them (MoM's accuracy at one
@@ -45,6 +46,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from optuna.storages._rdb.models import StudyUserAttributeModel  # Optuna's table of study user attributes
 from optuna.trial import TrialState
 
 from sandbox.callbacks import RunInterrupted, RunPruned, run_key
@@ -74,6 +76,9 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 # What a trial with seeds records of each of its runs.
 RUN_ATTRS = ("status", "best_val_acc", "test_acc")
+# The storage URL where --storage is not given. The workers of --workers N are given theirs in it: on their command
+# lines, which `ps` shows every user of the machine, a PostgreSQL URL's password would show.
+STORAGE_ENV = "SANDBOX_SWEEP_STORAGE"
 
 
 # ---- the search space ----
@@ -452,15 +457,16 @@ def make_pruner(space: dict) -> optuna.pruners.BasePruner:
 
 def definition(space: dict, overrides: list[str]) -> dict:
     """What a study's trials mean, as stored with it (JSON, as Optuna keeps user attributes): with the first
-    trial's configuration, key by key, since the same overrides compose another one once a config file is edited."""
+    trial's configuration, key by key, since the same overrides compose another one once a config file is edited,
+    and the heartbeat that its workers share."""
     config = OmegaConf.to_container(compose_trial(space, overrides, first_choices(space["params"])), resolve=True)
     config = {key: value for key, value in flatten(config).items() if identity_key(key)}
     return json.loads(json.dumps({"objectives": space["objectives"], "params": space["params"],
                                   "overrides": [*space.get("overrides", []), *overrides],
-                                  "seeds": space.get("seeds"), "config": config}))
+                                  "seeds": space.get("seeds"), "heartbeat": space["heartbeat"], "config": config}))
 
 
-def check_definition(study: optuna.Study, requested: dict) -> None:
+def check_definition(study: optuna.Study, storage: optuna.storages.RDBStorage, requested: dict) -> None:
     """A new study stores the requested definition; an existing one must have been made with it."""
     stored = study.user_attrs.get("definition")
     if stored is None:  # a new study, or one made before studies kept their definition (or with Optuna's API)
@@ -470,8 +476,8 @@ def check_definition(study: optuna.Study, requested: dict) -> None:
         if directions != wanted:
             raise ConfigError(f"study {study.study_name!r} was made with direction(s) {directions}, objectives "
                               f"{requested['objectives']} need {wanted}; give --study-name NEW for a new study")
-        study.set_user_attr("definition", requested)
-        return
+        store_definition(storage, study, requested)
+        stored = study.user_attrs["definition"]  # this worker's, or the one another worker stored first
     differences = [f"{part} {stored.get(part)} in the study, {requested[part]} now"
                    for part in ("objectives", "overrides", "seeds") if stored.get(part) != requested[part]]
     for name in sorted(stored["params"].keys() | requested["params"].keys()):
@@ -486,9 +492,29 @@ def check_definition(study: optuna.Study, requested: dict) -> None:
               if config.get(key, "absent") != requested["config"].get(key, "absent")]
     if edited:
         differences.append(f"its configuration, with the same overrides (a config file edited?): {', '.join(edited)}")
+    # Workers that disagree on the grace period fail each other's live trials as stale. A definition stored
+    # before definitions kept the heartbeat is taken as it is now.
+    heartbeat = stored.get("heartbeat", requested["heartbeat"])
+    if heartbeat != requested["heartbeat"]:
+        differences.append(f"heartbeat {heartbeat} in the study, {requested['heartbeat']} now (its workers must "
+                           "agree on when a trial is stale)")
     if differences:
         raise ConfigError(f"study {study.study_name!r} was made with another definition: {'; '.join(differences)}; "
                           "give --study-name NEW for a new study, or the space and overrides it was made with")
+
+
+def store_definition(storage: optuna.storages.RDBStorage, study: optuna.Study, requested: dict) -> None:
+    """Store the definition of a study that has none, never over one. Workers started at the same moment all
+    find the new study without one: Optuna's set_user_attr writes over another's (the last one stands, and
+    workers of two definitions share the study), where this insert is refused by the table's unique (study,
+    key) once one is there, so the first one stands and check_definition compares the others with it."""
+    row = {"study_id": storage.get_study_id_from_name(study.study_name), "key": "definition",
+           "value_json": json.dumps(requested)}
+    try:
+        with storage.engine.begin() as connection:
+            connection.execute(sqlalchemy.insert(StudyUserAttributeModel.__table__).values(row))
+    except sqlalchemy.exc.IntegrityError:
+        pass  # another worker's definition stands
 
 
 def check_trial_folders(sweep_dir: Path, storage, study_name: str) -> None:
@@ -526,7 +552,7 @@ def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> o
             directions=[OBJECTIVES[o] for o in space["objectives"]], pruner=make_pruner(space))
     finally:
         optuna.logging.set_verbosity(verbosity)
-    check_definition(study, definition(space, overrides))
+    check_definition(study, storage, definition(space, overrides))
     study.sampler = make_sampler(space, worker, len(study.get_trials(deepcopy=False)))
     return study
 
@@ -685,25 +711,24 @@ def run_trials(study: optuna.Study, objective, space: dict) -> None:
                 study.optimize(tracked, n_trials=1, catch=(Exception,), gc_after_trial=True)
             except Exception:
                 # Optuna cannot record a trial that another worker failed while this one ran it: its heartbeat
-                # went stale (this worker paused, or another command's grace_s is shorter), and its retry stands
+                # went stale (this worker paused: the study's workers share one grace_s), and its retry stands
                 # for it. The worker goes on with the study. (A signal, RunInterrupted, is no Exception.)
                 if not ran or study.get_trials(deepcopy=False)[ran[0]].state != TrialState.FAIL:
                     raise
                 print(f"sandbox-sweep: trial {ran[0]} was failed by another worker while this one ran it (its "
                       f"heartbeat was older than heartbeat.grace_s={space['heartbeat']['grace_s']}: this worker "
-                      "paused, or another command gave a shorter grace_s); its result is not recorded, its retry "
-                      "stands for it", file=sys.stderr)
+                      "paused); its result is not recorded, its retry stands for it", file=sys.stderr)
         elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             time.sleep(min(2, space["heartbeat"]["interval_s"]))
         else:
             break
 
 
-def run_workers(commands: list[list[str]]) -> tuple[list[int], int | None]:
-    """Start a worker process per command and wait for them all: their exit codes, and the signal (SIGTERM or
-    SIGINT) that stopped the sweep, or None. A signal is passed on to every worker still running, which records
-    its run as a one-worker sweep does and exits: none is left training on its own, and Ctrl-C ends this wait
-    without a traceback."""
+def run_workers(commands: list[list[str]], env: dict[str, str]) -> tuple[list[int], int | None]:
+    """Start a worker process per command, in environment `env`, and wait for them all: their exit codes, and the
+    signal (SIGTERM or SIGINT) that stopped the sweep, or None. A signal is passed on to every worker still
+    running, which records its run as a one-worker sweep does and exits: none is left training on its own, and
+    Ctrl-C ends this wait without a traceback."""
     workers, received = [], []
 
     def pass_on(signum, frame):
@@ -714,7 +739,7 @@ def run_workers(commands: list[list[str]]) -> tuple[list[int], int | None]:
     previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         for command in commands:
-            workers.append(subprocess.Popen(command))
+            workers.append(subprocess.Popen(command, env=env))
         return [worker.wait() for worker in workers], (received[0] if received else None)
     finally:
         for signum, handler in previous.items():
@@ -768,7 +793,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-trials", type=int, default=None, help="the study's total trial count")
     parser.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
                         help="train every trial at each of these seeds and score it by their means")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in the sweep folder)")
+    parser.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
+                        help=f"Optuna storage URL (default: ${STORAGE_ENV}, else sqlite in the sweep folder; the "
+                             "variable keeps a password off the command line)")
     parser.add_argument("--study-name", default=None)
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     parser.add_argument("--output-root", default="outputs")
@@ -830,11 +857,11 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted(stop.signum, space)
     else:
         base = [sys.executable, "-m", "sandbox.sweep", "--space", args.space, "--n-trials", str(space["n_trials"]),
-                "--study-name", space["study_name"], "--storage", storage_url, "--output-root", args.output_root,
+                "--study-name", space["study_name"], "--output-root", args.output_root,
                 *(f"--param={p}" for p in args.param),
                 *(["--seeds", ",".join(map(str, space["seeds"]))] if space.get("seeds") else [])]
         codes, signum = run_workers([[*base, "--worker-index", str(args.worker_index + i), *args.overrides]
-                                     for i in range(args.workers)])
+                                     for i in range(args.workers)], {**os.environ, STORAGE_ENV: storage_url})
         if signum is not None:
             return interrupted(signum, space, ", passed on to its workers")
     print(summarise(study, space["objectives"]))

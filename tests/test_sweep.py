@@ -304,6 +304,10 @@ BAD_SWEEP = {
     "seeds-and-a-seed-override": (["--seeds", "0,1", "seed=3"], None, "seed=3"),
     "seeds-and-a-searched-seed": (["--seeds", "0,1", "--param", "seed=choice:0,1"], None, "param seed"),
     "study-other-seeds": (["--seeds", "0,1"], None, "seeds"),
+    # workers of one study that disagree on the grace period fail each other's live trials as stale
+    "study-other-heartbeat": ([], {"heartbeat": {"interval_s": 1, "grace_s": 2}},  # (safe_dump sorts its keys)
+                              "heartbeat {'interval_s': 20, 'grace_s': 60} in the study, {'grace_s': 2, "
+                              "'interval_s': 1} now (its workers must agree on when a trial is stale)"),
     # every value a trial can take, not only the first: each choice, both ends of a range, each seed
     "param-later-choice-invalid": (["--param", "model.mixer_options.num_heads=choice:1,3,5,7"], None,
                                    "param model.mixer_options.num_heads: 3 is invalid"),
@@ -387,7 +391,7 @@ def sweep_command(root: Path, *extra: str) -> list[str]:
 def test_a_worker_that_died_fails_the_sweep_after_its_summary(tmp_path, monkeypatch, capsys):
     """A worker killed (SIGKILL: exit -9) ends `--workers 2` with exit code 1 and says which worker, after the
     study's summary; exit 0 would tell a script that every worker finished its share."""
-    monkeypatch.setattr(sweep, "run_workers", lambda commands: ([0, -9][:len(commands)], None))
+    monkeypatch.setattr(sweep, "run_workers", lambda commands, env: ([0, -9][:len(commands)], None))
     assert main(["--output-root", str(tmp_path), "--n-trials", "2", "--workers", "2", *FAST]) == 1
     out, err = capsys.readouterr()
     assert out.startswith("study routing:")
@@ -396,8 +400,8 @@ def test_a_worker_that_died_fails_the_sweep_after_its_summary(tmp_path, monkeypa
 
 
 def test_a_trial_another_worker_failed_meanwhile_is_one_line_and_the_worker_goes_on(tmp_path, capsys):
-    """Another worker fails a trial whose heartbeat went stale (this worker paused, or its command gave a shorter
-    grace_s) while this worker still runs it: Optuna then cannot record it (an AssertionError ended the worker)."""
+    """Another worker fails a trial whose heartbeat went stale (this worker paused) while this worker still runs
+    it: Optuna then cannot record it (an AssertionError ended the worker)."""
     heartbeat = {"interval_s": 1, "grace_s": 2}
     storage = sweep.open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat)
     study = optuna.create_study(storage=storage, study_name="s")
@@ -424,6 +428,93 @@ def test_two_workers_share_one_study(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     run_dirs = [t.user_attrs["run_dir"] for t in trials]
     assert len(set(run_dirs)) == len(run_dirs)
+
+
+# A sweep command whose workers check a new study's definition at one moment, the worst case of commands started
+# together: each, once it has read the study's user attributes (no definition yet), waits until all N have (a file each
+# in the barrier folder) before it goes on.
+AT_ONCE = """
+import os, sys, time
+from pathlib import Path
+import optuna
+from sandbox import sweep
+barrier, n = Path(sys.argv[1]), int(sys.argv[2])
+read = optuna.Study.user_attrs.fget
+
+def user_attrs(study):
+    attrs = read(study)
+    (barrier / str(os.getpid())).touch()
+    deadline = time.time() + 120
+    while len(list(barrier.iterdir())) < n and time.time() < deadline:
+        time.sleep(0.001)
+    return attrs
+
+optuna.Study.user_attrs = property(user_attrs)
+sys.exit(sweep.main(sys.argv[3:]))
+"""
+
+
+def test_commands_started_at_once_join_the_first_definition_or_are_refused(tmp_path):
+    """Six commands on a new study at the same moment (a job array, machines sharing a --storage), every other
+    one with another override: each saw the study without a definition and stored its own, the last one
+    standing, so workers of both definitions ran trials in one study, or a worker opening the study again
+    ended in a ConfigError traceback (exit 1). The first definition stored stands; a worker of another one is
+    refused in one line (exit 2)."""
+    barrier, n = tmp_path / "barrier", 6
+    barrier.mkdir()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.storages.RDBStorage(storage)  # its tables made, as in a storage in use: the workers race on the study
+    other = "optim.weight_decay=0.0"
+    logs, workers = [], []
+    for i in range(n):
+        logs.append(tmp_path / f"err{i}.txt")
+        command = [sys.executable, "-c", AT_ONCE, str(barrier), str(n), "--output-root", str(tmp_path), *FAST,
+                   "--n-trials", "1", "--storage", storage, "--worker-index", str(i), *([other] if i % 2 else [])]
+        with logs[-1].open("w") as err:
+            workers.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err))
+    codes = [worker.wait(timeout=600) for worker in workers]
+    stored = optuna.load_study(study_name="routing", storage=storage).user_attrs["definition"]
+    for i, (code, log) in enumerate(zip(codes, logs)):
+        if (other in stored["overrides"]) == bool(i % 2):
+            assert code == 0, log.read_text()[-3000:]
+        else:
+            assert code == 2, log.read_text()[-3000:]
+            assert_one_line_naming(log.read_text(), "study 'routing' was made with another definition: overrides")
+
+
+def test_a_definition_stored_before_studies_kept_the_heartbeat_takes_any():
+    """Such a study goes on with the space's heartbeat, as it did; one stored with the definition must match."""
+    requested = sweep.definition(load_space("routing", []), FAST)
+    other = {**requested, "heartbeat": {"interval_s": 1, "grace_s": 2}}
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("definition", {key: value for key, value in requested.items() if key != "heartbeat"})
+    sweep.check_definition(study, None, other)
+    study.set_user_attr("definition", requested)
+    with pytest.raises(ConfigError, match="heartbeat {'interval_s': 20, 'grace_s': 60} in the study"):
+        sweep.check_definition(study, None, other)
+
+
+def test_workers_are_given_the_storage_url_off_their_command_lines(tmp_path, monkeypatch):
+    """`--workers 2` started its workers with `--storage URL` on their command lines, which `ps` shows every user
+    of the machine, a PostgreSQL URL's password with it. They are given it in their environment (a sqlite URL
+    stands in for one with a password), and use it: not the sweep folder's study.db."""
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    started, popen = [], subprocess.Popen
+
+    def recorded(command, **kwargs):
+        started.append((command, kwargs.get("env")))
+        return popen(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recorded)
+    root = tmp_path / "out"
+    assert main(["--output-root", str(root), "--n-trials", "2", "--workers", "2", "--storage", url, *FAST]) == 0
+    assert len(started) == 2
+    for command, env in started:
+        assert "elsewhere.db" not in " ".join(command)
+        assert env[sweep.STORAGE_ENV] == url
+    trials = optuna.load_study(study_name="routing", storage=url).get_trials()
+    assert len(trials) >= 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert not (root / "sweeps" / "routing" / "study.db").exists()
 
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path):
