@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,9 @@ OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
 SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
 # A finished run never left chance when its best validation accuracy stays below its validation set's accuracy
 # at chance c (`tasks.chance_accuracy`: a guess among the answers the context allows, 1/K on MQAR) plus
-# CHANCE_MARGIN of the way from c to 1. Runs stuck on Zoology's MQAR score 0.000-0.006 (c about 0.03), runs
-# stuck at the format on the capacity task 0.06 (c = 0.054); runs that learn pass 0.25.
+# CHANCE_MARGIN of the way from c to 1. Runs stuck on Zoology's MQAR score 0.003-0.065 (c = 1/23 = 0.043 on
+# docs/results/zoology_6000_steps' validation set), runs stuck at the format on the capacity task 0.017-0.065
+# (c = 0.054); the runs of those reports just above the line (0.095-0.29) were all still rising at their last step.
 CHANCE_MARGIN = 0.05
 WIDTH_KEY = "config.model.d_model"  # plots put widths on one line (state size) or in panels (pairs)
 # A run is still rising when its best validation accuracy grew by more than FLAT_RISE over the last
@@ -727,6 +729,7 @@ def plot_accuracy_vs_pairs(rows: list[Row], runs: list[dict], path: Path) -> boo
 # The loads a run records (models/mom.py): over its tasks' own tokens where it has them, else over every position
 # (older runs), where most positions of a recall task hold the filler token, which every router sends alike.
 LOADS = {"content_load_m": "over the tasks' tokens, filler excluded", "load_m": "over every position"}
+LOAD_TITLE_WIDTH = 48  # characters of a memory-load panel's title line at fontsize 7 (a panel is 3.6 inches wide)
 
 
 def memory_loads(run: dict, kind: str = "load_m") -> dict[str, list[float]]:
@@ -772,8 +775,9 @@ def plot_memory_load(rows: list[Row], runs: list[dict], path: Path) -> bool:
         ax.axhline(1 / memories, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks([r + 0.4 - width / 2 for r in range(memories)], [str(r + 1) for r in range(memories)])
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{row_name(row, keys)}\n{', '.join(tuned_names(row.tuned))} {choice_cell(row)}, "
-                     f"{len(per_run)} runs", fontsize=7)
+        # wrapped to the panel's width: on one line each, neighbouring panels' titles ran into each other
+        title = [row_name(row, keys), f"{', '.join(tuned_names(row.tuned))} {choice_cell(row)}, {len(per_run)} runs"]
+        ax.set_title("\n".join(textwrap.fill(part, LOAD_TITLE_WIDTH) for part in title), fontsize=7)
         ax.set_xlabel("memory, ranked by load")
         ax.set_ylabel("share of routed tokens")
         ax.legend(fontsize=6)

@@ -1028,3 +1028,26 @@ def test_lr_sensitivity_tells_mad_s_rows_from_the_other_runs_rows(tmp_path):
     write_run(tmp_path / "mad", "a", "attention", val=0.8, task=mad_task("mqar", 16), suite="mad")
     records = list(csv.DictReader(open(report(tmp_path)["lr_csv"])))
     assert sorted((r["suite"], float(r["best_val_acc"])) for r in records) == [("mad", 0.8), ("—", 0.2)]
+
+
+def test_memory_load_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
+    """Zoology's MoM rows at four rates on seed 0 and the chosen one's seeds 1 and 2: a panel's title (its
+    configuration and `lr 0.0022 (best of 4 on seed 0; of those tied there, best on seeds 0, 1, 2), 3 runs`) was
+    one line wider than the panel and ran into its neighbours', unreadable in docs/results/zoology_6000_steps."""
+    router = {f"layer0/{kind}{m}": 0.25 for kind in ("load_m", "content_load_m") for m in range(8)}
+    for memories, shared in itertools.product((2, 4, 8), (True, False)):
+        options = {"num_memories": memories, "shared_memory": shared}
+        name = f"m{memories}{shared}"
+        for lr in (1e-4, 4.6e-4, 2.2e-3, 1e-2):
+            write_run(tmp_path, f"{name}-{lr}", "mom", lr=lr, val=0.995 if lr > 1e-3 else 0.5, options=options,
+                      router=router, d_model=128)
+        for seed in (1, 2):
+            write_run(tmp_path, f"{name}-s{seed}", "mom", seed=seed, lr=2.2e-3, val=0.995, options=options,
+                      router=router, d_model=128)
+    figures = drawn_figures(monkeypatch)
+    report(tmp_path)
+    fig = figures["memory_load.png"]
+    renderer = fig.canvas.get_renderer()
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 6 and "best of 4 on seed 0; of those tied there" in " ".join(fig.axes[0].get_title().split())
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(titles, 2))
