@@ -291,6 +291,18 @@ def test_runs_that_failed_fail_the_script_and_are_named(tmp_path):
     assert protocol.returncode == 1 and "failed (the same command runs them again)" in protocol.stdout
 
 
+def test_a_run_that_ended_without_a_record_is_named(tmp_path):
+    """A run killed outright (its log stopped without the interruption's line) left metrics.csv and no result.json:
+    nothing the script printed named it, and the report leaves it out."""
+    python = ('run="$ROOT/zoology/model=attention,seed=$(sed "s/.*seed=\\([0-9]\\).*/\\1/" <<< "$*")"\n'
+              'mkdir -p "$run/logs" && touch "$run/logs/metrics.csv"\n'
+              'if [[ "$*" != *seed=1* ]]; then echo {} > "$run/result.json"; fi')
+    done = run_script(tmp_path, ["docs/results/zoology/run.sh", "64", "0,1", "attention:1.0e-3"], python)
+    assert done.returncode == 0, done.stdout + done.stderr
+    named = [line for line in done.stdout.splitlines() if "without a record" in line]
+    assert named == ["ended without a record (no result.json): zoology/model=attention,seed=1"]
+
+
 REPORTED_RUNS = REPO / "docs" / "results" / "zoology_6000_steps" / "d256" / "runs"
 
 

@@ -97,5 +97,11 @@ finish_runs() {
   if [ "$mps_on" = 1 ]; then leave_mps; fi
   echo "wall time: $(( $(date +%s) - runs_start )) s"
   grep -h "best val acc\|rror" "$1"/logs/*.log | sed "s|$1/[^/]*/||" | cut -c1-200
+  # a run killed outright leaves no result.json and no line above: named, or the report leaves it out unseen
+  local logs run
+  for logs in "$1"/*/*/logs; do
+    run=${logs%/logs}
+    [ -d "$logs" ] && [ ! -e "$run/result.json" ] && echo "ended without a record (no result.json): ${run#$1/}"
+  done
   pack_runs "$1" "$2"
 }
