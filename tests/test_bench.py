@@ -159,6 +159,52 @@ def test_kernel_bench_rows_give_wall_and_gpu_time_and_their_ratios(monkeypatch, 
     assert "GPU" not in capsys.readouterr().out
 
 
+def test_kernel_bench_first_calls_time_each_rule_in_processes_of_its_own(monkeypatch, capsys):
+    """In one process and one cache for all the rules, the first rule's cold and warm times held what the rules
+    share (Triton's launcher built and loaded, kernels common to several rules) and the later rules' left it out:
+    at 97e058e, GLA's warm first call 4.2 s, gated DeltaNet's after it 0.0 s."""
+    import subprocess
+
+    from sandbox.bench import kernels as bench
+
+    children = []
+
+    def fake_run(cmd, env, **kwargs):  # a child's times: 2.0 s for the first child, 3.0 s the next, ...
+        _, rules = json.loads(cmd[cmd.index("--_first-call-child") + 1])
+        children.append((rules, env["TRITON_CACHE_DIR"]))
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({r: 1.0 + len(children) for r in rules}) + "\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench.first_call_times((1, 64, 1, 16, 16), ["gla", "gated_deltanet"])
+    assert [rules for rules, _ in children] == [["gla"], ["gla"], ["gated_deltanet"], ["gated_deltanet"]]
+    caches = [cache for _, cache in children]
+    assert caches[0] == caches[1] != caches[2] == caches[3]  # a warm child reads what its rule's cold one filled
+    out = capsys.readouterr().out
+    assert "cold cache, shape (1, 64, 1, 16, 16): gla 2.0 s, gated_deltanet 4.0 s\n" in out
+    assert "warm cache, shape (1, 64, 1, 16, 16): gla 3.0 s, gated_deltanet 5.0 s\n" in out
+
+
+def test_kernel_bench_first_call_leaves_the_import_out(monkeypatch):
+    """The op was looked up inside the timed region: importing Triton and the chunk module (seconds) went to the
+    first rule's first forward+backward."""
+    import time
+
+    import kernels
+    from kernels.testing import make_inputs
+    from sandbox.bench import kernels as bench
+
+    get_op = kernels.get_op
+
+    def slow_import(rule, backend):  # the import that the Triton op's first lookup does
+        time.sleep(1.0)
+        return get_op(rule, "torch")
+
+    monkeypatch.setattr(kernels, "get_op", slow_import)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench, "_inputs", lambda rule, shape: (make_inputs(rule, *shape), torch.randn(*shape[:3], 16)))
+    assert bench._first_call((1, 16, 1, 16, 16), ["gla"])["gla"] < 0.5
+
+
 def test_fla_compile_only_fills_the_cache_and_times_nothing(monkeypatch):
     import os
 

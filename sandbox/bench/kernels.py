@@ -12,11 +12,11 @@ GLA compiles for minutes a shape, so where commands have a time limit one comman
 `TRITON_CACHE_DIR` between the two) and the next one time on a quiet machine. Each rule is first checked against
 the float64 reference at the timed shape; a rule that fails prints no speedup.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
-measured copy ceiling. `--first-call` times the first forward+backward in fresh processes: cold (empty Triton
-cache) and warm (the cache the cold process filled). Every row of ours and fla's gives the wall time of a
-forward+backward (CUDA events around the call, the median of do_bench's calls: what a training step waits for,
-launches and Python included) beside its GPU time (its kernels' time summed, torch.profiler: the GPU's busy
-time, which a loaded CPU does not stretch), with the ratio fla/ours of each, then the longest kernels;
+measured copy ceiling. `--first-call` times each rule's first forward+backward in fresh processes of its own:
+cold (empty Triton cache) and warm (the cache the cold process filled). Every row of ours and fla's gives the
+wall time of a forward+backward (CUDA events around the call, the median of do_bench's calls: what a training
+step waits for, launches and Python included) beside its GPU time (its kernels' time summed, torch.profiler: the
+GPU's busy time, which a loaded CPU does not stretch), with the ratio fla/ours of each, then the longest kernels;
 `--no-profile` leaves the GPU time out.
 """
 
@@ -323,26 +323,32 @@ def _first_call(shape, rules) -> dict[str, float]:
     out = {}
     for rule in rules:
         x, do = _inputs(rule, shape)
+        op = kernels.get_op(rule, "triton")  # imports Triton and the chunk module: not the call's time
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        _fwd_bwd(kernels.get_op(rule, "triton"), x, do)
+        _fwd_bwd(op, x, do)
         torch.cuda.synchronize()
         out[rule] = time.perf_counter() - t0
     return out
 
 
 def first_call_times(shape, rules) -> None:
-    """Cold (fresh Triton cache) and warm (the cache the cold process filled) first-call times."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TRITON_CACHE_DIR": cache}
-        cmd = [*CHILD, "--_first-call-child", json.dumps([shape, rules])]
-        for label in ("cold", "warm"):
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            times = json.loads(res.stdout.strip().splitlines()[-1])
-            print(
-                f"first forward+backward, {label} cache, shape {shape}: "
-                + ", ".join(f"{r} {t:.1f} s" for r, t in times.items())
-            )
+    """Cold (fresh Triton cache) and warm (the cache the cold process filled) first-call times, each rule in
+    processes and a cache of its own: in one process, what the rules share (Triton's launcher built and loaded,
+    kernels common to several rules) went to the first rule's time and left the later rules' cold and warm."""
+    times = {"cold": {}, "warm": {}}
+    for rule in rules:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TRITON_CACHE_DIR": cache}
+            cmd = [*CHILD, "--_first-call-child", json.dumps([shape, [rule]])]
+            for label in ("cold", "warm"):
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                times[label].update(json.loads(res.stdout.strip().splitlines()[-1]))
+    for label, by_rule in times.items():
+        print(
+            f"first forward+backward, {label} cache, shape {shape}: "
+            + ", ".join(f"{r} {t:.1f} s" for r, t in by_rule.items())
+        )
 
 
 def _shape(text: str) -> tuple[int, ...]:
