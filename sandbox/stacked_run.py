@@ -42,7 +42,8 @@ from sandbox.runs import say
 from sandbox.settings import FLOAT16, ConfigError, check_settings, one_device
 from sandbox.stacked import StackedModel, clip_per_run, stacked_adamw
 from sandbox.train import (build_data, build_module, check_same_computation, fit_status, interrupted_reason,
-                           make_trainer, result_record, result_router, run_logger, stop_if_signalled)
+                           make_trainer, result_record, result_router, run_logger, stop_if_not_resumed,
+                           stop_if_signalled)
 from tasks import SPLITS
 
 # The settings in which the runs of one stack may differ; everything else must be equal.
@@ -588,6 +589,7 @@ def train_stack(cfgs: list[DictConfig], run_dirs: list[Path], extra_callbacks=()
             ended = [record(r, status, reason, tested.get(r) if status == "finished" else None)
                      for r, (status, reason) in enumerate(statuses)]
         except (SIGTERMException, RunInterrupted):
+            stop_if_not_resumed(stack_dir, interruption, trainer, resume_from)
             reason = interrupted_reason(interruption, trainer)
             for r in range(len(cfgs)):
                 run_reason = _interrupted_run_reason(reason, cfgs[r], trainer, module, r)

@@ -186,6 +186,9 @@ class StayStopped(EarlyStopping):
     def on_train_start(self, trainer, pl_module):
         if self.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
             trainer.should_stop = True
+            # Lightning ends the epoch that a stop came in and counts it (the result's epochs, the test row's
+            # epoch); stopped here, before that epoch goes on, the fit would end without counting it.
+            trainer.fit_loop.epoch_progress.current.completed = self.stopped_epoch + 1
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks=(), *, logger=None, per_run_selection: bool = False
@@ -250,15 +253,15 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         problem = runs.unwritable_problem(run_dir, cfg.output_root)
         if problem is not None:
             raise ConfigError(problem)
+        resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
     except ConfigError:
         runs.remove_empty_folders(made)
         raise
     except RunInterrupted as stop:
         say(f"{run_dir}: interrupted by {stop} before training; run the same command to run it", error=True)
         raise
-    resume_from, tested, earlier, fitted, pruned = None, None, None, False, None
+    tested, earlier, fitted, pruned = None, None, False, None
     try:
-        resume_from = runs.resume_checkpoint(run_dir, digest, module.state_dict())
         if resume_from is None and trainer.is_global_zero:
             # From scratch, the logs of an earlier history (its checkpoints set aside, or another configuration's
             # in a reused folder) are not this run's: the resumable CSV writer keeps rows logged before this
@@ -278,6 +281,7 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
     except RunPruned as err:
         status, reason, pruned = "pruned", str(err), err
     except (SIGTERMException, RunInterrupted):
+        stop_if_not_resumed(run_dir, interruption, trainer, resume_from)
         status, reason = "interrupted", interrupted_reason(interruption, trainer)
     except ConfigError:  # nothing ran: the folder stays as the earlier segment left it
         raise
@@ -308,6 +312,16 @@ def _train(cfg: DictConfig, run_dir: Path, digest: str, interruption: Interrupti
         raise pruned
     stop_if_signalled(run_dir, interruption)
     return result
+
+
+def stop_if_not_resumed(where: Path, interruption: Interruption, trainer: L.Trainer, resume_from: Path | None) -> None:
+    """RunInterrupted, without a record, for a signal that came before Lightning restored the checkpoint
+    `resume_from` (none is of step 0): the trainer knows nothing of the run yet (its record would say step 0),
+    which stays as its earlier segment recorded it."""
+    if resume_from is not None and trainer.global_step == 0:
+        say(f"{where}: interrupted by {signal.Signals(interruption.signum).name} before it resumed; run the same "
+            "command to resume", error=True)
+        raise RunInterrupted(interruption.signum) from None
 
 
 def stop_if_signalled(where: Path, interruption: Interruption) -> None:

@@ -28,7 +28,7 @@ from sandbox.settings import ConfigError
 from sandbox.stacked_run import STACK_PAYS, StackedRecallModule, stack_problem, stacks, train_stack
 from sandbox.train import CONF_DIR, OtherComputation, train
 from test_faults import snapshot
-from test_train import stop_at
+from test_train import SignalAt, stop_at
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.d_model=16", "task.params.vocab_size=64", "task.batch_size=16", "callbacks.progress=none",
@@ -408,3 +408,21 @@ def test_a_signal_in_a_stacks_last_test_batch_records_its_runs_and_stops(tmp_pat
                     extra_callbacks=[SignalInLastTestBatch()])
     assert "SIGTERM received as it ended, its end recorded: stopping" in capsys.readouterr().err
     assert [json.loads((d / RESULT_FILE).read_text())["status"] for d in dirs] == ["finished", "finished"]
+
+
+def test_a_signal_before_a_stacks_checkpoint_is_restored_leaves_its_runs_earlier_records(tmp_path, monkeypatch):
+    """A stack interrupted at step 15, then again while Lightning restores its checkpoint: each run's record was
+    overwritten with steps 0 and "SIGTERM at step 0", what the trainer knew then; it stays the first segment's."""
+    jobs = [("seed=0",), ("seed=1",)]
+    cfgs = [make_cfg(tmp_path, "trainer.max_steps=20", *job) for job in jobs]
+    dirs = [tmp_path / str(i) for i in range(len(jobs))]
+    with monkeypatch.context() as patch:
+        stop_at(patch, 14, StackedRecallModule)
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            train_stack(cfgs, dirs)
+    first = [(d / RESULT_FILE).read_text() for d in dirs]
+    assert [json.loads(f)["steps"] for f in first] == [15, 15]
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train_stack(cfgs, dirs, extra_callbacks=[SignalAt("on_load_checkpoint")])
+    assert [(d / RESULT_FILE).read_text() for d in dirs] == first
+    assert [r["steps"] for r in train_stack(cfgs, dirs)] == [20, 20]

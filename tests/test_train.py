@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from sandbox.callbacks import RunInterrupted
 from sandbox.module import RecallModule
 from sandbox.results import git_commit
 import sandbox.train
@@ -200,6 +201,50 @@ def test_a_run_stopped_in_its_last_step_keeps_that_step_s_rows_in_metrics_csv(tm
     # restored from the checkpoint written in step 40's validation, is that of the validation's row)
     assert {k: v for k, v in rows[-1].items() if k.startswith("test/")} == {
         k: v for k, v in whole_rows[-1].items() if k.startswith("test/")} != {}
+
+
+class SignalAt(L.Callback):
+    """SIGTERM at Lightning hook `hook` (while Lightning does not handle signals there, the run stops at once)."""
+
+    def __init__(self, hook: str):
+        setattr(self, hook, lambda *args: signal.raise_signal(signal.SIGTERM))
+
+
+def test_a_run_stopped_early_and_interrupted_before_its_test_counts_the_epoch_it_stopped_in(tmp_path):
+    """Early stopping ends the epoch it stops in, which Lightning counts: stopped at step 11, in epoch 1, a run has 2
+    epochs. Interrupted between its fit and its test, it resumed from the checkpoint of the validation that stopped
+    it, ended the fit before counting that epoch and recorded 1, in result.json and in the test's row."""
+    cfg = [*RESUMED, "task.params.vocab_size=64", "optim.lr=1e-2", "callbacks.early_stopping.threshold=0.03"]
+    whole = train(make_cfg(*cfg), tmp_path / "whole")
+    assert (whole["steps"], whole["epochs"]) == (11, 2) and "threshold" in whole["status_reason"]
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train(make_cfg(*cfg), tmp_path / "cut", extra_callbacks=[SignalAt("on_fit_end")])
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "interrupted"
+    resumed = train(make_cfg(*cfg), tmp_path / "cut")
+    for key in ("status", "status_reason", "steps", "epochs", "best_val_acc", "test_acc"):
+        assert resumed[key] == whole[key], key
+    rows, whole_rows = metrics_rows(tmp_path / "cut"), metrics_rows(tmp_path / "whole")
+    assert rows[:-1] == whole_rows[:-1]
+    # the test's row: its epoch is the run's; its step, Lightning's logging step, is one less after a restore
+    assert rows[-1]["epoch"] == whole_rows[-1]["epoch"] == "2"
+
+
+def test_a_signal_before_the_checkpoint_is_restored_leaves_the_earlier_record(tmp_path, monkeypatch):
+    """Interrupted at step 12, then again while Lightning restores that checkpoint: the second segment recorded, over
+    the first one's record, what its trainer knew of the run then (steps 0, "SIGTERM at step 0: it resumes from
+    last.ckpt, of its last validation"). The record stays the first segment's, and the run resumes from it."""
+    run_dir = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        stop_at(patch, 11)
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            train(make_cfg(*RESUMED), run_dir)
+    first = (run_dir / "result.json").read_text()
+    assert json.loads(first)["steps"] == 12
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train(make_cfg(*RESUMED), run_dir, extra_callbacks=[SignalAt("on_load_checkpoint")])
+    assert (run_dir / "result.json").read_text() == first
+    resumed = train(make_cfg(*RESUMED), run_dir)
+    assert resumed["status"] == "finished" and resumed["steps"] == 40 and resumed["resumed"]
 
 
 class RouterStatsByStep(L.Callback):
