@@ -152,14 +152,14 @@ class Interruption(L.Callback):
     if it has one, by raising SIGTERMException; SIGINT goes to that same handler. `on_exception` then writes
     the checkpoint, unless the run is to resume from its last validation's. A signal while Lightning does not
     run (building the data, saving the result) raises RunInterrupted at once. `signum` is the signal received,
-    `saved_step` the step of the checkpoint written.
+    `saved_step` the step of the checkpoint written, `validated_step` that of this segment's last validation.
     """
 
     def __init__(self, checkpoint: Path):
         self.checkpoint = checkpoint
         self.signum: int | None = None
         self.saved_step: int | None = None
-        self._validated_step: int | None = None
+        self.validated_step: int | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "Interruption":
@@ -183,7 +183,7 @@ class Interruption(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self._validated_step = trainer.global_step
+            self.validated_step = trainer.global_step
 
     def on_exception(self, trainer, pl_module, exception):
         # Stopped in training, the state is whole: checkpoint it. Stopped in validation, the run resumes from
@@ -193,7 +193,7 @@ class Interruption(L.Callback):
         # validated: that validation's checkpoint is of this step, and Lightning, which counts the step for its
         # loggers on restoring it, would count it twice from one written now (every later row one step late).
         epoch_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
-        validated = self._validated_step == trainer.global_step
+        validated = self.validated_step == trainer.global_step
         if isinstance(exception, SIGTERMException) and trainer.training and not epoch_done and not validated:
             trainer.save_checkpoint(self.checkpoint, weights_only=False)
             self.saved_step = trainer.global_step

@@ -388,10 +388,13 @@ def fit_status(cfg: DictConfig, trainer: L.Trainer, validated: bool, stopped: st
 
 
 def interrupted_reason(interruption: Interruption, trainer: L.Trainer) -> str:
+    name = interruption.checkpoint.name
     if interruption.saved_step is not None:
         saved = f"saved {interruption.checkpoint} to resume from"
-    elif interruption.checkpoint.exists():
-        saved = f"it resumes from {interruption.checkpoint.name}, of its last validation"
+    elif interruption.validated_step is not None:  # every validation writes last.ckpt
+        saved = f"it resumes from {name}, of its validation at step {interruption.validated_step}"
+    elif interruption.checkpoint.exists():  # the one this segment resumed from: an earlier validation's or signal's
+        saved = f"it resumes from {name}, as this segment did"
     else:
         saved = "nothing to resume from yet: it starts again"
     return f"{signal.Signals(interruption.signum).name} at step {trainer.global_step}: {saved}"

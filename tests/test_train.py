@@ -232,7 +232,7 @@ def test_a_run_stopped_early_and_interrupted_before_its_test_counts_the_epoch_it
 def test_a_signal_before_the_checkpoint_is_restored_leaves_the_earlier_record(tmp_path, monkeypatch):
     """Interrupted at step 12, then again while Lightning restores that checkpoint: the second segment recorded, over
     the first one's record, what its trainer knew of the run then (steps 0, "SIGTERM at step 0: it resumes from
-    last.ckpt, of its last validation"). The record stays the first segment's, and the run resumes from it."""
+    last.ckpt"). The record stays the first segment's, and the run resumes from it."""
     run_dir = tmp_path / "cut"
     with monkeypatch.context() as patch:
         stop_at(patch, 11)
@@ -245,6 +245,32 @@ def test_a_signal_before_the_checkpoint_is_restored_leaves_the_earlier_record(tm
     assert (run_dir / "result.json").read_text() == first
     resumed = train(make_cfg(*RESUMED), run_dir)
     assert resumed["status"] == "finished" and resumed["steps"] == 40 and resumed["resumed"]
+
+
+def test_an_interrupted_reason_names_the_checkpoint_the_run_resumes_from(tmp_path, monkeypatch):
+    """Stopped in a validation (no checkpoint written then), a run resumes from last.ckpt: its last validation's,
+    or, with no validation yet in this segment, the one it resumed from, which the reason called "of its last
+    validation" too (here an interruption's, at step 12)."""
+    cfg = [*RESUMED, "task.eval_batch_size=32", "task.params.vocab_size=64"]  # validations of 4 batches
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        stop_at(patch, 11)
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            train(make_cfg(*cfg), run_dir)
+    real = RecallModule.validation_step
+
+    def stopped(self, batch, batch_idx):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RecallModule, "validation_step", stopped)
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            train(make_cfg(*cfg), run_dir)
+    reason = json.loads((run_dir / "result.json").read_text())["status_reason"]
+    assert reason.endswith("it resumes from last.ckpt, as this segment did"), reason
+    assert train(make_cfg(*cfg), run_dir)["steps"] == 40
 
 
 class RouterStatsByStep(L.Callback):
