@@ -382,9 +382,10 @@ def check_trial_config(space: dict, overrides: list[str]) -> None:
 
 
 # ---- storage and study ----
-def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
+def open_storage(url: str, heartbeat: dict, setting: str = "--storage") -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats: a trial whose worker died is failed once its heartbeat is older
-    than the grace period, and retried once, instead of staying RUNNING for ever.
+    than the grace period, and retried once, instead of staying RUNNING for ever. `setting` names where the URL
+    came from in an error.
 
     Workers that open a new database at the same moment race to create its tables and write its schema
     version; a loser ("already exists", or a UNIQUE constraint on that version) tries again and finds them."""
@@ -398,7 +399,7 @@ def open_storage(url: str, heartbeat: dict) -> optuna.storages.RDBStorage:
         except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
             lost_race = "already exists" in str(err) or isinstance(err, sqlalchemy.exc.IntegrityError)
             if attempt == 2 or not lost_race:
-                raise ConfigError(f"--storage {shown_url(url)!r} cannot be opened: {one_line(err)}") from err
+                raise ConfigError(f"{setting} {shown_url(url)!r} cannot be opened: {one_line(err)}") from err
             time.sleep(1 + attempt)
 
 
@@ -407,21 +408,22 @@ def shown_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
-def check_storage_url(url: str) -> None:
-    """A URL that can hold a study that outlives this process, shared by its workers."""
+def check_storage_url(url: str, setting: str) -> None:
+    """A URL that can hold a study that outlives this process, shared by its workers (`setting`: where it came from,
+    --storage or $SANDBOX_SWEEP_STORAGE)."""
     if not url:
-        raise ConfigError("--storage '' is invalid: give an Optuna storage URL such as sqlite:///path/study.db or "
-                          "postgresql://..., or leave --storage out for the sqlite file in the sweep's folder")
+        raise ConfigError(f"{setting} '' is invalid: give an Optuna storage URL such as sqlite:///path/study.db or "
+                          f"postgresql://..., or leave {setting} out for the sqlite file in the sweep's folder")
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         return  # open_storage says what is wrong with it
     except ValueError as err:  # a port that is no number (sqlite://:memory:), raised past SQLAlchemy's own errors
-        raise ConfigError(f"--storage {shown_url(url)!r} is invalid: it cannot be read as a URL ({err}); give an "
+        raise ConfigError(f"{setting} {shown_url(url)!r} is invalid: it cannot be read as a URL ({err}); give an "
                           "Optuna storage URL such as sqlite:///path/study.db or postgresql+psycopg://user@host/db"
                           ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ConfigError(f"--storage {shown_url(url)!r} is invalid: an in-memory database cannot hold a study "
+        raise ConfigError(f"{setting} {shown_url(url)!r} is invalid: an in-memory database cannot hold a study "
                           "across workers and processes (it is lost when the command ends); give a file path, "
                           "sqlite:///path/study.db")
 
@@ -558,11 +560,11 @@ def open_study(space: dict, storage, overrides: list[str], worker: int = 0) -> o
 
 
 def open_writable_study(space: dict, url: str, overrides: list[str], setting: str, sweep_dir: Path) -> optuna.Study:
-    """`open_study` on the storage at `url`, once `check_trial_folders` has passed. One that opens but cannot be
-    written (a read-only file or folder, a full disk) is a ConfigError naming `setting`, not a traceback: a study is
-    written from its start."""
+    """`open_study` on the storage at `url`, once `check_trial_folders` has passed. One that cannot be opened, or
+    opens but cannot be written (a read-only file or folder, a full disk), is a ConfigError naming `setting`, not a
+    traceback: a study is written from its start."""
     try:
-        storage = open_storage(url, space["heartbeat"])
+        storage = open_storage(url, space["heartbeat"], setting)
         check_trial_folders(sweep_dir, storage, space["study_name"])
         return open_study(space, storage, overrides)
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
@@ -672,11 +674,12 @@ class OneLineFailures(logging.Filter):
 ONE_LINE_FAILURES = OneLineFailures()
 
 
-def run_worker(space: dict, storage_url: str, overrides: list[str], sweep_dir: Path, worker: int) -> None:
+def run_worker(space: dict, storage_url: str, storage_setting: str, overrides: list[str], sweep_dir: Path,
+               worker: int) -> None:
     """Run trials one at a time until the study's trial count reaches `n_trials`, then wait for the trials
     that other workers run: one whose worker died is failed once its heartbeat is stale, and its retry is
     run here. So while one worker lives, no trial is left RUNNING."""
-    study = open_study(space, open_storage(storage_url, space["heartbeat"]), overrides, worker)
+    study = open_study(space, open_storage(storage_url, space["heartbeat"], storage_setting), overrides, worker)
     objective = make_objective(space, overrides, sweep_dir)
     logging.getLogger("optuna.study._optimize").addFilter(ONE_LINE_FAILURES)
     # A signal outside a run (composing a trial, sampling, waiting for other workers' trials) stops the worker as
@@ -793,7 +796,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-trials", type=int, default=None, help="the study's total trial count")
     parser.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
                         help="train every trial at each of these seeds and score it by their means")
-    parser.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
+    parser.add_argument("--storage", default=None,
                         help=f"Optuna storage URL (default: ${STORAGE_ENV}, else sqlite in the sweep folder; the "
                              "variable keeps a password off the command line)")
     parser.add_argument("--study-name", default=None)
@@ -830,11 +833,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--output-root {args.output_root} is invalid: {problem}")
         # A storage given, and its study, are opened before any folder is made: one that cannot be opened or
         # written leaves nothing behind.
-        storage_url = args.storage
+        storage_url, storage_setting = args.storage, "--storage"
+        if storage_url is None and STORAGE_ENV in os.environ:
+            storage_url, storage_setting = os.environ[STORAGE_ENV], f"${STORAGE_ENV}"
         if storage_url is not None:
-            check_storage_url(storage_url)
-            study = open_writable_study(space, storage_url, args.overrides, f"--storage {shown_url(storage_url)!r}",
-                                        sweep_dir)
+            check_storage_url(storage_url, storage_setting)
+            study = open_writable_study(space, storage_url, args.overrides, storage_setting, sweep_dir)
         elif not (sweep_dir / "study.db").exists():  # checked before the new study.db is made
             check_trial_folders(sweep_dir, None, space["study_name"])
         try:
@@ -844,15 +848,15 @@ def main(argv: list[str] | None = None) -> int:
                               f"{err.filename}); it must be a writable folder with free space") from None
         if storage_url is None:
             storage_url = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
-            study = open_writable_study(space, storage_url, args.overrides, f"--output-root {args.output_root}",
-                                        sweep_dir)
+            storage_setting = f"--output-root {args.output_root}"
+            study = open_writable_study(space, storage_url, args.overrides, storage_setting, sweep_dir)
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2
     codes = []
     if args.workers == 1:
         try:
-            run_worker(space, storage_url, args.overrides, sweep_dir, args.worker_index)
+            run_worker(space, storage_url, storage_setting, args.overrides, sweep_dir, args.worker_index)
         except RunInterrupted as stop:  # its run has said where it stopped; the trial stays RUNNING
             return interrupted(stop.signum, space)
     else:

@@ -494,6 +494,15 @@ def test_a_definition_stored_before_studies_kept_the_heartbeat_takes_any():
         sweep.check_definition(study, None, other)
 
 
+def test_a_bad_storage_url_in_the_environment_is_named_as_such(tmp_path, monkeypatch, capsys):
+    """A URL given in $SANDBOX_SWEEP_STORAGE, not on the command line, was refused as "--storage ...", a setting
+    the user had not given."""
+    monkeypatch.setenv(sweep.STORAGE_ENV, "sqlite://")
+    assert main(["--output-root", str(tmp_path), *FAST]) == 2
+    assert_one_line_naming(capsys.readouterr().err, "$SANDBOX_SWEEP_STORAGE 'sqlite://' is invalid: an in-memory")
+    assert not any(tmp_path.iterdir())
+
+
 def test_workers_are_given_the_storage_url_off_their_command_lines(tmp_path, monkeypatch):
     """`--workers 2` started its workers with `--storage URL` on their command lines, which `ps` shows every user
     of the machine, a PostgreSQL URL's password with it. They are given it in their environment (a sqlite URL
