@@ -175,10 +175,22 @@ def folder_problem(path: Path) -> str | None:
     return f"{existing} is a file, not a folder" + ("" if existing == path else f", so {path} cannot be made")
 
 
+# The longest file or folder name Linux's file systems take (NAME_MAX): a path with a longer one was an OSError
+# traceback (File name too long) where it was used, often once the folders above it had been made.
+NAME_MAX = 255
+
+
+def names_fit(path: str) -> bool:
+    """Whether every file or folder name of `path` fits in NAME_MAX bytes."""
+    return all(len(name.encode()) <= NAME_MAX for name in path.split(os.sep))
+
+
 def path_argument(text: str) -> Path:
     """A path given on the command line; an empty one is an error (as a Path it would be the working folder)."""
     if not text:
         raise argparse.ArgumentTypeError("'' is not a path (empty)")
+    if not names_fit(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path (a name longer than {NAME_MAX} bytes)")
     return Path(text)
 
 

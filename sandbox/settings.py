@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kernels
 from models import MIXERS, LanguageModel, build_model
+from sandbox.results import NAME_MAX, names_fit
 from tasks.common import physical_memory
 from tasks.registry import available, check_shared, model_shape, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
@@ -111,9 +112,11 @@ FLOAT64 = ("64-true", 64, "64")
 
 SETTINGS: dict[str, Rule] = {
     # the run folder is ${output_root}/${name}/<overrides>-<hash>: name must not lead out of output_root
-    "output_root": Rule(lambda v: bool(_path_text(v)), "a folder path (not empty)"),
-    "name": Rule(lambda v: _path_text(v) not in (None, "", ".", "..") and os.sep not in _path_text(v),
-                 f"one folder name (not empty, no {os.sep}, not . or ..)"),
+    "output_root": Rule(lambda v: bool(_path_text(v)) and names_fit(_path_text(v)),
+                        f"a folder path (not empty, each folder name at most {NAME_MAX} bytes)"),
+    "name": Rule(lambda v: _path_text(v) not in (None, "", ".", "..") and os.sep not in _path_text(v)
+                 and names_fit(_path_text(v)),
+                 f"one folder name (not empty, no {os.sep}, not . or .., at most {NAME_MAX} bytes)"),
     "seed": integer(0, SEEDS_PER_SPLIT - 1),  # the task splits' seed ranges (tasks/splits.py)
     "cuda_graphs": Rule(lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "optim.lr": number(0, low_open=True),

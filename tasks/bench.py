@@ -21,7 +21,7 @@ MQAR_LIKE = ("ar", "mqar", "noisy_ar", "overwrite_mqar")  # the tasks that take 
 def main(argv: list[str] | None = None, prog: str = "sandbox-bench tasks") -> int:
     from tasks.cli import OneLineParser  # tasks.cli imports this module
 
-    parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-examples", type=int, default=100_000, help="examples per setting")
     parser.add_argument("--task", default="mqar", choices=MQAR_LIKE)
     parser.add_argument("--seed", type=int, default=0)

@@ -527,6 +527,25 @@ def test_bench_help_lists_the_benchmarks(capsys):
         assert out.startswith("usage: sandbox-bench {kernels,mom,packing,quickstart,tasks,train}")
 
 
+@pytest.mark.parametrize("name", ["kernels", "mom", "packing", "quickstart", "tasks", "train"])
+def test_bench_help_describes_the_benchmark_in_whole_sentences(name, capsys):
+    """The description under each benchmark's usage is its docstring's first paragraph, not cut at a line end."""
+    from sandbox import bench
+
+    assert exit_code(bench.main, [name, "--help"]) == 0
+    out = capsys.readouterr().out
+    description = " ".join(out.split("\n\n")[1].split())
+    assert description.endswith((".", ")")), description
+
+
+def test_kernel_bench_help_names_its_default_shapes(capsys):
+    from sandbox.bench import kernels
+
+    assert exit_code(kernels.main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(",".join(map(str, shape)) in out for shape in kernels.SHAPES), out
+
+
 def assert_one_error_line(err: str, start: str) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err and err.startswith(start), err
 

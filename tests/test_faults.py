@@ -121,6 +121,9 @@ BAD_TRAIN = {
     "multirun-one-bad-job": (["-m", "optim.lr=1e-3,0"], "optim.lr=0"),
     "multirun-bad-job-first": (["-m", "model.mixer_options.top_k=5,2"], "top_k=5"),
     "multirun-param-set-by-every-segment": (["-m", "+task.params.seq_len=16,32"], "task.params.seq_len=16"),
+    # a sweep of no values: no job, exit code 0 without a word
+    "multirun-empty-range": (["-m", "seed=range(3,0)"], "seed=range(3,0)"),
+    "multirun-glob-matching-nothing": (["-m", "model=glob(mamba*)"], "model=glob(mamba*)"),
     # a value Lightning refuses: the good job trained first, then the bad one failed
     "multirun-bad-trainer-argument": (["-m", "+trainer.gradient_clip_algorithm=norm,foo"],
                                       "trainer.gradient_clip_algorithm=foo"),

@@ -24,9 +24,9 @@ CHEAP_RUN = ["debug=fast", "task.limit_examples=64", "model.n_layers=1", "traine
              "callbacks.progress=none"]
 # Set-up commands, not run by a test: they make or change an environment, or need a PostgreSQL server.
 NOT_RUN = ("python3 -m venv", ". .venv/bin/activate", "pip install", "createdb")
-# Benchmarks checked with `--help` only: kernels and mom need a CUDA GPU; quickstart takes minutes (and
-# tests/test_bench.py runs it on tiny data); packing times sweeps in child processes (sandbox-sweep runs here).
-BENCH_HELP_ONLY = ("kernels", "mom", "quickstart", "packing")
+# Benchmarks checked with `--help` only: kernels and mom need a CUDA GPU; train and quickstart take minutes (and
+# tests/test_bench.py runs them on tiny sizes); packing times sweeps in child processes (sandbox-sweep runs here).
+BENCH_HELP_ONLY = ("kernels", "mom", "train", "quickstart", "packing")
 
 
 def readme_commands(text: str) -> list[str]:

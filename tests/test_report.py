@@ -863,7 +863,12 @@ def test_a_result_whose_config_was_edited_is_skipped(tmp_path, capsys):
     ([""], "argument folder: '' is not a path (empty)"),  # not a report of the working folder
     (["{runs}", "--out", ""], "argument --out: '' is not a path (empty)"),  # not written to the working folder
     (["{runs}", "--out", "/proc"], "--out /proc cannot be written (No such file or directory: /proc)"),  # a traceback
-], ids=["no-folder", "unknown-option", "folder-empty", "out-empty", "out-takes-no-file"])
+    # an OSError traceback (File name too long); --out's made the folders above it
+    (["a" * 256], f"argument folder: '{'a' * 256}' is not a path (a name longer than 255 bytes)"),
+    (["{runs}", "--out", f"new/{'a' * 256}"], f"argument --out: 'new/{'a' * 256}' is not a path (a name longer than "
+                                              "255 bytes)"),
+], ids=["no-folder", "unknown-option", "folder-empty", "out-empty", "out-takes-no-file", "folder-name-too-long",
+        "out-name-too-long"])
 def test_report_arguments_that_cannot_be_used_are_one_line_before_any_work(argv, message, tmp_path, capsys,
                                                                           monkeypatch):
     write_run(tmp_path / "runs", "good")

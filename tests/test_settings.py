@@ -187,6 +187,9 @@ BAD_RUN_FOLDERS = {
     "name-absolute": (["name=/abs/path"], "name=/abs/path"),
     "name-dot": (["name=."], "name=."),
     "output-root-empty": (["output_root="], "output_root=''"),
+    # a folder name past the file system's 255 bytes: an OSError traceback, with output_root made
+    "name-too-long": ([f"name={'a' * 256}"], "name=aaa"),
+    "output-root-name-too-long": ([f"output_root=new/{'a' * 256}"], "output_root=new/aaa"),
 }
 
 
@@ -197,7 +200,7 @@ def test_run_folder_settings_are_checked_before_any_folder(case, tmp_path, monke
     root = tmp_path / "a" / "b"
     root.mkdir(parents=True)
     monkeypatch.chdir(root)
-    output_root = [] if case == "output-root-empty" else [f"output_root={root}"]
+    output_root = [] if case.startswith("output-root") else [f"output_root={root}"]
     assert train_cli(monkeypatch, *FAST, *output_root, *overrides) == 2
     assert_one_line_naming(capsys.readouterr().err, named)
     assert snapshot(tmp_path) == {"a": "dir", "a/b": "dir"}

@@ -273,6 +273,8 @@ BAD_SWEEP = {
     "n-trials-not-an-integer": (["--n-trials", "two"], None, "--n-trials"),
     "workers-not-an-integer": (["--workers", "1.5"], None, "--workers"),
     "study-name-not-a-folder": (["--study-name", "../elsewhere"], None, "study_name"),
+    # past the file system's 255 bytes: blamed on --output-root, with the folders above the study's made
+    "study-name-too-long": (["--study-name", "a" * 256], None, "study_name"),
     # the first trial's configuration
     "param-unknown-key": (["--param", "model.nope=choice:1,2"], None, "model.nope"),
     "param-invalid-setting": (["--param", "trainer.max_epochs=choice:0,1"], None, "trainer.max_epochs"),

@@ -53,6 +53,22 @@ def _check_job(cfg: DictConfig, overrides: Sequence[str]) -> None:
         raise ConfigError(f"the job {' '.join(overrides)}: {err}") from err
 
 
+def _check_sweeps(config: DictConfig, hydra_context) -> None:
+    """Every sweep of the multirun (on the command line or in hydra.sweeper.params) takes a value: one that takes
+    none (range(3,0), a glob that matches no option) makes no job, and Hydra's sweeper then ends without a word,
+    exit code 0. Checked as the launcher is set up, before the sweeper writes anything."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sandbox.settings import ConfigError
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    for override in OverridesParser.create(config_loader=hydra_context.config_loader).parse_overrides(arguments):
+        if override.is_sweep_override() and not list(override.sweep_string_iterator()):
+            raise ConfigError(f"{override.input_line} is invalid: it sweeps no values, so the multirun would run no "
+                              "job: give it at least one (range(0,3), or a glob that matches an option)")
+
+
 # Processes packed under MPS by `processes=auto`: 6 to 8 packed runs gave 1.28-1.55x the run-steps per second of
 # the same runs time-sliced, at d_model 64 and 256 on an H100 (docs/results/throughput/mps_h100_c32b745/).
 MPS_PROCESSES = 6
@@ -97,6 +113,7 @@ class SandboxLauncher(Launcher):
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        _check_sweeps(config, hydra_context)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from sandbox import runs

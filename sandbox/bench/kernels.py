@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--shape", action="append", type=_shape,
-                        help="B,T,H,K,V (repeatable); default: the three issue shapes")  # fmt: skip
+                        help="B,T,H,K,V (repeatable); default: " + " ".join(",".join(map(str, s)) for s in SHAPES))
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
     parser.add_argument("--fla-jobs", type=int, default=8, help="child processes compiling fla's kernels at once")
     parser.add_argument("--fla-compile-only", action="store_true",
