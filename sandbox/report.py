@@ -44,6 +44,7 @@ from rich.table import Table
 import tasks
 from sandbox.results import (
     LOGS,
+    MAD_SUITE,
     RESULT_FILE,
     WORKER_LOST,
     atomic_path,
@@ -66,8 +67,8 @@ RESOLVED_KEYS = {"config.trainer.precision": "precision", "config.model.backend"
 # A row averages over seeds and selects over optimiser settings; every other key in which runs differ makes rows.
 SEED_KEY, LR_KEY, OPTIM_PREFIX = "config.seed", "config.optim.lr", "config.optim."
 OPTIM_NAMES = {"lr": "learning rate", "weight_decay": "weight decay"}
-# experiment=mad marks its runs with `suite: mad`; they are scored per task apart from the other runs.
-SUITE_KEY, MAD_SUITE, TASK_PREFIX = "config.suite", "mad", "config.task."
+# Runs of MAD_SUITE are scored per task apart from the other runs.
+SUITE_KEY, TASK_PREFIX = "config.suite", "config.task."
 # A finished run never left chance when its best validation accuracy stays below its validation set's accuracy
 # at chance c (`tasks.chance_accuracy`: a guess among the answers the context allows, 1/K on MQAR) plus
 # CHANCE_MARGIN of the way from c to 1. Runs stuck on Zoology's MQAR score 0.003-0.065 (c = 1/23 = 0.043 on

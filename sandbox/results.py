@@ -179,6 +179,9 @@ def folder_problem(path: Path) -> str | None:
 # traceback (File name too long) where it was used, often once the folders above it had been made.
 NAME_MAX = 255
 
+# The task suite that sandbox-report scores per task (experiment=mad marks its runs with `suite: mad`).
+MAD_SUITE = "mad"
+
 
 def names_fit(path: str) -> bool:
     """Whether every file or folder name of `path` fits in NAME_MAX bytes."""

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kernels
 from models import MIXERS, LanguageModel, build_model
-from sandbox.results import NAME_MAX, names_fit
+from sandbox.results import MAD_SUITE, NAME_MAX, names_fit
 from tasks.common import physical_memory
 from tasks.registry import available, check_shared, model_shape, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
@@ -118,6 +118,8 @@ SETTINGS: dict[str, Rule] = {
                  and names_fit(_path_text(v)),
                  f"one folder name (not empty, no {os.sep}, not . or .., at most {NAME_MAX} bytes)"),
     "seed": integer(0, SEEDS_PER_SPLIT - 1),  # the task splits' seed ranges (tasks/splits.py)
+    # sandbox-report reads no other suite: another label would drop the runs from its MAD section unseen
+    "suite": Rule(lambda v: v is None or v == MAD_SUITE, f"null (no suite) or {MAD_SUITE} (experiment=mad's tasks)"),
     "cuda_graphs": Rule(lambda v: v is True or v is False or v == "auto", "auto, true or false"),
     "optim.lr": number(0, low_open=True),
     "optim.weight_decay": number(0),
@@ -170,8 +172,6 @@ ADDED_TRAINER_SETTINGS: dict[str, Rule] = {
        for name, arg in inspect.signature(L.Trainer.__init__).parameters.items()
        if arg.annotation in (bool, bool | None) and name not in TRAINER_SET_BY_SANDBOX},
 }
-# A key read as it is: the label of a task suite, for sandbox-report (experiment=mad sets it).
-FREE = ("suite",)
 # Sections whose keys are checked by their own code below: the task registry and the model zoo.
 DELEGATED = ("task.name", "task.params", "task.segments", "model")
 # Keys whose value is a mapping: the sections of the dotted keys, and those of DELEGATED that are mappings.
@@ -227,17 +227,17 @@ def _check_keys(settings: dict) -> None:
             raise ConfigError(f"{key}={_show(value)} is invalid: must be a mapping of settings, as in conf/ (to set "
                               f"one of them: {key}.KEY=VALUE)")
         section, _, name = key.partition(".")
-        if key in SETTINGS or key in FREE or key in DELEGATED or (section == "trainer" and name in trainer_args):
+        if key in SETTINGS or key in DELEGATED or (section == "trainer" and name in trainer_args):
             continue
         known = sorted(k.partition(".")[2] for k in (*SETTINGS, *DELEGATED) if k.startswith(f"{section}."))
         if not name or not known:
-            top_level = sorted({k.partition(".")[0] for k in (*SETTINGS, *FREE, *DELEGATED)})
+            top_level = sorted({k.partition(".")[0] for k in (*SETTINGS, *DELEGATED)})
             raise ConfigError(f"{key} is not a setting of the sandbox: the top-level keys are {', '.join(top_level)}")
         valid = f"valid keys of {section}: {', '.join(known)}"
         if section == "trainer":
             valid += ", or another lightning.Trainer argument"
         raise ConfigError(f"{key} is not a setting of the sandbox: {valid}")
-    missing = [key for key in (*SETTINGS, *FREE, *DELEGATED) if key not in settings]
+    missing = [key for key in (*SETTINGS, *DELEGATED) if key not in settings]
     if missing:
         raise ConfigError(f"{missing[0]} is missing: it must be set (the defaults are in conf/)")
 
