@@ -33,9 +33,9 @@ BAD_SETTINGS = {
     "model-width-a-word": (["model.d_model=abc"], ["d_model"]),
     # out of range, or not finite
     "seed-negative": (["seed=-1"], ["seed", LARGEST_SEED]),
+    "seed-too-large": ([f"seed={SEEDS_PER_SPLIT}"], ["seed", LARGEST_SEED]),
     # a suite sandbox-report does not read: its runs left out of the MAD section without a word
     "suite-misspelt": (["suite=MAD"], ["suite=MAD", "null", "mad"]),
-    "seed-too-large": ([f"seed={SEEDS_PER_SPLIT}"], ["seed", LARGEST_SEED]),
     "lr-inf": (["optim.lr=inf"], ["optim.lr", "finite"]),
     "lr-nan": (["optim.lr=nan"], ["optim.lr", "finite"]),
     "weight-decay-inf": (["optim.weight_decay=inf"], ["optim.weight_decay", "finite"]),
