@@ -15,7 +15,7 @@ sizes m_k = `key_motif_size` and m_v = `value_motif_size`; a pair is w = m_k + m
 
 m_k = m_v = 1 is MQAR's layout. MAD trains on keys of every motif size 1 .. m_k and tests at m_k: train
 segments with different `key_motif_size` do that.
-Needs K <= G, i.e. L >= 2Kw; K <= (V // 2 - 1) ** m_k and K <= (V - V // 2) ** m_v; and fewer than 2**62
+Needs K <= G, i.e. L >= 2Kw; K <= (V // 2 - 1) ** m_k and K <= (V - V // 2) ** m_v; and at most 2**62
 motifs of each size, so that a motif's number fits an int64.
 Slices: `num_kv_pairs`, `seq_len`, `key_motif_size`.
 """
@@ -51,9 +51,9 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, key_motif_size, value_motif_s
     check_vocab_size(where, vocab_size, 4, "keys from [1, vocab_size // 2) need one token")
     num_keys, num_values = vocab_size // 2 - 1, vocab_size - vocab_size // 2
     check_int(where, "key_motif_size", key_motif_size, 1, largest_motif_size(num_keys),
-              f"fewer than 2**62 motifs of {num_keys} key tokens for vocab_size={vocab_size}")
+              f"at most 2**62 motifs of {num_keys} key tokens for vocab_size={vocab_size}")
     check_int(where, "value_motif_size", value_motif_size, 1, largest_motif_size(num_values),
-              f"fewer than 2**62 motifs of {num_values} value tokens for vocab_size={vocab_size}")
+              f"at most 2**62 motifs of {num_values} value tokens for vocab_size={vocab_size}")
     width = key_motif_size + value_motif_size
     check_int(where, "seq_len", seq_len, 2 * width, None,
               f"one pair and one query of {width} tokens each")
