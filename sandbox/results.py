@@ -175,8 +175,8 @@ def folder_problem(path: Path) -> str | None:
     return f"{existing} is a file, not a folder" + ("" if existing == path else f", so {path} cannot be made")
 
 
-# The longest file or folder name Linux's file systems take (NAME_MAX): a path with a longer one was an OSError
-# traceback (File name too long) where it was used, often once the folders above it had been made.
+# The longest file or folder name Linux's file systems take (NAME_MAX): a longer one fails with an OSError (File
+# name too long) only where it is used, after the folders above it are made, so it is checked up front.
 NAME_MAX = 255
 
 # The task suite that sandbox-report scores per task (experiment=mad marks its runs with `suite: mad`).

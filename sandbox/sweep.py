@@ -50,7 +50,8 @@ from optuna.storages._rdb.models import StudyUserAttributeModel  # Optuna's tabl
 from optuna.trial import TrialState
 
 from sandbox.callbacks import RunInterrupted, RunPruned, run_key
-from sandbox.results import NAME_MAX, WORKER_LOST, flatten, folder_problem, identity_key, stopping_threshold
+from sandbox.results import (NAME_MAX, WORKER_LOST, flatten, folder_problem, identity_key, names_fit,
+                             stopping_threshold)
 from sandbox.stacked_run import stacks, train_stack
 from sandbox.train import CONF_DIR, ConfigError, check_settings, one_line, train
 
@@ -197,8 +198,8 @@ def check_space(space) -> None:
     """Every key of a search space, before anything runs: a ConfigError naming the first bad one."""
     _check_keys("space", space, *SPACE_KEYS)
     name = space["study_name"]
-    _require(isinstance(name, str) and STUDY_NAME.fullmatch(name) is not None and len(name) <= NAME_MAX, "study_name",
-             name, f"a folder name (letters, digits, _ . -; at most {NAME_MAX} characters)")
+    _require(isinstance(name, str) and STUDY_NAME.fullmatch(name) is not None and names_fit(name), "study_name",
+             name, f"a folder name (letters, digits, _ . -; at most {NAME_MAX} bytes)")
     objectives = space["objectives"]
     _require(isinstance(objectives, list) and len(objectives) > 0 and len(set(map(str, objectives))) == len(objectives)
              and all(isinstance(o, str) and o in OBJECTIVES for o in objectives), "objectives", objectives,

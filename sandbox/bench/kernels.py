@@ -335,7 +335,7 @@ def _first_call(shape, rules) -> dict[str, float]:
 def first_call_times(shape, rules) -> None:
     """Cold (fresh Triton cache) and warm (the cache the cold process filled) first-call times, each rule in
     processes and a cache of its own: in one process, what the rules share (Triton's launcher built and loaded,
-    kernels common to several rules) went to the first rule's time and left the later rules' cold and warm."""
+    kernels common to several rules) would count in the first rule's time only."""
     times = {"cold": {}, "warm": {}}
     for rule in rules:
         with tempfile.TemporaryDirectory() as cache:
