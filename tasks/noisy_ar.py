@@ -50,7 +50,7 @@ def validate(*, vocab_size, seq_len, num_kv_pairs, noise_fraction, random_filler
         raise ValueError(
             f"noisy_ar: noise_fraction={noise_fraction!r} is out of range for seq_len={seq_len} and "
             f"num_kv_pairs={num_kv_pairs}; valid: round(2K f / (1 - f)) <= seq_len - 1 - 2K = {room} "
-            f"noise tokens, i.e. f <= about {room / (room + 2 * num_kv_pairs):.4f}")
+            f"noise tokens, i.e. f < {(room + 0.5) / (room + 0.5 + 2 * num_kv_pairs):.4f}")
     check_bool("noisy_ar", "random_filler", random_filler)
 
 

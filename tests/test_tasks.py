@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 import tasks
 from sandbox import bench
-from tasks import cli, registry, splits
+from tasks import cli, noisy_ar, registry, splits
 from commands import exit_code
 
 IGNORE = -100
@@ -390,6 +391,19 @@ def test_bad_params(no_generation, name, params, words):
 def test_limits_are_valid(name, params):
     data = tasks.make(name, num_examples=20, seed=0, **params)
     assert len(data) == 20
+
+
+@pytest.mark.parametrize("seq_len,num_kv_pairs", [(64, 8), (33, 16), (128, 1), (200, 37)])
+def test_noisy_ar_refusal_states_the_noise_fraction_where_acceptance_ends(no_generation, seq_len, num_kv_pairs):
+    params = dict(vocab_size=8192, seq_len=seq_len, num_kv_pairs=num_kv_pairs, random_filler=False)
+    with pytest.raises(ValueError) as error:
+        tasks.make("noisy_ar", num_examples=10, seed=0, noise_fraction=0.999, **params)
+    bound = float(re.search(r"f < ([0-9.]+)", str(error.value)).group(1))
+    for fraction in (bound - 2e-4, bound - 1e-3):
+        noisy_ar.validate(noise_fraction=fraction, **params)
+    for fraction in (bound + 2e-4, bound + 1e-3):
+        with pytest.raises(ValueError, match="noise_fraction"):
+            noisy_ar.validate(noise_fraction=fraction, **params)
 
 
 def test_bad_sizes_seeds_splits_and_segments(no_generation):
