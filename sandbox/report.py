@@ -6,7 +6,8 @@ validation (Zoology's protocol for the learning rate, MAD's grid of learning rat
 mean best validation accuracy, on the seeds every setting has, a run past its early-stopping threshold
 counted at it), and test accuracy is the mean and 95% interval
 over the seeds at that setting. Runs that did not finish (diverged, not trained, interrupted, failed) are
-counted, never averaged; a configuration run twice counts once; run folders without a result are named.
+counted, never averaged; a configuration run twice counts once; run folders without a result, and results older
+than their metrics.csv, are named.
 
 Writes into FOLDER (or --out): `results.csv` (one line per run: status, config flattened, metrics;
 `stacked_with`: the runs of its stack, which share its `wall_time_s`), `lr_sensitivity.csv` (mean validation
@@ -1114,6 +1115,28 @@ def folders_without_result(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
+def last_logged_step(run_dir: str) -> int | None:
+    """The last step of the run's logs/metrics.csv, None without one or where it cannot be read (`val_curve`
+    names a damaged file)."""
+    try:
+        with open(Path(run_dir) / LOGS / "metrics.csv", newline="") as f:
+            return max((int(line["step"]) for line in csv.DictReader(f) if line.get("step")), default=None)
+    except (OSError, ValueError, csv.Error):
+        return None
+
+
+def results_behind_logs(runs: list[dict]) -> list[tuple[dict, int]]:
+    """The runs whose metrics.csv logged steps past their result's `steps` (its test row is at that step), each
+    with its last logged step: the result is an earlier segment's, and a later one (killed, or still running)
+    wrote none."""
+    behind = []
+    for run in runs:
+        last = last_logged_step(run["run_dir"]) if run.get("steps") is not None else None
+        if last is not None and last > run["steps"]:
+            behind.append((run, last))
+    return behind
+
+
 # Every file a report may write besides report.md (study plots are named after their study).
 OUTPUTS = ("results.csv", "lr_sensitivity.csv", "mad_scores.csv", "mad_scores.png", "accuracy_vs_state_size.png",
            "accuracy_vs_kv_pairs.png", "memory_load.png", "study_*_history.png", "study_*_importance.png")
@@ -1155,11 +1178,16 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     files = {"markdown": out / "report.md"}
     runs, duplicates = drop_duplicates(to_runs(results))
     without_result = folders_without_result(folder)
+    behind = results_behind_logs(runs)
     notes = {"Skipped (unreadable)": skipped,
              "Counted once (the same configuration and seed as a run kept)":
                  [f"`{run['run_dir']}`: as `{kept['run_dir']}`" for run, kept in duplicates],
              "Run folders without a result (killed before writing one, or still running)":
-                 [f"`{path}`" for path in without_result]}
+                 [f"`{path}`" for path in without_result],
+             "Results older than their metrics.csv (an earlier segment's result; a later one, killed or still "
+             "running, wrote none)":
+                 [f"`{run['run_dir']}`: result of step {_show(run['steps'])}, metrics.csv logged up to step {last}"
+                  for run, last in behind]}
     commits = Counter(c for run in runs for c in {run["git_commit"] or "not recorded", *run["earlier_git_commits"]})
     if len(commits) > 1:
         notes["Runs of several commits (results.csv: git_commit, and earlier_git_commits of resumed runs)"] = [
@@ -1173,6 +1201,9 @@ def report(folder: Path, out: Path | None = None, console: Console | None = None
     for run, kept in duplicates:
         print(f"sandbox-report: warning: {run['run_dir']} counted once: the same run as {kept['run_dir']}",
               file=sys.stderr)
+    for run, last in behind:
+        print(f"sandbox-report: warning: {run['run_dir']}'s {RESULT_FILE} (step {_show(run['steps'])}) is older than "
+              f"its logs/metrics.csv (step {last})", file=sys.stderr)
     for path in without_result:
         print(f"sandbox-report: warning: {path} holds a run without a {RESULT_FILE} (killed, or still running)",
               file=sys.stderr)

@@ -760,6 +760,18 @@ def test_run_folders_without_a_result_are_named(tmp_path, capsys):
     assert capsys.readouterr().err.count("without a result.json") == 2
 
 
+def test_a_result_older_than_its_metrics_log_is_named(tmp_path, capsys):
+    """A result.json of step 1000 beside a metrics.csv that logged validations up to step 3000 is an earlier
+    segment's: a later one ran (killed, or still running) without writing its own; the report reads that result
+    as the run's end, and said nothing."""
+    write_run(tmp_path, "current", seed=0, curve=[(500, 0.5), (999, 0.9)])
+    write_run(tmp_path, "behind", seed=1, curve=[(500, 0.5), (999, 0.9), (2000, 0.95), (3000, 0.97)])
+    markdown = report(tmp_path)["markdown"].read_text()
+    assert f"`{tmp_path / 'behind'}`: result of step 1000, metrics.csv logged up to step 3000" in markdown
+    assert "current" not in markdown.split("Results older than their metrics.csv")[1].split("\n\n", 2)[1]
+    assert capsys.readouterr().err.count("older than its logs/metrics.csv") == 1
+
+
 def test_an_earlier_report_s_files_that_this_one_does_not_make_are_removed(tmp_path):
     """A report of MoM, MAD and a study into a folder, then one of attention runs alone into it: the memory-load,
     K and MAD plots, mad_scores.csv and the study's plot of the first stayed beside the second's report.md, with
