@@ -185,7 +185,9 @@ def to_runs(results: list[dict]) -> list[dict]:
             curve = val_curve(result["run_dir"])
             rise = val_rise(curve, result.get("steps"))
             run["val_rise_last_quarter"] = rise
-            run["still_rising"] = None if rise is None else rise > FLAT_RISE and run["best_val_acc"] < threshold
+            # a run that reached its threshold stopped rising, as its result says, whatever its curve lost
+            reached = run["best_val_acc"] >= threshold
+            run["still_rising"] = False if reached else None if rise is None else rise > FLAT_RISE
             run["left_chance_step"] = left_chance_step(curve, chance)
         runs.append(run)
     return runs
