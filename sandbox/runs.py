@@ -137,15 +137,27 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _load_problem(err: Exception) -> str:
+def _load_problem(err: Exception, path: Path) -> str:
     """Why torch.load (weights only) failed, in the words of what the file is."""
     if isinstance(err, pickle.UnpicklingError):
         return "not a checkpoint (a safe load refuses its contents)"
-    if isinstance(err, OSError):
+    if isinstance(err, OSError) and not _reads(path):
         return f"cannot be read ({err.strerror or describe_error(err)})"
     if isinstance(err, EOFError):
         return "empty or truncated"
     return f"truncated or corrupt ({describe_error(err)})"
+
+
+def _reads(path: Path) -> bool:
+    """Whether the file opens and reads to its end: torch.load raises OSError (EINVAL) on a zip cut in the middle
+    too, which is the file's contents, not its reading."""
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except OSError:
+        return False
+    return True
 
 
 def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]) -> str | None:
@@ -157,7 +169,7 @@ def checkpoint_problem(path: Path, digest: str, weights: dict[str, torch.Tensor]
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncation and corruption surface as many exception types
-        return _load_problem(err)
+        return _load_problem(err, path)
     if not isinstance(checkpoint, dict):
         return f"not a training checkpoint (it holds a {type(checkpoint).__name__})"
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]

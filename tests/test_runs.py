@@ -397,6 +397,19 @@ BROKEN = {
 }
 
 
+def test_a_checkpoint_cut_in_the_middle_is_truncated_not_unreadable(tmp_path):
+    """torch.load raises OSError (EINVAL) on some zips cut in the middle, which read as "cannot be read (Invalid
+    argument)", the words of a file that cannot be opened or read."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(20000)}}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(OSError):  # the case itself, as this torch gives it
+        torch.load(path, map_location="cpu", weights_only=True)
+    assert runs.checkpoint_problem(path, "0" * 64, {}).startswith("truncated or corrupt (OSError")
+    unreadable(path)
+    assert runs.checkpoint_problem(path, "0" * 64, {}).startswith("cannot be read")
+
+
 @pytest.mark.parametrize("case", BROKEN)
 def test_unusable_checkpoint_is_set_aside_and_the_run_goes_on(case, small_run, tmp_path, capsys):
     name, breaking, says, goes_on_from = BROKEN[case]
