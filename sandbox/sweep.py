@@ -24,6 +24,7 @@ setting can differ from seed to seed by the whole range); on a GPU its runs trai
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -400,8 +402,14 @@ def open_storage(url: str, heartbeat: dict, setting: str = "--storage") -> optun
         except Exception as err:  # SQLAlchemy raises many kinds; all mean the same to the user
             lost_race = "already exists" in str(err) or isinstance(err, sqlalchemy.exc.IntegrityError)
             if attempt == 2 or not lost_race:
-                raise ConfigError(f"{setting} {shown_url(url)!r} cannot be opened: {one_line(err)}") from err
+                raise ConfigError(f"{setting} {shown_url(url)!r} cannot be opened: {database_words(err)}") from None
             time.sleep(1 + attempt)
+
+
+def database_words(err: BaseException) -> str:
+    """An error opening a storage as one line, without the SQL statement and the link SQLAlchemy adds."""
+    text = one_line(err).split(" [SQL: ")[0]
+    return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", text).strip()
 
 
 def shown_url(url: str) -> str:
@@ -564,15 +572,58 @@ def open_writable_study(space: dict, url: str, overrides: list[str], setting: st
     """`open_study` on the storage at `url`, once `check_trial_folders` has passed. One that cannot be opened, or
     opens but cannot be written (a read-only file or folder, a full disk), is a ConfigError naming `setting`, not a
     traceback: a study is written from its start."""
+    db_file = sqlite_file(url)
+    new_file = db_file is not None and not db_file.exists()
     try:
-        storage = open_storage(url, space["heartbeat"], setting)
-        check_trial_folders(sweep_dir, storage, space["study_name"])
-        return open_study(space, storage, overrides)
-    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
-        cause = err.__cause__ or err
-        cause = getattr(cause, "orig", None) or cause  # the database's words, without SQLAlchemy's SQL and links
-        raise ConfigError(f"{setting} cannot be written ({one_line(cause)}: {shown_url(url)}); it must be a writable "
-                          "storage (folder and file) with free space") from None
+        try:
+            storage = open_storage(url, space["heartbeat"], setting)
+            check_trial_folders(sweep_dir, storage, space["study_name"])
+            return open_study(space, storage, overrides)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
+            cause = err.__cause__ or err
+            cause = getattr(cause, "orig", None) or cause  # the database's words, without SQLAlchemy's SQL and links
+            raise ConfigError(f"{setting} cannot be written ({one_line(cause)}: {shown_url(url)}); it must be a "
+                              "writable storage (folder and file) with free space") from None
+    except ConfigError:
+        if new_file:  # SQLite made the file as it connected (empty, or half its tables on a full disk)
+            remove_studyless_sqlite(db_file)
+        raise
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite storage URL, None for another database."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def remove_studyless_sqlite(path: Path) -> None:
+    """Remove an SQLite file that this command made and that holds no study (with its journal files): a refused
+    command leaves no half-made study.db. One that holds a study (another command's, made meanwhile) stays."""
+    try:
+        if path.stat().st_size > 0:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+                tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "studies" in tables and connection.execute("SELECT COUNT(*) FROM studies").fetchone()[0]:
+                    return
+    except (OSError, sqlite3.Error):
+        return  # cannot tell: leave it
+    for part in (path, *(path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm"))):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this command made (listed deepest first) that are empty again."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another command's files), or already gone
+            return
 
 
 # ---- the trial ----
@@ -842,15 +893,22 @@ def main(argv: list[str] | None = None) -> int:
             study = open_writable_study(space, storage_url, args.overrides, storage_setting, sweep_dir)
         elif not (sweep_dir / "study.db").exists():  # checked before the new study.db is made
             check_trial_folders(sweep_dir, None, space["study_name"])
+        # the folders this command makes: a study that cannot be stored in them (a full disk) leaves none behind
+        made = [folder for folder in (sweep_dir.absolute(), *sweep_dir.absolute().parents) if not folder.exists()]
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            remove_empty(made)
             raise ConfigError(f"--output-root {args.output_root} cannot be written ({err.strerror}: "
                               f"{err.filename}); it must be a writable folder with free space") from None
         if storage_url is None:
             storage_url = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
             storage_setting = f"--output-root {args.output_root}"
-            study = open_writable_study(space, storage_url, args.overrides, storage_setting, sweep_dir)
+            try:
+                study = open_writable_study(space, storage_url, args.overrides, storage_setting, sweep_dir)
+            except ConfigError:
+                remove_empty(made)  # open_writable_study removed the study.db it made without a study in it
+                raise
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"sandbox-sweep: error: {one_line(err)}", file=sys.stderr)
         return 2

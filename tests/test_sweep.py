@@ -27,6 +27,7 @@ from sandbox.module import RecallModule
 from sandbox.stacked_run import stack_problem
 from sandbox.sweep import load_space, main, make_sampler, parse_param, suggest
 from sandbox.train import ConfigError
+from test_faults import IN_PRIVATE_MOUNT, private_mounts_work
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["debug=fast", "task.limit_examples=64", "model.n_layers=1"]
@@ -808,3 +809,27 @@ def test_a_storage_url_s_password_is_not_printed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert_one_line_naming(err, "--storage 'postgresql://me:***@127.0.0.1:1/db' cannot be opened")
     assert "secret" not in err
+
+
+@pytest.mark.skipif(not private_mounts_work(), reason="user namespaces are off here: `unshare -Urm` is refused, "
+                    "so a full folder cannot be made without root")
+@pytest.mark.parametrize("where", ["output-root", "output-root-below", "storage"])
+def test_a_new_study_on_a_full_disk_leaves_nothing_behind(where, tmp_path):
+    """A new study whose study.db cannot be written (a full disk) is one line, exit code 2, and leaves nothing
+    behind. It left an empty study.db and the sweep's folders (or the --storage file), a half-made study."""
+    mnt, out, empty = tmp_path / "mnt", tmp_path / "out", tmp_path / "empty"
+    for folder in (mnt, out, empty):
+        folder.mkdir()
+    args, named = {"output-root": (["--output-root", str(mnt)], "--output-root"),
+                   "output-root-below": (["--output-root", str(mnt / "a" / "b")], "--output-root"),
+                   "storage": (["--storage", f"sqlite:///{mnt}/study.db", "--output-root", str(mnt)], "--storage"),
+                   }[where]
+    command = [sys.executable, "-m", "sandbox.sweep", "--n-trials", "1", *args, *FAST]
+    env = {**os.environ, "SIZE": "1m", "MNT": str(mnt), "SRC": str(empty), "OUT": str(out), "MODE": "full"}
+    subprocess.run(["unshare", "-Urm", "bash", "-c", IN_PRIVATE_MOUNT, "bash", *command], cwd=REPO, env=env,
+                   check=True, timeout=300)
+    stderr = (out / "stderr").read_text()
+    assert (out / "rc").read_text().strip() == "2", stderr
+    assert_one_line_naming(stderr, named)
+    assert "disk is full" in stderr and "[SQL:" not in stderr
+    assert (out / "after").read_text() == (out / "before").read_text()
