@@ -54,6 +54,8 @@ from sandbox.results import (
     folder_problem,
     identity_key,
     path_argument,
+    read_json,
+    status_of,
     stopping_threshold,
     write_problem,
 )
@@ -865,6 +867,8 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
         lines += [title, markdown_table(header, body)]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     lines += [f"- trial {t.number} failed: {t.user_attrs.get('fail_reason', WORKER_LOST)}" for t in failed]
+    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    lines += [f"- trial {t.number} running: {running_note(t)}" for t in running]
     plots = []
     if complete and not multi:
         path = out / f"study_{study.study_name}_history.png"
@@ -877,6 +881,25 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
             plots.append(path)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n\n".join(lines), plots
+
+
+def running_note(trial: optuna.trial.FrozenTrial) -> str:
+    """What a RUNNING trial's runs recorded: a trial stays RUNNING when its sweep is interrupted or its worker
+    killed, until the study's next command finds its heartbeat stale, fails it and runs it again."""
+    run_dir = Path(trial.user_attrs.get("run_dir", ""))
+    ended = []
+    for path in [run_dir / RESULT_FILE, *sorted(run_dir.glob(f"seed*/{RESULT_FILE}"))] if run_dir.name else []:
+        try:
+            result = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and status_of(result) != FINISHED:
+            ended.append(f"{status_of(result)} ({result.get('status_reason') or 'no reason recorded'})")
+    if ended:
+        return (f"not training: its run recorded {'; '.join(ended)}; the study's next command fails it and runs it "
+                "again")
+    return ("training, or its worker was killed before its run recorded anything; the study's next command fails it "
+            "once its heartbeat is stale and runs it again")
 
 
 def plot_history(study: optuna.Study, complete: list, path: Path) -> None:

@@ -139,6 +139,24 @@ def test_a_study_whose_trials_all_tie_has_no_importance_plot(tmp_path):
     assert [p.name for p in plots] == ["study_flat_history.png"] and "importance" not in markdown
 
 
+def test_a_running_trial_says_what_its_runs_recorded(tmp_path):
+    """A sweep interrupted (or its worker killed) leaves its trial RUNNING until the study's next command: the
+    report counted it as running, as if it trained, and said nothing more. Each running trial's line says what its
+    run recorded."""
+    study = optuna.create_study(study_name="stopped", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-2, log=True), n_trials=1)
+    for name, status in (("0001", "interrupted"), ("0002", None)):
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        trial.set_user_attr("run_dir", str(tmp_path / "trials" / name))
+        if status:
+            write_run(tmp_path / "trials", name, status=status, status_reason="SIGTERM at step 20")
+    markdown, _ = study_section(study, tmp_path)
+    assert "3 trials: 2 running, 1 complete." in markdown
+    assert ("- trial 1 running: not training: its run recorded interrupted (SIGTERM at step 20); the study's next "
+            "command fails it and runs it again") in markdown
+    assert "- trial 2 running: training, or its worker was killed before its run recorded anything" in markdown
+
+
 def test_a_study_with_seeds_shows_each_seed_behind_the_best_mean(tmp_path):
     study = optuna.create_study(study_name="seeds", direction="maximize")
     study.set_user_attr("definition", {"seeds": [0, 1]})
