@@ -886,9 +886,10 @@ def study_section(study: optuna.Study, out: Path) -> tuple[str, list[Path]]:
 def running_note(trial: optuna.trial.FrozenTrial) -> str:
     """What a RUNNING trial's runs recorded: a trial stays RUNNING when its sweep is interrupted or its worker
     killed, until the study's next command finds its heartbeat stale, fails it and runs it again."""
-    run_dir = Path(trial.user_attrs.get("run_dir", ""))
+    run_dir = trial.user_attrs.get("run_dir")
+    paths = [Path(run_dir) / RESULT_FILE, *sorted(Path(run_dir).glob(f"seed*/{RESULT_FILE}"))] if run_dir else []
     ended = []
-    for path in [run_dir / RESULT_FILE, *sorted(run_dir.glob(f"seed*/{RESULT_FILE}"))] if run_dir.name else []:
+    for path in paths:  # its run's, or its runs' of each seed
         try:
             result = read_json(path)
         except (OSError, ValueError):
