@@ -128,10 +128,14 @@ def ended_result(run_dir: Path, digest: str) -> dict | None:
 
 
 # ---- checkpoints ----
+def first_sentence(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().split(". ")[0]
+
+
 def describe_error(err: BaseException) -> str:
     """An error as its type and first sentence. torch's text for a file it will not load safely suggests an
     unsafe load (which could run code from the file): such text is never passed on."""
-    text = re.sub(r"\s+", " ", str(err)).strip().split(". ")[0]
+    text = first_sentence(str(err))
     if "weights_only" in text or "weights only" in text.lower():
         text = ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -506,7 +507,8 @@ def check_group_overrides(args: list[str]) -> None:
 
 def main() -> int:
     """sandbox-train: 0 when every run finished, else the highest exit code of its runs (EXIT_CODES, 2 for a
-    bad setting, 128 + the signal for an interrupted run, which also ends a multirun)."""
+    bad setting, 128 + the signal for an interrupted run, which also ends a multirun); a failed run's error is
+    printed with its traceback."""
     # Let errors reach us instead of Hydra's own multi-line report, so that a bad setting is one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     _config_errors.clear()
@@ -524,6 +526,11 @@ def main() -> int:
         _config_errors.append(runs.unwritable(err))
     except RunInterrupted as stop:
         _exit_codes.append(128 + stop.signum)
+    except Exception:
+        # a run that failed: in a multirun Hydra raises the first failed job's error once every job has ended, and
+        # the other jobs' ends (a bad setting, a higher exit code) are still the command's
+        traceback.print_exc()
+        _exit_codes.append(EXIT_CODES["failed"])
     for message in _config_errors:
         print(f"sandbox-train: error: {message}", file=sys.stderr)
     return max([*_exit_codes, 2 if _config_errors else 0])

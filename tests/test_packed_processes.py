@@ -197,3 +197,43 @@ SpawnProcess.start = counted
     assert again.stdout.count("already finished") == 2 and again.stdout.count("best val acc") == 4
     assert starts.read_text().split() == ["start"] * 2
     assert [r["status"] for r in results(tmp_path).values()] == ["finished"] * 4
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_failed_job_is_named_and_the_exit_code_is_the_highest_end(processes, tmp_path):
+    """Hydra raises the error of the first failed job alone, once every job has ended: a second failed job was said
+    nowhere (its result.json alone said so), a bad setting that a job found in training was never printed, and the
+    command exited 1 past a diverged job's 3 (the highest exit code of the runs, as sandbox-train's main says).
+    Now each failed job is named in a line, the bad setting is said, and the exit code is the highest."""
+    env = patched(tmp_path, """
+import sandbox.module
+import sandbox.train
+from sandbox.settings import ConfigError
+real_step = sandbox.module.RecallModule.training_step
+def step(self, batch, batch_idx):
+    where = str(self.trainer.default_root_dir)
+    if self.global_step == 3 and ("model=gated_deltanet," in where or "model=deltanet," in where):
+        raise RuntimeError("injected crash")
+    loss = real_step(self, batch, batch_idx)
+    return loss * float("nan") if self.global_step == 3 and "model=mom," in where else loss
+sandbox.module.RecallModule.training_step = step
+real_train = sandbox.train.train
+def train(cfg, run_dir, *args, **kwargs):
+    if "model=attention," in str(run_dir):
+        raise ConfigError(f"{run_dir}: injected bad setting")
+    return real_train(cfg, run_dir, *args, **kwargs)
+sandbox.train.train = train
+""")
+    done = subprocess.run([sys.executable, "-m", "sandbox.train", "-m", *SMALL, f"output_root={tmp_path}",
+                           "model=attention,gated_deltanet,deltanet,mom", "hydra.launcher.stack=false",
+                           "trainer.max_steps=20", f"hydra.launcher.processes={processes}"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 3, done.stderr[-3000:]
+    ends = {name: r["status"] for name, r in results(tmp_path).items()}
+    assert sorted(ends.values()) == ["diverged", "failed", "failed"], ends
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sandbox-train: ")]
+    for name, status in ends.items():
+        if status == "failed":
+            assert f"sandbox-train: {tmp_path / 'train' / name}: failed: RuntimeError: injected crash" in lines, lines
+    assert any(line.startswith("sandbox-train: error: ") and line.endswith("injected bad setting") for line in lines)
+    assert "Traceback" in done.stderr and "RuntimeError: injected crash" in done.stderr  # the first one's, as before

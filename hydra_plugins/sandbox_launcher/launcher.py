@@ -23,7 +23,8 @@ whose checkpoint was written at another precision or on other kernels fails its 
 others go on. A process that dies without a word (killed, out of host memory) fails its jobs and the others go
 on; SIGTERM or SIGINT to the launcher reaches every process, each run ends interrupted with its checkpoint, and
 the multirun ends as one interrupted in a single process does (one while the jobs are composed and checked stops the
-command before any trains). A failing job's error carries the traceback of the process that trained it.
+command before any trains). A failing job's error carries the traceback of the process that trained it; each
+failed job is named in a line of its own, since Hydra raises the first one's error alone.
 """
 
 from __future__ import annotations
@@ -232,7 +233,9 @@ def _outcomes(unit: list[Job]) -> list[tuple[str, object]]:
 
 
 def _finish(unit: list[Job], outcomes: list[tuple[str, object]]) -> None:
-    """Each job's Hydra return value and status from its outcome, its end said as `sandbox-train` says it."""
+    """Each job's Hydra return value and status from its outcome, its end said as `sandbox-train` says it. A failed
+    job is named in a line of its own: Hydra raises the error of the first failed job alone, after every job."""
+    from sandbox.runs import say
     from sandbox.train import bad_setting, report_result
 
     for (ret, _, run_dir), (kind, outcome) in zip(unit, outcomes):
@@ -241,7 +244,21 @@ def _finish(unit: list[Job], outcomes: list[tuple[str, object]]) -> None:
         elif kind == "bad setting":
             ret.return_value, ret.status = bad_setting(outcome), JobStatus.COMPLETED
         else:
+            say(f"{run_dir}: failed: {_failure_line(outcome)}", error=True)
             ret.return_value, ret.status = outcome, JobStatus.FAILED
+
+
+# how `_sendable` joins a packed process's error to its traceback
+_PACKED_TRACEBACK = "\n\nIn the process that trained it:\n"
+
+
+def _failure_line(err: BaseException) -> str:
+    """A failed job's error as its type and first sentence; a packed process's (`_sendable`) as the error it sent,
+    which starts with its own type, without its traceback."""
+    from sandbox.runs import describe_error, first_sentence
+
+    sent, packed, _ = str(err).partition(_PACKED_TRACEBACK)
+    return first_sentence(sent) if packed else describe_error(err)
 
 
 def _train_in_child(unit: list[Job], pipe) -> None:
@@ -269,8 +286,7 @@ def _train_in_child(unit: list[Job], pipe) -> None:
 def _sendable(err: BaseException) -> RuntimeError:
     """An error of a packed process as its type, message and traceback (not every exception pickles, and the
     traceback shows where it failed, as one raised in the launcher's process does)."""
-    return RuntimeError(f"{type(err).__name__}: {err}\n\nIn the process that trained it:\n"
-                        + "".join(traceback.format_exception(err)))
+    return RuntimeError(f"{type(err).__name__}: {err}{_PACKED_TRACEBACK}" + "".join(traceback.format_exception(err)))
 
 
 def _run_packed(units: list[list[Job]], processes: int) -> None:
