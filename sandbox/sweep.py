@@ -407,7 +407,8 @@ def open_storage(url: str, heartbeat: dict, setting: str = "--storage") -> optun
 
 
 def database_words(err: BaseException) -> str:
-    """An error opening a storage as one line, without the SQL statement and the link SQLAlchemy adds."""
+    """A storage's error as one line, without the SQL statement and the link SQLAlchemy adds to the database's
+    own words."""
     text = one_line(err).split(" [SQL: ")[0]
     return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", text).strip()
 
@@ -580,10 +581,9 @@ def open_writable_study(space: dict, url: str, overrides: list[str], setting: st
             check_trial_folders(sweep_dir, storage, space["study_name"])
             return open_study(space, storage, overrides)
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
-            cause = err.__cause__ or err
-            cause = getattr(cause, "orig", None) or cause  # the database's words, without SQLAlchemy's SQL and links
-            raise ConfigError(f"{setting} cannot be written ({one_line(cause)}: {shown_url(url)}); it must be a "
-                              "writable storage (folder and file) with free space") from None
+            raise ConfigError(f"{setting} cannot be written ({database_words(err.__cause__ or err)}: "
+                              f"{shown_url(url)}); it must be a writable storage (folder and file) with free space"
+                              ) from None
     except ConfigError:
         if new_file:  # SQLite made the file as it connected (empty, or half its tables on a full disk)
             remove_studyless_sqlite(db_file)
