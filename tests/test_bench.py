@@ -55,10 +55,10 @@ def test_kernel_bench_times_are_medians(monkeypatch):
         return {"mean": 3.0, "median": 1.0}[return_mode]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    monkeypatch.setattr(bench, "_check", lambda rule, x, do: {"o": 0.0})
+    monkeypatch.setattr(bench, "_check", lambda rule, backend, x, do: {"o": 0.0})
     monkeypatch.setattr(bench, "_time_recurrent", lambda rule, x, do: 100.0)
     x, do = {"q": torch.zeros(2, 2)}, torch.zeros(2, 2)
-    row = bench._time_rule("gla", (1, 2, 1, 2, 2), x, do, ceiling=1.0)
+    row = bench._time_rule("gla", "triton", (1, 2, 1, 2, 2), x, do, ceiling=1.0)
     assert row["ms_ours"] == 1.0 and row["ms_torch"] == 1.0
     monkeypatch.setattr(bench, "_fla_op", lambda rule: lambda **kw: None)
     monkeypatch.setattr(bench, "_time_once", lambda fn: 5.0)
@@ -139,8 +139,8 @@ def test_kernel_bench_rows_give_wall_and_gpu_time_and_their_ratios(monkeypatch, 
     monkeypatch.setattr(bench, "_fla_op", lambda rule: get_op(rule, "torch", mode="recurrent"))
     x = make_inputs("gla", 1, 80, 1, 16, 16)
     do = torch.randn(1, 80, 1, 16)
-    row = {"rule": "gla", "shape": [1, 80, 1, 16, 16], "correct": True, "max_rel_err": 1e-3, "ms_ours": 2.0,
-           "ms_torch": 4.0, "ms_recurrent": 100.0, "gbs": 10.0, "pct_copy": 1.0, "ms_fla": 3.0,
+    row = {"rule": "gla", "backend": "triton", "shape": [1, 80, 1, 16, 16], "correct": True, "max_rel_err": 1e-3,
+           "ms_ours": 2.0, "ms_torch": 4.0, "ms_recurrent": 100.0, "gbs": 10.0, "pct_copy": 1.0, "ms_fla": 3.0,
            "s_fla_first_call": 5.0}
     bench._profile_row(row, x, do)
     bench._profile_row(row, x, do, fla=True)
@@ -170,12 +170,12 @@ def test_kernel_bench_first_calls_time_each_rule_in_processes_of_its_own(monkeyp
     children = []
 
     def fake_run(cmd, env, **kwargs):  # a child's times: 2.0 s for the first child, 3.0 s the next, ...
-        _, rules = json.loads(cmd[cmd.index("--_first-call-child") + 1])
+        _, rules, _ = json.loads(cmd[cmd.index("--_first-call-child") + 1])
         children.append((rules, env["TRITON_CACHE_DIR"]))
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({r: 1.0 + len(children) for r in rules}) + "\n")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    bench.first_call_times((1, 64, 1, 16, 16), ["gla", "gated_deltanet"])
+    bench.first_call_times((1, 64, 1, 16, 16), ["gla", "gated_deltanet"], "triton")
     assert [rules for rules, _ in children] == [["gla"], ["gla"], ["gated_deltanet"], ["gated_deltanet"]]
     caches = [cache for _, cache in children]
     assert caches[0] == caches[1] != caches[2] == caches[3]  # a warm child reads what its rule's cold one filled
@@ -202,7 +202,7 @@ def test_kernel_bench_first_call_leaves_the_import_out(monkeypatch):
     monkeypatch.setattr(kernels, "get_op", slow_import)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(bench, "_inputs", lambda rule, shape: (make_inputs(rule, *shape), torch.randn(*shape[:3], 16)))
-    assert bench._first_call((1, 16, 1, 16, 16), ["gla"])["gla"] < 0.5
+    assert bench._first_call((1, 16, 1, 16, 16), ["gla"], "triton")["gla"] < 0.5
 
 
 def test_fla_compile_only_fills_the_cache_and_times_nothing(monkeypatch):

@@ -31,12 +31,16 @@ def _mma(a, b, acc, DOT: tl.constexpr):
 
 @triton.jit
 def dot(a, b, DOT: tl.constexpr):
-    """a @ b in float32; pass bf16 inputs as loaded, unconverted, for the one-dot case. DOT (chosen per input dtype
-    in `launch.DOT_MODES`): 0 float32 dots; 1 tf32x3 (float32 accuracy on tensor cores); 2 bf16 tensor-core dots
-    accumulating in float32, a float32 operand split as hi + lo in bf16 (16 bits of mantissa, error about 2^-17 of
-    it): one dot for two bf16 operands, 2 for one float32 operand, 3 for two; 3 as 2 with each bf16 dot on the
-    operands converted to float32 (exact, as on the GPU; the interpreter's dot multiplies bf16's raw bits)."""
-    if DOT >= 2:
+    """a @ b in float32; pass bf16 inputs as loaded, unconverted, for the one-dot case. DOT (per input dtype in
+    `launch.DOT_MODES`, on backend triton_bf16 `launch.BF16_DOT_MODES`): 0 float32 dots; 1 tf32x3 (float32
+    accuracy on tensor cores); 2 bf16 tensor-core dots accumulating in float32, a float32 operand split as hi + lo
+    in bf16 (16 bits of mantissa, error about 2^-17 of it): one dot for two bf16 operands, 2 for one float32
+    operand, 3 for two; 3 as 2 with each bf16 dot on the operands converted to float32 (exact, as on the GPU; the
+    interpreter's dot multiplies bf16's raw bits); 4 both operands rounded to bf16, one dot (backend
+    triton_bf16); 5 as 4 under the interpreter."""
+    if DOT >= 4:
+        out = _mma(a.to(tl.bfloat16), b.to(tl.bfloat16), None, DOT - 2)
+    elif DOT >= 2:
         if a.dtype == tl.bfloat16 and b.dtype == tl.bfloat16:
             out = _mma(a, b, None, DOT)
         elif a.dtype == tl.bfloat16:

@@ -25,7 +25,7 @@ from kernels.runs import batched, fold_runs
 
 class ChunkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, bf16_products):
         gate, delta = get_rule(rule).gate_code, get_rule(rule).delta
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = None if g is None else g.contiguous()
@@ -38,7 +38,7 @@ class ChunkFunction(torch.autograd.Function):
         N = cu.numel() - 1
         C = CHUNK
         table, chunk_offsets, NC = chunk_table(cu, B * T, C)
-        t = tiles(K, V, delta, q.dtype)
+        t = tiles(K, V, delta, q.dtype, bf16_products)
         f32 = {"device": dev, "dtype": torch.float32}
         rows = B * T * H
 
@@ -51,8 +51,9 @@ class ChunkFunction(torch.autograd.Function):
         # the chunk states, kept for the output and the backward: in bf16 for bf16 inputs of the ungated rules, so
         # that their consumers take one bf16 product (the recurrence itself runs in float32 registers). With decays
         # they stay in float32: the decays' gradient sums products with h over whole sequences, and bf16 h put it
-        # at 6e-2 of the float64 reference in the routed MoM test (dH, W and U likewise stay in float32)
-        h_bf16 = q.dtype == torch.bfloat16 and gate == 0
+        # at 6e-2 of the float64 reference in the routed MoM test (dH, W and U likewise stay in float32). With
+        # bf16 products (backend triton_bf16) every consumer rounds h and dH to bf16 anyway: both are kept in bf16
+        h_bf16 = bf16_products or (q.dtype == torch.bfloat16 and gate == 0)
         h = empty(NC, H, K, V, device=dev, dtype=torch.bfloat16 if h_bf16 else torch.float32)
         ht = empty(N, H, K, V, **f32) if output_final_state else None
         o = empty(B, T, H, V, device=dev, dtype=v.dtype)
@@ -81,18 +82,18 @@ class ChunkFunction(torch.autograd.Function):
                 **(common | kernel_options("output", t)),
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, beta, initial_state, cu, table, chunk_offsets, bcum, Aqk, Tm, W, U, h, ht)
-        ctx.meta = (gate, delta, scale, NC, cu_seqlens is not None, None if g is None else g.dtype)
+        ctx.meta = (gate, delta, scale, NC, cu_seqlens is not None, None if g is None else g.dtype, bf16_products)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, h0, cu, table, chunk_offsets, bcum, Aqk, Tm, W, U, h, ht = ctx.saved_tensors
-        gate, delta, scale, NC, varlen, g_dtype = ctx.meta
+        gate, delta, scale, NC, varlen, g_dtype, bf16_products = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = cu.numel() - 1
         C = CHUNK
-        t = tiles(K, V, delta, q.dtype)
+        t = tiles(K, V, delta, q.dtype, bf16_products)
         f32 = {"device": q.device, "dtype": torch.float32}
         rows = B * T * H
         # the kernels read do and dht as contiguous; a loss such as ht.sum() hands in an expanded (stride 0) dht
@@ -100,7 +101,7 @@ class ChunkFunction(torch.autograd.Function):
         dht = None if dht is None else dht.contiguous()
         common = {"H": H, "K": K, "C": C, "DOT": t.dot}
 
-        dH = empty(NC, H, K, V, **f32)
+        dH = empty(NC, H, K, V, device=q.device, dtype=torch.bfloat16 if bf16_products else torch.float32)
         # dU is dv itself for the rules without the delta rule: stored in v's dtype, as dv for the delta rules
         dU = empty(B, T, H, V, **f32) if delta else empty(B, T, H, V, device=q.device, dtype=v.dtype)
         dh0 = empty(N, H, K, V, **f32) if h0 is not None else None
@@ -143,20 +144,24 @@ class ChunkFunction(torch.autograd.Function):
         dbeta = (dbeta_v + dbeta_k.sum(0)).to(beta.dtype) if delta else None
         return (
             None, dq, dk, dv, dg, dbeta,
-            None, None if h0 is None else dh0.to(h0.dtype), None, None,
+            None, None if h0 is None else dh0.to(h0.dtype), None, None, None,
         )  # fmt: skip
 
 
 def chunk_op(
-    rule, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+    rule, q, k, v, *, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    bf16_products=False,
 ):
     """The op of `rule` (its name; the rest is `kernels`' op signature) through the chunked kernels; under vmap over
-    runs (stacked runs), one launch for all of them (`kernels.runs`)."""
+    runs (stacked runs), one launch for all of them (`kernels.runs`). `bf16_products` (backend triton_bf16): every
+    product on operands rounded to bf16, the chunk states and their gradient kept in bf16, as fla computes."""
     d = check_inputs(rule, q, k, v, g, beta, scale, initial_state, cu_seqlens)
     check_triton_inputs(q)
 
     def op(q, k, v, g, beta, initial_state):
-        return ChunkFunction.apply(rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens)
+        return ChunkFunction.apply(
+            rule, q, k, v, g, beta, d.scale, initial_state, output_final_state, cu_seqlens, bf16_products
+        )
 
     if cu_seqlens is not None and batched(q):
         raise ValueError("cu_seqlens (packed sequences) cannot be used under vmap over runs")

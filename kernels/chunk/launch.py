@@ -41,6 +41,10 @@ DOT_MODES = {
     (False, True): 0,  # float32: the interpreter has no tf32
     (True, True): 3,  # mode 2 on operands converted to float32, so that the CPU tests run the bf16 path's splits
 }
+# Backend triton_bf16 (under TRITON_INTERPRET -> the mode): every product as fla computes it, both operands rounded
+# to bf16 and one tensor-core dot accumulating in float32, whatever the inputs' dtype: a third of mode 2's dots
+# for two float32 operands, at bf16's accuracy (docs/performance.md measures both).
+BF16_DOT_MODES = {False: 4, True: 5}
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Tiles:
     BV: int  # value columns per program of the chunk-sequential kernels, and per step of the loops over V
     BKS: int  # K in blocks of at most 64: the loops over K and the rows of a state piece
     NP: int  # pieces of BKS rows of the state per program in the chunk-sequential kernels
-    dot: int  # the mode of `common.dot` (DOT_MODES)
+    dot: int  # the mode of `common.dot` (DOT_MODES, BF16_DOT_MODES)
 
     @property
     def state_rows(self) -> int:
@@ -59,7 +63,8 @@ class Tiles:
         return self.BKS * self.NP
 
 
-def tiles(K: int, V: int, delta: bool, dtype: torch.dtype) -> Tiles:
+def tiles(K: int, V: int, delta: bool, dtype: torch.dtype, bf16_products: bool = False) -> Tiles:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     BK = max(16, triton.next_power_of_2(K))
     BKS = min(BK, 64)  # no [64, K] operand lives in registers whole at K = 256
     return Tiles(
@@ -71,7 +76,7 @@ def tiles(K: int, V: int, delta: bool, dtype: torch.dtype) -> Tiles:
         # the delta rules hold all K rows (U = U' - W h needs every row); the other rules' rows evolve
         # independently, so one piece each (more programs)
         NP=BK // BKS if delta else 1,
-        dot=DOT_MODES[dtype == torch.bfloat16, os.environ.get("TRITON_INTERPRET") == "1"],
+        dot=BF16_DOT_MODES[interpreted] if bf16_products else DOT_MODES[dtype == torch.bfloat16, interpreted],
     )
 
 
@@ -97,7 +102,7 @@ _SEQUENTIAL = (  # the chunk-sequential kernels, `state` and `dstate`
 # condition holds for the call's tiles, later ones overriding earlier ones.
 KERNEL_SETTINGS: dict[str, tuple[Setting, ...]] = {
     "local": (
-        Setting(lambda t: t.dot == 2, {"num_warps": 2},
+        Setting(lambda t: t.dot in (2, 4), {"num_warps": 2},
                 "Triton 3.6 on Hopper miscompiles its bf16 dots with 4 or 8 warps (wrong at K = 16 and 256)"),
     ),
     "gla_intra_blocks": (

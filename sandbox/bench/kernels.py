@@ -10,7 +10,9 @@ cache; the timed process then autotunes on a GPU it has to itself (fla's on-disk
 made by the children on a shared GPU, is switched off). `--fla-compile-only` stops after the compiling: fla's
 GLA compiles for minutes a shape, so where commands have a time limit one command can fill the cache (keep
 `TRITON_CACHE_DIR` between the two) and the next one time on a quiet machine. Each rule is first checked against
-the float64 reference at the timed shape; a rule that fails prints no speedup.
+the float64 reference at the timed shape (relative error below 1e-2; 5e-2 with `--backend triton_bf16`); a rule
+that fails prints no speedup. `--backend triton_bf16` times our op with every product on operands rounded to bf16
+and the chunk states kept in bf16, as fla computes, in place of the default float32-accurate products.
 The achieved bandwidth counts the bytes of the op's inputs and outputs (forward and backward) against the
 measured copy ceiling. `--first-call` times each rule's first forward+backward in fresh processes of its own:
 cold (empty Triton cache) and warm (the cache the cold process filled). Every row of ours and fla's gives the
@@ -83,14 +85,14 @@ def _inputs(rule, shape, seed=0):
     return x, do
 
 
-def _check(rule, x, do) -> dict[str, float]:
+def _check(rule, backend, x, do) -> dict[str, float]:
     """Relative errors of our op's output and gradients against the float64 reference."""
     import torch
 
     import kernels
     from kernels.testing import rel_err
 
-    o, _ = kernels.get_op(rule, "triton")(**x)
+    o, _ = kernels.get_op(rule, backend)(**x)
     grads = torch.autograd.grad(o, list(x.values()), do)
     x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
     ref, _ = kernels.get_op(rule, "torch")(**x64)
@@ -110,11 +112,12 @@ def _copy_ceiling_gbs() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool) -> list[dict]:
+def run_timings(shapes, rules, backend: str, use_fla: bool, fla_jobs: int, profile: bool) -> list[dict]:
     import torch
 
     ceiling = _copy_ceiling_gbs()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy ceiling {ceiling:.0f} GB/s; "
+          f"ours: backend {backend}")
     fla_available = use_fla and _fla_op("gla") is not None
     print(
         "fla:",
@@ -126,7 +129,7 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool) -> l
     for shape in shapes:
         for rule in rules:
             x, do = _inputs(rule, shape)
-            rows.append(_time_rule(rule, shape, x, do, ceiling))
+            rows.append(_time_rule(rule, backend, shape, x, do, ceiling))
             if profile:
                 _profile_row(rows[-1], x, do)
             _print_row(rows[-1])  # before fla's autotuning: a run cut short keeps our rows
@@ -140,15 +143,16 @@ def run_timings(shapes, rules, use_fla: bool, fla_jobs: int, profile: bool) -> l
     return rows
 
 
-def _time_rule(rule, shape, x, do, ceiling) -> dict:
+def _time_rule(rule, backend, shape, x, do, ceiling) -> dict:
     from triton.testing import do_bench
 
     import kernels
+    from kernels.testing import BF16_TOLERANCE
 
-    errs = _check(rule, x, do)
-    row = {"rule": rule, "shape": list(shape), "max_rel_err": max(errs.values())}
-    row["correct"] = all(e < 1e-2 for e in errs.values())
-    ours, ref = kernels.get_op(rule, "triton"), kernels.get_op(rule, "torch")
+    errs = _check(rule, backend, x, do)
+    row = {"rule": rule, "backend": backend, "shape": list(shape), "max_rel_err": max(errs.values())}
+    row["correct"] = all(e < BF16_TOLERANCE[backend] for e in errs.values())
+    ours, ref = kernels.get_op(rule, backend), kernels.get_op(rule, "torch")
     # the median of the calls (what docs/performance.md quotes): do_bench's default is their mean, which a few
     # slow calls on a loaded CPU pull up
     row["ms_ours"] = do_bench(lambda: _fwd_bwd(ours, x, do), warmup=5, rep=50, return_mode="median")
@@ -166,7 +170,7 @@ def _profile_row(row, x, do, fla: bool = False) -> None:
     stretch as it does the wall-clock time) and the longest six."""
     import kernels
 
-    op = _fla_op(row["rule"]) if fla else kernels.get_op(row["rule"], "triton")
+    op = _fla_op(row["rule"]) if fla else kernels.get_op(row["rule"], row["backend"])
     who = "fla" if fla else "ours"
     profile = kernel_profile(lambda: _fwd_bwd(op, x, do), longest=6)
     row[f"kernel_sum_ms_{who}"], row[f"kernels_ms_{who}"] = profile["kernel_sum_ms"], profile["kernels_ms"]
@@ -314,7 +318,7 @@ def _print_fla(row):
     _print_kernels(row, "fla")
 
 
-def _first_call(shape, rules) -> dict[str, float]:
+def _first_call(shape, rules, backend) -> dict[str, float]:
     """Seconds of the first forward+backward of each rule in this process (compilation included)."""
     import torch
 
@@ -323,7 +327,7 @@ def _first_call(shape, rules) -> dict[str, float]:
     out = {}
     for rule in rules:
         x, do = _inputs(rule, shape)
-        op = kernels.get_op(rule, "triton")  # imports Triton and the chunk module: not the call's time
+        op = kernels.get_op(rule, backend)  # imports Triton and the chunk module: not the call's time
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         _fwd_bwd(op, x, do)
@@ -332,7 +336,7 @@ def _first_call(shape, rules) -> dict[str, float]:
     return out
 
 
-def first_call_times(shape, rules) -> None:
+def first_call_times(shape, rules, backend) -> None:
     """Cold (fresh Triton cache) and warm (the cache the cold process filled) first-call times, each rule in
     processes and a cache of its own: in one process, what the rules share (Triton's launcher built and loaded,
     kernels common to several rules) would count in the first rule's time only."""
@@ -340,7 +344,7 @@ def first_call_times(shape, rules) -> None:
     for rule in rules:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TRITON_CACHE_DIR": cache}
-            cmd = [*CHILD, "--_first-call-child", json.dumps([shape, [rule]])]
+            cmd = [*CHILD, "--_first-call-child", json.dumps([shape, [rule], backend])]
             for label in ("cold", "warm"):
                 res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 times[label].update(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -363,6 +367,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kernels import TRITON_BACKENDS
     from kernels.rules import RULES
     from sandbox.bench import compile_only_problem, repeated_problem
     from sandbox.results import file_problem, path_argument
@@ -370,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = OneLineParser(prog="sandbox-bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--backend", choices=TRITON_BACKENDS, default="triton",
+                        help="our op's products: float32-accurate (triton) or on bf16 operands (triton_bf16)")
     parser.add_argument("--shape", action="append", type=_shape,
                         help="B,T,H,K,V (repeatable); default: " + " ".join(",".join(map(str, s)) for s in SHAPES))
     parser.add_argument("--no-fla", action="store_true", help="skip the comparison with fla")
@@ -405,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the Triton kernels do not run on the CPU)")
     if args.child:
-        shape, rules = json.loads(args.child)
-        print(json.dumps(_first_call(tuple(shape), rules)))
+        shape, rules, backend = json.loads(args.child)
+        print(json.dumps(_first_call(tuple(shape), rules, backend)))
         return 0
     if args.fla_child:
         shape, rule = json.loads(args.fla_child)
@@ -421,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_fla(shapes, args.rules, jobs=args.fla_jobs)
         return 0
     if args.first_call:
-        first_call_times(shapes[0], args.rules)
-    rows = run_timings(shapes, args.rules, use_fla=not args.no_fla, fla_jobs=args.fla_jobs,
+        first_call_times(shapes[0], args.rules, args.backend)
+    rows = run_timings(shapes, args.rules, args.backend, use_fla=not args.no_fla, fla_jobs=args.fla_jobs,
                        profile=not args.no_profile)
     if args.json:
         with open(args.json, "w") as f:
