@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import tasks
+from sandbox.settings import check_settings
 from sandbox.train import CONF_DIR, train
 from tasks import cli
 
@@ -224,6 +225,17 @@ def test_longer_test_segment_is_its_own_slice(name):
     labelled = data.labels != IGNORE
     assert not labelled[:20, short:].any() and (data.inputs[:20, short:] == 0).all(), "padding"
     assert labelled[20:, short:].any(), "the longer examples are labelled past the shorter length"
+
+
+@pytest.mark.parametrize("name", tasks.available())
+def test_every_task_has_its_config(name):
+    """`sandbox-train task=NAME` for every registered task: ar, noisy_ar and overwrite_mqar had no conf/task/ file, so
+    the command stopped at 'Could not find task/ar', and `task.name=ar` over mqar's config was refused for its
+    power_a."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"task={name}"])
+    assert cfg.task.name == name
+    check_settings(cfg)
 
 
 @pytest.mark.parametrize("name", SUITE)
