@@ -26,7 +26,7 @@ import kernels
 from models import MIXERS, LanguageModel, build_model
 from sandbox.results import MAD_SUITE, NAME_MAX, names_fit
 from tasks.common import physical_memory
-from tasks.registry import available, check_shared, model_shape, resolve
+from tasks.registry import available, check_fits_memory, check_shared, model_shape, resolve
 from tasks.splits import SEEDS_PER_SPLIT, SPLITS
 
 
@@ -243,10 +243,19 @@ def _check_keys(settings: dict) -> None:
 
 
 def _show(value) -> str:
-    """A value as the user writes it: null, true and false; quotes for an empty string."""
+    """A value as the user writes it: null, true and false; quotes for a string that would read as another type
+    unquoted (empty, a number, null, true or false): `num_examples='10'` is refused for being a string."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
-    return repr(value) if isinstance(value, str) and not value else str(value)
+    return repr(value) if isinstance(value, str) and _reads_as_another_type(value) else str(value)
+
+
+def _reads_as_another_type(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text.strip().lower() in ("", "null", "none", "true", "false")
 
 
 def _runs_on_cpu(accelerator: str) -> bool:
@@ -277,17 +286,17 @@ def _check_machine(settings: dict) -> None:
             raise ConfigError(f"cuda_graphs=true is invalid {problem}")
     backend = settings["model"].get("backend", "auto")
     device = "cpu" if _runs_on_cpu(accelerator) else "cuda"
-    if backend == "triton":  # else the first training step fails
+    if kernels.on_triton(backend):  # else the first training step fails
         try:
             kernels.resolve_backend(backend, device)
         except ValueError as err:
-            raise ConfigError(f"model.backend=triton is invalid on this machine: {err}; auto or torch run on the "
-                              "CPU") from err
+            raise ConfigError(f"model.backend={backend} is invalid on this machine: {err}; auto or torch run on "
+                              "the CPU") from err
     # The Triton kernels compute in float32 and refuse float64 at the first step; attention runs torch's own op.
     mixer = settings["model"].get("mixer")
     kernel_mixer = isinstance(mixer, str) and mixer in MIXERS and mixer != "attention"
     if (precision in FLOAT64 and kernel_mixer and backend in kernels.BACKENDS
-            and kernels.resolve_backend(backend, device) == "triton"):
+            and kernels.on_triton(kernels.resolve_backend(backend, device))):
         on_cuda = " (the Triton kernels on CUDA)" if backend == "auto" else ""
         raise ConfigError(f"trainer.precision={precision} is invalid with model.backend={backend}{on_cuda}: the "
                           "Triton kernels compute in float32; use model.backend=torch for float64, or 32-true")
@@ -385,6 +394,7 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"task.segments: no segments for split(s) {missing}; give each of {list(SPLITS)}")
     sizes = dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
+        longest = 0
         if not isinstance(segments[split], list):
             raise ConfigError(f"task.segments.{split}={segments[split]} is invalid: must be a list of segments")
         for i, segment in enumerate(segments[split]):
@@ -395,12 +405,16 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
             segment = dict(segment)
             num_examples = segment.pop("num_examples", None)
             if not integer(1).ok(num_examples):
-                raise ConfigError(f"{where}.num_examples={num_examples} is invalid: must be an integer >= 1")
+                raise ConfigError(f"{where}.num_examples={_show(num_examples)} is invalid: must be an integer >= 1")
             try:
-                resolve(task.name, {**params, **segment})
+                longest = max(longest, resolve(task.name, {**params, **segment})["seq_len"])
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from err
             sizes[split] += min(num_examples, task.limit_examples or num_examples)
+        try:  # here, not after the splits before it were generated (seconds to minutes)
+            check_fits_memory(f"task.segments.{split}", "num_examples summed", sizes[split], longest)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     # A segment's value wins over task.params: a param that every segment sets is never read, and a run (or each
     # job of a multirun over it) would train on the segments' value alone.
     shadowed = [k for k in params if all(k in segment for split in SPLITS for segment in segments[split])]

@@ -102,6 +102,17 @@ BAD_SETTINGS = {
     # float64 on the Triton kernels (auto's on CUDA; triton under the tests' interpreter): a traceback at step 1
     "precision-64-on-triton": (["model=gated_deltanet", "model.backend=triton", "trainer.precision=64-true"],
                                ["trainer.precision=64-true", "model.backend=torch"]),
+    "precision-64-on-triton-bf16": (["model=mom", "model.backend=triton_bf16", "trainer.precision=64-true"],
+                                    ["trainer.precision=64-true", "model.backend=torch"]),
+    # a number given as a string was named as the number itself, as if that were refused
+    "num-examples-a-string": (["task.segments.val=[{seq_len: 64, num_kv_pairs: 4, num_examples: '10'}]"],
+                              ["task.segments.val[0].num_examples='10'"]),
+    "lr-a-string": (["optim.lr='1e-3'"], ["optim.lr='1e-3'"]),
+    # a split past the machine's memory: refused by the generator after the splits before it were made, unnamed
+    "test-split-past-memory": (["task.segments.test=[{seq_len: 100000000, num_kv_pairs: 4, num_examples: 100}]"],
+                               ["task.segments.test", "num_examples summed=", "GiB"]),
+    "val-example-past-memory": (["task.segments.val=[{seq_len: 1000000000000, num_kv_pairs: 4, num_examples: 1}]"],
+                                ["task.segments.val", "seq_len=1000000000000", "GiB"]),
     # a model past the machine's memory: a raw allocation error (RuntimeError) once the data was generated
     "model-past-memory": (["model.d_model=100000000"], ["d_model=100000000", "memory"]),
     # a Lightning argument of the wrong type: a traceback (AttributeError) once the data was generated
@@ -127,6 +138,7 @@ BAD_WITHOUT_CUDA = {
     "precision-16-mixed-without-cuda": (["trainer.precision=16-mixed"], ["trainer.precision", "bf16-mixed"]),
     "accelerator-gpu-without-cuda": (["trainer.accelerator=gpu"], ["trainer.accelerator", "cpu"]),
     "triton-without-cuda": (["model.backend=triton"], ["model.backend=triton", "CUDA", "auto or torch"]),
+    "triton-bf16-without-cuda": (["model.backend=triton_bf16"], ["model.backend=triton_bf16", "CUDA", "auto or torch"]),
     "cuda-graphs-without-cuda": (["cuda_graphs=true"], ["cuda_graphs=true", "CUDA device", "false"]),
 }
 # On a machine with CUDA (faked: the settings are only checked): what CUDA graphs cannot run (sandbox/graphs.py).
