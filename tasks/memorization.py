@@ -9,7 +9,11 @@ Parameters: vocabulary V = `vocab_size`, length L = `seq_len`, `map_seed`.
   label at a key is its value under the map; the filler after it (which stands for MAD's insert token) and,
   for odd L, the last position are filler with label -100.
 
-The values never appear in the inputs: they can only be learnt from the training set, into the weights.
+The values never appear in the inputs: they can only be learnt from the training set, into the weights. So a
+key that no training example holds cannot be answered: with MAD's 256 training examples of L = 32, the test keys
+of seed 0 that occur in training are 97.8% at V = 2048, 85.1% at 4096 and 62.8% at 8192 (100% up to 1024), the
+most test accuracy those settings allow (MAD's data has the same property); their runs never reach an early
+stop at 0.999 validation accuracy either.
 Needs L >= 2 and V >= 4, and one `vocab_size` and `map_seed` for all segments (`SHARED`): a segment with its own
 would be drawn from another map.
 Slices: `seq_len`.

@@ -569,3 +569,44 @@ def test_state_tracking_chance_counts_the_first_state_which_is_the_first_input(n
     # a mixture weighs each length by its labelled positions: 64 and 256 of them per example
     expected = (64 * (1 + 63 * guess) / 64 + 256 * (1 + 255 * guess) / 256) / (64 + 256)
     assert tasks.chance_accuracy(name, segments, seed=0) == pytest.approx(expected)
+    # past the training length (64) the first position is not counted: a guess alone, at 256 and in the mixture
+    for start in (1, 64):
+        assert tasks.chance_accuracy(name, segments[1:], seed=0, start=start) == pytest.approx(guess)
+    assert tasks.chance_accuracy(name, segments, seed=0, start=64) == pytest.approx(guess)
+
+
+@pytest.mark.parametrize("name,segments,params", [
+    ("mqar", [{"seq_len": 64}, {"num_kv_pairs": 8, "seq_len": 128}], {}),
+    ("fuzzy_recall", [{"vocab_size": 16, "seq_len": 128}], {}),
+    ("selective_copying", [{"seq_len": 64}, {"seq_len": 128}], {}),
+    ("memorization", [{"seq_len": 64}, {"seq_len": 128}], {"vocab_size": 16}),
+    ("parity", [{"seq_len": 64}, {"seq_len": 128}], {}),
+    ("s5", [{"seq_len": 16}, {"seq_len": 64}], {}),
+])
+def test_chance_accuracy_past_a_position_is_what_a_guess_scores_there(name, segments, params):
+    """`start`: the chance of the labelled positions at `start` and after (past a training length of 32), each
+    segment weighted by its labelled positions there; a state-tracking task's first position is not among them."""
+    start, segments = 32, [{"num_examples": 800, **s} for s in segments]
+    rng = np.random.default_rng(0)
+    hits = []
+    for i, segment in enumerate(segments):
+        setting = {k: v for k, v in {**params, **segment}.items() if k != "num_examples"}
+        data = tasks.make_mixture(name, [segment], seed=i, **params)
+        positions = np.concatenate([np.nonzero(labels != IGNORE)[0] for labels in data.labels])
+        hits.append(_guess(name, registry.resolve(name, setting), data, rng)[positions >= start])
+    hits = np.concatenate(hits)
+    expected = tasks.chance_accuracy(name, segments, seed=0, start=start, **params)
+    assert abs(hits.mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(hits)) + 1e-3, \
+        (hits.mean(), expected)
+
+
+@pytest.mark.parametrize("vocab_size,share", [(1024, 1.0), (2048, 0.978), (4096, 0.851), (8192, 0.628)])
+def test_memorization_test_keys_seen_in_training_are_as_documented(vocab_size, share):
+    """The share of MAD's memorization test keys (run seed 0) that occur in its 256 training examples: the most
+    test accuracy the setting allows, quoted in tasks/memorization.py and conf/task/mad_memorize_v*.yaml."""
+    made = {split: tasks.make_split("memorization", split, segments=[{"seq_len": 32, "num_examples": n}], seed=0,
+                                    vocab_size=vocab_size)
+            for split, n in (("train", 256), ("test", 1280))}  # as conf/task/memorization.yaml's segments
+    seen = set(made["train"].inputs[:, 0::2].flatten().tolist())
+    keys = made["test"].inputs[:, 0::2].flatten().tolist()
+    assert round(sum(key in seen for key in keys) / len(keys), 3) == share
