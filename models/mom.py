@@ -28,10 +28,10 @@ the single-memory mixer with expand_v multiplied by M + shared, e.g.
 
 Backends (resolved once per call): `torch` runs every memory over all the tokens, its own first (in token
 order) and the others after them, where they cannot reach its routed outputs (`routing.dense`, the reference);
-`triton` (what `auto` is on CUDA) takes the packed path (`routing.packed`, `kernels/mom`): each memory runs on
-the tokens routed to it only, packed into segments on the device, and decoding updates only the selected
-memories. Stacked runs (under vmap, `sandbox/stacked.py`) take the dense form on either backend, with the rule's
-Triton op, conv and norms on `triton` (each one launch for all the runs, `kernels.runs`).
+`triton` (what `auto` is on CUDA) and `triton_bf16` take the packed path (`routing.packed`, `kernels/mom`): each
+memory runs on the tokens routed to it only, packed into segments on the device, and decoding updates only the
+selected memories. Stacked runs (under vmap, `sandbox/stacked.py`) take the dense form on every backend, with the
+rule's Triton op, conv and norms on the Triton backends (each one launch for all the runs, `kernels.runs`).
 
 Shapes: x [B, T, d_model] -> [B, T, d_model]. `state_size` = (M + shared) * H * K * V values per sequence.
 Router statistics (fraction per memory, entropy, aux) are kept as tensors; `router_stats()` makes floats (or
@@ -130,7 +130,7 @@ class MoM(nn.Module):
         backend = kernels.resolve_backend(self.backend, x.device)
         probs, routing = self.route(x)
         # stacked runs (under vmap) take the dense form: the packed one's kernels take each run's weights
-        y = (packed(self.memory, x, routing) if backend == "triton" and not batched(x)
+        y = (packed(self.memory, x, routing, backend) if kernels.on_triton(backend) and not batched(x)
              else dense(self.memory, x, routing, backend))
         # load balance and statistics, kept on the device (no host sync)
         M = self.num_memories
@@ -166,12 +166,12 @@ class MoM(nn.Module):
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x [B, d_model] -> (y [B, d_model], new state); each memory advances only if x is routed to it.
 
-        On the triton backend without autograd (decoding), only the selected memories' states are read and
+        On a Triton backend without autograd (decoding), only the selected memories' states are read and
         written, in place; with autograd on, the reference step (a new state, all memories computed)."""
         check_input(x, self.memory.d_model, step=True, batch=state["S"].shape[0])
         backend = kernels.resolve_backend(self.backend, x.device)
         _, routing = self.route(x)
-        if backend == "triton" and not torch.is_grad_enabled():
+        if kernels.on_triton(backend) and not torch.is_grad_enabled():
             return packed_step(self.memory, x, state, routing)
         return dense_step(self.memory, x, state, routing, backend)
 

@@ -22,9 +22,10 @@ Decoding has the same two forms: `dense_step` advances a slot's conv buffer and 
 to it (a new state; autograd allowed), `packed_step` updates only the selected slots' states, in place, through
 the decode kernel (inference only).
 
-`backend` is the resolved kernel backend ("torch" or "triton"), decided once per forward by the caller. On
-"triton" the steps around the rule (the short conv, the L2 feature map, the mix and gated norm) run as Triton
-kernels too (`kernels/mom/conv.py`, `kernels/norms.py`), except in float64 (the PyTorch reference's).
+`backend` is the resolved kernel backend ("torch", "triton" or "triton_bf16"), decided once per forward by the
+caller. On the Triton backends the steps around the rule (the short conv, the L2 feature map, the mix and gated
+norm) run as Triton kernels too (`kernels/mom/conv.py`, `kernels/norms.py`), except in float64 (the PyTorch
+reference's).
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ class Routing:
 
 
 def _fused(backend: str, x: torch.Tensor) -> bool:
-    """Whether the steps around the rule run as Triton kernels: on "triton", except in float64 (the reference's).
+    """Whether the steps around the rule run as Triton kernels: on a Triton backend, except in float64 (the
+    reference's).
     Under vmap over runs (stacked runs) they fold the runs into one launch (`kernels.runs`)."""
-    return backend == "triton" and x.dtype != torch.float64
+    return kernels.on_triton(backend) and x.dtype != torch.float64
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -143,13 +145,13 @@ def dense(memory, x: torch.Tensor, routing: Routing | None, backend: str) -> tor
     return memory.read_out(x, o.transpose(1, 2).view(B, T, n, H, V), weight, fused)
 
 
-def packed(memory, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """x [B, T, d_model] -> y [B, T, d_model] on the Triton path: each memory over its own tokens only."""
+def packed(memory, x: torch.Tensor, routing: Routing, backend: str) -> torch.Tensor:
+    """x [B, T, d_model] -> y [B, T, d_model] on a Triton backend: each memory over its own tokens only."""
     from kernels import mom  # imports Triton
 
     B, T, _ = x.shape
     H, K, V, n = memory.num_heads, memory.key_dim, memory.value_dim, memory.num_slots
-    fused = _fused("triton", x)
+    fused = _fused(backend, x)
     table = routing.table
     P = table.perm.numel()  # B * T * J packed rows, one per (token, selected slot)
     xf = x.reshape(B * T, -1)
@@ -162,7 +164,7 @@ def packed(memory, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     v = mom.segment_conv(v, memory.v_conv.weight, table)
     q, k = memory.features(q.view(1, P, H, K), k.view(1, P, H, K), fused)
     g, beta = memory.activate_gates(*(z[None] for z in pre))
-    o = memory.core(q, k, v.view(1, P, H, V), g, beta, "triton", cu_seqlens=table.cu_seqlens)
+    o = memory.core(q, k, v.view(1, P, H, V), g, beta, backend, cu_seqlens=table.cu_seqlens)
     return memory.read_out(x, o[0], routing.weight, fused, table.slots)  # the packed rows, read where they are
 
 

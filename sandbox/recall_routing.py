@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+import kernels
 from models.mom import MoM
 from sandbox.results import RESULT_FILE, collect_results, file_problem, path_argument, status_of
 from tasks import IGNORE, SPLITS
@@ -192,7 +193,7 @@ def weights_problem(folder: Path, config: dict) -> str | None:
 def load_run(folder: Path, config: dict, device: str):
     """The run's model on its best weights, and its data. A run trained on the Triton kernels (a GPU's) runs on the
     PyTorch reference off CUDA: the same computation, where Triton would refuse the device."""
-    if config["model"].get("backend") == "triton" and torch.device(device).type != "cuda":
+    if kernels.on_triton(config["model"].get("backend")) and torch.device(device).type != "cuda":
         config = {**config, "model": {**config["model"], "backend": "torch"}}
     module, datamodule = run_module(config)
     state = torch.load(folder / BEST, map_location="cpu", weights_only=True)["state_dict"]

@@ -11,7 +11,8 @@ import torch
 
 import kernels
 import kernels.mom.routing
-from kernels.testing import rel_err
+import models.mom
+from kernels.testing import BF16_TOLERANCE, rel_err
 from models.mom import MoM
 from models.routing import Routing
 
@@ -120,6 +121,25 @@ def test_routed_mom_matches_torch(rule, options, shape):
     assert_close(errors, torch.float32)
     dk_proj = dict(zip([n for n, _ in mom.named_parameters()], grads[1:]))["memory.k_proj.weight"]
     assert (dk_proj.view(mom.memory.num_slots, -1)[3] == 0).all()  # memory 3 got no token, no gradient
+
+
+@pytest.mark.parametrize("rule", ["gated_deltanet", "gla"])
+def test_routed_mom_with_bf16_products_takes_the_packed_path_and_matches_torch(rule, monkeypatch):
+    """Backend triton_bf16 (bf16 products in the rule's chunk kernels) routes as triton does, within the bf16
+    products' tolerance of the float64 reference."""
+    mom, ref = ragged_pair(32, torch.float32, DEVICE, rule=rule, num_heads=2)
+    mom.backend = mom.memory.backend = "triton_bf16"
+    backends, original = [], models.mom.packed
+
+    def packed(memory, x, routing, backend):
+        backends.append(backend)
+        return original(memory, x, routing, backend)
+
+    monkeypatch.setattr(models.mom, "packed", packed)
+    errors, _ = compare(mom, ref, ragged_input(2, 70, 32, DEVICE), torch.float32)
+    assert backends == ["triton_bf16"]
+    bad = {n: e for n, e in errors.items() if not e < BF16_TOLERANCE["triton_bf16"]}
+    assert not bad, bad
 
 
 def test_routed_mom_dense_projection(monkeypatch):
