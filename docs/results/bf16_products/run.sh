@@ -3,6 +3,7 @@
 # bf16 products and chunk states (backend triton_bf16), against fla where it is installed (its wheels in .whl/:
 # fla-core and flash-linear-attention; the GPU image has transformers and einops).
 #   bash docs/results/bf16_products/run.sh [PART ...]   PART: tests kernels mom (default: all three, in order)
+#   FLA=0 ...   leaves fla out (its first compiling takes some 3 minutes a benchmark)
 # Writes logs and JSON to $OUT (default docs/results/bf16_products/latest). The kernel tests (both backends
 # against float64 at the GPU shapes) run first: no timing where they fail. TRITON_CACHE_DIR stays on the machine
 # (/tmp/triton-cache), so a second command on the same warm machine compiles nothing again.
@@ -22,19 +23,21 @@ tests() {
   python -m pytest -q -m gpu -n 12 -p no:cacheprovider --durations=10 -rf tests/test_kernels_triton.py \
     tests/test_mom_routed.py > "$out/tests.log" 2>&1
 }
+fla=()
+[ "${FLA:-1}" = 0 ] && fla=(--no-fla)
 kernels() {
   local rules="gated_deltanet deltanet"
-  python -m sandbox.bench.kernels --rules $rules --fla-compile-only > "$out/fla_compile.log" 2>&1
+  [ "${FLA:-1}" = 0 ] || python -m sandbox.bench.kernels --rules $rules --fla-compile-only > "$out/fla_compile.log" 2>&1
   for backend in triton triton_bf16; do
-    python -m sandbox.bench.kernels --rules $rules --backend $backend --json "$out/kernels_$backend.json" \
+    python -m sandbox.bench.kernels --rules $rules --backend $backend "${fla[@]}" --json "$out/kernels_$backend.json" \
       > "$out/kernels_$backend.log" 2>&1 || return 1
   done
 }
 mom() {
-  python -m sandbox.bench.mom --fla-compile-only > "$out/fla_mom_compile.log" 2>&1
+  [ "${FLA:-1}" = 0 ] || python -m sandbox.bench.mom --fla-compile-only > "$out/fla_mom_compile.log" 2>&1
   for backend in triton triton_bf16; do
-    python -m sandbox.bench.mom --backend $backend --json "$out/mom_$backend.json" > "$out/mom_$backend.log" 2>&1 ||
-      return 1
+    python -m sandbox.bench.mom --backend $backend "${fla[@]}" --json "$out/mom_$backend.json" \
+      > "$out/mom_$backend.log" 2>&1 || return 1
   done
 }
 for part in ${@:-tests kernels mom}; do
