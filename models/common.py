@@ -76,11 +76,12 @@ def head_layout(d_model: int, num_heads: int, head_dim: int | None) -> int:
 def value_dim(head_dim: int, expand_v: float) -> int:
     check_number("expand_v", expand_v, positive=True)
     dv = head_dim * expand_v
-    if dv != int(dv) or dv < 1:
+    whole = round(dv)  # a whole product can miss by an ulp in binary floating point: 50 * 1.1 = 55.00000000000001
+    if abs(dv - whole) > 1e-9 * dv or whole < 1:
         raise ValueError(
             f"expand_v={expand_v!r} is not valid: head_dim * expand_v = {dv} must be a positive integer"
         )
-    return int(dv)
+    return whole
 
 
 # --- a mixer's input (checked at the entry of each forward and step) ----------------------------------

@@ -225,6 +225,14 @@ def test_bad_config(kwargs, key, valid):
     assert key in str(err.value) and valid in str(err.value)
 
 
+@pytest.mark.parametrize("head_dim,expand_v,value_dim", [(50, 1.1, 55), (90, 0.7, 63), (25, 4.6, 115), (64, 1.5, 96)])
+def test_expand_v_giving_a_whole_value_dim_is_accepted(head_dim, expand_v, value_dim):
+    """head_dim * expand_v a whole number that binary floating point misses by an ulp (50 * 1.1 = 55.00000000000001)
+    was refused as "must be a positive integer"."""
+    mixer = models.MIXERS["gated_deltanet"](head_dim, expand_v=expand_v)
+    assert mixer.value_dim == value_dim and mixer.state_size(1) == head_dim * value_dim
+
+
 def test_content_loads_count_only_the_positions_given():
     """`stats_positions`: each MoM layer's content_load_m{j} is the share of the routed slots of those positions
     alone (the sandbox passes its tasks' tokens, leaving out the filler), beside the loads over every position."""
