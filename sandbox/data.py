@@ -148,6 +148,11 @@ class RecallDataModule(L.LightningDataModule):
     def max_seq_len(self) -> int:
         return self.shape["seq_len"]
 
+    @functools.cached_property
+    def train_seq_len(self) -> int:
+        """The longest training sequence: test positions at or past it are past the training length."""
+        return tasks.model_shape(self.name, self.segments["train"], **self.params)["seq_len"]
+
     def generate(self) -> None:
         """Build all three splits (idempotent). Raises ValueError on impossible task settings."""
         if self.datasets:

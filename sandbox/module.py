@@ -95,23 +95,28 @@ def adamw(model: torch.nn.Module, optim: dict, fused: bool) -> torch.optim.AdamW
                              betas=tuple(optim["betas"]), fused=fused)
 
 
-def add_eval_counts(sums: dict, loss, hits, mask, bins, num_bins: int) -> None:
+def add_eval_counts(sums: dict, loss, hits, mask, bins, num_bins: int, past: int) -> None:
     """Add an evaluation batch of R runs to their sums (float64 on the device, made on first use): loss [R],
-    hits and mask [R, B, T], bins [R, B, S] (each example's bin in each of S slicings, of num_bins in all)."""
+    hits and mask [R, B, T], bins [R, B, S] (each example's bin in each of S slicings, of num_bins in all); per
+    slice also the hits and labelled positions at `past` and after (the longest training length: what a test
+    longer than training measures of extrapolation, without the positions it was trained on)."""
     runs = loss.shape[0]
     if not sums:
         for name, size in (("loss", ()), ("hits", ()), ("count", ()),
-                           ("slice_hits", (num_bins,)), ("slice_count", (num_bins,))):
+                           *((key, (num_bins,)) for key in ("slice_hits", "slice_count",
+                                                            "slice_past_hits", "slice_past_count"))):
             sums[name] = torch.zeros(runs, *size, device=loss.device, dtype=torch.float64)
     per_example_hits, per_example_count = hits.sum(-1).double(), mask.sum(-1).double()  # [R, B]
+    past_hits, past_count = hits[..., past:].sum(-1).double(), mask[..., past:].sum(-1).double()
     sums["loss"] += loss.detach().double() * per_example_count.sum(1)
     sums["hits"] += per_example_hits.sum(1)
     sums["count"] += per_example_count.sum(1)
     first_bin = torch.arange(0, runs * num_bins, num_bins, device=bins.device)[:, None]  # run r's bins start here
     for column in range(bins.shape[-1]):
         index = (bins[..., column] + first_bin).flatten()
-        sums["slice_hits"].view(-1).index_add_(0, index, per_example_hits.flatten())
-        sums["slice_count"].view(-1).index_add_(0, index, per_example_count.flatten())
+        for key, counts in (("slice_hits", per_example_hits), ("slice_count", per_example_count),
+                            ("slice_past_hits", past_hits), ("slice_past_count", past_count)):
+            sums[key].view(-1).index_add_(0, index, counts.flatten())
 
 
 def add_router_sums(sums: dict, router: dict[str, torch.Tensor], inputs: torch.Tensor) -> None:
@@ -137,15 +142,22 @@ def _router_weight(name: str) -> str:
 def eval_metrics(sums: dict, prefix: str, slice_labels: list[str]) -> list[dict[str, torch.Tensor]]:
     """Each run's metrics from its evaluation sums: {prefix}/loss, {prefix}/acc, {prefix}/acc/<slice> of each slice
     with a labelled position evaluated (a split cut by limit_*_batches may have none of a slice: no accuracy, not
-    0), and the router statistics over the split (router/<name>, as training logs them)."""
+    0), {prefix}/acc_past_train/<slice> of each slice with a labelled position evaluated past the training length
+    (a longer test segment's), and the router statistics over the split (router/<name>, as training logs them)."""
     count = sums["count"].clamp(min=1)
     loss, acc = (sums["loss"] / count).float(), (sums["hits"] / count).float()
-    slice_acc = (sums["slice_hits"] / sums["slice_count"].clamp(min=1)).float()
-    evaluated = (sums["slice_count"] > 0).tolist()
+
+    def per_slice(name: str, hits: torch.Tensor, counts: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        evaluated = (counts > 0).tolist()
+        slice_acc = (hits / counts.clamp(min=1)).float()
+        return [{f"{prefix}/{name}/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels) if evaluated[r][i]}
+                for r in range(len(count))]
+
+    slices = per_slice("acc", sums["slice_hits"], sums["slice_count"])
+    past_train = per_slice("acc_past_train", sums["slice_past_hits"], sums["slice_past_count"])
     router = {key: (sums[key] / sums[_router_weight(key)].clamp(min=1)).float()
               for key in sums if key.startswith("router/")}
-    return [{f"{prefix}/loss": loss[r], f"{prefix}/acc": acc[r],
-             **{f"{prefix}/acc/{label}": slice_acc[r, i] for i, label in enumerate(slice_labels) if evaluated[r][i]},
+    return [{f"{prefix}/loss": loss[r], f"{prefix}/acc": acc[r], **slices[r], **past_train[r],
              **{key: value[r] for key, value in router.items()}}
             for r in range(len(count))]
 
@@ -160,6 +172,7 @@ class RecallModule(L.LightningModule):
         self.model = build_model(vocab_size=vocab_size, max_seq_len=max_seq_len, **model)
         self.optim = optim
         self.max_labels = max_seq_len  # per example; made exact from the data in `setup`
+        self.train_seq_len = max_seq_len  # evaluation counts apart the positions past it; set in `setup`
         self.cuda_graphs = cuda_graphs  # the training loss's forward and backward as CUDA graphs (sandbox.graphs)
         self._graphed = {}  # batch shape -> the graphed loss (not a submodule: it holds self.model)
         self._sums: dict[str, torch.Tensor] = {}
@@ -168,6 +181,7 @@ class RecallModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is not None and datamodule.datasets:
             self.max_labels = most_labelled(datamodule.datasets.values())
+            self.train_seq_len = datamodule.train_seq_len
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
         """(loss, aux loss, hits [B, T] bool: labelled positions predicted right, mask [B, T] of the labelled)."""
@@ -200,7 +214,8 @@ class RecallModule(L.LightningModule):
     def _eval_step(self, batch):
         inputs, labels, bins = batch
         loss, _, hits, mask = self(inputs, labels)
-        add_eval_counts(self._sums, loss[None], hits[None], mask[None], bins[None], len(self._slice_labels()))
+        add_eval_counts(self._sums, loss[None], hits[None], mask[None], bins[None], len(self._slice_labels()),
+                        self.train_seq_len)
         add_router_sums(self._sums, {k: v[None] for k, v in self.model.router_stats(as_tensors=True).items()},
                         inputs[None])
 

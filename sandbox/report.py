@@ -86,6 +86,9 @@ FLAT_RISE, FLAT_TAIL = 0.01, 0.25
 # the step at which each left chance: a low seed that left it late and was still rising was cut short.
 SEEDS_APART = 0.1
 NEVER = "never"  # a run's left_chance_step when no validation left chance
+# A slice's test accuracy over the positions at or past the run's longest training sequence alone (a test segment
+# longer than training: the slice's own accuracy counts the positions it was trained at too), its chance, heading.
+PAST_TRAIN, PAST_TRAIN_CHANCE, PAST_TRAIN_HEADING = "test_acc_past_train/", "chance_acc_past_train/", "past train"
 METRICS = ("test_acc", "best_val_acc", "state_size", "num_parameters", "wall_time_s", "epochs", "steps")
 ABSENT = "—"  # a key a run's config does not have (e.g. one added to other runs with +key=value)
 
@@ -176,6 +179,7 @@ def to_runs(results: list[dict]) -> list[dict]:
         run["earlier_git_commits"] = result.get("earlier_git_commits") or []  # of the segments it resumed after
         run["stacked_with"] = (result.get("stack") or {}).get("runs", 1)  # wall_time_s is the whole stack's
         run.update({f"test_acc/{k}": v for k, v in result.get("test_acc_per_slice", {}).items()})
+        run.update({f"{PAST_TRAIN}{k}": v for k, v in result.get("test_acc_past_train_per_slice", {}).items()})
         run.update({f"router/{k}": v for k, v in result.get("router", {}).items()})
         run["chance_acc"] = val_chance(config)
         if config.get("suite") == MAD_SUITE:  # its settings table gives chance beside each tested length
@@ -214,8 +218,9 @@ def _chance_of_split(task_json: str, seed: int) -> float:
 
 def test_chance_by_length(config: dict) -> dict[str, float]:
     """The accuracy at chance of the run's test split at each of its lengths, `chance_acc/seq_len=L` (a state-
-    tracking task's chance depends on the length), where it was tested at more than one; empty otherwise, or when
-    its config does not give the split."""
+    tracking task's chance depends on the length), and of a length past the training length over the positions
+    past it, `chance_acc_past_train/seq_len=L` (where the config gives the training split), where it was tested at
+    more than one; empty otherwise, or when its config does not give the split."""
     task = config.get("task")
     try:
         return dict(_chance_by_length(json.dumps(task, sort_keys=True), tasks.split_seed(config["seed"], "test")))
@@ -231,9 +236,15 @@ def _chance_by_length(task_json: str, seed: int) -> tuple:
         by_length[tasks.model_shape(task["name"], [segment], **task["params"])["seq_len"]].append(segment)
     if len(by_length) < 2:
         return ()
-    return tuple((f"chance_acc/seq_len={length}", tasks.chance_accuracy(task["name"], segments, seed=seed,
-                                                                       **task["params"]))
-                 for length, segments in sorted(by_length.items()))
+    chances = [(f"chance_acc/seq_len={length}", tasks.chance_accuracy(task["name"], segments, seed=seed,
+                                                                     **task["params"]))
+               for length, segments in sorted(by_length.items())]
+    if task["segments"].get("train"):  # the positions the evaluation counts past it (`test_acc_past_train`)
+        past = tasks.model_shape(task["name"], task["segments"]["train"], **task["params"])["seq_len"]
+        chances += [(f"{PAST_TRAIN_CHANCE}seq_len={length}",
+                     tasks.chance_accuracy(task["name"], segments, seed=seed, start=past, **task["params"]))
+                    for length, segments in sorted(by_length.items()) if length > past]
+    return tuple(chances)
 
 
 def drop_duplicates(runs: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
@@ -545,14 +556,29 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def with_past_train(slices: list[str], runs: list[dict]) -> list[str]:
+    """The slice columns, each followed by its accuracy past the training length where some run has it."""
+    present = {k for run in runs for k in run if k.startswith(PAST_TRAIN)}
+    return [c for s in slices for c in (s, PAST_TRAIN + s.removeprefix("test_acc/")) if c == s or c in present]
+
+
+def slice_heading(column: str) -> str:
+    """A slice column's heading: `seq_len=256`, and `seq_len=256 past train` for its accuracy past the training
+    length."""
+    if column.startswith(PAST_TRAIN):
+        return f"{column.removeprefix(PAST_TRAIN)} {PAST_TRAIN_HEADING}"
+    return column.removeprefix("test_acc/")
+
+
 def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = None) -> tuple[list, list]:
     """One line per row: the chosen optimiser setting, its runs, the row's statuses, its runs at chance (all
     settings), runs still rising at the chosen setting, and test accuracy there, overall and per slice in
-    `slices` (default: per setting, `setting_columns`)."""
+    `slices` (default: per setting, `setting_columns`, each with its accuracy past the training length where a
+    run has it)."""
     keys = shown_keys(runs)
-    slices = setting_columns(runs) if slices is None else slices
+    slices = with_past_train(setting_columns(runs), runs) if slices is None else slices
     header = ["model", *short_names(keys), ", ".join(tuned_names(tuned_keys(runs))), "runs", "status", "at chance",
-              "still rising", "test_acc", *(s.removeprefix("test_acc/") for s in slices), "state_size"]
+              "still rising", "test_acc", *map(slice_heading, slices), "state_size"]
     body = []
     for row in rows:
         known = [run["still_rising"] for run in row.chosen if run["still_rising"] is not None]
@@ -978,6 +1004,15 @@ PROTOCOL = (
     "training may change them (`?`: too few validations to tell). `state_size`: the values a model holds for one "
     "sequence, all layers (attention: its KV cache at the longest sequence of the run's splits).")
 
+PAST_TRAIN_TEXT = (
+    f"`<slice> {PAST_TRAIN_HEADING}` (such as `seq_len=256 {PAST_TRAIN_HEADING}`): the slice's test accuracy over the "
+    "positions at or after the run's longest training sequence alone, where a test segment is longer than training "
+    "(length extrapolation). The slice's own accuracy counts every position, those inside the training length too: a "
+    "parity model trained at L 64, perfect there and at chance after, reads 0.625 at L 256 (chance 0.502) and 0.5 "
+    f"{PAST_TRAIN_HEADING}. MAD's `chance per length` gives beside each length the chance over those positions "
+    f"(`{PAST_TRAIN_HEADING}`), which differs from the whole length's where the first position's answer is its input "
+    "(state tracking).")
+
 MAD_PROTOCOL = (
     "MAD's protocol (Poli et al. 2024) on the runs of `experiment=mad`: a setting is one configuration of a task "
     "(vocabulary, length, training-set size, noise, ...). Each setting of each model is a row of the settings "
@@ -1017,17 +1052,35 @@ def length_columns(runs: list[dict]) -> list[str]:
 
 
 def settings_table(rows: list[Row], runs: list[dict]) -> tuple[list, list]:
-    """The summary table of MAD's settings, with test accuracy at each length of the runs tested at several, and
-    beside it the test set's accuracy at chance at each (`test_chance_by_length`): at 4x the training length a
-    state-tracking task's chance is not the training length's."""
+    """The summary table of MAD's settings, with test accuracy at each length of the runs tested at several (and
+    past the training length, where they have it), and beside it the test set's accuracy at chance at each
+    (`test_chance_by_length`): at 4x the training length a state-tracking task's chance is not the training
+    length's, nor is it the same over the positions past the training length."""
     lengths = length_columns(runs)
-    header, body = summary_table(rows, runs, slices=lengths)
+    columns = with_past_train(lengths, runs)
+    header, body = summary_table(rows, runs, slices=columns)
     if lengths:
         header.append("chance per length")
         for row, cells in zip(rows, body):
-            chances = [row.runs[0].get(c.replace("test_acc/", "chance_acc/")) for c in lengths]
-            cells.append(" / ".join(ABSENT if c is None else f"{c:.3f}" for c in chances))
+            cells.append(" / ".join(length_chance_cell(row.runs[0], c, columns) for c in lengths))
     return header, body
+
+
+def length_chance_cell(run: dict, length: str, columns: list[str]) -> str:
+    """The accuracy at chance of the run's test split at a length (`test_acc/seq_len=L`), and past the training
+    length beside it where `columns` show the accuracy there."""
+    def show(key: str) -> str:
+        return ABSENT if run.get(key) is None else f"{run[key]:.3f}"
+
+    at = length.removeprefix("test_acc/")
+    past = f" ({PAST_TRAIN_HEADING} {show(PAST_TRAIN_CHANCE + at)})" if PAST_TRAIN + at in columns else ""
+    return show(f"chance_acc/{at}") + past
+
+
+def note_past_train(header: list[str], sections: list[str]) -> None:
+    """After the first table with a column of accuracy past the training length, the note that says what it is."""
+    if any(h.endswith(f" {PAST_TRAIN_HEADING}") for h in header) and PAST_TRAIN_TEXT not in sections:
+        sections.append(PAST_TRAIN_TEXT)
 
 
 def setting_accuracy(row: Row) -> float:
@@ -1295,6 +1348,7 @@ def configuration_sections(runs: list[dict], out: Path, sections: list[str], fil
     phrase = optim_phrase(tuned_keys(runs))
     sections += [f"## Test accuracy at the {phrase} chosen on validation (mean ± 95% interval over seeds)",
                  PROTOCOL, markdown_table(*summary)]
+    note_past_train(summary[0], sections)
     apart = seeds_apart_table(rows, runs)
     if apart[1]:
         sections += [f"## Seeds apart: rows whose seeds at the chosen setting differ by more than {SEEDS_APART} in "
@@ -1332,7 +1386,9 @@ def mad_sections(runs: list[dict], out: Path, sections: list[str], files: dict,
                  f"### MAD settings: test accuracy at the {optim_phrase(tuned_keys(runs))} chosen on validation"]
     if PROTOCOL not in sections:  # MAD's runs alone: no table of the other runs above says what the columns mean
         sections.append(PROTOCOL)
-    sections.append(markdown_table(*settings_table(rows, runs)))
+    settings = settings_table(rows, runs)
+    sections.append(markdown_table(*settings))
+    note_past_train(settings[0], sections)
     sensitivity += optim_records(rows, runs)
     return "MAD: mean test accuracy over each task's settings", scores
 

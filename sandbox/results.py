@@ -258,12 +258,14 @@ def result_problem(result) -> str | None:
     if status not in STATUSES:
         return f"status={status!r} is not a status; valid: {', '.join(STATUSES)} (absent: finished)"
     finished = status == "finished"
-    for key in ("test_acc_per_slice", "router"):
+    per_slice = ("test_acc_per_slice", "test_acc_past_train_per_slice")
+    for key in (*per_slice, "router"):
         values = result.get(key, {})
         if not isinstance(values, dict) or not all(_number(v) for v in values.values()):
             return f"{key} is not a mapping of numbers"
     accuracies = {key: result.get(key) for key in ("best_val_acc", "test_acc")}
-    accuracies.update({f"test_acc_per_slice[{k!r}]": v for k, v in result.get("test_acc_per_slice", {}).items()})
+    for key in per_slice:
+        accuracies.update({f"{key}[{k!r}]": v for k, v in result.get(key, {}).items()})
     # a finished run's router statistics are averaged over seeds: inf fails there, nan would drop out unnoticed
     for key, value in result.get("router", {}).items():
         if finished and not math.isfinite(value):

@@ -162,6 +162,10 @@ class StackedDataModule(L.LightningDataModule):
     def max_seq_len(self) -> int:
         return self.datamodules[0].max_seq_len
 
+    @property
+    def train_seq_len(self) -> int:
+        return self.datamodules[0].train_seq_len
+
     def state_dict(self) -> dict:
         return {"datamodules": [dm.state_dict() for dm in self.datamodules]}
 
@@ -191,6 +195,7 @@ class StackedRecallModule(L.LightningModule):
         self.runs = len(models)
         self.optims = optims
         self.max_labels = max_seq_len  # per example; made exact from the data in `setup`
+        self.train_seq_len = max_seq_len  # evaluation counts apart the positions past it; set in `setup`
         self.threshold, self.patience = early_stopping["threshold"], early_stopping["patience"]
         R = self.runs
         # each run's selection and stopping state: buffers, so that a resumed stack goes on where it was
@@ -219,6 +224,7 @@ class StackedRecallModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         self.max_labels = most_labelled(d for dm in datamodule.datamodules for d in dm.datasets.values())
+        self.train_seq_len = datamodule.train_seq_len
 
     def running(self) -> list[int]:
         return [r for r, how in enumerate(self.ended_how.tolist()) if how == RUNNING]
@@ -288,7 +294,7 @@ class StackedRecallModule(L.LightningModule):
     def _eval_step(self, batch):
         inputs, labels, bins = self._of_stack(batch)
         loss, _, hits, mask = self._forward(inputs, labels)
-        add_eval_counts(self._sums, loss, hits, mask, bins, len(self._slice_labels()))
+        add_eval_counts(self._sums, loss, hits, mask, bins, len(self._slice_labels()), self.train_seq_len)
         add_router_sums(self._sums, self._router[0], inputs)
 
     def _slice_labels(self) -> list[str]:

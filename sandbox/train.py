@@ -424,9 +424,15 @@ def result_record(cfg: DictConfig, digest: str, status: str, reason: str, traine
                   tested: dict | None, steps: int, epochs: int, model, router: dict, max_seq_len: int, backend: str,
                   cuda_graphs: bool, resumed: bool, earlier: dict | None, start: float, **extra) -> dict:
     """What result.json records for one run. Accuracies are measured for finished runs only (NaN otherwise);
-    `tested`: the test metrics (test/acc, test/loss, test/acc/<slice>). `earlier`: the result of the segment that
-    a resumed run continues (interrupted or failed), whose wall time and commits this segment's extend."""
+    `tested`: the test metrics (test/acc, test/loss, test/acc/<slice>, test/acc_past_train/<slice>). `earlier`: the
+    result of the segment that a resumed run continues (interrupted or failed), whose wall time and commits this
+    segment's extend."""
     nan = float("nan")
+
+    def per_slice(prefix: str) -> dict[str, float]:
+        return {} if tested is None else {k.removeprefix(prefix): float(v) for k, v in tested.items()
+                                          if k.startswith(prefix)}
+
     earlier = earlier or {}
     commit = CODE_COMMIT
     earlier_commits = [*earlier.get("earlier_git_commits", []), earlier.get("git_commit")]
@@ -437,8 +443,9 @@ def result_record(cfg: DictConfig, digest: str, status: str, reason: str, traine
         "status_reason": reason,
         "best_val_acc": nan if tested is None else float(best_val_acc),
         "test_acc": nan if tested is None else float(tested["test/acc"]),
-        "test_acc_per_slice": {} if tested is None else {k.removeprefix("test/acc/"): float(v)
-                                                         for k, v in tested.items() if k.startswith("test/acc/")},
+        "test_acc_per_slice": per_slice("test/acc/"),
+        # over the positions at or past the longest training sequence: a longer test segment's extrapolation alone
+        "test_acc_past_train_per_slice": per_slice("test/acc_past_train/"),
         "test_loss": nan if tested is None else float(tested["test/loss"]),
         "epochs": epochs,
         "steps": steps,

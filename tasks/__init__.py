@@ -3,7 +3,8 @@
     tasks.available()                                   -> ['ar', 'fuzzy_recall', 'memorization', ...]
     tasks.make(name, *, num_examples, seed, **params)   -> TaskData(inputs, labels, slices), numpy arrays
     tasks.make_mixture(name, segments, *, seed, **common_params)
-    tasks.chance_accuracy(name, segments, *, seed, **common_params) -> a guess's accuracy on that mixture
+    tasks.chance_accuracy(name, segments, *, seed, start=0, **common_params) -> a guess's accuracy on that mixture
+                                                        (at positions >= start)
     tasks.model_shape(name, segments, **common_params)  -> the largest vocab_size and seq_len of the segments
     tasks.check_shared(name, segments, labels=None, **common_params) -> refuses segments that differ where all must
                                                         agree (a memorization map's vocab_size and map_seed)

@@ -144,14 +144,15 @@ def check_state_tracking(where: str, *, vocab_size, seq_len, num_symbols: int, l
     check_choice(where, "labels_at", labels_at, LABELS_AT)
 
 
-def state_chance(guess: float, *, seq_len: int, labels_at: str) -> float:
-    """The accuracy per labelled position of a guess (`guess`: one among the states) that reads the first input:
-    the state after one input is that input (the token 1 + x_0 is the label), so the first position's answer is
-    in its context and a model that copies its input (as a tied-embedding model does at initialisation) scores
-    it. Labels at every position: (1 + (L - 1) guess) / L, so chance depends on the length; at the last: guess
-    (unless L = 1)."""
+def state_chance(guess: float, *, seq_len: int, labels_at: str, start: int = 0) -> float:
+    """The accuracy per labelled position (at `start` and after) of a guess (`guess`: one among the states) that
+    reads the first input: the state after one input is that input (the token 1 + x_0 is the label), so the first
+    position's answer is in its context and a model that copies its input (as a tied-embedding model does at
+    initialisation) scores it. Labels at every position: (1 + (L - 1) guess) / L, so chance depends on the length;
+    past the first position (`start` >= 1, e.g. past a training length) guess alone; at the last: guess (unless
+    L = 1)."""
     if labels_at == "every":
-        return (1 + (seq_len - 1) * guess) / seq_len
+        return guess if start else (1 + (seq_len - 1) * guess) / seq_len
     return 1.0 if seq_len == 1 else guess
 
 

@@ -26,9 +26,9 @@ def validate(*, vocab_size, seq_len, modulus, labels_at, where: str = "modular_s
     check_state_tracking(where, vocab_size=vocab_size, seq_len=seq_len, num_symbols=modulus, labels_at=labels_at)
 
 
-def chance(*, seq_len, modulus, labels_at, **_) -> float:
+def chance(*, seq_len, modulus, labels_at, start=0, **_) -> float:
     """A guess among the m residues, but at the first position, whose state is its input (`state_chance`)."""
-    return state_chance(1 / modulus, seq_len=seq_len, labels_at=labels_at)
+    return state_chance(1 / modulus, seq_len=seq_len, labels_at=labels_at, start=start)
 
 
 def running_sums(residues: np.ndarray, modulus: int) -> np.ndarray:

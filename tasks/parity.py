@@ -21,9 +21,9 @@ def validate(*, vocab_size, seq_len, labels_at) -> None:
     modular_sum.validate(vocab_size=vocab_size, seq_len=seq_len, modulus=2, labels_at=labels_at, where="parity")
 
 
-def chance(*, seq_len, labels_at, **_) -> float:
+def chance(*, seq_len, labels_at, start=0, **_) -> float:
     """A guess of one of the two parities, but at the first position, whose parity is its input bit."""
-    return modular_sum.chance(seq_len=seq_len, modulus=2, labels_at=labels_at)
+    return modular_sum.chance(seq_len=seq_len, modulus=2, labels_at=labels_at, start=start)
 
 
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, labels_at):

@@ -1,10 +1,11 @@
 """The task registry and the two ways to build a dataset: `make` (one setting) and `make_mixture` (several).
 
 A task is a generator `generate(rng, num_examples, **params) -> (inputs, labels, slices)` of numpy arrays,
-a `validate(**params)` that raises ValueError naming a bad setting, a `chance(**params)` (the accuracy per
-labelled position of a guess among the answers the context allows: what a model scores that learnt the
-format and not the task; `chance_accuracy` weighs it over a dataset's labelled positions), and its default
-params. `make` checks everything (task name, unknown params, every value) before it draws a single number, and
+a `validate(**params)` that raises ValueError naming a bad setting, a `chance(**params, start=0)` (the accuracy
+per labelled position, at `start` and after, of a guess among the answers the context allows: what a model scores
+that learnt the format and not the task; only a task whose chance differs by position reads `start`, the others
+take it in `**_`; `chance_accuracy` weighs it over a dataset's labelled positions), and its default params.
+`make` checks everything (task name, unknown params, every value) before it draws a single number, and
 returns numpy arrays: `inputs` and `labels` int64 [N, L], with `labels[:, t]` the token to predict after reading
 `inputs[:, :t+1]` and -100 where nothing is predicted, and `slices` int64 [N] per slice name. Every task has a
 `seq_len` slice, so a test segment longer than the training ones is reported apart (length extrapolation).
@@ -162,13 +163,14 @@ def make_mixture(name: str, segments: list[dict], *, seed: int, **common_params)
     return _task_data(inputs, labels, slices)
 
 
-def chance_accuracy(name: str, segments: list[dict], *, seed: int, **common_params) -> float:
+def chance_accuracy(name: str, segments: list[dict], *, seed: int, start: int = 0, **common_params) -> float:
     """The accuracy at chance of the labelled positions of `make_mixture(name, segments, seed=seed,
-    **common_params)`: each segment's `chance` (a guess among the answers its context allows, e.g. 1/K on
-    MQAR: the format learnt, not the bindings) weighted by its labelled positions."""
+    **common_params)` at position `start` and after (past a training length, say): each segment's `chance` (a
+    guess among the answers its context allows, e.g. 1/K on MQAR: the format learnt, not the bindings) weighted
+    by its labelled positions there."""
     plans, parts = _mixture_parts(name, segments, seed, common_params)
-    labelled = [int((labels != IGNORE).sum()) for _, labels, _ in parts]
-    chances = [get(name).chance(**params) for _, params in plans]
+    labelled = [int((labels[:, start:] != IGNORE).sum()) for _, labels, _ in parts]
+    chances = [get(name).chance(**params, start=start) for _, params in plans]
     return sum(n * c for n, c in zip(labelled, chances)) / max(sum(labelled), 1)
 
 

@@ -41,9 +41,9 @@ def validate(*, vocab_size, seq_len, labels_at) -> None:
                          labels_at=labels_at)
 
 
-def chance(*, seq_len, labels_at, **_) -> float:
+def chance(*, seq_len, labels_at, start=0, **_) -> float:
     """A guess among the 120 permutations, but at the first position, whose state is its input (`state_chance`)."""
-    return state_chance(1 / len(PERMUTATIONS), seq_len=seq_len, labels_at=labels_at)
+    return state_chance(1 / len(PERMUTATIONS), seq_len=seq_len, labels_at=labels_at, start=start)
 
 
 def generate(rng: np.random.Generator, num_examples: int, *, vocab_size, seq_len, labels_at):

@@ -730,11 +730,13 @@ def test_accuracies_that_are_not_accuracies_are_skipped(tmp_path, capsys):
     write_run(tmp_path, "above-one", seed=2, test=1.7)
     write_run(tmp_path, "nan-slice", seed=3, slices={"num_kv_pairs=4": 0.5, "num_kv_pairs=8": float("nan")})
     write_run(tmp_path, "negative-slice", seed=4, slices={"num_kv_pairs=4": -0.1})
+    write_run(tmp_path, "past-train", seed=5, test_acc_past_train_per_slice={"seq_len=64": 1.5})
     assert main([str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "test_acc=True is not a number" in err and "test_acc=1.7 is not an accuracy in [0, 1]" in err
     assert "status finished but test_acc_per_slice['num_kv_pairs=8']=nan" in err
     assert "test_acc_per_slice['num_kv_pairs=4']=-0.1 is not an accuracy" in err
+    assert "test_acc_past_train_per_slice['seq_len=64']=1.5 is not an accuracy" in err
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [Path(row["run_dir"]).name for row in rows] == ["good"]
 
@@ -1010,6 +1012,45 @@ def test_mad_settings_give_each_tested_length_with_its_chance(tmp_path):
     # the task's score: each length alike, not the pooled test accuracy (0.014, which weighs 256 four times 64)
     (score,) = csv.DictReader(open(files["mad_csv"]))
     assert float(score["score"]) == pytest.approx((0.025 + 0.012) / 2)
+
+
+def test_accuracy_past_the_training_length_is_shown_beside_each_length_with_its_chance(tmp_path):
+    """Parity trained at L 64, tested at 64 and 256: the accuracy at 256 counts positions 0-63, inside the training
+    length, so a model perfect to 64 and at chance after reads 0.625 there, above the length's chance (0.502). Its
+    accuracy past the training length (0.5) is shown beside each length, with the chance over those positions
+    (0.5: the first position, whose answer is its input, is not among them), in MAD's settings and in the table of
+    other runs, and the notes say what it is."""
+    parity = {"name": "parity", "params": {"vocab_size": 3, "labels_at": "every"},
+              "segments": {"train": [{"seq_len": 64, "num_examples": 8}], "val": [{"seq_len": 64, "num_examples": 8}],
+                           "test": [{"seq_len": 64, "num_examples": 8}, {"seq_len": 256, "num_examples": 8}]}}
+    for folder, suite in ((tmp_path / "mad", "mad"), (tmp_path / "grid", None)):
+        write_run(folder, "parity", "deltanet", val=1.0, test=(64 + 160) / 320, task=parity, suite=suite,
+                  slices={"seq_len=64": 1.0, "seq_len=256": 0.625},
+                  test_acc_past_train_per_slice={"seq_len=256": 0.5})
+    files = report(tmp_path / "mad")
+    markdown = files["markdown"].read_text()
+    section = markdown.split("### MAD settings")[1]
+    header, _, cells = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                        if line.startswith("|")]
+    assert header[header.index("seq_len=64"):header.index("seq_len=64") + 3] == [
+        "seq_len=64", "seq_len=256", "seq_len=256 past train"]
+    line = dict(zip(header, cells))
+    assert (line["seq_len=256"], line["seq_len=256 past train"]) == ("0.625", "0.500")
+    assert line["chance per length"] == f"{(1 + 63 / 2) / 64:.3f} / {(1 + 255 / 2) / 256:.3f} (past train 0.500)"
+    (row,) = csv.DictReader(open(files["csv"]))
+    assert float(row["test_acc_past_train/seq_len=256"]) == 0.5
+    assert float(row["chance_acc_past_train/seq_len=256"]) == pytest.approx(0.5)
+    assert "chance_acc_past_train/seq_len=64" not in row  # no position of L 64 is past the training length
+    assert markdown.count("`<slice> past train`") == 1
+    markdown = report(tmp_path / "grid")["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert cells[column(markdown, "seq_len=256 past train")] == "0.500"
+    assert column(markdown, "seq_len=256 past train") == column(markdown, "seq_len=256") + 1
+    assert "`<slice> past train`" in markdown
+    # runs tested at their training length alone: no such column, no note
+    write_run(tmp_path / "plain", "mqar", slices={"num_kv_pairs=4": 0.9, "num_kv_pairs=8": 0.8})
+    markdown = report(tmp_path / "plain")["markdown"].read_text()
+    assert "past train" not in markdown
 
 
 def chosen_rates(folder: Path) -> subprocess.CompletedProcess:

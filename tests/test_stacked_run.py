@@ -58,7 +58,8 @@ def assert_same_run(alone: dict, stacked: dict, alone_dir: Path, stacked_dir: Pa
         assert stacked[key] == alone[key], key
     for key in CLOSE:
         assert stacked[key] == pytest.approx(alone[key], abs=1e-5, nan_ok=True), key
-    assert stacked["test_acc_per_slice"] == pytest.approx(alone["test_acc_per_slice"], abs=1e-5)
+    for key in ("test_acc_per_slice", "test_acc_past_train_per_slice"):
+        assert stacked[key] == pytest.approx(alone[key], abs=1e-5), key
     assert stacked["router"].keys() == alone["router"].keys()
     rows, alone_rows = metrics_rows(stacked_dir), metrics_rows(alone_dir)
     # the tokens per second of an epoch are logged at its end, which a run alone that stops early reaches at once
@@ -89,6 +90,20 @@ def test_stacked_runs_end_as_they_end_alone(model, stopping, tmp_path):
         assert_same_run(a, s, tmp_path / "alone" / str(i), tmp_path / "stacked" / str(i))
         assert s["stack"]["runs"] == 3 and s["backend"] == "torch"
         assert json.loads((tmp_path / "stacked" / str(i) / "result.json").read_text())["status"] == s["status"]
+
+
+def test_stacked_runs_tested_past_their_training_length_record_the_accuracy_there_as_alone(tmp_path):
+    """Trained at L 32, tested at 32 and 64: each run of the stack records its accuracy past the training length
+    (positions 32-63) of the slices that have such positions, as it does alone."""
+    longer = ("task.segments.test=[{seq_len: 32, num_kv_pairs: 4, num_examples: 32},"
+              "{seq_len: 64, num_kv_pairs: 4, num_examples: 32}]", "model=attention")
+    jobs = [("seed=0",), ("seed=1",)]
+    alone = [train(make_cfg(tmp_path, *longer, *job), tmp_path / "alone" / str(i)) for i, job in enumerate(jobs)]
+    stacked = train_stack([make_cfg(tmp_path, *longer, *job) for job in jobs],
+                          [tmp_path / "stacked" / str(i) for i in range(len(jobs))])
+    for i, (a, s) in enumerate(zip(alone, stacked)):
+        assert set(s["test_acc_past_train_per_slice"]) == {"seq_len=64", "num_kv_pairs=4"}
+        assert_same_run(a, s, tmp_path / "alone" / str(i), tmp_path / "stacked" / str(i))
 
 
 def test_a_diverging_run_ends_as_diverged_and_the_others_go_on(tmp_path):

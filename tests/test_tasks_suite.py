@@ -1,6 +1,7 @@
 """Tests of the memory task suite (MAD's tasks and state tracking): every label recomputed from the inputs by an
 independent reference, determinism per seed, length extrapolation, and one fast training run per task."""
 
+import csv
 import itertools
 import math
 
@@ -254,3 +255,23 @@ def test_cli_summary_of_a_suite_task(capsys):
     assert cli.main(["summary", "parity", "--num-examples", "10", "--seq-len", "8", "--labels-at", "last"]) == 0
     out = capsys.readouterr().out
     assert "parity: 10 examples x 8 tokens" in out and "10 predicted positions" in out
+
+
+def test_a_run_tested_past_its_training_length_records_the_accuracy_there(tmp_path):
+    """Parity trained at L 16 and tested at 16 and 64: the accuracy at 64 counts its positions 0-15 too, inside the
+    training length; the accuracy past it (positions 16-63) is recorded apart, for seq_len=64 only, in metrics.csv
+    and result.json."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "task=parity", *FAST, "task.segments.train=[{seq_len: 16, num_examples: 64}]",
+            "task.segments.val=[{seq_len: 16, num_examples: 16}]",
+            "task.segments.test=[{seq_len: 16, num_examples: 16}, {seq_len: 64, num_examples: 16}]"])
+    result = train(cfg, tmp_path / "run")
+    assert set(result["test_acc_per_slice"]) == {"seq_len=16", "seq_len=64"}
+    assert set(result["test_acc_past_train_per_slice"]) == {"seq_len=64"}
+    assert 0.0 <= result["test_acc_past_train_per_slice"]["seq_len=64"] <= 1.0
+    with open(tmp_path / "run" / "logs" / "metrics.csv", newline="") as f:
+        (tested,) = [row for row in csv.DictReader(f) if row.get("test/acc")]
+    assert float(tested["test/acc_past_train/seq_len=64"]) == pytest.approx(
+        result["test_acc_past_train_per_slice"]["seq_len=64"])
+    assert "test/acc_past_train/seq_len=16" not in tested

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sandbox.module import label_positions
+from sandbox.module import add_eval_counts, eval_metrics, label_positions
 from sandbox.train import CONF_DIR, build, make_trainer
 from tasks import IGNORE
 
@@ -157,3 +157,31 @@ def test_fused_adamw_clips_gradients_under_mixed_precision(tmp_path, monkeypatch
     moved = {run: max((w[k] - start[k]).abs().max().item() for k in start) for run, w in after.items()}
     assert moved[False, "1e-12"] < 1e-5 and moved[True, "1e-12"] < 1e-5, moved
     assert moved[True, "null"] > 1e-3, moved
+
+
+def test_eval_counts_give_the_accuracy_past_the_training_length_apart():
+    """Trained at L 4, tested at 4 and 8: a slice's accuracy counts every position, its accuracy past the training
+    length the positions 4-7 alone, per run, summed over batches on the device (no read); a slice without such
+    positions (seq_len=4) gets none, not 0; tested at the training length, no slice has one."""
+    # two slicings: seq_len (bins 0, 1) and num_kv_pairs (bins 2, 3); examples of L 4, 8, 8; kv 1, 1, 2
+    labels = ["seq_len=4", "seq_len=8", "num_kv_pairs=1", "num_kv_pairs=2"]
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8, [1] * 8], dtype=torch.bool)
+    hits = torch.tensor([[[1, 1, 0, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]],
+                         [[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8, [1] * 8]], dtype=torch.bool)  # [runs, B, T]
+    bins = torch.tensor([[0, 2], [1, 2], [1, 3]]).expand(2, 3, 2)
+    sums, spy = {}, HostReadSpy()
+    with spy:
+        for batch in (slice(0, 2), slice(2, 3)):
+            add_eval_counts(sums, torch.ones(2), hits[:, batch], mask.expand(2, 3, 8)[:, batch], bins[:, batch],
+                            len(labels), past=4)
+    assert dict(spy.seen) == {}
+    assert all(value.dtype == torch.float64 for value in sums.values())
+    first, second = ({k: round(float(v), 6) for k, v in run.items()} for run in eval_metrics(sums, "test", labels))
+    assert first == {"test/loss": 1.0, "test/acc": 0.75, "test/acc/seq_len=4": 0.75,
+                     "test/acc/seq_len=8": 0.75, "test/acc/num_kv_pairs=1": round(8 / 12, 6),
+                     "test/acc/num_kv_pairs=2": 0.875, "test/acc_past_train/seq_len=8": 0.5,
+                     "test/acc_past_train/num_kv_pairs=1": 0.25, "test/acc_past_train/num_kv_pairs=2": 0.75}
+    assert second["test/acc_past_train/seq_len=8"] == 1.0 and "test/acc_past_train/seq_len=4" not in second
+    sums = {}
+    add_eval_counts(sums, torch.ones(2), hits, mask.expand(2, 3, 8), bins, len(labels), past=8)
+    assert not any("past_train" in key for run in eval_metrics(sums, "val", labels) for key in run)
