@@ -2,7 +2,8 @@
 
 Router (no noise):  p_t = softmax(W_r x_t) in fp32 (W_r: d_model -> M, no bias);  the top-k memories of p_t,
                     their weights w_{t,m} = p_{t,m} / sum over the top-k of p_t (they sum to 1; with k = 1 the
-                    weight is 1 and carries no gradient, so the router learns from the auxiliary loss alone).
+                    weight is 1 and carries no gradient, so the router learns from the auxiliary loss alone:
+                    aux_loss_coef=0 with k = 1 of M > 1 is refused).
 Memories:           memory m has its own key, value and gate projections and advances only on the tokens
                     routed to it: it sees its own subsequence, in token order, and its short conv runs within
                     that subsequence (in training and in `step` alike). Its update rule is one of those
@@ -98,6 +99,10 @@ class MoM(nn.Module):
         check_int("top_k", top_k, 1, num_memories, "num_memories")
         check_flag("shared_memory", shared_memory)
         check_number("aux_loss_coef", aux_loss_coef, positive=False)
+        if top_k == 1 and num_memories > 1 and aux_loss_coef == 0:
+            raise ValueError(f"aux_loss_coef=0 is not valid with top_k=1 of num_memories={num_memories}: a top-1 "
+                             "weight is p / p = 1, so the router learns from the auxiliary loss alone and would stay "
+                             "at its initialisation; use aux_loss_coef > 0 or top_k >= 2")
         self.rule, self.num_memories, self.top_k = rule, num_memories, top_k
         self.shared_memory, self.aux_loss_coef = shared_memory, float(aux_loss_coef)
 

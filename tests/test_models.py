@@ -214,6 +214,8 @@ def test_state_sizes():
         ({"mixer": "deltanet", "mixer_options": {"expand_v": 0.3}}, "expand_v", "integer"),
         ({"mixer": "mom", "mixer_options": {"shared_memory": "yes"}}, "shared_memory", "true or false"),
         ({"mixer": "mom", "mixer_options": {"aux_loss_coef": -1.0}}, "aux_loss_coef", ">= 0"),
+        # a top-1 weight is 1: with no balance loss the router never gets a gradient (it was trained frozen)
+        ({"mixer": "mom", "mixer_options": {"top_k": 1, "aux_loss_coef": 0}}, "aux_loss_coef=0", "top_k >= 2"),
         ({"mixer": "attention", "d_model": 0}, "d_model", ">= 1"),
         ({"mixer": "mom", "mixer_options": ["top_k"]}, "mixer_options", "mapping"),
         ({"mixer": "gla", "mixer_options": 2}, "mixer_options", "num_heads"),
