@@ -43,7 +43,7 @@ DOT_MODES = {
 }
 # Backend triton_bf16 (under TRITON_INTERPRET -> the mode): every product as fla computes it, both operands rounded
 # to bf16 and one tensor-core dot accumulating in float32, whatever the inputs' dtype: a third of mode 2's dots
-# for two float32 operands, at bf16's accuracy (docs/performance.md measures both).
+# for two float32 operands, at bf16's accuracy (docs/results/bf16_products/ measures both).
 BF16_DOT_MODES = {False: 4, True: 5}
 
 
