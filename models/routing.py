@@ -76,8 +76,7 @@ class Routing:
 
 def _fused(backend: str, x: torch.Tensor) -> bool:
     """Whether the steps around the rule run as Triton kernels: on a Triton backend, except in float64 (the
-    reference's).
-    Under vmap over runs (stacked runs) they fold the runs into one launch (`kernels.runs`)."""
+    reference's). Under vmap over runs (stacked runs) they fold the runs into one launch (`kernels.runs`)."""
     return kernels.on_triton(backend) and x.dtype != torch.float64
 
 
