@@ -220,7 +220,7 @@ def test_chance_by_length(config: dict) -> dict[str, float]:
     """The accuracy at chance of the run's test split at each of its lengths, `chance_acc/seq_len=L` (a state-
     tracking task's chance depends on the length), and of a length past the training length over the positions
     past it, `chance_acc_past_train/seq_len=L` (where the config gives the training split), where it was tested at
-    more than one; empty otherwise, or when its config does not give the split."""
+    more than one length or past the training length; empty otherwise, or when its config does not give the split."""
     task = config.get("task")
     try:
         return dict(_chance_by_length(json.dumps(task, sort_keys=True), tasks.split_seed(config["seed"], "test")))
@@ -234,16 +234,17 @@ def _chance_by_length(task_json: str, seed: int) -> tuple:
     by_length = defaultdict(list)
     for segment in tasks.capped(task["segments"]["test"], task.get("limit_examples")):
         by_length[tasks.model_shape(task["name"], [segment], **task["params"])["seq_len"]].append(segment)
-    if len(by_length) < 2:
+    # the training length: the evaluation counts the positions past it apart (`test_acc_past_train`)
+    past = (tasks.model_shape(task["name"], task["segments"]["train"], **task["params"])["seq_len"]
+            if task["segments"].get("train") else math.inf)
+    if len(by_length) < 2 and max(by_length) <= past:  # one length, not past training: its chance is chance_acc's
         return ()
     chances = [(f"chance_acc/seq_len={length}", tasks.chance_accuracy(task["name"], segments, seed=seed,
                                                                      **task["params"]))
                for length, segments in sorted(by_length.items())]
-    if task["segments"].get("train"):  # the positions the evaluation counts past it (`test_acc_past_train`)
-        past = tasks.model_shape(task["name"], task["segments"]["train"], **task["params"])["seq_len"]
-        chances += [(f"{PAST_TRAIN_CHANCE}seq_len={length}",
-                     tasks.chance_accuracy(task["name"], segments, seed=seed, start=past, **task["params"]))
-                    for length, segments in sorted(by_length.items()) if length > past]
+    chances += [(f"{PAST_TRAIN_CHANCE}seq_len={length}",
+                 tasks.chance_accuracy(task["name"], segments, seed=seed, start=past, **task["params"]))
+                for length, segments in sorted(by_length.items()) if length > past]
     return tuple(chances)
 
 
@@ -573,10 +574,10 @@ def slice_heading(column: str) -> str:
 def summary_table(rows: list[Row], runs: list[dict], slices: list[str] | None = None) -> tuple[list, list]:
     """One line per row: the chosen optimiser setting, its runs, the row's statuses, its runs at chance (all
     settings), runs still rising at the chosen setting, and test accuracy there, overall and per slice in
-    `slices` (default: per setting, `setting_columns`, each with its accuracy past the training length where a
-    run has it)."""
+    `slices` (default: per setting, `setting_columns`, or else per length of a run tested past its training length,
+    each with its accuracy past the training length where a run has it)."""
     keys = shown_keys(runs)
-    slices = with_past_train(setting_columns(runs), runs) if slices is None else slices
+    slices = with_past_train(setting_columns(runs) or length_columns(runs), runs) if slices is None else slices
     header = ["model", *short_names(keys), ", ".join(tuned_names(tuned_keys(runs))), "runs", "status", "at chance",
               "still rising", "test_acc", *map(slice_heading, slices), "state_size"]
     body = []
@@ -1042,11 +1043,12 @@ def tested_lengths(run: dict) -> list[str]:
 
 
 def length_columns(runs: list[dict]) -> list[str]:
-    """The `seq_len` slices of the runs tested at more than one length (length extrapolation)."""
+    """The `seq_len` slices of the runs tested at more than one length (length extrapolation), or at one past
+    their training length (where its accuracy past the training length is known)."""
     columns = set()
     for run in runs:
         lengths = tested_lengths(run)
-        if len(lengths) > 1:
+        if len(lengths) > 1 or any(PAST_TRAIN + k.removeprefix("test_acc/") in run for k in lengths):
             columns.update(lengths)
     return sorted(columns, key=lambda k: _number(k.split("=")[-1]))
 

@@ -1053,6 +1053,29 @@ def test_accuracy_past_the_training_length_is_shown_beside_each_length_with_its_
     assert "past train" not in markdown
 
 
+def test_a_run_tested_at_one_length_past_its_training_length_shows_its_accuracy_past_it(tmp_path):
+    """Parity trained at L 64 and tested at L 256 alone: its one length tells no settings apart, but its test_acc
+    counts positions 0-63, inside the training length, so its accuracy past the training length is shown all the
+    same, in the table of other runs and in MAD's settings with the chance at that length and past it."""
+    parity = {"name": "parity", "params": {"vocab_size": 3, "labels_at": "every"},
+              "segments": {"train": [{"seq_len": 64, "num_examples": 8}], "val": [{"seq_len": 64, "num_examples": 8}],
+                           "test": [{"seq_len": 256, "num_examples": 8}]}}
+    for folder, suite in ((tmp_path / "mad", "mad"), (tmp_path / "grid", None)):
+        write_run(folder, "parity", "deltanet", val=1.0, test=0.625, task=parity, suite=suite,
+                  slices={"seq_len=256": 0.625}, test_acc_past_train_per_slice={"seq_len=256": 0.5})
+    markdown = report(tmp_path / "grid")["markdown"].read_text()
+    (cells,) = summary_lines(markdown)
+    assert (cells[column(markdown, "seq_len=256")], cells[column(markdown, "seq_len=256 past train")]) == (
+        "0.625", "0.500")
+    assert "`<slice> past train`" in markdown
+    section = report(tmp_path / "mad")["markdown"].read_text().split("### MAD settings")[1]
+    header, _, cells = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+                        if line.startswith("|")]
+    line = dict(zip(header, cells))
+    assert (line["seq_len=256"], line["seq_len=256 past train"]) == ("0.625", "0.500")
+    assert line["chance per length"] == f"{(1 + 255 / 2) / 256:.3f} (past train 0.500)"
+
+
 def chosen_rates(folder: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "docs/results/zoology/chosen_rates.py", str(folder)],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=True)
