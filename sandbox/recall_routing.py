@@ -192,7 +192,8 @@ def weights_problem(folder: Path, config: dict) -> str | None:
 
 def load_run(folder: Path, config: dict, device: str):
     """The run's model on its best weights, and its data. A run trained on the Triton kernels (a GPU's) runs on the
-    PyTorch reference off CUDA: the same computation, where Triton would refuse the device."""
+    PyTorch reference off CUDA, where Triton would refuse the device: the same computation (triton_bf16's bf16
+    products become float32 ones)."""
     if kernels.on_triton(config["model"].get("backend")) and torch.device(device).type != "cuda":
         config = {**config, "model": {**config["model"], "backend": "torch"}}
     module, datamodule = run_module(config)

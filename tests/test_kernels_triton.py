@@ -83,7 +83,7 @@ def test_triton_op_matches_reference_large(rule, mode, B, T, H, K, V, cu, dtype)
 
 
 @pytest.mark.parametrize("rule", kernels.RULES)
-@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", [CPU_CASES[0], CPU_CASES[1], CPU_CASES[4]])
+@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", CPU_CASES)
 def test_triton_bf16_chunk_op_matches_reference(rule, B, T, H, K, V, cu, dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check(rule, "chunk", B, T, H, K, V, cu, dtype, device, ref_mode="recurrent", backend="triton_bf16")
@@ -91,7 +91,7 @@ def test_triton_bf16_chunk_op_matches_reference(rule, B, T, H, K, V, cu, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", kernels.RULES)
-@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", GPU_CASES)
+@pytest.mark.parametrize("B,T,H,K,V,cu,dtype", GPU_CASES + GPU_HEAD_DIM_CASES)
 def test_triton_bf16_chunk_op_matches_reference_large(rule, B, T, H, K, V, cu, dtype):
     check(rule, "chunk", B, T, H, K, V, cu, dtype, "cuda", ref_mode="chunk", backend="triton_bf16")
 
