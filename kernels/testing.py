@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from kernels.rules import get_rule
 
 
-# The relative error against float64 that an op of bf16 inputs must stay below, per Triton backend: bf16 inputs
-# alone give some 5e-3; bf16 products (triton_bf16) put the decays' gradient, which sums products over whole
-# sequences, at up to 2.6e-2 in one op (tests/test_kernels_triton.py) and 5.3e-2 in a MoM layer
-# (tests/test_mom_routed.py), both under the interpreter (whose bf16 casts truncate: about 1.3x the GPU's errors)
+# The relative error against float64 that an op of bf16 inputs must stay below, per Triton backend: bf16 products
+# (triton_bf16) put the decays' gradient, which sums products over whole sequences, at some 1e-2 to 6e-2
+# (docs/results/bf16_products/README.md); the interpreter's bf16 casts truncate, so CPU errors run higher still
 BF16_TOLERANCE = {"triton": 1e-2, "triton_bf16": 1e-1}
 
 

@@ -411,7 +411,7 @@ def _check_task(cfg: DictConfig) -> tuple[dict, dict[str, int]]:
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from err
             sizes[split] += min(num_examples, task.limit_examples or num_examples)
-        try:  # here, not after the splits before it were generated (seconds to minutes)
+        try:  # before any split is generated (seconds to minutes each)
             check_fits_memory(f"task.segments.{split}", "num_examples summed", sizes[split], longest)
         except ValueError as err:
             raise ConfigError(str(err)) from err

@@ -8,6 +8,11 @@
 # against float64 at the GPU shapes) run first: no timing where they fail. TRITON_CACHE_DIR stays on the machine
 # (/tmp/triton-cache), so a second command on the same warm machine compiles nothing again.
 set -u
+parts=${*:-tests kernels mom}
+for part in $parts; do  # before anything is installed or run
+  [[ $part =~ ^(tests|kernels|mom)$ ]] ||
+    { echo "run.sh: error: part '$part' is invalid: tests, kernels or mom" >&2; exit 2; }
+done
 source docs/results/fidelity/gpu_env.sh
 out=${OUT:-docs/results/bf16_products/latest}
 mkdir -p "$out"
@@ -25,26 +30,19 @@ tests() {
 }
 fla=()
 [ "${FLA:-1}" = 0 ] && fla=(--no-fla)
-kernels() {
-  local rules="gated_deltanet deltanet"
-  [ "${FLA:-1}" = 0 ] || python -m sandbox.bench.kernels --rules $rules --fla-compile-only > "$out/fla_compile.log" 2>&1
+bench() {  # bench kernels|mom [ARG ...]: fla's kernels compiled first (unless FLA=0), then ours on each backend
+  local name=$1; shift
+  [ ${#fla[@]} -gt 0 ] || python -m sandbox.bench.$name "$@" --fla-compile-only > "$out/fla_${name}_compile.log" 2>&1
   for backend in triton triton_bf16; do
-    python -m sandbox.bench.kernels --rules $rules --backend $backend "${fla[@]}" --json "$out/kernels_$backend.json" \
-      > "$out/kernels_$backend.log" 2>&1 || return 1
+    python -m sandbox.bench.$name "$@" --backend $backend "${fla[@]}" --json "$out/${name}_$backend.json" \
+      > "$out/${name}_$backend.log" 2>&1 || return 1
   done
 }
-mom() {
-  [ "${FLA:-1}" = 0 ] || python -m sandbox.bench.mom --fla-compile-only > "$out/fla_mom_compile.log" 2>&1
-  for backend in triton triton_bf16; do
-    python -m sandbox.bench.mom --backend $backend "${fla[@]}" --json "$out/mom_$backend.json" \
-      > "$out/mom_$backend.log" 2>&1 || return 1
-  done
-}
-for part in ${@:-tests kernels mom}; do
+for part in $parts; do
   case $part in
     tests) timed tests tests || { tail -15 "$out/tests.log"; echo "kernel tests failed: no timing"; exit 1; } ;;
-    kernels|mom) timed $part $part ;;
-    *) echo "run.sh: error: part '$part' is invalid: tests, kernels or mom" >&2; exit 2 ;;
+    kernels) timed kernels bench kernels --rules gated_deltanet deltanet ;;
+    mom) timed mom bench mom ;;
   esac
 done
 tail -3 "$out/tests.log" 2>/dev/null
